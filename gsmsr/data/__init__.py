@@ -1,0 +1,1 @@
+"""Data helpers that BasicSR lacks."""
