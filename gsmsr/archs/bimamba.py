@@ -1,0 +1,103 @@
+"""Bidirectional Mamba of Vision Mamba ("v2"), as GSM uses it (ARCHITECTURE.md §5.5).
+
+One shared input and output projection; a forward and a backward branch with their own causal conv, x/dt
+projections, A and D; the backward branch runs on the time-flipped sequence (gate included), and the two
+outputs are summed, not averaged. Parameter names match the official checkpoint.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from gsmsr.ops import selective_scan
+
+D_STATE = 16
+D_CONV = 4
+EXPAND = 2
+
+
+def _causal_conv1d_fn():
+    try:
+        from causal_conv1d import causal_conv1d_fn
+        return causal_conv1d_fn
+    except ImportError:
+        return None
+
+
+_CAUSAL_CONV = None
+_CAUSAL_CONV_CHECKED = False
+
+
+def causal_conv_silu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Depthwise causal conv (left zero padding) followed by SiLU. x: (B, D, L); weight: (D, 1, k)."""
+    global _CAUSAL_CONV, _CAUSAL_CONV_CHECKED
+    if not _CAUSAL_CONV_CHECKED:
+        _CAUSAL_CONV, _CAUSAL_CONV_CHECKED = _causal_conv1d_fn(), True
+    if _CAUSAL_CONV is not None and x.is_cuda and x.dtype != torch.float64:
+        return _CAUSAL_CONV(x.contiguous(), weight.squeeze(1), bias, activation='silu')
+    k = weight.shape[-1]
+    return F.silu(F.conv1d(x, weight, bias, padding=k - 1, groups=x.shape[1])[..., :x.shape[-1]])
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    return t.float() if t.dtype.itemsize < 4 else t
+
+
+class BiMamba(nn.Module):
+    """(B, L, C) -> (B, L, C)."""
+
+    def __init__(self, d_model: int, d_state: int = D_STATE, d_conv: int = D_CONV, expand: int = EXPAND,
+                 scan_backend: str = 'auto') -> None:
+        super().__init__()
+        self.d_inner = expand * d_model
+        self.d_state = d_state
+        self.dt_rank = math.ceil(d_model / 16)
+        self.scan_backend = scan_backend
+        di, r = self.d_inner, self.dt_rank
+        a_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(di, 1)
+        self.A_log = nn.Parameter(a_log.clone())
+        self.D = nn.Parameter(torch.ones(di))
+        self.A_b_log = nn.Parameter(a_log.clone())
+        self.D_b = nn.Parameter(torch.ones(di))
+        self.in_proj = nn.Linear(d_model, 2 * di, bias=False)
+        self.conv1d = nn.Conv1d(di, di, d_conv, groups=di, padding=d_conv - 1)
+        self.x_proj = nn.Linear(di, r + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(r, di)
+        self.conv1d_b = nn.Conv1d(di, di, d_conv, groups=di, padding=d_conv - 1)
+        self.x_proj_b = nn.Linear(di, r + 2 * d_state, bias=False)
+        self.dt_proj_b = nn.Linear(r, di)
+        self.out_proj = nn.Linear(di, d_model, bias=False)
+        self._init_dt(self.dt_proj)
+
+    def _init_dt(self, dt_proj: nn.Linear, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+        # Vim's init for the forward branch; GSM's block init overwrites every Linear anyway (§5.5).
+        nn.init.uniform_(dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=1e-4)
+        with torch.no_grad():
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def _branch(self, x: Tensor, gate: Tensor, conv: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear,
+                a_log: Tensor, d: Tensor) -> Tensor:
+        """x, gate: (B, Di, L) -> (B, Di, L)."""
+        u = causal_conv_silu(x, conv.weight, conv.bias)
+        dbl = x_proj(u.transpose(1, 2))                                  # (B, L, R + 2N)
+        delta, b, c = dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = (delta @ dt_proj.weight.t()).transpose(1, 2)              # dt bias goes into the scan
+        A = -torch.exp(_at_least_fp32(a_log))
+        return selective_scan(u, delta, A, b.transpose(1, 2), c.transpose(1, 2), _at_least_fp32(d), gate,
+                              _at_least_fp32(dt_proj.bias), delta_softplus=True, backend=self.scan_backend)
+
+    def forward(self, z: Tensor, directions: int = 2) -> Tensor:
+        xz = self.in_proj(z).transpose(1, 2)                             # (B, 2Di, L)
+        x, gate = xz.chunk(2, dim=1)
+        y = self._branch(x, gate, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
+        if directions == 2:
+            yb = self._branch(x.flip(-1), gate.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b,
+                              self.A_b_log, self.D_b)
+            y = y + yb.flip(-1)
+        return self.out_proj(y.transpose(1, 2))

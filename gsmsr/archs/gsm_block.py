@@ -1,0 +1,105 @@
+"""The Gather-Scatter Mamba block (official class MambaBlock, ARCHITECTURE.md §5).
+
+A window of K frames is gathered onto the centre frame's grid (implicit warp), flattened time-first and passed
+through a bidirectional Mamba; the result is scattered back to each frame's own grid (flow warp) and added to
+the un-warped window, followed by an MLP with a depthwise 3-D conv.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from gsmsr.archs.bimamba import BiMamba
+from gsmsr.archs.flow import warp
+from gsmsr.archs.implicit_warp import ImplicitWarp
+
+
+class DWConv3d(nn.Module):
+    """Depthwise 3x3x3 conv; the extra level of nesting gives the official key ``mlp.dwconv.dwconv``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv3d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dwconv(x)
+
+
+class MlpDW(nn.Module):
+    """Tokens (B, K*H*W, C) in (k, y, x) order -> fc1 -> depthwise conv over (K, H, W) -> GELU -> fc2."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = DWConv3d(hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor, k: int, h: int, w: int) -> Tensor:
+        b = x.shape[0]
+        x = self.fc1(x)
+        x = self.dwconv(x.transpose(1, 2).reshape(b, -1, k, h, w)).flatten(2).transpose(1, 2)
+        return self.fc2(F.gelu(x))
+
+
+class GSMBlock(nn.Module):
+    """One window step. Parameter names match the official ``mamba_block``."""
+
+    def __init__(self, dim: int, use_checkpoint: bool = False, mamba_directions: int = 2,
+                 scan_backend: str = 'auto') -> None:
+        super().__init__()
+        self.use_checkpoint = use_checkpoint
+        self.mamba_directions = mamba_directions
+        self.skip_scale = nn.Parameter(torch.ones(1, dim, 1, 1, 1))
+        self.skip_scale2 = nn.Parameter(torch.ones(1, 1, dim))
+        self.norm1 = nn.LayerNorm(dim)
+        self.mamba = BiMamba(dim, scan_backend=scan_backend)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MlpDW(dim, 4 * dim)
+        self.apply(self._init_linear)
+
+    @staticmethod
+    def _init_linear(m: nn.Module) -> None:
+        # the official init reaches the Mamba Linears too, zeroing the dt biases (§5.5, §11.12)
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def gather(self, x: Tensor, flows: List[Optional[Tensor]], align: ImplicitWarp) -> Tensor:
+        """Align every slot of x (B, C, K, H, W) to the centre grid; the centre goes through the warp too."""
+        centre = x[:, :, len(flows) // 2]
+        slots = []
+        for i, phi in enumerate(flows):
+            phi = torch.zeros_like(centre[:, :2]) if phi is None else phi
+            if self.use_checkpoint and self.training and torch.is_grad_enabled():
+                slots.append(checkpoint(align, x[:, :, i], centre, phi, use_reentrant=False))
+            else:
+                slots.append(align(x[:, :, i], centre, phi))
+        return torch.stack(slots, dim=2)
+
+    @staticmethod
+    def scatter(m: Tensor, flows: List[Optional[Tensor]]) -> Tensor:
+        """Warp each slot of m (B, C, K, H, W) back to its own grid; the centre is not warped."""
+        return torch.stack([m[:, :, i] if psi is None else warp(m[:, :, i], psi) for i, psi in enumerate(flows)],
+                           dim=2)
+
+    def mamba_mix(self, g: Tensor) -> Tensor:
+        """(B, C, K, H, W) -> same, tokens flattened time-first ((y, x, k) order) through LN + BiMamba."""
+        b, c, k, h, w = g.shape
+        tok = g.permute(0, 3, 4, 2, 1).reshape(b, h * w * k, c)
+        m = self.mamba(self.norm1(tok), self.mamba_directions)
+        return m.view(b, h, w, k, c).permute(0, 4, 3, 1, 2)
+
+    def forward(self, x: Tensor, gather_flows: List[Optional[Tensor]], scatter_flows: List[Optional[Tensor]],
+                align: ImplicitWarp) -> Tensor:
+        """x: (B, C, K, H, W) window; flows from :func:`gsmsr.archs.flow.gather_scatter_flows`."""
+        b, c, k, h, w = x.shape
+        m = self.mamba_mix(self.gather(x, gather_flows, align))
+        y = self.skip_scale * x + self.scatter(m, scatter_flows)
+        t = y.reshape(b, c, -1).transpose(1, 2)                          # (B, K*H*W, C), (k, y, x) order
+        t = self.skip_scale2 * t + self.mlp(self.norm2(t), k, h, w)
+        return t.transpose(1, 2).reshape(b, c, k, h, w)

@@ -1,0 +1,233 @@
+"""GSMNet: Gather-Scatter Mamba video super-resolution (arXiv 2510.00862), faithful to the official GSMamba.
+
+Forward (ARCHITECTURE.md §1): SpyNet flows between adjacent frames -> ``conv_first`` -> P propagation layers
+(SWSA over all frames, then a sequential sweep of the GSM block over sliding K-frame windows) ->
+LayerNorm + Linear with the long residual -> pixel-shuffle reconstruction + bilinear global skip.
+Module and parameter names reproduce the official state dict, so official checkpoints load strictly.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from basicsr.archs.spynet_arch import SpyNet
+from basicsr.utils.registry import ARCH_REGISTRY
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from gsmsr.archs.flow import adjacent_flows, gather_scatter_flows, load_spynet_weights, warp, window_link_flows
+from gsmsr.archs.gsm_block import GSMBlock
+from gsmsr.archs.implicit_warp import ImplicitWarp
+from gsmsr.archs.swsa import SWSAGroup
+
+MIN_SIZE = 33  # SpyNet's coarsest level vanishes below this (§1)
+RECON_FEAT = 64
+
+WindowFlows = List[Tuple[List[Optional[Tensor]], List[Optional[Tensor]]]]
+
+
+class Stage(nn.Module):
+    """SWSA group, then the in-place sliding-window GSM sweep, with a residual around both (§4.2, §4.4)."""
+
+    def __init__(self, dim: int, attn_depth: int, num_heads: int, use_checkpoint_attn: bool,
+                 use_checkpoint_ffn: bool, mamba_directions: int, scan_backend: str) -> None:
+        super().__init__()
+        self.attn_blocks = SWSAGroup(dim, attn_depth, num_heads, use_checkpoint_attn, use_checkpoint_ffn)
+        self.mamba_block = GSMBlock(dim, use_checkpoint_attn, mamba_directions, scan_backend)
+
+
+class PropLayer(nn.Module):
+    def __init__(self, stage: Stage) -> None:
+        super().__init__()
+        self.stage = stage
+
+
+class Transpose12(nn.Module):
+    """(B, C, T, H, W) <-> (B, T, C, H, W), so PixelShuffle acts per frame."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.transpose(1, 2)
+
+
+def make_upsampler(scale: int, feat: int = RECON_FEAT) -> nn.Sequential:
+    """Conv3d + pixel shuffle stages; entry indices (0, 5, 10 for x4) match the official keys."""
+    def stage(factor: int) -> List[nn.Module]:
+        return [nn.Conv3d(feat, factor * factor * feat, (1, 3, 3), padding=(0, 1, 1)), Transpose12(),
+                nn.PixelShuffle(factor), Transpose12(), nn.LeakyReLU(0.1, inplace=True)]
+
+    layers: List[nn.Module] = []
+    if scale & (scale - 1) == 0:
+        for _ in range(scale.bit_length() - 1):
+            layers += stage(2)
+    elif scale == 3:
+        layers += stage(3)
+    else:
+        raise ValueError(f'upscale must be a power of 2 or 3, got {scale}')
+    layers.append(nn.Conv3d(feat, feat, (1, 3, 3), padding=(0, 1, 1)))
+    return nn.Sequential(*layers)
+
+
+@ARCH_REGISTRY.register()
+class GSMNet(nn.Module):
+    """Gather-Scatter Mamba network.
+
+    Args (official names; defaults are the released REDS x4 model):
+        upscale: scale factor s (power of 2, or 3).
+        in_chans, out_chans: image channels (3).
+        prop_depth: P propagation layers. The official network reverses time at the output of every layer,
+            so an odd P would return a time-reversed clip; here the final order is always restored.
+        attn_depth: SWSA blocks per layer.
+        pa_frame: window radius r (K = 2r + 1 frames).
+        embed_dims: feature width C (divisible by num_heads and by 4).
+        num_heads: attention heads (SWSA and implicit warp).
+        spynet_path: BasicSR SpyNet checkpoint to initialise the flow network (None: random init).
+        use_checkpoint_attn, use_checkpoint_ffn: gradient checkpointing in training (memory only).
+        drop_path_rate, norm_layer, is_train: accepted for official option files, unused (as officially).
+    Research switches (defaults reproduce the official network, see README):
+        anchor: 'center' | 'last' - the slot every window is aligned to.
+        scatter: write back all valid slots of a window (True) or only the anchor (False).
+        align: 'implicit' (learned implicit warp) | 'bilinear' (plain flow warp) for the gather.
+        flow_compose: 'official' | 'geometric' order of multi-hop flow composition.
+        alternate_direction: alternate forward/backward sweeps between layers (True) or all forward.
+        mamba_directions: 2 (bidirectional, official) or 1 (forward scan only).
+        scan_backend: 'auto' | 'kernel' | 'ref' selective-scan implementation.
+
+    Shapes: forward(lq (B, T, in_chans, H, W)) -> (B, T, out_chans, s*H, s*W), not clamped.
+    Requires T >= 2 and H, W >= 33.
+    """
+
+    def __init__(self, upscale: int = 4, in_chans: int = 3, out_chans: int = 3, prop_depth: int = 4,
+                 attn_depth: int = 4, pa_frame: int = 2, embed_dims: int = 192, num_heads: int = 8,
+                 spynet_path: Optional[str] = None, use_checkpoint_attn: bool = False,
+                 use_checkpoint_ffn: bool = False, drop_path_rate: float = 0.2, norm_layer=None,
+                 is_train: bool = True, anchor: str = 'center', scatter: bool = True, align: str = 'implicit',
+                 flow_compose: str = 'official', alternate_direction: bool = True, mamba_directions: int = 2,
+                 scan_backend: str = 'auto') -> None:
+        super().__init__()
+        if embed_dims % num_heads or embed_dims % 4:
+            raise ValueError(f'embed_dims ({embed_dims}) must be divisible by num_heads ({num_heads}) and by 4')
+        choices = {'anchor': (anchor, ('center', 'last')), 'align': (align, ('implicit', 'bilinear')),
+                   'flow_compose': (flow_compose, ('official', 'geometric')),
+                   'mamba_directions': (mamba_directions, (1, 2)), 'scan_backend': (scan_backend, ('auto', 'kernel', 'ref'))}
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f'{name} must be one of {allowed}, got {value!r}')
+        if prop_depth < 1 or attn_depth < 0 or pa_frame < 1:
+            raise ValueError(f'need prop_depth >= 1, attn_depth >= 0, pa_frame >= 1; got '
+                             f'{prop_depth}, {attn_depth}, {pa_frame}')
+        self.upscale = upscale
+        self.in_chans = in_chans
+        self.out_chans = out_chans
+        self.pa_frame = pa_frame
+        self.anchor = anchor
+        self.scatter = scatter
+        self.align = align
+        self.flow_compose = flow_compose
+        self.alternate_direction = alternate_direction
+        # Optional hook (flows_backward, flows_forward) -> (flows_backward, flows_forward), e.g. flow stress tests.
+        self.flow_transform: Optional[Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]] = None
+
+        self.conv_first = nn.Conv3d(in_chans, embed_dims, (1, 3, 3), padding=(0, 1, 1))
+        self.prop_layers = nn.ModuleList([
+            PropLayer(Stage(embed_dims, attn_depth, num_heads, use_checkpoint_attn, use_checkpoint_ffn,
+                            mamba_directions, scan_backend))
+            for _ in range(prop_depth)])
+        self.implicit_align = ImplicitWarp(embed_dims, num_heads)
+        self.norm = nn.LayerNorm(embed_dims)
+        self.conv_after_body = nn.Linear(embed_dims, embed_dims)
+        self.conv_before_upsample = nn.Sequential(
+            nn.Conv3d(embed_dims, RECON_FEAT, (1, 3, 3), padding=(0, 1, 1)), nn.LeakyReLU(0.01, inplace=True))
+        self.upsample = make_upsampler(upscale)
+        self.conv_last = nn.Conv3d(RECON_FEAT, out_chans, (1, 3, 3), padding=(0, 1, 1))
+        self.spynet = SpyNet()
+        if spynet_path:
+            load_spynet_weights(self.spynet, spynet_path)
+
+    # -- input checks ---------------------------------------------------------------------------------
+    def check_input(self, lq: Tensor) -> None:
+        if lq.dim() != 5:
+            raise ValueError(f'GSMNet expects (B, T, C, H, W) input, got shape {tuple(lq.shape)}')
+        b, t, c, h, w = lq.shape
+        if not lq.is_floating_point():
+            raise TypeError(f'GSMNet expects a floating-point input in [0, 1], got dtype {lq.dtype}')
+        if c != self.in_chans:
+            raise ValueError(f'GSMNet expects {self.in_chans} channels, got shape {tuple(lq.shape)}')
+        if t < 2:
+            raise ValueError(f'GSMNet needs at least 2 frames, got T={t} (shape {tuple(lq.shape)})')
+        if h < MIN_SIZE or w < MIN_SIZE:
+            raise ValueError(f'GSMNet needs H, W >= {MIN_SIZE} (SpyNet pyramid), got {h}x{w} '
+                             f'(shape {tuple(lq.shape)}); pad or tile the input')
+
+    # -- flows ------------------------------------------------------------------------------------------
+    def get_flows(self, lq: Tensor) -> Tuple[Tensor, Tensor]:
+        """(flows_backward, flows_forward), each (B, T-1, 2, H, W)."""
+        fb, ff = adjacent_flows(self.spynet, lq)
+        if self.flow_transform is not None:
+            fb, ff = self.flow_transform(fb, ff)
+        return fb, ff
+
+    def anchor_slot(self) -> int:
+        return self.pa_frame if self.anchor == 'center' else 2 * self.pa_frame
+
+    def window_flows(self, fb: Tensor, ff: Tensor) -> WindowFlows:
+        """Gather and scatter flows of every window, in the given time order (computed once per forward)."""
+        k = 2 * self.pa_frame + 1
+        a = self.anchor_slot()
+        out = []
+        for t in range(fb.shape[1] + 1):
+            lb, lf = window_link_flows(fb, ff, t - a, k)
+            out.append(gather_scatter_flows(lb, lf, a, self.flow_compose))
+        return out
+
+    # -- propagation ------------------------------------------------------------------------------------
+    def sweep(self, block: GSMBlock, y: Tensor, flows: WindowFlows) -> Tensor:
+        """Sequential sliding-window GSM sweep; each window reads the frames its predecessors wrote (§4.4)."""
+        t_len = y.shape[2]
+        k = 2 * self.pa_frame + 1
+        a = self.anchor_slot()
+        frames = list(y.unbind(2))
+        for t in range(t_len):
+            idx = [min(max(t - a + i, 0), t_len - 1) for i in range(k)]
+            window = torch.stack([frames[i] for i in idx], dim=2)
+            gather, scatter = flows[t]
+            out = block(window, gather, scatter, self._aligner(), )
+            for i in range(k):
+                s = t - a + i
+                if 0 <= s < t_len and (self.scatter or i == a):
+                    frames[s] = out[:, :, i]
+        return torch.stack(frames, dim=2)
+
+    def _aligner(self):
+        if self.align == 'implicit':
+            return self.implicit_align
+        return lambda source, target, flow: warp(source, flow)
+
+    def forward(self, lq: Tensor) -> Tensor:
+        self.check_input(lq)
+        b, t, c, h, w = lq.shape
+        fb, ff = self.get_flows(lq)
+        x0 = self.conv_first(lq.transpose(1, 2))                        # (B, C, T, H, W)
+        natural = self.window_flows(fb, ff)
+        flipped: Optional[WindowFlows] = None
+        x = x0
+        reversed_time = False
+        for layer in self.prop_layers:
+            if reversed_time:
+                if flipped is None:
+                    flipped = self.window_flows(ff.flip(1), fb.flip(1))
+                flows = flipped
+            else:
+                flows = natural
+            stage = layer.stage
+            x = x + self.sweep(stage.mamba_block, stage.attn_blocks(x), flows)
+            if self.alternate_direction:
+                x = x.flip(2)
+                reversed_time = not reversed_time
+        if reversed_time:
+            x = x.flip(2)
+        x = self.norm(x.permute(0, 2, 3, 4, 1))
+        x = x0 + self.conv_after_body(x).permute(0, 4, 1, 2, 3)
+        x = self.conv_last(self.upsample(self.conv_before_upsample(x)))   # (B, out, T, sH, sW)
+        skip = F.interpolate(lq.reshape(b * t, c, h, w), size=(h * self.upscale, w * self.upscale),
+                             mode='bilinear', align_corners=False)
+        return x.transpose(1, 2) + skip.view(b, t, c, h * self.upscale, w * self.upscale)

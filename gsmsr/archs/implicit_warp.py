@@ -1,0 +1,94 @@
+"""Implicit warp: flow-guided 2x2 cross-attention resampling, the GSM gather alignment (ARCHITECTURE.md §5.3).
+
+For every target pixel the source is read at ``p + flow(p)``: the four integer neighbours of that point are
+keys/values (with a positional encoding of their offset in the 2x2 cell), the target feature plus an encoding
+of the sub-pixel offset is the query, and the output is the per-head attention mix of the four values.
+One module is shared by all propagation layers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+from torch import Tensor, nn
+
+PE_TEMPERATURE = 0.01
+NEIGHBOURS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (row, col) offsets
+
+
+def sine_encoding(y: Tensor, x: Tensor, dim: int, temperature: float = PE_TEMPERATURE) -> Tensor:
+    """Interleaved sin/cos encoding of (y, x) positions: (...), (...) -> (..., dim), y half first.
+
+    The frequency divisors are computed in float32 (as the official code does) and divided by, not multiplied
+    by their reciprocal, to keep float64 results bit-faithful.
+    """
+    half = dim // 2
+    i = torch.arange(half, dtype=torch.float32, device=y.device)
+    divisor = temperature ** (2 * torch.div(i, 2, rounding_mode='floor') / half)
+
+    def encode(v: Tensor) -> Tensor:
+        p = v[..., None] / divisor
+        return torch.stack((p[..., 0::2].sin(), p[..., 1::2].cos()), dim=-1).flatten(-2)
+
+    return torch.cat((encode(y), encode(x)), dim=-1)
+
+
+def window_position_bias(dim: int) -> Tensor:
+    """(1, 4, dim) float32 key encoding of the four neighbour offsets, scaled to [0, 2pi/(1+1e-6)]."""
+    offsets = torch.tensor(NEIGHBOURS, dtype=torch.float32)
+    scaled = offsets / (1 + 1e-6) * (2 * math.pi)
+    return sine_encoding(scaled[:, 0], scaled[:, 1], dim).unsqueeze(0)
+
+
+def sampling_geometry(flow: Tensor, height: int, width: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """Where each target pixel reads the source.
+
+    flow: (B, 2, H, W), channel 0 = x. Returns ``index`` (B, H*W, 4) int64 flat indices of the four clamped
+    neighbours and ``offset`` (B, H*W, 2) sub-pixel (row, col) offsets in [0, 1), in ``dtype``.
+    """
+    b = flow.shape[0]
+    rows = torch.arange(height, dtype=dtype, device=flow.device)
+    cols = torch.arange(width, dtype=dtype, device=flow.device)
+    grid = torch.stack(torch.meshgrid(rows, cols, indexing='ij'), dim=-1)           # (H, W, 2) row, col
+    pos = grid + flow.to(dtype).permute(0, 2, 3, 1).flip(-1)                         # (B, H, W, 2)
+    base = torch.floor(pos)
+    offset = (pos - base).reshape(b, -1, 2)
+    base = base.long().reshape(b, -1, 1, 2)
+    nb = base + torch.tensor(NEIGHBOURS, device=flow.device)                         # (B, HW, 4, 2)
+    r = nb[..., 0].clamp(0, height - 1)
+    c = nb[..., 1].clamp(0, width - 1)
+    return r * width + c, offset
+
+
+class ImplicitWarp(nn.Module):
+    """Keys ``q``, ``k``, ``v``, buffers ``position_bias`` and ``window_idx_offset`` match the official module."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.register_buffer('position_bias', window_position_bias(dim))
+        self.register_buffer('window_idx_offset', torch.tensor(NEIGHBOURS, dtype=torch.int64))
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+
+    def forward(self, source: Tensor, target: Tensor, flow: Tensor) -> Tensor:
+        """source, target: (B, C, H, W); flow: (B, 2, H, W) on the target grid. Returns (B, C, H, W)."""
+        b, c, h, w = source.shape
+        # geometry never below fp32: a bf16 grid cannot even address pixel 257
+        index, offset = sampling_geometry(flow, h, w, torch.promote_types(source.dtype, torch.float32))
+        src = source.flatten(2).transpose(1, 2)                                          # (B, HW, C)
+        nb = torch.gather(src, 1, index.view(b, -1, 1).expand(-1, -1, c)).view(b, h * w, 4, c)
+        kv_in = nb + self.position_bias
+        scaled = offset / (2 + 1e-6) * (2 * math.pi)
+        q_in = target.flatten(2).transpose(1, 2) + sine_encoding(scaled[..., 0], scaled[..., 1], c).to(target.dtype)
+        hd = c // self.num_heads
+        q = self.q(q_in).view(b, h * w, 1, self.num_heads, hd)
+        k = self.k(kv_in).view(b, h * w, 4, self.num_heads, hd)
+        v = self.v(kv_in).view(b, h * w, 4, self.num_heads, hd)
+        attn = ((q * self.scale) * k).sum(-1).softmax(dim=2)                            # (B, HW, 4, heads)
+        out = (attn.unsqueeze(-1) * v).sum(2)                                            # (B, HW, heads, hd)
+        return out.reshape(b, h * w, c).transpose(1, 2).reshape(b, c, h, w)

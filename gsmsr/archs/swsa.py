@@ -1,0 +1,186 @@
+"""Shifted window self-attention (SWSA), the spatial stage of every propagation layer (ARCHITECTURE.md §4.3).
+
+Pure 3-D (T, H, W) window self-attention with a relative position bias and a GEGLU MLP. The official quirks
+are kept: padded tokens take part in the softmax, and windows smaller than nominal use the top-left slice of
+the nominal relative-position index.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+Size3 = Tuple[int, int, int]
+
+WINDOW: Size3 = (2, 8, 8)
+SHIFT: Size3 = (1, 4, 4)
+
+
+def effective_window(size: Sequence[int], window: Sequence[int], shift: Sequence[int]) -> Tuple[Size3, Size3]:
+    """Window and shift actually used for a (T, H, W) volume: an axis no longer than the window is one window."""
+    ws, ss = list(window), list(shift)
+    for i in range(3):
+        if size[i] <= window[i]:
+            ws[i], ss[i] = size[i], 0
+    return tuple(ws), tuple(ss)
+
+
+def window_partition(x: Tensor, ws: Size3) -> Tensor:
+    """(B, D, H, W, C) -> (B*nW, wd*wh*ww, C); windows and tokens in (d, h, w) row-major order."""
+    b, d, h, w, c = x.shape
+    x = x.view(b, d // ws[0], ws[0], h // ws[1], ws[1], w // ws[2], ws[2], c)
+    return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, ws[0] * ws[1] * ws[2], c)
+
+
+def window_merge(windows: Tensor, ws: Size3, b: int, d: int, h: int, w: int) -> Tensor:
+    """Inverse of :func:`window_partition`: (B*nW, n, C) -> (B, D, H, W, C)."""
+    x = windows.view(b, d // ws[0], h // ws[1], w // ws[2], ws[0], ws[1], ws[2], -1)
+    return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, d, h, w, -1)
+
+
+@lru_cache(maxsize=32)
+def _shift_mask_cpu(padded: Size3, ws: Size3, ss: Size3) -> Tensor:
+    label = torch.zeros(1, *padded, 1)
+    regions = [(slice(0, n - w), slice(n - w, n - s), slice(n - s, n)) if s > 0 else (slice(0, n),)
+               for n, w, s in zip(padded, ws, ss)]
+    count = 0
+    for sd in regions[0]:
+        for sh in regions[1]:
+            for sw in regions[2]:
+                label[:, sd, sh, sw, :] = count
+                count += 1
+    lw = window_partition(label, ws).squeeze(-1)                      # (nW, n)
+    diff = lw.unsqueeze(1) - lw.unsqueeze(2)
+    return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)       # (nW, n, n)
+
+
+def shift_mask(padded: Size3, ws: Size3, ss: Size3, device: torch.device) -> Tensor:
+    """(nW, n, n) additive mask separating regions that the cyclic shift brought together."""
+    return _shift_mask_cpu(tuple(padded), tuple(ws), tuple(ss)).to(device)
+
+
+def relative_position_index(window: Size3 = WINDOW) -> Tensor:
+    """(n, n) int64 index into the (2wd-1)(2wh-1)(2ww-1) bias table, n = wd*wh*ww."""
+    coords = torch.stack(torch.meshgrid(*[torch.arange(s) for s in window], indexing='ij')).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    rel = rel + torch.tensor([s - 1 for s in window])
+    strides = torch.tensor([(2 * window[1] - 1) * (2 * window[2] - 1), 2 * window[2] - 1, 1])
+    return (rel * strides).sum(-1)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside one window, with relative position bias.
+
+    Keys ``qkv_self``, ``proj``, ``relative_position_bias_table`` and the persistent ``relative_position_index``
+    buffer match the official checkpoint.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window: Size3 = WINDOW) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        table_size = (2 * window[0] - 1) * (2 * window[1] - 1) * (2 * window[2] - 1)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(table_size, num_heads))
+        self.register_buffer('relative_position_index', relative_position_index(window))
+        self.qkv_self = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """x: (B*nW, n, C); mask: (nW, n, n) or None. Returns (B*nW, n, C)."""
+        bw, n, c = x.shape
+        q, k, v = self.qkv_self(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        attn = (q * self.scale) @ k.transpose(-2, -1)                    # (B*nW, h, n, n)
+        # smaller-than-nominal windows use the top-left slice of the nominal index (official behaviour)
+        idx = self.relative_position_index[:n, :n].reshape(-1)
+        bias = self.relative_position_bias_table[idx].view(n, n, -1).permute(2, 0, 1)
+        attn = attn + bias.unsqueeze(0)
+        if mask is not None:
+            nw = mask.shape[0]
+            attn = (attn.view(bw // nw, nw, self.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(bw, -1, n, n)
+        attn = attn.softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(bw, n, c))
+
+
+class GEGLU(nn.Module):
+    """``fc2(gelu(fc11(x)) * fc12(x))``."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc11 = nn.Linear(dim, hidden)
+        self.fc12 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc11(x)) * self.fc12(x))
+
+
+class SWSABlock(nn.Module):
+    """Pre-norm block: x + attention branch, then x + GEGLU branch. Input/output (B, D, H, W, C)."""
+
+    def __init__(self, dim: int, num_heads: int, shift: Size3, use_checkpoint_attn: bool = False,
+                 use_checkpoint_ffn: bool = False) -> None:
+        super().__init__()
+        self.shift = shift
+        self.use_checkpoint_attn = use_checkpoint_attn
+        self.use_checkpoint_ffn = use_checkpoint_ffn
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = GEGLU(dim, 2 * dim)
+
+    def _attn_branch(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        b, d, h, w, c = x.shape
+        ws, ss = effective_window((d, h, w), WINDOW, self.shift)
+        u = self.norm1(x)
+        pad = [(s - n % s) % s for n, s in zip((d, h, w), ws)]
+        u = F.pad(u, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))           # zeros AFTER the norm
+        dp, hp, wp = d + pad[0], h + pad[1], w + pad[2]
+        shifted = any(s > 0 for s in ss)
+        if shifted:
+            u = torch.roll(u, shifts=tuple(-s for s in ss), dims=(1, 2, 3))
+        o = self.attn(window_partition(u, ws), mask if shifted else None)
+        u = window_merge(o, ws, b, dp, hp, wp)
+        if shifted:
+            u = torch.roll(u, shifts=ss, dims=(1, 2, 3))
+        return u[:, :d, :h, :w]
+
+    def _ffn_branch(self, x: Tensor) -> Tensor:
+        return self.mlp(self.norm2(x))
+
+    def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        ckpt = self.training and torch.is_grad_enabled()
+        if ckpt and self.use_checkpoint_attn:
+            x = x + checkpoint(self._attn_branch, x, mask, use_reentrant=False)
+        else:
+            x = x + self._attn_branch(x, mask)
+        if ckpt and self.use_checkpoint_ffn:
+            x = x + checkpoint(self._ffn_branch, x, use_reentrant=False)
+        else:
+            x = x + self._ffn_branch(x)
+        return x
+
+
+class SWSAGroup(nn.Module):
+    """``depth`` SWSA blocks alternating unshifted / shifted windows. (B, C, T, H, W) -> same; no outer residual."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, use_checkpoint_attn: bool = False,
+                 use_checkpoint_ffn: bool = False) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([
+            SWSABlock(dim, num_heads, (0, 0, 0) if j % 2 == 0 else SHIFT, use_checkpoint_attn, use_checkpoint_ffn)
+            for j in range(depth)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, _, d, h, w = x.shape
+        ws, ss = effective_window((d, h, w), WINDOW, SHIFT)
+        padded = tuple(-(-n // s) * s for n, s in zip((d, h, w), ws))
+        mask = shift_mask(padded, ws, ss, x.device).to(x.dtype)
+        t = x.permute(0, 2, 3, 4, 1)
+        for blk in self.blocks:
+            t = blk(t, mask)
+        return t.permute(0, 4, 1, 2, 3)

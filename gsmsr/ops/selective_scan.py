@@ -1,0 +1,45 @@
+"""Selective-scan dispatch: mamba-ssm's CUDA kernel on CUDA tensors when installed, the PyTorch scan elsewhere."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+from torch import Tensor
+
+from gsmsr.ops.selective_scan_ref import selective_scan_ref
+
+_kernel: Optional[Callable] = None
+_kernel_checked = False
+
+
+def cuda_kernel() -> Optional[Callable]:
+    """mamba-ssm's ``selective_scan_fn`` if importable (``pip install gsmsr[cuda]``), else None."""
+    global _kernel, _kernel_checked
+    if not _kernel_checked:
+        _kernel_checked = True
+        if os.environ.get('GSMSR_DISABLE_MAMBA_KERNEL', '0') != '1':
+            try:
+                import torch  # noqa: F401  (selective_scan_cuda needs torch loaded first)
+                from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+                _kernel = selective_scan_fn
+            except ImportError:
+                _kernel = None
+    return _kernel
+
+
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                   z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                   backend: str = 'auto') -> Tensor:
+    """Selective scan; shapes as in :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
+
+    backend: 'auto' (kernel on CUDA float16/bfloat16/float32 when available), 'kernel' or 'ref'.
+    """
+    kernel = cuda_kernel() if backend != 'ref' else None
+    use_kernel = kernel is not None and u.is_cuda and u.dtype.is_floating_point and u.dtype.itemsize <= 4
+    if backend == 'kernel' and not use_kernel:
+        raise RuntimeError('selective_scan backend "kernel" needs CUDA tensors and mamba-ssm '
+                           '(pip install "gsmsr[cuda]")')
+    if use_kernel:
+        return kernel(u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
+                      D, None if z is None else z.contiguous(), delta_bias, delta_softplus)
+    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

@@ -1,0 +1,111 @@
+"""Pure-PyTorch selective scan (Mamba-1), the readable reference and the CPU path.
+
+The recurrence ``h_t = a_t * h_{t-1} + b_t`` is linear, so it is solved with a log-depth doubling scan
+(Hillis-Steele) instead of a per-token loop. Autograd goes through a custom function whose backward is the
+same scan run in reverse time, so memory holds only ``a`` and ``h``, not every doubling step.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+
+def _doubling_scan(a: Tensor, b: Tensor) -> Tensor:
+    """Inclusive scan of ``h_t = a_t h_{t-1} + b_t`` (``h_{-1} = 0``) along the last dim.
+
+    a, b: (..., L). Returns h: (..., L). log2(L) vectorised steps.
+    """
+    length = a.shape[-1]
+    a = a.clone()
+    h = b.clone()
+    step = 1
+    while step < length:
+        # right-hand sides are evaluated into temporaries before the in-place updates
+        h[..., step:] += a[..., step:] * h[..., :-step]
+        if 2 * step < length:
+            a[..., step:] = a[..., step:] * a[..., :-step]
+        step *= 2
+    return h
+
+
+class LinearScan(torch.autograd.Function):
+    """``h = scan(a, b)`` with ``h_t = a_t h_{t-1} + b_t``; a, b: (..., L)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        h = _doubling_scan(a, b)
+        ctx.save_for_backward(a, h)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h: Tensor):
+        a, h = ctx.saved_tensors
+        # dL/dh_t accumulates from the future: g_t = grad_h_t + a_{t+1} g_{t+1}
+        a_next = F.pad(a[..., 1:], (0, 1))
+        g = _doubling_scan(a_next.flip(-1), grad_h.flip(-1)).flip(-1)
+        h_prev = F.pad(h[..., :-1], (1, 0))
+        return g * h_prev, g
+
+
+def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                       z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                       delta_softplus: bool = False, chunk_size: int = 4096) -> Tensor:
+    """Selective scan with mamba-ssm's ``selective_scan_fn`` signature (real, input-dependent B and C).
+
+    u, delta, z: (batch, D, L); A: (D, N); B, C: (batch, N, L); D, delta_bias: (D,).
+    Returns y: (batch, D, L), ``y_t = C_t . h_t + D u_t``, times ``silu(z)`` when z is given.
+    Computed in the input dtype, at least float32. The sequence is processed in chunks of
+    ``chunk_size`` tokens (the state is carried across), which bounds the (batch, D, N, L) temporaries.
+    """
+    dtype_in = u.dtype
+    dt = torch.promote_types(dtype_in, torch.float32)
+    u, delta, B, C = u.to(dt), delta.to(dt), B.to(dt), C.to(dt)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dt)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    A = A.to(dt)
+    length = u.shape[-1]
+    ys = []
+    state = None  # (batch, D, N)
+    for start in range(0, length, chunk_size):
+        sl = slice(start, min(start + chunk_size, length))
+        d_c = delta[..., sl]
+        a = torch.exp(d_c.unsqueeze(2) * A[None, :, :, None])             # (b, D, N, l)
+        b = (d_c * u[..., sl]).unsqueeze(2) * B[:, None, :, sl]            # (b, D, N, l)
+        if state is not None:
+            # fold the carried state into the first token: h_0 = a_0 h_prev + b_0
+            b = torch.cat([b[..., :1] + a[..., :1] * state.unsqueeze(-1), b[..., 1:]], dim=-1)
+        h = LinearScan.apply(a, b)
+        state = h[..., -1]
+        ys.append(torch.einsum('bdnl,bnl->bdl', h, C[..., sl]))
+    y = torch.cat(ys, dim=-1)
+    if D is not None:
+        y = y + D.to(dt)[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.to(dt))
+    return y.to(dtype_in)
+
+
+def selective_scan_naive(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                         z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                         delta_softplus: bool = False) -> Tensor:
+    """Token-by-token recurrence, for tests only (same signature as :func:`selective_scan_ref`)."""
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for t in range(u.shape[-1]):
+        h = torch.exp(delta[..., t, None] * A) * h + (delta[..., t] * u[..., t])[..., None] * B[:, None, :, t]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D[:, None] * u
+    if z is not None:
+        y = y * F.silu(z)
+    return y
