@@ -1,0 +1,176 @@
+"""GSMNet behaviour beyond the golden set: input checks, checkpointing, loading, odd depths, gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gsmsr import GSMNet, load_checkpoint
+from gsmsr.archs.flow import compose, gather_scatter_flows, warp
+
+TINY = dict(upscale=4, prop_depth=2, attn_depth=2, pa_frame=1, embed_dims=8, num_heads=2)
+
+
+def _perturbed(net: GSMNet, seed: int = 0) -> GSMNet:
+    """Give every parameter a random value so that no branch is an exact identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return net
+
+
+@pytest.fixture(scope='module')
+def tiny_net():
+    torch.manual_seed(0)
+    return _perturbed(GSMNet(**TINY)).double().eval()
+
+
+def _clip(t=3, h=33, w=35, seed=1):
+    return torch.rand(1, t, 3, h, w, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize('shape, match', [
+    ((1, 1, 3, 40, 40), 'at least 2 frames'),
+    ((1, 3, 3, 32, 40), 'H, W >= 33'),
+    ((1, 3, 3, 40, 20), 'H, W >= 33'),
+    ((1, 3, 4, 40, 40), '3 channels'),
+    ((3, 3, 40, 40), r'\(B, T, C, H, W\)'),
+])
+def test_bad_input_shapes(tiny_net, shape, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_net(torch.rand(*shape, dtype=torch.float64))
+
+
+def test_non_float_input(tiny_net):
+    with pytest.raises(TypeError, match='floating'):
+        tiny_net(torch.zeros(1, 3, 3, 40, 40, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize('kwargs, match', [(dict(embed_dims=10, num_heads=2), 'divisible'),
+                                           (dict(anchor='middle'), 'anchor'),
+                                           (dict(upscale=5), 'upscale')])
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GSMNet(**{**TINY, **kwargs})
+
+
+def test_checkpointing_changes_memory_not_values():
+    torch.manual_seed(0)
+    plain = _perturbed(GSMNet(**TINY)).double().train()
+    ckpt = GSMNet(**TINY, use_checkpoint_attn=True, use_checkpoint_ffn=True).double().train()
+    ckpt.load_state_dict(plain.state_dict())
+    lq = _clip()
+    outs, grads = [], []
+    for net in (plain, ckpt):
+        out = net(lq)
+        out.square().mean().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    assert torch.equal(outs[0], outs[1]) or (outs[0] - outs[1]).abs().max() < 1e-13
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-10, atol=1e-13), name
+    # train and eval mode compute the same function (no dropout / drop path / batch norm)
+    with torch.no_grad():
+        assert (plain.eval()(lq) - outs[0]).abs().max() < 1e-13
+
+
+def test_every_parameter_gets_a_gradient(tiny_net):
+    net = GSMNet(**TINY).double().train()
+    net.load_state_dict(tiny_net.state_dict())
+    net(_clip()).mean().backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+
+
+def test_gradients_match_finite_differences():
+    """Analytic gradients of a whole tiny forward (scan, implicit warp, flows) against central differences."""
+    torch.manual_seed(0)
+    net = _perturbed(GSMNet(upscale=2, prop_depth=2, attn_depth=1, pa_frame=1, embed_dims=4, num_heads=1),
+                     seed=3).double().eval()
+    lq = _clip(t=2, h=33, w=33)
+    names = ['prop_layers.0.stage.mamba_block.mamba.dt_proj.bias', 'prop_layers.1.stage.mamba_block.mamba.A_b_log',
+             'implicit_align.q.bias', 'spynet.basic_module.5.basic_module.8.bias']
+    params = dict(net.named_parameters())
+    base = {n: params[n].detach().clone() for n in names}
+
+    def loss(values):
+        return torch.func.functional_call(net, values, (lq,)).square().mean()
+
+    inputs = {n: v.clone().requires_grad_() for n, v in base.items()}
+    grads = dict(zip(names, torch.autograd.grad(loss(inputs), list(inputs.values()))))
+    eps = 1e-6
+    for name in names:
+        for j in sorted({0, base[name].numel() - 1}):
+            shifted = []
+            for sign in (1, -1):
+                v = base[name].clone().flatten()
+                v[j] += sign * eps
+                with torch.no_grad():
+                    shifted.append(loss({**base, name: v.view_as(base[name])}))
+            num = (shifted[0] - shifted[1]) / (2 * eps)
+            ana = grads[name].flatten()[j]
+            assert abs(num - ana) <= 1e-6 * max(1.0, abs(num)) + 1e-9, (name, j, float(num), float(ana))
+
+
+def test_odd_prop_depth_returns_natural_time_order():
+    """Official layers reverse time at every output; with odd P we restore natural order on purpose."""
+    torch.manual_seed(0)
+    net = _perturbed(GSMNet(**{**TINY, 'prop_depth': 1})).double().eval()
+    lq = _clip(t=3)
+    with torch.no_grad():
+        out = net(lq)
+        rev = net(lq.flip(1))
+    # frame 0 of the output must be closest to frame 0's bilinear skip, not frame 2's
+    skip = torch.nn.functional.interpolate(lq[0], scale_factor=4, mode='bilinear', align_corners=False)
+    err_same = (out[0, 0] - skip[0]).abs().mean()
+    err_swapped = (out[0, 0] - skip[2]).abs().mean()
+    assert err_same < err_swapped
+    assert out.shape == rev.shape
+
+
+def test_loader_strict_errors_and_prefixes(tmp_path, tiny_net):
+    sd = tiny_net.state_dict()
+    path = tmp_path / 'net.pth'
+    torch.save({'params': {'module.' + k: v for k, v in sd.items()}, 'params_ema': {k: v + 1 for k, v in sd.items()
+                                                                                   if v.is_floating_point()}}, path)
+    net = GSMNet(**TINY).double()
+    load_checkpoint(net, path, key='params')
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in sd.items())
+    load_checkpoint(net, path, key='params_ema')  # index buffers missing in the file: recomputed ones kept
+    assert torch.equal(net.conv_first.bias, sd['conv_first.bias'] + 1)
+    bad = dict(sd)
+    bad.pop('conv_first.weight')
+    bad['extra.weight'] = torch.zeros(1)
+    bad['conv_last.bias'] = torch.zeros(7)
+    torch.save(bad, path)
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(net, path)
+    msg = str(err.value)
+    assert 'missing (1): conv_first.weight' in msg and 'extra.weight' in msg and 'conv_last.bias' in msg
+    assert str(path) in msg
+    with pytest.raises(KeyError, match='params_ema'):
+        torch.save({'params': sd}, path)
+        load_checkpoint(net, path, key='params_ema')
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(net, tmp_path / 'nope.pth')
+    (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
+    with pytest.raises(ValueError, match='junk.pth'):
+        load_checkpoint(net, tmp_path / 'junk.pth')
+
+
+def test_official_compose_order_is_reversed():
+    """Two-hop gather flow: the official order composes legs the other way round from the textbook (§5.2)."""
+    g = torch.Generator().manual_seed(0)
+    lb = [torch.randn(1, 2, 9, 9, generator=g, dtype=torch.float64) for _ in range(4)]
+    lf = [torch.randn(1, 2, 9, 9, generator=g, dtype=torch.float64) for _ in range(4)]
+    gather, scatter = gather_scatter_flows(lb, lf, anchor=2, compose_order='official')
+    assert gather[2] is None and scatter[2] is None
+    assert torch.equal(gather[1], lf[1]) and torch.equal(gather[3], lb[2])
+    assert torch.equal(scatter[1], lb[1]) and torch.equal(scatter[3], lf[2])
+    assert torch.equal(gather[0], lf[0] + warp(lf[1], lf[0]))
+    assert torch.equal(gather[4], lb[3] + warp(lb[2], lb[3]))
+    assert torch.equal(scatter[0], lb[1] + warp(lb[0], lb[1]))
+    assert torch.equal(scatter[4], lf[2] + warp(lf[3], lf[2]))
+    geo, _ = gather_scatter_flows(lb, lf, anchor=2, compose_order='geometric')
+    assert torch.equal(geo[0], compose(lf[1], lf[0]))
