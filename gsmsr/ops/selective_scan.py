@@ -10,21 +10,29 @@ from gsmsr.ops.selective_scan_ref import selective_scan_ref
 
 _kernel: Optional[Callable] = None
 _kernel_checked = False
+kernel_import_error: Optional[str] = None  # why mamba-ssm could not be used, for diagnostics
 
 
 def cuda_kernel() -> Optional[Callable]:
     """mamba-ssm's ``selective_scan_fn`` if importable (``pip install gsmsr[cuda]``), else None."""
-    global _kernel, _kernel_checked
+    global _kernel, _kernel_checked, kernel_import_error
     if not _kernel_checked:
         _kernel_checked = True
-        if os.environ.get('GSMSR_DISABLE_MAMBA_KERNEL', '0') != '1':
+        if os.environ.get('GSMSR_DISABLE_MAMBA_KERNEL', '0') == '1':
+            kernel_import_error = 'disabled by GSMSR_DISABLE_MAMBA_KERNEL=1'
+        else:
             try:
                 import torch  # noqa: F401  (selective_scan_cuda needs torch loaded first)
                 from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
                 _kernel = selective_scan_fn
-            except ImportError:
-                _kernel = None
+            except Exception as err:  # ImportError, or a broken CUDA extension
+                kernel_import_error = f'{type(err).__name__}: {err}'
     return _kernel
+
+
+def kernel_status() -> str:
+    """One line saying which scan runs on CUDA tensors, and why not the kernel when it is unavailable."""
+    return 'mamba-ssm kernel' if cuda_kernel() is not None else f'PyTorch scan ({kernel_import_error})'
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from gsmsr import GSMNet
-from gsmsr.ops import cuda_kernel, selective_scan, selective_scan_ref
+from gsmsr.ops import cuda_kernel, kernel_status, selective_scan
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')]
-needs_kernel = pytest.mark.skipif(cuda_kernel() is None, reason='needs mamba-ssm (pip install "gsmsr[cuda]")')
+needs_kernel = pytest.mark.skipif(cuda_kernel() is None, reason=f'needs mamba-ssm: {kernel_status()}')
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

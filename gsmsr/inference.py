@@ -1,0 +1,418 @@
+"""``gsmsr infer``: upscale a video file or a folder of frames with bounded memory.
+
+Python API (used by the CLI):
+
+* :func:`load_network` builds the network (``network_g`` of a BasicSR options file, or the released model)
+  and loads a checkpoint strictly.
+* :func:`upscale_frames` turns any iterable of RGB uint8 frames into a generator of upscaled frames.
+* :func:`upscale_video` streams a file or folder through it into a video file or a PNG folder.
+
+Streaming. Frames are decoded one at a time into a small buffer of LR frames. The video is cut into
+temporal chunks of ``chunk`` frames overlapping by ``overlap`` with the official chunk rule
+(:func:`gsmsr.tiling.window_starts`: the last chunk is moved back to end on the last frame, so every chunk
+has full length and context). Since the start of the next chunk depends on whether the video ends soon, the
+reader stays one stride ahead. Each chunk is run in spatial tiles with the official tile blending
+(:mod:`gsmsr.tiling`). Overlapping chunks are cross-faded with linear weights ``(k+1)/(n+1)`` over their
+``n`` shared frames instead of the official flat average, so chunk borders do not flicker: every frame's
+weights sum to one and change smoothly. A frame is quantised and handed to the encoder as soon as no later
+chunk can touch it. Memory therefore holds at most ``2*chunk - overlap`` LR frames and one chunk of HR
+output (on the compute device), whatever the video length; ``chunk=0`` (one chunk) gives that up.
+With one chunk and one tile covering the video the output is exactly the single forward pass.
+
+Defaults (a GPU with 80 GB; lower ``--chunk`` / ``--tile`` on smaller cards): chunk 32, overlap 4,
+LR tile 256 with overlap 32 (about one 180x320 REDS frame per tile; smaller frames are one tile).
+
+Small inputs. GSMNet needs at least 2 frames (clear error otherwise: a single image is not a video) and
+sides of at least 33 px (its flow network pads to multiples of 32). A smaller tile or frame is padded by
+edge replication to 33 px on the bottom/right before the network and the output is cropped back.
+
+Precision. ``bf16`` / ``fp16`` run the network under ``torch.autocast`` (CUDA or CPU); the network
+keeps its flow and warp geometry in fp32 itself. Blending and quantisation are always fp32.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import resource
+import sys
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable, Iterable, Iterator, List, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gsmsr.tiling import accumulate_tiles, tile_weight_map
+from gsmsr.video_io import InputError, check_output, open_sink, open_source
+
+__all__ = ['DEFAULT_NETWORK', 'MIN_SIZE', 'InputError', 'InferenceStats', 'load_network', 'upscale_frames',
+           'upscale_video', 'add_arguments', 'run']
+
+# The released REDS x4 model (ARCHITECTURE.md §0); checkpointing is a training-only memory trade.
+DEFAULT_NETWORK = dict(type='GSMNet', upscale=4, in_chans=3, out_chans=3, prop_depth=4, attn_depth=4, pa_frame=2,
+                       embed_dims=192, num_heads=8, spynet_path=None, use_checkpoint_attn=False,
+                       use_checkpoint_ffn=False)
+MIN_SIZE = 33  # GSMNet needs H, W > 32 (ARCHITECTURE.md §1)
+MIN_FRAMES = 2
+DEFAULT_CHUNK, DEFAULT_OVERLAP, DEFAULT_TILE, DEFAULT_TILE_OVERLAP = 32, 4, 256, 32
+PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+@dataclass
+class InferenceStats:
+    output: str
+    frames: int
+    in_size: tuple   # (H, W)
+    out_size: tuple  # (sH, sW)
+    seconds: float
+    peak_host_bytes: int            # peak resident set size of the process
+    peak_device_bytes: Optional[int]  # peak CUDA memory allocated during the run (None on CPU)
+
+    def summary(self) -> str:
+        fps = self.frames / self.seconds if self.seconds > 0 else float('inf')
+        mem = f'peak host memory {self.peak_host_bytes / 2**30:.2f} GiB'
+        if self.peak_device_bytes is not None:
+            mem += f', peak GPU memory {self.peak_device_bytes / 2**30:.2f} GiB'
+        return (f'{self.frames} frames {self.in_size[0]}x{self.in_size[1]} -> {self.out_size[0]}x{self.out_size[1]} '
+                f'in {self.seconds:.1f} s ({fps:.2f} frames/s), {mem}: {self.output}')
+
+
+# ----------------------------------------------------------------------------------------------- network
+def _read_options(opt: Union[str, dict, None]) -> dict:
+    if opt is None or isinstance(opt, dict):
+        return dict(opt or {})
+    import yaml
+    from basicsr.utils.options import ordered_yaml
+
+    try:
+        with open(opt, 'r', encoding='utf-8') as f:
+            loaded = yaml.load(f, Loader=ordered_yaml()[0])
+    except OSError as e:
+        raise InputError(f'{opt}: cannot read options file ({e.strerror})') from None
+    except yaml.YAMLError as e:
+        raise InputError(f'{opt}: invalid YAML ({str(e).splitlines()[0]})') from None
+    if not isinstance(loaded, dict):
+        raise InputError(f'{opt}: options file is not a mapping')
+    return loaded
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    text = ' '.join(part.strip() for part in str(text).splitlines() if part.strip())
+    return text if len(text) <= limit else text[:limit] + ' ...'
+
+
+def load_network(weights: Optional[str] = None, opt: Union[str, dict, None] = None,
+                 device: Union[str, torch.device] = 'cpu') -> nn.Module:
+    """Build the network and load a checkpoint strictly; returns it in eval mode on ``device``.
+
+    opt: a BasicSR options file (or its dict); its ``network_g`` is the config, else the released model.
+    weights: a BasicSR (``params_ema`` preferred, then ``params``) or official checkpoint; defaults to the
+    options' ``path.pretrain_network_g``. Raises :class:`InputError` naming the file and key on mismatch.
+    """
+    from basicsr.utils.registry import ARCH_REGISTRY
+    from gsmsr.archs import load_checkpoint, read_state_dict
+
+    options = _read_options(opt)
+    if opt is not None and not options.get('network_g'):
+        raise InputError(f'{opt}: options have no network_g section')
+    network_opt = dict(options.get('network_g') or DEFAULT_NETWORK)
+    weights = weights or (options.get('path') or {}).get('pretrain_network_g')
+    if not weights:
+        raise InputError('no weights: pass --weights CHECKPOINT (or set path.pretrain_network_g in -opt)')
+    if not os.path.isfile(weights):
+        raise InputError(f'{weights}: no such checkpoint file')
+    arch = network_opt.pop('type', 'GSMNet')
+    for key in ('spynet_path', 'use_checkpoint_attn', 'use_checkpoint_ffn'):
+        if key in network_opt:  # SpyNet weights come with the checkpoint; no gradients at inference
+            network_opt[key] = None if key == 'spynet_path' else False
+    try:
+        net = ARCH_REGISTRY.get(arch)(**network_opt)
+    except KeyError:
+        raise InputError(f'network_g type {arch!r} is not a registered architecture') from None
+    except TypeError as e:
+        raise InputError(f'network_g: {e}') from None
+
+    try:  # key=None: params_ema, then params, then a bare state dict
+        state_dict = read_state_dict(weights, key=None)
+    except (OSError, KeyError, ValueError) as e:
+        raise InputError(_one_line(e, 300)) from None
+    try:
+        load_checkpoint(net, state_dict, key=None, strict=True)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise InputError(f'{weights}: checkpoint does not fit network_g {arch}: {_one_line(e)}') from None
+    return net.to(device).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------- streaming
+def _network_call(net: Callable[[Tensor], Tensor], scale: int, precision: str,
+                  device: torch.device) -> Callable[[Tensor], Tensor]:
+    """net with autocast, and with replicate-padding of sides < MIN_SIZE (output cropped back); fp32 out."""
+    dtype = PRECISIONS[precision]
+
+    def call(x: Tensor) -> Tensor:  # (B, T, C, h, w) -> (B, T, C, s*h, s*w) float32
+        b, t, c, h, w = x.shape
+        if h < MIN_SIZE or w < MIN_SIZE:
+            pad = (0, max(0, MIN_SIZE - w), 0, max(0, MIN_SIZE - h))
+            x = F.pad(x.reshape(b * t, c, h, w), pad, mode='replicate').view(b, t, c, h + pad[3], w + pad[1])
+        with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+            y = net(x)
+        return y[..., :scale * h, :scale * w].float()
+    return call
+
+
+def _crossfade(start: int, length: int, prev_end: Optional[int], next_start: Optional[int]) -> List[float]:
+    """Temporal weights of chunk [start, start+length): linear ramps over its overlaps with the neighbours."""
+    weights = []
+    for f in range(start, start + length):
+        w = 1.0
+        if prev_end is not None and f < prev_end:  # fade in over the frames shared with the previous chunk
+            w = min(w, (f - start + 1) / (prev_end - start + 1))
+        if next_start is not None and f >= next_start:  # fade out over those shared with the next chunk
+            w = min(w, (start + length - f) / (start + length - next_start + 1))
+        weights.append(w)
+    return weights
+
+
+def _to_uint8(frame: Tensor) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8, rounded like BasicSR's tensor2img."""
+    return frame.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def upscale_frames(frames: Iterable[np.ndarray], net: Callable[[Tensor], Tensor], *, scale: Optional[int] = None,
+                   chunk: int = DEFAULT_CHUNK, overlap: int = DEFAULT_OVERLAP, tile: int = DEFAULT_TILE,
+                   tile_overlap: int = DEFAULT_TILE_OVERLAP, precision: str = 'fp32',
+                   device: Union[str, torch.device, None] = None, name: str = 'input') -> Iterator[np.ndarray]:
+    """Stream RGB uint8 frames (H, W, 3) through the network; yields (s*H, s*W, 3) uint8 frames in order.
+
+    See the module docstring for the chunking, blending and memory bounds. ``net`` must already be on
+    ``device`` (default: the device of its parameters). ``name`` is used in error messages.
+    Raises :class:`InputError` for fewer than 2 frames, frames of mixed sizes or bad arguments.
+    """
+    _check_settings(chunk, overlap, tile, tile_overlap, precision)
+    scale = scale or getattr(net, 'upscale', None)
+    if not scale:
+        raise ValueError('scale not given and the network has no `upscale` attribute')
+    if device is None:
+        param = next(iter(net.parameters()), None) if isinstance(net, nn.Module) else None
+        device = param.device if param is not None else torch.device('cpu')
+    device = torch.device(device)
+    call = _network_call(net, scale, precision, device)
+    for frame in _stream(frames, call, scale, chunk, overlap, tile, tile_overlap, device, name):
+        yield _to_uint8(frame)
+
+
+def _stream(frames: Iterable[np.ndarray], call: Callable[[Tensor], Tensor], scale: int, chunk: int, overlap: int,
+            tile: int, tile_overlap: int, device: torch.device, name: str) -> Iterator[Tensor]:
+    """The streaming engine of :func:`upscale_frames`; yields unclamped float frames (C, s*H, s*W)."""
+    source = iter(frames)
+    buffer: deque = deque()  # LR frames [base, base + len(buffer))
+    base, eof, size = 0, False, None
+
+    def fill(end: int) -> None:  # read until frame end-1 is buffered or the input ends
+        nonlocal eof, size
+        while not eof and base + len(buffer) < end:
+            frame = next(source, None)
+            if frame is None:
+                eof = True
+                break
+            if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+                raise InputError(f'{name}: frame {base + len(buffer)} has shape {frame.shape} {frame.dtype}, '
+                                 'expected (H, W, 3) uint8')
+            if size is None:
+                size = frame.shape[:2]
+            elif frame.shape[:2] != size:
+                raise InputError(f'{name}: frame {base + len(buffer)} is {frame.shape[0]}x{frame.shape[1]}, '
+                                 f'earlier frames are {size[0]}x{size[1]}')
+            buffer.append(frame)
+
+    fill(chunk if chunk else sys.maxsize)
+    if len(buffer) < MIN_FRAMES:
+        raise InputError(f'{name}: has {len(buffer)} frame(s); the network needs at least {MIN_FRAMES}')
+    length = min(chunk, len(buffer)) if chunk else len(buffer)  # every chunk has this length
+    stride = length - overlap if chunk else length
+    h, w = size
+    weight_map = tile_weight_map(h, w, scale, tile, tile_overlap, device=device)
+    acc, wsum = None, torch.zeros(length, dtype=torch.float64)
+    start, prev_end = 0, None
+    with torch.no_grad():
+        while True:
+            fill(start + length + stride)  # one stride ahead: tells where the next chunk starts
+            total = base + len(buffer)
+            if eof and total == start + length:
+                next_start = None
+            else:  # the official rule: the next stride, but never past the last full chunk
+                next_start = min(start + stride, total - length) if eof else start + stride
+            fw = _crossfade(start, length, prev_end, next_start)
+            clip = np.stack([buffer[i] for i in range(start - base, start - base + length)])
+            lq = torch.from_numpy(clip).to(device).permute(0, 3, 1, 2).unsqueeze(0).contiguous().float().div_(255)
+            del clip
+            acc = accumulate_tiles(call, lq, scale, tile, tile_overlap, acc=acc,
+                                   frame_weight=torch.tensor(fw, dtype=torch.float32))
+            del lq
+            wsum += torch.tensor(fw, dtype=torch.float64)
+            done = length if next_start is None else next_start - start
+            for i in range(done):
+                yield acc[0, i] / weight_map / float(wsum[i])
+            if next_start is None:
+                return
+            for i in range(length - done):  # shift the unfinished frames to the front (forward copy is safe)
+                acc[:, i].copy_(acc[:, i + done])
+            acc[:, length - done:].zero_()
+            wsum = torch.cat([wsum[done:], torch.zeros(done, dtype=torch.float64)])
+            for _ in range(next_start - base):  # LR frames before the next chunk are no longer needed
+                buffer.popleft()
+            base = next_start
+            prev_end, start = start + length, next_start
+
+
+def _check_settings(chunk: int, overlap: int, tile: int, tile_overlap: int, precision: str) -> None:
+    if chunk < 0 or chunk == 1:
+        raise InputError(f'--chunk {chunk}: must be 0 (whole video) or at least {MIN_FRAMES}')
+    if overlap < 0 or (chunk and overlap >= chunk):
+        raise InputError(f'--overlap {overlap}: must be >= 0 and smaller than --chunk {chunk}')
+    if tile < 0:
+        raise InputError(f'--tile {tile}: must be 0 (no tiling) or positive')
+    if tile_overlap < 0 or (tile and tile_overlap >= tile):
+        raise InputError(f'--tile-overlap {tile_overlap}: must be >= 0 and smaller than --tile {tile}')
+    if precision not in PRECISIONS:
+        raise InputError(f'--precision {precision}: choose one of {", ".join(PRECISIONS)}')
+
+
+def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    if device is None:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise InputError(f'--device {device}: not a valid device') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise InputError(f'--device {device}: CUDA is not available')
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        raise InputError(f'--device {device}: only {torch.cuda.device_count()} CUDA device(s)')
+    return device
+
+
+def upscale_video(input_path: str, output_path: str, net: nn.Module, *, scale: Optional[int] = None,
+                  chunk: int = DEFAULT_CHUNK, overlap: int = DEFAULT_OVERLAP, tile: int = DEFAULT_TILE,
+                  tile_overlap: int = DEFAULT_TILE_OVERLAP, precision: str = 'fp32',
+                  device: Union[str, torch.device, None] = None, force: bool = False,
+                  fps: Optional[float] = None, progress: bool = True) -> InferenceStats:
+    """Upscale a video file or folder of frames into a video file (codec by extension, same frame rate,
+    audio copied) or a PNG folder (extension-less path). The network is moved to ``device``.
+
+    The output is written under a hidden temporary name and renamed at the end; on any error it is
+    removed. An existing output is replaced only with ``force``. ``fps`` sets the rate of a video made from
+    a folder (default 25). Raises :class:`InputError` for bad input.
+    """
+    from tqdm import tqdm
+
+    _check_settings(chunk, overlap, tile, tile_overlap, precision)
+    device = _resolve_device(device)
+    check_output(output_path, input_path, force)
+    source = open_source(input_path)
+    sink = None
+    try:
+        info = source.info
+        scale = scale or getattr(net, 'upscale', None)
+        if not scale:
+            raise ValueError('scale not given and the network has no `upscale` attribute')
+        rate = info.rate or (Fraction(fps).limit_denominator(1001) if fps else None)
+        net = net.to(device)
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+        sink = open_sink(output_path, scale * info.width, scale * info.height, rate,
+                         audio_from=input_path if info.has_audio else None)
+        tags: deque = deque()  # source tags of the frames in flight, consumed in order by the sink
+
+        def frames() -> Iterator[np.ndarray]:
+            for rgb, tag in source:
+                tags.append(tag)
+                yield rgb
+
+        started = time.perf_counter()
+        count = 0
+        with tqdm(total=info.frames, unit='frame', disable=not progress, file=sys.stderr,
+                  dynamic_ncols=True, desc=os.path.basename(os.path.normpath(input_path))) as bar:
+            for out in upscale_frames(frames(), net, scale=scale, chunk=chunk, overlap=overlap, tile=tile,
+                                      tile_overlap=tile_overlap, precision=precision, device=device,
+                                      name=input_path):
+                sink.write(out, tags.popleft())
+                count += 1
+                bar.update(1)
+        sink.commit()
+        sink = None
+        seconds = time.perf_counter() - started
+    finally:
+        source.close()
+        if sink is not None:
+            sink.abort()
+    return InferenceStats(
+        output=output_path, frames=count, in_size=(info.height, info.width),
+        out_size=(scale * info.height, scale * info.width), seconds=seconds,
+        peak_host_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_device_bytes=torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('input', help='video file (anything FFmpeg decodes) or folder of frames')
+    parser.add_argument('-o', '--output', required=True,
+                        help='video file (.mp4/.mkv/.mov/.avi/.webm; same frame rate, audio copied) '
+                             'or a folder name without extension for PNG frames')
+    parser.add_argument('--weights', help='checkpoint: BasicSR (params_ema preferred, then params) or official '
+                                          '(default: path.pretrain_network_g of -opt)')
+    parser.add_argument('-opt', '--opt', help='BasicSR options YAML whose network_g is used '
+                                              '(default: the released x4 model)')
+    parser.add_argument('--chunk', type=int, default=DEFAULT_CHUNK,
+                        help=f'frames per temporal chunk, 0 = whole video in one (default {DEFAULT_CHUNK})')
+    parser.add_argument('--overlap', type=int, default=DEFAULT_OVERLAP,
+                        help=f'frames shared by consecutive chunks, cross-faded (default {DEFAULT_OVERLAP})')
+    parser.add_argument('--tile', type=int, default=DEFAULT_TILE,
+                        help=f'LR tile side, 0 = whole frame (default {DEFAULT_TILE})')
+    parser.add_argument('--tile-overlap', type=int, default=DEFAULT_TILE_OVERLAP,
+                        help=f'LR overlap between tiles (default {DEFAULT_TILE_OVERLAP})')
+    parser.add_argument('--precision', choices=list(PRECISIONS), default='fp32',
+                        help='network precision; bf16/fp16 use autocast, geometry stays fp32 (default fp32)')
+    parser.add_argument('--device', help='torch device (default: cuda if available, else cpu)')
+    parser.add_argument('--fps', type=float, help='frame rate of a video made from a folder (default 25)')
+    parser.add_argument('--force', action='store_true', help='overwrite an existing output')
+    parser.add_argument('--no-progress', dest='progress', action='store_false', help='hide the progress bar')
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit codes: 0 done, 2 bad input or arguments, 1 unexpected failure (out of memory included)."""
+    prog = 'gsmsr infer'
+    try:
+        _check_settings(args.chunk, args.overlap, args.tile, args.tile_overlap, args.precision)
+        if args.fps is not None and not args.fps > 0:
+            raise InputError(f'--fps {args.fps}: must be positive')
+        device = _resolve_device(args.device)
+        # Cheap checks first, so that bad paths fail before the network is built.
+        check_output(args.output, args.input, args.force)
+        open_source(args.input).close()
+        net = load_network(args.weights, args.opt, device)
+        stats = upscale_video(args.input, args.output, net, chunk=args.chunk, overlap=args.overlap, tile=args.tile,
+                              tile_overlap=args.tile_overlap, precision=args.precision, device=device,
+                              force=args.force, fps=args.fps, progress=args.progress)
+    except InputError as e:
+        print(f'{prog}: error: {e}', file=sys.stderr)
+        return 2
+    except torch.cuda.OutOfMemoryError:
+        print(f'{prog}: error: out of GPU memory; lower --chunk and/or --tile (now {args.chunk}, {args.tile})',
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f'{prog}: interrupted, no output written', file=sys.stderr)
+        return 130
+    except Exception as e:
+        traceback.print_exc()
+        print(f'{prog}: unexpected error: {_one_line(e, 300)}', file=sys.stderr)
+        return 1
+    print(f'{prog}: {stats.summary()}', file=sys.stderr)
+    return 0

@@ -1,0 +1,344 @@
+"""Streaming frame sources (video file or image folder) and atomic sinks (video file or PNG folder).
+
+Frames travel as RGB ``uint8`` arrays of shape (H, W, 3), one at a time, so nothing here holds more than a
+frame or two. Videos are decoded and encoded with PyAV (FFmpeg); image folders are read and written with
+OpenCV. A sink writes to a hidden temporary name next to the output and renames it into place only in
+``commit()``; ``abort()`` deletes it, so a failed run leaves nothing that looks like a result.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Iterator, Optional, Tuple
+
+import av
+import cv2
+import numpy as np
+
+__all__ = ['InputError', 'FrameTag', 'SourceInfo', 'open_source', 'output_kind', 'check_output',
+           'VideoSink', 'FolderSink', 'open_sink', 'IMAGE_EXTENSIONS', 'VIDEO_EXTENSIONS']
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
+# Output container extension -> preferred encoder (fallback mpeg4 where the preferred one is missing).
+VIDEO_EXTENSIONS = {'.mp4': 'libx264', '.mkv': 'libx264', '.mov': 'libx264', '.avi': 'mpeg4',
+                    '.webm': 'libvpx-vp9'}
+ENCODER_OPTIONS = {'libx264': {'crf': '16', 'preset': 'medium'},  # visually lossless, normal speed
+                   'libvpx-vp9': {'crf': '20', 'b': '0'}}
+DEFAULT_FOLDER_FPS = Fraction(25)
+
+
+class InputError(Exception):
+    """Bad input or arguments (missing/corrupt file, mixed sizes, wrong checkpoint, ...): exit code 2."""
+
+
+@dataclass(frozen=True)
+class FrameTag:
+    """Where a frame came from: its index, presentation time in seconds (video) and a name for PNG output."""
+    index: int
+    time: Optional[Fraction]
+    name: str
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    path: str
+    kind: str                 # 'video' or 'folder'
+    height: int
+    width: int
+    frames: Optional[int]     # declared frame count; None when the container does not say
+    rate: Optional[Fraction]  # average frame rate (video only)
+    has_audio: bool
+
+
+def _natural_key(name: str):
+    # 'frame2.png' sorts before 'frame10.png'.
+    return [int(part) if part.isdigit() else part for part in re.split(r'(\d+)', name)]
+
+
+class VideoSource:
+    """Decodes the first video stream of a file, frame by frame."""
+
+    def __init__(self, path: str):
+        try:
+            self.container = av.open(path)
+        except (av.error.FFmpegError, UnicodeDecodeError) as e:
+            raise InputError(f'{path}: cannot open as a video ({e})') from None
+        if not self.container.streams.video:
+            self.container.close()
+            raise InputError(f'{path}: contains no video stream')
+        stream = self.container.streams.video[0]
+        stream.thread_type = 'AUTO'
+        ctx = stream.codec_context
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        if not ctx.width or not ctx.height:
+            self.container.close()
+            raise InputError(f'{path}: video stream has no frame size (corrupt header?)')
+        self.stream = stream
+        self.info = SourceInfo(path=path, kind='video', height=ctx.height, width=ctx.width,
+                               frames=stream.frames or None, rate=Fraction(rate) if rate else None,
+                               has_audio=bool(self.container.streams.audio))
+
+    def __iter__(self) -> Iterator[Tuple[np.ndarray, FrameTag]]:
+        info, count = self.info, 0
+        try:
+            for frame in self.container.decode(self.stream):
+                if (frame.height, frame.width) != (info.height, info.width):
+                    raise InputError(f'{info.path}: frame {count} is {frame.height}x{frame.width}, '
+                                     f'the video started at {info.height}x{info.width}')
+                time = frame.pts * frame.time_base if frame.pts is not None and frame.time_base else None
+                yield frame.to_ndarray(format='rgb24'), FrameTag(count, time, f'{count:08d}')
+                count += 1
+        except av.error.FFmpegError as e:
+            raise InputError(f'{info.path}: decoding failed at frame {count} ({e})') from None
+        if info.frames and count < info.frames:
+            raise InputError(f'{info.path}: decoded only {count} of {info.frames} frames (truncated or corrupt)')
+
+    def close(self) -> None:
+        self.container.close()
+
+
+class FolderSource:
+    """Reads the image files of a folder in natural order. All headers are checked up front, so a folder
+    with mixed sizes or an unreadable file fails before any work is done."""
+
+    def __init__(self, path: str):
+        from PIL import Image  # header-only size check (torchvision dependency); OpenCV decodes
+
+        names = sorted((n for n in os.listdir(path)
+                        if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, n))),
+                       key=_natural_key)
+        if not names:
+            raise InputError(f'{path}: folder contains no image files ({", ".join(IMAGE_EXTENSIONS)})')
+        stems = [os.path.splitext(n)[0] for n in names]
+        if len(set(stems)) != len(stems):
+            dup = next(s for s in stems if stems.count(s) > 1)
+            raise InputError(f'{path}: several images share the name {dup!r} (output names would collide)')
+        size = None
+        for name in names:
+            file = os.path.join(path, name)
+            try:
+                with Image.open(file) as im:
+                    w, h = im.size
+            except Exception as e:  # PIL raises many types for bad files
+                raise InputError(f'{file}: cannot read image ({e})') from None
+            if size is None:
+                size = (h, w)
+            elif (h, w) != size:
+                raise InputError(f'{file}: image is {h}x{w} but {os.path.join(path, names[0])} is '
+                                 f'{size[0]}x{size[1]}; all frames must have the same size')
+        self.files = [os.path.join(path, n) for n in names]
+        self.stems = stems
+        self.info = SourceInfo(path=path, kind='folder', height=size[0], width=size[1], frames=len(names),
+                               rate=None, has_audio=False)
+
+    def __iter__(self) -> Iterator[Tuple[np.ndarray, FrameTag]]:
+        for i, (file, stem) in enumerate(zip(self.files, self.stems)):
+            bgr = cv2.imread(file, cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise InputError(f'{file}: cannot decode image')
+            if bgr.shape[:2] != (self.info.height, self.info.width):
+                raise InputError(f'{file}: decoded size {bgr.shape[0]}x{bgr.shape[1]} differs from '
+                                 f'{self.info.height}x{self.info.width}')
+            yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), FrameTag(i, None, stem)
+
+    def close(self) -> None:
+        pass
+
+
+def open_source(path: str):
+    """A :class:`VideoSource` for a file, a :class:`FolderSource` for a directory (``.info``, iterable)."""
+    if not os.path.exists(path):
+        raise InputError(f'{path}: no such file or folder')
+    if os.path.isdir(path):
+        return FolderSource(path)
+    if not os.access(path, os.R_OK):
+        raise InputError(f'{path}: not readable (permission denied)')
+    return VideoSource(path)
+
+
+def output_kind(path: str) -> str:
+    """'video' for a known video extension, 'folder' for a path without extension or an existing folder."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in VIDEO_EXTENSIONS:
+        return 'video'
+    if os.path.isdir(path) or not ext:
+        return 'folder'
+    raise InputError(f'{path}: unknown output type {ext!r}; use a video extension '
+                     f'({", ".join(VIDEO_EXTENSIONS)}) or a folder name without extension')
+
+
+def _is_frame_folder(path: str) -> bool:
+    """True for a folder holding only image files (what a previous run would have written)."""
+    entries = [os.path.join(path, n) for n in os.listdir(path)]
+    return all(os.path.isfile(e) and e.lower().endswith(IMAGE_EXTENSIONS) for e in entries)
+
+
+def check_output(path: str, input_path: str, force: bool) -> str:
+    """Validate the output path before any work; returns the output kind ('video' or 'folder')."""
+    kind = output_kind(path)
+    if os.path.abspath(path) == os.path.abspath(input_path):
+        raise InputError(f'{path}: output is the same as the input')
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise InputError(f'{path}: parent folder {parent} does not exist')
+    if os.path.lexists(path):
+        if not force:
+            raise InputError(f'{path}: output exists (use --force to overwrite)')
+        if kind == 'video' and os.path.isdir(path):
+            raise InputError(f'{path}: is a folder, refusing to replace it with a video file')
+        if kind == 'folder' and os.path.isdir(path) and not _is_frame_folder(path):
+            raise InputError(f'{path}: folder holds more than image files, refusing to overwrite it')
+    return kind
+
+
+class VideoSink:
+    """Encodes RGB frames into a video container chosen by extension; copies the input's audio stream.
+
+    Timing: constant frame rate ``rate``; each frame is placed at its source time rounded to that grid
+    (strictly increasing), so a source that starts late or has gaps stays in sync with its audio.
+    Audio packets are remuxed (not re-encoded) and interleaved with the video as it is written.
+    """
+
+    def __init__(self, path: str, width: int, height: int, rate: Fraction, audio_from: Optional[str] = None):
+        ext = os.path.splitext(path)[1].lower()
+        codec = VIDEO_EXTENSIONS[ext]
+        if not _has_encoder(codec):
+            codec = 'mpeg4'
+        if width % 2 or height % 2:
+            raise InputError(f'{path}: output size {height}x{width} is odd; yuv420p video needs even sizes '
+                             f'(write a PNG folder instead)')
+        self.path = path
+        fd, self.tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                                        prefix='.' + os.path.basename(path) + '.', suffix='.partial' + ext)
+        os.close(fd)
+        os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result should not be
+        self.rate = Fraction(rate)
+        self.audio_in = self.audio_packets = self.audio_out = None
+        self._next_audio = None
+        self._last_pts = -1
+        try:
+            self.container = av.open(self.tmp, 'w')
+            self.stream = self.container.add_stream(codec, rate=self.rate, options=ENCODER_OPTIONS.get(codec, {}))
+            self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, 'yuv420p'
+            if codec not in ENCODER_OPTIONS:  # bitrate-driven encoders (mpeg4): about 0.5 bit per pixel
+                self.stream.bit_rate = max(1_000_000, int(width * height * float(self.rate) * 0.5))
+            if audio_from is not None:
+                self._open_audio(audio_from)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _open_audio(self, source: str) -> None:
+        self.audio_in = av.open(source)
+        if not self.audio_in.streams.audio:
+            return
+        template = self.audio_in.streams.audio[0]
+        name = template.codec_context.name
+        if name not in self.container.supported_codecs:
+            print(f'warning: {self.path}: audio codec {name!r} cannot be stored in this container; '
+                  'audio dropped', file=sys.stderr)
+            return
+        self.audio_out = self.container.add_stream_from_template(template)
+        self.audio_packets = self.audio_in.demux(template)
+
+    def _mux_audio_until(self, time: Optional[Fraction]) -> None:
+        # Interleave: write the audio packets that start before the next video frame (all of them at the end).
+        while self.audio_packets is not None:
+            if self._next_audio is None:
+                packet = next(self.audio_packets, None)
+                if packet is None:
+                    self.audio_packets = None
+                    return
+                if packet.dts is None:  # demuxer flush packet
+                    continue
+                self._next_audio = packet
+            packet = self._next_audio
+            start = packet.pts if packet.pts is not None else packet.dts
+            if time is not None and start * packet.time_base > time:
+                return
+            packet.stream = self.audio_out
+            self.container.mux(packet)
+            self._next_audio = None
+
+    def write(self, rgb: np.ndarray, tag: FrameTag) -> None:
+        pts = round(tag.time * self.rate) if tag.time is not None else self._last_pts + 1
+        pts = max(pts, self._last_pts + 1)  # the encoder needs strictly increasing timestamps
+        self._last_pts = pts
+        frame = av.VideoFrame.from_ndarray(rgb, format='rgb24')
+        frame.pts = pts
+        self._mux_audio_until(pts / self.rate)
+        self.container.mux(self.stream.encode(frame))
+
+    def commit(self) -> None:
+        self.container.mux(self.stream.encode())  # flush the encoder
+        self._mux_audio_until(None)
+        self.container.close()
+        if self.audio_in is not None:
+            self.audio_in.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        for c in (getattr(self, 'container', None), self.audio_in):
+            try:
+                if c is not None:
+                    c.close()
+            except Exception:
+                pass
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+class FolderSink:
+    """Writes PNG frames (named after the source frames) into a temporary folder renamed at commit."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)),
+                                    prefix='.' + os.path.basename(os.path.normpath(path)) + '.', suffix='.partial')
+        os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
+
+    def write(self, rgb: np.ndarray, tag: FrameTag) -> None:
+        file = os.path.join(self.tmp, tag.name + '.png')
+        if not cv2.imwrite(file, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+            raise OSError(f'{file}: cannot write PNG')
+
+    def commit(self) -> None:
+        if os.path.isdir(self.path):  # --force was checked: swap, then delete the old frames
+            old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(self.path)), suffix='.old')
+            os.replace(self.path, os.path.join(old, 'frames'))
+            os.replace(self.tmp, self.path)
+            shutil.rmtree(old)
+        else:
+            if os.path.lexists(self.path):
+                os.remove(self.path)
+            os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _has_encoder(name: str) -> bool:
+    try:
+        av.codec.Codec(name, 'w')
+        return True
+    except Exception:
+        return False
+
+
+def open_sink(path: str, width: int, height: int, rate: Optional[Fraction] = None,
+              audio_from: Optional[str] = None):
+    """A :class:`VideoSink` or :class:`FolderSink` for ``path`` (kind by extension, see :func:`output_kind`)."""
+    if output_kind(path) == 'video':
+        return VideoSink(path, width, height, rate or DEFAULT_FOLDER_FPS, audio_from)
+    return FolderSink(path)

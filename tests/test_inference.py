@@ -1,0 +1,528 @@
+"""Tests for ``gsmsr infer`` (gsmsr.inference, gsmsr.video_io): streaming, blending, formats, bad input.
+
+Most tests use ``InferTestNet``, a cheap network with GSMNet's interface and a small spatio-temporal receptive
+field (so chunking and tiling change its output); a few use a tiny random GSMNet end to end.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tracemalloc
+from fractions import Fraction
+from pathlib import Path
+from typing import List, Optional
+
+import av
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+import gsmsr  # noqa: F401  (compat before BasicSR)
+from basicsr.metrics import calculate_psnr
+from basicsr.utils import tensor2img
+from basicsr.utils.registry import ARCH_REGISTRY
+from gsmsr.archs import GSMNet
+from gsmsr.inference import (InputError, _network_call, _stream, add_arguments, load_network, run, upscale_frames,
+                             upscale_video)
+from gsmsr.tiling import forward_chunked, window_starts
+
+TINY_GSM = dict(upscale=4, prop_depth=2, attn_depth=2, pa_frame=1, embed_dims=16, num_heads=4, spynet_path=None)
+CPU = torch.device('cpu')
+
+
+class InferTestNet(nn.Module):
+    """(B, T, 3, H, W) -> (B, T, 3, sH, sW): bilinear upsampling plus a residual from two 3x3x3 convs."""
+
+    def __init__(self, upscale: int = 4, width: int = 8):
+        super().__init__()
+        self.upscale = upscale
+        self.body = nn.Sequential(nn.Conv3d(3, width, 3, padding=1), nn.ReLU(),
+                                  nn.Conv3d(width, 3 * upscale ** 2, 3, padding=1))
+        self.dtypes = []
+
+    def forward(self, lq: torch.Tensor) -> torch.Tensor:
+        b, t, c, h, w = lq.shape
+        s = self.upscale
+        res = self.body(lq.transpose(1, 2)).transpose(1, 2)
+        self.dtypes.append(res.dtype)
+        res = F.pixel_shuffle(res.flatten(0, 1), s).view(b, t, 3, s * h, s * w)
+        up = F.interpolate(lq.flatten(0, 1), scale_factor=s, mode='bilinear', align_corners=False)
+        return up.view(b, t, 3, s * h, s * w) + 0.2 * res
+
+
+if 'InferTestNet' not in ARCH_REGISTRY:
+    ARCH_REGISTRY.register()(InferTestNet)
+
+
+# ----------------------------------------------------------------------------------------------- media helpers
+def make_frames(n: int, h: int, w: int, seed: int = 0) -> List[np.ndarray]:
+    """A smooth random RGB texture moving 1-2 px per frame (compresses well, like real video)."""
+    rng = np.random.default_rng(seed)
+    noise = rng.random((h // 6 + 4, w // 6 + 4, 3)).astype(np.float32)
+    base = cv2.resize(noise, (w + 2 * n + 8, h + n + 8), interpolation=cv2.INTER_CUBIC).clip(0, 1)
+    return [np.round(base[t:t + h, 2 * t:2 * t + w] * 255).astype(np.uint8) for t in range(n)]
+
+
+def write_video(path: Path, frames: List[np.ndarray], rate=Fraction(25), audio: bool = False,
+                faststart: bool = False) -> Path:
+    out = av.open(str(path), 'w', options={'movflags': 'faststart'} if faststart else {})
+    vs = out.add_stream('libx264', rate=rate, options={'crf': '10'})
+    vs.height, vs.width = frames[0].shape[:2]
+    vs.pix_fmt = 'yuv420p'
+    aus = out.add_stream('aac', rate=8000) if audio else None
+    for i, f in enumerate(frames):
+        frame = av.VideoFrame.from_ndarray(f, format='rgb24')
+        frame.pts = i
+        out.mux(vs.encode(frame))
+    if aus is not None:
+        n = int(8000 * len(frames) / rate)
+        tone = (0.3 * np.sin(np.arange(n) * 0.05)).astype(np.float32)[None]
+        for k in range(0, n, 1024):
+            a = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, k:k + 1024]), format='fltp', layout='mono')
+            a.sample_rate, a.pts = 8000, k
+            out.mux(aus.encode(a))
+        out.mux(aus.encode())
+    out.mux(vs.encode())
+    out.close()
+    return path
+
+
+def read_video(path: Path):
+    """(frames RGB uint8, average rate, audio codec or None, audio packet count)."""
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        rate = v.average_rate
+        frames = [f.to_ndarray(format='rgb24') for f in c.decode(v)]
+    with av.open(str(path)) as c:
+        if not c.streams.audio:
+            return frames, rate, None, 0
+        a = c.streams.audio[0]
+        packets = sum(1 for p in c.demux(a) if p.dts is not None)
+        return frames, rate, a.codec_context.name, packets
+
+
+def write_folder(path: Path, frames: List[np.ndarray], names: Optional[List[str]] = None, ext: str = '.png') -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(frames):
+        name = names[i] if names else f'{i:05d}'
+        assert cv2.imwrite(str(path / f'{name}{ext}'), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    return path
+
+
+def read_folder(path: Path) -> List[np.ndarray]:
+    return [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(path.glob('*.png'))]
+
+
+def quantise(y: torch.Tensor) -> np.ndarray:
+    """(T, 3, H, W) float -> (T, H, W, 3) RGB uint8 with BasicSR's tensor2img (clamp, x255, round)."""
+    return np.stack([tensor2img(frame, rgb2bgr=False, min_max=(0, 1)) for frame in y])
+
+
+def to_lq(frames: List[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float().div(255).unsqueeze(0).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope='module')
+def test_net_files(tmp_path_factory):
+    """Checkpoint + options of a random InferTestNet (registered arch, so the CLI can build it)."""
+    root = tmp_path_factory.mktemp('testnet')
+    torch.manual_seed(0)
+    net = InferTestNet().eval()
+    torch.save({'params': net.state_dict()}, root / 'net.pth')
+    (root / 'net.yml').write_text(yaml.safe_dump({'network_g': {'type': 'InferTestNet', 'upscale': 4}}))
+    return dict(net=net, weights=str(root / 'net.pth'), opt=str(root / 'net.yml'))
+
+
+@pytest.fixture(scope='module')
+def tiny_gsm(tmp_path_factory):
+    """Tiny random GSMNet saved with params_ema (the weights to use) and a perturbed params; options file."""
+    root = tmp_path_factory.mktemp('gsm')
+    torch.manual_seed(0)
+    net = GSMNet(**TINY_GSM).eval()
+    ema = net.state_dict()
+    raw = {k: v + 0.5 if v.is_floating_point() else v for k, v in ema.items()}
+    torch.save({'params': raw, 'params_ema': ema}, root / 'gsm.pth')
+    (root / 'gsm.yml').write_text(yaml.safe_dump({'network_g': dict(type='GSMNet', **TINY_GSM)}))
+    return dict(net=net, weights=str(root / 'gsm.pth'), opt=str(root / 'gsm.yml'), root=root)
+
+
+@pytest.fixture(scope='module')
+def gsm_clip(tiny_gsm):
+    """A 3-frame 34x34 MP4 with audio, its decoded frames and the tiny GSMNet's direct forward on them.
+    (MP4 output is tested with InferTestNet: the container path does not depend on the network.)"""
+    path = write_video(tiny_gsm['root'] / 'clip.mp4', make_frames(3, 34, 34, seed=5), audio=True)
+    frames, _, _, _ = read_video(path)
+    with torch.no_grad():
+        direct = tiny_gsm['net'](to_lq(frames))[0]
+    return dict(path=path, frames=frames, direct=direct)
+
+
+def run_cli(capsys, *argv: str):
+    """``gsmsr infer ARGV`` through the subcommand interface the dispatcher uses."""
+    parser = argparse.ArgumentParser(prog='gsmsr infer')
+    add_arguments(parser)
+    code = run(parser.parse_args([*argv, '--no-progress']))
+    return code, capsys.readouterr().err
+
+
+def entries(folder: Path) -> set:
+    return set(os.listdir(folder))
+
+
+# ----------------------------------------------------------------------------------------------- streaming maths
+@pytest.mark.parametrize('chunk,tile', [(0, 0), (5, 40), (32, 256)])
+def test_one_chunk_one_tile_equals_forward(chunk, tile):
+    torch.manual_seed(1)
+    net = InferTestNet().eval()
+    frames = make_frames(5, 36, 40)
+    out = np.stack(list(upscale_frames(frames, net, chunk=chunk, overlap=2, tile=tile, tile_overlap=8)))
+    with torch.no_grad():
+        ref = quantise(net(to_lq(frames))[0])
+    assert out.shape == (5, 144, 160, 3)
+    np.testing.assert_array_equal(out, ref)
+
+
+class ChunkCodeNet(nn.Module):
+    """Returns, for a whole call, the index of the call's first frame (frames carry 10*index as pixel value)."""
+    upscale = 2
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, lq):
+        b, t, c, h, w = lq.shape
+        first = round(lq[0, 0, 0, 0, 0].item() * 255 / 10)
+        self.calls.append((first, t, h, w))
+        return torch.full((b, t, c, 2 * h, 2 * w), float(first))
+
+
+def coded_frames(n: int, h: int = 6, w: int = 7) -> List[np.ndarray]:
+    return [np.full((h, w, 3), 10 * i, np.uint8) for i in range(n)]
+
+
+@pytest.mark.parametrize('chunk,overlap', [(2, 0), (2, 1), (3, 1), (4, 2), (5, 3), (4, 0)])
+def test_chunks_follow_official_plan(chunk, overlap):
+    """Whatever the (unknown) length, the streamed chunks are exactly window_starts(T, chunk, overlap)."""
+    for t in range(2, 13):
+        net = ChunkCodeNet()
+        outs = list(_stream(coded_frames(t), _network_call(net, 2, 'fp32', CPU), 2, chunk, overlap, 0, 0, CPU, 'x'))
+        assert len(outs) == t
+        assert [c[0] for c in net.calls] == window_starts(t, chunk, overlap), t
+        assert all(c[1] == min(chunk, t) for c in net.calls)
+
+
+def test_crossfade_analytic():
+    """T=9, chunk 4, overlap 1 -> chunks at 0, 3, 5. Shared frames fade linearly from one chunk to the next."""
+    net = ChunkCodeNet()
+    outs = list(_stream(coded_frames(9), _network_call(net, 2, 'fp32', CPU), 2, 4, 1, 0, 0, CPU, 'x'))
+    got = [o.unique().tolist() for o in outs]
+    assert all(len(g) == 1 for g in got)
+    expected = [0, 0, 0, (0 + 3) / 2, 3, 3 * 2 / 3 + 5 / 3, 3 / 3 + 5 * 2 / 3, 5, 5]
+    assert [g[0] for g in got] == pytest.approx(expected, abs=1e-6)
+
+
+def crossfade_reference(net, lq, scale, chunk, overlap, tile, tile_overlap):
+    """Literal streaming reference with T known: each chunk tiled officially, then a linear cross-fade over
+    the frames that consecutive chunks share (configurations where at most two chunks cover a frame)."""
+    t = lq.shape[1]
+    starts = window_starts(t, chunk, overlap)
+    length = min(chunk, t)
+    outs = [forward_chunked(net, lq[:, s:s + length], scale, 0, 0, tile, tile_overlap)[0] for s in starts]
+    frames = []
+    for f in range(t):
+        cover = [k for k, s in enumerate(starts) if s <= f < s + length]
+        assert len(cover) <= 2
+        if len(cover) == 1:
+            k = cover[0]
+            frames.append(outs[k][f - starts[k]])
+        else:
+            a, b = cover
+            n = starts[a] + length - starts[b]
+            wb = (f - starts[b] + 1) / (n + 1)
+            frames.append((1 - wb) * outs[a][f - starts[a]] + wb * outs[b][f - starts[b]])
+    return torch.stack(frames)
+
+
+@pytest.mark.parametrize('t,chunk,overlap', [(7, 3, 1), (10, 4, 1), (8, 5, 2), (6, 4, 1)])
+def test_stream_matches_reference(t, chunk, overlap):
+    torch.manual_seed(2)
+    net = InferTestNet(upscale=2).eval()
+    frames = make_frames(t, 20, 26, seed=t)
+    call = _network_call(net, 2, 'fp32', CPU)
+    got = torch.stack(list(_stream(frames, call, 2, chunk, overlap, 16, 6, CPU, 'x')))
+    with torch.no_grad():
+        ref = crossfade_reference(call, to_lq(frames), 2, chunk, overlap, 16, 6)
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
+
+
+def test_small_chunks_and_tiles_stay_close():
+    """Chunks of 4 and tiles of 24 with a net of receptive radius 2: close to the direct forward, and the
+    blended overlaps are closer than hard cuts at the same chunk and tile size."""
+    torch.manual_seed(3)
+    net = InferTestNet().eval()
+    frames = make_frames(8, 36, 44)
+    with torch.no_grad():
+        ref = quantise(net(to_lq(frames))[0]).astype(int)
+    blended = np.stack(list(upscale_frames(frames, net, chunk=4, overlap=2, tile=24, tile_overlap=12)))
+    cut = np.stack(list(upscale_frames(frames, net, chunk=4, overlap=0, tile=24, tile_overlap=0)))
+    diff, cut_diff = np.abs(blended - ref), np.abs(cut - ref)
+    assert 0 < diff.max() <= 24 and diff.mean() < 1.0
+    assert diff.mean() < 0.75 * cut_diff.mean()
+
+
+def test_host_memory_does_not_grow_with_length():
+    """Frames held by the streamer (read but not yet returned) and traced numpy memory: N vs 2N frames."""
+    torch.manual_seed(4)
+    net = InferTestNet(upscale=2, width=4).eval()
+    texture = make_frames(1, 64, 64)[0]
+    chunk, overlap = 4, 1
+
+    def measure(n: int):
+        state = dict(read=0, done=0, most=0)
+
+        def frames():
+            for i in range(n):
+                state['read'] += 1
+                state['most'] = max(state['most'], state['read'] - state['done'])
+                yield texture + np.uint8(i % 7)  # a fresh 12 KiB array per frame
+
+        tracemalloc.start()
+        for _ in upscale_frames(frames(), net, chunk=chunk, overlap=overlap, tile=0):
+            state['done'] += 1
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return state, peak
+
+    s1, p1 = measure(20)
+    s2, p2 = measure(40)
+    assert (s1['done'], s2['done']) == (20, 40)
+    assert s1['most'] <= 2 * chunk - overlap and s2['most'] <= 2 * chunk - overlap
+    # Holding all frames would add 20 * 12 KiB = 240 KiB for the longer video.
+    assert p2 - p1 < 36 * 1024, (p1, p2)
+
+
+class MinSizeNet(InferTestNet):
+    def forward(self, lq):
+        assert lq.shape[-2] >= 33 and lq.shape[-1] >= 33, lq.shape
+        return super().forward(lq)
+
+
+def test_small_frames_are_padded_and_cropped():
+    torch.manual_seed(5)
+    net = MinSizeNet().eval()
+    frames = make_frames(3, 20, 25)
+    out = np.stack(list(upscale_frames(frames, net, chunk=0, tile=0)))
+    lq = to_lq(frames)
+    padded = F.pad(lq[0], (0, 8, 0, 13), mode='replicate')[None]
+    with torch.no_grad():
+        ref = quantise(net(padded)[0, :, :, :80, :100])
+    assert out.shape == (3, 80, 100, 3)
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_bf16_runs_under_autocast_and_stays_close():
+    torch.manual_seed(6)
+    net = InferTestNet().eval()
+    frames = make_frames(3, 36, 36)
+    fp32 = np.stack(list(upscale_frames(frames, net, chunk=0, tile=0))).astype(int)
+    net.dtypes.clear()
+    bf16 = np.stack(list(upscale_frames(frames, net, chunk=0, tile=0, precision='bf16'))).astype(int)
+    assert net.dtypes == [torch.bfloat16]
+    assert np.abs(bf16 - fp32).max() <= 8
+
+
+@pytest.mark.parametrize('frames,match', [
+    ([np.zeros((36, 36, 3), np.uint8)], 'at least 2'),
+    ([], 'has 0 frame'),
+    ([np.zeros((36, 36, 3), np.uint8), np.zeros((36, 40, 3), np.uint8)], 'frame 1 is 36x40'),
+    ([np.zeros((36, 36), np.uint8)] * 2, 'expected'),
+])
+def test_upscale_frames_bad_input(frames, match):
+    with pytest.raises(InputError, match=match):
+        list(upscale_frames(frames, InferTestNet(), chunk=0, tile=0))
+
+
+# ----------------------------------------------------------------------------------------------- files and CLI
+@pytest.mark.parametrize('ext', ['.mp4', '.mkv', '.avi'])
+def test_cli_video_to_video(tmp_path, capsys, test_net_files, ext):
+    src = write_video(tmp_path / 'in.mp4', make_frames(5, 36, 40), rate=Fraction(24000, 1001), audio=True)
+    out = tmp_path / f'out{ext}'
+    code, err = run_cli(capsys, str(src), '-o', str(out), '--weights', test_net_files['weights'],
+                        '-opt', test_net_files['opt'], '--chunk', '3', '--overlap', '1', '--tile', '24',
+                        '--tile-overlap', '8')
+    assert code == 0, err
+    frames, rate, audio, packets = read_video(out)
+    in_frames, in_rate, in_audio, in_packets = read_video(src)
+    assert len(frames) == 5 and frames[0].shape == (144, 160, 3)
+    assert rate == in_rate == Fraction(24000, 1001)
+    assert (audio, packets) == (in_audio, in_packets) and packets > 0
+    assert '5 frames 36x40 -> 144x160' in err
+    assert entries(tmp_path) == {'in.mp4', f'out{ext}'}
+    assert out.stat().st_mode & 0o777 == src.stat().st_mode & 0o777  # not left private like a temp file
+    # Same frames in the same order, up to lossy encoding: each is closest to its own expected frame.
+    expected = list(upscale_frames(in_frames, test_net_files['net'], chunk=3, overlap=1, tile=24, tile_overlap=8))
+    psnr = np.array([[calculate_psnr(f, e, crop_border=0) for e in expected] for f in frames])
+    assert psnr.diagonal().min() > 25 and (psnr.argmax(axis=1) == np.arange(5)).all(), psnr
+
+
+def test_cli_folder_to_folder_and_video(tmp_path, capsys, test_net_files):
+    frames = make_frames(4, 36, 38)
+    names = ['frame2', 'frame10', 'frame1', 'frame3']  # natural order: 1, 2, 3, 10
+    src = write_folder(tmp_path / 'in', frames, names=names)
+    common = ['--weights', test_net_files['weights'], '-opt', test_net_files['opt'], '--chunk', '0', '--tile', '0']
+    code, err = run_cli(capsys, str(src), '-o', str(tmp_path / 'out'), *common)
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / 'out')) == sorted(n + '.png' for n in names)
+    assert (tmp_path / 'out').stat().st_mode & 0o777 == src.stat().st_mode & 0o777
+    ordered = [frames[names.index(n)] for n in ('frame1', 'frame2', 'frame3', 'frame10')]
+    with torch.no_grad():
+        ref = quantise(test_net_files['net'](to_lq(ordered))[0])
+    for k, n in enumerate(('frame1', 'frame2', 'frame3', 'frame10')):
+        got = cv2.cvtColor(cv2.imread(str(tmp_path / 'out' / f'{n}.png')), cv2.COLOR_BGR2RGB)
+        np.testing.assert_array_equal(got, ref[k])
+    code, err = run_cli(capsys, str(src), '-o', str(tmp_path / 'out.mp4'), '--fps', '30', *common)
+    assert code == 0, err
+    video, rate, audio, _ = read_video(tmp_path / 'out.mp4')
+    assert len(video) == 4 and video[0].shape == (144, 152, 3) and rate == 30 and audio is None
+
+
+def test_api_upscale_video(tmp_path, test_net_files):
+    src = write_folder(tmp_path / 'in', make_frames(3, 36, 36))
+    stats = upscale_video(str(src), str(tmp_path / 'out'), test_net_files['net'], chunk=2, overlap=1, tile=0,
+                          device='cpu', progress=False)
+    assert (stats.frames, stats.in_size, stats.out_size) == (3, (36, 36), (144, 144))
+    assert stats.peak_host_bytes > 0 and stats.peak_device_bytes is None
+    assert len(read_folder(tmp_path / 'out')) == 3
+
+
+def test_existing_output_needs_force(tmp_path, capsys, test_net_files):
+    src = write_folder(tmp_path / 'in', make_frames(2, 36, 36))
+    out = tmp_path / 'out.mp4'
+    out.write_bytes(b'keep me')
+    args = [str(src), '-o', str(out), '--weights', test_net_files['weights'], '-opt', test_net_files['opt']]
+    code, err = run_cli(capsys, *args)
+    assert code == 2 and 'out.mp4: output exists (use --force' in err
+    assert out.read_bytes() == b'keep me'
+    code, err = run_cli(capsys, *args, '--force')
+    assert code == 0, err
+    assert len(read_video(out)[0]) == 2
+    # A folder output is replaced only if it holds nothing but images.
+    folder = tmp_path / 'frames'
+    (folder / 'sub').mkdir(parents=True)
+    code, err = run_cli(capsys, str(src), '-o', str(folder), '--force', *args[3:])
+    assert code == 2 and 'refusing to overwrite' in err and (folder / 'sub').is_dir()
+    (folder / 'sub').rmdir()
+    write_folder(folder, make_frames(5, 8, 8))
+    code, err = run_cli(capsys, str(src), '-o', str(folder), '--force', *args[3:])
+    assert code == 0, err
+    assert len(os.listdir(folder)) == 2
+    assert entries(tmp_path) == {'in', 'out.mp4', 'frames'}
+
+
+def bad_inputs(tmp: Path):
+    """name -> (input path, output name, expected message fragment)."""
+    cases = {}
+    cases['missing'] = (tmp / 'nope.mp4', 'o.mp4', 'nope.mp4: no such file')
+    (tmp / 'garbage.mp4').write_bytes(os.urandom(3000))
+    cases['not a video'] = (tmp / 'garbage.mp4', 'o.mp4', 'garbage.mp4: cannot open as a video')
+    good = write_video(tmp / 'good.mp4', make_frames(12, 36, 40), faststart=True).read_bytes()
+    (tmp / 'cut.mp4').write_bytes(good[:len(good) * 6 // 10])
+    cases['truncated'] = (tmp / 'cut.mp4', 'o.mp4', 'cut.mp4: decoded only')
+    write_video(tmp / 'one.mp4', make_frames(1, 36, 40))
+    cases['one frame video'] = (tmp / 'one.mp4', 'o.mp4', 'at least 2')
+    write_folder(tmp / 'single', make_frames(1, 36, 36))
+    cases['one frame folder'] = (tmp / 'single', 'o', 'at least 2')
+    (tmp / 'empty').mkdir()
+    cases['empty folder'] = (tmp / 'empty', 'o', 'empty: folder contains no image files')
+    write_folder(tmp / 'mixed', make_frames(2, 36, 36))
+    write_folder(tmp / 'mixed', make_frames(1, 36, 40), names=['00002'])
+    cases['mixed sizes'] = (tmp / 'mixed', 'o', '00002.png: image is 36x40 but')
+    write_folder(tmp / 'badimg', make_frames(2, 36, 36))
+    (tmp / 'badimg' / '00002.png').write_bytes(b'not a png')
+    cases['corrupt image'] = (tmp / 'badimg', 'o.mp4', '00002.png: cannot read image')
+    cases['unknown output type'] = (tmp / 'good.mp4', 'o.gif', "o.gif: unknown output type '.gif'")
+    cases['output is input'] = (tmp / 'good.mp4', 'good.mp4', 'good.mp4: output is the same as the input')
+    return cases
+
+
+def test_cli_bad_inputs(tmp_path, capsys, test_net_files):
+    for name, (src, out_name, message) in bad_inputs(tmp_path).items():
+        before = entries(tmp_path)
+        code, err = run_cli(capsys, str(src), '-o', str(tmp_path / out_name), '--weights',
+                            test_net_files['weights'], '-opt', test_net_files['opt'], '--chunk', '2', '--overlap', '0')
+        assert code == 2, (name, err)
+        assert message in err, (name, err)
+        assert len(err.strip().splitlines()) == 1, (name, err)
+        assert entries(tmp_path) == before, name
+
+
+def test_failure_midway_leaves_no_output(tmp_path, capsys, test_net_files):
+    """A frame that fails to decode after frames were already written: no output and no temporary left."""
+    src = write_folder(tmp_path / 'in', make_frames(8, 36, 36))
+    good = (src / '00006.png').read_bytes()
+    (src / '00006.png').write_bytes(good[:len(good) // 2])  # header intact, data cut
+    for out in ('out.mp4', 'out'):
+        code, err = run_cli(capsys, str(src), '-o', str(tmp_path / out), '--weights', test_net_files['weights'],
+                            '-opt', test_net_files['opt'], '--chunk', '2', '--overlap', '0', '--tile', '0')
+        assert code == 2 and '00006.png: cannot decode image' in err, err
+        assert entries(tmp_path) == {'in'}
+
+
+def test_cli_bad_arguments_and_checkpoints(tmp_path, capsys, test_net_files, tiny_gsm):
+    src = write_folder(tmp_path / 'in', make_frames(2, 36, 36))
+    out = str(tmp_path / 'out')
+    torch.save({'params': test_net_files['net'].state_dict()}, tmp_path / 'other.pth')
+    sd = dict(tiny_gsm['net'].state_dict())
+    sd.pop('conv_first.weight')
+    sd['extra.weight'] = torch.zeros(1)
+    torch.save({'params': sd}, tmp_path / 'broken.pth')
+    (tmp_path / 'corrupt.pth').write_bytes(b'\x00' * 100)
+    (tmp_path / 'bad.yml').write_text('network_g: [unclosed')
+    cases = [
+        (['--weights', str(tmp_path / 'other.pth'), '-opt', tiny_gsm['opt']], 'other.pth: checkpoint does not fit'),
+        (['--weights', str(tmp_path / 'broken.pth'), '-opt', tiny_gsm['opt']], 'conv_first.weight'),
+        (['--weights', str(tmp_path / 'broken.pth'), '-opt', tiny_gsm['opt']], 'extra.weight'),
+        (['--weights', str(tmp_path / 'corrupt.pth'), '-opt', tiny_gsm['opt']], 'corrupt.pth: '),
+        (['--weights', str(tmp_path / 'none.pth'), '-opt', tiny_gsm['opt']], 'none.pth: no such checkpoint'),
+        (['-opt', tiny_gsm['opt']], 'no weights'),
+        (['--weights', tiny_gsm['weights'], '-opt', str(tmp_path / 'bad.yml')], 'bad.yml: invalid YAML'),
+        (['--weights', tiny_gsm['weights'], '-opt', tiny_gsm['opt'], '--chunk', '1'], '--chunk 1'),
+        (['--weights', tiny_gsm['weights'], '-opt', tiny_gsm['opt'], '--overlap', '40'], '--overlap 40'),
+        (['--weights', tiny_gsm['weights'], '-opt', tiny_gsm['opt'], '--tile-overlap', '300'], '--tile-overlap'),
+        (['--weights', tiny_gsm['weights'], '-opt', tiny_gsm['opt'], '--device', 'cuda:7'], 'cuda:7'),
+    ]
+    for argv, message in cases:
+        code, err = run_cli(capsys, str(src), '-o', out, *argv)
+        assert code == 2 and message in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1, (argv, err)
+        assert entries(tmp_path) == {'in', 'other.pth', 'broken.pth', 'corrupt.pth', 'bad.yml'}
+
+
+def test_load_network_prefers_ema(tiny_gsm):
+    net = load_network(tiny_gsm['weights'], tiny_gsm['opt'])
+    ref = tiny_gsm['net'].state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in net.state_dict().items())
+
+
+# ----------------------------------------------------------------------------------------------- tiny GSMNet
+def test_gsmnet_mp4_to_png_equals_direct_forward(tmp_path, capsys, tiny_gsm, gsm_clip):
+    """One chunk and one tile (the defaults cover 3 frames of 34x34): output == direct forward, 8-bit."""
+    code, err = run_cli(capsys, str(gsm_clip['path']), '-o', str(tmp_path / 'out'), '--weights',
+                        tiny_gsm['weights'], '-opt', tiny_gsm['opt'], '--device', 'cpu')
+    assert code == 0, err
+    got = np.stack(read_folder(tmp_path / 'out'))
+    assert got.shape == (3, 136, 136, 3)
+    np.testing.assert_array_equal(got, quantise(gsm_clip['direct']))
+
+
+def test_gsmnet_chunked_stays_close(tiny_gsm, gsm_clip):
+    out = np.stack(list(upscale_frames(gsm_clip['frames'], tiny_gsm['net'], chunk=2, overlap=1, tile=0)))
+    diff = np.abs(out.astype(int) - quantise(gsm_clip['direct']).astype(int))
+    # Measured: mean 0.21, max 2 (the random residual itself is about 7 levels from bilinear).
+    assert diff.mean() < 1.0 and diff.max() <= 8, (diff.mean(), diff.max())
