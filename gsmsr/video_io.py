@@ -16,9 +16,13 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterator, Optional, Tuple
 
-import av
 import cv2
 import numpy as np
+
+try:  # PyAV is needed for video files only; folders of frames work without it
+    import av
+except ImportError:  # pragma: no cover - exercised on machines without PyAV
+    av = None
 
 __all__ = ['InputError', 'FrameTag', 'SourceInfo', 'open_source', 'output_kind', 'check_output',
            'VideoSink', 'FolderSink', 'open_sink', 'IMAGE_EXTENSIONS', 'VIDEO_EXTENSIONS']
@@ -150,6 +154,11 @@ class FolderSource:
         pass
 
 
+def _require_av(path: str) -> None:
+    if av is None:
+        raise InputError(f'{path}: video files need PyAV (pip install av); folders of frames work without it')
+
+
 def open_source(path: str):
     """A :class:`VideoSource` for a file, a :class:`FolderSource` for a directory (``.info``, iterable)."""
     if not os.path.exists(path):
@@ -158,6 +167,7 @@ def open_source(path: str):
         return FolderSource(path)
     if not os.access(path, os.R_OK):
         raise InputError(f'{path}: not readable (permission denied)')
+    _require_av(path)
     return VideoSource(path)
 
 
@@ -340,5 +350,6 @@ def open_sink(path: str, width: int, height: int, rate: Optional[Fraction] = Non
               audio_from: Optional[str] = None):
     """A :class:`VideoSink` or :class:`FolderSink` for ``path`` (kind by extension, see :func:`output_kind`)."""
     if output_kind(path) == 'video':
+        _require_av(path)
         return VideoSink(path, width, height, rate or DEFAULT_FOLDER_FPS, audio_from)
     return FolderSink(path)
