@@ -84,16 +84,18 @@ class BiMamba(nn.Module):
     def _branch(self, x: Tensor, gate: Tensor, conv: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear,
                 a_log: Tensor, d: Tensor) -> Tensor:
         """x, gate: (B, Di, L) -> (B, Di, L)."""
+        # projections in the channels-first layout: every scan operand has unit stride along L, no copies
         u = causal_conv_silu(x, conv.weight, conv.bias)
-        dbl = x_proj(u.transpose(1, 2))                                  # (B, L, R + 2N)
-        delta, b, c = dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (delta @ dt_proj.weight.t()).transpose(1, 2)              # dt bias goes into the scan
+        dbl = torch.matmul(x_proj.weight, u)                             # (B, R + 2N, L)
+        delta, b, c = dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
+        delta = torch.matmul(dt_proj.weight, delta)                      # (B, Di, L); dt bias goes into the scan
         A = -torch.exp(_at_least_fp32(a_log))
-        return selective_scan(u, delta, A, b.transpose(1, 2), c.transpose(1, 2), _at_least_fp32(d), gate,
-                              _at_least_fp32(dt_proj.bias), delta_softplus=True, backend=self.scan_backend)
+        return selective_scan(u, delta, A, b, c, _at_least_fp32(d), gate, _at_least_fp32(dt_proj.bias),
+                              delta_softplus=True, backend=self.scan_backend)
 
     def forward(self, z: Tensor, directions: int = 2) -> Tensor:
-        xz = self.in_proj(z).transpose(1, 2)                             # (B, 2Di, L)
+        """z: (B, L, C) -> (B, L, C)."""
+        xz = torch.matmul(self.in_proj.weight, z.transpose(1, 2))        # (B, 2Di, L), contiguous along L
         x, gate = xz.chunk(2, dim=1)
         y = self._branch(x, gate, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
         if directions == 2:

@@ -54,11 +54,10 @@ def sampling_geometry(flow: Tensor, height: int, width: int, dtype: torch.dtype)
     pos = grid + flow.to(dtype).permute(0, 2, 3, 1).flip(-1)                         # (B, H, W, 2)
     base = torch.floor(pos)
     offset = (pos - base).reshape(b, -1, 2)
-    base = base.long().reshape(b, -1, 1, 2)
-    nb = base + torch.tensor(NEIGHBOURS, device=flow.device)                         # (B, HW, 4, 2)
-    r = nb[..., 0].clamp(0, height - 1)
-    c = nb[..., 1].clamp(0, width - 1)
-    return r * width + c, offset
+    base = base.long().reshape(b, -1, 2)
+    r = torch.cat([base[..., :1], base[..., :1], base[..., :1] + 1, base[..., :1] + 1], dim=-1)  # NEIGHBOURS order
+    c = torch.cat([base[..., 1:], base[..., 1:] + 1, base[..., 1:], base[..., 1:] + 1], dim=-1)
+    return r.clamp_(0, height - 1) * width + c.clamp_(0, width - 1), offset
 
 
 class ImplicitWarp(nn.Module):

@@ -42,9 +42,9 @@ def window_merge(windows: Tensor, ws: Size3, b: int, d: int, h: int, w: int) -> 
     return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, d, h, w, -1)
 
 
-@lru_cache(maxsize=32)
-def _shift_mask_cpu(padded: Size3, ws: Size3, ss: Size3) -> Tensor:
-    label = torch.zeros(1, *padded, 1)
+@lru_cache(maxsize=4)
+def _shift_mask(padded: Size3, ws: Size3, ss: Size3, device: torch.device, dtype: torch.dtype) -> Tensor:
+    label = torch.zeros(1, *padded, 1, device=device)
     regions = [(slice(0, n - w), slice(n - w, n - s), slice(n - s, n)) if s > 0 else (slice(0, n),)
                for n, w, s in zip(padded, ws, ss)]
     count = 0
@@ -55,12 +55,14 @@ def _shift_mask_cpu(padded: Size3, ws: Size3, ss: Size3) -> Tensor:
                 count += 1
     lw = window_partition(label, ws).squeeze(-1)                      # (nW, n)
     diff = lw.unsqueeze(1) - lw.unsqueeze(2)
-    return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)       # (nW, n, n)
+    return torch.zeros_like(diff, dtype=dtype).masked_fill(diff != 0, -100.0)   # (nW, n, n)
 
 
-def shift_mask(padded: Size3, ws: Size3, ss: Size3, device: torch.device) -> Tensor:
-    """(nW, n, n) additive mask separating regions that the cyclic shift brought together."""
-    return _shift_mask_cpu(tuple(padded), tuple(ws), tuple(ss)).to(device)
+def shift_mask(padded: Size3, ws: Size3, ss: Size3, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(nW, n, n) additive mask separating regions that the cyclic shift brought together.
+
+    Cached per (size, device, dtype): built once, not copied to the device at every call."""
+    return _shift_mask(tuple(padded), tuple(ws), tuple(ss), torch.device(device), dtype)
 
 
 def relative_position_index(window: Size3 = WINDOW) -> Tensor:
@@ -179,7 +181,7 @@ class SWSAGroup(nn.Module):
         _, _, d, h, w = x.shape
         ws, ss = effective_window((d, h, w), WINDOW, SHIFT)
         padded = tuple(-(-n // s) * s for n, s in zip((d, h, w), ws))
-        mask = shift_mask(padded, ws, ss, x.device).to(x.dtype)
+        mask = shift_mask(padded, ws, ss, x.device, x.dtype)
         t = x.permute(0, 2, 3, 4, 1)
         for blk in self.blocks:
             t = blk(t, mask)

@@ -48,6 +48,6 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         raise RuntimeError('selective_scan backend "kernel" needs CUDA tensors and mamba-ssm '
                            '(pip install "gsmsr[cuda]")')
     if use_kernel:
-        return kernel(u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
-                      D, None if z is None else z.contiguous(), delta_bias, delta_softplus)
+        # the kernel's wrapper copies only operands without unit stride along L
+        return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
