@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     'demo': ('gsmsr.demo', 'train and evaluate a small GSMNet on the bundled real sample clips'),
     'infer': ('gsmsr.inference', 'upscale a video file or a folder of frames (streaming, bounded memory)'),
     'make-lmdb': ('gsmsr.data.make_lmdb', 'build LMDBs for REDS or Vimeo-90K in BasicSR layout'),
+    'stress-flow': ('gsmsr.stress_flow', 'PSNR/SSIM of a checkpoint under perturbed optical flows (noise / dropout)'),
 }
 
 
