@@ -218,7 +218,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     vimeo = sub.add_parser('vimeo', help='Vimeo-90K septuplets -> vimeo90k_train_*.lmdb and meta-info files')
     vimeo.add_argument('--root', required=True,
                        help='folder holding vimeo_septuplet/ and vimeo_septuplet_matlabLRx4/')
-    vimeo.add_argument('--trainlist', help='official sep_trainlist.txt (default: ROOT/vimeo_septuplet/sep_trainlist.txt)')
+    vimeo.add_argument('--trainlist',
+                       help='official sep_trainlist.txt (default: ROOT/vimeo_septuplet/sep_trainlist.txt)')
     vimeo.add_argument('--testlist', help='official sep_testlist.txt (default: ROOT/vimeo_septuplet/sep_testlist.txt '
                                           'if it exists)')
     for p in (reds, vimeo):

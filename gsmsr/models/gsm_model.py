@@ -6,7 +6,8 @@ SpyNet, EMA, cosine schedule all come from BasicSR and the options):
 * ``train.fix_flow: N``: SpyNet gradients are zeroed after every backward while ``iter < N``. SpyNet keeps
   ``requires_grad`` (the DDP graph never changes) and, with zero gradients, Adam leaves it exactly unchanged.
   Unlike BasicSR's ``requires_grad`` switch at iteration 1, this also holds after resuming inside the window.
-* ``train.use_bf16``: forward under bf16 autocast (GSMNet keeps its geometry in fp32); the loss is fp32.
+* ``train.use_bf16``: forward under bf16 autocast (GSMNet keeps its geometry in fp32); the loss is fp32. On CPU
+  the step runs with oneDNN off (its bf16 Conv3d backward crashes there, see ``_train_step_context``).
 * ``train.grad_clip_norm``: optional global gradient-norm clipping.
 * A step whose loss (on any rank) or clipped gradient norm is not finite is skipped, with a warning in the log.
 
@@ -133,6 +134,7 @@ class GSMModel(VideoRecurrentModel):
             self.use_bf16 = bool(train_opt.get('use_bf16', False))
             self.grad_clip_norm = train_opt.get('grad_clip_norm')
             self.skipped_steps = 0
+            self._fix_flow_announced = False
 
     # -- devices -------------------------------------------------------------------------------------------
     def model_to_device(self, net: nn.Module) -> nn.Module:
@@ -170,8 +172,9 @@ class GSMModel(VideoRecurrentModel):
     def optimize_parameters(self, current_iter: int) -> None:
         logger = get_root_logger()
         fix_flow = self.fix_flow_iter
-        if fix_flow and current_iter == 1:
+        if fix_flow and current_iter < fix_flow and not self._fix_flow_announced:  # also after a resume
             logger.info(f'SpyNet gradients are zeroed until iteration {fix_flow} (fix_flow).')
+            self._fix_flow_announced = True
         elif fix_flow and current_iter == fix_flow:
             logger.info('fix_flow window over: SpyNet trains from this iteration on.')
 
