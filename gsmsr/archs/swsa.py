@@ -92,18 +92,34 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
+    # windows attended per step: bounds the (windows, heads, n, n) score tensor (about 0.5 GB at 8 heads, fp32)
+    max_windows = 1024
+
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        """x: (B*nW, n, C); mask: (nW, n, n) or None. Returns (B*nW, n, C)."""
+        """x: (B*nW, n, C); mask: (nW, n, n) or None. Returns (B*nW, n, C).
+
+        Windows are independent, so they are processed in slices of ``max_windows`` (same values, bounded
+        memory)."""
+        bw = x.shape[0]
+        if mask is not None:  # window i of the batch uses mask[i % nW]
+            mask = mask.repeat(bw // mask.shape[0], 1, 1) if bw > mask.shape[0] else mask
+        if bw <= self.max_windows:
+            return self._attend(x, mask)
+        parts = [self._attend(x[s:s + self.max_windows], None if mask is None else mask[s:s + self.max_windows])
+                 for s in range(0, bw, self.max_windows)]
+        return torch.cat(parts, dim=0)
+
+    def _attend(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """x: (w, n, C); mask: (w, n, n) per window, or None."""
         bw, n, c = x.shape
         q, k, v = self.qkv_self(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        attn = (q * self.scale) @ k.transpose(-2, -1)                    # (B*nW, h, n, n)
+        attn = (q * self.scale) @ k.transpose(-2, -1)                    # (w, h, n, n)
         # smaller-than-nominal windows use the top-left slice of the nominal index (official behaviour)
         idx = self.relative_position_index[:n, :n].reshape(-1)
         bias = self.relative_position_bias_table[idx].view(n, n, -1).permute(2, 0, 1)
         attn = attn + bias.unsqueeze(0)
         if mask is not None:
-            nw = mask.shape[0]
-            attn = (attn.view(bw // nw, nw, self.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(bw, -1, n, n)
+            attn = attn + mask.unsqueeze(1)
         attn = attn.softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(bw, n, c))
 
