@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gsmsr.tiling import accumulate_tiles, tile_weight_map
-from gsmsr.video_io import InputError, check_output, open_sink, open_source
+from gsmsr.utils import InputError, one_line, resolve_device
+from gsmsr.video_io import check_output, open_sink, open_source
 
 __all__ = ['DEFAULT_NETWORK', 'MIN_SIZE', 'InputError', 'InferenceStats', 'load_network', 'upscale_frames',
            'upscale_video', 'add_arguments', 'run']
@@ -102,11 +103,6 @@ def _read_options(opt: Union[str, dict, None]) -> dict:
     return loaded
 
 
-def _one_line(text: str, limit: int = 500) -> str:
-    text = ' '.join(part.strip() for part in str(text).splitlines() if part.strip())
-    return text if len(text) <= limit else text[:limit] + ' ...'
-
-
 def load_network(weights: Optional[str] = None, opt: Union[str, dict, None] = None,
                  device: Union[str, torch.device] = 'cpu') -> nn.Module:
     """Build the network and load a checkpoint strictly; returns it in eval mode on ``device``.
@@ -141,11 +137,11 @@ def load_network(weights: Optional[str] = None, opt: Union[str, dict, None] = No
     try:  # key=None: params_ema, then params, then a bare state dict
         state_dict = read_state_dict(weights, key=None)
     except (OSError, KeyError, ValueError) as e:
-        raise InputError(_one_line(e, 300)) from None
+        raise InputError(one_line(e, 300)) from None
     try:
         load_checkpoint(net, state_dict, key=None, strict=True)
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        raise InputError(f'{weights}: checkpoint does not fit network_g {arch}: {_one_line(e)}') from None
+        raise InputError(f'{weights}: checkpoint does not fit network_g {arch}: {one_line(e)}') from None
     return net.to(device).eval().requires_grad_(False)
 
 
@@ -284,20 +280,6 @@ def _check_settings(chunk: int, overlap: int, tile: int, tile_overlap: int, prec
         raise InputError(f'--precision {precision}: choose one of {", ".join(PRECISIONS)}')
 
 
-def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    if device is None:
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise InputError(f'--device {device}: not a valid device') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise InputError(f'--device {device}: CUDA is not available')
-    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
-        raise InputError(f'--device {device}: only {torch.cuda.device_count()} CUDA device(s)')
-    return device
-
-
 def upscale_video(input_path: str, output_path: str, net: nn.Module, *, scale: Optional[int] = None,
                   chunk: int = DEFAULT_CHUNK, overlap: int = DEFAULT_OVERLAP, tile: int = DEFAULT_TILE,
                   tile_overlap: int = DEFAULT_TILE_OVERLAP, precision: str = 'fp32',
@@ -313,7 +295,7 @@ def upscale_video(input_path: str, output_path: str, net: nn.Module, *, scale: O
     from tqdm import tqdm
 
     _check_settings(chunk, overlap, tile, tile_overlap, precision)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     check_output(output_path, input_path, force)
     source = open_source(input_path)
     sink = None
@@ -392,7 +374,7 @@ def run(args: argparse.Namespace) -> int:
         _check_settings(args.chunk, args.overlap, args.tile, args.tile_overlap, args.precision)
         if args.fps is not None and not args.fps > 0:
             raise InputError(f'--fps {args.fps}: must be positive')
-        device = _resolve_device(args.device)
+        device = resolve_device(args.device)
         # Cheap checks first, so that bad paths fail before the network is built.
         check_output(args.output, args.input, args.force)
         open_source(args.input).close()
@@ -412,7 +394,7 @@ def run(args: argparse.Namespace) -> int:
         return 130
     except Exception as e:
         traceback.print_exc()
-        print(f'{prog}: unexpected error: {_one_line(e, 300)}', file=sys.stderr)
+        print(f'{prog}: unexpected error: {one_line(e, 300)}', file=sys.stderr)
         return 1
     print(f'{prog}: {stats.summary()}', file=sys.stderr)
     return 0

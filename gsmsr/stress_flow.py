@@ -50,8 +50,9 @@ from torch import Tensor
 
 from gsmsr.archs import GSMNet
 from gsmsr.archs.gsmnet_arch import MIN_SIZE
-from gsmsr.inference import _one_line, _resolve_device, load_network
-from gsmsr.video_io import InputError
+from gsmsr.inference import load_network
+from gsmsr.utils import atomic_write_bytes, one_line, resolve_device
+from gsmsr.utils import InputError
 
 __all__ = ['FlowPerturbation', 'perturbed_flows', 'Condition', 'ClipFiles', 'find_clips', 'load_clip',
            'StressResult', 'stress_test', 'format_table', 'plot_curves', 'write_report', 'parse_levels',
@@ -387,19 +388,6 @@ def plot_curves(result: StressResult, panel: Tuple[int, int] = (440, 300)) -> np
     return img
 
 
-def _atomic_bytes(path: str, data: bytes) -> None:
-    from gsmsr.models.gsm_model import _atomic_write
-
-    def write(tmp: str) -> None:
-        with open(tmp, 'wb') as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # a report, not a secret: the temporary file is created 0600
-
-    _atomic_write(path, write)
-
-
 def write_report(result: StressResult, out_dir: str, title: str = '') -> Dict[str, str]:
     """Write the table, CSV and plot into ``out_dir`` (each atomically); returns kind -> path."""
     os.makedirs(out_dir, exist_ok=True)
@@ -407,9 +395,9 @@ def write_report(result: StressResult, out_dir: str, title: str = '') -> Dict[st
     if not ok:
         raise OSError('cannot encode the plot as PNG')
     paths = {kind: os.path.join(out_dir, name) for kind, name in REPORT_NAMES.items()}
-    _atomic_bytes(paths['plot'], png.tobytes())
-    _atomic_bytes(paths['csv'], format_csv(result).encode('utf-8'))
-    _atomic_bytes(paths['table'], format_table(result, title).encode('utf-8'))
+    atomic_write_bytes(paths['plot'], png.tobytes())
+    atomic_write_bytes(paths['csv'], format_csv(result).encode('utf-8'))
+    atomic_write_bytes(paths['table'], format_table(result, title).encode('utf-8'))
     return paths
 
 
@@ -478,7 +466,7 @@ def run(args: argparse.Namespace) -> int:
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise InputError(f'--out {args.out}: exists and is not a directory')
         clips = find_clips(args.gt, args.lq, args.max_frames)
-        device = _resolve_device(args.device)
+        device = resolve_device(args.device)
         net = load_network(args.weights, args.opt, device)
         if not isinstance(net, GSMNet):
             raise InputError(f'network_g type {type(net).__name__}: stress-flow needs GSMNet (flow_transform hook)')
@@ -496,7 +484,7 @@ def run(args: argparse.Namespace) -> int:
         return 130
     except Exception as e:
         traceback.print_exc()
-        print(f'{prog}: unexpected error: {_one_line(e, 300)}', file=sys.stderr)
+        print(f'{prog}: unexpected error: {one_line(e, 300)}', file=sys.stderr)
         return 1
     print(format_table(result, title), end='')
     print(f'{prog}: wrote {paths["table"]}, {paths["csv"]}, {paths["plot"]}', file=sys.stderr)

@@ -19,6 +19,8 @@ from typing import Iterator, Optional, Tuple
 import cv2
 import numpy as np
 
+from gsmsr.utils import InputError  # noqa: F401  (re-exported)
+
 try:  # PyAV is needed for video files only; folders of frames work without it
     import av
 except ImportError:  # pragma: no cover - exercised on machines without PyAV
@@ -35,9 +37,6 @@ ENCODER_OPTIONS = {'libx264': {'crf': '16', 'preset': 'medium'},  # visually los
                    'libvpx-vp9': {'crf': '20', 'b': '0'}}
 DEFAULT_FOLDER_FPS = Fraction(25)
 
-
-class InputError(Exception):
-    """Bad input or arguments (missing/corrupt file, mixed sizes, wrong checkpoint, ...): exit code 2."""
 
 
 @dataclass(frozen=True)

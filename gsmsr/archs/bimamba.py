@@ -7,7 +7,7 @@ outputs are summed, not averaged. Parameter names match the official checkpoint.
 from __future__ import annotations
 
 import math
-from typing import Optional
+
 
 import torch
 from torch import Tensor, nn

@@ -7,7 +7,7 @@ Module and parameter names reproduce the official state dict, so official checkp
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from basicsr.archs.spynet_arch import SpyNet

@@ -49,12 +49,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-
-from gsmsr import compat as _compat
-
-_compat.apply()  # basicsr needs it on current torchvision
-
-from basicsr.utils.matlab_functions import imresize  # noqa: E402
+from basicsr.utils.matlab_functions import imresize  # importing gsmsr first applied the BasicSR fixes
 
 # Bump when the recipe or layout changes: caches of another version are rebuilt.
 SAMPLES_VERSION = 1

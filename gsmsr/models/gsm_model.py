@@ -23,11 +23,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import time
 from collections import OrderedDict
 from os import path as osp
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -43,6 +42,7 @@ from torch import distributed as dist
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from gsmsr.archs import load_checkpoint
+from gsmsr.utils import atomic_write
 
 __all__ = ['GSMModel', 'is_flow_param', 'score_frames', 'average_over_clips', 'atomic_torch_save',
            'atomic_imwrite']
@@ -56,23 +56,8 @@ def is_flow_param(name: str) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # atomic writes
 # ----------------------------------------------------------------------------------------------------------
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` into a temporary file next to ``path``, then rename it over ``path``."""
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{osp.basename(path)}.', suffix='.partial')
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def atomic_torch_save(obj: Any, path: str) -> None:
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_imwrite(img: np.ndarray, path: str) -> None:
@@ -85,7 +70,7 @@ def atomic_imwrite(img: np.ndarray, path: str) -> None:
         with open(tmp, 'wb') as f:
             f.write(buf.tobytes())
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -369,7 +354,7 @@ class GSMModel(VideoRecurrentModel):
         }
         self._log_results(results, names, tb_logger)
         if not self.opt['is_train']:
-            _atomic_write(osp.join(self.opt['path']['results_root'], f'metrics_{dataset_name}.json'),
+            atomic_write(osp.join(self.opt['path']['results_root'], f'metrics_{dataset_name}.json'),
                           lambda tmp: _write_json(tmp, results))
         self.last_val_results = results
         return results

@@ -1,0 +1,67 @@
+"""Small helpers shared by the commands: atomic file writes, device choice, one-line error messages."""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable, Union
+
+import torch
+
+
+class InputError(Exception):
+    """Bad user input (file, shape, option): reported in one line, exit code 2."""
+
+
+def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``.
+
+    A crash leaves either the old file or none, never a partial one. The result gets the usual permissions
+    (0666 minus the umask), not mkstemp's 0600.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.partial')
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+    atomic_write(path, write)
+
+
+def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
+    atomic_write_bytes(path, text.encode('utf-8'))
+
+
+def one_line(text: object, limit: int = 500) -> str:
+    """An error message folded onto one line, cut at ``limit`` characters."""
+    text = ' '.join(part.strip() for part in str(text).splitlines() if part.strip())
+    return text if len(text) <= limit else text[:limit] + ' ...'
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """``None`` -> CUDA when available, else CPU; an unusable device is an :class:`InputError`."""
+    if device is None or device == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise InputError(f'--device {device}: not a valid device') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise InputError(f'--device {device}: CUDA is not available')
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        raise InputError(f'--device {device}: only {torch.cuda.device_count()} CUDA device(s)')
+    return device
