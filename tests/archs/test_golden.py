@@ -13,7 +13,9 @@ GOLDEN_DIR = Path(os.environ.get('GSMSR_GOLDEN_DIR', Path(__file__).resolve().pa
 MAIN = GOLDEN_DIR / 'gsm_small_public.pt'
 INTER = GOLDEN_DIR / 'gsm_small_public_intermediates.pt'
 
-pytestmark = pytest.mark.skipif(not MAIN.exists(), reason=f'golden data not found in {GOLDEN_DIR}')
+# Outside CI (e.g. an installed copy without the design data) the golden tests skip; in CI they must run.
+pytestmark = pytest.mark.skipif(not MAIN.exists() and not os.environ.get('CI'),
+                                reason=f'golden data not found in {GOLDEN_DIR} (set GSMSR_GOLDEN_DIR)')
 
 
 @pytest.fixture(scope='module')
