@@ -14,7 +14,13 @@ from torch import Tensor
 
 
 def warp(x: Tensor, flow: Tensor) -> Tensor:
-    """Backward warp: sample ``x`` (N, C, H, W) at ``p + flow(p)``, flow (N, 2, H, W); zeros outside."""
+    """Backward warp: sample ``x`` (N, C, H, W) at ``p + flow(p)``, flow (N, 2, H, W); zeros outside.
+
+    BasicSR's flow_warp builds its pixel grid in ``x``'s dtype; a bf16 grid cannot even hold column 257, so
+    half-precision features are warped in fp32 (the result is fp32).
+    """
+    if x.dtype.itemsize < 4:
+        x = x.float()
     return flow_warp(x, flow.permute(0, 2, 3, 1), interp_mode='bilinear', padding_mode='zeros', align_corners=True)
 
 

@@ -6,7 +6,7 @@ the un-warped window, followed by an MLP with a depthwise 3-D conv.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +15,9 @@ from torch.utils.checkpoint import checkpoint
 
 from gsmsr.archs.bimamba import BiMamba
 from gsmsr.archs.flow import warp
-from gsmsr.archs.implicit_warp import ImplicitWarp
+
+# (source, target, flow) -> source resampled onto target's grid: the shared ImplicitWarp or a plain flow warp
+Aligner = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 class DWConv3d(nn.Module):
@@ -69,7 +71,7 @@ class GSMBlock(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def gather(self, x: Tensor, flows: List[Optional[Tensor]], align: ImplicitWarp) -> Tensor:
+    def gather(self, x: Tensor, flows: List[Optional[Tensor]], align: Aligner) -> Tensor:
         """Align every slot of x (B, C, K, H, W) to the centre grid; the centre goes through the warp too."""
         centre = x[:, :, len(flows) // 2]
         slots = []
@@ -95,7 +97,7 @@ class GSMBlock(nn.Module):
         return m.view(b, h, w, k, c).permute(0, 4, 3, 1, 2)
 
     def forward(self, x: Tensor, gather_flows: List[Optional[Tensor]], scatter_flows: List[Optional[Tensor]],
-                align: ImplicitWarp) -> Tensor:
+                align: Aligner) -> Tensor:
         """x: (B, C, K, H, W) window; flows from :func:`gsmsr.archs.flow.gather_scatter_flows`."""
         b, c, k, h, w = x.shape
         m = self.mamba_mix(self.gather(x, gather_flows, align))

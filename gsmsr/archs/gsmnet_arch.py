@@ -190,14 +190,15 @@ class GSMNet(nn.Module):
             idx = [min(max(t - a + i, 0), t_len - 1) for i in range(k)]
             window = torch.stack([frames[i] for i in idx], dim=2)
             gather, scatter = flows[t]
-            out = block(window, gather, scatter, self._aligner(), )
+            out = block(window, gather, scatter, self._aligner())
             for i in range(k):
                 s = t - a + i
                 if 0 <= s < t_len and (self.scatter or i == a):
                     frames[s] = out[:, :, i]
         return torch.stack(frames, dim=2)
 
-    def _aligner(self):
+    def _aligner(self) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        """(source, target, flow) -> source aligned to target's grid: the shared implicit warp, or a flow warp."""
         if self.align == 'implicit':
             return self.implicit_align
         return lambda source, target, flow: warp(source, flow)

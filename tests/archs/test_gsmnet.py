@@ -190,3 +190,14 @@ def test_window_attention_slicing_is_exact():
         finally:
             WindowAttention.max_windows = 1024
     assert torch.equal(whole, sliced) or (whole - sliced).abs().max() < 1e-14
+
+
+def test_bf16_autocast_keeps_warp_geometry_exact():
+    """Under bf16 autocast the scatter warp must still address columns beyond 256 exactly (§11.13)."""
+    parity = (torch.arange(300) % 2).float().repeat(1, 1, 2, 1)     # (1, 1, 2, 300), exact in bf16
+    flow = torch.zeros(1, 2, 2, 300)
+    flow[:, 0] = 1.0                                                  # read one column to the right
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = warp(parity.to(torch.bfloat16), flow)
+    # a bf16 grid would land on even columns only past 256
+    assert (out[0, 0, 0, :299] - parity[0, 0, 0, 1:]).abs().max() < 1e-4
