@@ -72,22 +72,33 @@ class GSMBlock(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def gather(self, x: Tensor, flows: List[Optional[Tensor]], align: Aligner) -> Tensor:
-        """Align every slot of x (B, C, K, H, W) to the centre grid; the centre goes through the warp too."""
-        centre = x[:, :, len(flows) // 2]
-        slots = []
-        for i, phi in enumerate(flows):
-            phi = torch.zeros_like(centre[:, :2]) if phi is None else phi
-            if self.use_checkpoint and self.training and torch.is_grad_enabled():
-                slots.append(checkpoint(align, x[:, :, i], centre, phi, use_reentrant=False))
-            else:
-                slots.append(align(x[:, :, i], centre, phi))
-        return torch.stack(slots, dim=2)
+        """Align every slot of x (B, C, K, H, W) to the anchor's grid (the slot whose flow is None).
+
+        The anchor goes through the warp too, with zero flow (official behaviour). All K slots are one batched
+        call of the aligner.
+        """
+        b, c, k, h, w = x.shape
+        a = flows.index(None)
+        some_flow = next(f for f in flows if f is not None)
+        phi = torch.stack([torch.zeros_like(some_flow) if f is None else f for f in flows], dim=1)
+        source = x.transpose(1, 2).reshape(b * k, c, h, w)
+        target = x[:, :, a].unsqueeze(1).expand(b, k, c, h, w).reshape(b * k, c, h, w)
+        phi = phi.reshape(b * k, 2, h, w)
+        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+            out = checkpoint(align, source, target, phi, use_reentrant=False)
+        else:
+            out = align(source, target, phi)
+        return out.view(b, k, c, h, w).transpose(1, 2)
 
     @staticmethod
     def scatter(m: Tensor, flows: List[Optional[Tensor]]) -> Tensor:
-        """Warp each slot of m (B, C, K, H, W) back to its own grid; the centre is not warped."""
-        return torch.stack([m[:, :, i] if psi is None else warp(m[:, :, i], psi) for i, psi in enumerate(flows)],
-                           dim=2)
+        """Warp each slot of m (B, C, K, H, W) back to its own grid (one batched warp); the anchor is not warped."""
+        b, c, k, h, w = m.shape
+        idx = [i for i, f in enumerate(flows) if f is not None]
+        src = m[:, :, idx].transpose(1, 2).reshape(b * len(idx), c, h, w)
+        psi = torch.stack([flows[i] for i in idx], dim=1).reshape(b * len(idx), 2, h, w)
+        warped = warp(src, psi).view(b, len(idx), c, h, w).transpose(1, 2).to(m.dtype)
+        return m.index_copy(2, torch.tensor(idx, device=m.device), warped)
 
     def mamba_mix(self, g: Tensor) -> Tensor:
         """(B, C, K, H, W) -> same, tokens flattened time-first ((y, x, k) order) through LN + BiMamba."""

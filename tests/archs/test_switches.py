@@ -100,10 +100,14 @@ def test_scatter_true_writes_every_slot():
 def test_anchor_last_aligns_to_newest_frame():
     net = _net(anchor='last', prop_depth=1)
     calls = _record_windows(net)
+    targets = []
+    net.implicit_align.register_forward_hook(lambda m, inp, out: targets.append(inp[1]))
     with torch.no_grad():
         net(_clip(t=4))
-    for x, gather, _ in calls:
+    for (x, gather, _), target in zip(calls, targets):
         assert gather[-1] is None and all(g is not None for g in gather[:-1])
+        # every slot is aligned onto the newest frame's grid: the implicit warp's query is the last slot
+        assert all(torch.equal(target[i], x[0, :, -1]) for i in range(x.shape[2]))
     # window t holds frames t-2, t-1, t (edge-replicated): window 0 is frame 0 three times
     x0 = calls[0][0]
     assert torch.equal(x0[:, :, 0], x0[:, :, 2]) and torch.equal(x0[:, :, 1], x0[:, :, 2])
