@@ -33,7 +33,7 @@ import yaml
 from torch.nn import functional as F
 
 from gsmsr.data.samples import SCALE, SampleData, prepare_samples, read_frames
-from gsmsr.utils import InputError, atomic_write_text, one_line, resolve_device
+from gsmsr.utils import InputError, atomic_write_text, one_line, resolve_device, run_reporting_errors
 
 EXPERIMENT = 'gsmnet_demo'
 # Defaults measured on 2 CPU cores: about 1 s per training step, 6 minutes in all with the data preparation
@@ -72,15 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit codes: 0 done, 2 bad arguments or a checkpoint that does not fit, 130 interrupted."""
-    try:
-        return _run(args)
-    except InputError as e:
-        print(f'gsmsr demo: error: {e}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print('gsmsr demo: interrupted', file=sys.stderr)
-        return 130
+    """Exit codes: 0 done, 2 bad arguments or a checkpoint that does not fit, 130 interrupted, 1 unexpected."""
+    return run_reporting_errors('gsmsr demo', lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:

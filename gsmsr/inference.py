@@ -37,7 +37,6 @@ import os
 import resource
 import sys
 import time
-import traceback
 from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
@@ -49,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gsmsr.tiling import accumulate_tiles, tile_weight_map
-from gsmsr.utils import InputError, one_line, resolve_device
+from gsmsr.utils import InputError, one_line, resolve_device, run_reporting_errors
 from gsmsr.video_io import check_output, open_sink, open_source
 
 __all__ = ['DEFAULT_NETWORK', 'MIN_SIZE', 'InputError', 'InferenceStats', 'load_network', 'upscale_frames',
@@ -369,32 +368,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit codes: 0 done, 2 bad input or arguments, 1 unexpected failure (out of memory included)."""
-    prog = 'gsmsr infer'
+    return run_reporting_errors(PROG, lambda: _run(args), 'interrupted, no output written')
+
+
+PROG = 'gsmsr infer'
+
+
+def _run(args: argparse.Namespace) -> int:
+    _check_settings(args.chunk, args.overlap, args.tile, args.tile_overlap, args.precision)
+    if args.fps is not None and not args.fps > 0:
+        raise InputError(f'--fps {args.fps}: must be positive')
+    device = resolve_device(args.device)
+    # Cheap checks first, so that bad paths fail before the network is built.
+    check_output(args.output, args.input, args.force)
+    open_source(args.input).close()
+    net = load_network(args.weights, args.opt, device)
     try:
-        _check_settings(args.chunk, args.overlap, args.tile, args.tile_overlap, args.precision)
-        if args.fps is not None and not args.fps > 0:
-            raise InputError(f'--fps {args.fps}: must be positive')
-        device = resolve_device(args.device)
-        # Cheap checks first, so that bad paths fail before the network is built.
-        check_output(args.output, args.input, args.force)
-        open_source(args.input).close()
-        net = load_network(args.weights, args.opt, device)
         stats = upscale_video(args.input, args.output, net, chunk=args.chunk, overlap=args.overlap, tile=args.tile,
                               tile_overlap=args.tile_overlap, precision=args.precision, device=device,
                               force=args.force, fps=args.fps, progress=args.progress)
-    except InputError as e:
-        print(f'{prog}: error: {e}', file=sys.stderr)
-        return 2
     except torch.cuda.OutOfMemoryError:
-        print(f'{prog}: error: out of GPU memory; lower --chunk and/or --tile (now {args.chunk}, {args.tile})',
+        print(f'{PROG}: error: out of GPU memory; lower --chunk and/or --tile (now {args.chunk}, {args.tile})',
               file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f'{prog}: interrupted, no output written', file=sys.stderr)
-        return 130
-    except Exception as e:
-        traceback.print_exc()
-        print(f'{prog}: unexpected error: {one_line(e, 300)}', file=sys.stderr)
-        return 1
-    print(f'{prog}: {stats.summary()}', file=sys.stderr)
+    print(f'{PROG}: {stats.summary()}', file=sys.stderr)
     return 0

@@ -38,7 +38,6 @@ import contextlib
 import math
 import os
 import sys
-import traceback
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -51,7 +50,7 @@ from torch import Tensor
 from gsmsr.archs import GSMNet
 from gsmsr.archs.gsmnet_arch import MIN_SIZE
 from gsmsr.inference import load_network
-from gsmsr.utils import atomic_write_bytes, one_line, resolve_device
+from gsmsr.utils import atomic_write_bytes, resolve_device, run_reporting_errors
 from gsmsr.utils import InputError
 
 __all__ = ['FlowPerturbation', 'perturbed_flows', 'Condition', 'ClipFiles', 'find_clips', 'load_clip',
@@ -456,36 +455,29 @@ def _check_protocol(chunk: int, chunk_overlap: int, tile: int, tile_overlap: int
 
 def run(args: argparse.Namespace) -> int:
     """Exit codes: 0 done, 2 bad input or arguments, 1 unexpected failure."""
+    return run_reporting_errors('gsmsr stress-flow', lambda: _run(args), 'interrupted, no report written')
+
+
+def _run(args: argparse.Namespace) -> int:
     prog = 'gsmsr stress-flow'
-    try:
-        noise = parse_levels(args.noise, '--noise')
-        dropout = parse_levels(args.dropout, '--dropout', upper=1.0)
-        if not noise and not dropout:
-            raise InputError('--noise and --dropout are both empty: nothing to sweep')
-        _check_protocol(args.chunk, args.chunk_overlap, args.tile, args.tile_overlap, MIN_SIZE)
-        if os.path.exists(args.out) and not os.path.isdir(args.out):
-            raise InputError(f'--out {args.out}: exists and is not a directory')
-        clips = find_clips(args.gt, args.lq, args.max_frames)
-        device = resolve_device(args.device)
-        net = load_network(args.weights, args.opt, device)
-        if not isinstance(net, GSMNet):
-            raise InputError(f'network_g type {type(net).__name__}: stress-flow needs GSMNet (flow_transform hook)')
-        weights = args.weights or f'path.pretrain_network_g of {args.opt}'
-        result = stress_test(net, clips, noise, dropout, seed=args.seed, y_channel=args.y, chunk=args.chunk,
-                             chunk_overlap=args.chunk_overlap, tile=args.tile, tile_overlap=args.tile_overlap,
-                             device=device, log=lambda line: print(f'{prog}: {line}', file=sys.stderr))
-        title = f'Flow stress test of {weights}'
-        paths = write_report(result, args.out, title)
-    except InputError as e:
-        print(f'{prog}: error: {e}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f'{prog}: interrupted, no report written', file=sys.stderr)
-        return 130
-    except Exception as e:
-        traceback.print_exc()
-        print(f'{prog}: unexpected error: {one_line(e, 300)}', file=sys.stderr)
-        return 1
+    noise = parse_levels(args.noise, '--noise')
+    dropout = parse_levels(args.dropout, '--dropout', upper=1.0)
+    if not noise and not dropout:
+        raise InputError('--noise and --dropout are both empty: nothing to sweep')
+    _check_protocol(args.chunk, args.chunk_overlap, args.tile, args.tile_overlap, MIN_SIZE)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise InputError(f'--out {args.out}: exists and is not a directory')
+    clips = find_clips(args.gt, args.lq, args.max_frames)
+    device = resolve_device(args.device)
+    net = load_network(args.weights, args.opt, device)
+    if not isinstance(net, GSMNet):
+        raise InputError(f'network_g type {type(net).__name__}: stress-flow needs GSMNet (flow_transform hook)')
+    weights = args.weights or f'path.pretrain_network_g of {args.opt}'
+    result = stress_test(net, clips, noise, dropout, seed=args.seed, y_channel=args.y, chunk=args.chunk,
+                         chunk_overlap=args.chunk_overlap, tile=args.tile, tile_overlap=args.tile_overlap,
+                         device=device, log=lambda line: print(f'{prog}: {line}', file=sys.stderr))
+    title = f'Flow stress test of {weights}'
+    paths = write_report(result, args.out, title)
     print(format_table(result, title), end='')
     print(f'{prog}: wrote {paths["table"]}, {paths["csv"]}, {paths["plot"]}', file=sys.stderr)
     return 0

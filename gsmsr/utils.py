@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+import traceback
 from typing import Callable, Union
 
 import torch
@@ -65,3 +67,20 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
         raise InputError(f'--device {device}: only {torch.cuda.device_count()} CUDA device(s)')
     return device
+
+
+def run_reporting_errors(prog: str, body: Callable[[], int], interrupted: str = 'interrupted') -> int:
+    """Run a subcommand: bad input -> one line on stderr, exit 2; Ctrl-C -> exit 130; anything else -> the
+    traceback, a one-line summary, exit 1."""
+    try:
+        return body()
+    except InputError as e:
+        print(f'{prog}: error: {e}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f'{prog}: {interrupted}', file=sys.stderr)
+        return 130
+    except Exception as e:
+        traceback.print_exc()
+        print(f'{prog}: unexpected error: {one_line(e, 300)}', file=sys.stderr)
+        return 1
