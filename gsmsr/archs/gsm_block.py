@@ -97,8 +97,9 @@ class GSMBlock(nn.Module):
         idx = [i for i, f in enumerate(flows) if f is not None]
         src = m[:, :, idx].transpose(1, 2).reshape(b * len(idx), c, h, w)
         psi = torch.stack([flows[i] for i in idx], dim=1).reshape(b * len(idx), 2, h, w)
-        warped = warp(src, psi).view(b, len(idx), c, h, w).transpose(1, 2).to(m.dtype)
-        return m.index_copy(2, torch.tensor(idx, device=m.device), warped)
+        warped = iter(warp(src, psi).view(b, len(idx), c, h, w).to(m.dtype).unbind(1))
+        # stack, not index_copy: an index tensor would mean a host-to-device copy per window
+        return torch.stack([m[:, :, i] if f is None else next(warped) for i, f in enumerate(flows)], dim=2)
 
     def mamba_mix(self, g: Tensor) -> Tensor:
         """(B, C, K, H, W) -> same, tokens flattened time-first ((y, x, k) order) through LN + BiMamba."""
