@@ -12,6 +12,7 @@ from typing import Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 PE_TEMPERATURE = 0.01
 NEIGHBOURS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (row, col) offsets
@@ -79,15 +80,18 @@ class ImplicitWarp(nn.Module):
         b, c, h, w = source.shape
         # geometry never below fp32: a bf16 grid cannot even address pixel 257
         index, offset = sampling_geometry(flow, h, w, torch.promote_types(source.dtype, torch.float32))
+        # k(src_j + P_j) = (W_k src)_j + (W_k P_j + b_k): project every source pixel once, then gather its four
+        # neighbours, instead of projecting each pixel four times (ARCHITECTURE.md §10.3; equal up to rounding)
         src = source.flatten(2).transpose(1, 2)                                          # (B, HW, C)
-        nb = torch.gather(src, 1, index.view(b, -1, 1).expand(-1, -1, c)).view(b, h * w, 4, c)
-        kv_in = nb + self.position_bias
+        kv_src = F.linear(src, torch.cat([self.k.weight, self.v.weight]))               # (B, HW, 2C)
+        kv_pe = torch.cat([self.k(self.position_bias), self.v(self.position_bias)], dim=-1)   # (1, 4, 2C)
+        kv = torch.gather(kv_src, 1, index.view(b, -1, 1).expand(-1, -1, 2 * c)).view(b, h * w, 4, 2 * c)
+        kv = kv + kv_pe.to(kv.dtype)
         scaled = offset / (2 + 1e-6) * (2 * math.pi)
         q_in = target.flatten(2).transpose(1, 2) + sine_encoding(scaled[..., 0], scaled[..., 1], c).to(target.dtype)
         hd = c // self.num_heads
         q = self.q(q_in).view(b, h * w, 1, self.num_heads, hd)
-        k = self.k(kv_in).view(b, h * w, 4, self.num_heads, hd)
-        v = self.v(kv_in).view(b, h * w, 4, self.num_heads, hd)
+        k, v = kv.view(b, h * w, 4, 2, self.num_heads, hd).unbind(3)
         attn = ((q * self.scale) * k).sum(-1).softmax(dim=2)                            # (B, HW, 4, heads)
         out = (attn.unsqueeze(-1) * v).sum(2)                                            # (B, HW, heads, hd)
         return out.reshape(b, h * w, c).transpose(1, 2).reshape(b, c, h, w)
