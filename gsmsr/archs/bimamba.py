@@ -7,6 +7,8 @@ outputs are summed, not averaged. Parameter names match the official checkpoint.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
+from typing import Callable, Optional
 
 
 import torch
@@ -20,7 +22,9 @@ D_CONV = 4
 EXPAND = 2
 
 
-def _causal_conv1d_fn():
+@lru_cache(maxsize=None)
+def _causal_conv1d_fn() -> Optional[Callable]:
+    """causal-conv1d's CUDA kernel if installed (``pip install gsmsr[cuda]``), else None."""
     try:
         from causal_conv1d import causal_conv1d_fn
         return causal_conv1d_fn
@@ -28,17 +32,11 @@ def _causal_conv1d_fn():
         return None
 
 
-_CAUSAL_CONV = None
-_CAUSAL_CONV_CHECKED = False
-
-
 def causal_conv_silu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """Depthwise causal conv (left zero padding) followed by SiLU. x: (B, D, L); weight: (D, 1, k)."""
-    global _CAUSAL_CONV, _CAUSAL_CONV_CHECKED
-    if not _CAUSAL_CONV_CHECKED:
-        _CAUSAL_CONV, _CAUSAL_CONV_CHECKED = _causal_conv1d_fn(), True
-    if _CAUSAL_CONV is not None and x.is_cuda and x.dtype != torch.float64:
-        return _CAUSAL_CONV(x.contiguous(), weight.squeeze(1), bias, activation='silu')
+    kernel = _causal_conv1d_fn() if x.is_cuda and x.dtype != torch.float64 else None
+    if kernel is not None:
+        return kernel(x.contiguous(), weight.squeeze(1), bias, activation='silu')
     k = weight.shape[-1]
     return F.silu(F.conv1d(x, weight, bias, padding=k - 1, groups=x.shape[1])[..., :x.shape[-1]])
 

@@ -36,12 +36,12 @@ def load_spynet_weights(spynet: SpyNet, path: str) -> None:
         if isinstance(ckpt, dict) and key in ckpt:
             ckpt = ckpt[key]
             break
-    weights = {k: v for k, v in ckpt.items() if k not in ('mean', 'std')}
+    weights = {k: v for k, v in ckpt.items() if k not in ('mean', 'std')}  # buffers, recomputed
+    unexpected = [k for k in weights if not k.startswith('basic_module.')]
+    if unexpected:
+        raise ValueError(f'{path}: not a SpyNet checkpoint: unexpected keys {", ".join(unexpected[:10])}')
     try:
-        spynet.basic_module.load_state_dict({k[len('basic_module.'):]: v for k, v in weights.items()
-                                             if k.startswith('basic_module.')}, strict=True)
-        if any(not k.startswith('basic_module.') for k in weights):
-            raise RuntimeError('unexpected keys ' + ', '.join(k for k in weights if not k.startswith('basic_module.')))
+        spynet.basic_module.load_state_dict({k[len('basic_module.'):]: v for k, v in weights.items()}, strict=True)
     except RuntimeError as err:
         raise ValueError(f'{path}: not a SpyNet checkpoint: {err}') from err
 

@@ -114,19 +114,28 @@ def test_gradients_match_finite_differences():
 
 
 def test_odd_prop_depth_returns_natural_time_order():
-    """Official layers reverse time at every output; with odd P we restore natural order on purpose."""
+    """Official layers reverse time at every output; with odd P we restore natural order on purpose.
+
+    Reference: one layer composed by hand in natural time (stage residual, then the reconstruction), which is
+    what the official network computes before its final, unwanted flip.
+    """
     torch.manual_seed(0)
     net = _perturbed(GSMNet(**{**TINY, 'prop_depth': 1})).double().eval()
     lq = _clip(t=3)
     with torch.no_grad():
         out = net(lq)
-        rev = net(lq.flip(1))
-    # frame 0 of the output must be closest to frame 0's bilinear skip, not frame 2's
-    skip = torch.nn.functional.interpolate(lq[0], scale_factor=4, mode='bilinear', align_corners=False)
-    err_same = (out[0, 0] - skip[0]).abs().mean()
-    err_swapped = (out[0, 0] - skip[2]).abs().mean()
-    assert err_same < err_swapped
-    assert out.shape == rev.shape
+        fb, ff = net.get_flows(lq)
+        x0 = net.conv_first(lq.transpose(1, 2))
+        stage = net.prop_layers[0].stage
+        x = x0 + net.sweep(stage.mamba_block, stage.attn_blocks(x0), net.window_flows(fb, ff))
+        x = x0 + net.conv_after_body(net.norm(x.permute(0, 2, 3, 4, 1))).permute(0, 4, 1, 2, 3)
+        x = net.conv_last(net.upsample(net.conv_before_upsample(x))).transpose(1, 2)
+        b, t, c, h, w = lq.shape
+        skip = torch.nn.functional.interpolate(lq.reshape(b * t, c, h, w), scale_factor=4, mode='bilinear',
+                                               align_corners=False).view_as(x)
+        ref = x + skip
+    assert torch.equal(out, ref)
+    assert not torch.allclose(out, ref.flip(1))   # the time-reversed (official) order would differ
 
 
 def test_loader_strict_errors_and_prefixes(tmp_path, tiny_net):
@@ -201,3 +210,18 @@ def test_bf16_autocast_keeps_warp_geometry_exact():
         out = warp(parity.to(torch.bfloat16), flow)
     # a bf16 grid would land on even columns only past 256
     assert (out[0, 0, 0, :299] - parity[0, 0, 0, 1:]).abs().max() < 1e-4
+
+
+def test_spynet_path_loads_basicsr_spynet_strictly(tmp_path):
+    from basicsr.archs.spynet_arch import SpyNet
+    ref = SpyNet()
+    path = tmp_path / 'spynet.pth'
+    torch.save({'params': {k: v for k, v in ref.state_dict().items() if k not in ('mean', 'std')}}, path)
+    net = GSMNet(**TINY, spynet_path=str(path))
+    assert all(torch.equal(a, b) for a, b in zip(net.spynet.parameters(), ref.parameters()))
+    torch.save({'params': {'foo': torch.zeros(1)}}, path)
+    with pytest.raises(ValueError, match='not a SpyNet checkpoint: unexpected keys foo'):
+        GSMNet(**TINY, spynet_path=str(path))
+    torch.save({'params': {'basic_module.0.basic_module.0.weight': torch.zeros(1)}}, path)
+    with pytest.raises(ValueError, match='spynet.pth: not a SpyNet checkpoint'):
+        GSMNet(**TINY, spynet_path=str(path))
