@@ -73,7 +73,7 @@ class VideoSource:
             raise InputError(f'{path}: cannot open as a video ({e})') from None
         if not self.container.streams.video:
             self.container.close()
-            raise InputError(f'{path}: contains no video stream')
+            raise InputError(f'{path}: cannot open as a video (it contains no video stream)')
         stream = self.container.streams.video[0]
         stream.thread_type = 'AUTO'
         ctx = stream.codec_context
