@@ -7,7 +7,7 @@ Module and parameter names reproduce the official state dict, so official checkp
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from basicsr.archs.spynet_arch import SpyNet
@@ -91,6 +91,9 @@ class GSMNet(nn.Module):
         alternate_direction: alternate forward/backward sweeps between layers (True) or all forward.
         mamba_directions: 2 (bidirectional, official) or 1 (forward scan only).
         scan_backend: 'auto' | 'kernel' | 'ref' selective-scan implementation.
+    Speed/memory switch (same values, see :meth:`stream_layer`):
+        streaming_eval: without autograd, run each layer as a stream over time that holds one copy of the
+            features plus a few frames, instead of several whole-clip copies, so memory hardly grows with T.
 
     Shapes: forward(lq (B, T, in_chans, H, W)) -> (B, T, out_chans, s*H, s*W), not clamped.
     Requires T >= 2 and H, W >= 33.
@@ -102,7 +105,7 @@ class GSMNet(nn.Module):
                  use_checkpoint_ffn: bool = False, drop_path_rate: float = 0.2, norm_layer=None,
                  is_train: bool = True, anchor: str = 'center', scatter: bool = True, align: str = 'implicit',
                  flow_compose: str = 'official', alternate_direction: bool = True, mamba_directions: int = 2,
-                 scan_backend: str = 'auto') -> None:
+                 scan_backend: str = 'auto', streaming_eval: bool = True) -> None:
         super().__init__()
         if embed_dims % num_heads or embed_dims % 4:
             raise ValueError(f'embed_dims ({embed_dims}) must be divisible by num_heads ({num_heads}) and by 4')
@@ -124,6 +127,7 @@ class GSMNet(nn.Module):
         self.align = align
         self.flow_compose = flow_compose
         self.alternate_direction = alternate_direction
+        self.streaming_eval = streaming_eval
         # Optional hook (flows_backward, flows_forward) -> (flows_backward, flows_forward), e.g. flow stress tests.
         self.flow_transform: Optional[Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]] = None
 
@@ -180,22 +184,73 @@ class GSMNet(nn.Module):
         return out
 
     # -- propagation ------------------------------------------------------------------------------------
+    def window_frames(self, t: int, t_len: int) -> Tuple[List[int], List[Tuple[int, int]]]:
+        """Window t: the frame read by each slot (clamped at the clip ends), and the (slot, frame) pairs written."""
+        k = 2 * self.pa_frame + 1
+        a = self.anchor_slot()
+        reads = [min(max(t - a + i, 0), t_len - 1) for i in range(k)]
+        writes = [(i, t - a + i) for i in range(k)
+                  if 0 <= t - a + i < t_len and (self.scatter or i == a)]
+        return reads, writes
+
     def sweep(self, block: GSMBlock, y: Tensor, flows: WindowFlows) -> Tensor:
         """Sequential sliding-window GSM sweep; each window reads the frames its predecessors wrote (§4.4)."""
         t_len = y.shape[2]
-        k = 2 * self.pa_frame + 1
-        a = self.anchor_slot()
         frames = list(y.unbind(2))
         for t in range(t_len):
-            idx = [min(max(t - a + i, 0), t_len - 1) for i in range(k)]
-            window = torch.stack([frames[i] for i in idx], dim=2)
-            gather, scatter = flows[t]
-            out = block(window, gather, scatter, self._aligner())
-            for i in range(k):
-                s = t - a + i
-                if 0 <= s < t_len and (self.scatter or i == a):
-                    frames[s] = out[:, :, i]
+            reads, writes = self.window_frames(t, t_len)
+            out = block(torch.stack([frames[i] for i in reads], dim=2), *flows[t], self._aligner())
+            for i, s in writes:
+                frames[s] = out[:, :, i]
         return torch.stack(frames, dim=2)
+
+    # frames per SWSA slab of the streaming schedule; larger slabs recompute fewer halo frames, smaller ones
+    # hold fewer frames (each slab frame costs about four feature copies while its SWSA group runs)
+    stream_slab = 8
+
+    def stream_layer(self, stage: Stage, x: Tensor, flows: WindowFlows, order: Sequence[int]) -> None:
+        """``x <- x + sweep(SWSA(x))`` in place, holding a few frames beyond ``x`` itself (no autograd).
+
+        x: (B, C, T, H, W); ``order[s]`` is where logical frame s of this layer is stored (the official network
+        flips time between layers; here the flip is only this relabelling). SWSA runs just ahead of the sweep,
+        on time slabs with a halo: each SWSA block moves information by at most one frame, so with a halo of
+        ``attn_depth`` frames (rounded up to even, so that windows align as in one pass) slab borders never
+        reach the kept frames. The only difference is the shifted window that wraps around the clip ends,
+        whose masked logits (-100) weigh ``exp(-100)``: the values agree up to rounding. A frame is added to
+        ``x`` once the sweep is done with it and no later slab reads its old value.
+        """
+        t_len = len(order)
+        k = 2 * self.pa_frame + 1
+        a = self.anchor_slot()
+        depth = len(stage.attn_blocks.blocks)
+        halo = depth + depth % 2
+        state: Dict[int, Tensor] = {}   # SWSA output, then sweep state, of the frames in flight
+        done: Dict[int, Tensor] = {}    # finished frames waiting to be added to x
+        ready = 0                       # SWSA output exists for logical frames < ready
+
+        def swsa_until(stop: int) -> None:
+            nonlocal ready
+            while ready < stop:
+                p, q = ready, min(ready + self.stream_slab, t_len)
+                lo, hi = max(0, p - halo), min(t_len, q + halo)
+                out = stage.attn_blocks(x[:, :, [order[s] for s in range(lo, hi)]])
+                for s in range(p, q):
+                    state[s] = out[:, :, s - lo].contiguous()   # a copy, so the slab is freed now
+                ready = q
+
+        for t in range(t_len):
+            swsa_until(min(t_len, t - a + k))
+            reads, writes = self.window_frames(t, t_len)
+            out = stage.mamba_block(torch.stack([state[i] for i in reads], dim=2), *flows[t], self._aligner())
+            for i, s in writes:
+                state[s] = out[:, :, i]
+            if t >= a:  # frame t - a is read and written by no later window
+                done[t - a] = state.pop(t - a)
+            read_from = t_len if ready == t_len else ready - halo   # first frame a later slab reads
+            for s in [s for s in done if s < read_from]:
+                x[:, :, order[s]] += done.pop(s)
+        for s, v in {**done, **state}.items():
+            x[:, :, order[s]] += v
 
     def _aligner(self) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
         """(source, target, flow) -> source aligned to target's grid: the shared implicit warp, or a flow warp."""
@@ -203,9 +258,20 @@ class GSMNet(nn.Module):
             return self.implicit_align
         return lambda source, target, flow: warp(source, flow)
 
+    def reconstruct(self, x: Tensor, x0: Tensor, lq: Tensor) -> Tensor:
+        """Features (B, C, T, H, W), shallow features x0, input lq (B, T, c, H, W) -> (B, T, out, sH, sW)."""
+        b, t, c, h, w = lq.shape
+        x = self.norm(x.permute(0, 2, 3, 4, 1))
+        x = x0 + self.conv_after_body(x).permute(0, 4, 1, 2, 3)
+        x = self.conv_last(self.upsample(self.conv_before_upsample(x)))   # (B, out, T, sH, sW)
+        skip = F.interpolate(lq.reshape(b * t, c, h, w), size=(h * self.upscale, w * self.upscale),
+                             mode='bilinear', align_corners=False)
+        return x.transpose(1, 2) + skip.view(b, t, c, h * self.upscale, w * self.upscale)
+
     def forward(self, lq: Tensor) -> Tensor:
         self.check_input(lq)
         b, t, c, h, w = lq.shape
+        streaming = self.streaming_eval and not torch.is_grad_enabled()
         fb, ff = self.get_flows(lq)
         x0 = self.conv_first(lq.transpose(1, 2))                        # (B, C, T, H, W)
         natural = self.window_flows(fb, ff)
@@ -220,15 +286,23 @@ class GSMNet(nn.Module):
             else:
                 flows = natural
             stage = layer.stage
-            x = x + self.sweep(stage.mamba_block, stage.attn_blocks(x), flows)
+            if streaming:  # x stays in natural order: the flip is a relabelling of the frames
+                self.stream_layer(stage, x, flows, range(t - 1, -1, -1) if reversed_time else range(t))
+            else:
+                x = x + self.sweep(stage.mamba_block, stage.attn_blocks(x), flows)
+                if self.alternate_direction:
+                    x = x.flip(2)
             if self.alternate_direction:
-                x = x.flip(2)
                 reversed_time = not reversed_time
-        if reversed_time:
-            x = x.flip(2)
-        x = self.norm(x.permute(0, 2, 3, 4, 1))
-        x = x0 + self.conv_after_body(x).permute(0, 4, 1, 2, 3)
-        x = self.conv_last(self.upsample(self.conv_before_upsample(x)))   # (B, out, T, sH, sW)
-        skip = F.interpolate(lq.reshape(b * t, c, h, w), size=(h * self.upscale, w * self.upscale),
-                             mode='bilinear', align_corners=False)
-        return x.transpose(1, 2) + skip.view(b, t, c, h * self.upscale, w * self.upscale)
+        if not streaming:
+            if reversed_time:
+                x = x.flip(2)
+            return self.reconstruct(x, x0, lq)
+        # x0 was updated in place: recompute it per chunk (a cheap conv); reconstruct a few frames at a time,
+        # since the x4 upsampler's 64-channel maps are ~20x larger than the features
+        out = lq.new_empty(b, t, self.out_chans, h * self.upscale, w * self.upscale)
+        step = max(1, 65536 // (h * w))
+        for s in range(0, t, step):
+            sl = slice(s, min(s + step, t))
+            out[:, sl] = self.reconstruct(x[:, :, sl], self.conv_first(lq[:, sl].transpose(1, 2)), lq[:, sl])
+        return out

@@ -178,8 +178,12 @@ class SWSABlock(nn.Module):
             x = x + self._attn_branch(x, mask)
         if ckpt and self.use_checkpoint_ffn:
             x = x + checkpoint(self._ffn_branch, x, use_reentrant=False)
-        else:
+        elif torch.is_grad_enabled():
             x = x + self._ffn_branch(x)
+        else:  # per-token branch, in place, a few frames at a time: its 2C-wide hidden never spans the clip
+            step = max(1, 65536 // (x.shape[2] * x.shape[3]))
+            for s in range(0, x.shape[1], step):
+                x[:, s:s + step] += self._ffn_branch(x[:, s:s + step])
         return x
 
 

@@ -52,21 +52,27 @@ def test_float64_matches_official(golden):
         fb, ff = net.get_flows(lq)
     assert (fb - inter['flows_backward']).abs().max() <= 1e-9
     assert (ff - inter['flows_forward']).abs().max() <= 1e-9
+    net.streaming_eval = False  # the hooks read whole-clip layer inputs
     out, seen = _capture(net, lq)
     assert (seen['feat_first'] - inter['feat_first']).abs().max() <= 1e-9
     for k, feat in enumerate(seen['layers']):
         assert (feat - inter[f'feat_after_layer_{k}']).abs().max() <= 1e-9, f'layer {k}'
     assert (seen['feat_body'] - inter['feat_body']).abs().max() <= 1e-9
     assert (out - data['output']).abs().max() <= 1e-10
+    net.streaming_eval = True
+    with torch.no_grad():
+        assert (net(lq) - data['output']).abs().max() <= 1e-10
 
 
 def test_float32_matches_official(golden):
     data, _ = golden
     net = GSMNet(**data['config']).eval()
     load_checkpoint(net, {k: v.float() if v.is_floating_point() else v for k, v in data['state_dict'].items()})
-    with torch.no_grad():
-        out = net(data['input'].float())
-    assert (out.double() - data['output']).abs().max() <= 1e-5
+    for streaming in (True, False):
+        net.streaming_eval = streaming
+        with torch.no_grad():
+            out = net(data['input'].float())
+        assert (out.double() - data['output']).abs().max() <= 1e-5, f'streaming_eval={streaming}'
 
 
 def test_released_config_matches_manifest():

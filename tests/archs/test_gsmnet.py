@@ -225,3 +225,24 @@ def test_spynet_path_loads_basicsr_spynet_strictly(tmp_path):
     torch.save({'params': {'basic_module.0.basic_module.0.weight': torch.zeros(1)}}, path)
     with pytest.raises(ValueError, match='spynet.pth: not a SpyNet checkpoint'):
         GSMNet(**TINY, spynet_path=str(path))
+
+
+@pytest.mark.parametrize('kwargs, t, slab', [
+    ({}, 2, 8),
+    ({}, 9, 2),
+    ({'prop_depth': 3, 'attn_depth': 3, 'pa_frame': 2}, 9, 2),
+    ({'anchor': 'last', 'scatter': False, 'pa_frame': 2}, 9, 4),
+    ({'alternate_direction': False, 'mamba_directions': 1}, 9, 2),
+])
+def test_streaming_eval_equals_whole_clip_schedule(kwargs: dict, t: int, slab: int):
+    """The streaming schedule (no autograd) computes the whole-clip layers' values (float64, odd sizes)."""
+    torch.manual_seed(0)
+    net = _perturbed(GSMNet(**{**TINY, **kwargs})).double().eval()
+    net.stream_slab = slab
+    lq = _clip(t=t, h=35, w=41)
+    with torch.no_grad():
+        net.streaming_eval = False
+        ref = net(lq)
+        net.streaming_eval = True
+        out = net(lq)
+    assert (out - ref).abs().max() <= 1e-10

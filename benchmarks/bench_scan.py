@@ -1,0 +1,165 @@
+"""Selective scan at GSM's shapes: mamba-ssm's CUDA kernel, the Triton kernel and (short L only) the PyTorch scan.
+
+    python benchmarks/bench_scan.py [--lengths 288000,20480] [--dtypes fp32,bf16] [--repeats 10] [--sweep]
+
+Shapes: batch 1, D = 384 channels (d_inner of the release config, C = 192), N = 16 states, L = 5*180*320 = 288000
+(a 5-frame window at REDS resolution) and L = 5*64*64 = 20480. Operands as BiMamba passes them: u, delta, z, B, C in
+the input dtype, A = -exp(A_log) with Vim's A_log = log(1..16), D and delta_bias float32, softplus on.
+
+For every (L, dtype, pass) it prints: median ms (CUDA events, after warm-up), peak memory above the inputs, and the
+max abs difference from mamba-ssm (output, and for fwd+bwd the largest gradient difference relative to that
+gradient's max |value|). ``--sweep`` also times a few Triton tile configurations. A configuration that fails or
+runs out of memory is listed with its error.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gsmsr.ops.selective_scan_ref import selective_scan_ref  # noqa: E402
+from gsmsr.ops.selective_scan_triton import (DEFAULT_CONFIG, ScanConfig, selective_scan_triton,  # noqa: E402
+                                             triton_available)
+
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
+NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
+# (block_l, block_d, num_warps, block_d_bwd, num_warps_bwd) tried by --sweep besides the default
+SWEEP = [(128, 4, 8, 1, 8), (128, 2, 4, 1, 16), (64, 4, 8, 1, 8), (64, 2, 4, 1, 4), (256, 1, 8, 1, 16),
+         (256, 2, 8, 1, 16)]
+
+
+def make_inputs(batch: int, dim: int, state: int, length: int, dtype: torch.dtype, seed: int = 0
+                ) -> Dict[str, torch.Tensor]:
+    g = torch.Generator(device='cuda').manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device='cuda', generator=g)  # noqa: E731
+    dt = torch.exp(torch.rand(dim, device='cuda', generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    return dict(u=r(batch, dim, length).to(dtype), delta=(0.5 * r(batch, dim, length)).to(dtype),
+                A=-torch.arange(1, state + 1, device='cuda', dtype=torch.float32).repeat(dim, 1),
+                B=r(batch, state, length).to(dtype), C=r(batch, state, length).to(dtype),
+                D=torch.ones(dim, device='cuda'), z=r(batch, dim, length).to(dtype),
+                delta_bias=dt + torch.log(-torch.expm1(-dt)))
+
+
+def cuda_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def run_once(scan: Callable, inp: Dict[str, torch.Tensor], dout: Optional[torch.Tensor]
+             ) -> Tuple[torch.Tensor, Optional[List[Optional[torch.Tensor]]]]:
+    """Forward only (dout None, no autograd) or forward + backward; returns (out, grads)."""
+    if dout is None:
+        with torch.no_grad():
+            return scan(**inp, delta_softplus=True), None
+    x = {k: v.detach().requires_grad_() for k, v in inp.items()}
+    out = scan(**x, delta_softplus=True)
+    grads = torch.autograd.grad(out, list(x.values()), dout)
+    return out.detach(), list(grads)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--lengths', default='288000,20480', help='comma list of L')
+    parser.add_argument('--dtypes', default='fp32,bf16')
+    parser.add_argument('--batch', type=int, default=1)
+    parser.add_argument('--dim', type=int, default=384)
+    parser.add_argument('--state', type=int, default=16)
+    parser.add_argument('--repeats', type=int, default=10)
+    parser.add_argument('--ref-max-len', type=int, default=20480, help='time the PyTorch scan only up to this L')
+    parser.add_argument('--sweep', action='store_true', help='also time the Triton tile configs in SWEEP')
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print('bench_scan: needs a CUDA GPU (none found); nothing timed.')
+        return 0
+    print(f'# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton available: {triton_available()}')
+
+    scans: Dict[str, Callable] = {}
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        scans['mamba-ssm'] = selective_scan_fn
+    except Exception as err:  # ImportError or a broken extension: reported, the rest still runs
+        print(f'# mamba-ssm unavailable ({type(err).__name__}: {err}); no differences reported')
+    configs = [('triton', DEFAULT_CONFIG)]
+    if args.sweep:
+        configs += [(f'triton l{bl} d{bd} w{w} bd{bdb} bw{wb}',
+                     ScanConfig(block_l=bl, block_d=bd, num_warps=w, block_d_bwd=bdb, num_warps_bwd=wb))
+                    for bl, bd, w, bdb, wb in SWEEP]
+    for name, cfg in configs:
+        scans[name] = lambda *a, cfg=cfg, **k: selective_scan_triton(*a, **k, config=cfg)
+    print(f'# triton default config: {DEFAULT_CONFIG}')
+
+    rows: List[Dict[str, str]] = []
+    for length in (int(v) for v in args.lengths.split(',')):
+        for dname in args.dtypes.split(','):
+            dtype = DTYPES[dname]
+            inp = make_inputs(args.batch, args.dim, args.state, length, dtype)
+            dout = torch.randn(args.batch, args.dim, length, device='cuda',
+                               generator=torch.Generator(device='cuda').manual_seed(1)).to(dtype)
+            cases = dict(scans)
+            if length <= args.ref_max_len:
+                cases['torch ref'] = selective_scan_ref
+            for mode in ('fwd', 'fwd+bwd'):
+                baseline = None
+                for name, scan in cases.items():
+                    row = {'impl': name, 'L': str(length), 'dtype': dname, 'pass': mode}
+                    try:
+                        torch.cuda.empty_cache()
+                        base_mem = torch.cuda.memory_allocated()
+                        torch.cuda.reset_peak_memory_stats()
+                        out, grads = run_once(scan, inp, dout if mode == 'fwd+bwd' else None)
+                        peak = torch.cuda.max_memory_allocated() - base_mem
+                        ms = cuda_time(lambda: run_once(scan, inp, dout if mode == 'fwd+bwd' else None),
+                                       args.repeats)
+                        row.update(ms=f'{ms:.3f}', peak_GiB=f'{peak / 2**30:.2f}')
+                        if name == 'mamba-ssm':
+                            baseline = (out, grads)
+                        elif baseline is not None:
+                            row['out_maxabs'] = f'{(out.float() - baseline[0].float()).abs().max().item():.2e}'
+                            if grads is not None:
+                                worst, which = 0.0, ''
+                                for key, a, b in zip(NAMES, grads, baseline[1]):
+                                    if a is None or b is None:
+                                        continue
+                                    rel = ((a.float() - b.float()).abs().max() / b.float().abs().max()
+                                           .clamp_min(1e-30)).item()
+                                    if rel >= worst:
+                                        worst, which = rel, key
+                                row['grad_rel_maxabs'] = f'{worst:.2e} (d{which})'
+                        del out, grads
+                    except torch.cuda.OutOfMemoryError:
+                        row['ms'] = 'OOM'
+                    except Exception as err:  # reported in the table, not skipped
+                        row['ms'] = f'FAILED {type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ""}'
+                        traceback.print_exc()
+                    rows.append(row)
+                    print(row, flush=True)
+                del baseline
+            del inp, dout
+
+    cols = ['impl', 'L', 'dtype', 'pass', 'ms', 'peak_GiB', 'out_maxabs', 'grad_rel_maxabs']
+    widths = {c: max(len(c), *(len(r.get(c, '')) for r in rows)) for c in cols}
+    print('\n' + ' | '.join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print(' | '.join(r.get(c, '').ljust(widths[c]) for c in cols))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
