@@ -90,7 +90,7 @@ class GSMNet(nn.Module):
         flow_compose: 'official' | 'geometric' order of multi-hop flow composition.
         alternate_direction: alternate forward/backward sweeps between layers (True) or all forward.
         mamba_directions: 2 (bidirectional, official) or 1 (forward scan only).
-        scan_backend: 'auto' | 'kernel' | 'ref' selective-scan implementation.
+        scan_backend: 'auto' | 'kernel' | 'triton' | 'ref' selective-scan implementation (gsmsr.ops).
     Speed/memory switch (same values, see :meth:`stream_layer`):
         streaming_eval: without autograd, run each layer as a stream over time that holds one copy of the
             features plus a few frames, instead of several whole-clip copies, so memory hardly grows with T.
@@ -111,7 +111,7 @@ class GSMNet(nn.Module):
             raise ValueError(f'embed_dims ({embed_dims}) must be divisible by num_heads ({num_heads}) and by 4')
         choices = {'anchor': (anchor, ('center', 'last')), 'align': (align, ('implicit', 'bilinear')),
                    'flow_compose': (flow_compose, ('official', 'geometric')),
-                   'mamba_directions': (mamba_directions, (1, 2)), 'scan_backend': (scan_backend, ('auto', 'kernel', 'ref'))}
+                   'mamba_directions': (mamba_directions, (1, 2)), 'scan_backend': (scan_backend, ('auto', 'kernel', 'triton', 'ref'))}
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f'{name} must be one of {allowed}, got {value!r}')

@@ -40,8 +40,14 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
                    backend: str = 'auto') -> Tensor:
     """Selective scan; shapes as in :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
 
-    backend: 'auto' (kernel on CUDA float16/bfloat16/float32 when available), 'kernel' or 'ref'.
+    backend: 'auto' (mamba-ssm's kernel on CUDA float16/bfloat16/float32 when available, else the PyTorch
+    scan), 'kernel' (mamba-ssm, required), 'triton' (:mod:`gsmsr.ops.selective_scan_triton`: chunk-parallel
+    over L; interpreted, slowly, on CPU tensors) or 'ref'. 'auto' will prefer Triton once it is timed faster
+    on a GPU (benchmarks/bench_scan.py).
     """
+    if backend == 'triton':
+        from gsmsr.ops.selective_scan_triton import selective_scan_triton
+        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     kernel = cuda_kernel() if backend != 'ref' else None
     use_kernel = kernel is not None and u.is_cuda and u.dtype.is_floating_point and u.dtype.itemsize <= 4
     if backend == 'kernel' and not use_kernel:
