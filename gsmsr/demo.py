@@ -64,6 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument('--attn-depth', type=int, default=DEFAULT_NET['attn_depth'], help='SWSA blocks per layer')
     net.add_argument('--num-heads', type=int, default=DEFAULT_NET['num_heads'], help='attention heads')
     net.add_argument('--pa-frame', type=int, default=DEFAULT_NET['pa_frame'], help='window radius (K = 2r+1)')
+    switches = parser.add_argument_group('research switches (GSMNet options; defaults: the official network)')
+    switches.add_argument('--anchor', choices=('center', 'last'), default='center')
+    switches.add_argument('--scatter', action=argparse.BooleanOptionalAction, default=True)
+    switches.add_argument('--align', choices=('implicit', 'bilinear'), default='implicit')
+    switches.add_argument('--flow-compose', choices=('official', 'geometric'), default='official')
+    switches.add_argument('--alternate-direction', action=argparse.BooleanOptionalAction, default=True)
+    switches.add_argument('--mamba-directions', type=int, choices=(1, 2), default=2)
     parser.add_argument('--test-frames', type=int, default=None,
                         help='evaluate only the first N frames of the held-out clip (default: all)')
     parser.add_argument('--cache', help='cache folder for the sample data (default: $GSMSR_CACHE or ~/.cache/gsmsr)')
@@ -79,6 +86,11 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     net_opt = dict(type='GSMNet', upscale=SCALE, embed_dims=args.embed_dims, prop_depth=args.prop_depth,
                    attn_depth=args.attn_depth, num_heads=args.num_heads, pa_frame=args.pa_frame, spynet_path=None)
+    # only switches that differ from the official network, so the default options stay as before
+    for key, official in (('anchor', 'center'), ('scatter', True), ('align', 'implicit'),
+                          ('flow_compose', 'official'), ('alternate_direction', True), ('mamba_directions', 2)):
+        if getattr(args, key) != official:
+            net_opt[key] = getattr(args, key)
     if args.iters < 1:
         raise InputError(f'--iters {args.iters}: must be at least 1')
     if args.test_frames is not None and args.test_frames < 2:
