@@ -78,19 +78,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='auto (the GPU when there is one; default), cpu, cuda, cuda:N')
 
 
+def network_options(args: argparse.Namespace) -> Dict:
+    """``network_g`` for the demo: the size flags, plus the research switches that differ from the official net."""
+    net_opt = dict(type='GSMNet', upscale=SCALE, embed_dims=args.embed_dims, prop_depth=args.prop_depth,
+                   attn_depth=args.attn_depth, num_heads=args.num_heads, pa_frame=args.pa_frame, spynet_path=None)
+    for key, official in (('anchor', 'center'), ('scatter', True), ('align', 'implicit'),
+                          ('flow_compose', 'official'), ('alternate_direction', True), ('mamba_directions', 2)):
+        if getattr(args, key) != official:
+            net_opt[key] = getattr(args, key)
+    return net_opt
+
+
 def run(args: argparse.Namespace) -> int:
     """Exit codes: 0 done, 2 bad arguments or a checkpoint that does not fit, 130 interrupted, 1 unexpected."""
     return run_reporting_errors('gsmsr demo', lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:
-    net_opt = dict(type='GSMNet', upscale=SCALE, embed_dims=args.embed_dims, prop_depth=args.prop_depth,
-                   attn_depth=args.attn_depth, num_heads=args.num_heads, pa_frame=args.pa_frame, spynet_path=None)
-    # only switches that differ from the official network, so the default options stay as before
-    for key, official in (('anchor', 'center'), ('scatter', True), ('align', 'implicit'),
-                          ('flow_compose', 'official'), ('alternate_direction', True), ('mamba_directions', 2)):
-        if getattr(args, key) != official:
-            net_opt[key] = getattr(args, key)
+    net_opt = network_options(args)
     if args.iters < 1:
         raise InputError(f'--iters {args.iters}: must be at least 1')
     if args.test_frames is not None and args.test_frames < 2:

@@ -154,3 +154,13 @@ def test_defaults_are_a_small_gsmnet():
     assert args.iters == demo.DEFAULT_ITERS and args.out == 'demo_out'
     GSMNet(upscale=4, embed_dims=args.embed_dims, prop_depth=args.prop_depth, attn_depth=args.attn_depth,
            num_heads=args.num_heads, pa_frame=args.pa_frame)  # a valid configuration
+
+
+def test_research_switch_flags_reach_the_network_options():
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    assert 'anchor' not in demo.network_options(parser.parse_args([]))   # defaults: the official network
+    opt = demo.network_options(parser.parse_args(['--anchor', 'last', '--no-scatter', '--mamba-directions', '1']))
+    assert (opt['anchor'], opt['scatter'], opt['mamba_directions']) == ('last', False, 1)
+    net = demo.build_network(opt)
+    assert (net.anchor, net.scatter) == ('last', False)
