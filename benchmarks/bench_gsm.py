@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -22,20 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gsmsr  # noqa: E402,F401  (applies the BasicSR compatibility fixes)
 from gsmsr import GSMNet  # noqa: E402
-
-
-def cuda_time(fn: Callable[[], torch.Tensor], repeats: int, warmup: int = 1) -> tuple[float, torch.Tensor]:
-    for _ in range(warmup):
-        out = fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), out
+from bench_utils import cuda_time, print_table  # noqa: E402  (this folder is on sys.path)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -61,20 +47,20 @@ def main() -> int:
     gsm = GSMNet().to(dev).eval()
     rows: List[Dict[str, str]] = []
 
-    def gsm_run(streaming: bool, dtype=None, scan: str = 'auto'):
+    gsm_triton = GSMNet(scan_backend='triton').to(dev).eval()
+    gsm_triton.load_state_dict(gsm.state_dict())
+
+    def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm):
         def run(x):
-            gsm.streaming_eval = streaming
-            for m in gsm.modules():
-                if hasattr(m, 'scan_backend'):
-                    m.scan_backend = scan
+            net.streaming_eval = streaming
             with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None):
-                return gsm(x).float()
+                return net(x).float()
         return run
     models: Dict[str, Callable] = {
         'GSMNet fp32 whole-clip': gsm_run(False),
         'GSMNet fp32 streaming': gsm_run(True),
         'GSMNet bf16 streaming': gsm_run(True, torch.bfloat16),
-        'GSMNet fp32 streaming+triton': gsm_run(True, scan='triton'),
+        'GSMNet fp32 streaming+triton': gsm_run(True, net=gsm_triton),
     }
     if not args.no_basicvsrpp:
         from basicsr.archs.basicvsrpp_arch import BasicVSRPlusPlus
@@ -133,11 +119,7 @@ def main() -> int:
             rows.append(row)
             print(row, flush=True)
 
-    cols = ['model', 'input', 'ms', 'ms_per_frame', 'peak_GiB', 'max_abs', 'dPSNR']
-    widths = {c: max(len(c), *(len(r.get(c, '')) for r in rows)) for c in cols}
-    print('\n' + ' | '.join(c.ljust(widths[c]) for c in cols))
-    for r in rows:
-        print(' | '.join(r.get(c, '').ljust(widths[c]) for c in cols))
+    print_table(rows, ['model', 'input', 'ms', 'ms_per_frame', 'peak_GiB', 'max_abs', 'dPSNR'])
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
 import traceback
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_utils import cuda_time, print_table  # noqa: E402  (this folder is on sys.path)
 from gsmsr.ops.selective_scan_ref import selective_scan_ref  # noqa: E402
 from gsmsr.ops.selective_scan_triton import (DEFAULT_CONFIG, ScanConfig, selective_scan_triton,  # noqa: E402
                                              triton_available)
@@ -45,21 +45,6 @@ def make_inputs(batch: int, dim: int, state: int, length: int, dtype: torch.dtyp
                 B=r(batch, state, length).to(dtype), C=r(batch, state, length).to(dtype),
                 D=torch.ones(dim, device='cuda'), z=r(batch, dim, length).to(dtype),
                 delta_bias=dt + torch.log(-torch.expm1(-dt)))
-
-
-def cuda_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def run_once(scan: Callable, inp: Dict[str, torch.Tensor], dout: Optional[torch.Tensor]
@@ -125,8 +110,8 @@ def main() -> int:
                         torch.cuda.reset_peak_memory_stats()
                         out, grads = run_once(scan, inp, dout if mode == 'fwd+bwd' else None)
                         peak = torch.cuda.max_memory_allocated() - base_mem
-                        ms = cuda_time(lambda: run_once(scan, inp, dout if mode == 'fwd+bwd' else None),
-                                       args.repeats)
+                        ms, _ = cuda_time(lambda: run_once(scan, inp, dout if mode == 'fwd+bwd' else None),
+                                          args.repeats, warmup=2)
                         row.update(ms=f'{ms:.3f}', peak_GiB=f'{peak / 2**30:.2f}')
                         if name == 'mamba-ssm':
                             baseline = (out, grads)
@@ -153,11 +138,7 @@ def main() -> int:
                 del baseline
             del inp, dout
 
-    cols = ['impl', 'L', 'dtype', 'pass', 'ms', 'peak_GiB', 'out_maxabs', 'grad_rel_maxabs']
-    widths = {c: max(len(c), *(len(r.get(c, '')) for r in rows)) for c in cols}
-    print('\n' + ' | '.join(c.ljust(widths[c]) for c in cols))
-    for r in rows:
-        print(' | '.join(r.get(c, '').ljust(widths[c]) for c in cols))
+    print_table(rows, ['impl', 'L', 'dtype', 'pass', 'ms', 'peak_GiB', 'out_maxabs', 'grad_rel_maxabs'])
     return 0
 
 
