@@ -7,6 +7,7 @@ setup(
     long_description=open('README.md', encoding='utf-8').read() if __import__('os').path.exists('README.md') else '',
     long_description_content_type='text/markdown',
     license='MIT',
+    classifiers=['License :: OSI Approved :: MIT License'],
     python_requires='>=3.10',
     packages=find_packages(include=['gsmsr', 'gsmsr.*']),
     package_data={'gsmsr': ['data/meta_info/*.txt']},

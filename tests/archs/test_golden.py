@@ -1,7 +1,6 @@
 """GSMNet against the official network's golden tensors (float64 oracle, random weights, official keys)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -9,13 +8,10 @@ import torch
 
 from gsmsr import GSMNet, load_checkpoint
 
-GOLDEN_DIR = Path(os.environ.get('GSMSR_GOLDEN_DIR', Path(__file__).resolve().parents[3] / 'shared' / 'golden'))
+# Checked into the repository (see tests/data/golden/README.md), so these tests always run.
+GOLDEN_DIR = Path(__file__).resolve().parents[1] / 'data' / 'golden'
 MAIN = GOLDEN_DIR / 'gsm_small_public.pt'
 INTER = GOLDEN_DIR / 'gsm_small_public_intermediates.pt'
-
-# Outside CI (e.g. an installed copy without the design data) the golden tests skip; in CI they must run.
-pytestmark = pytest.mark.skipif(not MAIN.exists() and not os.environ.get('CI'),
-                                reason=f'golden data not found in {GOLDEN_DIR} (set GSMSR_GOLDEN_DIR)')
 
 
 @pytest.fixture(scope='module')
