@@ -7,8 +7,8 @@ from gsmsr import compat as _compat
 
 _compat.apply()
 
-from gsmsr.archs import GSMNet, load_checkpoint  # noqa: E402
 from gsmsr import models  # noqa: E402,F401  (registers GSMModel)
+from gsmsr.archs import GSMNet, load_checkpoint  # noqa: E402
 
 __version__ = '0.1.0'
 __all__ = ['GSMNet', 'load_checkpoint', '__version__']

@@ -45,9 +45,10 @@ def basicsr_main(argv: Optional[List[str]] = None) -> int:
     """``basicsr train|test -opt X [--launcher ...] [--auto_resume] [--debug] [--force_yml ...]``."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ('train', 'test'):
+        asked = bool(argv) and argv[0] in ('-h', '--help')
         print('usage: basicsr {train,test} -opt OPTIONS.yml [--launcher none|pytorch|slurm] '
-              '[--auto_resume] [--debug] [--force_yml KEY=VALUE ...]', file=sys.stderr)
-        return 2
+              '[--auto_resume] [--debug] [--force_yml KEY=VALUE ...]', file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     module = importlib.import_module('gsmsr.train' if argv[0] == 'train' else 'gsmsr.test')
     return int(module.main(argv[1:]) or 0)
 

@@ -91,7 +91,7 @@ def _read_options(opt: Union[str, dict, None]) -> dict:
     from basicsr.utils.options import ordered_yaml
 
     try:
-        with open(opt, 'r', encoding='utf-8') as f:
+        with open(opt, encoding='utf-8') as f:
             loaded = yaml.load(f, Loader=ordered_yaml()[0])
     except OSError as e:
         raise InputError(f'{opt}: cannot read options file ({e.strerror})') from None
@@ -111,6 +111,7 @@ def load_network(weights: Optional[str] = None, opt: Union[str, dict, None] = No
     options' ``path.pretrain_network_g``. Raises :class:`InputError` naming the file and key on mismatch.
     """
     from basicsr.utils.registry import ARCH_REGISTRY
+
     from gsmsr.archs import load_checkpoint, read_state_dict
 
     options = _read_options(opt)

@@ -50,8 +50,7 @@ from torch import Tensor
 from gsmsr.archs import GSMNet
 from gsmsr.archs.gsmnet_arch import MIN_SIZE
 from gsmsr.inference import load_network
-from gsmsr.utils import atomic_write_bytes, resolve_device, run_reporting_errors
-from gsmsr.utils import InputError
+from gsmsr.utils import InputError, atomic_write_bytes, resolve_device, run_reporting_errors
 
 __all__ = ['FlowPerturbation', 'perturbed_flows', 'Condition', 'ClipFiles', 'find_clips', 'load_clip',
            'StressResult', 'stress_test', 'format_table', 'plot_curves', 'write_report', 'parse_levels',

@@ -22,12 +22,23 @@ import yaml
 from torch import nn
 
 import gsmsr  # noqa: F401  (compat before BasicSR)
+
+# isort: split
 from basicsr.metrics import calculate_psnr
 from basicsr.utils import tensor2img
 from basicsr.utils.registry import ARCH_REGISTRY
+
 from gsmsr.archs import GSMNet
-from gsmsr.inference import (InputError, _network_call, _stream, add_arguments, load_network, run, upscale_frames,
-                             upscale_video)
+from gsmsr.inference import (
+    InputError,
+    _network_call,
+    _stream,
+    add_arguments,
+    load_network,
+    run,
+    upscale_frames,
+    upscale_video,
+)
 from gsmsr.tiling import forward_chunked, window_starts
 
 TINY_GSM = dict(upscale=4, prop_depth=2, attn_depth=2, pa_frame=1, embed_dims=16, num_heads=4, spynet_path=None)

@@ -3,7 +3,6 @@ chunked evaluation, atomic checkpoints and checkpoint loading."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Dict, List
 
 import pytest

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import cv2
@@ -11,7 +10,10 @@ import numpy as np
 import pytest
 
 import gsmsr  # noqa: F401  (compat before BasicSR)
+
+# isort: split
 from basicsr.utils.matlab_functions import imresize
+
 from gsmsr.data import samples
 from gsmsr.data.samples import DEFAULT_CLIPS, ClipSpec, prepare_samples, read_frames
 
@@ -54,9 +56,9 @@ def test_vimeo_layout_links_the_same_frames(tiny):
 def test_lr_is_basicsr_imresize_of_gt(tiny):
     for spec in TINY_CLIPS:
         gt, lq = read_frames(tiny.gt_root / spec.name), read_frames(tiny.lq_root / spec.name)
-        for g, l in zip(gt, lq):
+        for g, lr in zip(gt, lq):
             ref = np.clip(np.round(imresize(g.astype(np.float32) / 255., 0.25) * 255.), 0, 255).astype(np.uint8)
-            np.testing.assert_array_equal(l, ref)
+            np.testing.assert_array_equal(lr, ref)
 
 
 def test_gt_is_the_centre_crop_of_the_shrunk_source_frame(tiny):

@@ -19,13 +19,15 @@ import torch
 import yaml
 
 import gsmsr  # noqa: F401  (compat before BasicSR)
+
+# isort: split
 from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.utils import tensor2img
 from basicsr.utils.options import ordered_yaml
+
 from conftest import REPO_ROOT, write_clip
 from gsmsr.archs import GSMNet
-from gsmsr.stress_flow import (REPORT_NAMES, FlowPerturbation, add_arguments, find_clips, perturbed_flows,
-                               run)
+from gsmsr.stress_flow import REPORT_NAMES, FlowPerturbation, add_arguments, find_clips, perturbed_flows, run
 
 TINY = dict(upscale=4, prop_depth=2, attn_depth=1, pa_frame=1, embed_dims=8, num_heads=2)
 CLIPS = ('000', '001')

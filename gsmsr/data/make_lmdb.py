@@ -67,7 +67,7 @@ def reds_meta_lines(split: str) -> List[str]:
 def vimeo_meta_lines(list_file: str, shape: Sequence[int] = VIMEO_GT_SHAPE) -> List[str]:
     """Meta-info lines ``'00001/0001 7 (256,448,3)'`` from an official ``sep_trainlist.txt`` / ``sep_testlist.txt``."""
     lines = []
-    with open(list_file, 'r', encoding='utf-8') as f:
+    with open(list_file, encoding='utf-8') as f:
         for number, raw in enumerate(f, 1):
             entry = raw.strip()
             if not entry:
