@@ -11,17 +11,23 @@ A case that runs out of memory or fails says so.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import sys
+import time
+import traceback
 from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_utils import cuda_time, print_table  # noqa: E402  (this folder is on sys.path)
+
 import gsmsr  # noqa: E402,F401  (applies the BasicSR compatibility fixes)
 from gsmsr import GSMNet  # noqa: E402
-from bench_utils import cuda_time, print_table  # noqa: E402  (this folder is on sys.path)
+
+SCAN = importlib.import_module('gsmsr.ops.selective_scan')
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -35,6 +41,8 @@ def main() -> int:
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--train', action='store_true', help='also time a training step (16x64x64, batch 1)')
     parser.add_argument('--no-basicvsrpp', action='store_true')
+    parser.add_argument('--triton', action='store_true', help='also the Triton-scan row')
+    parser.add_argument('--only', default='', help='comma list of substrings: run only rows whose name has one')
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print('bench_gsm: needs a CUDA GPU')
@@ -47,21 +55,30 @@ def main() -> int:
     gsm = GSMNet().to(dev).eval()
     rows: List[Dict[str, str]] = []
 
-    gsm_triton = GSMNet(scan_backend='triton').to(dev).eval()
-    gsm_triton.load_state_dict(gsm.state_dict())
+    def variant(**kwargs) -> GSMNet:
+        net = GSMNet(**kwargs).to(dev).eval()
+        net.load_state_dict(gsm.state_dict())
+        return net
+    gsm_compiled = variant(compile_blocks=True)
 
-    def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm):
+    def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm, segments: bool = True):
         def run(x):
             net.streaming_eval = streaming
+            SCAN.SEGMENT_BLOCKS_PER_SM = 16 if segments else 0
             with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None):
                 return net(x).float()
         return run
     models: Dict[str, Callable] = {
-        'GSMNet fp32 whole-clip': gsm_run(False),
-        'GSMNet fp32 streaming': gsm_run(True),
-        'GSMNet bf16 streaming': gsm_run(True, torch.bfloat16),
-        'GSMNet fp32 streaming+triton': gsm_run(True, net=gsm_triton),
+        'GSMNet fp32 whole-clip': gsm_run(False, segments=False),
+        'GSMNet fp32 streaming': gsm_run(True, segments=False),
+        'GSMNet bf16 streaming': gsm_run(True, torch.bfloat16, segments=False),
+        'GSMNet fp32 streaming+segmented scan': gsm_run(True),
+        'GSMNet bf16 streaming+segmented scan': gsm_run(True, torch.bfloat16),
+        'GSMNet fp32 compiled': gsm_run(True, net=gsm_compiled),
+        'GSMNet bf16 compiled': gsm_run(True, torch.bfloat16, net=gsm_compiled),
     }
+    if args.triton:
+        models['GSMNet fp32 streaming+triton'] = gsm_run(True, net=variant(scan_backend='triton'))
     if not args.no_basicvsrpp:
         from basicsr.archs.basicvsrpp_arch import BasicVSRPlusPlus
         bvpp = BasicVSRPlusPlus(mid_channels=64, num_blocks=7).to(dev).eval()
@@ -72,12 +89,18 @@ def main() -> int:
         lq = torch.rand(1, t, 3, h, w, device=dev)
         ref = None
         for name, fn in models.items():
+            if args.only and not any(k in name for k in args.only.split(',')):
+                continue
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             row = {'model': name, 'input': size}
             try:
                 with torch.no_grad():
-                    ms, out = cuda_time(lambda: fn(lq), args.repeats)
+                    start = time.perf_counter()
+                    fn(lq)
+                    torch.cuda.synchronize()
+                    row['first_s'] = f'{time.perf_counter() - start:.1f}'
+                    ms, out = cuda_time(lambda: fn(lq), args.repeats, warmup=0)
                 row.update(ms=f'{ms:.0f}', ms_per_frame=f'{ms / t:.1f}',
                            peak_GiB=f'{torch.cuda.max_memory_allocated() / 2**30:.2f}')
                 if name.startswith('GSMNet') and ref is None:
@@ -95,11 +118,17 @@ def main() -> int:
         del lq, ref
 
     if args.train:
-        net = GSMNet(use_checkpoint_attn=True, use_checkpoint_ffn=True).to(dev).train()
-        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
         lq = torch.rand(1, 16, 3, 64, 64, device=dev)
         gt = torch.rand(1, 16, 3, 256, 256, device=dev)
-        for name, dtype in (('train step fp32', None), ('train step bf16', torch.bfloat16)):
+        for name, dtype, compiled in (('train step fp32', None, False), ('train step bf16', torch.bfloat16, False),
+                                      ('train step fp32 compiled', None, True),
+                                      ('train step bf16 compiled', torch.bfloat16, True)):
+            if args.only and not any(k in name for k in args.only.split(',')):
+                continue
+            torch.manual_seed(0)
+            net = GSMNet(use_checkpoint_attn=True, use_checkpoint_ffn=True, compile_blocks=compiled).to(dev).train()
+            opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+
             def step():
                 opt.zero_grad(set_to_none=True)
                 with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -112,14 +141,23 @@ def main() -> int:
             torch.cuda.reset_peak_memory_stats()
             row = {'model': name, 'input': '16x64x64'}
             try:
-                ms, _ = cuda_time(step, max(2, args.repeats // 2))
-                row.update(ms=f'{ms:.0f}', peak_GiB=f'{torch.cuda.max_memory_allocated() / 2**30:.2f}')
+                start = time.perf_counter()
+                step()
+                torch.cuda.synchronize()
+                row['first_s'] = f'{time.perf_counter() - start:.1f}'
+                ms, loss = cuda_time(step, max(2, args.repeats // 2))
+                row.update(ms=f'{ms:.0f}', peak_GiB=f'{torch.cuda.max_memory_allocated() / 2**30:.2f}',
+                           max_abs=f'loss {loss.item():.5f}')
             except torch.cuda.OutOfMemoryError:
                 row.update(ms='OOM')
+            except Exception as err:
+                row.update(ms=f'failed: {type(err).__name__}: {str(err)[:60]}')
+                traceback.print_exc()
             rows.append(row)
             print(row, flush=True)
+            del net, opt
 
-    print_table(rows, ['model', 'input', 'ms', 'ms_per_frame', 'peak_GiB', 'max_abs', 'dPSNR'])
+    print_table(rows, ['model', 'input', 'ms', 'ms_per_frame', 'peak_GiB', 'max_abs', 'dPSNR', 'first_s'])
     return 0
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import weakref
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

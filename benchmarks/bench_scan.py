@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import cuda_time, print_table  # noqa: E402  (this folder is on sys.path)
+
 from gsmsr.ops.selective_scan_ref import selective_scan_ref  # noqa: E402
-from gsmsr.ops.selective_scan_triton import (DEFAULT_CONFIG, ScanConfig, selective_scan_triton,  # noqa: E402
-                                             triton_available)
+from gsmsr.ops.selective_scan_triton import DEFAULT_CONFIG, ScanConfig, selective_scan_triton, triton_available  # noqa: E402
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
@@ -69,6 +69,9 @@ def main() -> int:
     parser.add_argument('--repeats', type=int, default=10)
     parser.add_argument('--ref-max-len', type=int, default=20480, help='time the PyTorch scan only up to this L')
     parser.add_argument('--sweep', action='store_true', help='also time the Triton tile configs in SWEEP')
+    parser.add_argument('--segments', default='1,0,4,8,16',
+                        help='segment counts of the gsmsr kernel rows (0: automatic; fwd without autograd only)')
+    parser.add_argument('--no-triton', action='store_true')
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print('bench_scan: needs a CUDA GPU (none found); nothing timed.')
@@ -81,12 +84,19 @@ def main() -> int:
         scans['mamba-ssm'] = selective_scan_fn
     except Exception as err:  # ImportError or a broken extension: reported, the rest still runs
         print(f'# mamba-ssm unavailable ({type(err).__name__}: {err}); no differences reported')
+    if 'mamba-ssm' in scans:
+        from gsmsr.ops import selective_scan
+        for seg in args.segments.split(','):
+            # the gsmsr dispatch: custom op, segments cut and corrected without autograd (fwd rows only)
+            scans[f'gsmsr kernel seg={seg}'] = (
+                lambda *a, seg=int(seg), **k: selective_scan(*a, **k, backend='kernel',
+                                                             segments=None if seg == 0 else seg))
     configs = [('triton', DEFAULT_CONFIG)]
     if args.sweep:
         configs += [(f'triton l{bl} d{bd} w{w} bd{bdb} bw{wb}',
                      ScanConfig(block_l=bl, block_d=bd, num_warps=w, block_d_bwd=bdb, num_warps_bwd=wb))
                     for bl, bd, w, bdb, wb in SWEEP]
-    for name, cfg in configs:
+    for name, cfg in ([] if args.no_triton else configs):
         scans[name] = lambda *a, cfg=cfg, **k: selective_scan_triton(*a, **k, config=cfg)
     print(f'# triton default config: {DEFAULT_CONFIG}')
 
@@ -110,8 +120,8 @@ def main() -> int:
                         torch.cuda.reset_peak_memory_stats()
                         out, grads = run_once(scan, inp, dout if mode == 'fwd+bwd' else None)
                         peak = torch.cuda.max_memory_allocated() - base_mem
-                        ms, _ = cuda_time(lambda: run_once(scan, inp, dout if mode == 'fwd+bwd' else None),
-                                          args.repeats, warmup=2)
+                        grad_out = dout if mode == 'fwd+bwd' else None
+                        ms, _ = cuda_time(lambda s=scan, i=inp, g=grad_out: run_once(s, i, g), args.repeats, warmup=2)
                         row.update(ms=f'{ms:.3f}', peak_GiB=f'{peak / 2**30:.2f}')
                         if name == 'mamba-ssm':
                             baseline = (out, grads)

@@ -7,9 +7,8 @@ outputs are summed, not averaged. Parameter names match the official checkpoint.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 from typing import Callable, Optional
-
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +21,7 @@ D_CONV = 4
 EXPAND = 2
 
 
-@lru_cache(maxsize=None)
+@cache
 def _causal_conv1d_fn() -> Optional[Callable]:
     """causal-conv1d's CUDA kernel if installed (``pip install gsmsr[cuda]``), else None."""
     try:
@@ -32,12 +31,28 @@ def _causal_conv1d_fn() -> Optional[Callable]:
         return None
 
 
+def causal_conv_silu_shifted(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """:func:`causal_conv_silu` as k shifted multiply-adds, which Inductor fuses with the SiLU (and with the time
+    flip of the backward branch) into one pass."""
+    k = weight.shape[-1]
+    xp = F.pad(x, (k - 1, 0))
+    w = weight.squeeze(1).to(x.dtype)
+    out = bias.to(x.dtype)[:, None]
+    for i in range(k):
+        out = out + xp[..., i:i + x.shape[-1]] * w[:, i:i + 1]
+    return F.silu(out)
+
+
 def causal_conv_silu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """Depthwise causal conv (left zero padding) followed by SiLU. x: (B, D, L); weight: (D, 1, k)."""
+    """Depthwise causal conv (left zero padding) followed by SiLU. x: (B, D, L); weight: (D, 1, k).
+
+    causal-conv1d's kernel when installed, the shifted-sum form under ``torch.compile``, else a grouped conv1d."""
+    if torch.compiler.is_compiling():
+        return causal_conv_silu_shifted(x, weight, bias)
+    k = weight.shape[-1]
     kernel = _causal_conv1d_fn() if x.is_cuda and x.dtype != torch.float64 else None
     if kernel is not None:
         return kernel(x.contiguous(), weight.squeeze(1), bias, activation='silu')
-    k = weight.shape[-1]
     return F.silu(F.conv1d(x, weight, bias, padding=k - 1, groups=x.shape[1])[..., :x.shape[-1]])
 
 

@@ -63,7 +63,8 @@ def load_checkpoint(net: nn.Module, source: Union[str, os.PathLike, dict], key: 
         lines = [f'{name} does not match {type(net).__name__}:']
         for title, items in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', mismatched)):
             if items:
-                lines.append(f'  {title} ({len(items)}): ' + ', '.join(items[:20]) + (' ...' if len(items) > 20 else ''))
+                more = ' ...' if len(items) > 20 else ''
+                lines.append(f'  {title} ({len(items)}): ' + ', '.join(items[:20]) + more)
         raise ValueError('\n'.join(lines))
     merged = {k: sd.get(k, own[k]) for k in own if k not in unexpected}
     if not strict:

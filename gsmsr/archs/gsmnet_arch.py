@@ -91,9 +91,13 @@ class GSMNet(nn.Module):
         alternate_direction: alternate forward/backward sweeps between layers (True) or all forward.
         mamba_directions: 2 (bidirectional, official) or 1 (forward scan only).
         scan_backend: 'auto' | 'kernel' | 'triton' | 'ref' selective-scan implementation (gsmsr.ops).
-    Speed/memory switch (same values, see :meth:`stream_layer`):
+    Speed/memory switches (same values up to rounding):
         streaming_eval: without autograd, run each layer as a stream over time that holds one copy of the
-            features plus a few frames, instead of several whole-clip copies, so memory hardly grows with T.
+            features plus a few frames, instead of several whole-clip copies, so memory hardly grows with T
+            (see :meth:`stream_layer`).
+        compile_blocks: on CUDA, ``torch.compile`` the GSM window step and the SWSA blocks (in place, so the
+            state-dict keys do not change) at the first forward; the selective scan stays one custom op inside
+            the compiled graph. Costs a compilation per new input size.
 
     Shapes: forward(lq (B, T, in_chans, H, W)) -> (B, T, out_chans, s*H, s*W), not clamped.
     Requires T >= 2 and H, W >= 33.
@@ -105,13 +109,14 @@ class GSMNet(nn.Module):
                  use_checkpoint_ffn: bool = False, drop_path_rate: float = 0.2, norm_layer=None,
                  is_train: bool = True, anchor: str = 'center', scatter: bool = True, align: str = 'implicit',
                  flow_compose: str = 'official', alternate_direction: bool = True, mamba_directions: int = 2,
-                 scan_backend: str = 'auto', streaming_eval: bool = True) -> None:
+                 scan_backend: str = 'auto', streaming_eval: bool = True, compile_blocks: bool = False) -> None:
         super().__init__()
         if embed_dims % num_heads or embed_dims % 4:
             raise ValueError(f'embed_dims ({embed_dims}) must be divisible by num_heads ({num_heads}) and by 4')
         choices = {'anchor': (anchor, ('center', 'last')), 'align': (align, ('implicit', 'bilinear')),
                    'flow_compose': (flow_compose, ('official', 'geometric')),
-                   'mamba_directions': (mamba_directions, (1, 2)), 'scan_backend': (scan_backend, ('auto', 'kernel', 'triton', 'ref'))}
+                   'mamba_directions': (mamba_directions, (1, 2)),
+                   'scan_backend': (scan_backend, ('auto', 'kernel', 'triton', 'ref'))}
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f'{name} must be one of {allowed}, got {value!r}')
@@ -128,6 +133,8 @@ class GSMNet(nn.Module):
         self.flow_compose = flow_compose
         self.alternate_direction = alternate_direction
         self.streaming_eval = streaming_eval
+        self.compile_blocks = compile_blocks
+        self._compiled = False
         # Optional hook (flows_backward, flows_forward) -> (flows_backward, flows_forward), e.g. flow stress tests.
         self.flow_transform: Optional[Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]] = None
 
@@ -232,7 +239,12 @@ class GSMNet(nn.Module):
             nonlocal ready
             while ready < stop:
                 p, q = ready, min(ready + self.stream_slab, t_len)
-                lo, hi = max(0, p - halo), min(t_len, q + halo)
+                # every slab spans the same number of frames where the clip allows (one compiled shape): at the
+                # clip ends it reaches further in, which only adds context; lo stays even, as in one pass
+                size = self.stream_slab + 2 * halo
+                lo = max(0, min(p - halo, t_len - size))
+                lo -= lo % 2
+                hi = min(t_len, max(q + halo, lo + size))
                 out = stage.attn_blocks(x[:, :, [order[s] for s in range(lo, hi)]])
                 for s in range(p, q):
                     state[s] = out[:, :, s - lo].contiguous()   # a copy, so the slab is freed now
@@ -268,8 +280,24 @@ class GSMNet(nn.Module):
                              mode='bilinear', align_corners=False)
         return x.transpose(1, 2) + skip.view(b, t, c, h * self.upscale, w * self.upscale)
 
+    def _compile(self) -> None:
+        """Compile the window step and the SWSA blocks in place (``nn.Module.compile``): keys stay the same."""
+        import torch._dynamo
+
+        from gsmsr.ops import cuda_kernel
+        cuda_kernel()  # resolve the kernel import eagerly, outside any traced frame
+        # one graph per (block kind, shift, input size); the default limit of 8 is reached by T-slab sizes
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for layer in self.prop_layers:
+            layer.stage.mamba_block.compile(dynamic=False)
+            for blk in layer.stage.attn_blocks.blocks:
+                blk.compile()
+        self._compiled = True
+
     def forward(self, lq: Tensor) -> Tensor:
         self.check_input(lq)
+        if self.compile_blocks and not self._compiled and lq.is_cuda:
+            self._compile()
         b, t, c, h, w = lq.shape
         streaming = self.streaming_eval and not torch.is_grad_enabled()
         fb, ff = self.get_flows(lq)

@@ -1,8 +1,9 @@
 """Pure-PyTorch selective scan (Mamba-1), the readable reference and the CPU path.
 
 The recurrence ``h_t = a_t * h_{t-1} + b_t`` is linear, so it is solved with a blocked log-depth doubling
-scan (Hillis-Steele inside blocks, then across block ends) instead of a per-token loop. Autograd goes through a custom function whose backward is the
-same scan run in reverse time, so memory holds only ``a`` and ``h``, not every doubling step.
+scan (Hillis-Steele inside blocks, then across block ends) instead of a per-token loop. Autograd goes through a
+custom function whose backward is the same scan run in reverse time, so memory holds only ``a`` and ``h``,
+not every doubling step.
 """
 from __future__ import annotations
 

@@ -128,11 +128,11 @@ def _sigmoid(x):
 # two use the core builtins with Triton's own add combine (``_SUM_OP``, see _kernels): the same IR as tl.sum and
 # tl.cumsum when compiled, and the interpreter recognises that combine and uses numpy's sum / cumsum.
 def _sum(x, AXIS: tl.constexpr):
-    return tl.reduce(x, AXIS, _SUM_OP)
+    return tl.reduce(x, AXIS, _SUM_OP)  # noqa: F821  (set per mode in _kernels' namespace)
 
 
 def _cumsum(x, AXIS: tl.constexpr, REVERSE: tl.constexpr):
-    return tl.associative_scan(x, AXIS, _SUM_OP, reverse=REVERSE)
+    return tl.associative_scan(x, AXIS, _SUM_OP, reverse=REVERSE)  # noqa: F821
 
 
 def _add_combine(a, b):  # fallback for _SUM_OP if a Triton version lacks tl.standard._sum_combine

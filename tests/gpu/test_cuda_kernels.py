@@ -69,7 +69,8 @@ def test_gsmnet_kernel_path_matches_reference_path():
         res.append((out.detach(), {n: p.grad for n, p in net.named_parameters()}))
     err_out = rel_err(res[1][0], res[0][0])
     names = list(res[0][1])
-    err_all = rel_err(torch.cat([res[1][1][n].flatten() for n in names]), torch.cat([res[0][1][n].flatten() for n in names]))
+    err_all = rel_err(torch.cat([res[1][1][n].flatten() for n in names]),
+                      torch.cat([res[0][1][n].flatten() for n in names]))
     # implicit_align.k.bias shifts all four logits of a pixel equally: its exact gradient is 0, so only
     # rounding noise (~1e-14) remains there and a relative error is meaningless.
     per_param = sorted(((rel_err(res[1][1][n], res[0][1][n]), n) for n in names if n != 'implicit_align.k.bias'),

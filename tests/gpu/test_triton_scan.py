@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from gsmsr.ops import cuda_kernel, selective_scan_ref
+from gsmsr.ops import cuda_kernel, selective_scan, selective_scan_ref
 from gsmsr.ops.selective_scan_triton import selective_scan_triton, triton_available
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not triton_available(), reason='needs CUDA and Triton')]
@@ -33,7 +33,7 @@ def test_triton_scan_matches_baseline_at_gsm_shape(dtype):
                B=r(batch, state, length).to(dtype), C=r(batch, state, length).to(dtype),
                D=torch.ones(dim, device='cuda'), z=r(batch, dim, length).to(dtype),
                delta_bias=dt + torch.log(-torch.expm1(-dt)))
-    baseline = cuda_kernel() or selective_scan_ref
+    baseline = (lambda **k: selective_scan(**k, backend="kernel")) if cuda_kernel() else selective_scan_ref
     gy = torch.randn(batch, dim, length, device='cuda', generator=g).to(dtype)
     outs, grads = [], []
     for scan in (selective_scan_triton, baseline):

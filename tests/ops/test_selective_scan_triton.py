@@ -126,8 +126,9 @@ def test_strided_operands_need_no_copy():
 
 
 def test_cpu_runs_interpreted_without_leaking_the_mode():
-    from gsmsr.ops import selective_scan_triton as mod
     from triton.runtime.interpreter import InterpretedFunction
+
+    from gsmsr.ops import selective_scan_triton as mod
 
     env_before, knob_before = os.environ.get('TRITON_INTERPRET'), triton.knobs.runtime.interpret
     inp = _inputs(1, 2, 4, 9, False, False, torch.float32, 'cpu')
