@@ -261,10 +261,16 @@ class GSMModel(VideoRecurrentModel):
         """``self.lq`` (B, T, C, H, W) -> ``self.output`` (B, T, C, sH, sW), float32, on the model's device.
 
         Options under ``val``: ``chunk`` / ``chunk_overlap`` / ``tile`` / ``tile_overlap`` (0 = off; §9),
-        ``flip_seq`` (also run the time-reversed clip and average, BasicSR's option), ``use_bf16``.
+        ``flip_seq`` (also run the time-reversed clip and average, BasicSR's option), ``use_bf16`` and
+        ``compile`` (``GSMNet.compile_blocks``). On CUDA a test run (``basicsr test``, not validation during
+        training) defaults to both, the fast path; elsewhere, and during training, both default to off.
         """
         val_opt = self.opt.get('val') or {}
+        fast_default = self.device.type == 'cuda' and not self.opt.get('is_train', False)
+        use_bf16 = bool(val_opt.get('use_bf16', fast_default))
         net = self.eval_network()
+        if hasattr(net, 'compile_blocks'):
+            net.compile_blocks = bool(val_opt.get('compile', fast_default))
         was_training = net.training
         net.eval()
         lq = self.lq
@@ -272,7 +278,7 @@ class GSMModel(VideoRecurrentModel):
         if val_opt.get('flip_seq', False):
             lq = torch.cat([lq, lq.flip(1)], dim=1)
         chunk, tile = int(val_opt.get('chunk', 0) or 0), int(val_opt.get('tile', 0) or 0)
-        with torch.no_grad(), self._autocast(bool(val_opt.get('use_bf16', False))):
+        with torch.no_grad(), self._autocast(use_bf16):
             if chunk or tile:
                 from gsmsr.tiling import forward_chunked
                 out = forward_chunked(net, lq, self.opt['scale'], chunk=chunk,

@@ -15,6 +15,10 @@ and since the recurrence is linear the missing contribution of ``H_s`` to every 
 segments, which stops early once every decay in its tile has underflowed to exactly zero (the sum of delta only
 grows, so nothing later can change: the early exit is exact). Forward only: training keeps one segment, whose
 saved chunk states the kernel's backward needs.
+
+Measured on an H200 (benchmarks/bench_scan.py, L = 288,000, D = 384, slowly decaying states): 9.8 ms against
+4.3 ms for one pass in fp32, so it is opt-in. The fix-up evaluates ``exp`` for every (channel, state, token) until
+the decay underflows, which with slow decays is the whole segment: more arithmetic than the scan itself.
 """
 from __future__ import annotations
 

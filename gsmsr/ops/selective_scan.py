@@ -20,8 +20,10 @@ _module = None
 _kernel_checked = False
 kernel_import_error: Optional[str] = None  # why mamba-ssm could not be used, for diagnostics
 KERNEL_CHUNK = 2048  # tokens per chunk of mamba-ssm's kernel: one saved state each
-# thread blocks wanted per SM when the no-grad scan is cut into segments (0 turns segmenting off)
-SEGMENT_BLOCKS_PER_SM = int(os.environ.get('GSMSR_SCAN_SEGMENT_BLOCKS', '16'))
+# Thread blocks wanted per SM when the no-grad scan is cut into segments; 0 (the default) turns segmenting off:
+# on an H200 at L = 288,000 it was 2.3x slower than one pass (the fix-up pass costs more than the kernel gains,
+# benchmarks/NOTES.md), so it stays opt-in (``segments=`` or GSMSR_SCAN_SEGMENT_BLOCKS).
+SEGMENT_BLOCKS_PER_SM = int(os.environ.get('GSMSR_SCAN_SEGMENT_BLOCKS', '0'))
 
 
 def _cuda_module():
@@ -161,7 +163,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     scan), 'kernel' (mamba-ssm, required), 'triton' (:mod:`gsmsr.ops.selective_scan_triton`: chunk-parallel
     over L; interpreted, slowly, on CPU tensors; slower than mamba-ssm on an H200, see benchmarks/NOTES.md)
     or 'ref'. segments: for the kernel without autograd, how many segments to cut each sequence into (None:
-    enough to give every SM ``SEGMENT_BLOCKS_PER_SM`` thread blocks; 1: off).
+    enough to give every SM ``SEGMENT_BLOCKS_PER_SM`` thread blocks, off by default; 1: off).
     """
     if backend == 'triton':
         from gsmsr.ops.selective_scan_triton import selective_scan_triton
