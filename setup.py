@@ -12,7 +12,7 @@ setup(
     packages=find_packages(include=['gsmsr', 'gsmsr.*']),
     package_data={'gsmsr': ['data/meta_info/*.txt']},
     install_requires=[
-        'torch>=2.1',
+        'torch>=2.4',  # torch.library.custom_op, torch.compiler.is_compiling
         'torchvision',
         'numpy',
         'basicsr>=1.4.2',  # install with --no-build-isolation after torch (see install.sh)
