@@ -185,12 +185,13 @@ def _to_uint8(frame: Tensor) -> np.ndarray:
 def upscale_frames(frames: Iterable[np.ndarray], net: Callable[[Tensor], Tensor], *, scale: Optional[int] = None,
                    chunk: int = DEFAULT_CHUNK, overlap: int = DEFAULT_OVERLAP, tile: int = DEFAULT_TILE,
                    tile_overlap: int = DEFAULT_TILE_OVERLAP, precision: str = 'fp32',
-                   device: Union[str, torch.device, None] = None, name: str = 'input') -> Iterator[np.ndarray]:
+                   device: Union[str, torch.device, None] = None, name: str = 'input',
+                   tile_batch: int = 1) -> Iterator[np.ndarray]:
     """Stream RGB uint8 frames (H, W, 3) through the network; yields (s*H, s*W, 3) uint8 frames in order.
 
     See the module docstring for the chunking, blending and memory bounds. ``net`` must already be on
-    ``device`` (default: the device of its parameters). ``name`` is used in error messages.
-    Raises :class:`InputError` for fewer than 2 frames, frames of mixed sizes or bad arguments.
+    ``device`` (default: the device of its parameters). ``name`` is used in error messages. ``tile_batch``
+    tiles go through the network in one call (same output, more memory). Raises :class:`InputError` for fewer than 2 frames, frames of mixed sizes or bad arguments.
     """
     _check_settings(chunk, overlap, tile, tile_overlap, precision)
     scale = scale or getattr(net, 'upscale', None)
@@ -201,12 +202,15 @@ def upscale_frames(frames: Iterable[np.ndarray], net: Callable[[Tensor], Tensor]
         device = param.device if param is not None else torch.device('cpu')
     device = torch.device(device)
     call = _network_call(net, scale, precision, device)
-    for frame in _stream(frames, call, scale, chunk, overlap, tile, tile_overlap, device, name):
+    if tile_batch < 1:
+        raise InputError(f'--tile-batch {tile_batch}: must be >= 1')
+    for frame in _stream(frames, call, scale, chunk, overlap, tile, tile_overlap, device, name, tile_batch):
         yield _to_uint8(frame)
 
 
 def _stream(frames: Iterable[np.ndarray], call: Callable[[Tensor], Tensor], scale: int, chunk: int, overlap: int,
-            tile: int, tile_overlap: int, device: torch.device, name: str) -> Iterator[Tensor]:
+            tile: int, tile_overlap: int, device: torch.device, name: str, tile_batch: int = 1
+            ) -> Iterator[Tensor]:
     """The streaming engine of :func:`upscale_frames`; yields unclamped float frames (C, s*H, s*W)."""
     source = iter(frames)
     buffer: deque = deque()  # LR frames [base, base + len(buffer))
@@ -251,7 +255,7 @@ def _stream(frames: Iterable[np.ndarray], call: Callable[[Tensor], Tensor], scal
             lq = torch.from_numpy(clip).to(device).permute(0, 3, 1, 2).unsqueeze(0).contiguous().float().div_(255)
             del clip
             acc = accumulate_tiles(call, lq, scale, tile, tile_overlap, acc=acc,
-                                   frame_weight=torch.tensor(fw, dtype=torch.float32))
+                                   frame_weight=torch.tensor(fw, dtype=torch.float32), tile_batch=tile_batch)
             del lq
             wsum += torch.tensor(fw, dtype=torch.float64)
             done = length if next_start is None else next_start - start
@@ -286,7 +290,7 @@ def upscale_video(input_path: str, output_path: str, net: nn.Module, *, scale: O
                   chunk: int = DEFAULT_CHUNK, overlap: int = DEFAULT_OVERLAP, tile: int = DEFAULT_TILE,
                   tile_overlap: int = DEFAULT_TILE_OVERLAP, precision: str = 'fp32',
                   device: Union[str, torch.device, None] = None, force: bool = False,
-                  fps: Optional[float] = None, progress: bool = True) -> InferenceStats:
+                  fps: Optional[float] = None, progress: bool = True, tile_batch: int = 1) -> InferenceStats:
     """Upscale a video file or folder of frames into a video file (codec by extension, same frame rate,
     audio copied) or a PNG folder (extension-less path). The network is moved to ``device``.
 
@@ -325,7 +329,7 @@ def upscale_video(input_path: str, output_path: str, net: nn.Module, *, scale: O
                   dynamic_ncols=True, desc=os.path.basename(os.path.normpath(input_path))) as bar:
             for out in upscale_frames(frames(), net, scale=scale, chunk=chunk, overlap=overlap, tile=tile,
                                       tile_overlap=tile_overlap, precision=precision, device=device,
-                                      name=input_path):
+                                      name=input_path, tile_batch=tile_batch):
                 sink.write(out, tags.popleft())
                 count += 1
                 bar.update(1)
@@ -367,6 +371,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
                         help='torch.compile the window step and SWSA blocks (default: on with CUDA; the first '
                              'chunk then takes a minute or two longer, per tile size)')
+    parser.add_argument('--tile-batch', type=int, default=1,
+                        help='tiles per network call (default 1); more fill a large GPU better, same output')
     parser.add_argument('--device', help='torch device (default: cuda if available, else cpu)')
     parser.add_argument('--fps', type=float, help='frame rate of a video made from a folder (default 25)')
     parser.add_argument('--force', action='store_true', help='overwrite an existing output')
@@ -388,6 +394,8 @@ def _run(args: argparse.Namespace) -> int:
     _check_settings(args.chunk, args.overlap, args.tile, args.tile_overlap, args.precision)
     if args.fps is not None and not args.fps > 0:
         raise InputError(f'--fps {args.fps}: must be positive')
+    if args.tile_batch < 1:
+        raise InputError(f'--tile-batch {args.tile_batch}: must be >= 1')
     # Cheap checks first, so that bad paths fail before the network is built.
     check_output(args.output, args.input, args.force)
     open_source(args.input).close()
@@ -397,6 +405,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         stats = upscale_video(args.input, args.output, net, chunk=args.chunk, overlap=args.overlap, tile=args.tile,
                               tile_overlap=args.tile_overlap, precision=args.precision, device=device,
+                              tile_batch=args.tile_batch,
                               force=args.force, fps=args.fps, progress=args.progress)
     except torch.cuda.OutOfMemoryError:
         print(f'{PROG}: error: out of GPU memory; lower --chunk and/or --tile (now {args.chunk}, {args.tile})',

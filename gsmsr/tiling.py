@@ -92,29 +92,36 @@ def tile_weight_map(height: int, width: int, scale: int, tile: int, tile_overlap
 
 
 def accumulate_tiles(net: Callable[[Tensor], Tensor], lq: Tensor, scale: int, tile: int, tile_overlap: int,
-                     acc: Optional[Tensor] = None, frame_weight: Optional[Tensor] = None) -> Tensor:
+                     acc: Optional[Tensor] = None, frame_weight: Optional[Tensor] = None,
+                     tile_batch: int = 1) -> Tensor:
     """Add the trimmed outputs of all tiles of ``lq`` into ``acc`` (not yet divided by the weight map).
 
     lq: (B, T, C, H, W). acc: (B, T, C_out, s*H, s*W) or None, in which case it is allocated on ``lq``'s
     device, in ``lq``'s dtype promoted to at least float32, from the first tile's channel count.
     frame_weight: (T,) multiplies frame t of every tile output (temporal blending); None means 1.
-    One net call per tile; only one tile output is alive at a time. Returns ``acc``.
+    tile_batch: tiles stacked along the batch axis of one net call (all tiles have one size); more fill a GPU
+    better at batch 1 and hold that many tile outputs at a time. The result does not depend on it. Returns ``acc``.
     """
     b, t, _, h, w = lq.shape
-    for r in tile_regions(h, w, tile, tile_overlap):
-        out = net(lq[..., r.y0:r.y0 + r.h, r.x0:r.x0 + r.w])
-        if out.dim() != 5 or out.shape[:2] != (b, t) or out.shape[-2:] != (scale * r.h, scale * r.w):
-            raise RuntimeError(f'network returned shape {tuple(out.shape)} for a tile of shape '
-                               f'{(b, t, lq.shape[2], r.h, r.w)}; expected (B, T, C, {scale}*H, {scale}*W)')
+    regions = tile_regions(h, w, tile, tile_overlap)
+    for i in range(0, len(regions), max(1, tile_batch)):
+        group = regions[i:i + max(1, tile_batch)]
+        out = net(torch.cat([lq[..., r.y0:r.y0 + r.h, r.x0:r.x0 + r.w] for r in group]))
+        th, tw = group[0].h, group[0].w
+        if out.dim() != 5 or out.shape[:2] != (b * len(group), t) or out.shape[-2:] != (scale * th, scale * tw):
+            raise RuntimeError(f'network returned shape {tuple(out.shape)} for tiles of shape '
+                               f'{(b * len(group), t, lq.shape[2], th, tw)}; expected (B, T, C, {scale}*H, {scale}*W)')
         if acc is None:
             dtype = torch.promote_types(lq.dtype, torch.float32)
             acc = torch.zeros(b, t, out.shape[2], scale * h, scale * w, device=lq.device, dtype=dtype)
-        (fy, fx), (iy, ix) = _hr_slices(r, scale)
-        part = out[..., iy, ix].to(device=acc.device, dtype=acc.dtype)
-        if frame_weight is not None:
-            part = part * frame_weight.to(device=acc.device, dtype=acc.dtype).view(1, t, 1, 1, 1)
-        acc[..., fy, fx] += part
-        del out, part
+        for j, r in enumerate(group):
+            (fy, fx), (iy, ix) = _hr_slices(r, scale)
+            part = out[j * b:(j + 1) * b, ..., iy, ix].to(device=acc.device, dtype=acc.dtype)
+            if frame_weight is not None:
+                part = part * frame_weight.to(device=acc.device, dtype=acc.dtype).view(1, t, 1, 1, 1)
+            acc[..., fy, fx] += part
+            del part
+        del out
     return acc
 
 

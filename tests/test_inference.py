@@ -287,6 +287,17 @@ def test_small_chunks_and_tiles_stay_close():
     assert diff.mean() < 0.75 * cut_diff.mean()
 
 
+def test_tile_batch_gives_the_same_frames(tiny_gsm):
+    """Several tiles per call of the real (tiny) GSMNet: the same output frames as one tile per call."""
+    frames = make_frames(2, 34, 44, seed=7)
+    kw = dict(chunk=0, tile=34, tile_overlap=8)    # two tiles side by side
+    one = np.stack(list(upscale_frames(frames, tiny_gsm['net'], **kw)))
+    batched = np.stack(list(upscale_frames(frames, tiny_gsm['net'], tile_batch=2, **kw)))
+    assert np.abs(batched.astype(int) - one).max() <= 1  # float rounding of a batched matmul, then quantised
+    with pytest.raises(InputError, match='tile-batch 0'):
+        list(upscale_frames(frames, tiny_gsm['net'], tile_batch=0, **kw))
+
+
 def test_host_memory_does_not_grow_with_length():
     """Frames held by the streamer (read but not yet returned) and traced numpy memory: N vs 2N frames."""
     torch.manual_seed(4)

@@ -188,6 +188,22 @@ def test_accumulate_tiles_frame_weight_and_regions():
     assert {(r.y0, r.x0) for r in regions} == {(y, x) for y in (0, 10, 20, 24) for x in (0, 10, 20, 30, 34)}
 
 
+@pytest.mark.parametrize('tile_batch', [2, 3, 100])
+def test_accumulate_tiles_batched_equals_one_at_a_time(tile_batch):
+    """Tiles stacked along the batch axis (a partial last group too) give the same sum as one call per tile."""
+    torch.manual_seed(3)
+    lq = torch.rand(2, 3, 3, 40, 50, dtype=torch.float64)
+    net = context_net(2)
+    fw = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    one = accumulate_tiles(net, lq, 2, 16, 6, frame_weight=fw)
+    calls = []
+    batched = accumulate_tiles(lambda x: calls.append(x.shape[0]) or net(x), lq, 2, 16, 6, frame_weight=fw,
+                               tile_batch=tile_batch)
+    torch.testing.assert_close(batched, one, rtol=0, atol=1e-14)
+    n_tiles = len(tile_regions(40, 50, 16, 6))
+    assert sum(calls) == 2 * n_tiles and max(calls) == 2 * min(tile_batch, n_tiles)
+
+
 def test_rejects_wrong_output_shape():
     lq = torch.rand(1, 2, 3, 20, 20)
     with pytest.raises(RuntimeError, match='expected'):
