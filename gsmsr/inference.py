@@ -191,7 +191,8 @@ def upscale_frames(frames: Iterable[np.ndarray], net: Callable[[Tensor], Tensor]
 
     See the module docstring for the chunking, blending and memory bounds. ``net`` must already be on
     ``device`` (default: the device of its parameters). ``name`` is used in error messages. ``tile_batch``
-    tiles go through the network in one call (same output, more memory). Raises :class:`InputError` for fewer than 2 frames, frames of mixed sizes or bad arguments.
+    tiles go through the network in one call (same output, more memory). Raises :class:`InputError` for fewer
+    than 2 frames, frames of mixed sizes or bad arguments.
     """
     _check_settings(chunk, overlap, tile, tile_overlap, precision)
     scale = scale or getattr(net, 'upscale', None)
