@@ -12,7 +12,10 @@ import torch
 import yaml
 
 import gsmsr  # noqa: F401  (compat before BasicSR)
+
+# isort: split
 from basicsr.metrics import calculate_psnr
+
 from gsmsr import cli, demo
 from gsmsr.archs import GSMNet, load_checkpoint
 from gsmsr.data import samples
@@ -64,6 +67,69 @@ def test_demo_trains_through_basicsr(demo_run):
     assert 'params' in ckpt
     logs = list((out / 'experiments' / 'gsmnet_demo').glob('train_*.log'))
     assert logs and 'iter:       2' in logs[0].read_text()
+
+
+def test_summary_says_how_many_steps_ran_and_why(demo_run):
+    _, out = demo_run
+    training = json.loads((out / 'results.json').read_text())['training']
+    # --iters 2 is within the timing steps: nothing is timed, the cap is reached well within the budget
+    assert training['steps'] == training['planned_steps'] == 2 and training['stopped_by'] == 'iters'
+    assert training['seconds_per_step'] is None and training['budget_minutes'] == demo.DEFAULT_MINUTES
+    assert demo.training_summary(training).startswith('Training: 2 steps in ')
+    assert 'because --iters 2 was reached' in demo.training_summary(training)
+
+
+def test_training_stops_when_the_budget_is_spent(quick_samples, tmp_path, capsys):
+    code = cli.main(['demo', '--out', str(tmp_path), '--iters', '3', '--minutes', '1e-9', '--test-frames', '3',
+                     '--device', 'cpu', '--cache', str(quick_samples)] + TINY)
+    assert code == 0
+    training = json.loads((tmp_path / 'results.json').read_text())['training']
+    assert (training['steps'], training['planned_steps'], training['stopped_by']) == (1, 3, 'budget spent')
+    printed = capsys.readouterr()
+    assert 'Training: 1 step in ' in printed.out and 'spent after 1 of 3 steps' in printed.out
+    assert 'training stops after 1 of 3 steps' in printed.err  # BasicSR's log line, shown on the terminal
+    log = next((tmp_path / 'experiments' / 'gsmnet_demo').glob('train_*.log')).read_text()
+    assert 'iter:       1,' in log and 'iter:       2,' not in log and 'training stops after 1 of 3' in log
+    assert (tmp_path / 'experiments' / 'gsmnet_demo' / 'models' / 'net_g_latest.pth').is_file()
+
+
+def test_step_count_and_schedule_are_fitted_to_the_budget(quick_samples, tmp_path, monkeypatch, capsys):
+    timed = []
+
+    def slow_steps(options, steps=demo.CALIBRATION_STEPS):
+        timed.append(options['train']['total_iter'])
+        return 20.0  # seconds per step: 0.9 * 60 s fits 2 of them
+
+    monkeypatch.setattr(demo, 'time_training_steps', slow_steps)
+    code = cli.main(['demo', '--out', str(tmp_path), '--iters', '50', '--minutes', '1', '--test-frames', '3',
+                     '--device', 'cpu', '--cache', str(quick_samples)] + TINY)
+    assert code == 0 and timed == [50]
+    training = json.loads((tmp_path / 'results.json').read_text())['training']
+    assert (training['steps'], training['planned_steps'], training['stopped_by']) == (2, 2, 'budget')
+    assert training['seconds_per_step'] == 20.0
+    opt = yaml.safe_load((tmp_path / 'options' / 'train_gsmnet_demo.yml').read_text())
+    assert opt['train']['total_iter'] == 2 and opt['train']['scheduler']['periods'] == [2 * demo.COSINE_SPAN]
+    assert opt['train']['fix_flow'] == 3
+    out = capsys.readouterr().out
+    assert 'Training: 2 steps in ' in out and 'fits 2 steps (20.00 s/step' in out and 'fewer than --iters 50' in out
+
+
+def test_plan_steps():
+    assert demo.plan_steps(300, 300, 5, 0.85) == 300          # the cap
+    assert demo.plan_steps(300, 300, 10, 2.25) == int(0.9 * 290 / 2.25)
+    assert demo.plan_steps(300, 300, 400, 1.0) == 1           # timing took the whole budget: one step still runs
+
+
+def test_timing_training_steps(quick_samples):
+    data = samples.prepare_samples(quick_samples, QUICK_CLIPS, progress=False)
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    options = demo.train_options(data, demo.network_options(parser.parse_args(TINY)), 10, use_gpu=False)
+    seconds = demo.time_training_steps(options, steps=2)
+    assert 0 < seconds < 60
+    assert options['train']['scheduler']['type'] == 'CosineAnnealingRestartLR'  # the options are left as they were
+    from basicsr.utils import logger as basicsr_logger
+    assert 'basicsr' not in basicsr_logger.initialized_logger  # the next run opens its own log file
 
 
 def _net(out):
@@ -125,6 +191,8 @@ def test_bad_arguments_are_one_line_errors(demo_run, quick_samples, tmp_path, ca
         (['--weights', str(tmp_path / 'missing.pth')], 'no such checkpoint file'),
         (['--embed-dims', '10'], 'embed_dims'),
         (['--test-frames', '1'], 'at least 2'),
+        (['--minutes', '0'], 'must be a positive number'),
+        (['--minutes', 'nan'], 'must be a positive number'),
     ]
     for extra, message in cases:
         code = cli.main(['demo', '--out', str(tmp_path), '--device', 'cpu', '--cache', str(quick_samples)] + extra)
@@ -152,6 +220,7 @@ def test_defaults_are_a_small_gsmnet():
     demo.add_arguments(parser)
     args = parser.parse_args([])
     assert args.iters == demo.DEFAULT_ITERS and args.out == 'demo_out'
+    assert args.minutes == demo.DEFAULT_MINUTES and 0 < args.minutes <= 6  # the demo must stay under 10 minutes
     GSMNet(upscale=4, embed_dims=args.embed_dims, prop_depth=args.prop_depth, attn_depth=args.attn_depth,
            num_heads=args.num_heads, pa_frame=args.pa_frame)  # a valid configuration
 
