@@ -11,6 +11,7 @@ Triton scan. Prints one table: median ms per clip and per frame (CUDA events), t
 that ran. --train adds training steps (16x64x64, batch 1, checkpointing on), eager and compiled, fp32 and bf16.
 A case that runs out of memory or fails says so.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,7 @@ def main() -> int:
         return 0
     dev = torch.device('cuda')
     torch.backends.cudnn.benchmark = True
-    print(f'# {torch.cuda.get_device_name()}, torch {torch.__version__}, '
-          f'scan on CUDA: {gsmsr.ops.kernel_status()}')
+    print(f'# {torch.cuda.get_device_name()}, torch {torch.__version__}, scan on CUDA: {gsmsr.ops.kernel_status()}')
     torch.manual_seed(0)
     gsm = GSMNet().to(dev).eval()
     rows: List[Dict[str, str]] = []
@@ -62,6 +62,7 @@ def main() -> int:
         net = GSMNet(**kwargs).to(dev).eval()
         net.load_state_dict(gsm.state_dict())
         return net
+
     gsm_compiled = variant(compile_blocks=True)
 
     def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm, segments: bool = False):
@@ -70,7 +71,9 @@ def main() -> int:
             SCAN.SEGMENT_BLOCKS_PER_SM = 16 if segments else 0
             with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None):
                 return net(x).float()
+
         return run
+
     models: Dict[str, Callable] = {
         'GSMNet fp32 whole-clip': gsm_run(False),
         'GSMNet fp32 streaming': gsm_run(True),
@@ -84,6 +87,7 @@ def main() -> int:
         models['GSMNet fp32 streaming+triton'] = gsm_run(True, net=variant(scan_backend='triton'))
     if not args.no_basicvsrpp:
         from basicsr.archs.basicvsrpp_arch import BasicVSRPlusPlus
+
         bvpp = BasicVSRPlusPlus(mid_channels=64, num_blocks=7).to(dev).eval()
         models['BasicVSR++ fp32'] = lambda x: bvpp(x)
 
@@ -104,13 +108,15 @@ def main() -> int:
                     torch.cuda.synchronize()
                     row['first_s'] = f'{time.perf_counter() - start:.1f}'
                     ms, out = cuda_time(lambda: fn(lq), args.repeats, warmup=0)
-                row.update(ms=f'{ms:.0f}', ms_per_frame=f'{ms / t:.1f}',
-                           peak_GiB=f'{torch.cuda.max_memory_allocated() / 2**30:.2f}')
+                row.update(
+                    ms=f'{ms:.0f}',
+                    ms_per_frame=f'{ms / t:.1f}',
+                    peak_GiB=f'{torch.cuda.max_memory_allocated() / 2**30:.2f}',
+                )
                 if name.startswith('GSMNet') and ref is None:
                     ref = out
                 elif name.startswith('GSMNet'):
-                    row.update(max_abs=f'{(out - ref).abs().max().item():.2e}',
-                               dPSNR=f'{psnr(out, ref):.1f}')
+                    row.update(max_abs=f'{(out - ref).abs().max().item():.2e}', dPSNR=f'{psnr(out, ref):.1f}')
             except torch.cuda.OutOfMemoryError:
                 row.update(ms='OOM')
             except Exception as err:  # e.g. Triton missing: report, keep going
@@ -123,9 +129,12 @@ def main() -> int:
     if args.train:
         lq = torch.rand(1, 16, 3, 64, 64, device=dev)
         gt = torch.rand(1, 16, 3, 256, 256, device=dev)
-        for name, dtype, compiled in (('train step fp32', None, False), ('train step bf16', torch.bfloat16, False),
-                                      ('train step fp32 compiled', None, True),
-                                      ('train step bf16 compiled', torch.bfloat16, True)):
+        for name, dtype, compiled in (
+            ('train step fp32', None, False),
+            ('train step bf16', torch.bfloat16, False),
+            ('train step fp32 compiled', None, True),
+            ('train step bf16 compiled', torch.bfloat16, True),
+        ):
             if args.only and not any(k in name for k in args.only.split(',')):
                 continue
             torch.manual_seed(0)
@@ -140,6 +149,7 @@ def main() -> int:
                 loss.backward()
                 opt.step()
                 return loss
+
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             row = {'model': name, 'input': '16x64x64'}
@@ -149,8 +159,11 @@ def main() -> int:
                 torch.cuda.synchronize()
                 row['first_s'] = f'{time.perf_counter() - start:.1f}'
                 ms, loss = cuda_time(step, max(2, args.repeats // 2))
-                row.update(ms=f'{ms:.0f}', peak_GiB=f'{torch.cuda.max_memory_allocated() / 2**30:.2f}',
-                           max_abs=f'loss {loss.item():.5f}')
+                row.update(
+                    ms=f'{ms:.0f}',
+                    peak_GiB=f'{torch.cuda.max_memory_allocated() / 2**30:.2f}',
+                    max_abs=f'loss {loss.item():.5f}',
+                )
             except torch.cuda.OutOfMemoryError:
                 row.update(ms='OOM')
             except Exception as err:

@@ -6,6 +6,7 @@ Frames are a synthetic moving texture written as PNGs (no download); the network
 configuration with random weights (speed and memory do not depend on the weights). The output is a PNG
 folder. One line per run, then a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ def write_frames(folder: str, n: int, h: int, w: int) -> None:
     canvas = cv2.GaussianBlur(rng.random((h + 64, w + 64 + 4 * n, 3), dtype=np.float32), (0, 0), 3)
     canvas = cv2.normalize(canvas, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
     for t in range(n):
-        cv2.imwrite(os.path.join(folder, f'{t:08d}.png'), canvas[32:32 + h, 4 * t:4 * t + w])
+        cv2.imwrite(os.path.join(folder, f'{t:08d}.png'), canvas[32 : 32 + h, 4 * t : 4 * t + w])
 
 
 def main() -> int:
@@ -45,13 +46,14 @@ def main() -> int:
     net = GSMNet().eval()
     extra = {k: v for k, v in (('chunk', args.chunk), ('tile', args.tile)) if v is not None}
     rows = []
-    for n in ([args.frames, 2 * args.frames] if args.double else [args.frames]):
+    for n in [args.frames, 2 * args.frames] if args.double else [args.frames]:
         with tempfile.TemporaryDirectory() as tmp:
             src = os.path.join(tmp, 'in')
             os.makedirs(src)
             write_frames(src, n, h, w)
-            stats = upscale_video(src, os.path.join(tmp, 'out'), net, precision=args.precision, device=device,
-                                  progress=False, **extra)
+            stats = upscale_video(
+                src, os.path.join(tmp, 'out'), net, precision=args.precision, device=device, progress=False, **extra
+            )
             print(stats.summary(), flush=True)
             rows.append((n, stats))
     dev = torch.cuda.get_device_name() if device == 'cuda' else 'CPU'

@@ -6,6 +6,7 @@ Each case runs in a fresh process. On CUDA it reports ``torch.cuda.max_memory_al
 input; on CPU the peak of the bytes held by tensors created during the forward, counted per storage by a dispatch
 mode (allocator slack excluded, same accounting as the CUDA number). The last column is the growth per added frame.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,7 @@ def live_tensor_bytes():
         def _track(self, t: torch.Tensor) -> None:
             storage = t.untyped_storage()
             key, size = storage.data_ptr(), storage.nbytes()
-            if key in self.seen or size == 0:     # a view, or an in-place result
+            if key in self.seen or size == 0:  # a view, or an in-place result
                 return
             self.seen.add(key)
             self.live += size
@@ -42,6 +43,7 @@ def live_tensor_bytes():
             def free() -> None:
                 self.live -= size
                 self.seen.discard(key)
+
             weakref.finalize(storage, free)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -57,8 +59,10 @@ def live_tensor_bytes():
 def one_case(args: argparse.Namespace) -> None:
     """Child process: build, measure, print one JSON line."""
     import torch
+
     sys.path.insert(0, str(ROOT))
     from gsmsr import GSMNet
+
     torch.manual_seed(0)
     dev = torch.device(args.device)
     h, w = (int(v) for v in args.size.split('x'))
@@ -66,7 +70,7 @@ def one_case(args: argparse.Namespace) -> None:
     lq = torch.rand(1, args.case_frames, 3, h, w, device=dev)
     with torch.no_grad():
         if dev.type == 'cuda':
-            net(lq[:, :2])                       # cuDNN/cuBLAS workspaces outside the measurement
+            net(lq[:, :2])  # cuDNN/cuBLAS workspaces outside the measurement
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -92,14 +96,28 @@ def main() -> int:
         one_case(args)
         return 0
     frames = [int(v) for v in args.frames.split(',')]
-    print(f'# GSMNet embed_dims={args.embed_dims}, LR {args.size}, device {args.device}; '
-          f'peak memory of one forward (GiB) beyond model and input')
+    print(
+        f'# GSMNet embed_dims={args.embed_dims}, LR {args.size}, device {args.device}; '
+        f'peak memory of one forward (GiB) beyond model and input'
+    )
     print(f'{"schedule":<10} {"T":>5} {"peak_GiB":>9} {"GiB/frame":>10}')
     for schedule in ('whole', 'streaming'):
         prev = None
         for t in frames:
-            cmd = [sys.executable, __file__, '--schedule', schedule, '--case-frames', str(t), '--size', args.size,
-                   '--embed-dims', str(args.embed_dims), '--device', args.device]
+            cmd = [
+                sys.executable,
+                __file__,
+                '--schedule',
+                schedule,
+                '--case-frames',
+                str(t),
+                '--size',
+                args.size,
+                '--embed-dims',
+                str(args.embed_dims),
+                '--device',
+                args.device,
+            ]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 last = (res.stderr.strip().splitlines() or ['?'])[-1]

@@ -11,6 +11,7 @@ max abs difference from mamba-ssm (output, and for fwd+bwd the largest gradient 
 gradient's max |value|). ``--sweep`` also times a few Triton tile configurations. A configuration that fails or
 runs out of memory is listed with its error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,24 +32,37 @@ from gsmsr.ops.selective_scan_triton import DEFAULT_CONFIG, ScanConfig, selectiv
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
 # (block_l, block_d, num_warps, block_d_bwd, num_warps_bwd) tried by --sweep besides the default
-SWEEP = [(128, 4, 8, 1, 8), (128, 2, 4, 1, 16), (64, 4, 8, 1, 8), (64, 2, 4, 1, 4), (256, 1, 8, 1, 16),
-         (256, 2, 8, 1, 16)]
+SWEEP = [
+    (128, 4, 8, 1, 8),
+    (128, 2, 4, 1, 16),
+    (64, 4, 8, 1, 8),
+    (64, 2, 4, 1, 4),
+    (256, 1, 8, 1, 16),
+    (256, 2, 8, 1, 16),
+]
 
 
-def make_inputs(batch: int, dim: int, state: int, length: int, dtype: torch.dtype, seed: int = 0
-                ) -> Dict[str, torch.Tensor]:
+def make_inputs(
+    batch: int, dim: int, state: int, length: int, dtype: torch.dtype, seed: int = 0
+) -> Dict[str, torch.Tensor]:
     g = torch.Generator(device='cuda').manual_seed(seed)
     r = lambda *s: torch.randn(*s, device='cuda', generator=g)  # noqa: E731
     dt = torch.exp(torch.rand(dim, device='cuda', generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-    return dict(u=r(batch, dim, length).to(dtype), delta=(0.5 * r(batch, dim, length)).to(dtype),
-                A=-torch.arange(1, state + 1, device='cuda', dtype=torch.float32).repeat(dim, 1),
-                B=r(batch, state, length).to(dtype), C=r(batch, state, length).to(dtype),
-                D=torch.ones(dim, device='cuda'), z=r(batch, dim, length).to(dtype),
-                delta_bias=dt + torch.log(-torch.expm1(-dt)))
+    return dict(
+        u=r(batch, dim, length).to(dtype),
+        delta=(0.5 * r(batch, dim, length)).to(dtype),
+        A=-torch.arange(1, state + 1, device='cuda', dtype=torch.float32).repeat(dim, 1),
+        B=r(batch, state, length).to(dtype),
+        C=r(batch, state, length).to(dtype),
+        D=torch.ones(dim, device='cuda'),
+        z=r(batch, dim, length).to(dtype),
+        delta_bias=dt + torch.log(-torch.expm1(-dt)),
+    )
 
 
-def run_once(scan: Callable, inp: Dict[str, torch.Tensor], dout: Optional[torch.Tensor]
-             ) -> Tuple[torch.Tensor, Optional[List[Optional[torch.Tensor]]]]:
+def run_once(
+    scan: Callable, inp: Dict[str, torch.Tensor], dout: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, Optional[List[Optional[torch.Tensor]]]]:
     """Forward only (dout None, no autograd) or forward + backward; returns (out, grads)."""
     if dout is None:
         with torch.no_grad():
@@ -69,8 +83,11 @@ def main() -> int:
     parser.add_argument('--repeats', type=int, default=10)
     parser.add_argument('--ref-max-len', type=int, default=20480, help='time the PyTorch scan only up to this L')
     parser.add_argument('--sweep', action='store_true', help='also time the Triton tile configs in SWEEP')
-    parser.add_argument('--segments', default='1,0,4,8,16',
-                        help='segment counts of the gsmsr kernel rows (0: automatic; fwd without autograd only)')
+    parser.add_argument(
+        '--segments',
+        default='1,0,4,8,16',
+        help='segment counts of the gsmsr kernel rows (0: automatic; fwd without autograd only)',
+    )
     parser.add_argument('--no-triton', action='store_true')
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -81,22 +98,28 @@ def main() -> int:
     scans: Dict[str, Callable] = {}
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
         scans['mamba-ssm'] = selective_scan_fn
     except Exception as err:  # ImportError or a broken extension: reported, the rest still runs
         print(f'# mamba-ssm unavailable ({type(err).__name__}: {err}); no differences reported')
     if 'mamba-ssm' in scans:
         from gsmsr.ops import selective_scan
+
         for seg in args.segments.split(','):
             # the gsmsr dispatch: custom op, segments cut and corrected without autograd (fwd rows only)
-            scans[f'gsmsr kernel seg={seg}'] = (
-                lambda *a, seg=int(seg), **k: selective_scan(*a, **k, backend='kernel',
-                                                             segments=None if seg == 0 else seg))
+            scans[f'gsmsr kernel seg={seg}'] = lambda *a, seg=int(seg), **k: selective_scan(
+                *a, **k, backend='kernel', segments=None if seg == 0 else seg
+            )
     configs = [('triton', DEFAULT_CONFIG)]
     if args.sweep:
-        configs += [(f'triton l{bl} d{bd} w{w} bd{bdb} bw{wb}',
-                     ScanConfig(block_l=bl, block_d=bd, num_warps=w, block_d_bwd=bdb, num_warps_bwd=wb))
-                    for bl, bd, w, bdb, wb in SWEEP]
-    for name, cfg in ([] if args.no_triton else configs):
+        configs += [
+            (
+                f'triton l{bl} d{bd} w{w} bd{bdb} bw{wb}',
+                ScanConfig(block_l=bl, block_d=bd, num_warps=w, block_d_bwd=bdb, num_warps_bwd=wb),
+            )
+            for bl, bd, w, bdb, wb in SWEEP
+        ]
+    for name, cfg in [] if args.no_triton else configs:
         scans[name] = lambda *a, cfg=cfg, **k: selective_scan_triton(*a, **k, config=cfg)
     print(f'# triton default config: {DEFAULT_CONFIG}')
 
@@ -105,8 +128,9 @@ def main() -> int:
         for dname in args.dtypes.split(','):
             dtype = DTYPES[dname]
             inp = make_inputs(args.batch, args.dim, args.state, length, dtype)
-            dout = torch.randn(args.batch, args.dim, length, device='cuda',
-                               generator=torch.Generator(device='cuda').manual_seed(1)).to(dtype)
+            dout = torch.randn(
+                args.batch, args.dim, length, device='cuda', generator=torch.Generator(device='cuda').manual_seed(1)
+            ).to(dtype)
             cases = dict(scans)
             if length <= args.ref_max_len:
                 cases['torch ref'] = selective_scan_ref
@@ -132,8 +156,9 @@ def main() -> int:
                                 for key, a, b in zip(NAMES, grads, baseline[1]):
                                     if a is None or b is None:
                                         continue
-                                    rel = ((a.float() - b.float()).abs().max() / b.float().abs().max()
-                                           .clamp_min(1e-30)).item()
+                                    rel = (
+                                        (a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)
+                                    ).item()
                                     if rel >= worst:
                                         worst, which = rel, key
                                 row['grad_rel_maxabs'] = f'{worst:.2e} (d{which})'

@@ -1,4 +1,5 @@
 """Shared by the benchmark scripts: CUDA-event timing and the printed table."""
+
 from __future__ import annotations
 
 import statistics

@@ -1,7 +1,8 @@
 """Where GSMNet spends GPU time: torch.profiler table for one release-config forward.
 
-    python benchmarks/profile_gsm.py [--frames 6] [--size 180x320] [--bf16]
+python benchmarks/profile_gsm.py [--frames 6] [--size 180x320] [--bf16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,9 @@ def main() -> int:
     with torch.no_grad(), torch.autocast('cuda', torch.bfloat16, enabled=args.bf16):
         net(lq)
         torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
-                                                torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
+        ) as prof:
             net(lq)
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by='cuda_time_total', row_limit=25, max_name_column_width=60))

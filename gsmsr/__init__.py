@@ -3,6 +3,7 @@
 Importing the package applies the BasicSR compatibility fixes and registers ``GSMNet`` (ARCH_REGISTRY)
 and ``GSMModel`` (MODEL_REGISTRY).
 """
+
 from gsmsr import compat as _compat
 
 _compat.apply()

@@ -1,4 +1,5 @@
 """``python -m gsmsr ...`` is the ``gsmsr`` command."""
+
 import sys
 
 from gsmsr.cli import main

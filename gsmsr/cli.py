@@ -2,6 +2,7 @@
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and ``run(args) -> int``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,11 @@ def basicsr_main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ('train', 'test'):
         asked = bool(argv) and argv[0] in ('-h', '--help')
-        print('usage: basicsr {train,test} -opt OPTIONS.yml [--launcher none|pytorch|slurm] '
-              '[--auto_resume] [--debug] [--force_yml KEY=VALUE ...]', file=sys.stdout if asked else sys.stderr)
+        print(
+            'usage: basicsr {train,test} -opt OPTIONS.yml [--launcher none|pytorch|slurm] '
+            '[--auto_resume] [--debug] [--force_yml KEY=VALUE ...]',
+            file=sys.stdout if asked else sys.stderr,
+        )
         return 0 if asked else 2
     module = importlib.import_module('gsmsr.train' if argv[0] == 'train' else 'gsmsr.test')
     return int(module.main(argv[1:]) or 0)

@@ -14,6 +14,7 @@ Every fix lives here, and each is idempotent:
 CUDA-only tensors in video validation are not patched here: :class:`gsmsr.models.GSMModel` has its own
 device-agnostic validation.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,6 +36,7 @@ def _shim_functional_tensor() -> None:
     except ImportError:
         pass
     from torchvision.transforms import functional
+
     module = types.ModuleType(name)
     module.rgb_to_grayscale = functional.rgb_to_grayscale
     sys.modules[name] = module
@@ -51,8 +53,10 @@ def init_dist_pytorch(backend: str = 'nccl', **kwargs: Any) -> None:
 
     missing = [k for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT') if k not in os.environ]
     if missing:
-        raise RuntimeError(f'--launcher pytorch needs the environment set by torchrun (missing {", ".join(missing)}); '
-                           'start with: torchrun --nproc_per_node=N <script> -opt X.yml --launcher pytorch')
+        raise RuntimeError(
+            f'--launcher pytorch needs the environment set by torchrun (missing {", ".join(missing)}); '
+            'start with: torchrun --nproc_per_node=N <script> -opt X.yml --launcher pytorch'
+        )
     if torch.cuda.is_available():
         local_rank = int(os.environ.get('LOCAL_RANK', int(os.environ['RANK']) % torch.cuda.device_count()))
         torch.cuda.set_device(local_rank)
@@ -84,8 +88,11 @@ def load_resume_state(opt: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     if opt['auto_resume']:
         state_dir = opt['path']['training_states']
         if os.path.isdir(state_dir):
-            iters = [int(f[:-len('.state')]) for f in os.listdir(state_dir)
-                     if f.endswith('.state') and f[:-len('.state')].isdigit()]
+            iters = [
+                int(f[: -len('.state')])
+                for f in os.listdir(state_dir)
+                if f.endswith('.state') and f[: -len('.state')].isdigit()
+            ]
             if iters:
                 state_path = os.path.join(state_dir, f'{max(iters)}.state')
                 opt['path']['resume_state'] = state_path

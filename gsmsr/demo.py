@@ -17,6 +17,7 @@
 ``--weights`` skips training and evaluates a given checkpoint (``params_ema`` preferred, then ``params``);
 the network options must describe that checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,37 +50,43 @@ EXPERIMENT = 'gsmnet_demo'
 # bicubic, and stays near 6 minutes in all.
 DEFAULT_ITERS = 300
 DEFAULT_MINUTES = 5.0
-CALIBRATION_STEPS = 4   # the first one warms up and is not counted
-PLAN_FILL = 0.9         # plan steps for this share of the budget left after timing; the rest absorbs noise
+CALIBRATION_STEPS = 4  # the first one warms up and is not counted
+PLAN_FILL = 0.9  # plan steps for this share of the budget left after timing; the rest absorbs noise
 DEFAULT_NET = dict(embed_dims=16, prop_depth=1, attn_depth=1, num_heads=4, pa_frame=1)
-TRAIN_FRAMES = 2        # frames per training sample (REDSRecurrentDataset num_frame): the fewest GSMNet takes; a
-                        # step costs 15% less than with 3, and is as good per step at this budget
-TRAIN_GT_SIZE = 136     # GT patch; LR 34x34, the smallest GSMNet accepts is 33
-TRAIN_BATCH = 2         # samples per step: on 2 CPU cores a step of 2 costs about 10% more than a step of 1
-LEARNING_RATE = 2e-3    # peak, reached after WARMUP_ITERS steps of linear warm-up (without it 2e-3 diverges early)
+TRAIN_FRAMES = 2  # frames per training sample (REDSRecurrentDataset num_frame): the fewest GSMNet takes; a
+# step costs 15% less than with 3, and is as good per step at this budget
+TRAIN_GT_SIZE = 136  # GT patch; LR 34x34, the smallest GSMNet accepts is 33
+TRAIN_BATCH = 2  # samples per step: on 2 CPU cores a step of 2 costs about 10% more than a step of 1
+LEARNING_RATE = 2e-3  # peak, reached after WARMUP_ITERS steps of linear warm-up (without it 2e-3 diverges early)
 WARMUP_ITERS = 15
-COSINE_SPAN = 2         # the cosine spans COSINE_SPAN x the steps that run, so it ends at half the peak: a run this
-                        # short is far from converged, and annealing to zero gave 0.5 dB less at 120 steps
-EVAL_CHUNK = 10         # temporal chunk (overlap 2) of the evaluation forward, bounds memory on long clips
+COSINE_SPAN = 2  # the cosine spans COSINE_SPAN x the steps that run, so it ends at half the peak: a run this
+# short is far from converged, and annealing to zero gave 0.5 dB less at 120 steps
+EVAL_CHUNK = 10  # temporal chunk (overlap 2) of the evaluation forward, bounds memory on long clips
 METRICS = {
     'PSNR': {'type': 'calculate_psnr', 'crop_border': 0, 'test_y_channel': True},
     'SSIM': {'type': 'calculate_ssim', 'crop_border': 0, 'test_y_channel': True},
 }
-CROP = 64               # HR side of the crop comparison
-CROP_ZOOM = 3           # nearest-neighbour enlargement of each crop panel
+CROP = 64  # HR side of the crop comparison
+CROP_ZOOM = 3  # nearest-neighbour enlargement of each crop panel
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--out', default='demo_out', help='output folder (default: %(default)s)')
-    parser.add_argument('--iters', type=int, default=DEFAULT_ITERS,
-                        help='at most this many training steps (default: %(default)s)')
-    parser.add_argument('--minutes', type=float, default=DEFAULT_MINUTES,
-                        help='training time budget in minutes: the first steps are timed and the step count (and '
-                        'with it the learning-rate schedule) is fitted to the budget, at most --iters; training '
-                        'also stops when the budget is spent (default: %(default)s; the whole demo stays under '
-                        '10 minutes on 2 CPU cores)')
-    parser.add_argument('--weights', help='evaluate this checkpoint instead of training (the network options '
-                        'below must match it)')
+    parser.add_argument(
+        '--iters', type=int, default=DEFAULT_ITERS, help='at most this many training steps (default: %(default)s)'
+    )
+    parser.add_argument(
+        '--minutes',
+        type=float,
+        default=DEFAULT_MINUTES,
+        help='training time budget in minutes: the first steps are timed and the step count (and '
+        'with it the learning-rate schedule) is fitted to the budget, at most --iters; training '
+        'also stops when the budget is spent (default: %(default)s; the whole demo stays under '
+        '10 minutes on 2 CPU cores)',
+    )
+    parser.add_argument(
+        '--weights', help='evaluate this checkpoint instead of training (the network options below must match it)'
+    )
     net = parser.add_argument_group('network size (GSMNet options)')
     net.add_argument('--embed-dims', type=int, default=DEFAULT_NET['embed_dims'], help='feature width C')
     net.add_argument('--prop-depth', type=int, default=DEFAULT_NET['prop_depth'], help='propagation layers')
@@ -93,19 +100,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     switches.add_argument('--flow-compose', choices=('official', 'geometric'), default='official')
     switches.add_argument('--alternate-direction', action=argparse.BooleanOptionalAction, default=True)
     switches.add_argument('--mamba-directions', type=int, choices=(1, 2), default=2)
-    parser.add_argument('--test-frames', type=int, default=None,
-                        help='evaluate only the first N frames of the held-out clip (default: all)')
+    parser.add_argument(
+        '--test-frames',
+        type=int,
+        default=None,
+        help='evaluate only the first N frames of the held-out clip (default: all)',
+    )
     parser.add_argument('--cache', help='cache folder for the sample data (default: $GSMSR_CACHE or ~/.cache/gsmsr)')
-    parser.add_argument('--device', default='auto',
-                        help='auto (the GPU when there is one; default), cpu, cuda, cuda:N')
+    parser.add_argument('--device', default='auto', help='auto (the GPU when there is one; default), cpu, cuda, cuda:N')
 
 
 def network_options(args: argparse.Namespace) -> Dict:
     """``network_g`` for the demo: the size flags, plus the research switches that differ from the official net."""
-    net_opt = dict(type='GSMNet', upscale=SCALE, embed_dims=args.embed_dims, prop_depth=args.prop_depth,
-                   attn_depth=args.attn_depth, num_heads=args.num_heads, pa_frame=args.pa_frame, spynet_path=None)
-    for key, official in (('anchor', 'center'), ('scatter', True), ('align', 'implicit'),
-                          ('flow_compose', 'official'), ('alternate_direction', True), ('mamba_directions', 2)):
+    net_opt = dict(
+        type='GSMNet',
+        upscale=SCALE,
+        embed_dims=args.embed_dims,
+        prop_depth=args.prop_depth,
+        attn_depth=args.attn_depth,
+        num_heads=args.num_heads,
+        pa_frame=args.pa_frame,
+        spynet_path=None,
+    )
+    for key, official in (
+        ('anchor', 'center'),
+        ('scatter', True),
+        ('align', 'implicit'),
+        ('flow_compose', 'official'),
+        ('alternate_direction', True),
+        ('mamba_directions', 2),
+    ):
         if getattr(args, key) != official:
             net_opt[key] = getattr(args, key)
     return net_opt
@@ -139,15 +163,25 @@ def _run(args: argparse.Namespace) -> int:
     if args.weights:
         checkpoint = Path(args.weights).resolve()
     else:
-        checkpoint, training = train_within_budget(data, out, net_opt, args.iters, args.minutes * 60,
-                                                   use_gpu=device.type == 'cuda')
+        checkpoint, training = train_within_budget(
+            data, out, net_opt, args.iters, args.minutes * 60, use_gpu=device.type == 'cuda'
+        )
     evaluation = evaluate(data, load_network(net_opt, checkpoint, device), device, args.test_frames)
     paths = write_outputs(evaluation, data.clip(evaluation['clip'])['fps'], out)
     gt = evaluation['gt']
-    results = {'clip': evaluation['clip'], 'frames': len(gt), 'gt_size': list(gt.shape[1:3]), 'scale': SCALE,
-               'metrics': 'Y channel (BT.601), crop 0, mean over frames', 'scores': evaluation['scores'],
-               'network': net_opt, 'checkpoint': str(checkpoint), 'device': str(device), 'outputs': paths,
-               'seconds': round(time.time() - started, 1)}
+    results = {
+        'clip': evaluation['clip'],
+        'frames': len(gt),
+        'gt_size': list(gt.shape[1:3]),
+        'scale': SCALE,
+        'metrics': 'Y channel (BT.601), crop 0, mean over frames',
+        'scores': evaluation['scores'],
+        'network': net_opt,
+        'checkpoint': str(checkpoint),
+        'device': str(device),
+        'outputs': paths,
+        'seconds': round(time.time() - started, 1),
+    }
     if training:
         results['training'] = training
     write_json(out / 'results.json', results)
@@ -172,33 +206,39 @@ def train_options(data: SampleData, net_opt: Dict, iters: int, use_gpu: bool) ->
         'scale': SCALE,
         'num_gpu': 1 if use_gpu else 0,
         'manual_seed': 0,
-        'datasets': {'train': {
-            'name': 'gsmsr_samples',
-            'type': 'REDSRecurrentDataset',
-            'dataroot_gt': str(data.gt_root),
-            'dataroot_lq': str(data.lq_root),
-            'meta_info_file': str(data.meta('train')),
-            'val_partition': 'REDS4',  # drops REDS clips 000/011/015/020; no sample clip has those names
-            'test_mode': False,
-            'io_backend': {'type': 'disk'},
-            'num_frame': TRAIN_FRAMES,
-            'gt_size': TRAIN_GT_SIZE,
-            'interval_list': [1],
-            'random_reverse': False,
-            'use_hflip': True,
-            'use_rot': True,
-            'num_worker_per_gpu': 0,  # a few small PNGs per step: loading in the main process is cheapest
-            'batch_size_per_gpu': TRAIN_BATCH,
-            'dataset_enlarge_ratio': 1,
-            'prefetch_mode': None,
-        }},
+        'datasets': {
+            'train': {
+                'name': 'gsmsr_samples',
+                'type': 'REDSRecurrentDataset',
+                'dataroot_gt': str(data.gt_root),
+                'dataroot_lq': str(data.lq_root),
+                'meta_info_file': str(data.meta('train')),
+                'val_partition': 'REDS4',  # drops REDS clips 000/011/015/020; no sample clip has those names
+                'test_mode': False,
+                'io_backend': {'type': 'disk'},
+                'num_frame': TRAIN_FRAMES,
+                'gt_size': TRAIN_GT_SIZE,
+                'interval_list': [1],
+                'random_reverse': False,
+                'use_hflip': True,
+                'use_rot': True,
+                'num_worker_per_gpu': 0,  # a few small PNGs per step: loading in the main process is cheapest
+                'batch_size_per_gpu': TRAIN_BATCH,
+                'dataset_enlarge_ratio': 1,
+                'prefetch_mode': None,
+            }
+        },
         'network_g': dict(net_opt),
         'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
         'train': {
             'ema_decay': 0,  # too few steps for an average to help
             'optim_g': {'type': 'Adam', 'lr': LEARNING_RATE, 'weight_decay': 0, 'betas': [0.9, 0.99]},
-            'scheduler': {'type': 'CosineAnnealingRestartLR', 'periods': [COSINE_SPAN * iters],
-                          'restart_weights': [1], 'eta_min': 1e-7},
+            'scheduler': {
+                'type': 'CosineAnnealingRestartLR',
+                'periods': [COSINE_SPAN * iters],
+                'restart_weights': [1],
+                'eta_min': 1e-7,
+            },
             'total_iter': iters,
             'warmup_iter': min(WARMUP_ITERS, iters // 4),
             # SpyNet starts random (no pretrained weights offline) and cannot learn flow in a few hundred
@@ -207,16 +247,22 @@ def train_options(data: SampleData, net_opt: Dict, iters: int, use_gpu: bool) ->
             'flow_lr_mul': 1,
             'pixel_opt': {'type': 'CharbonnierLoss', 'loss_weight': 1.0, 'reduction': 'mean', 'eps': 1e-12},
         },
-        'logger': {'print_freq': 1, 'save_checkpoint_freq': 10 ** 9, 'use_tb_logger': False,
-                   'wandb': {'project': None, 'resume_id': None}},
+        'logger': {
+            'print_freq': 1,
+            'save_checkpoint_freq': 10**9,
+            'use_tb_logger': False,
+            'wandb': {'project': None, 'resume_id': None},
+        },
         'dist_params': {'backend': 'nccl', 'port': 29500},
     }
 
 
 def write_train_options(data: SampleData, out: Path, net_opt: Dict, iters: int, use_gpu: bool) -> Path:
     path = out / 'options' / f'train_{EXPERIMENT}.yml'
-    text = ('# Written by `gsmsr demo`; rerun with: cd <this folder>/.. && gsmsr train -opt '
-            f'options/{path.name}\n' + yaml.safe_dump(train_options(data, net_opt, iters, use_gpu), sort_keys=False))
+    text = (
+        '# Written by `gsmsr demo`; rerun with: cd <this folder>/.. && gsmsr train -opt '
+        f'options/{path.name}\n' + yaml.safe_dump(train_options(data, net_opt, iters, use_gpu), sort_keys=False)
+    )
     atomic_write_text(path, text)
     return path
 
@@ -291,8 +337,11 @@ def time_training_steps(options: Dict, steps: int = CALIBRATION_STEPS) -> float:
                 batch = opt['datasets']['train']['batch_size_per_gpu']
                 for i in range(steps):
                     start = time.perf_counter()
-                    model.feed_data(default_collate([dataset[(i * batch + j) * len(dataset) // (steps * batch)]
-                                                     for j in range(batch)]))
+                    model.feed_data(
+                        default_collate(
+                            [dataset[(i * batch + j) * len(dataset) // (steps * batch)] for j in range(batch)]
+                        )
+                    )
                     model.optimize_parameters(i + 1)
                     if model.device.type == 'cuda':
                         torch.cuda.synchronize(model.device)
@@ -355,8 +404,9 @@ def _training_deadline(deadline: float, steps: int, on_expire) -> Iterator[list]
         basicsr_train.CPUPrefetcher = original
 
 
-def train_within_budget(data: SampleData, out: Path, net_opt: Dict, iters: int, budget_s: float,
-                        use_gpu: bool) -> Tuple[Path, Dict]:
+def train_within_budget(
+    data: SampleData, out: Path, net_opt: Dict, iters: int, budget_s: float, use_gpu: bool
+) -> Tuple[Path, Dict]:
     """Train for at most ``iters`` steps and about ``budget_s`` seconds; returns the checkpoint and a summary.
 
     Unless ``iters`` is that small anyway, the first steps are timed (:func:`time_training_steps`) and the step
@@ -375,8 +425,9 @@ def train_within_budget(data: SampleData, out: Path, net_opt: Dict, iters: int, 
     def announce(steps: int) -> None:
         from basicsr.utils import get_root_logger
 
-        get_root_logger().warning(f'Time budget of {budget_s / 60:g} min spent: training stops after {steps} of '
-                                  f'{planned} steps.')
+        get_root_logger().warning(
+            f'Time budget of {budget_s / 60:g} min spent: training stops after {steps} of {planned} steps.'
+        )
 
     with _training_deadline(started + budget_s, planned, announce) as prefetchers:
         checkpoint = train(options, out, planned)
@@ -387,10 +438,16 @@ def train_within_budget(data: SampleData, out: Path, net_opt: Dict, iters: int, 
         stopped_by = 'iters'
     else:
         stopped_by = 'budget'
-    summary = {'steps': steps, 'planned_steps': planned, 'iters': iters, 'budget_minutes': budget_s / 60,
-               'seconds_per_step': None if step_s is None else round(step_s, 3),
-               'timed_steps': CALIBRATION_STEPS - 1 if step_s is not None else 0, 'stopped_by': stopped_by,
-               'seconds': round(time.monotonic() - started, 1)}
+    summary = {
+        'steps': steps,
+        'planned_steps': planned,
+        'iters': iters,
+        'budget_minutes': budget_s / 60,
+        'seconds_per_step': None if step_s is None else round(step_s, 3),
+        'timed_steps': CALIBRATION_STEPS - 1 if step_s is not None else 0,
+        'stopped_by': stopped_by,
+        'seconds': round(time.monotonic() - started, 1),
+    }
     return checkpoint, summary
 
 
@@ -400,18 +457,18 @@ def _steps(n: int) -> str:
 
 def training_summary(training: Dict) -> str:
     """One line: how many steps ran and why training stopped there."""
-    budget = f"{training['budget_minutes']:g}-minute budget"
+    budget = f'{training["budget_minutes"]:g}-minute budget'
     timing = ''
     if training['seconds_per_step'] is not None:
-        timing = f"{training['seconds_per_step']:.2f} s/step over {_steps(training['timed_steps'])} timed first"
+        timing = f'{training["seconds_per_step"]:.2f} s/step over {_steps(training["timed_steps"])} timed first'
     why = {
-        'iters': f"--iters {training['iters']} was reached" + (f' ({timing}, within the {budget})' if timing else ''),
-        'budget': f"the {budget} fits {_steps(training['planned_steps'])} ({timing}), fewer than --iters "
-                  f"{training['iters']}, so total_iter and the learning-rate schedule were set for "
-                  f"{training['planned_steps']}",
-        'budget spent': f"the {budget} was spent after {training['steps']} of {_steps(training['planned_steps'])}",
+        'iters': f'--iters {training["iters"]} was reached' + (f' ({timing}, within the {budget})' if timing else ''),
+        'budget': f'the {budget} fits {_steps(training["planned_steps"])} ({timing}), fewer than --iters '
+        f'{training["iters"]}, so total_iter and the learning-rate schedule were set for '
+        f'{training["planned_steps"]}',
+        'budget spent': f'the {budget} was spent after {training["steps"]} of {_steps(training["planned_steps"])}',
     }[training['stopped_by']]
-    return f"Training: {_steps(training['steps'])} in {training['seconds']:.0f} s; stopped because {why}."
+    return f'Training: {_steps(training["steps"])} in {training["seconds"]:.0f} s; stopped because {why}.'
 
 
 def train(options: Path, out: Path, iters: int) -> Path:
@@ -450,14 +507,16 @@ def bicubic_upscale(lq: np.ndarray) -> np.ndarray:
     """BasicSR's MATLAB-style bicubic x4 of (T, h, w, 3) uint8 frames -> (T, 4h, 4w, 3) uint8."""
     from basicsr.utils.matlab_functions import imresize
 
-    return np.stack([np.clip(np.round(imresize(f.astype(np.float32) / 255., SCALE) * 255.), 0, 255)
-                     .astype(np.uint8) for f in lq])
+    return np.stack(
+        [np.clip(np.round(imresize(f.astype(np.float32) / 255.0, SCALE) * 255.0), 0, 255).astype(np.uint8) for f in lq]
+    )
 
 
 def bilinear_upscale(lq: np.ndarray) -> np.ndarray:
     """Bilinear x4 (align_corners=False), the interpolation GSMNet adds its output to."""
-    return _to_images(F.interpolate(_to_tensor(lq)[0], scale_factor=SCALE, mode='bilinear',
-                                    align_corners=False).unsqueeze(0))
+    return _to_images(
+        F.interpolate(_to_tensor(lq)[0], scale_factor=SCALE, mode='bilinear', align_corners=False).unsqueeze(0)
+    )
 
 
 def upscale_gsmnet(net: torch.nn.Module, lq: np.ndarray, device: torch.device) -> np.ndarray:
@@ -468,6 +527,7 @@ def upscale_gsmnet(net: torch.nn.Module, lq: np.ndarray, device: torch.device) -
 
     calls = len(window_starts(len(lq), EVAL_CHUNK, 2))
     with tqdm(total=calls, desc='Upscaling with GSMNet', unit='chunk') as bar:
+
         def step(x: torch.Tensor) -> torch.Tensor:
             y = net(x)
             bar.update(1)
@@ -494,13 +554,14 @@ def load_network(net_opt: Dict, checkpoint: Path, device: torch.device) -> torch
     try:
         load_checkpoint(net, checkpoint, key=None)  # params_ema when present, else params
     except (ValueError, KeyError) as err:
-        raise InputError(f'{one_line(err)} (the options --embed-dims, --prop-depth, --attn-depth, --num-heads '
-                         f'and --pa-frame must describe the checkpoint)') from None
+        raise InputError(
+            f'{one_line(err)} (the options --embed-dims, --prop-depth, --attn-depth, --num-heads '
+            f'and --pa-frame must describe the checkpoint)'
+        ) from None
     return net.to(device).eval()
 
 
-def evaluate(data: SampleData, net: torch.nn.Module, device: torch.device,
-             test_frames: Optional[int] = None) -> Dict:
+def evaluate(data: SampleData, net: torch.nn.Module, device: torch.device, test_frames: Optional[int] = None) -> Dict:
     """GSMNet, bicubic and bilinear on the held-out clip: their frames and mean scores.
 
     Returns {'clip', 'gt', 'lq', 'outputs': {method: (T, H, W, 3) uint8 BGR}, 'scores': {method: {metric: float}}}.
@@ -511,8 +572,11 @@ def evaluate(data: SampleData, net: torch.nn.Module, device: torch.device,
     gt, lq = read_frames(data.gt_root / clip), read_frames(data.lq_root / clip)
     if test_frames:
         gt, lq = gt[:test_frames], lq[:test_frames]
-    outputs = {'GSMNet': upscale_gsmnet(net, lq, device), 'bicubic': bicubic_upscale(lq),
-               'bilinear': bilinear_upscale(lq)}
+    outputs = {
+        'GSMNet': upscale_gsmnet(net, lq, device),
+        'bicubic': bicubic_upscale(lq),
+        'bilinear': bilinear_upscale(lq),
+    }
     scores = {}
     for method, frames in outputs.items():
         per_frame = score_frames(list(frames), list(gt), METRICS)  # (T, len(METRICS))
@@ -532,12 +596,14 @@ def write_outputs(evaluation: Dict, fps: float, out: Path) -> Dict[str, str]:
 
 def format_table(results: Dict) -> str:
     h, w = results['gt_size']
-    lines = [f"\nHeld-out clip '{results['clip']}': {results['frames']} frames, {w}x{h}, x{results['scale']}; "
-             f"{results['metrics']}",
-             f"{'method':<10}{'PSNR (dB)':>11}{'SSIM':>9}"]
+    lines = [
+        f"\nHeld-out clip '{results['clip']}': {results['frames']} frames, {w}x{h}, x{results['scale']}; "
+        f'{results["metrics"]}',
+        f'{"method":<10}{"PSNR (dB)":>11}{"SSIM":>9}',
+    ]
     for method in ('GSMNet', 'bicubic', 'bilinear'):
         s = results['scores'][method]
-        lines.append(f"{method:<10}{s['PSNR']:>11.2f}{s['SSIM']:>9.4f}")
+        lines.append(f'{method:<10}{s["PSNR"]:>11.2f}{s["SSIM"]:>9.4f}')
     return '\n'.join(lines)
 
 
@@ -591,8 +657,7 @@ def most_textured_crop(gt: np.ndarray, size: int) -> tuple:
     """(top, left) of the ``size`` x ``size`` window (multiple-of-4 corner) with the most gradient energy."""
     gray = cv2.cvtColor(gt, cv2.COLOR_BGR2GRAY).astype(np.float32)
     energy = np.abs(cv2.Sobel(gray, cv2.CV_32F, 1, 0)) + np.abs(cv2.Sobel(gray, cv2.CV_32F, 0, 1))
-    window = cv2.boxFilter(energy, -1, (size, size), normalize=False, anchor=(0, 0),
-                           borderType=cv2.BORDER_CONSTANT)
+    window = cv2.boxFilter(energy, -1, (size, size), normalize=False, anchor=(0, 0), borderType=cv2.BORDER_CONSTANT)
     h, w = gray.shape
     best, where = -1.0, (0, 0)
     for top in range(0, h - size + 1, SCALE):
@@ -609,13 +674,17 @@ def write_crops(path: Path, lq: np.ndarray, bicubic: np.ndarray, sr: np.ndarray,
     t = len(gt) // 2
     size = min(CROP, gt.shape[1], gt.shape[2]) // SCALE * SCALE
     top, left = most_textured_crop(gt[t], size)
-    lr_crop = lq[t, top // SCALE:(top + size) // SCALE, left // SCALE:(left + size) // SCALE]
+    lr_crop = lq[t, top // SCALE : (top + size) // SCALE, left // SCALE : (left + size) // SCALE]
     panels = [('LR (nearest)', cv2.resize(lr_crop, (size, size), interpolation=cv2.INTER_NEAREST))]
-    panels += [(name, img[t, top:top + size, left:left + size]) for name, img in
-               (('bicubic', bicubic), ('GSMNet', sr), ('GT', gt))]
+    panels += [
+        (name, img[t, top : top + size, left : left + size])
+        for name, img in (('bicubic', bicubic), ('GSMNet', sr), ('GT', gt))
+    ]
     gap = np.full((size * CROP_ZOOM + 22, 6, 3), 255, np.uint8)
     tiles = []
     for name, crop in panels:
-        tiles += [_label(cv2.resize(crop, None, fx=CROP_ZOOM, fy=CROP_ZOOM, interpolation=cv2.INTER_NEAREST),
-                         name), gap]
+        tiles += [
+            _label(cv2.resize(crop, None, fx=CROP_ZOOM, fy=CROP_ZOOM, interpolation=cv2.INTER_NEAREST), name),
+            gap,
+        ]
     atomic_imwrite(np.concatenate(tiles[:-1], axis=1), str(path))

@@ -31,6 +31,7 @@ keeps its flow and warp geometry in fp32 itself. Blending and quantisation are a
 defaults to bf16 and to the compiled window step (``GSMNet.compile_blocks``); ``--precision fp32`` and
 ``--no-compile`` give the faithful eager path.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,13 +54,33 @@ from gsmsr.tiling import accumulate_tiles, tile_weight_map
 from gsmsr.utils import InputError, one_line, resolve_device, run_reporting_errors
 from gsmsr.video_io import check_output, open_sink, open_source
 
-__all__ = ['DEFAULT_NETWORK', 'MIN_SIZE', 'InputError', 'InferenceStats', 'load_network', 'upscale_frames',
-           'upscale_video', 'add_arguments', 'run']
+__all__ = [
+    'DEFAULT_NETWORK',
+    'MIN_SIZE',
+    'InputError',
+    'InferenceStats',
+    'load_network',
+    'upscale_frames',
+    'upscale_video',
+    'add_arguments',
+    'run',
+]
 
 # The released REDS x4 model (ARCHITECTURE.md §0); checkpointing is a training-only memory trade.
-DEFAULT_NETWORK = dict(type='GSMNet', upscale=4, in_chans=3, out_chans=3, prop_depth=4, attn_depth=4, pa_frame=2,
-                       embed_dims=192, num_heads=8, spynet_path=None, use_checkpoint_attn=False,
-                       use_checkpoint_ffn=False)
+DEFAULT_NETWORK = dict(
+    type='GSMNet',
+    upscale=4,
+    in_chans=3,
+    out_chans=3,
+    prop_depth=4,
+    attn_depth=4,
+    pa_frame=2,
+    embed_dims=192,
+    num_heads=8,
+    spynet_path=None,
+    use_checkpoint_attn=False,
+    use_checkpoint_ffn=False,
+)
 MIN_SIZE = 33  # GSMNet needs H, W > 32 (ARCHITECTURE.md §1)
 MIN_FRAMES = 2
 DEFAULT_CHUNK, DEFAULT_OVERLAP, DEFAULT_TILE, DEFAULT_TILE_OVERLAP = 32, 4, 256, 32
@@ -70,10 +91,10 @@ PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 class InferenceStats:
     output: str
     frames: int
-    in_size: tuple   # (H, W)
+    in_size: tuple  # (H, W)
     out_size: tuple  # (sH, sW)
     seconds: float
-    peak_host_bytes: int            # peak resident set size of the process
+    peak_host_bytes: int  # peak resident set size of the process
     peak_device_bytes: Optional[int]  # peak CUDA memory allocated during the run (None on CPU)
 
     def summary(self) -> str:
@@ -81,8 +102,10 @@ class InferenceStats:
         mem = f'peak host memory {self.peak_host_bytes / 2**30:.2f} GiB'
         if self.peak_device_bytes is not None:
             mem += f', peak GPU memory {self.peak_device_bytes / 2**30:.2f} GiB'
-        return (f'{self.frames} frames {self.in_size[0]}x{self.in_size[1]} -> {self.out_size[0]}x{self.out_size[1]} '
-                f'in {self.seconds:.1f} s ({fps:.2f} frames/s), {mem}: {self.output}')
+        return (
+            f'{self.frames} frames {self.in_size[0]}x{self.in_size[1]} -> {self.out_size[0]}x{self.out_size[1]} '
+            f'in {self.seconds:.1f} s ({fps:.2f} frames/s), {mem}: {self.output}'
+        )
 
 
 # ----------------------------------------------------------------------------------------------- network
@@ -104,8 +127,9 @@ def _read_options(opt: Union[str, dict, None]) -> dict:
     return loaded
 
 
-def load_network(weights: Optional[str] = None, opt: Union[str, dict, None] = None,
-                 device: Union[str, torch.device] = 'cpu') -> nn.Module:
+def load_network(
+    weights: Optional[str] = None, opt: Union[str, dict, None] = None, device: Union[str, torch.device] = 'cpu'
+) -> nn.Module:
     """Build the network and load a checkpoint strictly; returns it in eval mode on ``device``.
 
     opt: a BasicSR options file (or its dict); its ``network_g`` is the config, else the released model.
@@ -148,8 +172,9 @@ def load_network(weights: Optional[str] = None, opt: Union[str, dict, None] = No
 
 
 # ----------------------------------------------------------------------------------------------- streaming
-def _network_call(net: Callable[[Tensor], Tensor], scale: int, precision: str,
-                  device: torch.device) -> Callable[[Tensor], Tensor]:
+def _network_call(
+    net: Callable[[Tensor], Tensor], scale: int, precision: str, device: torch.device
+) -> Callable[[Tensor], Tensor]:
     """net with autocast, and with replicate-padding of sides < MIN_SIZE (output cropped back); fp32 out."""
     dtype = PRECISIONS[precision]
 
@@ -160,7 +185,8 @@ def _network_call(net: Callable[[Tensor], Tensor], scale: int, precision: str,
             x = F.pad(x.reshape(b * t, c, h, w), pad, mode='replicate').view(b, t, c, h + pad[3], w + pad[1])
         with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
             y = net(x)
-        return y[..., :scale * h, :scale * w].float()
+        return y[..., : scale * h, : scale * w].float()
+
     return call
 
 
@@ -182,11 +208,20 @@ def _to_uint8(frame: Tensor) -> np.ndarray:
     return frame.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
-def upscale_frames(frames: Iterable[np.ndarray], net: Callable[[Tensor], Tensor], *, scale: Optional[int] = None,
-                   chunk: int = DEFAULT_CHUNK, overlap: int = DEFAULT_OVERLAP, tile: int = DEFAULT_TILE,
-                   tile_overlap: int = DEFAULT_TILE_OVERLAP, precision: str = 'fp32',
-                   device: Union[str, torch.device, None] = None, name: str = 'input',
-                   tile_batch: int = 1) -> Iterator[np.ndarray]:
+def upscale_frames(
+    frames: Iterable[np.ndarray],
+    net: Callable[[Tensor], Tensor],
+    *,
+    scale: Optional[int] = None,
+    chunk: int = DEFAULT_CHUNK,
+    overlap: int = DEFAULT_OVERLAP,
+    tile: int = DEFAULT_TILE,
+    tile_overlap: int = DEFAULT_TILE_OVERLAP,
+    precision: str = 'fp32',
+    device: Union[str, torch.device, None] = None,
+    name: str = 'input',
+    tile_batch: int = 1,
+) -> Iterator[np.ndarray]:
     """Stream RGB uint8 frames (H, W, 3) through the network; yields (s*H, s*W, 3) uint8 frames in order.
 
     See the module docstring for the chunking, blending and memory bounds. ``net`` must already be on
@@ -209,9 +244,18 @@ def upscale_frames(frames: Iterable[np.ndarray], net: Callable[[Tensor], Tensor]
         yield _to_uint8(frame)
 
 
-def _stream(frames: Iterable[np.ndarray], call: Callable[[Tensor], Tensor], scale: int, chunk: int, overlap: int,
-            tile: int, tile_overlap: int, device: torch.device, name: str, tile_batch: int = 1
-            ) -> Iterator[Tensor]:
+def _stream(
+    frames: Iterable[np.ndarray],
+    call: Callable[[Tensor], Tensor],
+    scale: int,
+    chunk: int,
+    overlap: int,
+    tile: int,
+    tile_overlap: int,
+    device: torch.device,
+    name: str,
+    tile_batch: int = 1,
+) -> Iterator[Tensor]:
     """The streaming engine of :func:`upscale_frames`; yields unclamped float frames (C, s*H, s*W)."""
     source = iter(frames)
     buffer: deque = deque()  # LR frames [base, base + len(buffer))
@@ -225,13 +269,17 @@ def _stream(frames: Iterable[np.ndarray], call: Callable[[Tensor], Tensor], scal
                 eof = True
                 break
             if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
-                raise InputError(f'{name}: frame {base + len(buffer)} has shape {frame.shape} {frame.dtype}, '
-                                 'expected (H, W, 3) uint8')
+                raise InputError(
+                    f'{name}: frame {base + len(buffer)} has shape {frame.shape} {frame.dtype}, '
+                    'expected (H, W, 3) uint8'
+                )
             if size is None:
                 size = frame.shape[:2]
             elif frame.shape[:2] != size:
-                raise InputError(f'{name}: frame {base + len(buffer)} is {frame.shape[0]}x{frame.shape[1]}, '
-                                 f'earlier frames are {size[0]}x{size[1]}')
+                raise InputError(
+                    f'{name}: frame {base + len(buffer)} is {frame.shape[0]}x{frame.shape[1]}, '
+                    f'earlier frames are {size[0]}x{size[1]}'
+                )
             buffer.append(frame)
 
     fill(chunk if chunk else sys.maxsize)
@@ -255,8 +303,16 @@ def _stream(frames: Iterable[np.ndarray], call: Callable[[Tensor], Tensor], scal
             clip = np.stack([buffer[i] for i in range(start - base, start - base + length)])
             lq = torch.from_numpy(clip).to(device).permute(0, 3, 1, 2).unsqueeze(0).contiguous().float().div_(255)
             del clip
-            acc = accumulate_tiles(call, lq, scale, tile, tile_overlap, acc=acc,
-                                   frame_weight=torch.tensor(fw, dtype=torch.float32), tile_batch=tile_batch)
+            acc = accumulate_tiles(
+                call,
+                lq,
+                scale,
+                tile,
+                tile_overlap,
+                acc=acc,
+                frame_weight=torch.tensor(fw, dtype=torch.float32),
+                tile_batch=tile_batch,
+            )
             del lq
             wsum += torch.tensor(fw, dtype=torch.float64)
             done = length if next_start is None else next_start - start
@@ -266,7 +322,7 @@ def _stream(frames: Iterable[np.ndarray], call: Callable[[Tensor], Tensor], scal
                 return
             for i in range(length - done):  # shift the unfinished frames to the front (forward copy is safe)
                 acc[:, i].copy_(acc[:, i + done])
-            acc[:, length - done:].zero_()
+            acc[:, length - done :].zero_()
             wsum = torch.cat([wsum[done:], torch.zeros(done, dtype=torch.float64)])
             for _ in range(next_start - base):  # LR frames before the next chunk are no longer needed
                 buffer.popleft()
@@ -287,11 +343,23 @@ def _check_settings(chunk: int, overlap: int, tile: int, tile_overlap: int, prec
         raise InputError(f'--precision {precision}: choose one of {", ".join(PRECISIONS)}')
 
 
-def upscale_video(input_path: str, output_path: str, net: nn.Module, *, scale: Optional[int] = None,
-                  chunk: int = DEFAULT_CHUNK, overlap: int = DEFAULT_OVERLAP, tile: int = DEFAULT_TILE,
-                  tile_overlap: int = DEFAULT_TILE_OVERLAP, precision: str = 'fp32',
-                  device: Union[str, torch.device, None] = None, force: bool = False,
-                  fps: Optional[float] = None, progress: bool = True, tile_batch: int = 1) -> InferenceStats:
+def upscale_video(
+    input_path: str,
+    output_path: str,
+    net: nn.Module,
+    *,
+    scale: Optional[int] = None,
+    chunk: int = DEFAULT_CHUNK,
+    overlap: int = DEFAULT_OVERLAP,
+    tile: int = DEFAULT_TILE,
+    tile_overlap: int = DEFAULT_TILE_OVERLAP,
+    precision: str = 'fp32',
+    device: Union[str, torch.device, None] = None,
+    force: bool = False,
+    fps: Optional[float] = None,
+    progress: bool = True,
+    tile_batch: int = 1,
+) -> InferenceStats:
     """Upscale a video file or folder of frames into a video file (codec by extension, same frame rate,
     audio copied) or a PNG folder (extension-less path). The network is moved to ``device``.
 
@@ -315,8 +383,13 @@ def upscale_video(input_path: str, output_path: str, net: nn.Module, *, scale: O
         net = net.to(device)
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
-        sink = open_sink(output_path, scale * info.width, scale * info.height, rate,
-                         audio_from=input_path if info.has_audio else None)
+        sink = open_sink(
+            output_path,
+            scale * info.width,
+            scale * info.height,
+            rate,
+            audio_from=input_path if info.has_audio else None,
+        )
         tags: deque = deque()  # source tags of the frames in flight, consumed in order by the sink
 
         def frames() -> Iterator[np.ndarray]:
@@ -326,11 +399,27 @@ def upscale_video(input_path: str, output_path: str, net: nn.Module, *, scale: O
 
         started = time.perf_counter()
         count = 0
-        with tqdm(total=info.frames, unit='frame', disable=not progress, file=sys.stderr,
-                  dynamic_ncols=True, desc=os.path.basename(os.path.normpath(input_path))) as bar:
-            for out in upscale_frames(frames(), net, scale=scale, chunk=chunk, overlap=overlap, tile=tile,
-                                      tile_overlap=tile_overlap, precision=precision, device=device,
-                                      name=input_path, tile_batch=tile_batch):
+        with tqdm(
+            total=info.frames,
+            unit='frame',
+            disable=not progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            desc=os.path.basename(os.path.normpath(input_path)),
+        ) as bar:
+            for out in upscale_frames(
+                frames(),
+                net,
+                scale=scale,
+                chunk=chunk,
+                overlap=overlap,
+                tile=tile,
+                tile_overlap=tile_overlap,
+                precision=precision,
+                device=device,
+                name=input_path,
+                tile_batch=tile_batch,
+            ):
                 sink.write(out, tags.popleft())
                 count += 1
                 bar.update(1)
@@ -342,38 +431,75 @@ def upscale_video(input_path: str, output_path: str, net: nn.Module, *, scale: O
         if sink is not None:
             sink.abort()
     return InferenceStats(
-        output=output_path, frames=count, in_size=(info.height, info.width),
-        out_size=(scale * info.height, scale * info.width), seconds=seconds,
+        output=output_path,
+        frames=count,
+        in_size=(info.height, info.width),
+        out_size=(scale * info.height, scale * info.width),
+        seconds=seconds,
         peak_host_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        peak_device_bytes=torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None)
+        peak_device_bytes=torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('input', help='video file (anything FFmpeg decodes) or folder of frames')
-    parser.add_argument('-o', '--output', required=True,
-                        help='video file (.mp4/.mkv/.mov/.avi/.webm; same frame rate, audio copied) '
-                             'or a folder name without extension for PNG frames')
-    parser.add_argument('--weights', help='checkpoint: BasicSR (params_ema preferred, then params) or official '
-                                          '(default: path.pretrain_network_g of -opt)')
-    parser.add_argument('-opt', '--opt', help='BasicSR options YAML whose network_g is used '
-                                              '(default: the released x4 model)')
-    parser.add_argument('--chunk', type=int, default=DEFAULT_CHUNK,
-                        help=f'frames per temporal chunk, 0 = whole video in one (default {DEFAULT_CHUNK})')
-    parser.add_argument('--overlap', type=int, default=DEFAULT_OVERLAP,
-                        help=f'frames shared by consecutive chunks, cross-faded (default {DEFAULT_OVERLAP})')
-    parser.add_argument('--tile', type=int, default=DEFAULT_TILE,
-                        help=f'LR tile side, 0 = whole frame (default {DEFAULT_TILE})')
-    parser.add_argument('--tile-overlap', type=int, default=DEFAULT_TILE_OVERLAP,
-                        help=f'LR overlap between tiles (default {DEFAULT_TILE_OVERLAP})')
-    parser.add_argument('--precision', choices=['auto', *PRECISIONS], default='auto',
-                        help='network precision; bf16/fp16 use autocast, geometry stays fp32 '
-                             '(default auto: bf16 on CUDA, fp32 elsewhere)')
-    parser.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
-                        help='torch.compile the window step and SWSA blocks (default: on with CUDA; the first '
-                             'chunk then takes a minute or two longer, per tile size)')
-    parser.add_argument('--tile-batch', type=int, default=1,
-                        help='tiles per network call (default 1); more fill a large GPU better, same output')
+    parser.add_argument(
+        '-o',
+        '--output',
+        required=True,
+        help='video file (.mp4/.mkv/.mov/.avi/.webm; same frame rate, audio copied) '
+        'or a folder name without extension for PNG frames',
+    )
+    parser.add_argument(
+        '--weights',
+        help='checkpoint: BasicSR (params_ema preferred, then params) or official '
+        '(default: path.pretrain_network_g of -opt)',
+    )
+    parser.add_argument(
+        '-opt', '--opt', help='BasicSR options YAML whose network_g is used (default: the released x4 model)'
+    )
+    parser.add_argument(
+        '--chunk',
+        type=int,
+        default=DEFAULT_CHUNK,
+        help=f'frames per temporal chunk, 0 = whole video in one (default {DEFAULT_CHUNK})',
+    )
+    parser.add_argument(
+        '--overlap',
+        type=int,
+        default=DEFAULT_OVERLAP,
+        help=f'frames shared by consecutive chunks, cross-faded (default {DEFAULT_OVERLAP})',
+    )
+    parser.add_argument(
+        '--tile', type=int, default=DEFAULT_TILE, help=f'LR tile side, 0 = whole frame (default {DEFAULT_TILE})'
+    )
+    parser.add_argument(
+        '--tile-overlap',
+        type=int,
+        default=DEFAULT_TILE_OVERLAP,
+        help=f'LR overlap between tiles (default {DEFAULT_TILE_OVERLAP})',
+    )
+    parser.add_argument(
+        '--precision',
+        choices=['auto', *PRECISIONS],
+        default='auto',
+        help='network precision; bf16/fp16 use autocast, geometry stays fp32 '
+        '(default auto: bf16 on CUDA, fp32 elsewhere)',
+    )
+    parser.add_argument(
+        '--compile',
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help='torch.compile the window step and SWSA blocks (default: on with CUDA; the first '
+        'chunk then takes a minute or two longer, per tile size)',
+    )
+    parser.add_argument(
+        '--tile-batch',
+        type=int,
+        default=1,
+        help='tiles per network call (default 1); more fill a large GPU better, same output',
+    )
     parser.add_argument('--device', help='torch device (default: cuda if available, else cpu)')
     parser.add_argument('--fps', type=float, help='frame rate of a video made from a folder (default 25)')
     parser.add_argument('--force', action='store_true', help='overwrite an existing output')
@@ -404,13 +530,26 @@ def _run(args: argparse.Namespace) -> int:
     if hasattr(net, 'compile_blocks'):
         net.compile_blocks = device.type == 'cuda' if args.compile is None else args.compile
     try:
-        stats = upscale_video(args.input, args.output, net, chunk=args.chunk, overlap=args.overlap, tile=args.tile,
-                              tile_overlap=args.tile_overlap, precision=args.precision, device=device,
-                              tile_batch=args.tile_batch,
-                              force=args.force, fps=args.fps, progress=args.progress)
+        stats = upscale_video(
+            args.input,
+            args.output,
+            net,
+            chunk=args.chunk,
+            overlap=args.overlap,
+            tile=args.tile,
+            tile_overlap=args.tile_overlap,
+            precision=args.precision,
+            device=device,
+            tile_batch=args.tile_batch,
+            force=args.force,
+            fps=args.fps,
+            progress=args.progress,
+        )
     except torch.cuda.OutOfMemoryError:
-        print(f'{PROG}: error: out of GPU memory; lower --chunk and/or --tile (now {args.chunk}, {args.tile})',
-              file=sys.stderr)
+        print(
+            f'{PROG}: error: out of GPU memory; lower --chunk and/or --tile (now {args.chunk}, {args.tile})',
+            file=sys.stderr,
+        )
         return 1
     print(f'{PROG}: {stats.summary()}', file=sys.stderr)
     return 0

@@ -31,6 +31,7 @@ Python API: :class:`FlowPerturbation` (the hook), :func:`perturbed_flows` (insta
 hook), :func:`find_clips` / :func:`load_clip` (REDS-layout test sets), :func:`stress_test` (the sweeps) and
 :func:`write_report`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,9 +53,22 @@ from gsmsr.archs.gsmnet_arch import MIN_SIZE
 from gsmsr.inference import load_network
 from gsmsr.utils import InputError, atomic_write_bytes, resolve_device, run_reporting_errors
 
-__all__ = ['FlowPerturbation', 'perturbed_flows', 'Condition', 'ClipFiles', 'find_clips', 'load_clip',
-           'StressResult', 'stress_test', 'format_table', 'plot_curves', 'write_report', 'parse_levels',
-           'add_arguments', 'run']
+__all__ = [
+    'FlowPerturbation',
+    'perturbed_flows',
+    'Condition',
+    'ClipFiles',
+    'find_clips',
+    'load_clip',
+    'StressResult',
+    'stress_test',
+    'format_table',
+    'plot_curves',
+    'write_report',
+    'parse_levels',
+    'add_arguments',
+    'run',
+]
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 METRIC_NAMES = ('psnr', 'ssim')
@@ -110,8 +124,9 @@ class FlowPerturbation:
 
 
 @contextlib.contextmanager
-def perturbed_flows(net: torch.nn.Module, transform: Optional[Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]]
-                    ) -> Iterator[torch.nn.Module]:
+def perturbed_flows(
+    net: torch.nn.Module, transform: Optional[Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]]
+) -> Iterator[torch.nn.Module]:
     """Install ``transform`` as ``net.flow_transform``; the previous hook is restored on exit, errors included."""
     if not hasattr(net, 'flow_transform'):
         raise TypeError(f'{type(net).__name__} has no flow_transform hook (GSMNet needed)')
@@ -126,6 +141,7 @@ def perturbed_flows(net: torch.nn.Module, transform: Optional[Callable[[Tensor, 
 @dataclass(frozen=True)
 class Condition:
     """One evaluated setting: noise std (LR px) and dropout probability."""
+
     noise: float = 0.0
     dropout: float = 0.0
 
@@ -139,6 +155,7 @@ def clip_seed(seed: int, clip: str) -> int:
 @dataclass
 class ClipFiles:
     """One clip of a REDS-layout test set: frame file names shared by ``lq_dir`` and ``gt_dir``."""
+
     name: str
     lq_dir: str
     gt_dir: str
@@ -146,8 +163,11 @@ class ClipFiles:
 
 
 def _frame_files(folder: str) -> List[str]:
-    return sorted(f for f in os.listdir(folder)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
+    return sorted(
+        f
+        for f in os.listdir(folder)
+        if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f))
+    )
 
 
 def find_clips(gt_root: str, lq_root: str, max_frames: int = 0) -> List[ClipFiles]:
@@ -175,8 +195,10 @@ def find_clips(gt_root: str, lq_root: str, max_frames: int = 0) -> List[ClipFile
             raise InputError(f'{lq_dir}: {len(frames)} frame(s); GSMNet needs at least 2')
         missing = [f for f in frames if not os.path.isfile(os.path.join(gt_dir, f))]
         if missing:
-            raise InputError(f'{os.path.join(gt_dir, missing[0])}: missing GT frame'
-                             + (f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''))
+            raise InputError(
+                f'{os.path.join(gt_dir, missing[0])}: missing GT frame'
+                + (f' (and {len(missing) - 1} more)' if len(missing) > 1 else '')
+            )
         clips.append(ClipFiles(name, lq_dir, gt_dir, frames))
     return clips
 
@@ -201,14 +223,20 @@ def load_clip(clip: ClipFiles, scale: int, min_size: int = 0) -> Tuple[Tensor, L
         lq_path, gt_path = os.path.join(clip.lq_dir, frame), os.path.join(clip.gt_dir, frame)
         lq, gt = _read_bgr(lq_path), _read_bgr(gt_path)
         if lqs and lq.shape != lqs[0].shape:
-            raise InputError(f'{lq_path}: {lq.shape[0]}x{lq.shape[1]}, but the clip\'s first LR frame is '
-                             f'{lqs[0].shape[0]}x{lqs[0].shape[1]}')
+            raise InputError(
+                f"{lq_path}: {lq.shape[0]}x{lq.shape[1]}, but the clip's first LR frame is "
+                f'{lqs[0].shape[0]}x{lqs[0].shape[1]}'
+            )
         if gt.shape[:2] != (scale * lq.shape[0], scale * lq.shape[1]):
-            raise InputError(f'{gt_path}: GT is {gt.shape[0]}x{gt.shape[1]}, expected {scale}x the LR frame '
-                             f'{lq.shape[0]}x{lq.shape[1]} = {scale * lq.shape[0]}x{scale * lq.shape[1]}')
+            raise InputError(
+                f'{gt_path}: GT is {gt.shape[0]}x{gt.shape[1]}, expected {scale}x the LR frame '
+                f'{lq.shape[0]}x{lq.shape[1]} = {scale * lq.shape[0]}x{scale * lq.shape[1]}'
+            )
         if min(lq.shape[:2]) < min_size:
-            raise InputError(f'{lq_path}: LR frame {lq.shape[0]}x{lq.shape[1]} is smaller than the '
-                             f'{min_size}x{min_size} the network needs')
+            raise InputError(
+                f'{lq_path}: LR frame {lq.shape[0]}x{lq.shape[1]} is smaller than the '
+                f'{min_size}x{min_size} the network needs'
+            )
         lqs.append(lq)
         gts.append(gt)
     tensors = img2tensor([img.astype(np.float32) / 255.0 for img in lqs], bgr2rgb=True, float32=True)
@@ -219,6 +247,7 @@ def load_clip(clip: ClipFiles, scale: int, min_size: int = 0) -> Tuple[Tensor, L
 @dataclass
 class StressResult:
     """Scores of every condition: ``overall[c]`` (M,) and ``per_clip[c][clip]`` (M,), M = len(METRIC_NAMES)."""
+
     noise_levels: List[float]
     dropout_levels: List[float]
     seed: int
@@ -234,8 +263,9 @@ class StressResult:
 
     def rows(self) -> List[Tuple[str, float, Condition]]:
         """(sweep, level, condition) in report order: the noise sweep, then the dropout sweep."""
-        return ([('noise', s, Condition(noise=s)) for s in self.noise_levels]
-                + [('dropout', p, Condition(dropout=p)) for p in self.dropout_levels])
+        return [('noise', s, Condition(noise=s)) for s in self.noise_levels] + [
+            ('dropout', p, Condition(dropout=p)) for p in self.dropout_levels
+        ]
 
 
 def conditions_of(noise_levels: Sequence[float], dropout_levels: Sequence[float]) -> List[Condition]:
@@ -247,10 +277,21 @@ def conditions_of(noise_levels: Sequence[float], dropout_levels: Sequence[float]
     return out
 
 
-def stress_test(net: torch.nn.Module, clips: Sequence[ClipFiles], noise_levels: Sequence[float],
-                dropout_levels: Sequence[float], *, seed: int = 0, y_channel: bool = False, chunk: int = 100,
-                chunk_overlap: int = 2, tile: int = 0, tile_overlap: int = 50,
-                device: Optional[torch.device] = None, log: Optional[Callable[[str], None]] = None) -> StressResult:
+def stress_test(
+    net: torch.nn.Module,
+    clips: Sequence[ClipFiles],
+    noise_levels: Sequence[float],
+    dropout_levels: Sequence[float],
+    *,
+    seed: int = 0,
+    y_channel: bool = False,
+    chunk: int = 100,
+    chunk_overlap: int = 2,
+    tile: int = 0,
+    tile_overlap: int = 50,
+    device: Optional[torch.device] = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> StressResult:
     """Evaluate ``net`` (a GSMNet in eval mode) on every clip under every condition of the two sweeps.
 
     Clips are loaded one at a time; every condition runs on a clip before the next is loaded. The unperturbed
@@ -265,8 +306,7 @@ def stress_test(net: torch.nn.Module, clips: Sequence[ClipFiles], noise_levels: 
         raise InputError('no clips to evaluate')
     device = device or next(net.parameters()).device
     scale = int(net.upscale)
-    metrics = {name: dict(type=f'calculate_{name}', crop_border=0, test_y_channel=y_channel)
-               for name in METRIC_NAMES}
+    metrics = {name: dict(type=f'calculate_{name}', crop_border=0, test_y_channel=y_channel) for name in METRIC_NAMES}
     conditions = conditions_of(noise_levels, dropout_levels)
     result = StressResult(list(noise_levels), list(dropout_levels), seed, y_channel)
     per_frame: Dict[Condition, Dict[str, np.ndarray]] = {c: {} for c in conditions}
@@ -281,8 +321,10 @@ def stress_test(net: torch.nn.Module, clips: Sequence[ClipFiles], noise_levels: 
             del out
             if log:
                 psnr, ssim = per_frame[c][clip.name].mean(axis=0)
-                log(f'clip {clip.name}: noise {c.noise:g} px, dropout {c.dropout:g}: '
-                    f'PSNR {psnr:.4f} dB, SSIM {ssim:.4f}')
+                log(
+                    f'clip {clip.name}: noise {c.noise:g} px, dropout {c.dropout:g}: '
+                    f'PSNR {psnr:.4f} dB, SSIM {ssim:.4f}'
+                )
         result.clips.append(clip.name)
         result.frames += len(clip.frames)
         del lq, gts
@@ -297,13 +339,17 @@ def format_table(result: StressResult, title: str = '') -> str:
     channel = 'Y' if result.y_channel else 'RGB'
     clean = result.clean
     lines = [title] if title else []
-    lines.append(f'{len(result.clips)} clip(s), {result.frames} frames, metrics on {channel}, crop 0, '
-                 f'seed {result.seed}; clean PSNR {clean[0]:.4f} dB, SSIM {clean[1]:.4f}')
+    lines.append(
+        f'{len(result.clips)} clip(s), {result.frames} frames, metrics on {channel}, crop 0, '
+        f'seed {result.seed}; clean PSNR {clean[0]:.4f} dB, SSIM {clean[1]:.4f}'
+    )
     lines.append(f'{"perturbation":<22}{"level":>8}{"PSNR":>11}{"dPSNR":>10}{"SSIM":>9}{"dSSIM":>10}')
     for sweep, level, c in result.rows():
         v = result.overall[c]
-        lines.append(f'{SWEEP_LABELS[sweep]:<22}{level:>8g}{v[0]:>11.4f}{v[0] - clean[0]:>+10.4f}'
-                     f'{v[1]:>9.4f}{v[1] - clean[1]:>+10.4f}')
+        lines.append(
+            f'{SWEEP_LABELS[sweep]:<22}{level:>8g}{v[0]:>11.4f}{v[0] - clean[0]:>+10.4f}'
+            f'{v[1]:>9.4f}{v[1] - clean[1]:>+10.4f}'
+        )
     return '\n'.join(lines) + '\n'
 
 
@@ -324,8 +370,20 @@ def _ticks(lo: float, hi: float, count: int = 5) -> Tuple[List[float], int]:
     return [lo + i * step for i in range(count)], decimals
 
 
-def _draw_panel(img: np.ndarray, x0: int, y0: int, w: int, h: int, xs: Sequence[float], ys: Sequence[float],
-                ref: float, title: str, xlabel: str, ylabel: str, color: Tuple[int, int, int]) -> None:
+def _draw_panel(
+    img: np.ndarray,
+    x0: int,
+    y0: int,
+    w: int,
+    h: int,
+    xs: Sequence[float],
+    ys: Sequence[float],
+    ref: float,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    color: Tuple[int, int, int],
+) -> None:
     """Line plot of ys over xs in the box (x0, y0, w, h) of ``img``, with a dashed line at ``ref``."""
     font, black, grey = cv2.FONT_HERSHEY_SIMPLEX, (0, 0, 0), (170, 170, 170)
     left, right, top, bottom = x0 + 80, x0 + w - 25, y0 + 40, y0 + h - 45
@@ -337,8 +395,10 @@ def _draw_panel(img: np.ndarray, x0: int, y0: int, w: int, h: int, xs: Sequence[
         xlo, xhi = xlo - 0.5, xhi + 0.5
 
     def px(x: float, y: float) -> Tuple[int, int]:
-        return (int(round(left + (x - xlo) / (xhi - xlo) * (right - left))),
-                int(round(bottom - (y - lo) / (hi - lo) * (bottom - top))))
+        return (
+            int(round(left + (x - xlo) / (xhi - xlo) * (right - left))),
+            int(round(bottom - (y - lo) / (hi - lo) * (bottom - top))),
+        )
 
     (tw, _), _ = cv2.getTextSize(title, font, 0.5, 1)
     cv2.putText(img, title, (x0 + (w - tw) // 2, y0 + 18), font, 0.5, black, 1, cv2.LINE_AA)
@@ -372,8 +432,9 @@ def _draw_panel(img: np.ndarray, x0: int, y0: int, w: int, h: int, xs: Sequence[
 
 def plot_curves(result: StressResult, panel: Tuple[int, int] = (440, 300)) -> np.ndarray:
     """BGR uint8 image: PSNR (top row) and SSIM (bottom row) against each sweep's level (one column each)."""
-    sweeps = [(s, levels) for s, levels in (('noise', result.noise_levels), ('dropout', result.dropout_levels))
-              if levels]
+    sweeps = [
+        (s, levels) for s, levels in (('noise', result.noise_levels), ('dropout', result.dropout_levels)) if levels
+    ]
     pw, ph = panel
     img = np.full((2 * ph, max(1, len(sweeps)) * pw, 3), 255, np.uint8)
     colors = {'noise': (180, 90, 20), 'dropout': (30, 100, 220)}
@@ -381,8 +442,20 @@ def plot_curves(result: StressResult, panel: Tuple[int, int] = (440, 300)) -> np
         conds = [Condition(noise=v) if sweep == 'noise' else Condition(dropout=v) for v in levels]
         for row, (m, name, unit) in enumerate(((0, 'PSNR', 'PSNR (dB)'), (1, 'SSIM', 'SSIM'))):
             ys = [float(result.overall[c][m]) for c in conds]
-            _draw_panel(img, col * pw, row * ph, pw, ph, levels, ys, float(result.clean[m]),
-                        f'{name} vs flow {sweep} (dashed: clean)', SWEEP_LABELS[sweep], unit, colors[sweep])
+            _draw_panel(
+                img,
+                col * pw,
+                row * ph,
+                pw,
+                ph,
+                levels,
+                ys,
+                float(result.clean[m]),
+                f'{name} vs flow {sweep} (dashed: clean)',
+                SWEEP_LABELS[sweep],
+                unit,
+                colors[sweep],
+            )
     return img
 
 
@@ -417,24 +490,39 @@ def parse_levels(text: str, flag: str, upper: float = math.inf) -> List[float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--weights', help='checkpoint: BasicSR (params_ema preferred, then params) or official '
-                                          '(default: path.pretrain_network_g of -opt)')
-    parser.add_argument('-opt', '--opt', help='BasicSR options YAML whose network_g (type GSMNet) is used '
-                                              '(default: the released x4 model)')
+    parser.add_argument(
+        '--weights',
+        help='checkpoint: BasicSR (params_ema preferred, then params) or official '
+        '(default: path.pretrain_network_g of -opt)',
+    )
+    parser.add_argument(
+        '-opt',
+        '--opt',
+        help='BasicSR options YAML whose network_g (type GSMNet) is used (default: the released x4 model)',
+    )
     parser.add_argument('--gt', required=True, help='GT folder, REDS layout: DIR/<clip>/<frame>.png')
     parser.add_argument('--lq', required=True, help='LR folder, same layout and frame names as --gt')
     parser.add_argument('--out', required=True, help='output folder for stress_flow.{txt,csv,png}')
-    parser.add_argument('--noise', default='0,0.5,1,2,4',
-                        help='Gaussian flow noise std in LR pixels, comma-separated; "" skips the sweep '
-                             '(default: %(default)s)')
-    parser.add_argument('--dropout', default='0,0.1,0.3,0.5',
-                        help='probability of zeroing each flow vector (pixel-wise), comma-separated; "" skips '
-                             'the sweep (default: %(default)s)')
+    parser.add_argument(
+        '--noise',
+        default='0,0.5,1,2,4',
+        help='Gaussian flow noise std in LR pixels, comma-separated; "" skips the sweep (default: %(default)s)',
+    )
+    parser.add_argument(
+        '--dropout',
+        default='0,0.1,0.3,0.5',
+        help='probability of zeroing each flow vector (pixel-wise), comma-separated; "" skips '
+        'the sweep (default: %(default)s)',
+    )
     parser.add_argument('--seed', type=int, default=0, help='seed of the perturbations (default: %(default)s)')
     parser.add_argument('--max-frames', type=int, default=0, help='first N frames of each clip, 0 = all')
     parser.add_argument('--y', action='store_true', help='PSNR/SSIM on the Y channel (default: RGB)')
-    parser.add_argument('--chunk', type=int, default=100, help='frames per temporal chunk, 0 = whole clip '
-                                                               '(default: %(default)s, the test protocol)')
+    parser.add_argument(
+        '--chunk',
+        type=int,
+        default=100,
+        help='frames per temporal chunk, 0 = whole clip (default: %(default)s, the test protocol)',
+    )
     parser.add_argument('--chunk-overlap', type=int, default=2, help='(default: %(default)s)')
     parser.add_argument('--tile', type=int, default=0, help='LR tile side, 0 = whole frame (default)')
     parser.add_argument('--tile-overlap', type=int, default=50, help='(default: %(default)s)')
@@ -472,9 +560,20 @@ def _run(args: argparse.Namespace) -> int:
     if not isinstance(net, GSMNet):
         raise InputError(f'network_g type {type(net).__name__}: stress-flow needs GSMNet (flow_transform hook)')
     weights = args.weights or f'path.pretrain_network_g of {args.opt}'
-    result = stress_test(net, clips, noise, dropout, seed=args.seed, y_channel=args.y, chunk=args.chunk,
-                         chunk_overlap=args.chunk_overlap, tile=args.tile, tile_overlap=args.tile_overlap,
-                         device=device, log=lambda line: print(f'{prog}: {line}', file=sys.stderr))
+    result = stress_test(
+        net,
+        clips,
+        noise,
+        dropout,
+        seed=args.seed,
+        y_channel=args.y,
+        chunk=args.chunk,
+        chunk_overlap=args.chunk_overlap,
+        tile=args.tile,
+        tile_overlap=args.tile_overlap,
+        device=device,
+        log=lambda line: print(f'{prog}: {line}', file=sys.stderr),
+    )
     title = f'Flow stress test of {weights}'
     paths = write_report(result, args.out, title)
     print(format_table(result, title), end='')

@@ -7,6 +7,7 @@ protocol under ``val`` (chunks/tiles, metrics, centre frame only for Vimeo-90K-T
 ``path.pretrain_network_g`` (``param_key_g``: ``params_ema`` for checkpoints from ``basicsr train``; the file
 falls back to ``params`` when it has no EMA weights); official GSMamba checkpoints load too.
 """
+
 from __future__ import annotations
 
 import os

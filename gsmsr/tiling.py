@@ -13,6 +13,7 @@ The only departure from the official script: with ``tile=0`` (or ``chunk=0``) th
 frame (or clip) unpadded. The official script reflect-pads that path to multiples of its attention window
 (§9); GSMNet needs no divisibility, and an unpadded call keeps "one chunk and one tile" equal to ``net(lq)``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,8 +22,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor
 
-__all__ = ['window_starts', 'TileRegion', 'tile_regions', 'tile_weight_map', 'accumulate_tiles',
-           'forward_chunked']
+__all__ = ['window_starts', 'TileRegion', 'tile_regions', 'tile_weight_map', 'accumulate_tiles', 'forward_chunked']
 
 
 def window_starts(length: int, size: int, overlap: int) -> List[int]:
@@ -44,6 +44,7 @@ def window_starts(length: int, size: int, overlap: int) -> List[int]:
 class TileRegion:
     """One spatial tile. LR slice ``[y0:y0+h, x0:x0+w]``; of its output (HR, ``s*h x s*w``), the part
     ``[top:s*h-bottom, left:s*w-right]`` is kept and lands at ``[s*y0+top : s*(y0+h)-bottom, ...]``."""
+
     y0: int
     x0: int
     h: int
@@ -65,24 +66,41 @@ def tile_regions(height: int, width: int, tile: int, tile_overlap: int) -> List[
     regions = []
     for y0 in window_starts(height, tile, tile_overlap):
         for x0 in window_starts(width, tile, tile_overlap):
-            regions.append(TileRegion(
-                y0=y0, x0=x0, h=th, w=tw,
-                top=trim if y0 > 0 else 0, bottom=trim if y0 + th < height else 0,
-                left=trim if x0 > 0 else 0, right=trim if x0 + tw < width else 0))
+            regions.append(
+                TileRegion(
+                    y0=y0,
+                    x0=x0,
+                    h=th,
+                    w=tw,
+                    top=trim if y0 > 0 else 0,
+                    bottom=trim if y0 + th < height else 0,
+                    left=trim if x0 > 0 else 0,
+                    right=trim if x0 + tw < width else 0,
+                )
+            )
     return regions
 
 
 def _hr_slices(r: TileRegion, scale: int):
     """(rows, cols) of the kept output part, in the full HR frame and inside the tile's output."""
     sh, sw = scale * r.h, scale * r.w
-    frame = (slice(scale * r.y0 + r.top, scale * r.y0 + sh - r.bottom),
-             slice(scale * r.x0 + r.left, scale * r.x0 + sw - r.right))
+    frame = (
+        slice(scale * r.y0 + r.top, scale * r.y0 + sh - r.bottom),
+        slice(scale * r.x0 + r.left, scale * r.x0 + sw - r.right),
+    )
     inner = (slice(r.top, sh - r.bottom), slice(r.left, sw - r.right))
     return frame, inner
 
 
-def tile_weight_map(height: int, width: int, scale: int, tile: int, tile_overlap: int,
-                    device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+def tile_weight_map(
+    height: int,
+    width: int,
+    scale: int,
+    tile: int,
+    tile_overlap: int,
+    device: Optional[torch.device] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """How many tiles contribute to each HR pixel: ``(s*height, s*width)``, every entry >= 1."""
     weight = torch.zeros(scale * height, scale * width, device=device, dtype=dtype)
     for r in tile_regions(height, width, tile, tile_overlap):
@@ -91,9 +109,16 @@ def tile_weight_map(height: int, width: int, scale: int, tile: int, tile_overlap
     return weight
 
 
-def accumulate_tiles(net: Callable[[Tensor], Tensor], lq: Tensor, scale: int, tile: int, tile_overlap: int,
-                     acc: Optional[Tensor] = None, frame_weight: Optional[Tensor] = None,
-                     tile_batch: int = 1) -> Tensor:
+def accumulate_tiles(
+    net: Callable[[Tensor], Tensor],
+    lq: Tensor,
+    scale: int,
+    tile: int,
+    tile_overlap: int,
+    acc: Optional[Tensor] = None,
+    frame_weight: Optional[Tensor] = None,
+    tile_batch: int = 1,
+) -> Tensor:
     """Add the trimmed outputs of all tiles of ``lq`` into ``acc`` (not yet divided by the weight map).
 
     lq: (B, T, C, H, W). acc: (B, T, C_out, s*H, s*W) or None, in which case it is allocated on ``lq``'s
@@ -105,18 +130,20 @@ def accumulate_tiles(net: Callable[[Tensor], Tensor], lq: Tensor, scale: int, ti
     b, t, _, h, w = lq.shape
     regions = tile_regions(h, w, tile, tile_overlap)
     for i in range(0, len(regions), max(1, tile_batch)):
-        group = regions[i:i + max(1, tile_batch)]
-        out = net(torch.cat([lq[..., r.y0:r.y0 + r.h, r.x0:r.x0 + r.w] for r in group]))
+        group = regions[i : i + max(1, tile_batch)]
+        out = net(torch.cat([lq[..., r.y0 : r.y0 + r.h, r.x0 : r.x0 + r.w] for r in group]))
         th, tw = group[0].h, group[0].w
         if out.dim() != 5 or out.shape[:2] != (b * len(group), t) or out.shape[-2:] != (scale * th, scale * tw):
-            raise RuntimeError(f'network returned shape {tuple(out.shape)} for tiles of shape '
-                               f'{(b * len(group), t, lq.shape[2], th, tw)}; expected (B, T, C, {scale}*H, {scale}*W)')
+            raise RuntimeError(
+                f'network returned shape {tuple(out.shape)} for tiles of shape '
+                f'{(b * len(group), t, lq.shape[2], th, tw)}; expected (B, T, C, {scale}*H, {scale}*W)'
+            )
         if acc is None:
             dtype = torch.promote_types(lq.dtype, torch.float32)
             acc = torch.zeros(b, t, out.shape[2], scale * h, scale * w, device=lq.device, dtype=dtype)
         for j, r in enumerate(group):
             (fy, fx), (iy, ix) = _hr_slices(r, scale)
-            part = out[j * b:(j + 1) * b, ..., iy, ix].to(device=acc.device, dtype=acc.dtype)
+            part = out[j * b : (j + 1) * b, ..., iy, ix].to(device=acc.device, dtype=acc.dtype)
             if frame_weight is not None:
                 part = part * frame_weight.to(device=acc.device, dtype=acc.dtype).view(1, t, 1, 1, 1)
             acc[..., fy, fx] += part
@@ -125,8 +152,15 @@ def accumulate_tiles(net: Callable[[Tensor], Tensor], lq: Tensor, scale: int, ti
     return acc
 
 
-def forward_chunked(net: Callable[[Tensor], Tensor], lq: Tensor, scale: int, chunk: int = 100,
-                    chunk_overlap: int = 2, tile: int = 144, tile_overlap: int = 50) -> Tensor:
+def forward_chunked(
+    net: Callable[[Tensor], Tensor],
+    lq: Tensor,
+    scale: int,
+    chunk: int = 100,
+    chunk_overlap: int = 2,
+    tile: int = 144,
+    tile_overlap: int = 50,
+) -> Tensor:
     """Official test-time forward (ARCHITECTURE.md §9): temporal chunks x spatial tiles, averaged.
 
     lq: (B, T, C, H, W) -> (B, T, C_out, s*H, s*W) on ``lq``'s device (dtype at least float32).
@@ -142,7 +176,7 @@ def forward_chunked(net: Callable[[Tensor], Tensor], lq: Tensor, scale: int, chu
     counts = torch.zeros(t_total, dtype=torch.float64)
     out = None
     for t0 in starts:
-        clip = lq[:, t0:t0 + length]
+        clip = lq[:, t0 : t0 + length]
         if out is None:
             first = accumulate_tiles(net, clip, scale, tile, tile_overlap)
             if length == t_total:
@@ -152,8 +186,8 @@ def forward_chunked(net: Callable[[Tensor], Tensor], lq: Tensor, scale: int, chu
                 out[:, :length] = first
             del first
         else:
-            accumulate_tiles(net, clip, scale, tile, tile_overlap, acc=out[:, t0:t0 + length])
-        counts[t0:t0 + length] += 1
+            accumulate_tiles(net, clip, scale, tile, tile_overlap, acc=out[:, t0 : t0 + length])
+        counts[t0 : t0 + length] += 1
     weight = tile_weight_map(h, w, scale, tile, tile_overlap, device=out.device, dtype=out.dtype)
     counts = counts.to(device=out.device, dtype=out.dtype).view(1, t_total, 1, 1, 1)
     return out.div_(weight).div_(counts)  # two in-place steps: no (T, sH, sW) temporary

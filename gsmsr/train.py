@@ -13,6 +13,7 @@ Multi-GPU (one process per GPU, NCCL; CPU processes use gloo)::
 
 ``main`` can be called several times in one process (each call gets a fresh log file).
 """
+
 from __future__ import annotations
 
 import os
@@ -57,6 +58,7 @@ def _normalise_argv(argv: Sequence[str]) -> List[str]:
 def reset_basicsr_logger() -> None:
     """Close and drop the 'basicsr' logger's handlers so the next run writes its own log file."""
     from basicsr.utils import logger as basicsr_logger
+
     log = logging.getLogger('basicsr')
     for handler in list(log.handlers):
         log.removeHandler(handler)

@@ -1,4 +1,5 @@
 """Small helpers shared by the commands: atomic file writes, device choice, one-line error messages."""
+
 from __future__ import annotations
 
 import os
@@ -41,6 +42,7 @@ def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
     def write(tmp: str) -> None:
         with open(tmp, 'wb') as f:
             f.write(data)
+
     atomic_write(path, write)
 
 

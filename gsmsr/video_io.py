@@ -5,6 +5,7 @@ frame or two. Videos are decoded and encoded with PyAV (FFmpeg); image folders a
 OpenCV. A sink writes to a hidden temporary name next to the output and renames it into place only in
 ``commit()``; ``abort()`` deletes it, so a failed run leaves nothing that looks like a result.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,22 +27,34 @@ try:  # PyAV is needed for video files only; folders of frames work without it
 except ImportError:  # pragma: no cover - exercised on machines without PyAV
     av = None
 
-__all__ = ['InputError', 'FrameTag', 'SourceInfo', 'open_source', 'output_kind', 'check_output',
-           'VideoSink', 'FolderSink', 'open_sink', 'IMAGE_EXTENSIONS', 'VIDEO_EXTENSIONS']
+__all__ = [
+    'InputError',
+    'FrameTag',
+    'SourceInfo',
+    'open_source',
+    'output_kind',
+    'check_output',
+    'VideoSink',
+    'FolderSink',
+    'open_sink',
+    'IMAGE_EXTENSIONS',
+    'VIDEO_EXTENSIONS',
+]
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 # Output container extension -> preferred encoder (fallback mpeg4 where the preferred one is missing).
-VIDEO_EXTENSIONS = {'.mp4': 'libx264', '.mkv': 'libx264', '.mov': 'libx264', '.avi': 'mpeg4',
-                    '.webm': 'libvpx-vp9'}
-ENCODER_OPTIONS = {'libx264': {'crf': '16', 'preset': 'medium'},  # visually lossless, normal speed
-                   'libvpx-vp9': {'crf': '20', 'b': '0'}}
+VIDEO_EXTENSIONS = {'.mp4': 'libx264', '.mkv': 'libx264', '.mov': 'libx264', '.avi': 'mpeg4', '.webm': 'libvpx-vp9'}
+ENCODER_OPTIONS = {
+    'libx264': {'crf': '16', 'preset': 'medium'},  # visually lossless, normal speed
+    'libvpx-vp9': {'crf': '20', 'b': '0'},
+}
 DEFAULT_FOLDER_FPS = Fraction(25)
-
 
 
 @dataclass(frozen=True)
 class FrameTag:
     """Where a frame came from: its index, presentation time in seconds (video) and a name for PNG output."""
+
     index: int
     time: Optional[Fraction]
     name: str
@@ -50,10 +63,10 @@ class FrameTag:
 @dataclass(frozen=True)
 class SourceInfo:
     path: str
-    kind: str                 # 'video' or 'folder'
+    kind: str  # 'video' or 'folder'
     height: int
     width: int
-    frames: Optional[int]     # declared frame count; None when the container does not say
+    frames: Optional[int]  # declared frame count; None when the container does not say
     rate: Optional[Fraction]  # average frame rate (video only)
     has_audio: bool
 
@@ -82,17 +95,25 @@ class VideoSource:
             self.container.close()
             raise InputError(f'{path}: video stream has no frame size (corrupt header?)')
         self.stream = stream
-        self.info = SourceInfo(path=path, kind='video', height=ctx.height, width=ctx.width,
-                               frames=stream.frames or None, rate=Fraction(rate) if rate else None,
-                               has_audio=bool(self.container.streams.audio))
+        self.info = SourceInfo(
+            path=path,
+            kind='video',
+            height=ctx.height,
+            width=ctx.width,
+            frames=stream.frames or None,
+            rate=Fraction(rate) if rate else None,
+            has_audio=bool(self.container.streams.audio),
+        )
 
     def __iter__(self) -> Iterator[Tuple[np.ndarray, FrameTag]]:
         info, count = self.info, 0
         try:
             for frame in self.container.decode(self.stream):
                 if (frame.height, frame.width) != (info.height, info.width):
-                    raise InputError(f'{info.path}: frame {count} is {frame.height}x{frame.width}, '
-                                     f'the video started at {info.height}x{info.width}')
+                    raise InputError(
+                        f'{info.path}: frame {count} is {frame.height}x{frame.width}, '
+                        f'the video started at {info.height}x{info.width}'
+                    )
                 time = frame.pts * frame.time_base if frame.pts is not None and frame.time_base else None
                 yield frame.to_ndarray(format='rgb24'), FrameTag(count, time, f'{count:08d}')
                 count += 1
@@ -112,9 +133,14 @@ class FolderSource:
     def __init__(self, path: str):
         from PIL import Image  # header-only size check (torchvision dependency); OpenCV decodes
 
-        names = sorted((n for n in os.listdir(path)
-                        if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, n))),
-                       key=_natural_key)
+        names = sorted(
+            (
+                n
+                for n in os.listdir(path)
+                if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, n))
+            ),
+            key=_natural_key,
+        )
         if not names:
             raise InputError(f'{path}: folder contains no image files ({", ".join(IMAGE_EXTENSIONS)})')
         stems = [os.path.splitext(n)[0] for n in names]
@@ -132,12 +158,15 @@ class FolderSource:
             if size is None:
                 size = (h, w)
             elif (h, w) != size:
-                raise InputError(f'{file}: image is {h}x{w} but {os.path.join(path, names[0])} is '
-                                 f'{size[0]}x{size[1]}; all frames must have the same size')
+                raise InputError(
+                    f'{file}: image is {h}x{w} but {os.path.join(path, names[0])} is '
+                    f'{size[0]}x{size[1]}; all frames must have the same size'
+                )
         self.files = [os.path.join(path, n) for n in names]
         self.stems = stems
-        self.info = SourceInfo(path=path, kind='folder', height=size[0], width=size[1], frames=len(names),
-                               rate=None, has_audio=False)
+        self.info = SourceInfo(
+            path=path, kind='folder', height=size[0], width=size[1], frames=len(names), rate=None, has_audio=False
+        )
 
     def __iter__(self) -> Iterator[Tuple[np.ndarray, FrameTag]]:
         for i, (file, stem) in enumerate(zip(self.files, self.stems)):
@@ -145,8 +174,10 @@ class FolderSource:
             if bgr is None:
                 raise InputError(f'{file}: cannot decode image')
             if bgr.shape[:2] != (self.info.height, self.info.width):
-                raise InputError(f'{file}: decoded size {bgr.shape[0]}x{bgr.shape[1]} differs from '
-                                 f'{self.info.height}x{self.info.width}')
+                raise InputError(
+                    f'{file}: decoded size {bgr.shape[0]}x{bgr.shape[1]} differs from '
+                    f'{self.info.height}x{self.info.width}'
+                )
             yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), FrameTag(i, None, stem)
 
     def close(self) -> None:
@@ -177,8 +208,10 @@ def output_kind(path: str) -> str:
         return 'video'
     if os.path.isdir(path) or not ext:
         return 'folder'
-    raise InputError(f'{path}: unknown output type {ext!r}; use a video extension '
-                     f'({", ".join(VIDEO_EXTENSIONS)}) or a folder name without extension')
+    raise InputError(
+        f'{path}: unknown output type {ext!r}; use a video extension '
+        f'({", ".join(VIDEO_EXTENSIONS)}) or a folder name without extension'
+    )
 
 
 def _is_frame_folder(path: str) -> bool:
@@ -219,11 +252,16 @@ class VideoSink:
         if not _has_encoder(codec):
             codec = 'mpeg4'
         if width % 2 or height % 2:
-            raise InputError(f'{path}: output size {height}x{width} is odd; yuv420p video needs even sizes '
-                             f'(write a PNG folder instead)')
+            raise InputError(
+                f'{path}: output size {height}x{width} is odd; yuv420p video needs even sizes '
+                f'(write a PNG folder instead)'
+            )
         self.path = path
-        fd, self.tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                                        prefix='.' + os.path.basename(path) + '.', suffix='.partial' + ext)
+        fd, self.tmp = tempfile.mkstemp(
+            dir=os.path.dirname(os.path.abspath(path)),
+            prefix='.' + os.path.basename(path) + '.',
+            suffix='.partial' + ext,
+        )
         os.close(fd)
         os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result should not be
         self.rate = Fraction(rate)
@@ -249,8 +287,10 @@ class VideoSink:
         template = self.audio_in.streams.audio[0]
         name = template.codec_context.name
         if name not in self.container.supported_codecs:
-            print(f'warning: {self.path}: audio codec {name!r} cannot be stored in this container; '
-                  'audio dropped', file=sys.stderr)
+            print(
+                f'warning: {self.path}: audio codec {name!r} cannot be stored in this container; audio dropped',
+                file=sys.stderr,
+            )
             return
         self.audio_out = self.container.add_stream_from_template(template)
         self.audio_packets = self.audio_in.demux(template)
@@ -307,8 +347,11 @@ class FolderSink:
 
     def __init__(self, path: str):
         self.path = path
-        self.tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)),
-                                    prefix='.' + os.path.basename(os.path.normpath(path)) + '.', suffix='.partial')
+        self.tmp = tempfile.mkdtemp(
+            dir=os.path.dirname(os.path.abspath(path)),
+            prefix='.' + os.path.basename(os.path.normpath(path)) + '.',
+            suffix='.partial',
+        )
         os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
 
     def write(self, rgb: np.ndarray, tag: FrameTag) -> None:
@@ -345,8 +388,7 @@ def _has_encoder(name: str) -> bool:
         return False
 
 
-def open_sink(path: str, width: int, height: int, rate: Optional[Fraction] = None,
-              audio_from: Optional[str] = None):
+def open_sink(path: str, width: int, height: int, rate: Optional[Fraction] = None, audio_from: Optional[str] = None):
     """A :class:`VideoSink` or :class:`FolderSink` for ``path`` (kind by extension, see :func:`output_kind`)."""
     if output_kind(path) == 'video':
         _require_av(path)

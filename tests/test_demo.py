@@ -1,4 +1,5 @@
 """``gsmsr demo``, shortened: real sample frames, a tiny GSMNet, two training steps, three test frames."""
+
 from __future__ import annotations
 
 import argparse
@@ -34,16 +35,33 @@ def quick_samples(tmp_path_factory):
     """The demo on QUICK_CLIPS instead of the full recipe (the recipe itself is tested in test_samples.py)."""
     cache = tmp_path_factory.mktemp('cache')
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(demo, 'prepare_samples', lambda cache_dir=None: samples.prepare_samples(
-            cache_dir, QUICK_CLIPS, progress=False))
+        mp.setattr(
+            demo,
+            'prepare_samples',
+            lambda cache_dir=None: samples.prepare_samples(cache_dir, QUICK_CLIPS, progress=False),
+        )
         yield cache
 
 
 @pytest.fixture(scope='module')
 def demo_run(quick_samples, tmp_path_factory):
     out = tmp_path_factory.mktemp('demo_out')
-    code = cli.main(['demo', '--out', str(out), '--iters', '2', '--test-frames', '3', '--device', 'cpu',
-                     '--cache', str(quick_samples)] + TINY)
+    code = cli.main(
+        [
+            'demo',
+            '--out',
+            str(out),
+            '--iters',
+            '2',
+            '--test-frames',
+            '3',
+            '--device',
+            'cpu',
+            '--cache',
+            str(quick_samples),
+        ]
+        + TINY
+    )
     return code, out
 
 
@@ -80,8 +98,24 @@ def test_summary_says_how_many_steps_ran_and_why(demo_run):
 
 
 def test_training_stops_when_the_budget_is_spent(quick_samples, tmp_path, capsys):
-    code = cli.main(['demo', '--out', str(tmp_path), '--iters', '3', '--minutes', '1e-9', '--test-frames', '3',
-                     '--device', 'cpu', '--cache', str(quick_samples)] + TINY)
+    code = cli.main(
+        [
+            'demo',
+            '--out',
+            str(tmp_path),
+            '--iters',
+            '3',
+            '--minutes',
+            '1e-9',
+            '--test-frames',
+            '3',
+            '--device',
+            'cpu',
+            '--cache',
+            str(quick_samples),
+        ]
+        + TINY
+    )
     assert code == 0
     training = json.loads((tmp_path / 'results.json').read_text())['training']
     assert (training['steps'], training['planned_steps'], training['stopped_by']) == (1, 3, 'budget spent')
@@ -101,8 +135,24 @@ def test_step_count_and_schedule_are_fitted_to_the_budget(quick_samples, tmp_pat
         return 20.0  # seconds per step: 0.9 * 60 s fits 2 of them
 
     monkeypatch.setattr(demo, 'time_training_steps', slow_steps)
-    code = cli.main(['demo', '--out', str(tmp_path), '--iters', '50', '--minutes', '1', '--test-frames', '3',
-                     '--device', 'cpu', '--cache', str(quick_samples)] + TINY)
+    code = cli.main(
+        [
+            'demo',
+            '--out',
+            str(tmp_path),
+            '--iters',
+            '50',
+            '--minutes',
+            '1',
+            '--test-frames',
+            '3',
+            '--device',
+            'cpu',
+            '--cache',
+            str(quick_samples),
+        ]
+        + TINY
+    )
     assert code == 0 and timed == [50]
     training = json.loads((tmp_path / 'results.json').read_text())['training']
     assert (training['steps'], training['planned_steps'], training['stopped_by']) == (2, 2, 'budget')
@@ -115,9 +165,9 @@ def test_step_count_and_schedule_are_fitted_to_the_budget(quick_samples, tmp_pat
 
 
 def test_plan_steps():
-    assert demo.plan_steps(300, 300, 5, 0.85) == 300          # the cap
+    assert demo.plan_steps(300, 300, 5, 0.85) == 300  # the cap
     assert demo.plan_steps(300, 300, 10, 2.25) == int(0.9 * 290 / 2.25)
-    assert demo.plan_steps(300, 300, 400, 1.0) == 1           # timing took the whole budget: one step still runs
+    assert demo.plan_steps(300, 300, 400, 1.0) == 1  # timing took the whole budget: one step still runs
 
 
 def test_timing_training_steps(quick_samples):
@@ -129,6 +179,7 @@ def test_timing_training_steps(quick_samples):
     assert 0 < seconds < 60
     assert options['train']['scheduler']['type'] == 'CosineAnnealingRestartLR'  # the options are left as they were
     from basicsr.utils import logger as basicsr_logger
+
     assert 'basicsr' not in basicsr_logger.initialized_logger  # the next run opens its own log file
 
 
@@ -172,8 +223,22 @@ def test_video_and_crop_comparison(demo_run):
 def test_weights_evaluates_a_given_checkpoint(demo_run, quick_samples, tmp_path, capsys):
     _, out = demo_run
     ckpt = out / 'experiments' / 'gsmnet_demo' / 'models' / 'net_g_latest.pth'
-    code = cli.main(['demo', '--out', str(tmp_path), '--weights', str(ckpt), '--test-frames', '3',
-                     '--device', 'cpu', '--cache', str(quick_samples)] + TINY)
+    code = cli.main(
+        [
+            'demo',
+            '--out',
+            str(tmp_path),
+            '--weights',
+            str(ckpt),
+            '--test-frames',
+            '3',
+            '--device',
+            'cpu',
+            '--cache',
+            str(quick_samples),
+        ]
+        + TINY
+    )
     assert code == 0
     assert not (tmp_path / 'experiments').exists()  # no training
     first = json.loads((out / 'results.json').read_text())['scores']
@@ -186,8 +251,10 @@ def test_bad_arguments_are_one_line_errors(demo_run, quick_samples, tmp_path, ca
     _, out = demo_run
     ckpt = out / 'experiments' / 'gsmnet_demo' / 'models' / 'net_g_latest.pth'
     cases = [
-        (['--weights', str(ckpt), '--embed-dims', '16', '--attn-depth', '0', '--prop-depth', '1'],
-         'must describe the checkpoint'),
+        (
+            ['--weights', str(ckpt), '--embed-dims', '16', '--attn-depth', '0', '--prop-depth', '1'],
+            'must describe the checkpoint',
+        ),
         (['--weights', str(tmp_path / 'missing.pth')], 'no such checkpoint file'),
         (['--embed-dims', '10'], 'embed_dims'),
         (['--test-frames', '1'], 'at least 2'),
@@ -207,8 +274,10 @@ def test_training_log_lines_drive_the_progress_bar(capsys):
     with tqdm(total=10, disable=False) as bar:
         progress = demo._TrainProgress(bar, __import__('sys').stderr)
         progress.write('2026-01-01 INFO: Network: GSMNet, with parameters: 1,000\n')
-        progress.write('2026-01-01 INFO: [gsmne..][epoch:  0, iter:       7, lr:(1.000e-03,)] '
-                       '[eta: 0:00:12, time (data): 0.5 (0.01)] l_pix: 4.2e-02 \n2026-01-01 WARNING: odd')
+        progress.write(
+            '2026-01-01 INFO: [gsmne..][epoch:  0, iter:       7, lr:(1.000e-03,)] '
+            '[eta: 0:00:12, time (data): 0.5 (0.01)] l_pix: 4.2e-02 \n2026-01-01 WARNING: odd'
+        )
         assert bar.n == 7
         progress.write('\n')
     err = capsys.readouterr().err
@@ -221,14 +290,20 @@ def test_defaults_are_a_small_gsmnet():
     args = parser.parse_args([])
     assert args.iters == demo.DEFAULT_ITERS and args.out == 'demo_out'
     assert args.minutes == demo.DEFAULT_MINUTES and 0 < args.minutes <= 6  # the demo must stay under 10 minutes
-    GSMNet(upscale=4, embed_dims=args.embed_dims, prop_depth=args.prop_depth, attn_depth=args.attn_depth,
-           num_heads=args.num_heads, pa_frame=args.pa_frame)  # a valid configuration
+    GSMNet(
+        upscale=4,
+        embed_dims=args.embed_dims,
+        prop_depth=args.prop_depth,
+        attn_depth=args.attn_depth,
+        num_heads=args.num_heads,
+        pa_frame=args.pa_frame,
+    )  # a valid configuration
 
 
 def test_research_switch_flags_reach_the_network_options():
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
-    assert 'anchor' not in demo.network_options(parser.parse_args([]))   # defaults: the official network
+    assert 'anchor' not in demo.network_options(parser.parse_args([]))  # defaults: the official network
     opt = demo.network_options(parser.parse_args(['--anchor', 'last', '--no-scatter', '--mamba-directions', '1']))
     assert (opt['anchor'], opt['scatter'], opt['mamba_directions']) == ('last', False, 1)
     net = demo.build_network(opt)

@@ -3,6 +3,7 @@
 Most tests use ``InferTestNet``, a cheap network with GSMNet's interface and a small spatio-temporal receptive
 field (so chunking and tiling change its output); a few use a tiny random GSMNet end to end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,9 @@ class InferTestNet(nn.Module):
     def __init__(self, upscale: int = 4, width: int = 8):
         super().__init__()
         self.upscale = upscale
-        self.body = nn.Sequential(nn.Conv3d(3, width, 3, padding=1), nn.ReLU(),
-                                  nn.Conv3d(width, 3 * upscale ** 2, 3, padding=1))
+        self.body = nn.Sequential(
+            nn.Conv3d(3, width, 3, padding=1), nn.ReLU(), nn.Conv3d(width, 3 * upscale**2, 3, padding=1)
+        )
         self.dtypes = []
 
     def forward(self, lq: torch.Tensor) -> torch.Tensor:
@@ -75,11 +77,12 @@ def make_frames(n: int, h: int, w: int, seed: int = 0) -> List[np.ndarray]:
     rng = np.random.default_rng(seed)
     noise = rng.random((h // 6 + 4, w // 6 + 4, 3)).astype(np.float32)
     base = cv2.resize(noise, (w + 2 * n + 8, h + n + 8), interpolation=cv2.INTER_CUBIC).clip(0, 1)
-    return [np.round(base[t:t + h, 2 * t:2 * t + w] * 255).astype(np.uint8) for t in range(n)]
+    return [np.round(base[t : t + h, 2 * t : 2 * t + w] * 255).astype(np.uint8) for t in range(n)]
 
 
-def write_video(path: Path, frames: List[np.ndarray], rate=Fraction(25), audio: bool = False,
-                faststart: bool = False) -> Path:
+def write_video(
+    path: Path, frames: List[np.ndarray], rate=Fraction(25), audio: bool = False, faststart: bool = False
+) -> Path:
     out = av.open(str(path), 'w', options={'movflags': 'faststart'} if faststart else {})
     vs = out.add_stream('libx264', rate=rate, options={'crf': '10'})
     vs.height, vs.width = frames[0].shape[:2]
@@ -93,7 +96,7 @@ def write_video(path: Path, frames: List[np.ndarray], rate=Fraction(25), audio: 
         n = int(8000 * len(frames) / rate)
         tone = (0.3 * np.sin(np.arange(n) * 0.05)).astype(np.float32)[None]
         for k in range(0, n, 1024):
-            a = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, k:k + 1024]), format='fltp', layout='mono')
+            a = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, k : k + 1024]), format='fltp', layout='mono')
             a.sample_rate, a.pts = 8000, k
             out.mux(aus.encode(a))
         out.mux(aus.encode())
@@ -200,6 +203,7 @@ def test_one_chunk_one_tile_equals_forward(chunk, tile):
 
 class ChunkCodeNet(nn.Module):
     """Returns, for a whole call, the index of the call's first frame (frames carry 10*index as pixel value)."""
+
     upscale = 2
 
     def __init__(self):
@@ -244,7 +248,7 @@ def crossfade_reference(net, lq, scale, chunk, overlap, tile, tile_overlap):
     t = lq.shape[1]
     starts = window_starts(t, chunk, overlap)
     length = min(chunk, t)
-    outs = [forward_chunked(net, lq[:, s:s + length], scale, 0, 0, tile, tile_overlap)[0] for s in starts]
+    outs = [forward_chunked(net, lq[:, s : s + length], scale, 0, 0, tile, tile_overlap)[0] for s in starts]
     frames = []
     for f in range(t):
         cover = [k for k, s in enumerate(starts) if s <= f < s + length]
@@ -290,7 +294,7 @@ def test_small_chunks_and_tiles_stay_close():
 def test_tile_batch_gives_the_same_frames(tiny_gsm):
     """Several tiles per call of the real (tiny) GSMNet: the same output frames as one tile per call."""
     frames = make_frames(2, 34, 44, seed=7)
-    kw = dict(chunk=0, tile=34, tile_overlap=8)    # two tiles side by side
+    kw = dict(chunk=0, tile=34, tile_overlap=8)  # two tiles side by side
     one = np.stack(list(upscale_frames(frames, tiny_gsm['net'], **kw)))
     batched = np.stack(list(upscale_frames(frames, tiny_gsm['net'], tile_batch=2, **kw)))
     assert np.abs(batched.astype(int) - one).max() <= 1  # float rounding of a batched matmul, then quantised
@@ -359,12 +363,15 @@ def test_bf16_runs_under_autocast_and_stays_close():
     assert np.abs(bf16 - fp32).max() <= 8
 
 
-@pytest.mark.parametrize('frames,match', [
-    ([np.zeros((36, 36, 3), np.uint8)], 'at least 2'),
-    ([], 'has 0 frame'),
-    ([np.zeros((36, 36, 3), np.uint8), np.zeros((36, 40, 3), np.uint8)], 'frame 1 is 36x40'),
-    ([np.zeros((36, 36), np.uint8)] * 2, 'expected'),
-])
+@pytest.mark.parametrize(
+    'frames,match',
+    [
+        ([np.zeros((36, 36, 3), np.uint8)], 'at least 2'),
+        ([], 'has 0 frame'),
+        ([np.zeros((36, 36, 3), np.uint8), np.zeros((36, 40, 3), np.uint8)], 'frame 1 is 36x40'),
+        ([np.zeros((36, 36), np.uint8)] * 2, 'expected'),
+    ],
+)
 def test_upscale_frames_bad_input(frames, match):
     with pytest.raises(InputError, match=match):
         list(upscale_frames(frames, InferTestNet(), chunk=0, tile=0))
@@ -375,9 +382,24 @@ def test_upscale_frames_bad_input(frames, match):
 def test_cli_video_to_video(tmp_path, capsys, test_net_files, ext):
     src = write_video(tmp_path / 'in.mp4', make_frames(5, 36, 40), rate=Fraction(24000, 1001), audio=True)
     out = tmp_path / f'out{ext}'
-    code, err = run_cli(capsys, str(src), '-o', str(out), '--weights', test_net_files['weights'],
-                        '-opt', test_net_files['opt'], '--chunk', '3', '--overlap', '1', '--tile', '24',
-                        '--tile-overlap', '8')
+    code, err = run_cli(
+        capsys,
+        str(src),
+        '-o',
+        str(out),
+        '--weights',
+        test_net_files['weights'],
+        '-opt',
+        test_net_files['opt'],
+        '--chunk',
+        '3',
+        '--overlap',
+        '1',
+        '--tile',
+        '24',
+        '--tile-overlap',
+        '8',
+    )
     assert code == 0, err
     frames, rate, audio, packets = read_video(out)
     in_frames, in_rate, in_audio, in_packets = read_video(src)
@@ -416,8 +438,9 @@ def test_cli_folder_to_folder_and_video(tmp_path, capsys, test_net_files):
 
 def test_api_upscale_video(tmp_path, test_net_files):
     src = write_folder(tmp_path / 'in', make_frames(3, 36, 36))
-    stats = upscale_video(str(src), str(tmp_path / 'out'), test_net_files['net'], chunk=2, overlap=1, tile=0,
-                          device='cpu', progress=False)
+    stats = upscale_video(
+        str(src), str(tmp_path / 'out'), test_net_files['net'], chunk=2, overlap=1, tile=0, device='cpu', progress=False
+    )
     assert (stats.frames, stats.in_size, stats.out_size) == (3, (36, 36), (144, 144))
     assert stats.peak_host_bytes > 0 and stats.peak_device_bytes is None
     assert len(read_folder(tmp_path / 'out')) == 3
@@ -455,7 +478,7 @@ def bad_inputs(tmp: Path):
     (tmp / 'garbage.mp4').write_bytes(b'this is not a video file\n' * 120)
     cases['not a video'] = (tmp / 'garbage.mp4', 'o.mp4', 'garbage.mp4: cannot open as a video')
     good = write_video(tmp / 'good.mp4', make_frames(12, 36, 40), faststart=True).read_bytes()
-    (tmp / 'cut.mp4').write_bytes(good[:len(good) * 6 // 10])
+    (tmp / 'cut.mp4').write_bytes(good[: len(good) * 6 // 10])
     cases['truncated'] = (tmp / 'cut.mp4', 'o.mp4', 'cut.mp4: decoded only')
     write_video(tmp / 'one.mp4', make_frames(1, 36, 40))
     cases['one frame video'] = (tmp / 'one.mp4', 'o.mp4', 'at least 2')
@@ -477,8 +500,20 @@ def bad_inputs(tmp: Path):
 def test_cli_bad_inputs(tmp_path, capsys, test_net_files):
     for name, (src, out_name, message) in bad_inputs(tmp_path).items():
         before = entries(tmp_path)
-        code, err = run_cli(capsys, str(src), '-o', str(tmp_path / out_name), '--weights',
-                            test_net_files['weights'], '-opt', test_net_files['opt'], '--chunk', '2', '--overlap', '0')
+        code, err = run_cli(
+            capsys,
+            str(src),
+            '-o',
+            str(tmp_path / out_name),
+            '--weights',
+            test_net_files['weights'],
+            '-opt',
+            test_net_files['opt'],
+            '--chunk',
+            '2',
+            '--overlap',
+            '0',
+        )
         assert code == 2, (name, err)
         assert message in err, (name, err)
         assert len(err.strip().splitlines()) == 1, (name, err)
@@ -489,10 +524,24 @@ def test_failure_midway_leaves_no_output(tmp_path, capsys, test_net_files):
     """A frame that fails to decode after frames were already written: no output and no temporary left."""
     src = write_folder(tmp_path / 'in', make_frames(8, 36, 36))
     good = (src / '00006.png').read_bytes()
-    (src / '00006.png').write_bytes(good[:len(good) // 2])  # header intact, data cut
+    (src / '00006.png').write_bytes(good[: len(good) // 2])  # header intact, data cut
     for out in ('out.mp4', 'out'):
-        code, err = run_cli(capsys, str(src), '-o', str(tmp_path / out), '--weights', test_net_files['weights'],
-                            '-opt', test_net_files['opt'], '--chunk', '2', '--overlap', '0', '--tile', '0')
+        code, err = run_cli(
+            capsys,
+            str(src),
+            '-o',
+            str(tmp_path / out),
+            '--weights',
+            test_net_files['weights'],
+            '-opt',
+            test_net_files['opt'],
+            '--chunk',
+            '2',
+            '--overlap',
+            '0',
+            '--tile',
+            '0',
+        )
         assert code == 2 and '00006.png: cannot decode image' in err, err
         assert entries(tmp_path) == {'in'}
 
@@ -536,8 +585,18 @@ def test_load_network_prefers_ema(tiny_gsm):
 # ----------------------------------------------------------------------------------------------- tiny GSMNet
 def test_gsmnet_mp4_to_png_equals_direct_forward(tmp_path, capsys, tiny_gsm, gsm_clip):
     """One chunk and one tile (the defaults cover 3 frames of 34x34): output == direct forward, 8-bit."""
-    code, err = run_cli(capsys, str(gsm_clip['path']), '-o', str(tmp_path / 'out'), '--weights',
-                        tiny_gsm['weights'], '-opt', tiny_gsm['opt'], '--device', 'cpu')
+    code, err = run_cli(
+        capsys,
+        str(gsm_clip['path']),
+        '-o',
+        str(tmp_path / 'out'),
+        '--weights',
+        tiny_gsm['weights'],
+        '-opt',
+        tiny_gsm['opt'],
+        '--device',
+        'cpu',
+    )
     assert code == 0, err
     got = np.stack(read_folder(tmp_path / 'out'))
     assert got.shape == (3, 136, 136, 3)

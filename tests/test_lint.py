@@ -1,4 +1,8 @@
-"""``ruff check`` of the whole repository is clean (rules: ``[tool.ruff]`` in pyproject.toml)."""
+"""``ruff check`` and ``ruff format --check`` of the whole repository are clean (``[tool.ruff]`` in pyproject.toml).
+
+Fix findings with ``ruff check --fix .`` and ``ruff format .`` (ruff comes with the test extra).
+"""
+
 from __future__ import annotations
 
 import subprocess
@@ -10,9 +14,18 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_ruff_check_is_clean():
-    result = subprocess.run([sys.executable, '-m', 'ruff', 'check', '--no-cache', '--output-format', 'concise', '.'],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize('command', [['check', '--output-format', 'concise'], ['format', '--check']])
+def test_ruff_is_clean(command):
+    result = subprocess.run(
+        [sys.executable, '-m', 'ruff', *command, '--no-cache', '.'],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if result.returncode != 0:
-        pytest.fail(f'ruff check exited {result.returncode} (ruff comes with the test extra: pip install -e ".[test]")'
-                    f'\n{result.stdout}{result.stderr}', pytrace=False)
+        pytest.fail(
+            f'ruff {" ".join(command)} exited {result.returncode} (ruff comes with the test extra: '
+            f'pip install -e ".[test]")\n{result.stdout}{result.stderr}',
+            pytrace=False,
+        )

@@ -4,6 +4,7 @@ The wheel is built from a copy of the build's inputs (the root files and ``gsmsr
 ``build/`` or ``*.egg-info`` and a stale ``build/lib`` can not hide a file the wheel misses. The venv sees the
 current environment's packages (torch, basicsr, ...) but gets its own, non-editable gsmsr from the wheel.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,10 +32,11 @@ def _env() -> Dict[str, str]:
 
 
 def _run(cmd: List[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(c) for c in cmd], cwd=cwd, env=_env(), capture_output=True, text=True,
-                            timeout=timeout)
-    assert result.returncode == 0, (f'{" ".join(map(str, cmd))} exited {result.returncode}\n'
-                                    f'--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}')
+    result = subprocess.run([str(c) for c in cmd], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (
+        f'{" ".join(map(str, cmd))} exited {result.returncode}\n'
+        f'--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}'
+    )
     return result
 
 
@@ -100,8 +102,9 @@ def test_installed_wheel_runs_in_fresh_venv(wheel, tmp_path):
     _run([sys.executable, '-m', 'venv', '--system-site-packages', '--without-pip', venv], cwd=tmp_path)
     bindir = venv / ('Scripts' if os.name == 'nt' else 'bin')
     python = bindir / ('python.exe' if os.name == 'nt' else 'python')
-    purelib = Path(_run([python, '-c', 'import sysconfig; print(sysconfig.get_path("purelib"))'],
-                        cwd=tmp_path).stdout.strip())
+    purelib = Path(
+        _run([python, '-c', 'import sysconfig; print(sysconfig.get_path("purelib"))'], cwd=tmp_path).stdout.strip()
+    )
     # --system-site-packages gives the base interpreter's packages; when this runs inside a venv, add its
     # site-packages too (after the new venv's own, so the wheel's gsmsr still comes first).
     dirs = [d for d in site.getsitepackages() if Path(d).resolve() != purelib.resolve()]

@@ -1,4 +1,5 @@
 """Plugin registration and the BasicSR compatibility fixes (CPU-safe resume, torchrun init, argv glue)."""
+
 from __future__ import annotations
 
 import importlib
@@ -14,6 +15,7 @@ from gsmsr import train as gsm_train
 
 def test_registration_is_unique_and_import_is_idempotent():
     from basicsr.utils.registry import ARCH_REGISTRY, MODEL_REGISTRY
+
     assert ARCH_REGISTRY.get('GSMNet').__module__.startswith('gsmsr.')
     assert MODEL_REGISTRY.get('GSMModel').__module__.startswith('gsmsr.')
     # importing again (package, submodules, entry points) and re-applying the fixes changes nothing
@@ -24,6 +26,7 @@ def test_registration_is_unique_and_import_is_idempotent():
     # BasicSR itself registers no GSM* names, so no other plugin that reuses BasicSR's names can clash
     import basicsr.archs  # noqa: F401
     import basicsr.models  # noqa: F401
+
     ours = [n for n in list(ARCH_REGISTRY.keys()) + list(MODEL_REGISTRY.keys()) if n.startswith('GSM')]
     assert sorted(ours) == ['GSMModel', 'GSMNet']
 
@@ -31,6 +34,7 @@ def test_registration_is_unique_and_import_is_idempotent():
 def test_basicsr_functions_are_replaced():
     import basicsr.train
     from basicsr.utils import dist_util
+
     assert dist_util._init_dist_pytorch is compat.init_dist_pytorch
     assert basicsr.train.load_resume_state is compat.load_resume_state
 
@@ -50,12 +54,21 @@ def test_auto_resume_picks_the_newest_state_on_cpu(tmp_path):
     param.sum().backward()
     optimizer.step()
     for it in (2, 10, 9):
-        torch.save({'epoch': 0, 'iter': it, 'optimizers': [optimizer.state_dict()], 'schedulers': []},
-                   states / f'{it}.state')
+        torch.save(
+            {'epoch': 0, 'iter': it, 'optimizers': [optimizer.state_dict()], 'schedulers': []}, states / f'{it}.state'
+        )
     (states / 'notes.txt').write_text('ignored')
-    opt = {'auto_resume': True, 'network_g': {}, 'path': {
-        'training_states': str(states), 'models': str(tmp_path / 'experiments' / 'x' / 'models'),
-        'resume_state': None, 'pretrain_network_g': None, 'param_key_g': 'params_ema'}}
+    opt = {
+        'auto_resume': True,
+        'network_g': {},
+        'path': {
+            'training_states': str(states),
+            'models': str(tmp_path / 'experiments' / 'x' / 'models'),
+            'resume_state': None,
+            'pretrain_network_g': None,
+            'param_key_g': 'params_ema',
+        },
+    }
     state = compat.load_resume_state(opt)
     assert state['iter'] == 10 and opt['path']['resume_state'].endswith('10.state')
     assert opt['path']['pretrain_network_g'].endswith(os.path.join('models', 'net_g_10.pth'))
@@ -70,8 +83,12 @@ def test_auto_resume_picks_the_newest_state_on_cpu(tmp_path):
 def test_argv_and_package_path_glue(tmp_path, monkeypatch):
     assert gsm_train._normalise_argv(['-opt', 'x.yml', '--local-rank=1']) == ['-opt', 'x.yml', '--local_rank=1']
     monkeypatch.chdir(tmp_path)
-    opt = {'datasets': {'train': {'meta_info_file': 'gsmsr/data/meta_info/meta_info_REDS_train_GT.txt'},
-                        'val': {'meta_info_file': 'local.txt'}}}
+    opt = {
+        'datasets': {
+            'train': {'meta_info_file': 'gsmsr/data/meta_info/meta_info_REDS_train_GT.txt'},
+            'val': {'meta_info_file': 'local.txt'},
+        }
+    }
     (tmp_path / 'local.txt').write_text('000 1 (1,1,3)\n')
     gsm_train.resolve_package_paths(opt)
     assert os.path.isabs(opt['datasets']['train']['meta_info_file'])

@@ -1,4 +1,5 @@
 """Meta-info files and ``gsmsr make-lmdb``: BasicSR layout, atomic output, clear errors."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,8 +32,11 @@ def test_vimeo_meta_from_official_list(tmp_path):
     listing.write_text('00001/0001\n00001/0002\n\n00096/0999\n')
     out = tmp_path / 'meta.txt'
     assert make_lmdb.main(['vimeo-meta', '--list', str(listing), '--out', str(out)]) == 0
-    assert out.read_text().splitlines() == ['00001/0001 7 (256,448,3)', '00001/0002 7 (256,448,3)',
-                                            '00096/0999 7 (256,448,3)']
+    assert out.read_text().splitlines() == [
+        '00001/0001 7 (256,448,3)',
+        '00001/0002 7 (256,448,3)',
+        '00096/0999 7 (256,448,3)',
+    ]
     with pytest.raises(FileExistsError):
         make_lmdb.main(['vimeo-meta', '--list', str(listing), '--out', str(out)])
     listing.write_text('00001/0001\n00001_0002\n')
@@ -51,29 +55,50 @@ def _lmdb_image(path: Path, key: str) -> np.ndarray:
 
 def test_lmdbs_in_basicsr_layout(tiny_data):
     reds, vimeo = tiny_data['reds'], tiny_data['vimeo']
-    for lmdb_name, folder in (('train_sharp_with_val.lmdb', 'train_sharp'),
-                              ('train_sharp_bicubic_with_val.lmdb', 'train_sharp_bicubic/X4')):
+    for lmdb_name, folder in (
+        ('train_sharp_with_val.lmdb', 'train_sharp'),
+        ('train_sharp_bicubic_with_val.lmdb', 'train_sharp_bicubic/X4'),
+    ):
         meta = (reds / lmdb_name / 'meta_info.txt').read_text().splitlines()
         assert len(meta) == 203 and meta[3].startswith('001/00000000.png (')
-        np.testing.assert_array_equal(_lmdb_image(reds / lmdb_name, '002/00000099'),
-                                      cv2.imread(str(reds / folder / '002' / '00000099.png')))
-    np.testing.assert_array_equal(_lmdb_image(vimeo / 'vimeo90k_train_GT_all.lmdb', '00001/0002/im7'),
-                                  cv2.imread(str(vimeo / 'vimeo_septuplet/sequences/00001/0002/im7.png')))
-    np.testing.assert_array_equal(_lmdb_image(vimeo / 'vimeo90k_train_LR7frames.lmdb', '00001/0001/im1'),
-                                  cv2.imread(str(vimeo / 'vimeo_septuplet_matlabLRx4/sequences/00001/0001/im1.png')))
-    assert (vimeo / 'meta_info_Vimeo90K_train_GT.txt').read_text() == \
-        '00001/0001 7 (256,448,3)\n00001/0002 7 (256,448,3)\n'
+        np.testing.assert_array_equal(
+            _lmdb_image(reds / lmdb_name, '002/00000099'), cv2.imread(str(reds / folder / '002' / '00000099.png'))
+        )
+    np.testing.assert_array_equal(
+        _lmdb_image(vimeo / 'vimeo90k_train_GT_all.lmdb', '00001/0002/im7'),
+        cv2.imread(str(vimeo / 'vimeo_septuplet/sequences/00001/0002/im7.png')),
+    )
+    np.testing.assert_array_equal(
+        _lmdb_image(vimeo / 'vimeo90k_train_LR7frames.lmdb', '00001/0001/im1'),
+        cv2.imread(str(vimeo / 'vimeo_septuplet_matlabLRx4/sequences/00001/0001/im1.png')),
+    )
+    assert (
+        vimeo / 'meta_info_Vimeo90K_train_GT.txt'
+    ).read_text() == '00001/0001 7 (256,448,3)\n00001/0002 7 (256,448,3)\n'
     assert (vimeo / 'meta_info_Vimeo90K_test_GT.txt').read_text() == '00002/0001 7 (256,448,3)\n'
     assert not list(tiny_data['root'].rglob('*.partial*'))
 
     # BasicSR's own dataset reads the LMDB and the disk layout identically
     samples = []
-    for backend, gt, lq in (('lmdb', 'train_sharp_with_val.lmdb', 'train_sharp_bicubic_with_val.lmdb'),
-                            ('disk', 'train_sharp', 'train_sharp_bicubic/X4')):
-        ds = REDSRecurrentDataset(dict(dataroot_gt=str(reds / gt), dataroot_lq=str(reds / lq),
-                                       meta_info_file=str(reds / 'meta_train.txt'), val_partition='REDS4',
-                                       test_mode=False, io_backend=dict(type=backend), num_frame=3,
-                                       gt_size=GT_SIZE, scale=4, use_hflip=False, use_rot=False))
+    for backend, gt, lq in (
+        ('lmdb', 'train_sharp_with_val.lmdb', 'train_sharp_bicubic_with_val.lmdb'),
+        ('disk', 'train_sharp', 'train_sharp_bicubic/X4'),
+    ):
+        ds = REDSRecurrentDataset(
+            dict(
+                dataroot_gt=str(reds / gt),
+                dataroot_lq=str(reds / lq),
+                meta_info_file=str(reds / 'meta_train.txt'),
+                val_partition='REDS4',
+                test_mode=False,
+                io_backend=dict(type=backend),
+                num_frame=3,
+                gt_size=GT_SIZE,
+                scale=4,
+                use_hflip=False,
+                use_rot=False,
+            )
+        )
         samples.append(ds[5])
     assert samples[0]['key'] == samples[1]['key'] == '001/00000005'
     assert torch.equal(samples[0]['lq'], samples[1]['lq']) and torch.equal(samples[0]['gt'], samples[1]['gt'])
@@ -91,8 +116,9 @@ def test_reds_val_sharp_becomes_clips_240_and_up(tmp_path):
 
 def test_failed_lmdb_build_leaves_nothing(tmp_path):
     rng = np.random.default_rng(0)
-    write_clip(tmp_path / 'train_sharp' / '000', tmp_path / 'train_sharp_bicubic' / 'X4' / '000',
-               ['00000000', '00000001'], rng)
+    write_clip(
+        tmp_path / 'train_sharp' / '000', tmp_path / 'train_sharp_bicubic' / 'X4' / '000', ['00000000', '00000001'], rng
+    )
     bad = tmp_path / 'train_sharp' / '000' / '00000001.png'
     bad.write_bytes(b'not a png')
     with pytest.raises(ValueError, match='00000001.png'):

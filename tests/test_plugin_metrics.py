@@ -1,4 +1,5 @@
 """Validation metrics: BasicSR's own functions, per-clip then over-clip averaging, Vimeo-90K-T centre frame."""
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,7 @@ METRICS = {
 
 def _psnr64(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0 ** 2 / mse))
+    return float(10 * np.log10(255.0**2 / mse))
 
 
 def test_score_frames_equals_basicsr_functions():
@@ -58,7 +59,8 @@ class Upsampler(nn.Module):
     def forward(self, lq: torch.Tensor) -> torch.Tensor:
         b, t, c, h, w = lq.shape
         return F.interpolate(lq.flatten(0, 1), scale_factor=4, mode='bicubic', align_corners=False).view(
-            b, t, c, 4 * h, 4 * w)
+            b, t, c, 4 * h, 4 * w
+        )
 
 
 def _model_with_known_network(tmp_path, **val):
@@ -71,9 +73,16 @@ def test_validation_scores_every_frame_per_clip(tmp_path):
     rng = np.random.default_rng(2)
     for clip, frames in (('a', 3), ('b', 2)):
         write_clip(tmp_path / 'gt' / clip, tmp_path / 'lq' / clip, [f'{i:04d}' for i in range(frames)], rng)
-    dataset = VideoRecurrentTestDataset(dict(name='Vid4', dataroot_gt=str(tmp_path / 'gt'),
-                                             dataroot_lq=str(tmp_path / 'lq'), cache_data=True,
-                                             io_backend=dict(type='disk'), num_frame=-1))
+    dataset = VideoRecurrentTestDataset(
+        dict(
+            name='Vid4',
+            dataroot_gt=str(tmp_path / 'gt'),
+            dataroot_lq=str(tmp_path / 'lq'),
+            cache_data=True,
+            io_backend=dict(type='disk'),
+            num_frame=-1,
+        )
+    )
     model = _model_with_known_network(tmp_path)
     results = model._validate(dataset, 'unit', None, save_img=True)
 
@@ -87,9 +96,14 @@ def test_validation_scores_every_frame_per_clip(tmp_path):
             gt_img = cv2.imread(str(tmp_path / 'gt' / clip / f'{i:04d}.png'))
             saved = cv2.imread(str(tmp_path / 'visualization' / 'Vid4' / clip / f'{i:08d}.png'))
             np.testing.assert_array_equal(saved, out_img)
-            rows.append([calculate_psnr(out_img, gt_img, 0), calculate_ssim(out_img, gt_img, 0),
-                         calculate_psnr(out_img, gt_img, 2, test_y_channel=True),
-                         calculate_ssim(out_img, gt_img, 2, test_y_channel=True)])
+            rows.append(
+                [
+                    calculate_psnr(out_img, gt_img, 0),
+                    calculate_ssim(out_img, gt_img, 0),
+                    calculate_psnr(out_img, gt_img, 2, test_y_channel=True),
+                    calculate_ssim(out_img, gt_img, 2, test_y_channel=True),
+                ]
+            )
         expected[clip] = np.mean(rows, axis=0)
     for clip in ('a', 'b'):
         assert [results['clips'][clip][m] for m in METRICS] == pytest.approx(expected[clip].tolist(), abs=1e-9)
@@ -102,10 +116,15 @@ def test_validation_scores_every_frame_per_clip(tmp_path):
 
 def test_vimeo90k_t_scores_only_the_centre_frame(tiny_data, tmp_path):
     vimeo = tiny_data['vimeo']
-    opt = dict(name='Vimeo90K-T', dataroot_gt=str(vimeo / 'vimeo_septuplet/sequences'),
-               dataroot_lq=str(vimeo / 'vimeo_septuplet_matlabLRx4/sequences'),
-               meta_info_file=str(vimeo / 'meta_info_Vimeo90K_test_GT.txt'), cache_data=False,
-               io_backend=dict(type='disk'), num_frame=7)
+    opt = dict(
+        name='Vimeo90K-T',
+        dataroot_gt=str(vimeo / 'vimeo_septuplet/sequences'),
+        dataroot_lq=str(vimeo / 'vimeo_septuplet_matlabLRx4/sequences'),
+        meta_info_file=str(vimeo / 'meta_info_Vimeo90K_test_GT.txt'),
+        cache_data=False,
+        io_backend=dict(type='disk'),
+        num_frame=7,
+    )
     dataset = VideoTestVimeo90KDataset(dict(opt))
     model = _model_with_known_network(tmp_path, center_frame_only=True)
     results = model._validate(dataset, 'unit', None, save_img=True)
@@ -115,10 +134,17 @@ def test_vimeo90k_t_scores_only_the_centre_frame(tiny_data, tmp_path):
     out = Upsampler()(torch.from_numpy(lq.copy()).permute(0, 3, 1, 2)[None])[0]
     centre = tensor2img(out[3])  # output frame 3 = im4
     gt = cv2.imread(str(vimeo / 'vimeo_septuplet/sequences/00002/0001/im4.png'))
-    assert results['clips'] == {'00002/0001': pytest.approx({
-        'psnr': calculate_psnr(centre, gt, 0), 'ssim': calculate_ssim(centre, gt, 0),
-        'psnr_y': calculate_psnr(centre, gt, 2, test_y_channel=True),
-        'ssim_y': calculate_ssim(centre, gt, 2, test_y_channel=True)}, abs=1e-9)}
+    assert results['clips'] == {
+        '00002/0001': pytest.approx(
+            {
+                'psnr': calculate_psnr(centre, gt, 0),
+                'ssim': calculate_ssim(centre, gt, 0),
+                'psnr_y': calculate_psnr(centre, gt, 2, test_y_channel=True),
+                'ssim_y': calculate_ssim(centre, gt, 2, test_y_channel=True),
+            },
+            abs=1e-9,
+        )
+    }
     assert results['num_frames'] == 1 and results['center_frame_only']
     saved = cv2.imread(str(tmp_path / 'visualization' / 'Vimeo90K-T' / '00002' / '0001' / 'im4.png'))
     np.testing.assert_array_equal(saved, centre)

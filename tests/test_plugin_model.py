@@ -1,5 +1,6 @@
 """GSMModel training mechanics: flow_lr_mul / fix_flow act on SpyNet only, EMA, guards, bf16, clipping,
 chunked evaluation, atomic checkpoints and checkpoint loading."""
+
 from __future__ import annotations
 
 import logging
@@ -128,8 +129,9 @@ def test_bf16_and_grad_clipping(tmp_path):
     # the bf16 forward gives a slightly different, finite loss than the fp32 forward of the same weights
     assert log['l_pix'] != fp32_loss and log['l_pix'] == pytest.approx(fp32_loss, rel=0.05)
     assert log['grad_norm'] > 1e-4
-    clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.net_g.parameters()
-                                                    if p.grad is not None]))
+    clipped = torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in model.net_g.parameters() if p.grad is not None])
+    )
     assert clipped <= 1e-4 * (1 + 1e-3)
     assert changed(before, model.net_g)
 

@@ -1,4 +1,5 @@
 """The shipped option files: the §8 recipe values, names that BasicSR's registries resolve, meta-info paths."""
+
 from __future__ import annotations
 
 import os
@@ -15,6 +16,7 @@ OPTIONS = sorted((REPO_ROOT / 'options').glob('*.yml'))
 
 def load(name: str):
     import yaml
+
     with open(REPO_ROOT / 'options' / name) as f:
         return yaml.load(f, Loader=ordered_yaml()[0])
 
@@ -22,18 +24,35 @@ def load(name: str):
 def test_reds_recipe():
     opt = load('train_gsm_reds.yml')
     data, train = opt['datasets']['train'], opt['train']
-    assert (data['type'], data['num_frame'], data['gt_size'], data['batch_size_per_gpu']) == \
-        ('REDSRecurrentDataset', 16, 256, 1)
+    assert (data['type'], data['num_frame'], data['gt_size'], data['batch_size_per_gpu']) == (
+        'REDSRecurrentDataset',
+        16,
+        256,
+        1,
+    )
     assert data['interval_list'] == [1] and not data['random_reverse'] and data['use_hflip'] and data['use_rot']
     assert train['optim_g'] == {'type': 'Adam', 'lr': 2e-4, 'weight_decay': 0, 'betas': [0.9, 0.99]}
-    assert train['scheduler'] == {'type': 'CosineAnnealingRestartLR', 'periods': [600000], 'restart_weights': [1],
-                                  'eta_min': 1e-7}
-    assert (train['total_iter'], train['fix_flow'], train['flow_lr_mul'], train['ema_decay']) == \
-        (600000, 5000, 0.125, 0.999)
+    assert train['scheduler'] == {
+        'type': 'CosineAnnealingRestartLR',
+        'periods': [600000],
+        'restart_weights': [1],
+        'eta_min': 1e-7,
+    }
+    assert (train['total_iter'], train['fix_flow'], train['flow_lr_mul'], train['ema_decay']) == (
+        600000,
+        5000,
+        0.125,
+        0.999,
+    )
     assert train['pixel_opt']['type'] == 'CharbonnierLoss' and train['pixel_opt']['eps'] == 1e-12
     net = opt['network_g']
-    assert (net['prop_depth'], net['attn_depth'], net['pa_frame'], net['embed_dims'], net['num_heads']) == \
-        (4, 4, 2, 192, 8)
+    assert (net['prop_depth'], net['attn_depth'], net['pa_frame'], net['embed_dims'], net['num_heads']) == (
+        4,
+        4,
+        2,
+        192,
+        8,
+    )
 
 
 def test_vimeo_stage_starts_from_reds_weights():

@@ -2,6 +2,7 @@
 
 Each run uses a tiny GSMNet on 2-frame (REDS) or 7-frame (Vimeo) 36x36 LR clips for 1-3 iterations.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,20 +75,40 @@ def test_reds_disk_train_resume_and_test(tiny_data, in_tmp_cwd):
 
     # evaluate the trained model with gsmsr/test.py run as a script from the checkout
     test_opt = dict(
-        name='reds_eval', model_type='GSMModel', scale=4, num_gpu=0, manual_seed=0,
-        datasets=dict(test=opt['datasets']['val']), network_g=opt['network_g'],
-        path=dict(pretrain_network_g=str(exp / 'models' / 'net_g_latest.pth'), param_key_g='params_ema',
-                  strict_load_g=True),
-        val=dict(save_img=True, suffix=None, chunk=100, chunk_overlap=2, tile=144, tile_overlap=50,
-                 metrics=opt['val']['metrics']))
+        name='reds_eval',
+        model_type='GSMModel',
+        scale=4,
+        num_gpu=0,
+        manual_seed=0,
+        datasets=dict(test=opt['datasets']['val']),
+        network_g=opt['network_g'],
+        path=dict(
+            pretrain_network_g=str(exp / 'models' / 'net_g_latest.pth'), param_key_g='params_ema', strict_load_g=True
+        ),
+        val=dict(
+            save_img=True,
+            suffix=None,
+            chunk=100,
+            chunk_overlap=2,
+            tile=144,
+            tile_overlap=50,
+            metrics=opt['val']['metrics'],
+        ),
+    )
     write_options(in_tmp_cwd / 'test.yml', test_opt)
     env = dict(os.environ, PYTHONPATH='')
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / 'gsmsr' / 'test.py'), '-opt', 'test.yml'],
-                          cwd=in_tmp_cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / 'gsmsr' / 'test.py'), '-opt', 'test.yml'],
+        cwd=in_tmp_cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = in_tmp_cwd / 'results' / 'reds_eval'
     log = read_log(results, 'test_reds_eval')
-    assert "Loading GSMNet from" in log and '[params_ema]' in log
+    assert 'Loading GSMNet from' in log and '[params_ema]' in log
     metrics = json.loads((results / 'metrics_REDS4.json').read_text())
     assert metrics['num_clips'] == 1 and metrics['num_frames'] == 3
     assert _validation_values(log, 'REDS4') == pytest.approx(metrics['average'], abs=1e-4)
@@ -117,8 +138,15 @@ def test_vimeo_train(tiny_data, in_tmp_cwd, backend):
     """Disk: one iteration and the Vimeo-90K-T validation. LMDB: one iteration, then resume to a second one
     (validation reads the disk layout in both cases, so it runs once)."""
     name = f'vimeo_{backend}'
-    opt = train_options(tiny_data, name, 'vimeo', backend, train=dict(total_iter=1),
-                        val=dict(val_freq=100), logger=dict(save_checkpoint_freq=1))
+    opt = train_options(
+        tiny_data,
+        name,
+        'vimeo',
+        backend,
+        train=dict(total_iter=1),
+        val=dict(val_freq=100),
+        logger=dict(save_checkpoint_freq=1),
+    )
     if backend == 'lmdb':
         del opt['datasets']['val'], opt['val']
     write_options(in_tmp_cwd / 'train.yml', opt)

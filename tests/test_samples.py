@@ -1,4 +1,5 @@
 """Sample-clip preparation: layout, sizes, LR = BasicSR imresize of GT, caching, interrupted builds."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,7 +58,7 @@ def test_lr_is_basicsr_imresize_of_gt(tiny):
     for spec in TINY_CLIPS:
         gt, lq = read_frames(tiny.gt_root / spec.name), read_frames(tiny.lq_root / spec.name)
         for g, lr in zip(gt, lq):
-            ref = np.clip(np.round(imresize(g.astype(np.float32) / 255., 0.25) * 255.), 0, 255).astype(np.uint8)
+            ref = np.clip(np.round(imresize(g.astype(np.float32) / 255.0, 0.25) * 255.0), 0, 255).astype(np.uint8)
             np.testing.assert_array_equal(lr, ref)
 
 
@@ -73,7 +74,7 @@ def test_gt_is_the_centre_crop_of_the_shrunk_source_frame(tiny):
     h, w = frame.shape[0] // spec.downscale, frame.shape[1] // spec.downscale
     small = cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA).astype(np.float64)
     top, left = (h - spec.crop[0]) // 2, (w - spec.crop[1]) // 2
-    ref = small[top:top + spec.crop[0], left:left + spec.crop[1]]
+    ref = small[top : top + spec.crop[0], left : left + spec.crop[1]]
     gt0 = read_frames(tiny.gt_root / spec.name)[0].astype(np.float64)
     assert np.abs(gt0 - ref).mean() < 2.0
     # The next frame differs more than that, so the test would see an off-by-one frame.
@@ -144,12 +145,15 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert samples.default_cache_dir() == Path.home() / '.cache' / 'gsmsr'
 
 
-@pytest.mark.parametrize('change, message', [
-    (dict(crop=(138, 144)), 'multiples of 4'),
-    (dict(crop=(272, 144)), 'larger than'),
-    (dict(num_frames=6), 'at least 7'),
-    (dict(start=248), 'fewer than'),
-])
+@pytest.mark.parametrize(
+    'change, message',
+    [
+        (dict(crop=(138, 144)), 'multiples of 4'),
+        (dict(crop=(272, 144)), 'larger than'),
+        (dict(num_frames=6), 'at least 7'),
+        (dict(start=248), 'fewer than'),
+    ],
+)
 def test_bad_recipe_names_the_clip(tmp_path, change, message):
     clips = (dataclasses.replace(TINY_CLIPS[0], **change), TINY_CLIPS[1])
     with pytest.raises(ValueError, match=message) as err:
@@ -173,11 +177,25 @@ def test_basicsr_datasets_read_both_layouts(tiny):
     from basicsr.data.reds_dataset import REDSRecurrentDataset  # noqa: F401  (registers the classes)
     from basicsr.data.vimeo90k_dataset import Vimeo90KRecurrentDataset
 
-    common = dict(io_backend={'type': 'disk'}, gt_size=136, scale=4, use_hflip=True, use_rot=True,
-                  random_reverse=False, phase='train')
-    vimeo = Vimeo90KRecurrentDataset(dict(common, dataroot_gt=str(tiny.vimeo_gt_root),
-                                          dataroot_lq=str(tiny.vimeo_lq_root), meta_info_file=str(tiny.vimeo_meta),
-                                          num_frame=7, flip_sequence=False))
+    common = dict(
+        io_backend={'type': 'disk'},
+        gt_size=136,
+        scale=4,
+        use_hflip=True,
+        use_rot=True,
+        random_reverse=False,
+        phase='train',
+    )
+    vimeo = Vimeo90KRecurrentDataset(
+        dict(
+            common,
+            dataroot_gt=str(tiny.vimeo_gt_root),
+            dataroot_lq=str(tiny.vimeo_lq_root),
+            meta_info_file=str(tiny.vimeo_meta),
+            num_frame=7,
+            flip_sequence=False,
+        )
+    )
     item = vimeo[0]
     assert item['key'] == 'bikes/0001'
     assert tuple(item['lq'].shape) == (7, 3, 34, 34) and tuple(item['gt'].shape) == (7, 3, 136, 136)

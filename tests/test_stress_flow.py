@@ -3,6 +3,7 @@
 A tiny random GSMNet saved as a BasicSR checkpoint and a 2-clip REDS-layout test set (3 frames, LR 36x36,
 GT 144x144); the report is checked against an independent evaluation with BasicSR's metrics.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,9 +77,30 @@ def clean_outputs(data) -> Dict[str, torch.Tensor]:
 @pytest.fixture(scope='module')
 def report(data, tmp_path_factory):
     out = tmp_path_factory.mktemp('report') / 'out'
-    rc = run(_parse(['--weights', str(data['ckpt']), '-opt', str(data['opt']), '--gt', str(data['gt']),
-                     '--lq', str(data['lq']), '--out', str(out), '--noise', '0,2', '--dropout', '0,0.5',
-                     '--seed', '3', '--device', 'cpu']))
+    rc = run(
+        _parse(
+            [
+                '--weights',
+                str(data['ckpt']),
+                '-opt',
+                str(data['opt']),
+                '--gt',
+                str(data['gt']),
+                '--lq',
+                str(data['lq']),
+                '--out',
+                str(out),
+                '--noise',
+                '0,2',
+                '--dropout',
+                '0,0.5',
+                '--seed',
+                '3',
+                '--device',
+                'cpu',
+            ]
+        )
+    )
     assert rc == 0
     return out
 
@@ -93,8 +115,12 @@ def test_report_files(report):
     assert (img < 128).any(axis=2).mean() > 0.01  # axes, labels and curves are drawn
     with open(report / REPORT_NAMES['csv']) as f:
         rows = list(csv.DictReader(f))
-    assert [(r['sweep'], float(r['level'])) for r in rows] == [('noise', 0), ('noise', 2), ('dropout', 0),
-                                                               ('dropout', 0.5)]
+    assert [(r['sweep'], float(r['level'])) for r in rows] == [
+        ('noise', 0),
+        ('noise', 2),
+        ('dropout', 0),
+        ('dropout', 0.5),
+    ]
     assert float(rows[1]['noise_std_px']) == 2 and float(rows[3]['dropout_prob']) == 0.5
     for r in rows:
         assert float(r['delta_psnr']) == pytest.approx(float(r['psnr']) - float(rows[0]['psnr']), abs=1e-12)
@@ -140,11 +166,11 @@ def test_noise_is_gaussian_seeded_and_shared_between_levels():
     out2 = FlowPerturbation(noise_std=2.0, seed=7)(fb, ff)
     for k, flow in enumerate((fb, ff)):
         z = out1[k] - flow
-        assert torch.equal(out1[k], again[k])            # deterministic with the seed
-        assert not torch.equal(out1[k], other[k])        # and the seed matters
+        assert torch.equal(out1[k], again[k])  # deterministic with the seed
+        assert not torch.equal(out1[k], other[k])  # and the seed matters
         assert abs(z.mean().item()) < 0.03 and abs(z.std().item() - 1) < 0.03  # 32768 draws of N(0, 1)
         torch.testing.assert_close(out2[k] - flow, 2 * z)  # same draws, scaled: the curve sees only the level
-    assert not torch.equal(out1[0] - fb, out1[1] - ff)    # the two directions are perturbed independently
+    assert not torch.equal(out1[0] - fb, out1[1] - ff)  # the two directions are perturbed independently
 
 
 def test_dropout_zeroes_whole_vectors_pixelwise_and_nested():
@@ -152,11 +178,11 @@ def test_dropout_zeroes_whole_vectors_pixelwise_and_nested():
     low = FlowPerturbation(dropout=0.3, seed=1)(fb, ff)[0]
     high = FlowPerturbation(dropout=0.6, seed=1)(fb, ff)[0]
     for p, out in ((0.3, low), (0.6, high)):
-        dropped = (out == 0).all(dim=2)                   # (B, N, H, W): both components zeroed
+        dropped = (out == 0).all(dim=2)  # (B, N, H, W): both components zeroed
         assert ((out == 0) == dropped.unsqueeze(2)).all()  # never just one component
         assert abs(dropped.float().mean().item() - p) < 0.02
         kept = ~dropped.unsqueeze(2).expand_as(out)
-        assert torch.equal(out[kept], fb[kept])           # the rest is untouched
+        assert torch.equal(out[kept], fb[kept])  # the rest is untouched
     assert ((low == 0).all(dim=2) <= (high == 0).all(dim=2)).all()  # a larger p drops a superset
 
 
@@ -205,8 +231,9 @@ def _bad_clip_set(root: Path, gt_size: int = 144, frames: int = 3) -> Dict[str, 
     return {'gt': root / 'gt', 'lq': root / 'lq'}
 
 
-@pytest.mark.parametrize('case', ['missing_gt', 'gt_size', 'one_frame', 'bad_checkpoint', 'wrong_checkpoint',
-                                  'bad_dropout', 'bad_tile'])
+@pytest.mark.parametrize(
+    'case', ['missing_gt', 'gt_size', 'one_frame', 'bad_checkpoint', 'wrong_checkpoint', 'bad_dropout', 'bad_tile']
+)
 def test_bad_input_exits_2_with_one_line(case, data, tmp_path, capsys):
     dirs = {'gt': data['gt'], 'lq': data['lq']}
     weights, extra, needle = data['ckpt'], [], None
@@ -234,8 +261,27 @@ def test_bad_input_exits_2_with_one_line(case, data, tmp_path, capsys):
     elif case == 'bad_tile':
         extra, needle = ['--tile', '20'], '--tile 20'
     out = tmp_path / 'out'
-    rc = run(_parse(['--weights', str(weights), '-opt', str(data['opt']), '--gt', str(dirs['gt']),
-                     '--lq', str(dirs['lq']), '--out', str(out), '--noise', '0,1', '--device', 'cpu'] + extra))
+    rc = run(
+        _parse(
+            [
+                '--weights',
+                str(weights),
+                '-opt',
+                str(data['opt']),
+                '--gt',
+                str(dirs['gt']),
+                '--lq',
+                str(dirs['lq']),
+                '--out',
+                str(out),
+                '--noise',
+                '0,1',
+                '--device',
+                'cpu',
+            ]
+            + extra
+        )
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and err[0].startswith('gsmsr stress-flow: error:') and needle in err[0], err
@@ -281,8 +327,11 @@ def _flatten(d, prefix: str = '') -> Dict[str, object]:
 def _differences(a: dict, b: dict) -> Dict[str, tuple]:
     fa, fb = _flatten(a), _flatten(b)
     missing = '<absent>'
-    return {k: (fa.get(k, missing), fb.get(k, missing)) for k in fa.keys() | fb.keys()
-            if fa.get(k, missing) != fb.get(k, missing)}
+    return {
+        k: (fa.get(k, missing), fb.get(k, missing))
+        for k in fa.keys() | fb.keys()
+        if fa.get(k, missing) != fb.get(k, missing)
+    }
 
 
 def test_ablation_baseline_is_the_official_ablation_recipe():

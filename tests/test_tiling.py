@@ -1,4 +1,5 @@
 """Tests for gsmsr.tiling: the official chunk/tile protocol (ARCHITECTURE.md §9)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,10 +34,12 @@ class OriginNet:
 
 def context_net(scale: int):
     """A net whose output depends on the whole call (tile mean, clip mean), so tiling/chunking changes it."""
+
     def net(x: torch.Tensor) -> torch.Tensor:
         b, t, c, h, w = x.shape
         up = F.interpolate(x.flatten(0, 1), scale_factor=scale, mode='nearest').view(b, t, c, scale * h, scale * w)
         return torch.sin(up) + x.mean(dim=(-1, -2), keepdim=True) + 0.1 * x.mean(dim=(1, -1, -2), keepdim=True)
+
     return net
 
 
@@ -52,12 +55,12 @@ def reference_forward(net, lq, scale, chunk, chunk_overlap, tile, tile_overlap):
     k = tile_overlap // 2
     total, count = None, torch.zeros(1, t, 1, 1, 1, dtype=lq.dtype)
     for t0 in starts(t, chunk, chunk_overlap):
-        clip = lq[:, t0:t0 + length]
+        clip = lq[:, t0 : t0 + length]
         rows, cols = starts(h, tile, tile_overlap), starts(w, tile, tile_overlap)
         e = wgt = None
         for i in rows:
             for j in cols:
-                o = net(clip[..., i:i + th, j:j + tw]).clone()
+                o = net(clip[..., i : i + th, j : j + tw]).clone()
                 m = torch.ones_like(o)
                 if e is None:
                     e = torch.zeros(*o.shape[:3], scale * h, scale * w, dtype=lq.dtype)
@@ -75,12 +78,12 @@ def reference_forward(net, lq, scale, chunk, chunk_overlap, tile, tile_overlap):
                     if j != cols[0]:
                         o[..., :, :k] = 0
                         m[..., :, :k] = 0
-                e[..., i * scale:(i + th) * scale, j * scale:(j + tw) * scale] += o
-                wgt[..., i * scale:(i + th) * scale, j * scale:(j + tw) * scale] += m
+                e[..., i * scale : (i + th) * scale, j * scale : (j + tw) * scale] += o
+                wgt[..., i * scale : (i + th) * scale, j * scale : (j + tw) * scale] += m
         if total is None:
             total = torch.zeros(b, t, *e.shape[2:], dtype=lq.dtype)
-        total[:, t0:t0 + length] += e / wgt
-        count[:, t0:t0 + length] += 1
+        total[:, t0 : t0 + length] += e / wgt
+        count[:, t0 : t0 + length] += 1
     return total / count
 
 
@@ -124,15 +127,15 @@ def test_tile_blend_weights_analytic():
     # Column tiles cover HR x [0,576), [376,952), [704,1280); inner edges drop 25 HR px.
     # Row tiles cover HR y [0,576), [144,720).
     checks = {
-        (10, 10): c(0, 0, 0),                       # only tile (0, 0)
-        (10, 390): c(0, 0, 0),                      # tile (0,94) is trimmed at x < 401
-        (10, 560): c(0, 0, 94),                     # tile (0,0) is trimmed at x >= 551
+        (10, 10): c(0, 0, 0),  # only tile (0, 0)
+        (10, 390): c(0, 0, 0),  # tile (0,94) is trimmed at x < 401
+        (10, 560): c(0, 0, 94),  # tile (0,0) is trimmed at x >= 551
         (10, 450): (c(0, 0, 0) + c(0, 0, 94)) / 2,  # both count
-        (10, 710): c(0, 0, 94),                     # tile (0,176) is trimmed at x < 729
-        (10, 940): c(0, 0, 176),                    # tile (0,94) is trimmed at x >= 927
-        (10, 1279): c(0, 0, 176),                   # right image border: never trimmed
-        (150, 10): c(0, 0, 0),                      # tile (36,0) is trimmed at y < 169
-        (560, 10): c(0, 36, 0),                     # tile (0,0) is trimmed at y >= 551
+        (10, 710): c(0, 0, 94),  # tile (0,176) is trimmed at x < 729
+        (10, 940): c(0, 0, 176),  # tile (0,94) is trimmed at x >= 927
+        (10, 1279): c(0, 0, 176),  # right image border: never trimmed
+        (150, 10): c(0, 0, 0),  # tile (36,0) is trimmed at y < 169
+        (560, 10): c(0, 36, 0),  # tile (0,0) is trimmed at y >= 551
         (300, 450): (c(0, 0, 0) + c(0, 0, 94) + c(0, 36, 0) + c(0, 36, 94)) / 4,
         (719, 1279): c(0, 36, 176),
     }
@@ -150,20 +153,28 @@ def test_chunk_boundaries_analytic():
     out = forward_chunked(net, lq, 2, chunk=4, chunk_overlap=1, tile=0, tile_overlap=0)
     assert [call[0] for call in net.calls] == [0, 3, 6]
     c = OriginNet.code
-    expected = [c(0, 0, 0)] * 3 + [(c(0, 0, 0) + c(3, 0, 0)) / 2] + [c(3, 0, 0)] * 2 \
-        + [(c(3, 0, 0) + c(6, 0, 0)) / 2] + [c(6, 0, 0)] * 3
+    expected = (
+        [c(0, 0, 0)] * 3
+        + [(c(0, 0, 0) + c(3, 0, 0)) / 2]
+        + [c(3, 0, 0)] * 2
+        + [(c(3, 0, 0) + c(6, 0, 0)) / 2]
+        + [c(6, 0, 0)] * 3
+    )
     got = out[0, :, 0].flatten(1)
     assert torch.equal(got.min(dim=1).values, got.max(dim=1).values)
     assert got[:, 0].tolist() == pytest.approx(expected, rel=1e-12)
 
 
-@pytest.mark.parametrize('shape,scale,chunk,chunk_overlap,tile,tile_overlap', [
-    ((1, 7, 3, 50, 61), 2, 3, 1, 20, 6),    # 3 chunks (last one realigned), 3x4 tiles
-    ((2, 5, 3, 33, 47), 3, 2, 0, 16, 5),    # odd overlap, chunks without overlap
-    ((1, 4, 3, 30, 29), 4, 0, 0, 12, 4),    # no chunking
-    ((1, 9, 3, 18, 80), 2, 4, 2, 144, 50),  # no tiling (tile larger than the frame)
-    ((1, 3, 3, 180, 320), 4, 2, 1, 144, 50),  # the REDS layout
-])
+@pytest.mark.parametrize(
+    'shape,scale,chunk,chunk_overlap,tile,tile_overlap',
+    [
+        ((1, 7, 3, 50, 61), 2, 3, 1, 20, 6),  # 3 chunks (last one realigned), 3x4 tiles
+        ((2, 5, 3, 33, 47), 3, 2, 0, 16, 5),  # odd overlap, chunks without overlap
+        ((1, 4, 3, 30, 29), 4, 0, 0, 12, 4),  # no chunking
+        ((1, 9, 3, 18, 80), 2, 4, 2, 144, 50),  # no tiling (tile larger than the frame)
+        ((1, 3, 3, 180, 320), 4, 2, 1, 144, 50),  # the REDS layout
+    ],
+)
 def test_matches_reference_float64(shape, scale, chunk, chunk_overlap, tile, tile_overlap):
     torch.manual_seed(1)
     lq = torch.rand(*shape, dtype=torch.float64)
@@ -197,8 +208,9 @@ def test_accumulate_tiles_batched_equals_one_at_a_time(tile_batch):
     fw = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
     one = accumulate_tiles(net, lq, 2, 16, 6, frame_weight=fw)
     calls = []
-    batched = accumulate_tiles(lambda x: calls.append(x.shape[0]) or net(x), lq, 2, 16, 6, frame_weight=fw,
-                               tile_batch=tile_batch)
+    batched = accumulate_tiles(
+        lambda x: calls.append(x.shape[0]) or net(x), lq, 2, 16, 6, frame_weight=fw, tile_batch=tile_batch
+    )
     torch.testing.assert_close(batched, one, rtol=0, atol=1e-14)
     n_tiles = len(tile_regions(40, 50, 16, 6))
     assert sum(calls) == 2 * n_tiles and max(calls) == 2 * min(tile_batch, n_tiles)

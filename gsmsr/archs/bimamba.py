@@ -4,6 +4,7 @@ One shared input and output projection; a forward and a backward branch with the
 projections, A and D; the backward branch runs on the time-flipped sequence (gate included), and the two
 outputs are summed, not averaged. Parameter names match the official checkpoint.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,6 +27,7 @@ def _causal_conv1d_fn() -> Optional[Callable]:
     """causal-conv1d's CUDA kernel if installed (``pip install gsmsr[cuda]``), else None."""
     try:
         from causal_conv1d import causal_conv1d_fn
+
         return causal_conv1d_fn
     except ImportError:
         return None
@@ -39,7 +41,7 @@ def causal_conv_silu_shifted(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     w = weight.squeeze(1).to(x.dtype)
     out = bias.to(x.dtype)[:, None]
     for i in range(k):
-        out = out + xp[..., i:i + x.shape[-1]] * w[:, i:i + 1]
+        out = out + xp[..., i : i + x.shape[-1]] * w[:, i : i + 1]
     return F.silu(out)
 
 
@@ -53,7 +55,7 @@ def causal_conv_silu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     kernel = _causal_conv1d_fn() if x.is_cuda and x.dtype != torch.float64 else None
     if kernel is not None:
         return kernel(x.contiguous(), weight.squeeze(1), bias, activation='silu')
-    return F.silu(F.conv1d(x, weight, bias, padding=k - 1, groups=x.shape[1])[..., :x.shape[-1]])
+    return F.silu(F.conv1d(x, weight, bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]])
 
 
 def _at_least_fp32(t: Tensor) -> Tensor:
@@ -63,8 +65,14 @@ def _at_least_fp32(t: Tensor) -> Tensor:
 class BiMamba(nn.Module):
     """(B, L, C) -> (B, L, C)."""
 
-    def __init__(self, d_model: int, d_state: int = D_STATE, d_conv: int = D_CONV, expand: int = EXPAND,
-                 scan_backend: str = 'auto') -> None:
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = D_STATE,
+        d_conv: int = D_CONV,
+        expand: int = EXPAND,
+        scan_backend: str = 'auto',
+    ) -> None:
         super().__init__()
         self.d_inner = expand * d_model
         self.d_state = d_state
@@ -88,31 +96,43 @@ class BiMamba(nn.Module):
 
     def _init_dt(self, dt_proj: nn.Linear, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
         # Vim's init for the forward branch; GSM's block init overwrites every Linear anyway (§5.5).
-        nn.init.uniform_(dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+        nn.init.uniform_(dt_proj.weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
         dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp(min=1e-4)
         with torch.no_grad():
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def _branch(self, x: Tensor, gate: Tensor, conv: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear,
-                a_log: Tensor, d: Tensor) -> Tensor:
+    def _branch(
+        self, x: Tensor, gate: Tensor, conv: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear, a_log: Tensor, d: Tensor
+    ) -> Tensor:
         """x, gate: (B, Di, L) -> (B, Di, L)."""
         # projections in the channels-first layout: every scan operand has unit stride along L, no copies
         u = causal_conv_silu(x, conv.weight, conv.bias)
-        dbl = torch.matmul(x_proj.weight, u)                             # (B, R + 2N, L)
+        dbl = torch.matmul(x_proj.weight, u)  # (B, R + 2N, L)
         delta, b, c = dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
-        delta = torch.matmul(dt_proj.weight, delta)                      # (B, Di, L); dt bias goes into the scan
+        delta = torch.matmul(dt_proj.weight, delta)  # (B, Di, L); dt bias goes into the scan
         A = -torch.exp(_at_least_fp32(a_log))
-        return selective_scan(u, delta, A, b, c, _at_least_fp32(d), gate, _at_least_fp32(dt_proj.bias),
-                              delta_softplus=True, backend=self.scan_backend)
+        return selective_scan(
+            u,
+            delta,
+            A,
+            b,
+            c,
+            _at_least_fp32(d),
+            gate,
+            _at_least_fp32(dt_proj.bias),
+            delta_softplus=True,
+            backend=self.scan_backend,
+        )
 
     def forward(self, z: Tensor, directions: int = 2) -> Tensor:
         """z: (B, L, C) -> (B, L, C)."""
-        xz = torch.matmul(self.in_proj.weight, z.transpose(1, 2))        # (B, 2Di, L), contiguous along L
+        xz = torch.matmul(self.in_proj.weight, z.transpose(1, 2))  # (B, 2Di, L), contiguous along L
         x, gate = xz.chunk(2, dim=1)
         y = self._branch(x, gate, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
         if directions == 2:
-            yb = self._branch(x.flip(-1), gate.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b,
-                              self.A_b_log, self.D_b)
+            yb = self._branch(
+                x.flip(-1), gate.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b
+            )
             y = y + yb.flip(-1)
         return self.out_proj(y.transpose(1, 2))

@@ -1,4 +1,5 @@
 """Loading GSMNet weights: BasicSR checkpoints (``params`` / ``params_ema``), bare state dicts, official files."""
+
 from __future__ import annotations
 
 import os
@@ -39,13 +40,14 @@ def read_state_dict(source: Union[str, os.PathLike, dict], key: Optional[str] = 
     sd = {}
     for k, v in ckpt.items():
         while k.startswith('module.'):
-            k = k[len('module.'):]
+            k = k[len('module.') :]
         sd[k] = v
     return sd
 
 
-def load_checkpoint(net: nn.Module, source: Union[str, os.PathLike, dict], key: Optional[str] = 'params',
-                    strict: bool = True) -> nn.Module:
+def load_checkpoint(
+    net: nn.Module, source: Union[str, os.PathLike, dict], key: Optional[str] = 'params', strict: bool = True
+) -> nn.Module:
     """Load weights into ``net``; deterministic buffers missing from the file keep their computed values.
 
     With ``strict`` (the default) any missing parameter, unexpected key or shape mismatch raises a ValueError
@@ -56,8 +58,11 @@ def load_checkpoint(net: nn.Module, source: Union[str, os.PathLike, dict], key: 
     persistent_buffers = {name for name, _ in net.named_buffers()}
     missing = [k for k in own if k not in sd and k not in persistent_buffers]
     unexpected = [k for k in sd if k not in own]
-    mismatched = [f'{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}'
-                  for k in sd if k in own and sd[k].shape != own[k].shape]
+    mismatched = [
+        f'{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}'
+        for k in sd
+        if k in own and sd[k].shape != own[k].shape
+    ]
     if strict and (missing or unexpected or mismatched):
         name = os.fspath(source) if not isinstance(source, dict) else 'state dict'
         lines = [f'{name} does not match {type(net).__name__}:']

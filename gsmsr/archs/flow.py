@@ -3,6 +3,7 @@
 Notation (ARCHITECTURE.md §0, §2, §5.2): ``F[a->b]`` lives on frame a's grid and points into frame b.
 ``flows_backward[:, t] = F[t->t+1]`` and ``flows_forward[:, t] = F[t+1->t]``; channel 0 is x.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -41,7 +42,7 @@ def load_spynet_weights(spynet: SpyNet, path: str) -> None:
     if unexpected:
         raise ValueError(f'{path}: not a SpyNet checkpoint: unexpected keys {", ".join(unexpected[:10])}')
     try:
-        spynet.basic_module.load_state_dict({k[len('basic_module.'):]: v for k, v in weights.items()}, strict=True)
+        spynet.basic_module.load_state_dict({k[len('basic_module.') :]: v for k, v in weights.items()}, strict=True)
     except RuntimeError as err:
         raise ValueError(f'{path}: not a SpyNet checkpoint: {err}') from err
 
@@ -75,8 +76,9 @@ def window_link_flows(fb: Tensor, ff: Tensor, start: int, k: int) -> Tuple[List[
     return lb, lf
 
 
-def gather_scatter_flows(lb: List[Tensor], lf: List[Tensor], anchor: int, compose_order: str = 'official'
-                         ) -> Tuple[List[Optional[Tensor]], List[Optional[Tensor]]]:
+def gather_scatter_flows(
+    lb: List[Tensor], lf: List[Tensor], anchor: int, compose_order: str = 'official'
+) -> Tuple[List[Optional[Tensor]], List[Optional[Tensor]]]:
     """Gather flows ``phi_i`` (anchor grid -> slot i) and scatter flows ``psi_i`` (slot i -> anchor), §5.2.
 
     ``None`` marks the anchor (gather: zero flow, scatter: no warp). ``compose_order='official'`` chains the

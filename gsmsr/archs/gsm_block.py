@@ -4,6 +4,7 @@ A window of K frames is gathered onto the centre frame's grid (implicit warp), f
 through a bidirectional Mamba; the result is scattered back to each frame's own grid (flow warp) and added to
 the un-warped window, followed by an MLP with a depthwise 3-D conv.
 """
+
 from __future__ import annotations
 
 from typing import Callable, List, Optional
@@ -29,11 +30,11 @@ def depthwise_conv3d_cl(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """
     k, h, w = x.shape[1:4]
     xp = F.pad(x, (0, 0, 1, 1, 1, 1, 1, 1))
-    wt = weight.reshape(weight.shape[0], 27).t().to(x.dtype)            # (27, C), (dk, dh, dw) row-major
+    wt = weight.reshape(weight.shape[0], 27).t().to(x.dtype)  # (27, C), (dk, dh, dw) row-major
     out = bias.to(x.dtype)
     for i in range(27):
         dk, dh, dw = i // 9, i // 3 % 3, i % 3
-        out = out + xp[:, dk:dk + k, dh:dh + h, dw:dw + w] * wt[i]
+        out = out + xp[:, dk : dk + k, dh : dh + h, dw : dw + w] * wt[i]
     return out
 
 
@@ -72,8 +73,9 @@ class MlpDW(nn.Module):
 class GSMBlock(nn.Module):
     """One window step. Parameter names match the official ``mamba_block``."""
 
-    def __init__(self, dim: int, use_checkpoint: bool = False, mamba_directions: int = 2,
-                 scan_backend: str = 'auto') -> None:
+    def __init__(
+        self, dim: int, use_checkpoint: bool = False, mamba_directions: int = 2, scan_backend: str = 'auto'
+    ) -> None:
         super().__init__()
         self.use_checkpoint = use_checkpoint
         self.mamba_directions = mamba_directions
@@ -130,12 +132,13 @@ class GSMBlock(nn.Module):
         m = self.mamba(self.norm1(tok), self.mamba_directions)
         return m.view(b, h, w, k, c).permute(0, 4, 3, 1, 2)
 
-    def forward(self, x: Tensor, gather_flows: List[Optional[Tensor]], scatter_flows: List[Optional[Tensor]],
-                align: Aligner) -> Tensor:
+    def forward(
+        self, x: Tensor, gather_flows: List[Optional[Tensor]], scatter_flows: List[Optional[Tensor]], align: Aligner
+    ) -> Tensor:
         """x: (B, C, K, H, W) window; flows from :func:`gsmsr.archs.flow.gather_scatter_flows`."""
         b, c, k, h, w = x.shape
         m = self.mamba_mix(self.gather(x, gather_flows, align))
         y = self.skip_scale * x + self.scatter(m, scatter_flows)
-        t = y.reshape(b, c, -1).transpose(1, 2)                          # (B, K*H*W, C), (k, y, x) order
+        t = y.reshape(b, c, -1).transpose(1, 2)  # (B, K*H*W, C), (k, y, x) order
         t = self.skip_scale2 * t + self.mlp(self.norm2(t), k, h, w)
         return t.transpose(1, 2).reshape(b, c, k, h, w)

@@ -5,6 +5,7 @@ Forward (ARCHITECTURE.md §1): SpyNet flows between adjacent frames -> ``conv_fi
 LayerNorm + Linear with the long residual -> pixel-shuffle reconstruction + bilinear global skip.
 Module and parameter names reproduce the official state dict, so official checkpoints load strictly.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -29,8 +30,16 @@ WindowFlows = List[Tuple[List[Optional[Tensor]], List[Optional[Tensor]]]]
 class Stage(nn.Module):
     """SWSA group, then the in-place sliding-window GSM sweep, with a residual around both (§4.2, §4.4)."""
 
-    def __init__(self, dim: int, attn_depth: int, num_heads: int, use_checkpoint_attn: bool,
-                 use_checkpoint_ffn: bool, mamba_directions: int, scan_backend: str) -> None:
+    def __init__(
+        self,
+        dim: int,
+        attn_depth: int,
+        num_heads: int,
+        use_checkpoint_attn: bool,
+        use_checkpoint_ffn: bool,
+        mamba_directions: int,
+        scan_backend: str,
+    ) -> None:
         super().__init__()
         self.attn_blocks = SWSAGroup(dim, attn_depth, num_heads, use_checkpoint_attn, use_checkpoint_ffn)
         self.mamba_block = GSMBlock(dim, use_checkpoint_attn, mamba_directions, scan_backend)
@@ -51,9 +60,15 @@ class Transpose12(nn.Module):
 
 def make_upsampler(scale: int, feat: int = RECON_FEAT) -> nn.Sequential:
     """Conv3d + pixel shuffle stages; entry indices (0, 5, 10 for x4) match the official keys."""
+
     def stage(factor: int) -> List[nn.Module]:
-        return [nn.Conv3d(feat, factor * factor * feat, (1, 3, 3), padding=(0, 1, 1)), Transpose12(),
-                nn.PixelShuffle(factor), Transpose12(), nn.LeakyReLU(0.1, inplace=True)]
+        return [
+            nn.Conv3d(feat, factor * factor * feat, (1, 3, 3), padding=(0, 1, 1)),
+            Transpose12(),
+            nn.PixelShuffle(factor),
+            Transpose12(),
+            nn.LeakyReLU(0.1, inplace=True),
+        ]
 
     layers: List[nn.Module] = []
     if scale & (scale - 1) == 0:
@@ -103,26 +118,49 @@ class GSMNet(nn.Module):
     Requires T >= 2 and H, W >= 33.
     """
 
-    def __init__(self, upscale: int = 4, in_chans: int = 3, out_chans: int = 3, prop_depth: int = 4,
-                 attn_depth: int = 4, pa_frame: int = 2, embed_dims: int = 192, num_heads: int = 8,
-                 spynet_path: Optional[str] = None, use_checkpoint_attn: bool = False,
-                 use_checkpoint_ffn: bool = False, drop_path_rate: float = 0.2, norm_layer=None,
-                 is_train: bool = True, anchor: str = 'center', scatter: bool = True, align: str = 'implicit',
-                 flow_compose: str = 'official', alternate_direction: bool = True, mamba_directions: int = 2,
-                 scan_backend: str = 'auto', streaming_eval: bool = True, compile_blocks: bool = False) -> None:
+    def __init__(
+        self,
+        upscale: int = 4,
+        in_chans: int = 3,
+        out_chans: int = 3,
+        prop_depth: int = 4,
+        attn_depth: int = 4,
+        pa_frame: int = 2,
+        embed_dims: int = 192,
+        num_heads: int = 8,
+        spynet_path: Optional[str] = None,
+        use_checkpoint_attn: bool = False,
+        use_checkpoint_ffn: bool = False,
+        drop_path_rate: float = 0.2,
+        norm_layer=None,
+        is_train: bool = True,
+        anchor: str = 'center',
+        scatter: bool = True,
+        align: str = 'implicit',
+        flow_compose: str = 'official',
+        alternate_direction: bool = True,
+        mamba_directions: int = 2,
+        scan_backend: str = 'auto',
+        streaming_eval: bool = True,
+        compile_blocks: bool = False,
+    ) -> None:
         super().__init__()
         if embed_dims % num_heads or embed_dims % 4:
             raise ValueError(f'embed_dims ({embed_dims}) must be divisible by num_heads ({num_heads}) and by 4')
-        choices = {'anchor': (anchor, ('center', 'last')), 'align': (align, ('implicit', 'bilinear')),
-                   'flow_compose': (flow_compose, ('official', 'geometric')),
-                   'mamba_directions': (mamba_directions, (1, 2)),
-                   'scan_backend': (scan_backend, ('auto', 'kernel', 'triton', 'ref'))}
+        choices = {
+            'anchor': (anchor, ('center', 'last')),
+            'align': (align, ('implicit', 'bilinear')),
+            'flow_compose': (flow_compose, ('official', 'geometric')),
+            'mamba_directions': (mamba_directions, (1, 2)),
+            'scan_backend': (scan_backend, ('auto', 'kernel', 'triton', 'ref')),
+        }
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f'{name} must be one of {allowed}, got {value!r}')
         if prop_depth < 1 or attn_depth < 0 or pa_frame < 1:
-            raise ValueError(f'need prop_depth >= 1, attn_depth >= 0, pa_frame >= 1; got '
-                             f'{prop_depth}, {attn_depth}, {pa_frame}')
+            raise ValueError(
+                f'need prop_depth >= 1, attn_depth >= 0, pa_frame >= 1; got {prop_depth}, {attn_depth}, {pa_frame}'
+            )
         self.upscale = upscale
         self.in_chans = in_chans
         self.out_chans = out_chans
@@ -139,15 +177,28 @@ class GSMNet(nn.Module):
         self.flow_transform: Optional[Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]] = None
 
         self.conv_first = nn.Conv3d(in_chans, embed_dims, (1, 3, 3), padding=(0, 1, 1))
-        self.prop_layers = nn.ModuleList([
-            PropLayer(Stage(embed_dims, attn_depth, num_heads, use_checkpoint_attn, use_checkpoint_ffn,
-                            mamba_directions, scan_backend))
-            for _ in range(prop_depth)])
+        self.prop_layers = nn.ModuleList(
+            [
+                PropLayer(
+                    Stage(
+                        embed_dims,
+                        attn_depth,
+                        num_heads,
+                        use_checkpoint_attn,
+                        use_checkpoint_ffn,
+                        mamba_directions,
+                        scan_backend,
+                    )
+                )
+                for _ in range(prop_depth)
+            ]
+        )
         self.implicit_align = ImplicitWarp(embed_dims, num_heads)
         self.norm = nn.LayerNorm(embed_dims)
         self.conv_after_body = nn.Linear(embed_dims, embed_dims)
         self.conv_before_upsample = nn.Sequential(
-            nn.Conv3d(embed_dims, RECON_FEAT, (1, 3, 3), padding=(0, 1, 1)), nn.LeakyReLU(0.01, inplace=True))
+            nn.Conv3d(embed_dims, RECON_FEAT, (1, 3, 3), padding=(0, 1, 1)), nn.LeakyReLU(0.01, inplace=True)
+        )
         self.upsample = make_upsampler(upscale)
         self.conv_last = nn.Conv3d(RECON_FEAT, out_chans, (1, 3, 3), padding=(0, 1, 1))
         self.spynet = SpyNet()
@@ -166,8 +217,10 @@ class GSMNet(nn.Module):
         if t < 2:
             raise ValueError(f'GSMNet needs at least 2 frames, got T={t} (shape {tuple(lq.shape)})')
         if h < MIN_SIZE or w < MIN_SIZE:
-            raise ValueError(f'GSMNet needs H, W >= {MIN_SIZE} (SpyNet pyramid), got {h}x{w} '
-                             f'(shape {tuple(lq.shape)}); pad or tile the input')
+            raise ValueError(
+                f'GSMNet needs H, W >= {MIN_SIZE} (SpyNet pyramid), got {h}x{w} '
+                f'(shape {tuple(lq.shape)}); pad or tile the input'
+            )
 
     # -- flows ------------------------------------------------------------------------------------------
     def get_flows(self, lq: Tensor) -> Tuple[Tensor, Tensor]:
@@ -196,8 +249,7 @@ class GSMNet(nn.Module):
         k = 2 * self.pa_frame + 1
         a = self.anchor_slot()
         reads = [min(max(t - a + i, 0), t_len - 1) for i in range(k)]
-        writes = [(i, t - a + i) for i in range(k)
-                  if 0 <= t - a + i < t_len and (self.scatter or i == a)]
+        writes = [(i, t - a + i) for i in range(k) if 0 <= t - a + i < t_len and (self.scatter or i == a)]
         return reads, writes
 
     def sweep(self, block: GSMBlock, y: Tensor, flows: WindowFlows) -> Tensor:
@@ -231,9 +283,9 @@ class GSMNet(nn.Module):
         a = self.anchor_slot()
         depth = len(stage.attn_blocks.blocks)
         halo = depth + depth % 2
-        state: Dict[int, Tensor] = {}   # SWSA output, then sweep state, of the frames in flight
-        done: Dict[int, Tensor] = {}    # finished frames waiting to be added to x
-        ready = 0                       # SWSA output exists for logical frames < ready
+        state: Dict[int, Tensor] = {}  # SWSA output, then sweep state, of the frames in flight
+        done: Dict[int, Tensor] = {}  # finished frames waiting to be added to x
+        ready = 0  # SWSA output exists for logical frames < ready
 
         def swsa_until(stop: int) -> None:
             nonlocal ready
@@ -247,7 +299,7 @@ class GSMNet(nn.Module):
                 hi = min(t_len, max(q + halo, lo + size))
                 out = stage.attn_blocks(x[:, :, [order[s] for s in range(lo, hi)]])
                 for s in range(p, q):
-                    state[s] = out[:, :, s - lo].contiguous()   # a copy, so the slab is freed now
+                    state[s] = out[:, :, s - lo].contiguous()  # a copy, so the slab is freed now
                 ready = q
 
         for t in range(t_len):
@@ -258,7 +310,7 @@ class GSMNet(nn.Module):
                 state[s] = out[:, :, i]
             if t >= a:  # frame t - a is read and written by no later window
                 done[t - a] = state.pop(t - a)
-            read_from = t_len if ready == t_len else ready - halo   # first frame a later slab reads
+            read_from = t_len if ready == t_len else ready - halo  # first frame a later slab reads
             for s in [s for s in done if s < read_from]:
                 x[:, :, order[s]] += done.pop(s)
         for s, v in {**done, **state}.items():
@@ -275,9 +327,10 @@ class GSMNet(nn.Module):
         b, t, c, h, w = lq.shape
         x = self.norm(x.permute(0, 2, 3, 4, 1))
         x = x0 + self.conv_after_body(x).permute(0, 4, 1, 2, 3)
-        x = self.conv_last(self.upsample(self.conv_before_upsample(x)))   # (B, out, T, sH, sW)
-        skip = F.interpolate(lq.reshape(b * t, c, h, w), size=(h * self.upscale, w * self.upscale),
-                             mode='bilinear', align_corners=False)
+        x = self.conv_last(self.upsample(self.conv_before_upsample(x)))  # (B, out, T, sH, sW)
+        skip = F.interpolate(
+            lq.reshape(b * t, c, h, w), size=(h * self.upscale, w * self.upscale), mode='bilinear', align_corners=False
+        )
         return x.transpose(1, 2) + skip.view(b, t, c, h * self.upscale, w * self.upscale)
 
     def _compile(self) -> None:
@@ -285,6 +338,7 @@ class GSMNet(nn.Module):
         import torch._dynamo
 
         from gsmsr.ops import cuda_kernel
+
         cuda_kernel()  # resolve the kernel import eagerly, outside any traced frame
         # one graph per (block kind, shift, input size); the default limit of 8 is reached by T-slab sizes
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -301,7 +355,7 @@ class GSMNet(nn.Module):
         b, t, c, h, w = lq.shape
         streaming = self.streaming_eval and not torch.is_grad_enabled()
         fb, ff = self.get_flows(lq)
-        x0 = self.conv_first(lq.transpose(1, 2))                        # (B, C, T, H, W)
+        x0 = self.conv_first(lq.transpose(1, 2))  # (B, C, T, H, W)
         natural = self.window_flows(fb, ff)
         flipped: Optional[WindowFlows] = None
         x = x0

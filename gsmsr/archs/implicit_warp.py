@@ -5,6 +5,7 @@ keys/values (with a positional encoding of their offset in the 2x2 cell), the ta
 of the sub-pixel offset is the query, and the output is the per-head attention mix of the four values.
 One module is shared by all propagation layers.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,8 +52,8 @@ def sampling_geometry(flow: Tensor, height: int, width: int, dtype: torch.dtype)
     b = flow.shape[0]
     rows = torch.arange(height, dtype=dtype, device=flow.device)
     cols = torch.arange(width, dtype=dtype, device=flow.device)
-    grid = torch.stack(torch.meshgrid(rows, cols, indexing='ij'), dim=-1)           # (H, W, 2) row, col
-    pos = grid + flow.to(dtype).permute(0, 2, 3, 1).flip(-1)                         # (B, H, W, 2)
+    grid = torch.stack(torch.meshgrid(rows, cols, indexing='ij'), dim=-1)  # (H, W, 2) row, col
+    pos = grid + flow.to(dtype).permute(0, 2, 3, 1).flip(-1)  # (B, H, W, 2)
     base = torch.floor(pos)
     offset = (pos - base).reshape(b, -1, 2)
     base = base.long().reshape(b, -1, 2)
@@ -82,9 +83,9 @@ class ImplicitWarp(nn.Module):
         index, offset = sampling_geometry(flow, h, w, torch.promote_types(source.dtype, torch.float32))
         # k(src_j + P_j) = (W_k src)_j + (W_k P_j + b_k): project every source pixel once, then gather its four
         # neighbours, instead of projecting each pixel four times (ARCHITECTURE.md §10.3; equal up to rounding)
-        src = source.flatten(2).transpose(1, 2)                                          # (B, HW, C)
-        kv_src = F.linear(src, torch.cat([self.k.weight, self.v.weight]))               # (B, HW, 2C)
-        kv_pe = torch.cat([self.k(self.position_bias), self.v(self.position_bias)], dim=-1)   # (1, 4, 2C)
+        src = source.flatten(2).transpose(1, 2)  # (B, HW, C)
+        kv_src = F.linear(src, torch.cat([self.k.weight, self.v.weight]))  # (B, HW, 2C)
+        kv_pe = torch.cat([self.k(self.position_bias), self.v(self.position_bias)], dim=-1)  # (1, 4, 2C)
         kv = torch.gather(kv_src, 1, index.view(b, -1, 1).expand(-1, -1, 2 * c)).view(b, h * w, 4, 2 * c)
         kv = kv + kv_pe.to(kv.dtype)
         scaled = offset / (2 + 1e-6) * (2 * math.pi)
@@ -92,6 +93,6 @@ class ImplicitWarp(nn.Module):
         hd = c // self.num_heads
         q = self.q(q_in).view(b, h * w, 1, self.num_heads, hd)
         k, v = kv.view(b, h * w, 4, 2, self.num_heads, hd).unbind(3)
-        attn = ((q * self.scale) * k).sum(-1).softmax(dim=2)                            # (B, HW, 4, heads)
-        out = (attn.unsqueeze(-1) * v).sum(2)                                            # (B, HW, heads, hd)
+        attn = ((q * self.scale) * k).sum(-1).softmax(dim=2)  # (B, HW, 4, heads)
+        out = (attn.unsqueeze(-1) * v).sum(2)  # (B, HW, heads, hd)
         return out.reshape(b, h * w, c).transpose(1, 2).reshape(b, c, h, w)

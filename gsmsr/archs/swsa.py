@@ -4,6 +4,7 @@ Pure 3-D (T, H, W) window self-attention with a relative position bias and a GEG
 are kept: padded tokens take part in the softmax, and windows smaller than nominal use the top-left slice of
 the nominal relative-position index.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -45,17 +46,19 @@ def window_merge(windows: Tensor, ws: Size3, b: int, d: int, h: int, w: int) -> 
 @lru_cache(maxsize=4)
 def _shift_mask(padded: Size3, ws: Size3, ss: Size3, device: torch.device, dtype: torch.dtype) -> Tensor:
     label = torch.zeros(1, *padded, 1, device=device)
-    regions = [(slice(0, n - w), slice(n - w, n - s), slice(n - s, n)) if s > 0 else (slice(0, n),)
-               for n, w, s in zip(padded, ws, ss)]
+    regions = [
+        (slice(0, n - w), slice(n - w, n - s), slice(n - s, n)) if s > 0 else (slice(0, n),)
+        for n, w, s in zip(padded, ws, ss)
+    ]
     count = 0
     for sd in regions[0]:
         for sh in regions[1]:
             for sw in regions[2]:
                 label[:, sd, sh, sw, :] = count
                 count += 1
-    lw = window_partition(label, ws).squeeze(-1)                      # (nW, n)
+    lw = window_partition(label, ws).squeeze(-1)  # (nW, n)
     diff = lw.unsqueeze(1) - lw.unsqueeze(2)
-    return torch.zeros_like(diff, dtype=dtype).masked_fill(diff != 0, -100.0)   # (nW, n, n)
+    return torch.zeros_like(diff, dtype=dtype).masked_fill(diff != 0, -100.0)  # (nW, n, n)
 
 
 def shift_mask(padded: Size3, ws: Size3, ss: Size3, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -105,15 +108,17 @@ class WindowAttention(nn.Module):
             mask = mask.repeat(bw // mask.shape[0], 1, 1) if bw > mask.shape[0] else mask
         if bw <= self.max_windows:
             return self._attend(x, mask)
-        parts = [self._attend(x[s:s + self.max_windows], None if mask is None else mask[s:s + self.max_windows])
-                 for s in range(0, bw, self.max_windows)]
+        parts = [
+            self._attend(x[s : s + self.max_windows], None if mask is None else mask[s : s + self.max_windows])
+            for s in range(0, bw, self.max_windows)
+        ]
         return torch.cat(parts, dim=0)
 
     def _attend(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
         """x: (w, n, C); mask: (w, n, n) per window, or None."""
         bw, n, c = x.shape
         q, k, v = self.qkv_self(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        attn = (q * self.scale) @ k.transpose(-2, -1)                    # (w, h, n, n)
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # (w, h, n, n)
         # smaller-than-nominal windows use the top-left slice of the nominal index (official behaviour)
         idx = self.relative_position_index[:n, :n].reshape(-1)
         bias = self.relative_position_bias_table[idx].view(n, n, -1).permute(2, 0, 1)
@@ -140,8 +145,14 @@ class GEGLU(nn.Module):
 class SWSABlock(nn.Module):
     """Pre-norm block: x + attention branch, then x + GEGLU branch. Input/output (B, D, H, W, C)."""
 
-    def __init__(self, dim: int, num_heads: int, shift: Size3, use_checkpoint_attn: bool = False,
-                 use_checkpoint_ffn: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        shift: Size3,
+        use_checkpoint_attn: bool = False,
+        use_checkpoint_ffn: bool = False,
+    ) -> None:
         super().__init__()
         self.shift = shift
         self.use_checkpoint_attn = use_checkpoint_attn
@@ -156,7 +167,7 @@ class SWSABlock(nn.Module):
         ws, ss = effective_window((d, h, w), WINDOW, self.shift)
         u = self.norm1(x)
         pad = [(s - n % s) % s for n, s in zip((d, h, w), ws)]
-        u = F.pad(u, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))           # zeros AFTER the norm
+        u = F.pad(u, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))  # zeros AFTER the norm
         dp, hp, wp = d + pad[0], h + pad[1], w + pad[2]
         shifted = any(s > 0 for s in ss)
         if shifted:
@@ -183,19 +194,23 @@ class SWSABlock(nn.Module):
         else:  # per-token branch, in place, a few frames at a time: its 2C-wide hidden never spans the clip
             step = max(1, 65536 // (x.shape[2] * x.shape[3]))
             for s in range(0, x.shape[1], step):
-                x[:, s:s + step] += self._ffn_branch(x[:, s:s + step])
+                x[:, s : s + step] += self._ffn_branch(x[:, s : s + step])
         return x
 
 
 class SWSAGroup(nn.Module):
     """``depth`` SWSA blocks alternating unshifted / shifted windows. (B, C, T, H, W) -> same; no outer residual."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, use_checkpoint_attn: bool = False,
-                 use_checkpoint_ffn: bool = False) -> None:
+    def __init__(
+        self, dim: int, depth: int, num_heads: int, use_checkpoint_attn: bool = False, use_checkpoint_ffn: bool = False
+    ) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList([
-            SWSABlock(dim, num_heads, (0, 0, 0) if j % 2 == 0 else SHIFT, use_checkpoint_attn, use_checkpoint_ffn)
-            for j in range(depth)])
+        self.blocks = nn.ModuleList(
+            [
+                SWSABlock(dim, num_heads, (0, 0, 0) if j % 2 == 0 else SHIFT, use_checkpoint_attn, use_checkpoint_ffn)
+                for j in range(depth)
+            ]
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         _, _, d, h, w = x.shape

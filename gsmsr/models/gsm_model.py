@@ -18,6 +18,7 @@ and then over clips. ``val.center_frame_only`` scores only the centre output fra
 
 Checkpoints and training states are written atomically (temporary file + ``os.replace``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,8 +45,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 from gsmsr.archs import load_checkpoint
 from gsmsr.utils import atomic_write
 
-__all__ = ['GSMModel', 'is_flow_param', 'score_frames', 'average_over_clips', 'atomic_torch_save',
-           'atomic_imwrite']
+__all__ = ['GSMModel', 'is_flow_param', 'score_frames', 'average_over_clips', 'atomic_torch_save', 'atomic_imwrite']
 
 
 def is_flow_param(name: str) -> bool:
@@ -111,8 +111,10 @@ class GSMModel(VideoRecurrentModel):
         if opt['is_train']:
             train_opt = opt['train']
             if train_opt.get('pixel_opt') is None or train_opt.get('perceptual_opt') is not None:
-                raise ValueError('GSMModel trains with a pixel loss only: set train.pixel_opt '
-                                 '(e.g. CharbonnierLoss) and no train.perceptual_opt')
+                raise ValueError(
+                    'GSMModel trains with a pixel loss only: set train.pixel_opt '
+                    '(e.g. CharbonnierLoss) and no train.perceptual_opt'
+                )
         super().__init__(opt)
         if self.is_train:
             train_opt = opt['train']
@@ -128,7 +130,8 @@ class GSMModel(VideoRecurrentModel):
         if self.opt['dist']:
             device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
             net = DistributedDataParallel(
-                net, device_ids=device_ids, find_unused_parameters=self.opt.get('find_unused_parameters', False))
+                net, device_ids=device_ids, find_unused_parameters=self.opt.get('find_unused_parameters', False)
+            )
         elif self.opt['num_gpu'] > 1:
             net = DataParallel(net)
         return net
@@ -192,13 +195,16 @@ class GSMModel(VideoRecurrentModel):
         else:
             self.optimizer_g.zero_grad()
             self.skipped_steps += 1
-            logger.warning(f'Iter {current_iter}: skipped the step, {skip_reason}; no weight or EMA update '
-                           f'({self.skipped_steps} step(s) skipped so far).')
+            logger.warning(
+                f'Iter {current_iter}: skipped the step, {skip_reason}; no weight or EMA update '
+                f'({self.skipped_steps} step(s) skipped so far).'
+            )
         self.log_dict = self.reduce_loss_dict(loss_dict)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
-    def load_network(self, net: nn.Module, load_path: str, strict: bool = True,
-                     param_key: Optional[str] = 'params') -> None:
+    def load_network(
+        self, net: nn.Module, load_path: str, strict: bool = True, param_key: Optional[str] = 'params'
+    ) -> None:
         """Load a BasicSR (``params`` / ``params_ema``), bare or official GSMamba checkpoint.
 
         A file without ``param_key`` falls back to the other BasicSR key (as BasicSR does), with a log line.
@@ -234,9 +240,12 @@ class GSMModel(VideoRecurrentModel):
     def save_training_state(self, epoch: int, current_iter: int) -> None:
         if current_iter == -1:
             return
-        state = {'epoch': epoch, 'iter': current_iter,
-                 'optimizers': [o.state_dict() for o in self.optimizers],
-                 'schedulers': [s.state_dict() for s in self.schedulers]}
+        state = {
+            'epoch': epoch,
+            'iter': current_iter,
+            'optimizers': [o.state_dict() for o in self.optimizers],
+            'schedulers': [s.state_dict() for s in self.schedulers],
+        }
         self._save_with_retry(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
 
     @staticmethod
@@ -281,9 +290,16 @@ class GSMModel(VideoRecurrentModel):
         with torch.no_grad(), self._autocast(use_bf16):
             if chunk or tile:
                 from gsmsr.tiling import forward_chunked
-                out = forward_chunked(net, lq, self.opt['scale'], chunk=chunk,
-                                      chunk_overlap=int(val_opt.get('chunk_overlap', 2)), tile=tile,
-                                      tile_overlap=int(val_opt.get('tile_overlap', 50)))
+
+                out = forward_chunked(
+                    net,
+                    lq,
+                    self.opt['scale'],
+                    chunk=chunk,
+                    chunk_overlap=int(val_opt.get('chunk_overlap', 2)),
+                    tile=tile,
+                    tile_overlap=int(val_opt.get('tile_overlap', 50)),
+                )
             else:
                 out = net(lq)
         out = out.float()
@@ -323,12 +339,14 @@ class GSMModel(VideoRecurrentModel):
             frame_ids = list(range(out.size(0)))
             if center_only:
                 frame_ids = [lq.size(0) // 2]
-                out = out[frame_ids[0]:frame_ids[0] + 1]
+                out = out[frame_ids[0] : frame_ids[0] + 1]
                 if gt is not None and gt.dim() == 3:
                     gt = gt.unsqueeze(0)
             elif gt is not None and gt.dim() == 3:
-                raise ValueError(f'{dataset_name}: clip {clip} has a single GT frame for {lq.size(0)} input '
-                                 'frames; set val.center_frame_only: true (the Vimeo-90K-T protocol)')
+                raise ValueError(
+                    f'{dataset_name}: clip {clip} has a single GT frame for {lq.size(0)} input '
+                    'frames; set val.center_frame_only: true (the Vimeo-90K-T protocol)'
+                )
             images = [tensor2img(frame) for frame in out]
             if save_img:
                 vimeo = isinstance(dataset, VideoTestVimeo90KDataset)
@@ -336,8 +354,10 @@ class GSMModel(VideoRecurrentModel):
                 self._save_frames(images, names, dataset_name, clip, current_iter)
             if metrics and gt is not None:
                 if tuple(gt.shape) != tuple(out.shape):
-                    raise ValueError(f'{dataset_name}: clip {clip}: output shape {tuple(out.shape)} does not '
-                                     f'match GT shape {tuple(gt.shape)} (check scale and the LR/GT folders)')
+                    raise ValueError(
+                        f'{dataset_name}: clip {clip}: output shape {tuple(out.shape)} does not '
+                        f'match GT shape {tuple(gt.shape)} (check scale and the LR/GT folders)'
+                    )
                 per_frame[clip] = score_frames(images, [tensor2img(frame) for frame in gt], metrics)
 
         if self.opt['dist']:
@@ -353,15 +373,20 @@ class GSMModel(VideoRecurrentModel):
         for m, name in enumerate(names):
             self._update_best_metric_result(dataset_name, name, float(overall[m]), current_iter)
         results = {
-            'dataset': dataset_name, 'iter': current_iter, 'center_frame_only': center_only,
-            'num_clips': len(per_clip), 'num_frames': int(sum(len(s) for s in per_frame.values())),
+            'dataset': dataset_name,
+            'iter': current_iter,
+            'center_frame_only': center_only,
+            'num_clips': len(per_clip),
+            'num_frames': int(sum(len(s) for s in per_frame.values())),
             'average': {name: float(overall[m]) for m, name in enumerate(names)},
             'clips': {clip: {name: float(v[m]) for m, name in enumerate(names)} for clip, v in per_clip.items()},
         }
         self._log_results(results, names, tb_logger)
         if not self.opt['is_train']:
-            atomic_write(osp.join(self.opt['path']['results_root'], f'metrics_{dataset_name}.json'),
-                          lambda tmp: _write_json(tmp, results))
+            atomic_write(
+                osp.join(self.opt['path']['results_root'], f'metrics_{dataset_name}.json'),
+                lambda tmp: _write_json(tmp, results),
+            )
         self.last_val_results = results
         return results
 
@@ -372,8 +397,9 @@ class GSMModel(VideoRecurrentModel):
             return f'{parts[-3]}/{parts[-2]}'
         return str(data['folder'])
 
-    def _save_frames(self, images: List[np.ndarray], names: List[str], dataset_name: str, clip: str,
-                     current_iter) -> None:
+    def _save_frames(
+        self, images: List[np.ndarray], names: List[str], dataset_name: str, clip: str, current_iter
+    ) -> None:
         folder = osp.join(self.opt['path']['visualization'], dataset_name, clip)
         suffix = f'_{current_iter}' if self.opt['is_train'] else ''
         for img, name in zip(images, names):
@@ -381,8 +407,10 @@ class GSMModel(VideoRecurrentModel):
 
     def _log_results(self, results: Dict[str, Any], names: List[str], tb_logger) -> None:
         dataset_name, current_iter = results['dataset'], results['iter']
-        lines = [f'Validation {dataset_name} ({results["num_clips"]} clips, {results["num_frames"]} scored frames'
-                 f'{", centre frame only" if results["center_frame_only"] else ""}) @ {current_iter}']
+        lines = [
+            f'Validation {dataset_name} ({results["num_clips"]} clips, {results["num_frames"]} scored frames'
+            f'{", centre frame only" if results["center_frame_only"] else ""}) @ {current_iter}'
+        ]
         for name in names:
             best = self.best_metric_results[dataset_name][name]
             lines.append(f'\t # {name}: {results["average"][name]:.4f}\tBest: {best["val"]:.4f} @ {best["iter"]}')

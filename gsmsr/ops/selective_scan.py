@@ -5,6 +5,7 @@ The kernel is wrapped as ``torch.library`` custom ops (``gsmsr::scan_fwd`` / ``s
 an opaque extension call. ``scan_infer`` also cuts long sequences into segments that run as a batch
 (:mod:`gsmsr.ops.segmented_scan`), which fills the GPU at batch 1.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,6 +38,7 @@ def _cuda_module():
             try:
                 import mamba_ssm  # noqa: F401  (the extension ships with it; fail the same way without it)
                 import selective_scan_cuda  # noqa: F401  (needs torch loaded first, as here)
+
                 _module = selective_scan_cuda
             except Exception as err:  # ImportError, or a broken CUDA extension
                 kernel_import_error = f'{type(err).__name__}: {err}'
@@ -55,16 +57,25 @@ def kernel_status() -> str:
 
 # -- custom ops around the kernel --------------------------------------------------------------------------------
 
+
 def _states_shape(u: Tensor, A: Tensor) -> List[int]:
     return [u.shape[0], u.shape[1], -(-u.shape[2] // KERNEL_CHUNK), 2 * A.shape[1]]
 
 
 @torch.library.custom_op('gsmsr::scan_fwd', mutates_args=())
-def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-             delta_bias: Optional[Tensor], delta_softplus: bool) -> Tuple[Tensor, Tensor, Tensor]:
+def scan_fwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
     """mamba-ssm forward. Returns (output, output before the z gate, chunk states (batch, D, chunks, 2N) fp32)."""
-    out, x, *rest = _cuda_module().fwd(u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, delta_bias,
-                                       delta_softplus)
+    out, x, *rest = _cuda_module().fwd(u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, delta_bias, delta_softplus)
     return (rest[0] if z is not None else out.clone()), out, x
 
 
@@ -74,26 +85,63 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
 
 
 @torch.library.custom_op('gsmsr::scan_bwd', mutates_args=())
-def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-             delta_bias: Optional[Tensor], dout: Tensor, x: Tensor, out: Tensor, delta_softplus: bool
-             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def scan_bwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    dout: Tensor,
+    x: Tensor,
+    out: Tensor,
+    delta_softplus: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """mamba-ssm backward: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); absent inputs get empty gradients."""
     du, ddelta, dA, dB, dC, dD, ddb, *rest = _cuda_module().bwd(
-        u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, delta_bias, dout.contiguous(), x,
-        out if z is not None else None, None, delta_softplus, False)
+        u,
+        delta,
+        A,
+        B.unsqueeze(1),
+        C.unsqueeze(1),
+        D,
+        z,
+        delta_bias,
+        dout.contiguous(),
+        x,
+        out if z is not None else None,
+        None,
+        delta_softplus,
+        False,
+    )
     empty = u.new_empty(0)
-    return (du, ddelta, dA, dB.squeeze(1).to(B.dtype), dC.squeeze(1).to(C.dtype),
-            dD if D is not None else empty, rest[0] if z is not None else empty,
-            ddb if delta_bias is not None else empty)
+    return (
+        du,
+        ddelta,
+        dA,
+        dB.squeeze(1).to(B.dtype),
+        dC.squeeze(1).to(C.dtype),
+        dD if D is not None else empty,
+        rest[0] if z is not None else empty,
+        ddb if delta_bias is not None else empty,
+    )
 
 
 @scan_bwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, dout, x, out, delta_softplus):
     empty = u.new_empty(0)
-    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
-            torch.empty_like(C), torch.empty_like(D) if D is not None else empty,
-            torch.empty_like(z) if z is not None else empty,
-            torch.empty_like(delta_bias) if delta_bias is not None else empty)
+    return (
+        torch.empty_like(u),
+        torch.empty_like(delta),
+        torch.empty_like(A),
+        torch.empty_like(B),
+        torch.empty_like(C),
+        torch.empty_like(D) if D is not None else empty,
+        torch.empty_like(z) if z is not None else empty,
+        torch.empty_like(delta_bias) if delta_bias is not None else empty,
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -101,26 +149,57 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.has = (D is not None, z is not None, delta_bias is not None)
     ctx.delta_softplus = delta_softplus
     empty = u.new_empty(0)
-    ctx.save_for_backward(u, delta, A, B, C, D if D is not None else empty, z if z is not None else empty,
-                          delta_bias if delta_bias is not None else empty, output[2], output[1])
+    ctx.save_for_backward(
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D if D is not None else empty,
+        z if z is not None else empty,
+        delta_bias if delta_bias is not None else empty,
+        output[2],
+        output[1],
+    )
 
 
 def _backward(ctx, dout, _dout_pre, _dx):
     u, delta, A, B, C, D, z, delta_bias, x, out = ctx.saved_tensors
     has_d, has_z, has_bias = ctx.has
-    grads = scan_bwd(u, delta, A, B, C, D if has_d else None, z if has_z else None,
-                     delta_bias if has_bias else None, dout, x, out, ctx.delta_softplus)
+    grads = scan_bwd(
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D if has_d else None,
+        z if has_z else None,
+        delta_bias if has_bias else None,
+        dout,
+        x,
+        out,
+        ctx.delta_softplus,
+    )
     du, ddelta, dA, dB, dC, dD, dz, ddb = grads
-    return (du, ddelta, dA, dB, dC, dD if has_d else None, dz if has_z else None, ddb if has_bias else None,
-            None)
+    return (du, ddelta, dA, dB, dC, dD if has_d else None, dz if has_z else None, ddb if has_bias else None, None)
 
 
 scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op('gsmsr::scan_infer', mutates_args=())
-def scan_infer(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-               z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, segments: int) -> Tensor:
+def scan_infer(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    segments: int,
+) -> Tensor:
     """Forward without autograd state. ``segments`` > 1 (a divisor of L) runs each sequence as that many
     segments in one batched kernel launch, then corrects them with the carried states; 0 chooses the count."""
     if segments == 0 and delta_softplus and SEGMENT_BLOCKS_PER_SM > 0:
@@ -131,15 +210,36 @@ def scan_infer(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt
     kernel = _cuda_module()
     outs = []
     for i in range(u.shape[0]):  # the segments of one sequence are the batch; they are views, not copies
+
         def split(t: Tensor, i: int = i) -> Tensor:  # (D, L) -> (S, D, L/S), strides (L/S, L, 1)
             return t[i].view(t.shape[1], segments, -1).transpose(0, 1)
-        out, x, *rest = kernel.fwd(split(u), split(delta), A, split(B).unsqueeze(1), split(C).unsqueeze(1), D,
-                                   split(z) if z is not None else None, delta_bias, delta_softplus)
+
+        out, x, *rest = kernel.fwd(
+            split(u),
+            split(delta),
+            A,
+            split(B).unsqueeze(1),
+            split(C).unsqueeze(1),
+            D,
+            split(z) if z is not None else None,
+            delta_bias,
+            delta_softplus,
+        )
         y = (rest[0] if z is not None else out).transpose(0, 1).reshape(1, u.shape[1], u.shape[2])
-        last = x[:, :, -1]                                         # (S, D, 2N): pairs (decay product, state)
+        last = x[:, :, -1]  # (S, D, 2N): pairs (decay product, state)
         h_in = carry_states(last[None, ..., 0::2], last[None, ..., 1::2])
-        outs.append(segment_fixup(y, h_in, delta[i:i + 1], A, C[i:i + 1], z[i:i + 1] if z is not None else None,
-                                  delta_bias, delta_softplus))
+        outs.append(
+            segment_fixup(
+                y,
+                h_in,
+                delta[i : i + 1],
+                A,
+                C[i : i + 1],
+                z[i : i + 1] if z is not None else None,
+                delta_bias,
+                delta_softplus,
+            )
+        )
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
@@ -150,13 +250,24 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segments):
 
 # -- dispatch ---------------------------------------------------------------------------------------------------
 
+
 def _unit_stride(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
-                   z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
-                   backend: str = 'auto', segments: Optional[int] = None) -> Tensor:
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    backend: str = 'auto',
+    segments: Optional[int] = None,
+) -> Tensor:
     """Selective scan; shapes as in :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
 
     backend: 'auto' (mamba-ssm's kernel on CUDA float16/bfloat16/float32 when available, else the PyTorch
@@ -167,18 +278,22 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     """
     if backend == 'triton':
         from gsmsr.ops.selective_scan_triton import selective_scan_triton
+
         return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    use_kernel = (backend != 'ref' and cuda_kernel() and u.is_cuda and u.dtype.is_floating_point
-                  and u.dtype.itemsize <= 4)
+    use_kernel = (
+        backend != 'ref' and cuda_kernel() and u.is_cuda and u.dtype.is_floating_point and u.dtype.itemsize <= 4
+    )
     if backend == 'kernel' and not use_kernel:
-        raise RuntimeError('selective_scan backend "kernel" needs CUDA tensors and mamba-ssm '
-                           '(pip install "gsmsr[cuda]")')
+        raise RuntimeError(
+            'selective_scan backend "kernel" needs CUDA tensors and mamba-ssm (pip install "gsmsr[cuda]")'
+        )
     if not use_kernel:
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     u, delta, B, C, z = (_unit_stride(t) for t in (u, delta, B, C, z))
     D = D.contiguous() if D is not None else None
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias)
+    )
     if needs_grad:
         return scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0]
     return scan_infer(u, delta, A, B, C, D, z, delta_bias, delta_softplus, 0 if segments is None else segments)

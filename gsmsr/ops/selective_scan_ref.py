@@ -5,6 +5,7 @@ scan (Hillis-Steele inside blocks, then across block ends) instead of a per-toke
 custom function whose backward is the same scan run in reverse time, so memory holds only ``a`` and ``h``,
 not every doubling step.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -46,9 +47,9 @@ def _scan(a: Tensor, b: Tensor, block: int = 16) -> Tensor:
         a = torch.cat([a, a.new_ones(*a.shape[:-1], pad)], dim=-1)
         b = torch.cat([b, b.new_zeros(*b.shape[:-1], pad)], dim=-1)
     shape = (*a.shape[:-1], -1, block)
-    h, prod = _doubling(a.reshape(shape), b.reshape(shape))         # (..., nblocks, block), zero start state
-    ends = _scan(prod[..., -1], h[..., -1], block)                  # true state at each block's end
-    carry = torch.nn.functional.pad(ends[..., :-1], (1, 0))         # state entering each block
+    h, prod = _doubling(a.reshape(shape), b.reshape(shape))  # (..., nblocks, block), zero start state
+    ends = _scan(prod[..., -1], h[..., -1], block)  # true state at each block's end
+    carry = torch.nn.functional.pad(ends[..., :-1], (1, 0))  # state entering each block
     h = h + prod * carry.unsqueeze(-1)
     return h.flatten(-2)[..., :length]
 
@@ -72,9 +73,18 @@ class LinearScan(torch.autograd.Function):
         return g * h_prev, g
 
 
-def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
-                       z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
-                       delta_softplus: bool = False, chunk_size: int = 4096) -> Tensor:
+def selective_scan_ref(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    chunk_size: int = 4096,
+) -> Tensor:
     """Selective scan with mamba-ssm's ``selective_scan_fn`` signature (real, input-dependent B and C).
 
     u, delta, z: (batch, D, L); A: (D, N); B, C: (batch, N, L); D, delta_bias: (D,).
@@ -96,8 +106,8 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     for start in range(0, length, chunk_size):
         sl = slice(start, min(start + chunk_size, length))
         d_c = delta[..., sl]
-        a = torch.exp(d_c.unsqueeze(2) * A[None, :, :, None])             # (b, D, N, l)
-        b = (d_c * u[..., sl]).unsqueeze(2) * B[:, None, :, sl]            # (b, D, N, l)
+        a = torch.exp(d_c.unsqueeze(2) * A[None, :, :, None])  # (b, D, N, l)
+        b = (d_c * u[..., sl]).unsqueeze(2) * B[:, None, :, sl]  # (b, D, N, l)
         if state is not None:
             # fold the carried state into the first token: h_0 = a_0 h_prev + b_0
             b = torch.cat([b[..., :1] + a[..., :1] * state.unsqueeze(-1), b[..., 1:]], dim=-1)
@@ -112,9 +122,17 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     return y.to(dtype_in)
 
 
-def selective_scan_naive(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
-                         z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
-                         delta_softplus: bool = False) -> Tensor:
+def selective_scan_naive(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+) -> Tensor:
     """Token-by-token recurrence, for tests only (same signature as :func:`selective_scan_ref`)."""
     if delta_bias is not None:
         delta = delta + delta_bias[:, None]

@@ -45,6 +45,7 @@ ones in the same process. Triton's own library functions (``tl.sum``, ``tl.cumsu
 triton.language is imported, so the kernels avoid them (see :func:`_sum`). With TRITON_INTERPRET=1 set before that
 import everything is interpreted, CUDA tensors included. Importing this module does not need Triton.
 """
+
 from __future__ import annotations
 
 import types
@@ -62,6 +63,7 @@ except ImportError:  # pragma: no cover - exercised by a subprocess test
     triton = None
     tl = None
 
+
 def triton_available() -> bool:
     """True when Triton imports and a CUDA device is present (the compiled, fast path)."""
     return triton is not None and torch.cuda.is_available()
@@ -77,18 +79,17 @@ class ScanConfig:
     (4 elements per thread, 124 registers, no spills); 8 elements per thread would take 240.
     """
 
-    block_l: int = 128       # tokens per chunk (one tile); carries take B*D*N*L/block_l floats
-    block_d: int = 2         # channels per program in the forward kernels and the backward summary
-    block_d_bwd: int = 1     # channels per loop step of the backward kernel
-    num_warps: int = 8       # forward kernels, the backward summary and the carry scan
+    block_l: int = 128  # tokens per chunk (one tile); carries take B*D*N*L/block_l floats
+    block_d: int = 2  # channels per program in the forward kernels and the backward summary
+    block_d_bwd: int = 1  # channels per loop step of the backward kernel
+    num_warps: int = 8  # forward kernels, the backward summary and the carry scan
     num_warps_bwd: int = 16  # backward kernel
-    carry_chunks: int = 64   # chunks per step of the carry scan
-    carry_lanes: int = 32    # (channel, state) lanes per carry-scan program
-    bwd_groups: int = 0      # channel groups of the backward kernel (0: enough programs for ~4 per SM)
+    carry_chunks: int = 64  # chunks per step of the carry scan
+    carry_lanes: int = 32  # (channel, state) lanes per carry-scan program
+    bwd_groups: int = 0  # channel groups of the backward kernel (0: enough programs for ~4 per SM)
 
     def __post_init__(self) -> None:
-        for name in ('block_l', 'block_d', 'block_d_bwd', 'num_warps', 'num_warps_bwd', 'carry_chunks',
-                     'carry_lanes'):
+        for name in ('block_l', 'block_d', 'block_d_bwd', 'num_warps', 'num_warps_bwd', 'carry_chunks', 'carry_lanes'):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f'ScanConfig.{name} must be a power of two, got {value}')
@@ -102,6 +103,7 @@ DEFAULT_CONFIG = ScanConfig()
 # Tiles are (BLOCK_D channels, BLOCK_N states, BLOCK_L tokens); exp(x) is computed as exp2(x * 1.4426950408889634)
 # with log2(e) folded into A (a literal: a kernel may only read constexpr globals).
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _affine_combine(a1, b1, a2, b2):
     # (a1, b1) is the earlier map h -> a1 h + b1, (a2, b2) the later one; returns their composition. For a
@@ -140,11 +142,40 @@ def _add_combine(a, b):  # fallback for _SUM_OP if a Triton version lacks tl.sta
 
 
 def _summary_kernel(
-        u_ptr, dt_ptr, z_ptr, g_ptr, bc_ptr, A_ptr, bias_ptr, dsum_ptr, s_ptr,
-        n_dblocks, n_chunks, Dm, L, N,
-        s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_gb, s_gd, s_bcb, s_bcn, s_ad, s_an,
-        HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BACKWARD: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    u_ptr,
+    dt_ptr,
+    z_ptr,
+    g_ptr,
+    bc_ptr,
+    A_ptr,
+    bias_ptr,
+    dsum_ptr,
+    s_ptr,
+    n_dblocks,
+    n_chunks,
+    Dm,
+    L,
+    N,
+    s_ub,
+    s_ud,
+    s_tb,
+    s_td,
+    s_zb,
+    s_zd,
+    s_gb,
+    s_gd,
+    s_bcb,
+    s_bcn,
+    s_ad,
+    s_an,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     """Per (channel block, chunk, batch): forward, the chunk's delta sum -> dsum (B, n_chunks, D) and its final
     state from zero, ``sum_t exp(A sum_{r>t} delta_r) delta_t u_t B_t`` -> s (B, n_chunks, D, N). Backward, the
     chunk's contribution to ``G_c = a_{s_c} dh_{s_c}``, ``sum_t exp(A sum_{r<=t} delta_r) C_t dy_t`` -> s.
@@ -169,13 +200,17 @@ def _summary_kernel(
         dt = _softplus(dt)
     dt = tl.where(m_dl, dt, 0.0)  # padding tokens are identity steps: a = 1, x = 0
     A2 = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=m_dn, other=0.0) * 1.4426950408889634
-    bc = tl.load(bc_ptr + b * s_bcb + offs_n[:, None] * s_bcn + offs_l[None, :],
-                 mask=mn[:, None] & (offs_l < L)[None, :], other=0.0).to(tl.float32)
+    bc = tl.load(
+        bc_ptr + b * s_bcb + offs_n[:, None] * s_bcn + offs_l[None, :],
+        mask=mn[:, None] & (offs_l < L)[None, :],
+        other=0.0,
+    ).to(tl.float32)
     if BACKWARD:
         w = tl.load(g_ptr + b * s_gb + offs_d[:, None] * s_gd + offs_l[None, :], mask=m_dl, other=0.0).to(tl.float32)
         if HAS_Z:
-            z = tl.load(z_ptr + b * s_zb + offs_d[:, None] * s_zd + offs_l[None, :], mask=m_dl,
-                        other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + b * s_zb + offs_d[:, None] * s_zd + offs_l[None, :], mask=m_dl, other=0.0).to(
+                tl.float32
+            )
             w = w * z * _sigmoid(z)  # dy = dout * silu(z)
         expo = _cumsum(dt, 1, False)  # decay from the chunk start through token t (inclusive)
     else:
@@ -185,13 +220,25 @@ def _summary_kernel(
         # relative to the suffix itself, so the weights of late tokens stay accurate in long chunks.
         expo = _cumsum(dt, 1, True) - dt
         tl.store(dsum_ptr + (b * n_chunks + c) * Dm + offs_d, _sum(dt, 1), mask=md)
-    decay = tl.exp2(A2[:, :, None] * expo[:, None, :])                       # (BLOCK_D, BLOCK_N, BLOCK_L)
-    s = _sum(decay * bc[None, :, :] * w[:, None, :], 2)               # (BLOCK_D, BLOCK_N)
+    decay = tl.exp2(A2[:, :, None] * expo[:, None, :])  # (BLOCK_D, BLOCK_N, BLOCK_L)
+    s = _sum(decay * bc[None, :, :] * w[:, None, :], 2)  # (BLOCK_D, BLOCK_N)
     tl.store(s_ptr + ((b * n_chunks + c) * Dm + offs_d[:, None]) * N + offs_n[None, :], s, mask=m_dn)
 
 
-def _carry_kernel(dsum_ptr, s_ptr, A_ptr, x_ptr, n_chunks, Dm, N, s_ad, s_an,
-                  REVERSE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+def _carry_kernel(
+    dsum_ptr,
+    s_ptr,
+    A_ptr,
+    x_ptr,
+    n_chunks,
+    Dm,
+    N,
+    s_ad,
+    s_an,
+    REVERSE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Per (lane block, batch), lanes = flattened (channel, state): the state entering every chunk.
 
     Forward: x[c] = H_c with H_0 = 0, H_{c+1} = P_c H_c + s[c]. Reverse: x[c] = G_{c+1} with G_{n_chunks} = 0,
@@ -221,12 +268,12 @@ def _carry_kernel(dsum_ptr, s_ptr, A_ptr, x_ptr, n_chunks, Dm, N, s_ad, s_an,
         cs = blk * BLOCK_C + tl.arange(0, BLOCK_C)
         mc = cs < n_chunks
         m = mc[:, None] & mk[None, :]
-        rows = b * n_chunks + cs                                              # (BLOCK_C,) int64
+        rows = b * n_chunks + cs  # (BLOCK_C,) int64
         dsum = tl.load(dsum_ptr + rows[:, None] * Dm + d[None, :], mask=m, other=0.0)
-        p = tl.exp2(dsum * A2[None, :])                                       # padding chunks: p = 1, s = 0
+        p = tl.exp2(dsum * A2[None, :])  # padding chunks: p = 1, s = 0
         s = tl.load(s_ptr + rows[:, None] * DN + lanes[None, :], mask=m, other=0.0)
         pc, sc = tl.associative_scan((p, s), axis=0, combine_fn=_affine_combine, reverse=REVERSE)
-        h = pc * carry[None, :] + sc                                          # (BLOCK_C, BLOCK_K)
+        h = pc * carry[None, :] + sc  # (BLOCK_C, BLOCK_K)
         if REVERSE:
             tl.store(x_ptr + (rows[:, None] - 1) * DN + lanes[None, :], h, mask=m & (cs > 0)[:, None])
             carry = _sum(tl.where((cs == blk * BLOCK_C)[:, None], h, 0.0), 0)
@@ -236,11 +283,43 @@ def _carry_kernel(dsum_ptr, s_ptr, A_ptr, x_ptr, n_chunks, Dm, N, s_ad, s_an,
 
 
 def _output_kernel(
-        u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, h0_ptr, out_ptr,
-        n_dblocks, n_chunks, Dm, L, N,
-        s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_Bb, s_Bn, s_Cb, s_Cn, s_ad, s_an, s_ob, s_od,
-        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    u_ptr,
+    dt_ptr,
+    z_ptr,
+    B_ptr,
+    C_ptr,
+    A_ptr,
+    D_ptr,
+    bias_ptr,
+    h0_ptr,
+    out_ptr,
+    n_dblocks,
+    n_chunks,
+    Dm,
+    L,
+    N,
+    s_ub,
+    s_ud,
+    s_tb,
+    s_td,
+    s_zb,
+    s_zd,
+    s_Bb,
+    s_Bn,
+    s_Cb,
+    s_Cn,
+    s_ad,
+    s_an,
+    s_ob,
+    s_od,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     """Per (channel block, chunk, batch): rescan the chunk from its entering state h0 (B, n_chunks, D, N) and
     write out (B, D, L)."""
     pid = tl.program_id(0)
@@ -269,12 +348,12 @@ def _output_kernel(
     Bt = tl.load(B_ptr + b * s_Bb + offs_n[:, None] * s_Bn + offs_l[None, :], mask=m_nl, other=0.0).to(tl.float32)
     Ct = tl.load(C_ptr + b * s_Cb + offs_n[:, None] * s_Cn + offs_l[None, :], mask=m_nl, other=0.0).to(tl.float32)
 
-    a = tl.exp2(dt[:, None, :] * A2[:, :, None])                              # (BLOCK_D, BLOCK_N, BLOCK_L)
+    a = tl.exp2(dt[:, None, :] * A2[:, :, None])  # (BLOCK_D, BLOCK_N, BLOCK_L)
     x = (dt * u)[:, None, :] * Bt[None, :, :]
     acum, xcum = tl.associative_scan((a, x), axis=2, combine_fn=_affine_combine)
     h0 = tl.load(h0_ptr + ((b * n_chunks + c) * Dm + offs_d[:, None]) * N + offs_n[None, :], mask=m_dn, other=0.0)
     h = acum * h0[:, :, None] + xcum
-    y = _sum(h * Ct[None, :, :], 1)                                    # (BLOCK_D, BLOCK_L)
+    y = _sum(h * Ct[None, :, :], 1)  # (BLOCK_D, BLOCK_L)
     if HAS_D:
         y += tl.load(D_ptr + offs_d, mask=md, other=0.0)[:, None] * u
     if HAS_Z:
@@ -284,12 +363,53 @@ def _output_kernel(
 
 
 def _backward_kernel(
-        u_ptr, dt_ptr, z_ptr, g_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, h0_ptr, gin_ptr,
-        du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
-        n_chunks, n_batch, blocks_per_group, Dm, L, N,
-        s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_gb, s_gd, s_Bb, s_Bn, s_Cb, s_Cn, s_ad, s_an,
-        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    u_ptr,
+    dt_ptr,
+    z_ptr,
+    g_ptr,
+    B_ptr,
+    C_ptr,
+    A_ptr,
+    D_ptr,
+    bias_ptr,
+    h0_ptr,
+    gin_ptr,
+    du_ptr,
+    ddt_ptr,
+    dz_ptr,
+    dB_ptr,
+    dC_ptr,
+    dA_ptr,
+    dD_ptr,
+    dbias_ptr,
+    n_chunks,
+    n_batch,
+    blocks_per_group,
+    Dm,
+    L,
+    N,
+    s_ub,
+    s_ud,
+    s_tb,
+    s_td,
+    s_zb,
+    s_zd,
+    s_gb,
+    s_gd,
+    s_Bb,
+    s_Bn,
+    s_Cb,
+    s_Cn,
+    s_ad,
+    s_an,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     """Per (chunk, batch, channel group): every gradient of the chunk.
 
     h0 (B, n_chunks, D, N): forward state entering each chunk; gin (B, n_chunks, D, N): G_{c+1}, the backward carry
@@ -311,14 +431,14 @@ def _backward_kernel(
     Ct = tl.load(C_ptr + b * s_Cb + offs_n[:, None] * s_Cn + offs_l[None, :], mask=m_nl, other=0.0).to(tl.float32)
     dB_acc = tl.full([BLOCK_N, BLOCK_L], 0.0, tl.float32)
     dC_acc = tl.full([BLOCK_N, BLOCK_L], 0.0, tl.float32)
-    row = b * n_chunks + c                                                    # (batch, chunk) row of the partials
+    row = b * n_chunks + c  # (batch, chunk) row of the partials
 
     for i in range(blocks_per_group):
         offs_d = (grp * blocks_per_group + i) * BLOCK_D + tl.arange(0, BLOCK_D)
         md = offs_d < Dm
         m_dl = md[:, None] & ml[None, :]
         m_dn = md[:, None] & mn[None, :]
-        o_dl = offs_d[:, None] * L + offs_l[None, :]                          # into the contiguous gradients
+        o_dl = offs_d[:, None] * L + offs_l[None, :]  # into the contiguous gradients
 
         u = tl.load(u_ptr + b * s_ub + offs_d[:, None] * s_ud + offs_l[None, :], mask=m_dl, other=0.0)
         u = u.to(tl.float32)
@@ -343,14 +463,14 @@ def _backward_kernel(
         A2 = A * 1.4426950408889634
 
         # forward states of the chunk
-        a = tl.exp2(dt[:, None, :] * A2[:, :, None])                          # (BLOCK_D, BLOCK_N, BLOCK_L)
+        a = tl.exp2(dt[:, None, :] * A2[:, :, None])  # (BLOCK_D, BLOCK_N, BLOCK_L)
         dtu = dt * u
         x = dtu[:, None, :] * Bt[None, :, :]
         acum, xcum = tl.associative_scan((a, x), axis=2, combine_fn=_affine_combine)
         h0 = tl.load(h0_ptr + (row * Dm + offs_d[:, None]) * N + offs_n[None, :], mask=m_dn, other=0.0)
         h = acum * h0[:, :, None] + xcum
-        ah = h - x                            # a_t h_{t-1}: all the gradients need of h after dC (fewer live tiles)
-        y = _sum(h * Ct[None, :, :], 1)                                # (BLOCK_D, BLOCK_L)
+        ah = h - x  # a_t h_{t-1}: all the gradients need of h after dC (fewer live tiles)
+        y = _sum(h * Ct[None, :, :], 1)  # (BLOCK_D, BLOCK_L)
         if HAS_D:
             Dv = tl.load(D_ptr + offs_d, mask=md, other=0.0)
             y += Dv[:, None] * u
@@ -374,15 +494,14 @@ def _backward_kernel(
         dh = ra * gin[:, :, None] + rb
 
         dB_acc += _sum(dh * dtu[:, None, :], 0)
-        sdhB = _sum(dh * Bt[None, :, :], 1)                            # (BLOCK_D, BLOCK_L)
-        w = dh * ah                                                           # dh_t * a_t * h_{t-1}
+        sdhB = _sum(dh * Bt[None, :, :], 1)  # (BLOCK_D, BLOCK_L)
+        w = dh * ah  # dh_t * a_t * h_{t-1}
         ddt = u * sdhB + _sum(w * A[:, :, None], 1)
         du = dt * sdhB
         if HAS_D:
             du += dy * Dv[:, None]
             tl.store(dD_ptr + row * Dm + offs_d, _sum(dy * u, 1), mask=md)
-        tl.store(dA_ptr + (row * Dm + offs_d[:, None]) * N + offs_n[None, :], _sum(w * dt[:, None, :], 2),
-                 mask=m_dn)
+        tl.store(dA_ptr + (row * Dm + offs_d[:, None]) * N + offs_n[None, :], _sum(w * dt[:, None, :], 2), mask=m_dn)
         if SOFTPLUS:
             ddt = ddt * _sigmoid(raw)
         ddt = tl.where(m_dl, ddt, 0.0)
@@ -431,6 +550,7 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
 # Host side
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _interpret(u: Tensor) -> bool:
     """Interpret on CPU tensors, and everywhere when TRITON_INTERPRET was set (then Triton's own library
     functions are interpreted ones and cannot be compiled)."""
@@ -459,9 +579,18 @@ def _bwd_groups(cfg: ScanConfig, n_dblocks: int, n_chunks: int, batch: int, devi
     return _ceil_div(n_dblocks, _ceil_div(n_dblocks, groups))  # no empty groups
 
 
-def _forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-             delta_bias: Optional[Tensor], softplus: bool, cfg: ScanConfig
-             ) -> Tuple[Tensor, Tensor, Tensor]:
+def _forward(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    softplus: bool,
+    cfg: ScanConfig,
+) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns out (batch, D, L) in u's dtype, the chunk delta sums (batch, n_chunks, D) and the chunk-start
     states (batch, n_chunks, D, N), both float32."""
     k = _kernels(_interpret(u))
@@ -478,28 +607,113 @@ def _forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     zz = z if z is not None else u
     grid = (n_dblocks * n_chunks * batch,)
     k.summary_kernel[grid](
-        u, delta, zz, u, B, A, delta_bias if delta_bias is not None else A, dsum, s,
-        n_dblocks, n_chunks, dim, length, nstate,
-        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
-        u.stride(0), u.stride(1), B.stride(0), B.stride(1), A.stride(0), A.stride(1),
-        HAS_Z=False, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, BACKWARD=False,
-        BLOCK_D=cfg.block_d, BLOCK_N=block_n, BLOCK_L=cfg.block_l, num_warps=cfg.num_warps)
+        u,
+        delta,
+        zz,
+        u,
+        B,
+        A,
+        delta_bias if delta_bias is not None else A,
+        dsum,
+        s,
+        n_dblocks,
+        n_chunks,
+        dim,
+        length,
+        nstate,
+        u.stride(0),
+        u.stride(1),
+        delta.stride(0),
+        delta.stride(1),
+        zz.stride(0),
+        zz.stride(1),
+        u.stride(0),
+        u.stride(1),
+        B.stride(0),
+        B.stride(1),
+        A.stride(0),
+        A.stride(1),
+        HAS_Z=False,
+        HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=softplus,
+        BACKWARD=False,
+        BLOCK_D=cfg.block_d,
+        BLOCK_N=block_n,
+        BLOCK_L=cfg.block_l,
+        num_warps=cfg.num_warps,
+    )
     k.carry_kernel[(_ceil_div(dim * nstate, cfg.carry_lanes), batch)](
-        dsum, s, A, h0, n_chunks, dim, nstate, A.stride(0), A.stride(1),
-        REVERSE=False, BLOCK_C=cfg.carry_chunks, BLOCK_K=cfg.carry_lanes, num_warps=cfg.num_warps)
+        dsum,
+        s,
+        A,
+        h0,
+        n_chunks,
+        dim,
+        nstate,
+        A.stride(0),
+        A.stride(1),
+        REVERSE=False,
+        BLOCK_C=cfg.carry_chunks,
+        BLOCK_K=cfg.carry_lanes,
+        num_warps=cfg.num_warps,
+    )
     k.output_kernel[grid](
-        u, delta, zz, B, C, A, D if D is not None else A, delta_bias if delta_bias is not None else A, h0, out,
-        n_dblocks, n_chunks, dim, length, nstate,
-        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
-        B.stride(0), B.stride(1), C.stride(0), C.stride(1), A.stride(0), A.stride(1), out.stride(0), out.stride(1),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        BLOCK_D=cfg.block_d, BLOCK_N=block_n, BLOCK_L=cfg.block_l, num_warps=cfg.num_warps)
+        u,
+        delta,
+        zz,
+        B,
+        C,
+        A,
+        D if D is not None else A,
+        delta_bias if delta_bias is not None else A,
+        h0,
+        out,
+        n_dblocks,
+        n_chunks,
+        dim,
+        length,
+        nstate,
+        u.stride(0),
+        u.stride(1),
+        delta.stride(0),
+        delta.stride(1),
+        zz.stride(0),
+        zz.stride(1),
+        B.stride(0),
+        B.stride(1),
+        C.stride(0),
+        C.stride(1),
+        A.stride(0),
+        A.stride(1),
+        out.stride(0),
+        out.stride(1),
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=softplus,
+        BLOCK_D=cfg.block_d,
+        BLOCK_N=block_n,
+        BLOCK_L=cfg.block_l,
+        num_warps=cfg.num_warps,
+    )
     return out, dsum, h0
 
 
-def _backward(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-              z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool, dsum: Tensor, h0: Tensor,
-              cfg: ScanConfig) -> Dict[str, Optional[Tensor]]:
+def _backward(
+    dout: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    softplus: bool,
+    dsum: Tensor,
+    h0: Tensor,
+    cfg: ScanConfig,
+) -> Dict[str, Optional[Tensor]]:
     """Gradients of every input, in the inputs' dtypes (None for absent optional inputs)."""
     k = _kernels(_interpret(u))
     batch, dim, length = u.shape
@@ -516,15 +730,56 @@ def _backward(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: T
     gin = torch.empty(batch, n_chunks, dim, nstate, **f32)
     n_dblocks = _ceil_div(dim, cfg.block_d)
     k.summary_kernel[(n_dblocks * n_chunks * batch,)](
-        u, delta, zz, dout, C, A, bias, dsum, s,
-        n_dblocks, n_chunks, dim, length, nstate,
-        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
-        dout.stride(0), dout.stride(1), C.stride(0), C.stride(1), A.stride(0), A.stride(1),
-        HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, BACKWARD=True,
-        BLOCK_D=cfg.block_d, BLOCK_N=block_n, BLOCK_L=cfg.block_l, num_warps=cfg.num_warps)
+        u,
+        delta,
+        zz,
+        dout,
+        C,
+        A,
+        bias,
+        dsum,
+        s,
+        n_dblocks,
+        n_chunks,
+        dim,
+        length,
+        nstate,
+        u.stride(0),
+        u.stride(1),
+        delta.stride(0),
+        delta.stride(1),
+        zz.stride(0),
+        zz.stride(1),
+        dout.stride(0),
+        dout.stride(1),
+        C.stride(0),
+        C.stride(1),
+        A.stride(0),
+        A.stride(1),
+        HAS_Z=z is not None,
+        HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=softplus,
+        BACKWARD=True,
+        BLOCK_D=cfg.block_d,
+        BLOCK_N=block_n,
+        BLOCK_L=cfg.block_l,
+        num_warps=cfg.num_warps,
+    )
     k.carry_kernel[(_ceil_div(dim * nstate, cfg.carry_lanes), batch)](
-        dsum, s, A, gin, n_chunks, dim, nstate, A.stride(0), A.stride(1),
-        REVERSE=True, BLOCK_C=cfg.carry_chunks, BLOCK_K=cfg.carry_lanes, num_warps=cfg.num_warps)
+        dsum,
+        s,
+        A,
+        gin,
+        n_chunks,
+        dim,
+        nstate,
+        A.stride(0),
+        A.stride(1),
+        REVERSE=True,
+        BLOCK_C=cfg.carry_chunks,
+        BLOCK_K=cfg.carry_lanes,
+        num_warps=cfg.num_warps,
+    )
     del s
 
     n_dblocks = _ceil_div(dim, cfg.block_d_bwd)
@@ -540,30 +795,83 @@ def _backward(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: T
     dD = torch.empty(batch, n_chunks, dim, **f32) if D is not None else None
     dbias = torch.empty(batch, n_chunks, dim, **f32) if delta_bias is not None else None
     k.backward_kernel[(n_chunks * batch * groups,)](
-        u, delta, zz, dout, B, C, A, D if D is not None else A, bias, h0, gin,
-        du, ddelta, dz if dz is not None else du, dB, dC, dA, dD if dD is not None else dA,
+        u,
+        delta,
+        zz,
+        dout,
+        B,
+        C,
+        A,
+        D if D is not None else A,
+        bias,
+        h0,
+        gin,
+        du,
+        ddelta,
+        dz if dz is not None else du,
+        dB,
+        dC,
+        dA,
+        dD if dD is not None else dA,
         dbias if dbias is not None else dA,
-        n_chunks, batch, blocks_per_group, dim, length, nstate,
-        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
-        dout.stride(0), dout.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1), A.stride(0), A.stride(1),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        BLOCK_D=cfg.block_d_bwd, BLOCK_N=block_n, BLOCK_L=cfg.block_l, num_warps=cfg.num_warps_bwd)
+        n_chunks,
+        batch,
+        blocks_per_group,
+        dim,
+        length,
+        nstate,
+        u.stride(0),
+        u.stride(1),
+        delta.stride(0),
+        delta.stride(1),
+        zz.stride(0),
+        zz.stride(1),
+        dout.stride(0),
+        dout.stride(1),
+        B.stride(0),
+        B.stride(1),
+        C.stride(0),
+        C.stride(1),
+        A.stride(0),
+        A.stride(1),
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=softplus,
+        BLOCK_D=cfg.block_d_bwd,
+        BLOCK_N=block_n,
+        BLOCK_L=cfg.block_l,
+        num_warps=cfg.num_warps_bwd,
+    )
     return dict(
-        u=du, delta=ddelta, z=dz,
+        u=du,
+        delta=ddelta,
+        z=dz,
         B=dB[0] if single else dB.sum(0).to(B.dtype),
         C=dC[0] if single else dC.sum(0).to(C.dtype),
         A=dA.sum((0, 1)).to(A.dtype),
         D=dD.sum((0, 1)).to(D.dtype) if D is not None else None,
-        delta_bias=dbias.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None)
+        delta_bias=dbias.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None,
+    )
 
 
 class SelectiveScanTriton(torch.autograd.Function):
     """Autograd wrapper; arguments as :func:`selective_scan_triton` (plus the config), already validated."""
 
     @staticmethod
-    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
-                config: ScanConfig) -> Tensor:
+    def forward(
+        ctx,
+        u: Tensor,
+        delta: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        D: Optional[Tensor],
+        z: Optional[Tensor],
+        delta_bias: Optional[Tensor],
+        delta_softplus: bool,
+        config: ScanConfig,
+    ) -> Tensor:
         out, dsum, h0 = _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, config)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, dsum, h0)
         ctx.softplus = delta_softplus
@@ -573,15 +881,26 @@ class SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor):
         u, delta, A, B, C, D, z, delta_bias, dsum, h0 = ctx.saved_tensors
-        grads = _backward(_last_dim_contiguous(dout), u, delta, A, B, C, D, z, delta_bias, ctx.softplus,
-                          dsum, h0, ctx.config)
+        grads = _backward(
+            _last_dim_contiguous(dout), u, delta, A, B, C, D, z, delta_bias, ctx.softplus, dsum, h0, ctx.config
+        )
         names = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
         return (*(grads[n] if need else None for n, need in zip(names, ctx.needs_input_grad)), None, None)
 
 
-def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
-                          z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
-                          delta_softplus: bool = False, *, config: Optional[ScanConfig] = None) -> Tensor:
+def selective_scan_triton(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    *,
+    config: Optional[ScanConfig] = None,
+) -> Tensor:
     """Selective scan with the semantics of :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
 
     u, delta, z: (batch, D, L) float32, float16 or bfloat16; A: (D, N) real; B, C: (batch, N, L);
@@ -593,16 +912,19 @@ def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
         raise RuntimeError('selective_scan_triton needs the triton package')
     cfg = config or DEFAULT_CONFIG
     if u.dim() != 3 or delta.shape != u.shape or (z is not None and z.shape != u.shape):
-        raise ValueError(f'u, delta, z must be (batch, D, L) of one shape; got u {tuple(u.shape)}, '
-                         f'delta {tuple(delta.shape)}' + (f', z {tuple(z.shape)}' if z is not None else ''))
+        raise ValueError(
+            f'u, delta, z must be (batch, D, L) of one shape; got u {tuple(u.shape)}, '
+            f'delta {tuple(delta.shape)}' + (f', z {tuple(z.shape)}' if z is not None else '')
+        )
     batch, dim, length = u.shape
     if A.dim() != 2 or A.shape[0] != dim or A.is_complex():
         raise ValueError(f'A must be real (D, N) with D = {dim}; got {tuple(A.shape)} {A.dtype}')
     nstate = A.shape[1]
     for name, t in (('B', B), ('C', C)):
         if t.shape != (batch, nstate, length):
-            raise ValueError(f'{name} must be (batch, N, L) = {(batch, nstate, length)} (variable, one group); '
-                             f'got {tuple(t.shape)}')
+            raise ValueError(
+                f'{name} must be (batch, N, L) = {(batch, nstate, length)} (variable, one group); got {tuple(t.shape)}'
+            )
     for name, t in (('D', D), ('delta_bias', delta_bias)):
         if t is not None and t.shape != (dim,):
             raise ValueError(f'{name} must be (D,) = ({dim},); got {tuple(t.shape)}')
@@ -615,7 +937,7 @@ def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
         raise ValueError('selective_scan_triton: all tensors must be on one device')
     if length == 0 or batch == 0 or dim == 0:
         raise ValueError(f'selective_scan_triton: empty input {tuple(u.shape)}')
-    if dim * length >= 2 ** 31 or nstate * length >= 2 ** 31:  # offsets within one batch element are int32
+    if dim * length >= 2**31 or nstate * length >= 2**31:  # offsets within one batch element are int32
         raise ValueError(f'selective_scan_triton: D*L and N*L must stay below 2**31; got {tuple(u.shape)}, N={nstate}')
 
     def as_f32(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -624,8 +946,9 @@ def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     u, delta, B, C = (_last_dim_contiguous(t) for t in (u, delta, B, C))
     z = _last_dim_contiguous(z) if z is not None else None
     with torch.cuda.device(u.device) if u.is_cuda else nullcontext():
-        return SelectiveScanTriton.apply(u, delta, as_f32(A), B, C, as_f32(D), z, as_f32(delta_bias),
-                                         bool(delta_softplus), cfg)
+        return SelectiveScanTriton.apply(
+            u, delta, as_f32(A), B, C, as_f32(D), z, as_f32(delta_bias), bool(delta_softplus), cfg
+        )
 
 
 __all__ = ['selective_scan_triton', 'triton_available', 'ScanConfig', 'DEFAULT_CONFIG', 'SelectiveScanTriton']

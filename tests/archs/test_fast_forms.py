@@ -3,6 +3,7 @@
 On a GPU these forms run inside ``torch.compile`` (tests/gpu/test_fast_paths.py compares the compiled network
 with the eager one); here each is checked directly, since compiling the network on a 2-core CPU takes minutes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,11 +22,12 @@ def _grads(fn, *xs):
 
 def test_depthwise_conv3d_shifted_sum_matches_conv3d():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 5, 7, 9, 6, generator=g, dtype=torch.float64)          # (B, K, H, W, C)
+    x = torch.randn(2, 5, 7, 9, 6, generator=g, dtype=torch.float64)  # (B, K, H, W, C)
     w = torch.randn(6, 1, 3, 3, 3, generator=g, dtype=torch.float64)
     b = torch.randn(6, generator=g, dtype=torch.float64)
-    want, gw = _grads(lambda x, w, b: F.conv3d(x.permute(0, 4, 1, 2, 3), w, b, padding=1, groups=6)
-                      .permute(0, 2, 3, 4, 1), x, w, b)
+    want, gw = _grads(
+        lambda x, w, b: F.conv3d(x.permute(0, 4, 1, 2, 3), w, b, padding=1, groups=6).permute(0, 2, 3, 4, 1), x, w, b
+    )
     got, gg = _grads(depthwise_conv3d_cl, x, w, b)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     for a, e in zip(gg, gw):

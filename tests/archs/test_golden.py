@@ -1,4 +1,5 @@
 """GSMNet against the official network's golden tensors (float64 oracle, random weights, official keys)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,11 +23,15 @@ def golden():
 def _capture(net: GSMNet, lq: torch.Tensor):
     """Run ``net`` recording conv_first's output, every layer's input/output and the body feature."""
     seen = {'layer_in': []}
-    hooks = [net.conv_first.register_forward_hook(lambda m, i, o: seen.__setitem__('feat_first', o)),
-             net.norm.register_forward_hook(lambda m, i, o: seen.__setitem__('last', i[0].permute(0, 4, 1, 2, 3))),
-             net.conv_before_upsample.register_forward_hook(lambda m, i, o: seen.__setitem__('feat_body', i[0]))]
-    hooks += [layer.stage.attn_blocks.register_forward_hook(lambda m, i, o: seen['layer_in'].append(i[0]))
-              for layer in net.prop_layers]
+    hooks = [
+        net.conv_first.register_forward_hook(lambda m, i, o: seen.__setitem__('feat_first', o)),
+        net.norm.register_forward_hook(lambda m, i, o: seen.__setitem__('last', i[0].permute(0, 4, 1, 2, 3))),
+        net.conv_before_upsample.register_forward_hook(lambda m, i, o: seen.__setitem__('feat_body', i[0])),
+    ]
+    hooks += [
+        layer.stage.attn_blocks.register_forward_hook(lambda m, i, o: seen['layer_in'].append(i[0]))
+        for layer in net.prop_layers
+    ]
     try:
         with torch.no_grad():
             out = net(lq)

@@ -1,4 +1,5 @@
 """GSMNet behaviour beyond the golden set: input checks, checkpointing, loading, odd depths, gradients."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,13 +30,16 @@ def _clip(t=3, h=33, w=35, seed=1):
     return torch.rand(1, t, 3, h, w, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-@pytest.mark.parametrize('shape, match', [
-    ((1, 1, 3, 40, 40), 'at least 2 frames'),
-    ((1, 3, 3, 32, 40), 'H, W >= 33'),
-    ((1, 3, 3, 40, 20), 'H, W >= 33'),
-    ((1, 3, 4, 40, 40), '3 channels'),
-    ((3, 3, 40, 40), r'\(B, T, C, H, W\)'),
-])
+@pytest.mark.parametrize(
+    'shape, match',
+    [
+        ((1, 1, 3, 40, 40), 'at least 2 frames'),
+        ((1, 3, 3, 32, 40), 'H, W >= 33'),
+        ((1, 3, 3, 40, 20), 'H, W >= 33'),
+        ((1, 3, 4, 40, 40), '3 channels'),
+        ((3, 3, 40, 40), r'\(B, T, C, H, W\)'),
+    ],
+)
 def test_bad_input_shapes(tiny_net, shape, match):
     with pytest.raises(ValueError, match=match):
         tiny_net(torch.rand(*shape, dtype=torch.float64))
@@ -46,9 +50,10 @@ def test_non_float_input(tiny_net):
         tiny_net(torch.zeros(1, 3, 3, 40, 40, dtype=torch.uint8))
 
 
-@pytest.mark.parametrize('kwargs, match', [(dict(embed_dims=10, num_heads=2), 'divisible'),
-                                           (dict(anchor='middle'), 'anchor'),
-                                           (dict(upscale=5), 'upscale')])
+@pytest.mark.parametrize(
+    'kwargs, match',
+    [(dict(embed_dims=10, num_heads=2), 'divisible'), (dict(anchor='middle'), 'anchor'), (dict(upscale=5), 'upscale')],
+)
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GSMNet(**{**TINY, **kwargs})
@@ -86,11 +91,18 @@ def test_every_parameter_gets_a_gradient(tiny_net):
 def test_gradients_match_finite_differences():
     """Analytic gradients of a whole tiny forward (scan, implicit warp, flows) against central differences."""
     torch.manual_seed(0)
-    net = _perturbed(GSMNet(upscale=2, prop_depth=2, attn_depth=1, pa_frame=1, embed_dims=4, num_heads=1),
-                     seed=3).double().eval()
+    net = (
+        _perturbed(GSMNet(upscale=2, prop_depth=2, attn_depth=1, pa_frame=1, embed_dims=4, num_heads=1), seed=3)
+        .double()
+        .eval()
+    )
     lq = _clip(t=2, h=33, w=33)
-    names = ['prop_layers.0.stage.mamba_block.mamba.dt_proj.bias', 'prop_layers.1.stage.mamba_block.mamba.A_b_log',
-             'implicit_align.q.bias', 'spynet.basic_module.5.basic_module.8.bias']
+    names = [
+        'prop_layers.0.stage.mamba_block.mamba.dt_proj.bias',
+        'prop_layers.1.stage.mamba_block.mamba.A_b_log',
+        'implicit_align.q.bias',
+        'spynet.basic_module.5.basic_module.8.bias',
+    ]
     params = dict(net.named_parameters())
     base = {n: params[n].detach().clone() for n in names}
 
@@ -131,18 +143,24 @@ def test_odd_prop_depth_returns_natural_time_order():
         x = x0 + net.conv_after_body(net.norm(x.permute(0, 2, 3, 4, 1))).permute(0, 4, 1, 2, 3)
         x = net.conv_last(net.upsample(net.conv_before_upsample(x))).transpose(1, 2)
         b, t, c, h, w = lq.shape
-        skip = torch.nn.functional.interpolate(lq.reshape(b * t, c, h, w), scale_factor=4, mode='bilinear',
-                                               align_corners=False).view_as(x)
+        skip = torch.nn.functional.interpolate(
+            lq.reshape(b * t, c, h, w), scale_factor=4, mode='bilinear', align_corners=False
+        ).view_as(x)
         ref = x + skip
     assert torch.equal(out, ref)
-    assert not torch.allclose(out, ref.flip(1))   # the time-reversed (official) order would differ
+    assert not torch.allclose(out, ref.flip(1))  # the time-reversed (official) order would differ
 
 
 def test_loader_strict_errors_and_prefixes(tmp_path, tiny_net):
     sd = tiny_net.state_dict()
     path = tmp_path / 'net.pth'
-    torch.save({'params': {'module.' + k: v for k, v in sd.items()}, 'params_ema': {k: v + 1 for k, v in sd.items()
-                                                                                   if v.is_floating_point()}}, path)
+    torch.save(
+        {
+            'params': {'module.' + k: v for k, v in sd.items()},
+            'params_ema': {k: v + 1 for k, v in sd.items() if v.is_floating_point()},
+        },
+        path,
+    )
     net = GSMNet(**TINY).double()
     load_checkpoint(net, path, key='params')
     assert all(torch.equal(net.state_dict()[k], v) for k, v in sd.items())
@@ -188,6 +206,7 @@ def test_official_compose_order_is_reversed():
 def test_window_attention_slicing_is_exact():
     """Attending windows in slices (memory bound) gives the same values as all windows at once."""
     from gsmsr.archs.swsa import SWSAGroup, WindowAttention
+
     torch.manual_seed(0)
     group = SWSAGroup(8, depth=2, num_heads=2).double()
     x = torch.randn(2, 8, 3, 19, 21, dtype=torch.float64)  # padded, shifted, masked, batch 2
@@ -203,9 +222,9 @@ def test_window_attention_slicing_is_exact():
 
 def test_bf16_autocast_keeps_warp_geometry_exact():
     """Under bf16 autocast the scatter warp must still address columns beyond 256 exactly (§11.13)."""
-    parity = (torch.arange(300) % 2).float().repeat(1, 1, 2, 1)     # (1, 1, 2, 300), exact in bf16
+    parity = (torch.arange(300) % 2).float().repeat(1, 1, 2, 1)  # (1, 1, 2, 300), exact in bf16
     flow = torch.zeros(1, 2, 2, 300)
-    flow[:, 0] = 1.0                                                  # read one column to the right
+    flow[:, 0] = 1.0  # read one column to the right
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = warp(parity.to(torch.bfloat16), flow)
     # a bf16 grid would land on even columns only past 256
@@ -214,6 +233,7 @@ def test_bf16_autocast_keeps_warp_geometry_exact():
 
 def test_spynet_path_loads_basicsr_spynet_strictly(tmp_path):
     from basicsr.archs.spynet_arch import SpyNet
+
     ref = SpyNet()
     path = tmp_path / 'spynet.pth'
     torch.save({'params': {k: v for k, v in ref.state_dict().items() if k not in ('mean', 'std')}}, path)
@@ -227,13 +247,16 @@ def test_spynet_path_loads_basicsr_spynet_strictly(tmp_path):
         GSMNet(**TINY, spynet_path=str(path))
 
 
-@pytest.mark.parametrize('kwargs, t, slab', [
-    ({}, 2, 8),
-    ({}, 9, 2),
-    ({'prop_depth': 3, 'attn_depth': 3, 'pa_frame': 2}, 9, 2),
-    ({'anchor': 'last', 'scatter': False, 'pa_frame': 2}, 9, 4),
-    ({'alternate_direction': False, 'mamba_directions': 1}, 9, 2),
-])
+@pytest.mark.parametrize(
+    'kwargs, t, slab',
+    [
+        ({}, 2, 8),
+        ({}, 9, 2),
+        ({'prop_depth': 3, 'attn_depth': 3, 'pa_frame': 2}, 9, 2),
+        ({'anchor': 'last', 'scatter': False, 'pa_frame': 2}, 9, 4),
+        ({'alternate_direction': False, 'mamba_directions': 1}, 9, 2),
+    ],
+)
 def test_streaming_eval_equals_whole_clip_schedule(kwargs: dict, t: int, slab: int):
     """The streaming schedule (no autograd) computes the whole-clip layers' values (float64, odd sizes)."""
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
 """Research switches: defaults are the official network; each switch changes the output the intended way."""
+
 from __future__ import annotations
 
 import pytest
@@ -34,6 +35,7 @@ def _record_windows(net: GSMNet):
             out = _orig(x, gather, scatter, align)
             calls.append((x.clone(), gather, out.clone()))
             return out
+
         block.forward = forward
     return calls
 
@@ -44,9 +46,17 @@ def default_out():
         return _net()(_clip())
 
 
-@pytest.mark.parametrize('kw', [dict(anchor='last'), dict(scatter=False), dict(align='bilinear'),
-                                dict(alternate_direction=False), dict(mamba_directions=1),
-                                dict(flow_compose='geometric', pa_frame=2)])
+@pytest.mark.parametrize(
+    'kw',
+    [
+        dict(anchor='last'),
+        dict(scatter=False),
+        dict(align='bilinear'),
+        dict(alternate_direction=False),
+        dict(mamba_directions=1),
+        dict(flow_compose='geometric', pa_frame=2),
+    ],
+)
 def test_switch_changes_output_and_trains(kw, default_out):
     net = _net(**kw)
     lq = _clip()
@@ -83,8 +93,8 @@ def test_scatter_false_writes_only_the_anchor():
     for t in range(1, len(calls) - 1):
         x_t, _, out_t = calls[t]
         x_next, _, _ = calls[t + 1]
-        assert torch.equal(x_t[:, :, 2], x_next[:, :, 1])          # frame t+1 untouched by window t
-        assert torch.equal(x_next[:, :, 0], out_t[:, :, 1])         # frame t written: the anchor only
+        assert torch.equal(x_t[:, :, 2], x_next[:, :, 1])  # frame t+1 untouched by window t
+        assert torch.equal(x_next[:, :, 0], out_t[:, :, 1])  # frame t written: the anchor only
 
 
 def test_scatter_true_writes_every_slot():
@@ -94,7 +104,7 @@ def test_scatter_true_writes_every_slot():
         net(_clip())
     x1, _, out1 = calls[1]
     x2, _, _ = calls[2]
-    assert torch.equal(x2[:, :, 1], out1[:, :, 2])                  # frame 2 rewritten by window 1
+    assert torch.equal(x2[:, :, 1], out1[:, :, 2])  # frame 2 rewritten by window 1
 
 
 def test_anchor_last_aligns_to_newest_frame():

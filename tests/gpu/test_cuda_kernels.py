@@ -3,6 +3,7 @@
     python -m pytest -m gpu tests/gpu -s
 Skips cleanly without CUDA or mamba-ssm.
 """
+
 from __future__ import annotations
 
 import time
@@ -13,8 +14,7 @@ import torch
 from gsmsr import GSMNet
 from gsmsr.ops import cuda_kernel, kernel_status, selective_scan
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')]
 needs_kernel = pytest.mark.skipif(cuda_kernel() is None, reason=f'needs mamba-ssm: {kernel_status()}')
 
 
@@ -36,8 +36,16 @@ def test_selective_scan_kernel_matches_reference(length):
     g = torch.Generator(device='cuda').manual_seed(length)
     b, d, n = 2, 64, 16
     r = lambda *s: torch.randn(*s, device='cuda', generator=g)  # noqa: E731
-    inp = dict(u=r(b, d, length), delta=0.5 * r(b, d, length), A=-torch.rand(d, n, device='cuda', generator=g) * 3,
-               B=r(b, n, length), C=r(b, n, length), D=r(d), z=r(b, d, length), delta_bias=0.3 * r(d))
+    inp = dict(
+        u=r(b, d, length),
+        delta=0.5 * r(b, d, length),
+        A=-torch.rand(d, n, device='cuda', generator=g) * 3,
+        B=r(b, n, length),
+        C=r(b, n, length),
+        D=r(d),
+        z=r(b, d, length),
+        delta_bias=0.3 * r(d),
+    )
     outs, grads = [], []
     for backend in ('kernel', 'ref'):
         x = {k: v.clone().requires_grad_() for k, v in inp.items()}
@@ -69,14 +77,18 @@ def test_gsmnet_kernel_path_matches_reference_path():
         res.append((out.detach(), {n: p.grad for n, p in net.named_parameters()}))
     err_out = rel_err(res[1][0], res[0][0])
     names = list(res[0][1])
-    err_all = rel_err(torch.cat([res[1][1][n].flatten() for n in names]),
-                      torch.cat([res[0][1][n].flatten() for n in names]))
+    err_all = rel_err(
+        torch.cat([res[1][1][n].flatten() for n in names]), torch.cat([res[0][1][n].flatten() for n in names])
+    )
     # implicit_align.k.bias shifts all four logits of a pixel equally: its exact gradient is 0, so only
     # rounding noise (~1e-14) remains there and a relative error is meaningless.
-    per_param = sorted(((rel_err(res[1][1][n], res[0][1][n]), n) for n in names if n != 'implicit_align.k.bias'),
-                       reverse=True)
-    print(f'GSMNet kernel vs ref: output rel {err_out:.1e}, all gradients rel {err_all:.1e}, '
-          f'worst single tensor {per_param[0][0]:.1e} ({per_param[0][1]})')
+    per_param = sorted(
+        ((rel_err(res[1][1][n], res[0][1][n]), n) for n in names if n != 'implicit_align.k.bias'), reverse=True
+    )
+    print(
+        f'GSMNet kernel vs ref: output rel {err_out:.1e}, all gradients rel {err_all:.1e}, '
+        f'worst single tensor {per_param[0][0]:.1e} ({per_param[0][1]})'
+    )
     assert err_out <= 1e-4 and err_all <= 1e-4
     assert per_param[0][0] <= 1e-3
 
@@ -92,6 +104,8 @@ def test_release_config_forward_180x320():
         out = net(lq)
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    print(f'release config, 5x180x320 LR, fp32: {dt / 5 * 1e3:.0f} ms/frame, '
-          f'peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, {torch.cuda.get_device_name()}')
+    print(
+        f'release config, 5x180x320 LR, fp32: {dt / 5 * 1e3:.0f} ms/frame, '
+        f'peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, {torch.cuda.get_device_name()}'
+    )
     assert out.shape == (1, 5, 3, 720, 1280) and torch.isfinite(out).all()

@@ -1,7 +1,8 @@
 """GPU checks of the fast paths: the segment-parallel scan and the compiled network, against the faithful path.
 
-    python -m pytest -m gpu tests/gpu/test_fast_paths.py -s
+python -m pytest -m gpu tests/gpu/test_fast_paths.py -s
 """
+
 from __future__ import annotations
 
 import math
@@ -33,10 +34,16 @@ def _scan_inputs(length: int, dtype: torch.dtype, dim: int = 384, slow_decay: bo
     r = lambda *s: torch.randn(*s, device='cuda', generator=g)  # noqa: E731
     lo, hi = (1e-3, 0.1) if slow_decay else (0.5, 2.0)
     dt = torch.exp(torch.rand(dim, device='cuda', generator=g) * (math.log(hi) - math.log(lo)) + math.log(lo))
-    return dict(u=r(1, dim, length).to(dtype), delta=(0.5 * r(1, dim, length)).to(dtype),
-                A=-torch.arange(1, 17, device='cuda', dtype=torch.float32).repeat(dim, 1),
-                B=r(1, 16, length).to(dtype), C=r(1, 16, length).to(dtype), D=torch.ones(dim, device='cuda'),
-                z=r(1, dim, length).to(dtype), delta_bias=dt + torch.log(-torch.expm1(-dt)))
+    return dict(
+        u=r(1, dim, length).to(dtype),
+        delta=(0.5 * r(1, dim, length)).to(dtype),
+        A=-torch.arange(1, 17, device='cuda', dtype=torch.float32).repeat(dim, 1),
+        B=r(1, 16, length).to(dtype),
+        C=r(1, 16, length).to(dtype),
+        D=torch.ones(dim, device='cuda'),
+        z=r(1, dim, length).to(dtype),
+        delta_bias=dt + torch.log(-torch.expm1(-dt)),
+    )
 
 
 @needs_kernel

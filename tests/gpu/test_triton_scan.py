@@ -3,6 +3,7 @@
     python -m pytest -m gpu tests/gpu/test_triton_scan.py -s
 Baseline: mamba-ssm's ``selective_scan_fn`` when importable, else the PyTorch scan. Skips without CUDA + Triton.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,12 +29,17 @@ def test_triton_scan_matches_baseline_at_gsm_shape(dtype):
     g = torch.Generator(device='cuda').manual_seed(0)
     r = lambda *s: torch.randn(*s, device='cuda', generator=g)  # noqa: E731
     dt = torch.exp(torch.rand(dim, device='cuda', generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-    inp = dict(u=r(batch, dim, length).to(dtype), delta=(0.5 * r(batch, dim, length)).to(dtype),
-               A=-torch.arange(1, state + 1, device='cuda', dtype=torch.float32).repeat(dim, 1),
-               B=r(batch, state, length).to(dtype), C=r(batch, state, length).to(dtype),
-               D=torch.ones(dim, device='cuda'), z=r(batch, dim, length).to(dtype),
-               delta_bias=dt + torch.log(-torch.expm1(-dt)))
-    baseline = (lambda **k: selective_scan(**k, backend="kernel")) if cuda_kernel() else selective_scan_ref
+    inp = dict(
+        u=r(batch, dim, length).to(dtype),
+        delta=(0.5 * r(batch, dim, length)).to(dtype),
+        A=-torch.arange(1, state + 1, device='cuda', dtype=torch.float32).repeat(dim, 1),
+        B=r(batch, state, length).to(dtype),
+        C=r(batch, state, length).to(dtype),
+        D=torch.ones(dim, device='cuda'),
+        z=r(batch, dim, length).to(dtype),
+        delta_bias=dt + torch.log(-torch.expm1(-dt)),
+    )
+    baseline = (lambda **k: selective_scan(**k, backend='kernel')) if cuda_kernel() else selective_scan_ref
     gy = torch.randn(batch, dim, length, device='cuda', generator=g).to(dtype)
     outs, grads = [], []
     for scan in (selective_scan_triton, baseline):
@@ -50,6 +56,7 @@ def test_triton_scan_matches_baseline_at_gsm_shape(dtype):
 
 def test_gsmnet_with_triton_scan_matches_reference_scan():
     from gsmsr import GSMNet
+
     torch.manual_seed(0)
     cfg = dict(prop_depth=2, attn_depth=2, embed_dims=48, num_heads=4)
     ref = GSMNet(**cfg, scan_backend='ref').cuda().eval()

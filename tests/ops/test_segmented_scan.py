@@ -5,6 +5,7 @@ equal the scan of the whole sequence. The CPU checks use the reference scan per 
 through Triton's interpreter in a subprocess (TRITON_INTERPRET must be set before triton is imported). The
 GPU test (tests/gpu/test_cuda_kernels.py) checks the same against mamba-ssm's kernel.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,16 @@ from gsmsr.ops.segmented_scan import carry_states, choose_segments, segment_fixu
 def _inputs(b=2, d=6, n=4, length=96, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
-    return dict(u=r(b, d, length), delta=r(b, d, length) - 1.0, A=-torch.rand(d, n, generator=g, dtype=dtype) * 2,
-                B=r(b, n, length), C=r(b, n, length), D=r(d), z=r(b, d, length), delta_bias=0.3 * r(d))
+    return dict(
+        u=r(b, d, length),
+        delta=r(b, d, length) - 1.0,
+        A=-torch.rand(d, n, generator=g, dtype=dtype) * 2,
+        B=r(b, n, length),
+        C=r(b, n, length),
+        D=r(d),
+        z=r(b, d, length),
+        delta_bias=0.3 * r(d),
+    )
 
 
 def _segment_states(inp, segments):
@@ -50,8 +59,12 @@ def test_segments_plus_fixup_equal_whole_scan(segments):
     inp = _inputs()
     whole = selective_scan_ref(**inp, delta_softplus=True)
     seg = inp['u'].shape[-1] // segments
-    parts = [selective_scan_ref(**{k: (v[..., s * seg:(s + 1) * seg] if v.dim() == 3 else v) for k, v in inp.items()},
-                                delta_softplus=True) for s in range(segments)]
+    parts = [
+        selective_scan_ref(
+            **{k: (v[..., s * seg : (s + 1) * seg] if v.dim() == 3 else v) for k, v in inp.items()}, delta_softplus=True
+        )
+        for s in range(segments)
+    ]
     y = torch.cat(parts, dim=-1)
     assert (y - whole).abs().max() > 1e-3  # the zero-start segments alone are wrong
     h_in = carry_states(*_segment_states(inp, segments))
@@ -60,13 +73,13 @@ def test_segments_plus_fixup_equal_whole_scan(segments):
 
 
 def test_choose_segments():
-    assert choose_segments(1, 384, 288000, 2112) == 6          # smallest divisor giving 2112 blocks
-    assert choose_segments(8, 384, 288000, 2112) == 1          # enough blocks already
-    assert choose_segments(1, 384, 4099, 2112) == 1            # prime length: no split
-    assert choose_segments(1, 384, 5 * 4096, 10 ** 6) == 5     # cannot reach the target: largest that fits
+    assert choose_segments(1, 384, 288000, 2112) == 6  # smallest divisor giving 2112 blocks
+    assert choose_segments(8, 384, 288000, 2112) == 1  # enough blocks already
+    assert choose_segments(1, 384, 4099, 2112) == 1  # prime length: no split
+    assert choose_segments(1, 384, 5 * 4096, 10**6) == 5  # cannot reach the target: largest that fits
 
 
-_TRITON_CHECK = r'''
+_TRITON_CHECK = r"""
 import torch
 from gsmsr.ops.segmented_scan import segment_fixup, segment_fixup_ref
 g = torch.Generator().manual_seed(1)
@@ -86,12 +99,13 @@ for dtype in (torch.float32, torch.bfloat16):
         assert err < tol, (dtype, b, d, n, length, segments, err)
         worst = max(worst, err)
 print('ok', worst)
-'''
+"""
 
 
 def test_triton_fixup_matches_reference_interpreted():
     env = dict(os.environ, TRITON_INTERPRET='1', CUDA_VISIBLE_DEVICES='')
     root = Path(__file__).resolve().parents[2]
-    res = subprocess.run([sys.executable, '-c', _TRITON_CHECK], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run(
+        [sys.executable, '-c', _TRITON_CHECK], env=env, cwd=root, capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0 and res.stdout.startswith('ok'), res.stdout + res.stderr

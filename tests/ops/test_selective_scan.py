@@ -1,4 +1,5 @@
 """The PyTorch selective scan against a token-by-token float64 recurrence: outputs and every gradient."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,10 +13,16 @@ TOL = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-4)}
 def _inputs(batch: int, dim: int, state: int, length: int, dtype: torch.dtype, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    tensors = dict(u=r(batch, dim, length), delta=0.5 * r(batch, dim, length),
-                   A=-torch.rand(dim, state, generator=g, dtype=torch.float64) * 3,
-                   B=r(batch, state, length), C=r(batch, state, length), D=r(dim), z=r(batch, dim, length),
-                   delta_bias=0.3 * r(dim))
+    tensors = dict(
+        u=r(batch, dim, length),
+        delta=0.5 * r(batch, dim, length),
+        A=-torch.rand(dim, state, generator=g, dtype=torch.float64) * 3,
+        B=r(batch, state, length),
+        C=r(batch, state, length),
+        D=r(dim),
+        z=r(batch, dim, length),
+        delta_bias=0.3 * r(dim),
+    )
     return {k: v.to(dtype).requires_grad_() for k, v in tensors.items()}
 
 

@@ -14,6 +14,7 @@ Tolerances, on the max abs error relative to max(1, max |reference|):
   u, delta, z, B, C are bf16, so one bf16 ulp (2^-7 relative; the interpreter truncates on bf16 stores, the GPU
   rounds to nearest) dominates; observed 2e-4 to 6e-3. dA, dD, d(delta_bias) are float32 (observed <= 1.2e-6).
 """
+
 from __future__ import annotations
 
 import os
@@ -32,37 +33,51 @@ from gsmsr.ops.selective_scan_triton import DEFAULT_CONFIG, ScanConfig, selectiv
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 # 16-token chunks, 2 chunks per carry-scan step, 2 channels per program: multi-chunk logic on tiny shapes
 # (few warps, so that compiled tiles are not much smaller than the thread blocks when these run on CUDA)
-TINY = ScanConfig(block_l=16, block_d=2, block_d_bwd=2, carry_chunks=2, carry_lanes=16, num_warps=2,
-                  num_warps_bwd=2)
-TINY_GROUPS = ScanConfig(block_l=8, block_d=2, block_d_bwd=1, carry_chunks=4, carry_lanes=8, bwd_groups=2,
-                         num_warps=1, num_warps_bwd=1)
+TINY = ScanConfig(block_l=16, block_d=2, block_d_bwd=2, carry_chunks=2, carry_lanes=16, num_warps=2, num_warps_bwd=2)
+TINY_GROUPS = ScanConfig(
+    block_l=8, block_d=2, block_d_bwd=1, carry_chunks=4, carry_lanes=8, bwd_groups=2, num_warps=1, num_warps_bwd=1
+)
 DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
 
 # name: (batch, channels, states, length, config, with D and z, with delta_bias, softplus)
 CASES = {
-    'chunks_N16_full': (2, 3, 16, 50, TINY, True, True, True),         # 4 chunks, last one partial
-    'short_N4_bare': (1, 5, 4, 7, TINY, False, False, False),          # L shorter than a chunk, padded channels
-    'groups_N4': (2, 3, 4, 37, TINY_GROUPS, True, True, False),        # backward split over 2 channel groups
-    'odd_N3': (1, 2, 3, 21, TINY, False, True, True),                  # N not a power of two (padded states)
+    'chunks_N16_full': (2, 3, 16, 50, TINY, True, True, True),  # 4 chunks, last one partial
+    'short_N4_bare': (1, 5, 4, 7, TINY, False, False, False),  # L shorter than a chunk, padded channels
+    'groups_N4': (2, 3, 4, 37, TINY_GROUPS, True, True, False),  # backward split over 2 channel groups
+    'odd_N3': (1, 2, 3, 21, TINY, False, True, True),  # N not a power of two (padded states)
     'default_cfg_N4': (1, 4, 4, 20, DEFAULT_CONFIG, True, True, True),  # the GPU tile sizes, L < block_l
 }
 BF16_CASES = ['chunks_N16_full', 'groups_N4']
 
 
-def _inputs(batch: int, dim: int, state: int, length: int, with_dz: bool, with_bias: bool, dtype: torch.dtype,
-            device: str, seed: int = 0) -> Dict[str, torch.Tensor]:
+def _inputs(
+    batch: int,
+    dim: int,
+    state: int,
+    length: int,
+    with_dz: bool,
+    with_bias: bool,
+    dtype: torch.dtype,
+    device: str,
+    seed: int = 0,
+) -> Dict[str, torch.Tensor]:
     """Kernel inputs: u, delta, z, B, C in ``dtype``; A, D, delta_bias float32; all requiring grad."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    t = dict(u=r(batch, dim, length), delta=0.5 * r(batch, dim, length),
-             A=-torch.rand(dim, state, generator=g, dtype=torch.float64) * 3,
-             B=r(batch, state, length), C=r(batch, state, length))
+    t = dict(
+        u=r(batch, dim, length),
+        delta=0.5 * r(batch, dim, length),
+        A=-torch.rand(dim, state, generator=g, dtype=torch.float64) * 3,
+        B=r(batch, state, length),
+        C=r(batch, state, length),
+    )
     if with_dz:
         t.update(D=r(dim), z=r(batch, dim, length))
     if with_bias:
         t['delta_bias'] = 0.3 * r(dim)
-    return {k: v.to(device=device, dtype=dtype if v.dim() == 3 else torch.float32).requires_grad_()
-            for k, v in t.items()}
+    return {
+        k: v.to(device=device, dtype=dtype if v.dim() == 3 else torch.float32).requires_grad_() for k, v in t.items()
+    }
 
 
 def _max_rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -116,7 +131,7 @@ def test_strided_operands_need_no_copy():
     g = torch.Generator().manual_seed(4)
     batch, dim, state, length = 2, 2, 4, 24
     dbl = torch.randn(batch, 1 + 2 * state, length, generator=g)
-    B, C = dbl[:, 1:1 + state], dbl[:, 1 + state:]
+    B, C = dbl[:, 1 : 1 + state], dbl[:, 1 + state :]
     assert not B.is_contiguous()
     u, delta = torch.randn(batch, dim, length, generator=g), torch.randn(batch, dim, length, generator=g)
     A = -torch.rand(dim, state, generator=g)
@@ -140,6 +155,7 @@ def test_cpu_runs_interpreted_without_leaking_the_mode():
     @triton.jit
     def _probe(x):  # decorated now: must be an ordinary (compiled) JIT function again
         pass
+
     assert not isinstance(_probe, InterpretedFunction) or knob_before
 
 
@@ -152,19 +168,20 @@ def test_rejects_bad_shapes():
 
 
 def test_module_imports_without_triton():
-    code = ("import sys; sys.modules['triton'] = None\n"
-            "import torch\n"
-            "from gsmsr.ops import selective_scan_triton as m\n"
-            "assert not m.triton_available()\n"
-            "x = torch.zeros(1, 1, 4)\n"
-            "try:\n"
-            "    m.selective_scan_triton(x, x, torch.zeros(1, 2), torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))\n"
-            "except RuntimeError as err:\n"
-            "    assert 'triton' in str(err)\n"
-            "else:\n"
-            "    raise AssertionError('no error without triton')\n")
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        'import torch\n'
+        'from gsmsr.ops import selective_scan_triton as m\n'
+        'assert not m.triton_available()\n'
+        'x = torch.zeros(1, 1, 4)\n'
+        'try:\n'
+        '    m.selective_scan_triton(x, x, torch.zeros(1, 2), torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))\n'
+        'except RuntimeError as err:\n'
+        "    assert 'triton' in str(err)\n"
+        'else:\n'
+        "    raise AssertionError('no error without triton')\n"
+    )
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, 'PYTHONPATH': str(root) + os.pathsep + os.environ.get('PYTHONPATH', '')}
-    res = subprocess.run([sys.executable, '-c', code], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run([sys.executable, '-c', code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
