@@ -132,8 +132,8 @@ def main() -> int:
         for name, dtype, compiled in (
             ('train step fp32', None, False),
             ('train step bf16', torch.bfloat16, False),
-            ('train step fp32 compiled', None, True),
             ('train step bf16 compiled', torch.bfloat16, True),
+            ('train step fp32 compiled', None, True),
         ):
             if args.only and not any(k in name for k in args.only.split(',')):
                 continue
