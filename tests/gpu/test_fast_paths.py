@@ -21,14 +21,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
 def _scan_inputs(length: int, dtype: torch.dtype, dim: int = 384, slow_decay: bool = True):
     g = torch.Generator(device='cuda').manual_seed(length)
     r = lambda *s: torch.randn(*s, device='cuda', generator=g)  # noqa: E731
