@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 import cv2
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import gsmsr  # noqa: F401  (compat before BasicSR)
@@ -247,3 +248,15 @@ def read_log(folder: Path, prefix: str) -> str:
     logs = sorted(folder.glob(f'{prefix}_*.log'))
     assert logs, f'no {prefix}_*.log in {folder}: {os.listdir(folder)}'
     return logs[-1].read_text()
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32_on_gpu_tests(request):
+    """GPU tests compare in full fp32: TF32 matmuls (about 1e-3 relative) would hide real differences."""
+    if request.node.get_closest_marker('gpu') is None:
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
