@@ -26,7 +26,7 @@ from typing import Callable, Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import cuda_time, print_table  # noqa: E402  (this folder is on sys.path)
+from bench_utils import cuda_time, print_table, train_step  # noqa: E402  (this folder is on sys.path)
 
 import gsmsr  # noqa: E402,F401  (applies the BasicSR compatibility fixes)
 from gsmsr import GSMNet  # noqa: E402
@@ -141,15 +141,7 @@ def main() -> int:
             net = GSMNet(use_checkpoint_attn=True, use_checkpoint_ffn=True, compile_blocks=compiled).to(dev).train()
             opt = torch.optim.Adam(net.parameters(), lr=1e-4)
 
-            def step():
-                opt.zero_grad(set_to_none=True)
-                with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None):
-                    out = net(lq)
-                loss = torch.sqrt((out.float() - gt) ** 2 + 1e-12).mean()
-                loss.backward()
-                opt.step()
-                return loss
-
+            step = train_step(net, opt, lq, gt, dtype)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             row = {'model': name, 'input': '16x64x64'}

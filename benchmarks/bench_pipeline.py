@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -53,7 +53,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
-from bench_utils import cuda_time, print_table  # noqa: E402  (this folder is on sys.path)
+from bench_utils import cpu_time, cuda_time, print_table, train_step  # noqa: E402  (this folder is on sys.path)
 
 import gsmsr  # noqa: E402  (applies the BasicSR compatibility fixes)
 import gsmsr.ops  # noqa: E402
@@ -177,16 +177,7 @@ def bare_step_ms(network_g: Dict[str, Any], args: argparse.Namespace, dev: torch
     t, s = args.frames_per_sample, args.lr_size
     lq = torch.rand(1, t, 3, s, s, device=dev)
     gt = torch.rand(1, t, 3, scale * s, scale * s, device=dev)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-
-    def step() -> torch.Tensor:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=dtype, enabled=args.bf16):
-            out = net(lq)
-        loss = torch.sqrt((out.float() - gt) ** 2 + 1e-12).mean()
-        loss.backward()
-        opt.step()
-        return loss
+    step = train_step(net, opt, lq, gt, torch.bfloat16 if args.bf16 else None)
 
     repeats = args.iters - args.warmup
     if dev.type == 'cuda':
@@ -197,17 +188,6 @@ def bare_step_ms(network_g: Dict[str, Any], args: argparse.Namespace, dev: torch
         with torch.backends.mkldnn.flags(enabled=False) if args.bf16 else contextlib.nullcontext():
             ms = cpu_time(step, repeats, warmup=args.warmup)
     return ms
-
-
-def cpu_time(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""Shared by the benchmark scripts: CUDA-event timing and the printed table."""
+"""Shared by the benchmark scripts: timing (CUDA events, or the host clock on CPU), the training step and the table."""
 
 from __future__ import annotations
 
 import statistics
-from typing import Callable, Dict, List, Sequence, Tuple, TypeVar
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
@@ -24,6 +25,40 @@ def cuda_time(fn: Callable[[], T], repeats: int, warmup: int = 1) -> Tuple[float
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times), out
+
+
+def cpu_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median milliseconds of ``fn()`` by the host clock (for CPU runs, where no CUDA events exist)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def train_step(
+    net: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    lq: torch.Tensor,
+    gt: torch.Tensor,
+    dtype: Optional[torch.dtype] = None,
+) -> Callable[[], torch.Tensor]:
+    """One training step as GSMModel takes it: forward (autocast to ``dtype`` if given), Charbonnier loss in fp32,
+    backward, optimizer step. Returns a function that runs it and returns the loss."""
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(lq.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = net(lq)
+        loss = torch.sqrt((out.float() - gt) ** 2 + 1e-12).mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
 
 
 def print_table(rows: List[Dict[str, str]], cols: Sequence[str]) -> None:

@@ -224,13 +224,8 @@ def choose_segments(
 ) -> int:
     """Segments per sequence: the smallest divisor S of ``length`` with batch * S * dim >= blocks_wanted, keeping
     segments at least ``min_len`` tokens; 1 when splitting is not worth it."""
-    if batch * dim >= blocks_wanted:
+    fits = [s for s in range(2, max_segments + 1) if length % s == 0 and length // s >= min_len]
+    if batch * dim >= blocks_wanted or not fits:
         return 1
-    for s in range(2, max_segments + 1):
-        if length % s == 0 and length // s >= min_len and batch * s * dim >= blocks_wanted:
-            return s
-    best = 1
-    for s in range(2, max_segments + 1):  # no divisor reaches the target: take the largest that fits
-        if length % s == 0 and length // s >= min_len:
-            best = s
-    return best
+    # no divisor reaching the target: the largest that fits
+    return next((s for s in fits if batch * s * dim >= blocks_wanted), fits[-1])
