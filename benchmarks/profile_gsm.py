@@ -1,39 +1,90 @@
-"""Where GSMNet spends GPU time: torch.profiler table for one release-config forward.
+"""Where GSMNet spends GPU time: a kernel table (torch.profiler) for one warm release-config call.
 
-python benchmarks/profile_gsm.py [--frames 6] [--size 180x320] [--bf16]
+python benchmarks/profile_gsm.py [--frames 20] [--size 180x320] [--bf16] [--compile] [--train] [--rows 30]
+
+Inference profiles one forward of the streaming schedule (the default without autograd); --train one training step
+(16x64x64 LR, batch 1, checkpointing on, Adam). --compile sets ``compile_blocks`` (the default GPU path with --bf16).
+Prints the CUDA kernels grouped by name: total ms, ms per frame, launches and share of the kernel time, plus the
+kernel time against the wall time of the profiled call. With $OUT set, the table is also written there.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_utils import train_step  # noqa: E402  (this folder is on sys.path)
+
 from gsmsr import GSMNet  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument('--frames', type=int, default=6)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--frames', type=int, default=20)
     p.add_argument('--size', default='180x320')
     p.add_argument('--bf16', action='store_true')
+    p.add_argument('--compile', action='store_true')
+    p.add_argument('--train', action='store_true')
+    p.add_argument('--rows', type=int, default=30)
     args = p.parse_args()
-    h, w = (int(v) for v in args.size.split('x'))
     torch.backends.cudnn.benchmark = True
-    net = GSMNet().cuda().eval()
-    lq = torch.rand(1, args.frames, 3, h, w, device='cuda')
-    with torch.no_grad(), torch.autocast('cuda', torch.bfloat16, enabled=args.bf16):
-        net(lq)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if args.bf16 else None
+    if args.train:
+        frames, h, w = 16, 64, 64
+        net = GSMNet(use_checkpoint_attn=True, use_checkpoint_ffn=True, compile_blocks=args.compile).cuda().train()
+        lq = torch.rand(1, frames, 3, h, w, device='cuda')
+        gt = torch.rand(1, frames, 3, 4 * h, 4 * w, device='cuda')
+        call = train_step(net, torch.optim.Adam(net.parameters(), lr=1e-4), lq, gt, dtype)
+    else:
+        frames = args.frames
+        h, w = (int(v) for v in args.size.split('x'))
+        net = GSMNet(compile_blocks=args.compile).cuda().eval()
+        lq = torch.rand(1, frames, 3, h, w, device='cuda')
+
+        def call():
+            with torch.no_grad(), torch.autocast('cuda', torch.bfloat16, enabled=dtype is not None):
+                return net(lq)
+
+    start = time.perf_counter()
+    call()
+    torch.cuda.synchronize()
+    print(f'first call {time.perf_counter() - start:.1f} s', flush=True)
+    call()  # a second warm-up: cuDNN autotuning, allocator growth
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        call()
         torch.cuda.synchronize()
-        with torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
-        ) as prof:
-            net(lq)
-            torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by='cuda_time_total', row_limit=25, max_name_column_width=60))
+        wall = (time.perf_counter() - start) * 1e3
+
+    kernels = {}
+    for evt in prof.key_averages():
+        if evt.device_type == torch.autograd.DeviceType.CUDA and evt.self_device_time_total > 0:
+            total, count = kernels.get(evt.key, (0.0, 0))
+            kernels[evt.key] = (total + evt.self_device_time_total / 1e3, count + evt.count)
+    busy = sum(t for t, _ in kernels.values())
+    what = ('train step 16x64x64' if args.train else f'{frames}x{h}x{w}') + (' bf16' if args.bf16 else ' fp32')
+    lines = [
+        f'# {torch.cuda.get_device_name()}, torch {torch.__version__}: {what}, compiled={args.compile}',
+        f'# CUDA kernel time {busy:.1f} ms of {wall:.1f} ms wall ({100 * busy / wall:.0f} % busy);'
+        f' {busy / frames:.2f} ms per frame',
+        f'{"ms":>9} {"ms/frame":>9} {"calls":>6} {"share":>6}  kernel',
+    ]
+    for name, (total, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[: args.rows]:
+        lines.append(f'{total:9.2f} {total / frames:9.3f} {count:6d} {100 * total / busy:5.1f}%  {name[:110]}')
+    lines.append(f'({len(kernels)} distinct kernels)')
+    print('\n'.join(lines))
+    out = os.environ.get('OUT')
+    if out:
+        tag = ('train' if args.train else 'infer') + ('_bf16' if args.bf16 else '_fp32') + ('_compiled' * args.compile)
+        Path(out, f'profile_{tag}.txt').write_text('\n'.join(lines) + '\n')
     return 0
 
 
