@@ -49,20 +49,23 @@ from gsmsr.ops.triton_jit import LazyKernels, interpret_for, tl
 
 
 def _softplus(x):
-    # torch's softplus (threshold 20); log1p(e) by Kahan's trick (tl has no log1p), exact where 1 + e rounds
+    # torch's softplus (threshold 20). log1p(e) = log(w) + (e - (w - 1)) / w with w = fl(1 + e): the second term
+    # restores what rounding 1 + e lost (Kahan). It is below half an ulp of w, so 1/w may be replaced by
+    # max(1 - e, 0) (exact to O(e^2) for small e, and negligible against log(w) for e > 1): no division, which
+    # saves a MUFU op per token.
     e = tl.exp(tl.minimum(x, 20.0))
     w = 1.0 + e
-    lp = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+    lp = tl.log(w) + (e - (w - 1.0)) * tl.maximum(1.0 - e, 0.0)
     return tl.where(x > 20.0, x, lp)
 
 
 def _columns(x, BLOCK_D: tl.constexpr, TILE: tl.constexpr):
-    """(BLOCK_D, TILE) tile -> tuple of TILE (BLOCK_D,) columns, in order. Repeated even/odd splits: after a
-    level with m parts, part r holds the columns j with j % m == r. TILE <= 16."""
-    if TILE == 1:
-        return (tl.reshape(x, (BLOCK_D,)),)
+    """(BLOCK_D, TILE) tile -> tuple of TILE (BLOCK_D,) columns, in order (TILE <= 32). Repeated even/odd splits:
+    after a level with m parts, part r holds the columns j with j % m == r."""
     parts = (x,)
-    for level in tl.static_range(4):
+    if TILE == 1:
+        parts = (tl.reshape(x, (BLOCK_D,)),)
+    for level in tl.static_range(5):
         if TILE >> level >= 2:
             evens = ()
             odds = ()
@@ -79,10 +82,10 @@ def _columns(x, BLOCK_D: tl.constexpr, TILE: tl.constexpr):
 
 def _tile(cols, BLOCK_D: tl.constexpr, TILE: tl.constexpr):
     """Inverse of :func:`_columns`: tuple of TILE (BLOCK_D,) columns -> (BLOCK_D, TILE) tile."""
-    if TILE == 1:
-        return tl.reshape(cols[0], (BLOCK_D, 1))
     parts = cols
-    for level in tl.static_range(4):
+    if TILE == 1:
+        parts = (tl.reshape(cols[0], (BLOCK_D, 1)),)
+    for level in tl.static_range(5):
         if TILE >> level >= 2:
             joined = ()
             for i in tl.static_range(TILE >> (level + 1)):
@@ -94,6 +97,16 @@ def _tile(cols, BLOCK_D: tl.constexpr, TILE: tl.constexpr):
     return parts[0]
 
 
+def _row(ptr, BLOCK_D: tl.constexpr, NP: tl.constexpr):
+    """NP contiguous fp32 values at the scalar pointer ``ptr``, loaded by every thread (a broadcast) in
+    16-byte pieces -> tuple of NP (BLOCK_D,) vectors. Pieces of 4 keep each load inside one thread."""
+    vals = ()
+    for c in tl.static_range(NP // 4):
+        piece = tl.broadcast_to((ptr + 4 * c + tl.arange(0, 4))[None, :], (BLOCK_D, 4))
+        vals = vals + _columns(tl.load(piece), BLOCK_D, 4)
+    return vals
+
+
 def _walk(
     h,
     dsum,
@@ -102,16 +115,14 @@ def _walk(
     dt_row,
     z_row,
     o_row,
-    b_row,
-    c_row,
-    s_bn,
-    s_cn,
+    bc_row,
     lo,
     hi,
     bias,
     d_skip,
     md,
     N: tl.constexpr,
+    NP: tl.constexpr,
     BLOCK_D: tl.constexpr,
     TILE: tl.constexpr,
     SUMMARY: tl.constexpr,
@@ -122,26 +133,21 @@ def _walk(
 ):
     """Walk tokens [lo, hi) (hi - lo a multiple of TILE, lo too when TILE > 1) from the states h (tuple of N
     (BLOCK_D,) fp32). Summary: also sums dt into dsum, writes nothing. Otherwise stores out. Returns (h, dsum).
-    u_row, dt_row, z_row, o_row: (BLOCK_D,) pointers at token 0 of each channel; b_row, c_row: scalar pointers at
-    state 0, token 0 of this batch; s_bn, s_cn: their state strides."""
+    u_row, dt_row, z_row, o_row: (BLOCK_D,) pointers at token 0 of each channel; bc_row: scalar pointer at token 0
+    of this batch's packed B|C rows (2 NP fp32 per token, B in the first NP)."""
     offs = tl.arange(0, TILE)[None, :]
     mask = md[:, None]
     for t in range(lo, hi, TILE):
         t0 = tl.multiple_of(t, TILE)  # lets the compiler vectorise the tile loads
         us = _columns(tl.load(u_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
         ds = _columns(tl.load(dt_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
-        bs = ()
-        cs = ()
-        for n in tl.static_range(N):
-            b_tile = tl.broadcast_to(b_row + n * s_bn + t0 + offs, (BLOCK_D, TILE))
-            bs = bs + (_columns(tl.load(b_tile), BLOCK_D, TILE),)
-            if not SUMMARY:
-                c_tile = tl.broadcast_to(c_row + n * s_cn + t0 + offs, (BLOCK_D, TILE))
-                cs = cs + (_columns(tl.load(c_tile), BLOCK_D, TILE),)
         if HAS_Z and not SUMMARY:
             zs = _columns(tl.load(z_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
         ys = ()
         for j in tl.static_range(TILE):
+            bs = _row(bc_row + (t0 + j) * (2 * NP), BLOCK_D, NP)
+            if not SUMMARY:
+                cs = _row(bc_row + (t0 + j) * (2 * NP) + NP, BLOCK_D, NP)
             u = us[j].to(tl.float32)
             dt = ds[j].to(tl.float32)
             if HAS_BIAS:
@@ -154,10 +160,10 @@ def _walk(
             new_h = ()
             y = tl.full([BLOCK_D], 0.0, tl.float32)
             for n in tl.static_range(N):
-                hn = tl.exp2(dt * A2[n]) * h[n] + dtu * bs[n][j].to(tl.float32)
+                hn = tl.exp2(dt * A2[n]) * h[n] + dtu * bs[n]
                 new_h = new_h + (hn,)
                 if not SUMMARY:
-                    y = y + cs[n][j].to(tl.float32) * hn
+                    y = y + cs[n] * hn
             h = new_h
             if not SUMMARY:
                 if HAS_D:
@@ -177,8 +183,7 @@ def _scan_kernel(
     dt_ptr,
     z_ptr,
     o_ptr,
-    B_ptr,
-    C_ptr,
+    bc_ptr,
     A_ptr,
     D_ptr,
     bias_ptr,
@@ -196,13 +201,10 @@ def _scan_kernel(
     s_zd,
     s_ob,
     s_od,
-    s_bb,
-    s_bn,
-    s_cb,
-    s_cn,
     s_ad,
     s_an,
     N: tl.constexpr,
+    NP: tl.constexpr,
     BLOCK_D: tl.constexpr,
     TILE: tl.constexpr,
     SUMMARY: tl.constexpr,
@@ -213,7 +215,8 @@ def _scan_kernel(
 ):
     """Program (channel block, segment s, batch). SUMMARY: segment s (< S-1) from h = 0, stores hs[b, s] (D, N)
     and dsum[b, s] (D,). Otherwise: starts from hs[b, s-1] (the carried state; zero for s = 0) and stores out
-    over the segment. hs: (B, n_carry, D, N), dsum: (B, n_carry, D), both contiguous fp32."""
+    over the segment. bc: (B, L, 2 NP) fp32, B then C (zero-padded states); hs: (B, n_carry, D, N),
+    dsum: (B, n_carry, D), both contiguous fp32."""
     pid_d = tl.program_id(0)
     s = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -242,17 +245,16 @@ def _scan_kernel(
     dt_row = dt_ptr + b * s_tb + d64 * s_td
     z_row = z_ptr + b * s_zb + d64 * s_zd
     o_row = o_ptr + b * s_ob + d64 * s_od
-    b_row = B_ptr + b * s_bb
-    c_row = C_ptr + b * s_cb
+    bc_row = bc_ptr + b * L * (2 * NP)
     dsum = tl.full([BLOCK_D], 0.0, tl.float32)
     h, dsum = _walk(
-        h, dsum, A2, u_row, dt_row, z_row, o_row, b_row, c_row, s_bn, s_cn, lo, full, bias, d_skip, md,
-        N, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+        h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, lo, full, bias, d_skip, md,
+        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
     )  # fmt: skip
     if TILE > 1:  # ragged end (the last segment only, as segment lengths are multiples of TILE)
         h, dsum = _walk(
-            h, dsum, A2, u_row, dt_row, z_row, o_row, b_row, c_row, s_bn, s_cn, full, hi, bias, d_skip, md,
-            N, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+            h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
         )  # fmt: skip
     if SUMMARY:
         base = (b * n_carry + s) * Dm + d64
@@ -296,7 +298,7 @@ def _carry_kernel(
             tl.store(hs_ptr + (b * n_carry + s0 + j) * Dm * N + lanes, h, mask=ml & (s0 + j < n_carry))
 
 
-_KERNELS = LazyKernels(__name__, [_softplus, _columns, _tile, _walk, _scan_kernel, _carry_kernel])
+_KERNELS = LazyKernels(__name__, [_softplus, _columns, _tile, _row, _walk, _scan_kernel, _carry_kernel])
 
 # ---------------------------------------------------------------------------------------------------------------
 # Host side
@@ -389,6 +391,13 @@ def selective_scan_fwd_triton(
     hs = torch.empty(batch, max(n_carry, 1), dim, n_state, device=u.device, dtype=torch.float32)
     dsum = torch.empty(batch, max(n_carry, 1), dim, device=u.device, dtype=torch.float32)
 
+    # B and C packed token-major in fp32, (batch, L, 2 NP): one token's 2N values are one contiguous row that every
+    # thread loads with a few 16-byte broadcast loads from one base address, already converted
+    n_pad = -(-n_state // 4) * 4
+    bc = torch.zeros(batch, length, 2 * n_pad, device=u.device, dtype=torch.float32)
+    bc[:, :, :n_state] = B.transpose(1, 2)
+    bc[:, :, n_pad : n_pad + n_state] = C.transpose(1, 2)
+
     k = _KERNELS(interpret_for(u))
     n_dblocks = -(-dim // block_d)
     zz = z if z is not None else u  # placeholders for absent operands: never read (constexpr flags)
@@ -403,13 +412,12 @@ def selective_scan_fwd_triton(
         *delta.stride()[:2],
         *zz.stride()[:2],
         *out.stride()[:2],
-        *B.stride()[:2],
-        *C.stride()[:2],
         *A.stride(),
     )
-    ptrs = (u, delta, zz, out, B, C, A, D if D is not None else A, delta_bias if delta_bias is not None else A)
+    ptrs = (u, delta, zz, out, bc, A, D if D is not None else A, delta_bias if delta_bias is not None else A)
     flags = dict(
         N=n_state,
+        NP=n_pad,
         BLOCK_D=block_d,
         TILE=token_tile,
         HAS_D=D is not None,
