@@ -380,7 +380,7 @@ def selective_scan_fwd_triton(
     if out is None:
         out = torch.empty(batch, dim, length, device=u.device, dtype=u.dtype)
     elif out.shape != u.shape or out.dtype != u.dtype or not out.is_contiguous():
-        raise ValueError('selective_scan_fwd_triton: out must be a contiguous tensor of u\'s shape and dtype')
+        raise ValueError("selective_scan_fwd_triton: out must be a contiguous tensor of u's shape and dtype")
     if length == 0 or batch == 0 or dim == 0:
         return out
     if segments is None:
