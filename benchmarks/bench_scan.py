@@ -1,6 +1,11 @@
-"""Selective scan at GSM's shapes: mamba-ssm's CUDA kernel, the Triton kernel and (short L only) the PyTorch scan.
+"""Selective scan at GSM's shapes: mamba-ssm's CUDA kernel, the Triton kernels and (short L only) the PyTorch scan.
 
     python benchmarks/bench_scan.py [--lengths 288000,20480] [--dtypes fp32,bf16] [--repeats 10] [--sweep]
+        [--seq-sweep] [--modes fwd,fwd+bwd] [--batch 1]
+
+``seq-triton`` rows are gsmsr.ops.seq_scan_triton (forward only, so no fwd+bwd rows); ``--seq-sweep`` adds its
+(block_d, num_warps, token_tile, segments or warps per SM) grid in SEQ_SWEEP. ``out_rel`` is the max abs
+difference from mamba-ssm relative to its max |output|.
 
 Shapes: batch 1, D = 384 channels (d_inner of the release config, C = 192), N = 16 states, L = 5*180*320 = 288000
 (a 5-frame window at REDS resolution) and L = 5*64*64 = 20480. Operands as BiMamba passes them: u, delta, z, B, C in
@@ -28,6 +33,7 @@ from bench_utils import cuda_time, print_table  # noqa: E402  (this folder is on
 
 from gsmsr.ops.selective_scan_ref import selective_scan_ref  # noqa: E402
 from gsmsr.ops.selective_scan_triton import DEFAULT_CONFIG, ScanConfig, selective_scan_triton, triton_available  # noqa: E402
+from gsmsr.ops.seq_scan_triton import selective_scan_fwd_triton  # noqa: E402
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
@@ -39,6 +45,21 @@ SWEEP = [
     (64, 2, 4, 1, 4),
     (256, 1, 8, 1, 16),
     (256, 2, 8, 1, 16),
+]
+
+# (block_d, num_warps, token_tile, segments (0: automatic), warps_per_sm for the automatic choice) of --seq-sweep
+SEQ_SWEEP = [
+    (32, 1, 4, 0, 8),
+    (32, 1, 4, 0, 24),
+    (32, 1, 4, 0, 32),
+    (32, 1, 2, 0, 16),
+    (32, 1, 8, 0, 16),
+    (32, 1, 1, 0, 16),
+    (64, 2, 4, 0, 16),
+    (64, 2, 4, 0, 32),
+    (128, 4, 4, 0, 16),
+    (32, 1, 4, 88, 16),
+    (32, 1, 4, 352, 16),
 ]
 
 
@@ -89,6 +110,8 @@ def main() -> int:
         help='segment counts of the gsmsr kernel rows (0: automatic; fwd without autograd only)',
     )
     parser.add_argument('--no-triton', action='store_true')
+    parser.add_argument('--seq-sweep', action='store_true', help='also time the seq-triton configs in SEQ_SWEEP')
+    parser.add_argument('--modes', default='fwd,fwd+bwd', help='comma list of passes: fwd, fwd+bwd')
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print('bench_scan: needs a CUDA GPU (none found); nothing timed.')
@@ -122,6 +145,19 @@ def main() -> int:
     for name, cfg in [] if args.no_triton else configs:
         scans[name] = lambda *a, cfg=cfg, **k: selective_scan_triton(*a, **k, config=cfg)
     print(f'# triton default config: {DEFAULT_CONFIG}')
+    forward_only = set()
+    seq_configs = [('seq-triton', {})]
+    if args.seq_sweep:
+        seq_configs += [
+            (
+                f'seq-triton d{bd} w{w} t{tile} ' + (f'seg{seg}' if seg else f'wpsm{wps}'),
+                dict(block_d=bd, num_warps=w, token_tile=tile, segments=seg or None, warps_per_sm=wps),
+            )
+            for bd, w, tile, seg, wps in SEQ_SWEEP
+        ]
+    for name, kw in [] if args.no_triton else seq_configs:
+        scans[name] = lambda *a, kw=kw, **k: selective_scan_fwd_triton(*a, **k, **kw)
+        forward_only.add(name)
 
     rows: List[Dict[str, str]] = []
     for length in (int(v) for v in args.lengths.split(',')):
@@ -134,9 +170,11 @@ def main() -> int:
             cases = dict(scans)
             if length <= args.ref_max_len:
                 cases['torch ref'] = selective_scan_ref
-            for mode in ('fwd', 'fwd+bwd'):
+            for mode in args.modes.split(','):
                 baseline = None
                 for name, scan in cases.items():
+                    if mode != 'fwd' and name in forward_only:
+                        continue
                     row = {'impl': name, 'L': str(length), 'dtype': dname, 'pass': mode}
                     try:
                         torch.cuda.empty_cache()
@@ -150,7 +188,9 @@ def main() -> int:
                         if name == 'mamba-ssm':
                             baseline = (out, grads)
                         elif baseline is not None:
-                            row['out_maxabs'] = f'{(out.float() - baseline[0].float()).abs().max().item():.2e}'
+                            diff = (out.float() - baseline[0].float()).abs().max().item()
+                            row['out_maxabs'] = f'{diff:.2e}'
+                            row['out_rel'] = f'{diff / baseline[0].float().abs().max().item():.2e}'
                             if grads is not None:
                                 worst, which = 0.0, ''
                                 for key, a, b in zip(NAMES, grads, baseline[1]):
@@ -173,7 +213,7 @@ def main() -> int:
                 del baseline
             del inp, dout
 
-    print_table(rows, ['impl', 'L', 'dtype', 'pass', 'ms', 'peak_GiB', 'out_maxabs', 'grad_rel_maxabs'])
+    print_table(rows, ['impl', 'L', 'dtype', 'pass', 'ms', 'peak_GiB', 'out_maxabs', 'out_rel', 'grad_rel_maxabs'])
     return 0
 
 

@@ -25,6 +25,11 @@ KERNEL_CHUNK = 2048  # tokens per chunk of mamba-ssm's kernel: one saved state e
 # on an H200 at L = 288,000 it was 2.3x slower than one pass (the fix-up pass costs more than the kernel gains,
 # benchmarks/NOTES.md), so it stays opt-in (``segments=`` or GSMSR_SCAN_SEGMENT_BLOCKS).
 SEGMENT_BLOCKS_PER_SM = int(os.environ.get('GSMSR_SCAN_SEGMENT_BLOCKS', '0'))
+# What the no-grad CUDA scan (``gsmsr::scan_infer``) runs when mamba-ssm is installed: 'mamba' (its kernel, above)
+# or 'triton' (gsmsr.ops.seq_scan_triton: sequential scan with a sequence split). The one place this default is
+# decided; it stays 'mamba' until benchmarks/bench_scan.py measures the Triton kernel faster on the GPU.
+# Without mamba-ssm the Triton kernel is the no-grad path either way.
+INFER_IMPL = 'mamba'
 
 
 def _cuda_module():
@@ -199,9 +204,20 @@ def scan_infer(
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
     segments: int,
+    impl: str,
 ) -> Tensor:
-    """Forward without autograd state. ``segments`` > 1 (a divisor of L) runs each sequence as that many
-    segments in one batched kernel launch, then corrects them with the carried states; 0 chooses the count."""
+    """Forward without autograd state. impl 'triton': :func:`gsmsr.ops.seq_scan_triton.selective_scan_fwd_triton`
+    with ``segments`` (0: its own choice). impl 'mamba': mamba-ssm's kernel; ``segments`` > 1 (a divisor of L) runs
+    each sequence as that many segments in one batched kernel launch, then corrects them with the carried states;
+    0 chooses the count."""
+    if impl == 'triton':
+        from gsmsr.ops.seq_scan_triton import selective_scan_fwd_triton
+
+        return selective_scan_fwd_triton(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, segments=segments if segments > 0 else None
+        )
+    if impl != 'mamba':
+        raise ValueError(f'scan_infer: impl must be "mamba" or "triton", got {impl!r}')
     if segments == 0 and delta_softplus and SEGMENT_BLOCKS_PER_SM > 0:
         sms = torch.cuda.get_device_properties(u.device).multi_processor_count
         segments = choose_segments(u.shape[0], u.shape[1], u.shape[2], SEGMENT_BLOCKS_PER_SM * sms)
@@ -244,11 +260,18 @@ def scan_infer(
 
 
 @scan_infer.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segments):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segments, impl):
     return torch.empty_like(u)
 
 
 # -- dispatch ---------------------------------------------------------------------------------------------------
+
+
+def _triton_ready(u: Tensor) -> bool:
+    """The Triton forward kernel applies: Triton importable, a float dtype of at most 32 bits."""
+    from gsmsr.ops.triton_jit import triton
+
+    return triton is not None and u.dtype.is_floating_point and u.dtype.itemsize <= 4
 
 
 def _unit_stride(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -270,12 +293,24 @@ def selective_scan(
 ) -> Tensor:
     """Selective scan; shapes as in :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
 
-    backend: 'auto' (mamba-ssm's kernel on CUDA float16/bfloat16/float32 when available, else the PyTorch
+    backend: 'auto' (mamba-ssm's kernel on CUDA float16/bfloat16/float32 when available, without autograd the
+    ``INFER_IMPL`` one; on CUDA without mamba-ssm, the Triton forward kernel without autograd; else the PyTorch
     scan), 'kernel' (mamba-ssm, required), 'triton' (:mod:`gsmsr.ops.selective_scan_triton`: chunk-parallel
-    over L; interpreted, slowly, on CPU tensors; slower than mamba-ssm on an H200, see benchmarks/NOTES.md)
-    or 'ref'. segments: for the kernel without autograd, how many segments to cut each sequence into (None:
-    enough to give every SM ``SEGMENT_BLOCKS_PER_SM`` thread blocks, off by default; 1: off).
+    over L; interpreted, slowly, on CPU tensors; slower than mamba-ssm on an H200, see benchmarks/NOTES.md),
+    'triton-fwd' (:mod:`gsmsr.ops.seq_scan_triton`, forward only: raises if a gradient is needed; interpreted on
+    CPU tensors) or 'ref'. segments: without autograd, how many segments to cut each sequence into (mamba-ssm:
+    None gives every SM ``SEGMENT_BLOCKS_PER_SM`` thread blocks, off by default; 1: off. triton-fwd: None lets
+    it choose).
     """
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias)
+    )
+    if backend == 'triton-fwd' or (
+        backend == 'auto' and not needs_grad and u.is_cuda and not cuda_kernel() and _triton_ready(u)
+    ):
+        if needs_grad:
+            raise RuntimeError('selective_scan backend "triton-fwd" is forward only; it has no autograd')
+        return scan_infer(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segments or 0, 'triton')
     if backend == 'triton':
         from gsmsr.ops.selective_scan_triton import selective_scan_triton
 
@@ -291,9 +326,7 @@ def selective_scan(
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     u, delta, B, C, z = (_unit_stride(t) for t in (u, delta, B, C, z))
     D = D.contiguous() if D is not None else None
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias)
-    )
     if needs_grad:
         return scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0]
-    return scan_infer(u, delta, A, B, C, D, z, delta_bias, delta_softplus, 0 if segments is None else segments)
+    impl = 'mamba' if backend == 'kernel' else INFER_IMPL
+    return scan_infer(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segments or 0, impl)

@@ -1,0 +1,437 @@
+"""Selective scan forward (Mamba-1, inference) in Triton: a sequential, register-resident token loop with the
+sequence split into segments, for batch 1 and very long sequences.
+
+Recurrence per batch b, channel d, state n (``dt = softplus(delta + delta_bias)``)::
+
+    h_t = exp(dt_t A[d, n]) h_{t-1} + dt_t u_t B[b, n, t],   y_t = sum_n C[b, n, t] h_t + D[d] u_t,
+    out_t = y_t * silu(z_t)
+
+Why this shape of kernel: mamba-ssm's kernel gives each channel one thread block that runs a block-wide scan per
+state and 2048-token chunk, so at batch 1 and L ~ 300k it is bound by synchronisation latency, not arithmetic.
+Here each thread owns one channel and keeps its N states in registers as N separate [BLOCK_D] vectors (a tuple
+unrolled with ``tl.static_range``), and walks the tokens in order: per token and state one exp2, one multiply for
+``dt * A``, two FMAs and a multiply; no shuffles, no shared memory, y is summed inside the thread. The only
+parallelism left is over channels, too little at batch 1 (384 channels = 384 threads), so the sequence is cut
+into S segments, three launches:
+
+1. *summary* (program per channel block x segment < S-1 x batch): walk the segment from h = 0 and store its end
+   state ``hs`` (B, S-1, D, N) and its dt sum ``dsum`` (B, S-1, D): the segment's decay is ``exp(A * dsum)``.
+2. *carry* (program per block of (channel, state) lanes x batch): ``H_{s+1} = exp(A dsum_s) H_s + hs_s``, written
+   over ``hs`` in place, so ``hs[s - 1]`` becomes the state entering segment s.
+3. *output* (program per channel block x segment x batch): walk the segment from its true start state, write out.
+
+Tokens are read in tiles of TOKEN_TILE: u, delta, z as a [BLOCK_D, TILE] tile (each thread loads its channel's
+TILE contiguous tokens in one vector load) and every row of B and C as a broadcast [BLOCK_D, TILE] tile (all
+threads load the same bytes; L1 serves them). The tiles are split into per-token [BLOCK_D] columns with
+``tl.reshape`` + ``tl.split`` (free register renames: the tile's second axis sits inside one thread), which cuts
+the per-token load instructions by TILE and lets the loads of a tile be issued ahead of the arithmetic. The
+output is joined back into a tile and stored in one vector store per thread. Segment lengths are multiples of
+the tile; the last segment's ragged end is walked with a tile of one token.
+
+All arithmetic is float32 whatever the input dtype; the output has u's dtype. Decays are ``exp2(dt * A log2 e)``
+(log2 e folded into A once). Forward only: no autograd, nothing saved. CUDA tensors run compiled kernels and CPU
+tensors Triton's interpreter (slow; for tests), see :mod:`gsmsr.ops.triton_jit`.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from gsmsr.ops.triton_jit import LazyKernels, interpret_for, tl
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernel bodies: plain functions, jitted (or interpreted) lazily by LazyKernels below.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _softplus(x):
+    # torch's softplus (threshold 20). log1p(e) = log(w) + (e - (w - 1)) / w with w = fl(1 + e): the second term
+    # restores what rounding 1 + e lost (Kahan). It is below half an ulp of w, so 1/w may be replaced by
+    # max(1 - e, 0) (exact to O(e^2) for small e, and negligible against log(w) for e > 1): no division, which
+    # saves a MUFU op per token.
+    e = tl.exp(tl.minimum(x, 20.0))
+    w = 1.0 + e
+    lp = tl.log(w) + (e - (w - 1.0)) * tl.maximum(1.0 - e, 0.0)
+    return tl.where(x > 20.0, x, lp)
+
+
+def _columns(x, BLOCK_D: tl.constexpr, TILE: tl.constexpr):
+    """(BLOCK_D, TILE) tile -> tuple of TILE (BLOCK_D,) columns, in order (TILE <= 32). Repeated even/odd splits:
+    after a level with m parts, part r holds the columns j with j % m == r."""
+    parts = (x,)
+    if TILE == 1:
+        parts = (tl.reshape(x, (BLOCK_D,)),)
+    for level in tl.static_range(5):
+        if TILE >> level >= 2:
+            evens = ()
+            odds = ()
+            for i in tl.static_range(1 << level):
+                if TILE >> level == 2:
+                    e, o = tl.split(parts[i])
+                else:
+                    e, o = tl.split(tl.reshape(parts[i], (BLOCK_D, TILE >> (level + 1), 2)))
+                evens = evens + (e,)
+                odds = odds + (o,)
+            parts = evens + odds
+    return parts
+
+
+def _tile(cols, BLOCK_D: tl.constexpr, TILE: tl.constexpr):
+    """Inverse of :func:`_columns`: tuple of TILE (BLOCK_D,) columns -> (BLOCK_D, TILE) tile."""
+    parts = cols
+    if TILE == 1:
+        parts = (tl.reshape(cols[0], (BLOCK_D, 1)),)
+    for level in tl.static_range(5):
+        if TILE >> level >= 2:
+            joined = ()
+            for i in tl.static_range(TILE >> (level + 1)):
+                pair = tl.join(parts[i], parts[i + (TILE >> (level + 1))])  # (BLOCK_D, [2**level,] 2)
+                if level > 0:
+                    pair = tl.reshape(pair, (BLOCK_D, 2 << level))
+                joined = joined + (pair,)
+            parts = joined
+    return parts[0]
+
+
+def _row(ptr, BLOCK_D: tl.constexpr, NP: tl.constexpr):
+    """NP contiguous fp32 values at the scalar pointer ``ptr``, loaded by every thread (a broadcast) in
+    16-byte pieces -> tuple of NP (BLOCK_D,) vectors. Pieces of 4 keep each load inside one thread."""
+    vals = ()
+    for c in tl.static_range(NP // 4):
+        piece = tl.broadcast_to((ptr + 4 * c + tl.arange(0, 4))[None, :], (BLOCK_D, 4))
+        vals = vals + _columns(tl.load(piece), BLOCK_D, 4)
+    return vals
+
+
+def _walk(
+    h,
+    dsum,
+    A2,
+    u_row,
+    dt_row,
+    z_row,
+    o_row,
+    bc_row,
+    lo,
+    hi,
+    bias,
+    d_skip,
+    md,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    TILE: tl.constexpr,
+    SUMMARY: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+):
+    """Walk tokens [lo, hi) (hi - lo a multiple of TILE, lo too when TILE > 1) from the states h (tuple of N
+    (BLOCK_D,) fp32). Summary: also sums dt into dsum, writes nothing. Otherwise stores out. Returns (h, dsum).
+    u_row, dt_row, z_row, o_row: (BLOCK_D,) pointers at token 0 of each channel; bc_row: scalar pointer at token 0
+    of this batch's packed B|C rows (2 NP fp32 per token, B in the first NP)."""
+    offs = tl.arange(0, TILE)[None, :]
+    mask = md[:, None]
+    for t in range(lo, hi, TILE):
+        t0 = tl.multiple_of(t, TILE)  # lets the compiler vectorise the tile loads
+        us = _columns(tl.load(u_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
+        ds = _columns(tl.load(dt_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
+        if HAS_Z and not SUMMARY:
+            zs = _columns(tl.load(z_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
+        ys = ()
+        for j in tl.static_range(TILE):
+            bs = _row(bc_row + (t0 + j) * (2 * NP), BLOCK_D, NP)
+            if not SUMMARY:
+                cs = _row(bc_row + (t0 + j) * (2 * NP) + NP, BLOCK_D, NP)
+            u = us[j].to(tl.float32)
+            dt = ds[j].to(tl.float32)
+            if HAS_BIAS:
+                dt = dt + bias
+            if SOFTPLUS:
+                dt = _softplus(dt)
+            dtu = dt * u
+            if SUMMARY:
+                dsum = dsum + dt
+            new_h = ()
+            y = tl.full([BLOCK_D], 0.0, tl.float32)
+            for n in tl.static_range(N):
+                hn = tl.exp2(dt * A2[n]) * h[n] + dtu * bs[n]
+                new_h = new_h + (hn,)
+                if not SUMMARY:
+                    y = y + cs[n] * hn
+            h = new_h
+            if not SUMMARY:
+                if HAS_D:
+                    y = y + d_skip * u
+                if HAS_Z:
+                    z = zs[j].to(tl.float32)
+                    y = y * (z / (1.0 + tl.exp(-z)))
+                ys = ys + (y,)
+        if not SUMMARY:
+            out = _tile(ys, BLOCK_D, TILE).to(o_row.dtype.element_ty)
+            tl.store(o_row[:, None] + t0 + offs, out, mask=mask)
+    return h, dsum
+
+
+def _scan_kernel(
+    u_ptr,
+    dt_ptr,
+    z_ptr,
+    o_ptr,
+    bc_ptr,
+    A_ptr,
+    D_ptr,
+    bias_ptr,
+    hs_ptr,
+    dsum_ptr,
+    Dm,
+    L,
+    seg_len,
+    n_carry,
+    s_ub,
+    s_ud,
+    s_tb,
+    s_td,
+    s_zb,
+    s_zd,
+    s_ob,
+    s_od,
+    s_ad,
+    s_an,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    TILE: tl.constexpr,
+    SUMMARY: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+):
+    """Program (channel block, segment s, batch). SUMMARY: segment s (< S-1) from h = 0, stores hs[b, s] (D, N)
+    and dsum[b, s] (D,). Otherwise: starts from hs[b, s-1] (the carried state; zero for s = 0) and stores out
+    over the segment. bc: (B, L, 2 NP) fp32, B then C (zero-padded states); hs: (B, n_carry, D, N),
+    dsum: (B, n_carry, D), both contiguous fp32."""
+    pid_d = tl.program_id(0)
+    s = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    md = offs_d < Dm
+    d64 = offs_d.to(tl.int64)
+    A2 = ()
+    h = ()
+    for n in tl.static_range(N):
+        A2 = A2 + (tl.load(A_ptr + offs_d * s_ad + n * s_an, mask=md, other=0.0) * 1.4426950408889634,)
+        if SUMMARY:
+            h = h + (tl.full([BLOCK_D], 0.0, tl.float32),)
+        else:
+            carry = hs_ptr + ((b * n_carry + s - 1) * Dm + d64) * N + n
+            h = h + (tl.load(carry, mask=md & (s > 0), other=0.0),)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0)
+    d_skip = 0.0
+    if HAS_D:
+        d_skip = tl.load(D_ptr + offs_d, mask=md, other=0.0)
+    lo = s * seg_len
+    hi = tl.minimum(lo + seg_len, L)
+    full = lo + (hi - lo) // TILE * TILE
+    u_row = u_ptr + b * s_ub + d64 * s_ud
+    dt_row = dt_ptr + b * s_tb + d64 * s_td
+    z_row = z_ptr + b * s_zb + d64 * s_zd
+    o_row = o_ptr + b * s_ob + d64 * s_od
+    bc_row = bc_ptr + b * L * (2 * NP)
+    dsum = tl.full([BLOCK_D], 0.0, tl.float32)
+    h, dsum = _walk(
+        h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, lo, full, bias, d_skip, md,
+        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+    )  # fmt: skip
+    if TILE > 1:  # ragged end (the last segment only, as segment lengths are multiples of TILE)
+        h, dsum = _walk(
+            h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+        )  # fmt: skip
+    if SUMMARY:
+        base = (b * n_carry + s) * Dm + d64
+        tl.store(dsum_ptr + base, dsum, mask=md)
+        for n in tl.static_range(N):
+            tl.store(hs_ptr + base * N + n, h[n], mask=md)
+
+
+def _carry_kernel(
+    hs_ptr,
+    dsum_ptr,
+    A_ptr,
+    Dm,
+    n_carry,
+    s_ad,
+    s_an,
+    N: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SEG_BLOCK: tl.constexpr,
+):
+    """Program (block of BLOCK (channel, state) lanes, batch): over segments s in order,
+    ``H = exp(A dsum[b, s]) H + hs[b, s]`` from H = 0, stored over hs[b, s] (then the state entering s + 1).
+    Loads of SEG_BLOCK segments are issued before their dependent FMAs."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    lanes = pid * BLOCK + tl.arange(0, BLOCK)
+    ml = lanes < Dm * N
+    d = lanes // N
+    A2 = tl.load(A_ptr + d * s_ad + (lanes % N) * s_an, mask=ml, other=0.0) * 1.4426950408889634
+    h = tl.full([BLOCK], 0.0, tl.float32)
+    for s0 in range(0, n_carry, SEG_BLOCK):
+        decays = ()
+        ends = ()
+        for j in tl.static_range(SEG_BLOCK):
+            row = b * n_carry + s0 + j
+            m = ml & (s0 + j < n_carry)
+            decays = decays + (tl.exp2(A2 * tl.load(dsum_ptr + row * Dm + d, mask=m, other=0.0)),)
+            ends = ends + (tl.load(hs_ptr + row * Dm * N + lanes, mask=m, other=0.0),)
+        for j in tl.static_range(SEG_BLOCK):
+            h = decays[j] * h + ends[j]
+            tl.store(hs_ptr + (b * n_carry + s0 + j) * Dm * N + lanes, h, mask=ml & (s0 + j < n_carry))
+
+
+_KERNELS = LazyKernels(__name__, [_softplus, _columns, _tile, _row, _walk, _scan_kernel, _carry_kernel])
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------------------------
+
+MIN_SEGMENT = 512  # tokens: below this the summary and carry overheads outweigh more parallelism
+
+
+def choose_segments(
+    batch: int, dim: int, length: int, block_d: int, num_warps: int, sm_count: int, warps_per_sm: int
+) -> int:
+    """Segments per sequence so that the output launch has about ``warps_per_sm`` warps per SM, with segments of
+    at least MIN_SEGMENT tokens."""
+    programs = batch * -(-dim // block_d)
+    wanted = -(-warps_per_sm * sm_count // (programs * num_warps))
+    return max(1, min(wanted, length // MIN_SEGMENT))
+
+
+def _split(length: int, segments: int, tile: int) -> Tuple[int, int]:
+    """(segment length, segment count): lengths a multiple of ``tile``, the last segment possibly shorter."""
+    seg_len = -(-length // max(segments, 1))
+    seg_len = max(tile, -(-seg_len // tile) * tile)
+    return seg_len, -(-length // seg_len)
+
+
+def selective_scan_fwd_triton(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    segments: Optional[int] = None,
+    block_d: int = 32,
+    num_warps: int = 1,
+    token_tile: int = 4,
+    warps_per_sm: int = 16,
+    out: Optional[Tensor] = None,
+) -> Tensor:
+    """Selective scan forward, no autograd; semantics and shapes of
+    :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
+
+    u, delta, z: (batch, D, L), B, C: (batch, N, L), any float dtype, unit stride along L (else copied);
+    A: (D, N), D, delta_bias: (D,), used as float32. Returns (batch, D, L) in u's dtype (written into ``out`` if
+    given: contiguous, that shape and dtype).
+
+    segments: pieces each sequence is cut into (None: enough for about ``warps_per_sm`` warps per SM, at least
+    MIN_SEGMENT tokens each; 1 on CPU tensors). block_d: channels per program (a power of two; one per thread
+    when ``block_d == 32 * num_warps``). token_tile: tokens per tile of loads (a power of two). Segment lengths
+    are rounded up to a multiple of token_tile, so fewer segments than asked may run.
+    """
+    batch, dim, length = u.shape
+    n_state = A.shape[1]
+    for name, value in (('block_d', block_d), ('token_tile', token_tile), ('num_warps', num_warps)):
+        if value < 1 or value & (value - 1):
+            raise ValueError(f'selective_scan_fwd_triton: {name} must be a power of two, got {value}')
+    if delta.shape != u.shape or (z is not None and z.shape != u.shape):
+        raise ValueError('selective_scan_fwd_triton: u, delta (and z) must have one shape (batch, D, L)')
+    if B.shape != (batch, n_state, length) or C.shape != (batch, n_state, length) or A.shape[0] != dim:
+        raise ValueError(
+            f'selective_scan_fwd_triton: expected A (D, N), B and C (batch, N, L); got u {tuple(u.shape)}, '
+            f'A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}'
+        )
+    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
+    if any(t.device != u.device for t in tensors):
+        raise ValueError('selective_scan_fwd_triton: all tensors must be on one device')
+
+    def unit(t: Tensor) -> Tensor:
+        return t if t.stride(-1) == 1 else t.contiguous()
+
+    u, delta, B, C = unit(u), unit(delta), unit(B), unit(C)
+    z = unit(z) if z is not None else None
+    A = A.float()
+    D = D.float().contiguous() if D is not None else None
+    delta_bias = delta_bias.float().contiguous() if delta_bias is not None else None
+    if out is None:
+        out = torch.empty(batch, dim, length, device=u.device, dtype=u.dtype)
+    elif out.shape != u.shape or out.dtype != u.dtype or not out.is_contiguous():
+        raise ValueError("selective_scan_fwd_triton: out must be a contiguous tensor of u's shape and dtype")
+    if length == 0 or batch == 0 or dim == 0:
+        return out
+    if segments is None:
+        sms = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 0
+        segments = choose_segments(batch, dim, length, block_d, num_warps, sms, warps_per_sm) if sms else 1
+    seg_len, n_seg = _split(length, segments, token_tile)
+    n_carry = n_seg - 1
+    hs = torch.empty(batch, max(n_carry, 1), dim, n_state, device=u.device, dtype=torch.float32)
+    dsum = torch.empty(batch, max(n_carry, 1), dim, device=u.device, dtype=torch.float32)
+
+    # B and C packed token-major in fp32, (batch, L, 2 NP): one token's 2N values are one contiguous row that every
+    # thread loads with a few 16-byte broadcast loads from one base address, already converted
+    n_pad = -(-n_state // 4) * 4
+    bc = torch.zeros(batch, length, 2 * n_pad, device=u.device, dtype=torch.float32)
+    bc[:, :, :n_state] = B.transpose(1, 2)
+    bc[:, :, n_pad : n_pad + n_state] = C.transpose(1, 2)
+
+    k = _KERNELS(interpret_for(u))
+    n_dblocks = -(-dim // block_d)
+    zz = z if z is not None else u  # placeholders for absent operands: never read (constexpr flags)
+    common = (
+        hs,
+        dsum,
+        dim,
+        length,
+        seg_len,
+        n_carry,
+        *u.stride()[:2],
+        *delta.stride()[:2],
+        *zz.stride()[:2],
+        *out.stride()[:2],
+        *A.stride(),
+    )
+    ptrs = (u, delta, zz, out, bc, A, D if D is not None else A, delta_bias if delta_bias is not None else A)
+    flags = dict(
+        N=n_state,
+        NP=n_pad,
+        BLOCK_D=block_d,
+        TILE=token_tile,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus),
+        num_warps=num_warps,
+    )
+    with torch.cuda.device(u.device) if u.is_cuda else nullcontext():
+        if n_carry:
+            k.scan_kernel[(n_dblocks, n_carry, batch)](*ptrs, *common, SUMMARY=True, **flags)
+            lanes = 128
+            k.carry_kernel[(-(-dim * n_state // lanes), batch)](
+                hs, dsum, A, dim, n_carry, *A.stride(), N=n_state, BLOCK=lanes, SEG_BLOCK=8, num_warps=4
+            )
+        k.scan_kernel[(n_dblocks, n_seg, batch)](*ptrs, *common, SUMMARY=False, **flags)
+    return out

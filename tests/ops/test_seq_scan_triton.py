@@ -1,0 +1,159 @@
+"""The sequential Triton scan forward (gsmsr.ops.seq_scan_triton) against the PyTorch reference in float64.
+
+On CPU tensors the kernels run through Triton's interpreter in this process (gsmsr.ops.triton_jit), which is slow
+per token, so shapes are small; they still cover several channel blocks with a partial one (D = 40 with
+block_d = 16), segment counts that do not divide L (ragged last segment, tile tail), N = 4 and 16, batch 2, and
+every optional operand. The output is NaN-filled first, so every element must be written.
+
+Tolerances, on the max abs error relative to max(1, max |reference|):
+* float32 inputs: 1e-5 (the kernel differs from the float64 reference only by float32 rounding; with segments the
+  carried state also goes through exp(A * sum dt) instead of the product of the per-token decays).
+* bfloat16 inputs (the reference gets the same bf16-rounded inputs in float64): 1e-2, one bf16 ulp of the output
+  (2^-8 relative, rounded to nearest on GPU, truncated by the interpreter) dominates.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict
+
+import pytest
+import torch
+
+from gsmsr.ops import selective_scan_ref
+from gsmsr.ops.seq_scan_triton import _split, choose_segments, selective_scan_fwd_triton
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+
+
+def _inputs(
+    batch: int, dim: int, state: int, length: int, decay: str, dtype: torch.dtype, device: str, seed: int = 0
+) -> Dict[str, torch.Tensor]:
+    """u, delta, z, B, C in ``dtype``; A, D, delta_bias float32. decay: 'mamba' (Mamba's init: A = -(1..N),
+    dt in 1e-3..1e-1), 'fast' (A down to -20, dt ~ 1: states forget within a few tokens), 'slow' (dt ~ 1e-3:
+    states carry across segments), 'wide' (delta spread over -25..25, softplus's branches and its threshold)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    dt_min, dt_max = {'mamba': (1e-3, 1e-1), 'fast': (0.5, 2.0), 'slow': (1e-3, 2e-3), 'wide': (1e-3, 1e-1)}[decay]
+    dt = torch.exp(torch.rand(dim, generator=g, dtype=torch.float64) * math.log(dt_max / dt_min) + math.log(dt_min))
+    A = -torch.arange(1, state + 1, dtype=torch.float64).repeat(dim, 1)
+    if decay == 'fast':
+        A = A * 20 / state
+    delta = (0.1 if decay == 'slow' else 0.5) * r(batch, dim, length)
+    if decay == 'wide':
+        delta = 50 * torch.rand(batch, dim, length, generator=g, dtype=torch.float64) - 25
+    t = dict(
+        u=r(batch, dim, length),
+        delta=delta,
+        A=A,
+        B=r(batch, state, length),
+        C=r(batch, state, length),
+        D=r(dim),
+        z=r(batch, dim, length),
+        delta_bias=dt + torch.log(-torch.expm1(-dt)),  # softplus^-1(dt), as Mamba initialises it
+    )
+    return {k: v.to(device=device, dtype=dtype if v.dim() == 3 else torch.float32) for k, v in t.items()}
+
+
+def _check(inp: Dict[str, torch.Tensor], softplus: bool, **kwargs) -> float:
+    """Run the kernel into a NaN-filled output and return its error against the float64 reference."""
+    out = torch.full_like(inp['u'], float('nan'))
+    y = selective_scan_fwd_triton(**inp, delta_softplus=softplus, out=out, **kwargs)
+    assert y is out
+    assert not torch.isnan(y).any(), 'unwritten output elements'
+    ref = selective_scan_ref(**{k: v.double() if v is not None else None for k, v in inp.items()},
+                             delta_softplus=softplus)  # fmt: skip
+    return ((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
+
+
+# name: (batch, D, N, L, decay, segments, token_tile, block_d, operands)
+CASES = {
+    'L1': (1, 3, 4, 1, 'mamba', 1, 4, 32, 'all'),
+    'L7_seg3_tile1': (2, 3, 4, 7, 'mamba', 3, 1, 32, 'all'),
+    'L7_seg2_tile4': (1, 40, 4, 7, 'slow', 2, 4, 16, 'all'),  # 3 channel blocks, the last partial
+    'L100_seg3_N16': (1, 3, 16, 100, 'mamba', 3, 4, 32, 'all'),
+    'L100_seg4_fast': (2, 3, 4, 100, 'fast', 4, 2, 32, 'all'),
+    'L100_bare': (1, 3, 4, 100, 'mamba', 3, 4, 32, 'none'),  # no D, z, delta_bias
+    'L100_wide_delta': (1, 3, 4, 100, 'wide', 2, 8, 32, 'no_z'),
+    'L257_seg5_slow': (1, 3, 4, 257, 'slow', 5, 8, 32, 'all'),  # 5 x 56 tokens, last 33: ragged tile tail
+}
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('name', list(CASES))
+def test_fp32_matches_reference(name, device):
+    batch, dim, state, length, decay, segments, tile, block_d, operands = CASES[name]
+    inp = _inputs(batch, dim, state, length, decay, torch.float32, device)
+    if operands == 'none':
+        inp.update(D=None, z=None, delta_bias=None)
+    elif operands == 'no_z':
+        inp['z'] = None
+    err = _check(inp, True, segments=segments, token_tile=tile, block_d=block_d)
+    assert err <= TOL[torch.float32], f'{name}: {err:.2e}'
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('segments', [1, 3])
+def test_without_softplus(segments, device):
+    # delta used as is (plus the bias): kept positive and small here, so the states stay bounded
+    inp = _inputs(2, 3, 4, 40, 'mamba', torch.float32, device)
+    inp['delta'] = inp['delta'].abs() * 0.1
+    inp['delta_bias'] = torch.full_like(inp['delta_bias'], 0.01)
+    err = _check(inp, False, segments=segments, token_tile=4)
+    assert err <= TOL[torch.float32], f'{err:.2e}'
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('name', ['L100_seg3_N16', 'L257_seg5_slow'])
+def test_bf16_matches_reference_on_the_same_inputs(name, device):
+    batch, dim, state, length, decay, segments, tile, block_d, _ = CASES[name]
+    inp = _inputs(batch, dim, state, length, decay, torch.bfloat16, device)
+    err = _check(inp, True, segments=segments, token_tile=tile, block_d=block_d)
+    assert err <= TOL[torch.bfloat16], f'{name}: {err:.2e}'
+
+
+def test_strided_views_and_segment_count_invariance():
+    """u, delta, z as views with a channel stride other than L (one half of a wider tensor, as BiMamba's
+    projections give them); B, C non-contiguous along L (copied). More segments must not change the result
+    beyond rounding."""
+    inp = _inputs(1, 6, 4, 64, 'slow', torch.float32, 'cpu')
+    wide = torch.cat([inp['u'], inp['z']], dim=1)
+    inp['u'], inp['z'] = wide[:, :6], wide[:, 6:]
+    inp['B'] = inp['B'].transpose(1, 2).contiguous().transpose(1, 2)
+    assert inp['u'].stride(1) == 64 and inp['B'].stride(-1) != 1
+    outs = [selective_scan_fwd_triton(**inp, delta_softplus=True, segments=s, token_tile=4) for s in (1, 4)]
+    ref = selective_scan_ref(**{k: v.double() for k, v in inp.items()}, delta_softplus=True)
+    for y in outs:
+        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() <= TOL[torch.float32]
+
+
+def test_segment_split_rules():
+    assert _split(7, 3, 1) == (3, 3)
+    assert _split(7, 3, 4) == (4, 2)  # lengths rounded up to the tile: fewer segments than asked
+    assert _split(257, 5, 8) == (56, 5)
+    assert _split(288000, 176, 4) == (1640, 176)
+    # GSM's shape on an H200: 12 channel blocks, ~16 warps per SM over 132 SMs
+    assert choose_segments(1, 384, 288000, 32, 1, 132, 16) == 176
+    assert choose_segments(1, 384, 1000, 32, 1, 132, 16) == 1  # short sequences stay whole (>= MIN_SEGMENT)
+
+
+def test_rejects_bad_arguments():
+    inp = _inputs(1, 3, 4, 8, 'mamba', torch.float32, 'cpu')
+    with pytest.raises(ValueError, match='power of two'):
+        selective_scan_fwd_triton(**inp, token_tile=3)
+    with pytest.raises(ValueError, match='B and C'):
+        selective_scan_fwd_triton(**{**inp, 'B': inp['B'][:, :2]})
+
+
+def test_dispatch_backend_triton_fwd():
+    """selective_scan(backend='triton-fwd') runs this kernel through the gsmsr::scan_infer op; forward only."""
+    from gsmsr.ops import selective_scan
+
+    inp = _inputs(1, 3, 4, 16, 'mamba', torch.float32, 'cpu')
+    with torch.no_grad():
+        y = selective_scan(**inp, delta_softplus=True, backend='triton-fwd', segments=2)
+    direct = selective_scan_fwd_triton(**inp, delta_softplus=True, segments=2)
+    torch.testing.assert_close(y, direct, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match='forward only'):
+        selective_scan(**{**inp, 'u': inp['u'].requires_grad_()}, delta_softplus=True, backend='triton-fwd')
