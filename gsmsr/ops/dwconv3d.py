@@ -51,10 +51,11 @@ _TAB_ROWS = 32  # rows of a weight-gradient partial: 27 taps (dk, dh, dw row-maj
 class DWConvConfig:
     """Tile sizes and launch parameters; only speed depends on them. Block sizes must be powers of two.
 
-    Defaults (not tuned on a GPU yet, ``benchmarks/bench_dwconv.py --sweep``): 4 x 8 pixels x 64 channels per
-    program is 16 elements per thread at 4 warps, so the stencil's three fp32 accumulators and one loaded tile
-    take ~64 registers, and 64 bf16 channels are one 128-byte line per pixel. The weight-gradient kernel holds
-    seven tiles (three accumulators, three gradient frames, one input tile) plus the (32, BLOCK_C) partial.
+    Defaults are not tuned on a GPU yet (``benchmarks/bench_dwconv.py --sweep``); they come from sm_90 register
+    counts (ptxas, no GPU needed, bf16): the stencil at 4 x 8 pixels x 64 channels and 4 warps (16 elements per
+    thread, 64 bf16 channels = one 128-byte line per pixel) takes 98 registers, 8 x 8 pixels 167, neither spills.
+    The weight-gradient kernel holds seven tiles plus its (32, BLOCK_C) partial: 118 registers at 4 x 8 x 64 with
+    8 warps (199 with 4).
     """
 
     block_h: int = 4
@@ -65,7 +66,7 @@ class DWConvConfig:
     wgrad_block_h: int = 4
     wgrad_block_w: int = 8
     wgrad_block_c: int = 64
-    wgrad_num_warps: int = 4
+    wgrad_num_warps: int = 8
     wgrad_groups: int = 0  # programs per channel block and batch in the weight gradient (0: ~4 programs per SM)
 
     def __post_init__(self) -> None:
@@ -110,10 +111,10 @@ def _tile_coords(tile, n_wblocks, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.const
     return hh, ww
 
 
-def _load_shifted(ptr, frame, hh, ww, cc, mc, H, W, C, DH: tl.constexpr, DW: tl.constexpr, valid):
-    """(BLOCK_P, BLOCK_C) fp32 tile of frame ``frame`` at pixels (hh + DH - 1, ww + DW - 1); zero outside."""
-    h = hh + (DH - 1)
-    w = ww + (DW - 1)
+def _load_shifted(ptr, frame, hh, ww, cc, mc, H, W, C, dh, dw, valid):
+    """(BLOCK_P, BLOCK_C) fp32 tile of frame ``frame`` at pixels (hh + dh - 1, ww + dw - 1); zero outside."""
+    h = hh + (dh - 1)
+    w = ww + (dw - 1)
     mp = (h >= 0) & (h < H) & (w >= 0) & (w < W)
     offs = (h * W + w)[:, None] * C + cc[None, :]
     base = ptr + frame.to(tl.int64) * H * W * C
@@ -175,7 +176,8 @@ def _stencil_kernel(
     for kin in range(0, K):
         frame = bidx * K + kin
         new = zero  # output frame kin + 1: input kin is its dk = 0 tap
-        for t in tl.static_range(9):
+        # a loop, not static_range: unrolled, the compiler issues all 27 weight loads first and runs out of registers
+        for t in range(0, 9):
             xs = _load_shifted(x_ptr, frame, hh, ww, cc, mc, H, W, C, t // 3, t % 3, True)
             w0 = tl.load(wt_ptr + t * C + cc, mask=mc, other=0.0)
             w1 = tl.load(wt_ptr + (9 + t) * C + cc, mask=mc, other=0.0)
