@@ -168,9 +168,8 @@ def bench_dtype(shape, dtype: torch.dtype, repeats: int, sweep: bool, name: str)
         lambda y: check.forward(y.permute(0, 2, 3, 4, 1), True),
         2,
     )
-    y = torch.empty_like(x)
-    add('copy', 'fwd', lambda: y.copy_(x), lambda out: rel_err(out, x), 2)
-    del y
+    copy_out = torch.empty_like(x)
+    add('copy', 'fwd', lambda: copy_out.copy_(x), lambda out: rel_err(out, x), 2)
 
     # backward: read x and dout, write g; read g, write dx; read g and x (weight gradient)
     def grads_of(fn: Callable[..., torch.Tensor], inp: torch.Tensor, channels_first: bool = False):

@@ -12,6 +12,10 @@ Tolerances, on the max abs error relative to max(1, max |reference|):
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -28,7 +32,7 @@ from gsmsr.ops.dwconv3d import (
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 # 4x4 pixels x 32 channels: H = 5 and W = 7 leave partial tiles, C = 40 a partial channel block; the weight
-# gradient splits its 4 pixel tiles over 3 groups (so one group has a tile past the end)
+# gradient splits its 4 pixel tiles over 3 groups of 2 (the last group has only tiles past the end)
 TINY = DWConvConfig(
     block_h=4, block_w=4, block_c=32, wgrad_block_h=4, wgrad_block_w=4, wgrad_block_c=32, wgrad_groups=3
 )
@@ -150,3 +154,17 @@ def test_op_compiles_in_one_graph():
 def test_dispatch_uses_reference_on_cpu():
     x, w, b, _ = _inputs((1, 2, 3, 4, 8), True, torch.float64, 'cpu')
     assert torch.equal(dwconv3d_gelu(x, w, b), dwconv3d_gelu_ref(x, w, b))
+
+
+def test_module_imports_without_triton():
+    """gsm_block imports this module, so the package must import (and use the reference) where Triton is absent."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        'import torch\n'
+        'from gsmsr.ops import dwconv3d as m\n'
+        'assert not m.triton_available()\n'
+        'x, w, b = torch.randn(1, 2, 3, 4, 8), torch.randn(8, 1, 3, 3, 3), torch.randn(8)\n'
+        'assert torch.equal(m.dwconv3d_gelu(x, w, b), m.dwconv3d_gelu_ref(x, w, b))\n'
+    )
+    env = {**os.environ, 'PYTHONPATH': str(Path(__file__).resolve().parents[2])}
+    subprocess.run([sys.executable, '-c', code], check=True, env=env)
