@@ -11,31 +11,14 @@ from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gsmsr.archs.bimamba import BiMamba
 from gsmsr.archs.flow import warp
+from gsmsr.ops.dwconv3d import dwconv3d_gelu
 
 # (source, target, flow) -> source resampled onto target's grid: the shared ImplicitWarp or a plain flow warp
 Aligner = Callable[[Tensor, Tensor, Tensor], Tensor]
-
-
-def depthwise_conv3d_cl(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """Depthwise 3x3x3 conv (zero padding 1) on a channels-last volume, as 27 shifted multiply-adds.
-
-    x: (B, K, H, W, C); weight: (C, 1, 3, 3, 3); bias: (C,). Same function as ``F.conv3d(..., groups=C)`` on the
-    channels-first volume; written out so that ``torch.compile`` fuses it (and the GELU after it) into one pass
-    over channels-last memory, where cuDNN's depthwise 3-D conv is slow and needs a transposed copy.
-    """
-    k, h, w = x.shape[1:4]
-    xp = F.pad(x, (0, 0, 1, 1, 1, 1, 1, 1))
-    wt = weight.reshape(weight.shape[0], 27).t().to(x.dtype)  # (27, C), (dk, dh, dw) row-major
-    out = bias.to(x.dtype)
-    for i in range(27):
-        dk, dh, dw = i // 9, i // 3 % 3, i % 3
-        out = out + xp[:, dk : dk + k, dh : dh + h, dw : dw + w] * wt[i]
-    return out
 
 
 class DWConv3d(nn.Module):
@@ -48,11 +31,10 @@ class DWConv3d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.dwconv(x)
 
-    def forward_cl(self, x: Tensor) -> Tensor:
-        """Channels-last (B, K, H, W, C) -> same. cuDNN's conv eagerly; the fusable shifted sum when compiled."""
-        if torch.compiler.is_compiling():
-            return depthwise_conv3d_cl(x, self.dwconv.weight, self.dwconv.bias)
-        return self.dwconv(x.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+    def forward_cl(self, x: Tensor, gelu: bool = False) -> Tensor:
+        """Channels-last (B, K, H, W, C) -> same, followed by the exact GELU when ``gelu``. On CUDA one fused Triton
+        kernel (also under torch.compile, as a custom op); elsewhere the conv on the permuted volume."""
+        return dwconv3d_gelu(x, self.dwconv.weight, self.dwconv.bias, gelu)
 
 
 class MlpDW(nn.Module):
@@ -66,8 +48,8 @@ class MlpDW(nn.Module):
 
     def forward(self, x: Tensor, k: int, h: int, w: int) -> Tensor:
         b = x.shape[0]
-        x = self.dwconv.forward_cl(self.fc1(x).view(b, k, h, w, -1)).reshape(b, k * h * w, -1)
-        return self.fc2(F.gelu(x))
+        x = self.dwconv.forward_cl(self.fc1(x).view(b, k, h, w, -1), gelu=True)
+        return self.fc2(x.view(b, k * h * w, -1))
 
 
 class GSMBlock(nn.Module):

@@ -1,0 +1,450 @@
+"""Depthwise 3x3x3 conv + bias + exact GELU on channels-last volumes, in Triton, forward and backward.
+
+The GSM block's MLP (``MlpDW``) runs fc1 -> depthwise Conv3d (zero padding 1, groups = channels, bias) over
+(K frames, H, W) -> GELU -> fc2 on tokens that are a channels-last (B, K, H, W, C) volume. cuDNN's depthwise 3-D
+conv wants NCDHW (a transposed copy each way) and Inductor's fused 27-shift sum is ~35x above the memory floor
+at GSM's shape, so this module has its own stencil kernel (speed: benchmarks/bench_dwconv.py).
+
+Forward kernel, one program per (tile of BLOCK_H x BLOCK_W pixels, block of BLOCK_C channels, batch): it walks the
+frames, loads each input frame's 9 in-plane shifts of its tile once (neighbouring shifts overlap, so most loads hit
+L1) and adds them, with the weights of the three temporal taps, to the three output frames that read this input
+frame. Output frame k is complete once input frame k + 1 is in, so the program keeps only three fp32 accumulators
+(frames k - 1, k, k + 1) and 9 shifted loads per element instead of 27. Loads and stores are vectors along C.
+
+The epilogue has three modes: ``conv + bias``, ``gelu(conv + bias)`` and, for the backward, the pre-activation
+gradient ``g * gelu'(conv + bias)`` with ``conv + bias`` recomputed rather than saved (one activation less in
+memory). The input gradient is the same stencil on that gradient with the spatially flipped weight and no bias;
+the weight and bias gradients come from a second kernel whose programs each sum ``g * shifted x`` over a range of
+pixel tiles and write one (32, BLOCK_C) partial (27 taps, bias, padding); the host adds the partials in a fixed
+order (deterministic, no atomics).
+
+On CUDA tensors the kernels are compiled, on CPU tensors interpreted (:mod:`gsmsr.ops.triton_jit`), which is how
+the CPU tests check them. Everything is accumulated in fp32; outputs are in the input's dtype.
+
+:func:`dwconv3d_gelu` is the function the network calls: a ``torch.library`` custom op (one node in a
+``torch.compile`` graph, fake tensors for tracing, the Triton backward) on CUDA, the PyTorch reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from gsmsr.ops.triton_jit import LazyKernels, interpret_for, triton, triton_available
+
+try:
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised by a subprocess test of triton_jit
+    tl = None
+
+# epilogue modes of the stencil kernel
+MODE_CONV, MODE_GELU, MODE_GELU_GRAD = 0, 1, 2
+_TAB_ROWS = 32  # rows of a weight-gradient partial: 27 taps (dk, dh, dw row-major), the bias, 4 rows of padding
+
+
+@dataclass(frozen=True)
+class DWConvConfig:
+    """Tile sizes and launch parameters; only speed depends on them. Block sizes must be powers of two.
+
+    Defaults are not tuned on a GPU yet (``benchmarks/bench_dwconv.py --sweep``); they come from sm_90 register
+    counts (ptxas, no GPU needed, bf16): the stencil at 4 x 8 pixels x 64 channels and 4 warps (16 elements per
+    thread, 64 bf16 channels = one 128-byte line per pixel) takes 98 registers, 8 x 8 pixels 167, neither spills.
+    The weight-gradient kernel holds seven tiles plus its (32, BLOCK_C) partial: 118 registers at 4 x 8 x 64 with
+    8 warps (199 with 4).
+    """
+
+    block_h: int = 4
+    block_w: int = 8
+    block_c: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    wgrad_block_h: int = 4
+    wgrad_block_w: int = 8
+    wgrad_block_c: int = 64
+    wgrad_num_warps: int = 8
+    wgrad_groups: int = 0  # programs per channel block and batch in the weight gradient (0: ~4 programs per SM)
+
+    def __post_init__(self) -> None:
+        for name in ('block_h', 'block_w', 'block_c', 'num_warps', 'wgrad_block_h', 'wgrad_block_w', 'wgrad_block_c'):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f'DWConvConfig.{name} must be a power of two, got {value}')
+
+
+DEFAULT_CONFIG = DWConvConfig()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def dwconv3d_gelu_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool = True) -> Tensor:
+    """gelu(depthwise_conv3d(x) + bias), or without the GELU; zero padding 1 on K, H and W.
+
+    x: (B, K, H, W, C) channels-last; weight: (C, 1, 3, 3, 3); bias: (C,) or None. Returns (B, K, H, W, C),
+    contiguous, in x's dtype (weight and bias are cast to it, as ``nn.Conv3d`` under autocast would).
+    """
+    w = weight.to(x.dtype)
+    b = None if bias is None else bias.to(x.dtype)
+    y = F.conv3d(x.permute(0, 4, 1, 2, 3), w, b, padding=1, groups=x.shape[-1]).permute(0, 2, 3, 4, 1)
+    return (F.gelu(y) if gelu else y).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernel bodies: plain functions, jitted (or interpreted) by LazyKernels. Pixel tiles are flattened to BLOCK_P =
+# BLOCK_H * BLOCK_W rows of a (BLOCK_P, BLOCK_C) tensor; offsets within a frame fit int32 (H * W * C < 2^31),
+# frame offsets are int64.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _tile_coords(tile, n_wblocks, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Row and column of every pixel of pixel tile ``tile`` (tiles row-major over the frame)."""
+    p = tl.arange(0, BLOCK_H * BLOCK_W)
+    hh = (tile // n_wblocks) * BLOCK_H + p // BLOCK_W
+    ww = (tile % n_wblocks) * BLOCK_W + p % BLOCK_W
+    return hh, ww
+
+
+def _load_shifted(ptr, frame, hh, ww, cc, mc, H, W, C, dh, dw, valid):
+    """(BLOCK_P, BLOCK_C) fp32 tile of frame ``frame`` at pixels (hh + dh - 1, ww + dw - 1); zero outside."""
+    h = hh + (dh - 1)
+    w = ww + (dw - 1)
+    mp = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    offs = (h * W + w)[:, None] * C + cc[None, :]
+    base = ptr + frame.to(tl.int64) * H * W * C
+    return tl.load(base + offs, mask=(mp[:, None] & mc[None, :]) & valid, other=0.0).to(tl.float32)
+
+
+def _epilogue(acc, bias, g_ptr, y_ptr, frame, hh, ww, cc, mc, H, W, C, valid, MODE: tl.constexpr):
+    """Store conv + bias (MODE 0), its exact-erf GELU (1) or g * GELU'(conv + bias) (2) for one output frame."""
+    pre = acc + bias[None, :]
+    offs = (hh * W + ww)[:, None] * C + cc[None, :]
+    base = frame.to(tl.int64) * H * W * C
+    m = ((hh < H) & (ww < W))[:, None] & mc[None, :] & valid
+    if MODE == 0:
+        out = pre
+    elif MODE == 1:
+        out = 0.5 * pre * (1.0 + tl.math.erf(pre * 0.7071067811865476))
+    else:
+        g = tl.load(g_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+        # GELU'(x) = Phi(x) + x phi(x); 0.3989... = 1 / sqrt(2 pi)
+        cdf = 0.5 * (1.0 + tl.math.erf(pre * 0.7071067811865476))
+        out = g * (cdf + pre * 0.3989422804014327 * tl.exp(-0.5 * pre * pre))
+    tl.store(y_ptr + base + offs, out.to(y_ptr.dtype.element_ty), mask=m)
+
+
+def _stencil_kernel(
+    x_ptr,
+    wt_ptr,
+    b_ptr,
+    g_ptr,
+    y_ptr,
+    K,
+    H,
+    W,
+    C,
+    n_wblocks,
+    n_cblocks,
+    MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """y = epilogue(depthwise 3x3x3 conv of x with wt (27, C) fp32 + b) over all K frames of one pixel tile and
+    channel block of batch element program_id(1). x, g, y: (B, K, H, W, C) contiguous."""
+    pid = tl.program_id(0)
+    bidx = tl.program_id(1)
+    pid_c = pid % n_cblocks
+    tile = pid // n_cblocks
+    hh, ww = _tile_coords(tile, n_wblocks, H, W, BLOCK_H, BLOCK_W)
+    cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = cc < C
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cc, mask=mc, other=0.0)
+    else:
+        bias = tl.full((BLOCK_C,), 0.0, tl.float32)
+    zero = tl.full((BLOCK_H * BLOCK_W, BLOCK_C), 0.0, tl.float32)
+    cur = zero  # output frame kin - 1: has inputs kin - 2 and kin - 1, completed by input kin (its dk = 2 tap)
+    nxt = zero  # output frame kin: has input kin - 1
+    for kin in range(0, K):
+        frame = bidx * K + kin
+        new = zero  # output frame kin + 1: input kin is its dk = 0 tap
+        # a loop, not static_range: unrolled, the compiler issues all 27 weight loads first and runs out of registers
+        for t in range(0, 9):
+            xs = _load_shifted(x_ptr, frame, hh, ww, cc, mc, H, W, C, t // 3, t % 3, True)
+            w0 = tl.load(wt_ptr + t * C + cc, mask=mc, other=0.0)
+            w1 = tl.load(wt_ptr + (9 + t) * C + cc, mask=mc, other=0.0)
+            w2 = tl.load(wt_ptr + (18 + t) * C + cc, mask=mc, other=0.0)
+            cur += xs * w2[None, :]
+            nxt += xs * w1[None, :]
+            new += xs * w0[None, :]
+        _epilogue(cur, bias, g_ptr, y_ptr, frame - 1, hh, ww, cc, mc, H, W, C, kin > 0, MODE)
+        cur = nxt
+        nxt = new
+    _epilogue(cur, bias, g_ptr, y_ptr, bidx * K + K - 1, hh, ww, cc, mc, H, W, C, True, MODE)
+
+
+def _wgrad_kernel(
+    x_ptr,
+    g_ptr,
+    part_ptr,
+    K,
+    H,
+    W,
+    C,
+    n_wblocks,
+    n_tiles,
+    tiles_per_prog,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Partial weight and bias gradients of one channel block (program_id(0)) over tiles_per_prog pixel tiles
+    (group program_id(1)) and all frames of batch element program_id(2). x, g: (B, K, H, W, C) contiguous; g is
+    the pre-activation gradient. Writes part[batch, group] (32, C) fp32: row dk*9 + dh*3 + dw is
+    sum g[k, h, w] * x[k + dk - 1, h + dh - 1, w + dw - 1], row 27 is sum g, rows 28-31 are zero."""
+    pid_c = tl.program_id(0)
+    grp = tl.program_id(1)
+    bidx = tl.program_id(2)
+    n_groups = tl.num_programs(1)
+    cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = cc < C
+    rows = tl.arange(0, 32)
+    zero = tl.full((BLOCK_H * BLOCK_W, BLOCK_C), 0.0, tl.float32)
+    tab = tl.full((32, BLOCK_C), 0.0, tl.float32)
+    gsum = zero
+    for it in range(0, tiles_per_prog):
+        tile = grp * tiles_per_prog + it
+        valid = tile < n_tiles
+        hh, ww = _tile_coords(tile, n_wblocks, H, W, BLOCK_H, BLOCK_W)
+        for t in tl.static_range(9):
+            a0 = zero  # input kin against output kin + 1 (dk = 0)
+            a1 = zero  # against output kin (dk = 1)
+            a2 = zero  # against output kin - 1 (dk = 2)
+            g_prev = zero
+            g_cur = _load_shifted(g_ptr, bidx * K, hh, ww, cc, mc, H, W, C, 1, 1, valid)
+            for kin in range(0, K):
+                frame = bidx * K + kin
+                g_next = _load_shifted(g_ptr, frame + 1, hh, ww, cc, mc, H, W, C, 1, 1, valid & (kin + 1 < K))
+                xs = _load_shifted(x_ptr, frame, hh, ww, cc, mc, H, W, C, t // 3, t % 3, valid)
+                a0 += g_next * xs
+                a1 += g_cur * xs
+                a2 += g_prev * xs
+                if t == 0:
+                    gsum += g_cur
+                g_prev = g_cur
+                g_cur = g_next
+            tab += tl.where(rows[:, None] == t, tl.reduce(a0, 0, SUM_OP)[None, :], 0.0)  # noqa: F821
+            tab += tl.where(rows[:, None] == 9 + t, tl.reduce(a1, 0, SUM_OP)[None, :], 0.0)  # noqa: F821
+            tab += tl.where(rows[:, None] == 18 + t, tl.reduce(a2, 0, SUM_OP)[None, :], 0.0)  # noqa: F821
+    tab += tl.where(rows[:, None] == 27, tl.reduce(gsum, 0, SUM_OP)[None, :], 0.0)  # noqa: F821
+    base = (bidx * n_groups + grp).to(tl.int64) * 32 * C
+    tl.store(part_ptr + base + rows[:, None] * C + cc[None, :], tab, mask=mc[None, :])
+
+
+_KERNELS = LazyKernels(__name__, [_tile_coords, _load_shifted, _epilogue, _stencil_kernel, _wgrad_kernel])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check(x: Tensor, weight: Tensor) -> None:
+    if x.dim() != 5 or weight.shape != (x.shape[-1], 1, 3, 3, 3):
+        raise ValueError(f'expected x (B, K, H, W, C) and weight (C, 1, 3, 3, 3), got {x.shape} and {weight.shape}')
+    if x.shape[2] * x.shape[3] * x.shape[4] >= 2**31:
+        raise ValueError(f'one frame of {x.shape} has more than 2^31 elements')
+
+
+def _taps(weight: Tensor) -> Tensor:
+    """(C, 1, 3, 3, 3) -> (27, C) fp32 contiguous, taps (dk, dh, dw) row-major."""
+    return weight.reshape(weight.shape[0], 27).t().float().contiguous()
+
+
+def _stencil(
+    x: Tensor, taps: Tensor, bias: Optional[Tensor], g: Optional[Tensor], mode: int, cfg: DWConvConfig
+) -> Tensor:
+    """Launch the stencil kernel; x (and g) (B, K, H, W, C) contiguous, taps (27, C) fp32, bias (C,) fp32 or None."""
+    batch, k, h, w, c = x.shape
+    y = torch.empty_like(x)
+    n_wblocks = triton.cdiv(w, cfg.block_w)
+    n_cblocks = triton.cdiv(c, cfg.block_c)
+    grid = (n_cblocks * n_wblocks * triton.cdiv(h, cfg.block_h), batch)
+    _KERNELS(interpret_for(x)).stencil_kernel[grid](
+        x,
+        taps,
+        taps if bias is None else bias,
+        x if g is None else g,
+        y,
+        k,
+        h,
+        w,
+        c,
+        n_wblocks,
+        n_cblocks,
+        MODE=mode,
+        HAS_BIAS=bias is not None,
+        BLOCK_H=cfg.block_h,
+        BLOCK_W=cfg.block_w,
+        BLOCK_C=cfg.block_c,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return y
+
+
+def _wgrad_groups(x: Tensor, n_cblocks: int, n_tiles: int, cfg: DWConvConfig) -> int:
+    if cfg.wgrad_groups:
+        return min(cfg.wgrad_groups, n_tiles)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    return max(1, min(n_tiles, math.ceil(4 * sms / (n_cblocks * x.shape[0]))))
+
+
+def dwconv3d_gelu_triton(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool = True, config: DWConvConfig = DEFAULT_CONFIG
+) -> Tensor:
+    """Same as :func:`dwconv3d_gelu_ref` (fp32 weights and accumulation), through the Triton kernel.
+
+    x: (B, K, H, W, C); weight: (C, 1, 3, 3, 3); bias: (C,) or None. Returns (B, K, H, W, C) in x's dtype.
+    """
+    _check(x, weight)
+    b = None if bias is None else bias.float().contiguous()
+    return _stencil(x.contiguous(), _taps(weight), b, None, MODE_GELU if gelu else MODE_CONV, config)
+
+
+def dwconv3d_gelu_backward_triton(
+    dout: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    gelu: bool = True,
+    config: DWConvConfig = DEFAULT_CONFIG,
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Gradients (dx, dweight, dbias) of :func:`dwconv3d_gelu_triton` for the output gradient dout.
+
+    dout, x: (B, K, H, W, C). dx is in x's dtype, dweight and dbias in their parameters' dtypes (dbias None when
+    bias is None). The pre-activation gradient is held in dout's dtype.
+    """
+    _check(x, weight)
+    x = x.contiguous()
+    dout = dout.contiguous().to(x.dtype)
+    cfg = config
+    b = None if bias is None else bias.float().contiguous()
+    if gelu:
+        g = _stencil(x, _taps(weight), b, dout, MODE_GELU_GRAD, cfg)
+    else:
+        g = dout
+    dx = _stencil(g, _taps(weight.flip(2, 3, 4)), None, None, MODE_CONV, cfg)
+
+    batch, k, h, w, c = x.shape
+    n_wblocks = triton.cdiv(w, cfg.wgrad_block_w)
+    n_tiles = n_wblocks * triton.cdiv(h, cfg.wgrad_block_h)
+    n_cblocks = triton.cdiv(c, cfg.wgrad_block_c)
+    groups = _wgrad_groups(x, n_cblocks, n_tiles, cfg)
+    part = torch.empty(batch, groups, _TAB_ROWS, c, device=x.device, dtype=torch.float32)
+    _KERNELS(interpret_for(x)).wgrad_kernel[(n_cblocks, groups, batch)](
+        x,
+        g,
+        part,
+        k,
+        h,
+        w,
+        c,
+        n_wblocks,
+        n_tiles,
+        triton.cdiv(n_tiles, groups),
+        BLOCK_H=cfg.wgrad_block_h,
+        BLOCK_W=cfg.wgrad_block_w,
+        BLOCK_C=cfg.wgrad_block_c,
+        num_warps=cfg.wgrad_num_warps,
+    )
+    tab = part.sum((0, 1))
+    dweight = tab[:27].t().reshape(weight.shape).to(weight.dtype)
+    dbias = None if bias is None else tab[27].to(bias.dtype)
+    return dx, dweight, dbias
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd op
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def dwconv3d_gelu_backward_ref(
+    dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool = True
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Gradients (dx, dweight, dbias) of :func:`dwconv3d_gelu_ref` in PyTorch ops, the way the Triton backward forms
+    them (no autograd: a custom op's implementation runs below it). dout, x: (B, K, H, W, C)."""
+    c = x.shape[-1]
+    g = dout.to(x.dtype)
+    if gelu:
+        g = torch.ops.aten.gelu_backward(g, dwconv3d_gelu_ref(x, weight, bias, gelu=False))
+    g_cf = g.permute(0, 4, 1, 2, 3)
+    dx = F.conv3d(g_cf, weight.flip(2, 3, 4).to(x.dtype), padding=1, groups=c).permute(0, 2, 3, 4, 1).contiguous()
+    dweight = torch.nn.grad.conv3d_weight(x.permute(0, 4, 1, 2, 3), weight.shape, g_cf, padding=1, groups=c)
+    dbias = None if bias is None else g.sum((0, 1, 2, 3)).to(bias.dtype)
+    return dx, dweight.to(weight.dtype), dbias
+
+
+@torch.library.custom_op('gsmsr::dwconv3d_gelu', mutates_args=())
+def _dwconv3d_gelu_op(x: Tensor, weight: Tensor, bias: Tensor, gelu: bool) -> Tensor:
+    if x.is_cuda:
+        return dwconv3d_gelu_triton(x, weight, bias, gelu)
+    return dwconv3d_gelu_ref(x, weight, bias, gelu)
+
+
+@_dwconv3d_gelu_op.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor, gelu: bool) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op('gsmsr::dwconv3d_gelu_backward', mutates_args=())
+def _dwconv3d_gelu_backward_op(
+    dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor, gelu: bool
+) -> Tuple[Tensor, Tensor, Tensor]:
+    if x.is_cuda:
+        return dwconv3d_gelu_backward_triton(dout, x, weight, bias, gelu)
+    return dwconv3d_gelu_backward_ref(dout, x, weight, bias, gelu)
+
+
+@_dwconv3d_gelu_backward_op.register_fake
+def _(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor, gelu: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    fmt = torch.contiguous_format
+    return (
+        torch.empty_like(x, memory_format=fmt),
+        torch.empty_like(weight, memory_format=fmt),
+        torch.empty_like(bias, memory_format=fmt),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, gelu = inputs
+    ctx.save_for_backward(x, weight, bias)  # not the output: the backward recomputes conv + bias
+    ctx.gelu = gelu
+
+
+def _backward(ctx, dout: Tensor):
+    x, weight, bias = ctx.saved_tensors
+    dx, dweight, dbias = _dwconv3d_gelu_backward_op(dout, x, weight, bias, ctx.gelu)
+    return dx, dweight, dbias, None
+
+
+_dwconv3d_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dwconv3d_gelu(x: Tensor, weight: Tensor, bias: Tensor, gelu: bool = True) -> Tensor:
+    """gelu(depthwise 3x3x3 conv(x) + bias) on channels-last x (B, K, H, W, C); weight (C, 1, 3, 3, 3), bias (C,).
+
+    On CUDA the fused Triton kernels (forward and backward) behind a custom op, so ``torch.compile`` keeps the
+    caller in one graph; elsewhere :func:`dwconv3d_gelu_ref` with PyTorch's autograd.
+    """
+    if x.is_cuda and triton_available():
+        return _dwconv3d_gelu_op(x, weight, bias, gelu)
+    return dwconv3d_gelu_ref(x, weight, bias, gelu)
