@@ -136,8 +136,9 @@ def network_options(args: argparse.Namespace) -> Dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit codes: 0 done, 2 bad arguments or a checkpoint that does not fit, 130 interrupted, 1 unexpected."""
-    return run_reporting_errors('gsmsr demo', lambda: _run(args))
+    """Exit codes: 0 done, 2 bad arguments or a checkpoint that does not fit, 1 environment (disk full, write
+    error) or unexpected, 128 + signal number when interrupted (outputs are atomic: none is left half-written)."""
+    return run_reporting_errors('gsmsr demo', lambda: _run(args), debug=getattr(args, 'debug', False))
 
 
 def _run(args: argparse.Namespace) -> int:
