@@ -106,7 +106,7 @@ def run_pipeline(kind: str, argv: Optional[Sequence[str]]) -> int:
     the exit code (failures reported in one line by :func:`gsmsr.faults.run_reporting_errors`)."""
     import importlib
 
-    from gsmsr.faults import run_reporting_errors
+    from gsmsr.faults import InputError, run_reporting_errors
 
     module = importlib.import_module(f'basicsr.{kind}')
     pipeline: Callable[[str], None] = getattr(module, f'{kind}_pipeline')
@@ -114,6 +114,9 @@ def run_pipeline(kind: str, argv: Optional[Sequence[str]]) -> int:
     prog = f'basicsr {kind}'
 
     def body() -> int:
+        opt_file = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ('-opt', '--opt')), None)
+        if opt_file is not None and not os.path.isfile(opt_file):
+            raise InputError(f'{opt_file}: no such options file')
         with _basicsr_run(module, argv, prog=prog):
             pipeline(os.getcwd())
         return 0
