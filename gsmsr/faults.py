@@ -132,19 +132,19 @@ def run_reporting_errors(
         with abort_on_signals():
             return int(body() or 0)
     except InputError as e:
-        message, code = f'error: {one_line(e)}', 2
+        caught, message, code = e, f'error: {one_line(e)}', 2
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        message, code = f'{interrupted} ({signal.Signals(signum).name})', 128 + signum
+        caught, message, code = e, f'{interrupted} ({signal.Signals(signum).name})', 128 + signum
     except FaultError as e:
-        message, code = f'error: {one_line(e)}', 1
+        caught, message, code = e, f'error: {one_line(e)}', 1
     except OSError as e:
-        message, code = f'error: {describe_os_error(e)}', 1
+        caught, message, code = e, f'error: {describe_os_error(e)}', 1
     except Exception as e:
         hint = '' if show_traceback else f' (--debug or {DEBUG_ENV}=1 shows the traceback)'
-        message, code = f'unexpected error: {type(e).__name__}: {one_line(e, 300)}{hint}', 1
+        caught, message, code = e, f'unexpected error: {type(e).__name__}: {one_line(e, 300)}{hint}', 1
     if show_traceback:
-        traceback.print_exc()
+        traceback.print_exception(type(caught), caught, caught.__traceback__)
     print(f'{prog}: {message}', file=sys.stderr, flush=True)
     return code
 
