@@ -100,7 +100,9 @@ def test_input_overlap_compares_files(tmp_path):
 def start_infer(src: Path, out: Path, net: dict) -> subprocess.Popen:
     cmd = [sys.executable, '-m', 'gsmsr', 'infer', str(src), '-o', str(out), '--weights', net['weights']]
     cmd += ['-opt', net['opt'], '--chunk', '2', '--overlap', '0', '--tile', '0', '--no-progress', '--device', 'cpu']
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    # Library warnings (torch, BasicSR) would add lines of their own; the one-line promise is gsmsr's.
+    path = str(REPO_ROOT) + os.pathsep + os.environ.get('PYTHONPATH', '')
+    env = dict(os.environ, PYTHONPATH=path, PYTHONWARNINGS='ignore')
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
