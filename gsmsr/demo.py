@@ -482,7 +482,7 @@ def train(options: Path, out: Path, iters: int) -> Path:
     with tqdm(total=iters, desc='Training GSMNet', unit='it', file=stderr) as bar:
         progress = _TrainProgress(bar, stderr)
         with _working_directory(out), contextlib.redirect_stderr(progress), contextlib.redirect_stdout(progress):
-            train_entry.main(['-opt', str(options)])
+            train_entry.run_pipeline('train', ['-opt', str(options)])  # raises: the demo reports
     checkpoint = out / 'experiments' / EXPERIMENT / 'models' / 'net_g_latest.pth'
     if not checkpoint.is_file():
         raise RuntimeError(f'training finished without writing {checkpoint}')

@@ -101,33 +101,38 @@ def _basicsr_run(module: ModuleType, argv: Sequence[str], prog: str) -> Iterator
             dist.destroy_process_group()
 
 
-def run_pipeline(kind: str, argv: Optional[Sequence[str]]) -> int:
-    """Run BasicSR's ``train_pipeline`` or ``test_pipeline`` with root path = the working directory; returns
-    the exit code (failures reported in one line by :func:`gsmsr.faults.run_reporting_errors`)."""
+def run_pipeline(kind: str, argv: Optional[Sequence[str]]) -> None:
+    """Run BasicSR's ``train_pipeline`` or ``test_pipeline`` with root path = the working directory; raises on
+    failure (:func:`report_pipeline` is the command's version)."""
     import importlib
 
-    from gsmsr.faults import InputError, run_reporting_errors
+    from gsmsr.faults import InputError
 
     module = importlib.import_module(f'basicsr.{kind}')
     pipeline: Callable[[str], None] = getattr(module, f'{kind}_pipeline')
     argv = list(sys.argv[1:] if argv is None else argv)
-    prog = f'basicsr {kind}'
+    opt_file = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ('-opt', '--opt')), None)
+    if opt_file is not None and not os.path.isfile(opt_file):
+        raise InputError(f'{opt_file}: no such options file')
+    with _basicsr_run(module, argv, prog=f'basicsr {kind}'):
+        pipeline(os.getcwd())
 
-    def body() -> int:
-        opt_file = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ('-opt', '--opt')), None)
-        if opt_file is not None and not os.path.isfile(opt_file):
-            raise InputError(f'{opt_file}: no such options file')
-        with _basicsr_run(module, argv, prog=prog):
-            pipeline(os.getcwd())
-        return 0
 
+def report_pipeline(kind: str, argv: Optional[Sequence[str]]) -> int:
+    """:func:`run_pipeline` with failures reported in one line (:func:`gsmsr.faults.run_reporting_errors`);
+    returns the exit code. BasicSR's ``--debug`` also shows tracebacks."""
+    from gsmsr.faults import run_reporting_errors
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     # Checkpoints, states and results are written atomically, so an interruption leaves the last complete ones.
-    return run_reporting_errors(prog, body, 'interrupted', debug='--debug' in argv)
+    return run_reporting_errors(
+        f'basicsr {kind}', lambda: run_pipeline(kind, argv), 'interrupted', debug='--debug' in argv
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``argv``: BasicSR's flags, e.g. ``['-opt', 'options/train_gsm_reds.yml', '--auto_resume']``."""
-    return run_pipeline('train', argv)
+    return report_pipeline('train', argv)
 
 
 if __name__ == '__main__':
