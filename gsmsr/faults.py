@@ -132,12 +132,12 @@ def run_reporting_errors(
         with abort_on_signals():
             return int(body() or 0)
     except InputError as e:
-        caught, message, code = e, f'error: {one_line(e)}', 2
+        caught, message, code = e, f'error: {one_line(e, sys.maxsize)}', 2  # our own message: never cut
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         caught, message, code = e, f'{interrupted} ({signal.Signals(signum).name})', 128 + signum
     except FaultError as e:
-        caught, message, code = e, f'error: {one_line(e)}', 1
+        caught, message, code = e, f'error: {one_line(e, sys.maxsize)}', 1
     except OSError as e:
         caught, message, code = e, f'error: {describe_os_error(e)}', 1
     except Exception as e:
