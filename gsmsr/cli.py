@@ -1,6 +1,8 @@
 """Command-line entry points: ``gsmsr <subcommand>`` and the ``basicsr`` command.
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and ``run(args) -> int``.
+Every subcommand takes ``--debug`` (tracebacks with its one-line errors, also ``GSMSR_DEBUG=1``); see
+:mod:`gsmsr.faults` for the exit codes. ``train`` / ``test`` keep BasicSR's own ``--debug``.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ import argparse
 import importlib
 import sys
 from typing import List, Optional
+
+from gsmsr.faults import add_debug_argument
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
@@ -32,6 +36,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     module = None
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        add_debug_argument(p)
         if name == chosen:  # import only the subcommand that runs
             module = importlib.import_module(module_name)
             module.add_arguments(p)

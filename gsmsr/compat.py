@@ -9,7 +9,10 @@ Every fix lives here, and each is idempotent:
   here CPU-only processes use gloo, and the GPU comes from ``LOCAL_RANK`` (right on several nodes too).
 * Resuming: BasicSR maps the training state onto ``cuda`` (fails without a GPU) and relies on the old
   ``torch.load`` default; here the state is read onto the CPU with ``weights_only=True`` (optimizers move their
-  state to the parameters' device themselves), and the state directory is the one the options name.
+  state to the parameters' device themselves), and the state directory is the one the options name. With
+  ``--auto_resume`` a state or model file that does not load (a crash while saving, a full disk) is named and
+  skipped: the run resumes from the newest iteration whose state and models all load, says so on stderr and
+  in the log (:func:`take_resume_notes`), and deletes nothing.
 
 CUDA-only tensors in video validation are not patched here: :class:`gsmsr.models.GSMModel` has its own
 device-agnostic validation.
@@ -20,9 +23,12 @@ from __future__ import annotations
 import os
 import sys
 import types
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
+
+from gsmsr.faults import InputError
 
 _applied = False
+_resume_notes: List[str] = []  # said before BasicSR's logger exists; GSMModel logs them once it does
 
 
 def _shim_functional_tensor() -> None:
@@ -75,32 +81,104 @@ def load_training_state(path: str) -> Dict[str, Any]:
         raise ValueError(f'{path}: cannot read training state ({type(err).__name__}: {err})') from err
 
 
+def checkpoint_problem(path: str) -> Optional[str]:
+    """Why ``path`` is not a loadable BasicSR model checkpoint (missing, unreadable, no params), or None."""
+    import torch
+
+    if not os.path.isfile(path):
+        return f'{path}: no such model checkpoint'
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:
+        cause = ' '.join(str(err).split())[:200]
+        return f'{path}: cannot read model checkpoint ({type(err).__name__}: {cause})'
+    if not isinstance(ckpt, dict) or not any(isinstance(ckpt.get(k), dict) for k in ('params', 'params_ema')):
+        return f'{path}: not a BasicSR model checkpoint (no params)'
+    return None
+
+
+def resume_model_paths(opt: Dict[str, Any], resume_iter: int) -> List[str]:
+    """The ``net_<x>_<iter>.pth`` files ``check_resume`` points the networks at when resuming ``resume_iter``."""
+    ignored = opt['path'].get('ignore_resume_networks') or []
+    return [
+        os.path.join(opt['path']['models'], f'net_{key[len("network_") :]}_{resume_iter}.pth')
+        for key in opt
+        if key.startswith('network_') and key not in ignored
+    ]
+
+
+def _resume_note(opt: Dict[str, Any], message: str) -> None:
+    if opt.get('rank', 0) == 0:
+        print(f'warning: {message}', file=sys.stderr, flush=True)
+        _resume_notes.append(message)
+
+
+def take_resume_notes() -> List[str]:
+    """The resume warnings not logged yet (emptied): BasicSR resumes before its logger is set up."""
+    notes = list(_resume_notes)
+    _resume_notes.clear()
+    return notes
+
+
+def _newest_loadable_state(opt: Dict[str, Any], state_dir: str) -> Optional[Dict[str, Any]]:
+    """The newest ``<iter>.state`` in ``state_dir`` whose state and model files all load (None: no states).
+
+    Every broken file is named in a resume note; broken files are left where they are.
+    """
+    stems = [f[: -len('.state')] for f in os.listdir(state_dir) if f.endswith('.state')]
+    iters = sorted((int(stem) for stem in stems if stem.isdigit()), reverse=True)
+    skipped = []
+    for resume_iter in iters:
+        state_path = os.path.join(state_dir, f'{resume_iter}.state')
+        problems = [p for p in map(checkpoint_problem, resume_model_paths(opt, resume_iter)) if p]
+        state = None
+        try:
+            state = load_training_state(state_path)
+        except ValueError as err:
+            problems.insert(0, str(err))
+        for problem in problems:
+            _resume_note(opt, f'auto_resume: {problem}; iteration {resume_iter} skipped (the file is kept)')
+        if problems:
+            skipped.append(resume_iter)
+            continue
+        if skipped:
+            _resume_note(
+                opt,
+                f'auto_resume: resuming from iteration {resume_iter}, the newest whose training state and models '
+                f'all load (skipped: {", ".join(map(str, skipped))})',
+            )
+        opt['path']['resume_state'] = state_path
+        return state
+    if iters:
+        raise InputError(
+            f'--auto_resume: no iteration in {state_dir} has a training state and models that load '
+            f'(tried {", ".join(map(str, iters))}; see the warnings above)'
+        )
+    return None
+
+
 def load_resume_state(opt: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """Replacement for ``basicsr.train.load_resume_state``: device-agnostic, same option semantics.
 
-    With ``auto_resume`` the newest ``<iter>.state`` in the experiment's ``training_states`` folder is used;
-    otherwise ``path.resume_state`` if set. ``check_resume`` then points ``pretrain_network_g`` at the matching
+    With ``auto_resume`` the newest ``<iter>.state`` in the experiment's ``training_states`` folder whose state
+    and ``net_g_<iter>.pth`` both load is used (see :func:`_newest_loadable_state`); otherwise
+    ``path.resume_state`` if set. ``check_resume`` then points ``pretrain_network_g`` at the matching
     ``net_g_<iter>.pth``.
     """
     from basicsr.utils import check_resume
 
-    state_path = None
+    state = None
     if opt['auto_resume']:
         state_dir = opt['path']['training_states']
         if os.path.isdir(state_dir):
-            iters = [
-                int(f[: -len('.state')])
-                for f in os.listdir(state_dir)
-                if f.endswith('.state') and f[: -len('.state')].isdigit()
-            ]
-            if iters:
-                state_path = os.path.join(state_dir, f'{max(iters)}.state')
-                opt['path']['resume_state'] = state_path
-    else:
-        state_path = opt['path'].get('resume_state')
-    if state_path is None:
+            state = _newest_loadable_state(opt, state_dir)
+    elif opt['path'].get('resume_state'):
+        try:
+            state = load_training_state(opt['path']['resume_state'])
+        except ValueError as err:
+            raise InputError(str(err)) from None
+    if state is None:
         return None
-    state = load_training_state(state_path)
     check_resume(opt, state['iter'])
     return state
 

@@ -136,8 +136,9 @@ def network_options(args: argparse.Namespace) -> Dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit codes: 0 done, 2 bad arguments or a checkpoint that does not fit, 130 interrupted, 1 unexpected."""
-    return run_reporting_errors('gsmsr demo', lambda: _run(args))
+    """Exit codes: 0 done, 2 bad arguments or a checkpoint that does not fit, 1 environment (disk full, write
+    error) or unexpected, 128 + signal number when interrupted (outputs are atomic: none is left half-written)."""
+    return run_reporting_errors('gsmsr demo', lambda: _run(args), debug=getattr(args, 'debug', False))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -481,7 +482,7 @@ def train(options: Path, out: Path, iters: int) -> Path:
     with tqdm(total=iters, desc='Training GSMNet', unit='it', file=stderr) as bar:
         progress = _TrainProgress(bar, stderr)
         with _working_directory(out), contextlib.redirect_stderr(progress), contextlib.redirect_stdout(progress):
-            train_entry.main(['-opt', str(options)])
+            train_entry.run_pipeline('train', ['-opt', str(options)])  # raises: the demo reports
     checkpoint = out / 'experiments' / EXPERIMENT / 'models' / 'net_g_latest.pth'
     if not checkpoint.is_file():
         raise RuntimeError(f'training finished without writing {checkpoint}')

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import resource
 import sys
@@ -50,9 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gsmsr.faults import check_free_space
 from gsmsr.tiling import accumulate_tiles, tile_weight_map
 from gsmsr.utils import InputError, one_line, resolve_device, run_reporting_errors
-from gsmsr.video_io import check_output, open_sink, open_source
+from gsmsr.video_io import check_output, estimated_output_bytes, open_sink, open_source
 
 __all__ = [
     'DEFAULT_NETWORK',
@@ -507,11 +509,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit codes: 0 done, 2 bad input or arguments, 1 unexpected failure (out of memory included)."""
-    return run_reporting_errors(PROG, lambda: _run(args), 'interrupted, no output written')
+    """Exit codes: 0 done, 2 bad input or arguments, 1 environment (disk full, write error, out of memory) or
+    unexpected failure, 128 + signal number for SIGINT / SIGTERM / SIGHUP. Never a partial output."""
+    return run_reporting_errors(
+        PROG, lambda: _run(args), 'interrupted, no output written', debug=getattr(args, 'debug', False)
+    )
 
 
 PROG = 'gsmsr infer'
+MIN_FPS, MAX_FPS = 0.01, 1000.0  # a folder's frame rate must survive Fraction.limit_denominator(1001)
+
+
+def _planned_scale(opt: Optional[str]) -> int:
+    """The network's upscale factor from the options alone (before it loads), for the free-space estimate."""
+    network_opt = _read_options(opt).get('network_g') or DEFAULT_NETWORK
+    scale = network_opt.get('upscale', DEFAULT_NETWORK['upscale']) if isinstance(network_opt, dict) else None
+    return scale if isinstance(scale, int) and scale > 0 else DEFAULT_NETWORK['upscale']
+
+
+def _check_output_space(output: str, info, chunk: int, scale: int) -> None:
+    """The first chunk's frames must fit on the output's file system (checked before the network loads)."""
+    frames = min(f for f in (chunk or None, info.frames, DEFAULT_CHUNK) if f)
+    needed = estimated_output_bytes(output, scale * info.width, scale * info.height, frames)
+    check_free_space(os.path.dirname(os.path.abspath(output)), needed, output)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -519,13 +539,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.precision == 'auto':  # the fast default on GPUs: bf16 (PSNR ~75 dB against fp32, benchmarks/NOTES.md)
         args.precision = 'bf16' if device.type == 'cuda' else 'fp32'
     _check_settings(args.chunk, args.overlap, args.tile, args.tile_overlap, args.precision)
-    if args.fps is not None and not args.fps > 0:
-        raise InputError(f'--fps {args.fps}: must be positive')
+    if args.fps is not None and not (math.isfinite(args.fps) and MIN_FPS <= args.fps <= MAX_FPS):
+        raise InputError(f'--fps {args.fps}: must be between {MIN_FPS} and {MAX_FPS:.0f}')
     if args.tile_batch < 1:
         raise InputError(f'--tile-batch {args.tile_batch}: must be >= 1')
-    # Cheap checks first, so that bad paths fail before the network is built.
+    # Cheap checks first, so that bad paths, an unwritable folder or a full disk fail before the network loads.
     check_output(args.output, args.input, args.force)
-    open_source(args.input).close()
+    source = open_source(args.input)
+    source.close()
+    _check_output_space(args.output, source.info, args.chunk, _planned_scale(args.opt))
     net = load_network(args.weights, args.opt, device)
     if hasattr(net, 'compile_blocks'):
         net.compile_blocks = device.type == 'cuda' if args.compile is None else args.compile

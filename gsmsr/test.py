@@ -21,12 +21,12 @@ if __name__ == '__main__' and not __package__:  # run as a script from a checkou
 
 from typing import Optional, Sequence  # noqa: E402
 
-from gsmsr.train import run_pipeline  # noqa: E402
+from gsmsr.train import report_pipeline  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``argv``: BasicSR's flags, e.g. ``['-opt', 'options/test_reds4.yml']``."""
-    return run_pipeline('test', argv)
+    return report_pipeline('test', argv)
 
 
 if __name__ == '__main__':

@@ -12,6 +12,11 @@ Multi-GPU (one process per GPU, NCCL; CPU processes use gloo)::
         --rdzv_endpoint=HOST:29500 --rdzv_id=gsm gsmsr/train.py -opt X.yml --launcher pytorch
 
 ``main`` can be called several times in one process (each call gets a fresh log file).
+
+Unknown keys in the options' ``train`` / ``val`` / ``path`` / ``network_g`` sections are an error naming the
+nearest known key (:mod:`gsmsr.option_keys`; top-level ``allow_unknown_keys: true`` allows them). Failures are
+one line on stderr (exit 2 bad options or input, 1 environment or unexpected, 128 + signal number when
+interrupted; :mod:`gsmsr.faults`); BasicSR's ``--debug`` or ``GSMSR_DEBUG=1`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -74,7 +79,10 @@ def _basicsr_run(module: ModuleType, argv: Sequence[str], prog: str) -> Iterator
     original_parse = module.parse_options
 
     def parse_options(root_path: str, is_train: bool = True):
+        from gsmsr.option_keys import check_option_keys
+
         opt, args = original_parse(root_path, is_train=is_train)
+        check_option_keys(opt, args.opt)
         resolve_package_paths(opt)
         return opt, args
 
@@ -93,21 +101,38 @@ def _basicsr_run(module: ModuleType, argv: Sequence[str], prog: str) -> Iterator
             dist.destroy_process_group()
 
 
-def run_pipeline(kind: str, argv: Optional[Sequence[str]]) -> int:
-    """Run BasicSR's ``train_pipeline`` or ``test_pipeline`` with root path = the working directory."""
+def run_pipeline(kind: str, argv: Optional[Sequence[str]]) -> None:
+    """Run BasicSR's ``train_pipeline`` or ``test_pipeline`` with root path = the working directory; raises on
+    failure (:func:`report_pipeline` is the command's version)."""
     import importlib
+
+    from gsmsr.faults import InputError
 
     module = importlib.import_module(f'basicsr.{kind}')
     pipeline: Callable[[str], None] = getattr(module, f'{kind}_pipeline')
     argv = list(sys.argv[1:] if argv is None else argv)
+    opt_file = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ('-opt', '--opt')), None)
+    if opt_file is not None and not os.path.isfile(opt_file):
+        raise InputError(f'{opt_file}: no such options file')
     with _basicsr_run(module, argv, prog=f'basicsr {kind}'):
         pipeline(os.getcwd())
-    return 0
+
+
+def report_pipeline(kind: str, argv: Optional[Sequence[str]]) -> int:
+    """:func:`run_pipeline` with failures reported in one line (:func:`gsmsr.faults.run_reporting_errors`);
+    returns the exit code. BasicSR's ``--debug`` also shows tracebacks."""
+    from gsmsr.faults import run_reporting_errors
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Checkpoints, states and results are written atomically, so an interruption leaves the last complete ones.
+    return run_reporting_errors(
+        f'basicsr {kind}', lambda: run_pipeline(kind, argv), 'interrupted', debug='--debug' in argv
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``argv``: BasicSR's flags, e.g. ``['-opt', 'options/train_gsm_reds.yml', '--auto_resume']``."""
-    return run_pipeline('train', argv)
+    return report_pipeline('train', argv)
 
 
 if __name__ == '__main__':

@@ -1,18 +1,14 @@
-"""Small helpers shared by the commands: atomic file writes, device choice, one-line error messages."""
+"""Small helpers shared by the commands: atomic file writes, device choice; error reporting from gsmsr.faults."""
 
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
-import traceback
 from typing import Callable, Union
 
 import torch
 
-
-class InputError(Exception):
-    """Bad user input (file, shape, option): reported in one line, exit code 2."""
+from gsmsr.faults import InputError, one_line, run_reporting_errors  # noqa: F401  (re-exported)
 
 
 def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> None:
@@ -50,12 +46,6 @@ def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
     atomic_write_bytes(path, text.encode('utf-8'))
 
 
-def one_line(text: object, limit: int = 500) -> str:
-    """An error message folded onto one line, cut at ``limit`` characters."""
-    text = ' '.join(part.strip() for part in str(text).splitlines() if part.strip())
-    return text if len(text) <= limit else text[:limit] + ' ...'
-
-
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     """``None`` -> CUDA when available, else CPU; an unusable device is an :class:`InputError`."""
     if device is None or device == 'auto':
@@ -69,20 +59,3 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
         raise InputError(f'--device {device}: only {torch.cuda.device_count()} CUDA device(s)')
     return device
-
-
-def run_reporting_errors(prog: str, body: Callable[[], int], interrupted: str = 'interrupted') -> int:
-    """Run a subcommand: bad input -> one line on stderr, exit 2; Ctrl-C -> exit 130; anything else -> the
-    traceback, a one-line summary, exit 1."""
-    try:
-        return body()
-    except InputError as e:
-        print(f'{prog}: error: {e}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f'{prog}: {interrupted}', file=sys.stderr)
-        return 130
-    except Exception as e:
-        traceback.print_exc()
-        print(f'{prog}: unexpected error: {one_line(e, 300)}', file=sys.stderr)
-        return 1

@@ -4,10 +4,20 @@ Frames travel as RGB ``uint8`` arrays of shape (H, W, 3), one at a time, so noth
 frame or two. Videos are decoded and encoded with PyAV (FFmpeg); image folders are read and written with
 OpenCV. A sink writes to a hidden temporary name next to the output and renames it into place only in
 ``commit()``; ``abort()`` deletes it, so a failed run leaves nothing that looks like a result.
+
+Partial outputs. The temporary name is ``.<output name>.<pid>.<random>.partial[.ext]`` and the writing process
+holds an exclusive ``flock`` on it until commit or abort. The kernel drops the lock when the process dies, even
+by SIGKILL or a power cut, so the next run for the same output (:func:`check_output`) knows a stale partial
+(no lock: removed, with a note) from one another live run is writing (locked: refused). Where the file system
+has no flock the partial is reported, never removed. A write error names the output and the cause, e.g.
+``out/frames: cannot write (no space left on device)``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
 import re
 import shutil
@@ -15,11 +25,12 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import cv2
 import numpy as np
 
+from gsmsr.faults import FaultError, check_writable, input_overlap, os_error_cause
 from gsmsr.utils import InputError  # noqa: F401  (re-exported)
 
 try:  # PyAV is needed for video files only; folders of frames work without it
@@ -34,6 +45,8 @@ __all__ = [
     'open_source',
     'output_kind',
     'check_output',
+    'clear_stale_partials',
+    'estimated_output_bytes',
     'VideoSink',
     'FolderSink',
     'open_sink',
@@ -220,14 +233,27 @@ def _is_frame_folder(path: str) -> bool:
     return all(os.path.isfile(e) and e.lower().endswith(IMAGE_EXTENSIONS) for e in entries)
 
 
+OVERLAP_MESSAGES = {
+    'is the input': 'output is the same as the input',
+    'contains the input': 'output folder contains the input',
+    'is inside the input folder': 'output is inside the input folder',
+}
+
+
 def check_output(path: str, input_path: str, force: bool) -> str:
-    """Validate the output path before any work; returns the output kind ('video' or 'folder')."""
+    """Validate the output path before any work; returns the output kind ('video' or 'folder').
+
+    Refuses an output that is the input or overlaps it (links resolved, see :func:`gsmsr.faults.input_overlap`),
+    an unwritable folder, and an existing output without ``force``; clears stale partials of this output.
+    """
     kind = output_kind(path)
-    if os.path.abspath(path) == os.path.abspath(input_path):
-        raise InputError(f'{path}: output is the same as the input')
+    overlap = input_overlap(path, input_path)
+    if overlap is not None:
+        raise InputError(f'{path}: {OVERLAP_MESSAGES[overlap]} {input_path}')
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise InputError(f'{path}: parent folder {parent} does not exist')
+    check_writable(parent, path)
     if os.path.lexists(path):
         if not force:
             raise InputError(f'{path}: output exists (use --force to overwrite)')
@@ -235,7 +261,94 @@ def check_output(path: str, input_path: str, force: bool) -> str:
             raise InputError(f'{path}: is a folder, refusing to replace it with a video file')
         if kind == 'folder' and os.path.isdir(path) and not _is_frame_folder(path):
             raise InputError(f'{path}: folder holds more than image files, refusing to overwrite it')
+    clear_stale_partials(path, keep=input_path)
     return kind
+
+
+def estimated_output_bytes(path: str, width: int, height: int, frames: int) -> int:
+    """Rough upper bound of the bytes ``frames`` output frames of ``width`` x ``height`` take: raw RGB for PNG
+    frames (PNG of natural images is smaller), a tenth of that for video (our CRF 16 is far smaller still)."""
+    raw = width * height * 3 * frames
+    return raw // 10 if output_kind(path) == 'video' else raw
+
+
+# ----------------------------------------------------------------------------------------------- partials
+def _partial_prefix(path: str) -> str:
+    return '.' + os.path.basename(os.path.normpath(path)) + '.'
+
+
+def _partial_name(path: str) -> re.Pattern:
+    """Names of this output's partials: prefix, writer pid, mkstemp's random part, '.partial', extension."""
+    return re.compile(re.escape(_partial_prefix(path)) + r'(\d+)\.[A-Za-z0-9_]+\.partial(\.[A-Za-z0-9]+)?')
+
+
+def _lock_partial(tmp: str) -> int:
+    """Hold an exclusive flock on ``tmp`` (file or folder) until the returned descriptor is closed."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):  # a fresh name cannot be locked by anyone else
+            os.close(fd)
+            raise
+        # no flock on this file system: the partial can only be reported as stale, never removed
+    return fd
+
+
+def _partial_state(partial: str) -> str:
+    """'stale' (no process holds its lock), 'live' (one does) or 'unknown' (no flock here)."""
+    try:
+        fd = os.open(partial, os.O_RDONLY)
+    except OSError:
+        return 'unknown'
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return 'stale'
+    except OSError as e:
+        return 'live' if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else 'unknown'
+    finally:
+        os.close(fd)  # also releases a lock taken just now
+
+
+def clear_stale_partials(path: str, keep: Optional[str] = None) -> List[str]:
+    """Remove the partials of ``path`` left by dead runs (SIGKILL, power cut); returns the removed paths.
+
+    A partial another live process is writing is an :class:`InputError`; one whose state cannot be known (no
+    flock) is reported on stderr and kept. ``keep`` (the input) is never touched, even when its name matches.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    pattern = _partial_name(path)
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        match = pattern.fullmatch(name)
+        partial = os.path.join(folder, name)
+        if match is None or (keep is not None and input_overlap(partial, keep) is not None):
+            continue
+        state = _partial_state(partial)
+        if state == 'live':
+            raise InputError(
+                f'{path}: another running process (pid {match.group(1)}) is writing this output ({partial})'
+            )
+        if state == 'unknown':
+            print(
+                f'warning: {partial}: partial output of an earlier run (pid {match.group(1)}); '
+                f'remove it if no other run is writing {path}',
+                file=sys.stderr,
+            )
+            continue
+        if os.path.isdir(partial) and not os.path.islink(partial):
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(partial)
+        print(f'note: removed {partial}, the partial output of an interrupted run', file=sys.stderr)
+        removed.append(partial)
+    return removed
+
+
+def _write_error(path: str, err: OSError) -> FaultError:
+    """A write failure under the output's own name (not the hidden partial's), with its cause."""
+    return FaultError(f'{path}: cannot write ({os_error_cause(err)})')
 
 
 class VideoSink:
@@ -259,17 +372,24 @@ class VideoSink:
         self.path = path
         fd, self.tmp = tempfile.mkstemp(
             dir=os.path.dirname(os.path.abspath(path)),
-            prefix='.' + os.path.basename(path) + '.',
+            prefix=_partial_prefix(path) + f'{os.getpid()}.',
             suffix='.partial' + ext,
         )
         os.close(fd)
-        os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result should not be
-        self.rate = Fraction(rate)
         self.audio_in = self.audio_packets = self.audio_out = None
+        self._lock = None
+        try:
+            self._lock = _lock_partial(self.tmp)
+            os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result should not be
+        except BaseException:
+            self.abort()
+            raise
+        self.rate = Fraction(rate)
         self._next_audio = None
         self._last_pts = -1
         try:
-            self.container = av.open(self.tmp, 'w')
+            # flush_packets: a write error (disk full) surfaces at the next frame, not at the end of the run
+            self.container = av.open(self.tmp, 'w', options={'flush_packets': '1'})
             self.stream = self.container.add_stream(codec, rate=self.rate, options=ENCODER_OPTIONS.get(codec, {}))
             self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, 'yuv420p'
             if codec not in ENCODER_OPTIONS:  # bitrate-driven encoders (mpeg4): about 0.5 bit per pixel
@@ -320,16 +440,23 @@ class VideoSink:
         self._last_pts = pts
         frame = av.VideoFrame.from_ndarray(rgb, format='rgb24')
         frame.pts = pts
-        self._mux_audio_until(pts / self.rate)
-        self.container.mux(self.stream.encode(frame))
+        try:
+            self._mux_audio_until(pts / self.rate)
+            self.container.mux(self.stream.encode(frame))
+        except OSError as e:
+            raise _write_error(self.path, e) from e
 
     def commit(self) -> None:
-        self.container.mux(self.stream.encode())  # flush the encoder
-        self._mux_audio_until(None)
-        self.container.close()
-        if self.audio_in is not None:
-            self.audio_in.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self.container.mux(self.stream.encode())  # flush the encoder
+            self._mux_audio_until(None)
+            self.container.close()
+            if self.audio_in is not None:
+                self.audio_in.close()
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            raise _write_error(self.path, e) from e
+        self._release()
 
     def abort(self) -> None:
         for c in (getattr(self, 'container', None), self.audio_in):
@@ -340,6 +467,12 @@ class VideoSink:
                 pass
         if os.path.exists(self.tmp):
             os.remove(self.tmp)
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
 
 class FolderSink:
@@ -349,29 +482,50 @@ class FolderSink:
         self.path = path
         self.tmp = tempfile.mkdtemp(
             dir=os.path.dirname(os.path.abspath(path)),
-            prefix='.' + os.path.basename(os.path.normpath(path)) + '.',
+            prefix=_partial_prefix(path) + f'{os.getpid()}.',
             suffix='.partial',
         )
-        os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
+        self._lock = None
+        try:
+            self._lock = _lock_partial(self.tmp)
+            os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, rgb: np.ndarray, tag: FrameTag) -> None:
-        file = os.path.join(self.tmp, tag.name + '.png')
-        if not cv2.imwrite(file, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-            raise OSError(f'{file}: cannot write PNG')
+        ok, png = cv2.imencode('.png', cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise ValueError(f'{self.path}: cannot encode frame {tag.name} as PNG')
+        try:  # a plain write, so that a full disk is an OSError with its errno (cv2.imwrite only says False)
+            with open(os.path.join(self.tmp, tag.name + '.png'), 'wb') as f:
+                f.write(png.tobytes())
+        except OSError as e:
+            raise _write_error(self.path, e) from e
 
     def commit(self) -> None:
-        if os.path.isdir(self.path):  # --force was checked: swap, then delete the old frames
-            old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(self.path)), suffix='.old')
-            os.replace(self.path, os.path.join(old, 'frames'))
-            os.replace(self.tmp, self.path)
-            shutil.rmtree(old)
-        else:
-            if os.path.lexists(self.path):
-                os.remove(self.path)
-            os.replace(self.tmp, self.path)
+        try:
+            if os.path.isdir(self.path):  # --force was checked: swap, then delete the old frames
+                old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(self.path)), suffix='.old')
+                os.replace(self.path, os.path.join(old, 'frames'))
+                os.replace(self.tmp, self.path)
+                shutil.rmtree(old)
+            else:
+                if os.path.lexists(self.path):
+                    os.remove(self.path)
+                os.replace(self.tmp, self.path)
+        except OSError as e:
+            raise _write_error(self.path, e) from e
+        self._release()
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
 
 def _umask() -> int:

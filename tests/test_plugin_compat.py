@@ -58,6 +58,10 @@ def test_auto_resume_picks_the_newest_state_on_cpu(tmp_path):
             {'epoch': 0, 'iter': it, 'optimizers': [optimizer.state_dict()], 'schedulers': []}, states / f'{it}.state'
         )
     (states / 'notes.txt').write_text('ignored')
+    models = tmp_path / 'experiments' / 'x' / 'models'
+    models.mkdir()
+    for it in (2, 10, 9):  # auto_resume only picks an iteration whose model loads too
+        torch.save({'params': {'w': param.detach()}}, models / f'net_g_{it}.pth')
     opt = {
         'auto_resume': True,
         'network_g': {},

@@ -16,7 +16,7 @@ def read_state_dict(source: Union[str, os.PathLike, dict], key: Optional[str] = 
 
     key: which entry of a BasicSR file to use ('params' or 'params_ema'); a file without that entry but with the
     other one is an error naming the keys present; a bare state dict is used as it is. ``key=None`` prefers
-    'params_ema', then 'params', then bare.
+    'params_ema', then 'params', then bare. A value that is not a tensor is a ValueError naming its key.
     """
     name = os.fspath(source) if not isinstance(source, dict) else '<state dict>'
     if isinstance(source, dict):
@@ -39,6 +39,8 @@ def read_state_dict(source: Union[str, os.PathLike, dict], key: Optional[str] = 
         ckpt = ckpt[key]
     sd = {}
     for k, v in ckpt.items():
+        if not isinstance(v, Tensor):  # caught here, not as an AttributeError deep in loading
+            raise ValueError(f'{name}: entry {k!r} is a {type(v).__name__}, not a tensor')
         while k.startswith('module.'):
             k = k[len('module.') :]
         sd[k] = v

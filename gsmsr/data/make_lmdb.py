@@ -20,6 +20,10 @@ Subcommands::
 Every LMDB (with BasicSR's ``meta_info.txt`` inside) and meta-info file is built under a temporary name and
 renamed when complete; an existing output is never overwritten. Images are re-encoded as PNG
 (``--compress-level``, BasicSR's default 1) by a thread pool (``--workers``).
+
+``gsmsr make-lmdb`` reports failures in one line (:mod:`gsmsr.faults`): exit 2 for a bad dataset layout or an
+existing output, 1 for the environment (full disk, read or write errors), 128 + signal number when
+interrupted; ``--debug`` adds the traceback. :func:`main` is the Python entry and raises instead.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from os import path as osp
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import cv2
+
+from gsmsr.faults import FaultError, InputError, add_debug_argument, run_reporting_errors
 
 META_INFO_DIR = osp.join(osp.dirname(osp.abspath(__file__)), 'meta_info')
 REDS4_CLIPS = ('000', '011', '015', '020')
@@ -120,6 +126,7 @@ def build_lmdb(
 
     Built as a hidden ``*.partial.lmdb`` next to the target, renamed on success, removed on failure.
     """
+    import lmdb
     from basicsr.utils.lmdb_util import LmdbMaker
 
     if not lmdb_path.endswith('.lmdb'):
@@ -143,6 +150,8 @@ def build_lmdb(
                     encoded = pool.map(lambda item: _encode(item[0], compress_level), chunk)
                     for (_, key), (data, shape) in zip(chunk, encoded):
                         maker.put(data, key, shape)
+        except lmdb.Error as e:  # a full disk is an lmdb.Error naming neither the file nor an errno
+            raise FaultError(f'{lmdb_path}: cannot write LMDB ({e})') from e
         finally:
             maker.close()
         os.replace(tmp, lmdb_path)
@@ -248,9 +257,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     meta.add_argument('--out', required=True, help='meta-info file to write')
     reds_meta = sub.add_parser('reds-meta', help='write the REDS meta-info files (as shipped in gsmsr)')
     reds_meta.add_argument('--out', required=True, help='output folder')
+    for p in (reds, vimeo, meta, reds_meta):
+        add_debug_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    """``gsmsr make-lmdb``: :func:`build` with one-line errors and exit codes (see the module docstring)."""
+
+    def body() -> int:
+        try:
+            return build(args)
+        except (ValueError, FileExistsError) as e:
+            raise InputError(str(e)) from None
+        except FileNotFoundError as e:
+            if e.errno is not None:  # an OS error met while reading: the environment
+                raise
+            raise InputError(str(e)) from None  # a missing dataset part named by our own message
+
+    return run_reporting_errors('gsmsr make-lmdb', body, 'interrupted, no LMDB written', getattr(args, 'debug', False))
+
+
+def build(args: argparse.Namespace) -> int:
+    """Write what ``args`` asks for; raises on failure."""
     if args.dataset == 'reds-meta':
         for path in write_reds_meta(args.out):
             print(f'wrote {path}')
@@ -283,8 +311,10 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='gsmsr make-lmdb', description=__doc__.split('\n')[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return build(parser.parse_args(argv))
 
 
 if __name__ == '__main__':
-    raise SystemExit(main())
+    _parser = argparse.ArgumentParser(prog='gsmsr make-lmdb', description=__doc__.split('\n')[0])
+    add_arguments(_parser)
+    raise SystemExit(run(_parser.parse_args()))

@@ -43,7 +43,8 @@ from torch import distributed as dist
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from gsmsr.archs import load_checkpoint
-from gsmsr.utils import atomic_write
+from gsmsr.compat import take_resume_notes
+from gsmsr.utils import InputError, atomic_write, one_line
 
 __all__ = ['GSMModel', 'is_flow_param', 'score_frames', 'average_over_clips', 'atomic_torch_save', 'atomic_imwrite']
 
@@ -116,6 +117,8 @@ class GSMModel(VideoRecurrentModel):
                     '(e.g. CharbonnierLoss) and no train.perceptual_opt'
                 )
         super().__init__(opt)
+        for note in take_resume_notes():  # resume warnings from before the logger existed
+            get_root_logger().warning(note)
         if self.is_train:
             train_opt = opt['train']
             self.use_bf16 = bool(train_opt.get('use_bf16', False))
@@ -207,12 +210,17 @@ class GSMModel(VideoRecurrentModel):
     ) -> None:
         """Load a BasicSR (``params`` / ``params_ema``), bare or official GSMamba checkpoint.
 
-        A file without ``param_key`` falls back to the other BasicSR key (as BasicSR does), with a log line.
+        A file without ``param_key`` falls back to the other BasicSR key (as BasicSR does), with a log line. A
+        missing or unreadable file is an :class:`InputError` naming it.
         """
         logger = get_root_logger()
-        ckpt = torch.load(load_path, map_location='cpu', weights_only=True) if osp.isfile(load_path) else None
-        if ckpt is None:
-            raise FileNotFoundError(f'checkpoint not found: {load_path}')
+        if not osp.isfile(load_path):
+            raise InputError(f'{load_path}: checkpoint not found')
+        try:
+            ckpt = torch.load(load_path, map_location='cpu', weights_only=True)
+        except Exception as err:  # truncated or not a torch file: name it (torch's message does not)
+            cause = f'{type(err).__name__}: {one_line(err, 200)}'
+            raise InputError(f'{load_path}: cannot read checkpoint ({cause})') from err
         if isinstance(ckpt, dict) and param_key is not None and param_key not in ckpt:
             other = {'params': 'params_ema', 'params_ema': 'params'}.get(param_key)
             if other in ckpt:
