@@ -8,7 +8,7 @@ the nominal relative-position index.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -89,6 +89,50 @@ def relative_position_index(window: Size3 = WINDOW) -> Tensor:
     return (rel * strides).sum(-1)
 
 
+def window_attention_ref(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, labels: Optional[Tensor], scale: float
+) -> Tensor:
+    """Explicit window attention, the readable reference: softmax(q k^T * scale + bias + shift mask) v.
+
+    q, k, v: (w, heads, n, d); bias: (heads, n, n); labels: (L, n) shift-region ids with window i using
+    labels[i % L] (w a multiple of L), or None for unshifted windows. Returns (w, heads, n, d). Holds the
+    (w, heads, n, n) scores: callers bound w."""
+    attn = (q * scale) @ k.transpose(-2, -1)
+    attn = attn + bias.unsqueeze(0)
+    if labels is not None:
+        if q.shape[0] > labels.shape[0]:
+            labels = labels.repeat(q.shape[0] // labels.shape[0], 1)
+        attn = attn + label_mask(labels, attn.dtype).unsqueeze(1)
+    return attn.softmax(dim=-1) @ v
+
+
+def window_attention_flex(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor,
+    labels: Optional[Tensor],
+    scale: float,
+    kernel_options: Optional[Dict[str, Any]] = None,
+) -> Tensor:
+    """:func:`window_attention_ref` through FlexAttention, same arguments and values: the bias and the shift mask
+    are added to each score inside the fused kernel, so no (w, heads, n, n) tensor exists. Each window is one batch
+    element of at most 128 tokens (one kernel tile), so no block mask is needed. Fused only when compiled."""
+    if labels is None:
+
+        def score_mod(score: Tensor, b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
+            return score + bias[h, i, j]
+
+    else:
+        nl = labels.shape[0]
+
+        def score_mod(score: Tensor, b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
+            w = b % nl
+            return score + bias[h, i, j] + torch.where(labels[w, i] == labels[w, j], 0.0, -100.0)
+
+    return flex_attention(q, k, v, score_mod=score_mod, scale=scale, kernel_options=kernel_options)
+
+
 def use_flex(x: Tensor) -> bool:
     """Whether window attention takes the fused FlexAttention path: only on CUDA inside a compiled graph (the
     ``compile_blocks`` path). Eagerly, flex runs an unfused reference slower than the explicit form, and it has no
@@ -123,65 +167,31 @@ class WindowAttention(nn.Module):
         window i of the batch uses labels[i % nW]. Returns (B*nW, n, C)."""
         bias = self.position_bias(x.shape[1])
         if use_flex(x):
-            return self._attend_flex(x, bias, labels)
+            return self._attend(x, bias, labels, window_attention_flex)
         bw = x.shape[0]
         if labels is not None and bw > labels.shape[0]:
             labels = labels.repeat(bw // labels.shape[0], 1)
-        if bw <= self.max_windows:
-            return self._attend(x, bias, labels)
         # windows are independent: slices give the same values in bounded memory
+        step = self.max_windows
         parts = [
-            self._attend(x[s : s + self.max_windows], bias, None if labels is None else labels[s : s + self.max_windows])
-            for s in range(0, bw, self.max_windows)
+            self._attend(x[s : s + step], bias, None if labels is None else labels[s : s + step], window_attention_ref)
+            for s in range(0, bw, step)
         ]
-        return torch.cat(parts, dim=0)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def _attend(self, x: Tensor, bias: Tensor, labels: Optional[Tensor], core: Callable[..., Tensor]) -> Tensor:
+        """x: (w, n, C) -> (w, n, C): qkv projection, ``core`` (:func:`window_attention_ref` or
+        :func:`window_attention_flex`) over the heads, output projection."""
+        bw, n, c = x.shape
+        q, k, v = self.qkv_self(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        o = core(q, k, v, bias, labels, self.scale)
+        return self.proj(o.transpose(1, 2).reshape(bw, n, c))
 
     def position_bias(self, n: int) -> Tensor:
         """(heads, n, n) relative position bias, contiguous. Windows smaller than nominal use the top-left slice of
         the nominal index (official behaviour)."""
         idx = self.relative_position_index[:n, :n].reshape(-1)
         return self.relative_position_bias_table[idx].view(n, n, -1).permute(2, 0, 1).contiguous()
-
-    def _qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """x: (w, n, C) -> q, k, v, each (w, heads, n, C/heads)."""
-        bw, n, c = x.shape
-        q, k, v = self.qkv_self(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        return q, k, v
-
-    def _merge_heads(self, o: Tensor) -> Tensor:
-        """(w, heads, n, d) -> projected (w, n, heads*d)."""
-        bw, _, n, _ = o.shape
-        return self.proj(o.transpose(1, 2).reshape(bw, n, -1))
-
-    def _attend(self, x: Tensor, bias: Tensor, labels: Optional[Tensor]) -> Tensor:
-        """Explicit reference: x (w, n, C); bias (heads, n, n); labels (w, n) per window, or None."""
-        q, k, v = self._qkv(x)
-        attn = (q * self.scale) @ k.transpose(-2, -1)  # (w, h, n, n)
-        attn = attn + bias.unsqueeze(0)
-        if labels is not None:
-            attn = attn + label_mask(labels, attn.dtype).unsqueeze(1)
-        attn = attn.softmax(dim=-1)
-        return self._merge_heads(attn @ v)
-
-    def _attend_flex(self, x: Tensor, bias: Tensor, labels: Optional[Tensor]) -> Tensor:
-        """Same values as :meth:`_attend` through FlexAttention: the bias and the shift mask are added to each score
-        inside the fused kernel, so no (w, heads, n, n) tensor exists. x: (w, n, C); bias (heads, n, n); labels
-        (nW, n) with window i using labels[i % nW], or None. Each window is one batch element of at most 128 tokens,
-        one kernel tile, so no block mask is needed."""
-        q, k, v = self._qkv(x)
-        if labels is None:
-
-            def score_mod(score: Tensor, b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
-                return score + bias[h, i, j]
-
-        else:
-            nw = labels.shape[0]
-
-            def score_mod(score: Tensor, b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
-                w = b % nw
-                return score + bias[h, i, j] + torch.where(labels[w, i] == labels[w, j], 0.0, -100.0)
-
-        return self._merge_heads(flex_attention(q, k, v, score_mod=score_mod, scale=self.scale))
 
 
 class GEGLU(nn.Module):

@@ -96,7 +96,7 @@ def test_flex_window_attention_matches_explicit(monkeypatch, flex_path, dtype, s
         assert rel_err(grads[name], ref_grad) < GRAD_TOL[dtype], name
     if labels is not None:  # the mask matters here: without it the outputs differ
         with torch.no_grad():
-            plain = attn._attend(x, attn.position_bias(n), None)
+            plain = attn._attend(x, attn.position_bias(n), None, swsa.window_attention_ref)
         assert rel_err(plain, ref) > 1e-3
 
 
@@ -149,10 +149,12 @@ def test_flex_keeps_the_finite_mask_value(monkeypatch, flex_path):
         out = attn(x, labels)
         monkeypatch.setattr(swsa, 'use_flex', lambda x: False)
         ref = attn(x, labels)
+
         # the same attention with an infinite mask: far from ref, so this input tells the mask values apart
-        q, k, v = attn._qkv(x)
-        s = (q * attn.scale) @ k.transpose(-2, -1) + attn.position_bias(n)
-        s = s.masked_fill(label_mask(labels.repeat(2, 1), s.dtype).unsqueeze(1) != 0, float('-inf'))
-        hard = attn._merge_heads(s.softmax(-1) @ v)
+        def hard_core(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, labels: Tensor, scale: float) -> Tensor:
+            s = (q * scale) @ k.transpose(-2, -1) + bias
+            return s.masked_fill(label_mask(labels, s.dtype).unsqueeze(1) != 0, float('-inf')).softmax(-1) @ v
+
+        hard = attn._attend(x, attn.position_bias(n), labels.repeat(2, 1), hard_core)
     assert rel_err(hard, ref) > 1e-3
     assert rel_err(out, ref) < 1e-12
