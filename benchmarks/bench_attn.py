@@ -10,8 +10,8 @@ shifted windows, the region labels of that clip with the (1, 4, 4) shift. Every 
 - explicit: :func:`gsmsr.archs.swsa.window_attention_ref` (scores, + bias, + mask built from the labels, softmax, @ v)
 - sdpa: ``F.scaled_dot_product_attention`` with the bias (unshifted: broadcast (1, 8, n, n)) or bias + shift mask
   materialised as (w, 8, n, n) in the input dtype
-- flex: :func:`gsmsr.archs.swsa.window_attention_flex` (bias and mask in ``score_mod``); ``--sweep`` adds forward
-  rows with other ``kernel_options``
+- flex: :func:`gsmsr.archs.swsa.window_attention_flex` (bias and mask in ``score_mod``); "flex, bias frozen" is the
+  same with the bias detached (what its gradient costs); ``--sweep`` adds forward rows with other ``kernel_options``
 
 Per row: median ms (CUDA events), peak memory above the inputs, and the output's relative error against an fp64
 explicit reference. fwd runs without autograd; fwd+bwd also returns the q, k, v and bias gradients.
@@ -105,7 +105,7 @@ def run_once(
                 return core(inp['q'], inp['k'], inp['v'], inp['bias'], labels, HEAD_DIM**-0.5), None
         x = [inp[name].detach().requires_grad_() for name in ('q', 'k', 'v', 'bias')]
         out = core(*x, labels, HEAD_DIM**-0.5)
-    return out.detach(), list(torch.autograd.grad(out, x, inp['dout']))
+    return out.detach(), list(torch.autograd.grad(out, x, inp['dout'], allow_unused=True))
 
 
 def reference(inp: Dict[str, Tensor], shifted: bool, chunk: int = 512) -> Tensor:
@@ -142,9 +142,21 @@ def main() -> int:
         print('bench_attn: needs a CUDA GPU (none found); nothing timed.')
         return 0
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 rows in full fp32, as the network runs them
+    # one graph per (core, dtype, shifted, grad mode, sweep config): past the default limit dynamo runs eagerly
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     print(f'# {torch.cuda.get_device_name()}, torch {torch.__version__}')
     print(f'# {args.windows} windows x {HEADS} heads x {N} tokens x head dim {HEAD_DIM}')
     cases: List[Tuple[str, Core]] = [(name, torch.compile(core, dynamic=False)) for name, core in CORES.items()]
+    # the bias gradient of flex is a scatter-add of every window's score gradient into (8, n, n): this row, with the
+    # bias held constant, shows what that reduction costs
+    cases.append(
+        (
+            'flex, bias frozen',
+            torch.compile(
+                lambda q, k, v, b, lab, sc: window_attention_flex(q, k, v, b.detach(), lab, sc), dynamic=False
+            ),
+        )
+    )
     if args.sweep:
         for opts in SWEEP:
             tag = ' '.join(f'{k.replace("BLOCK_", "").replace("num_", "")}{v}' for k, v in opts.items())
