@@ -141,7 +141,6 @@ def main() -> int:
     if not torch.cuda.is_available():
         print('bench_attn: needs a CUDA GPU (none found); nothing timed.')
         return 0
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 rows in full fp32, as the network runs them
     # one graph per (core, dtype, shifted, grad mode, sweep config): past the default limit dynamo runs eagerly
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     print(f'# {torch.cuda.get_device_name()}, torch {torch.__version__}')

@@ -50,7 +50,8 @@ def _run(group: SWSAGroup, x: Tensor, g: Tensor, dtype: Optional[torch.dtype]) -
 
 
 def _uses_flex(graphs: list) -> bool:
-    return any('flex_attention' in gm.code for gm in graphs)
+    # modules(): inside a checkpointed region flex sits in a subgraph
+    return any('flex_attention' in m.code for gm in graphs for m in gm.modules() if hasattr(m, 'code'))
 
 
 # (3, 40, 44): padding, n = 128, 2x(2x5x6) windows; (1, 36, 36): T = 1 windows (n = 64); (2, 5, 20): H shorter
