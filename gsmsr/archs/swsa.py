@@ -8,12 +8,17 @@ the nominal relative-position index.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
+
+try:
+    from torch.nn.attention.flex_attention import flex_attention
+except ImportError:  # torch < 2.5: the explicit path only
+    flex_attention = None
 
 Size3 = Tuple[int, int, int]
 
@@ -44,8 +49,8 @@ def window_merge(windows: Tensor, ws: Size3, b: int, d: int, h: int, w: int) -> 
 
 
 @lru_cache(maxsize=4)
-def _shift_mask(padded: Size3, ws: Size3, ss: Size3, device: torch.device, dtype: torch.dtype) -> Tensor:
-    label = torch.zeros(1, *padded, 1, device=device)
+def _shift_labels(padded: Size3, ws: Size3, ss: Size3, device: torch.device) -> Tensor:
+    label = torch.zeros(1, *padded, 1, dtype=torch.int32, device=device)
     regions = [
         (slice(0, n - w), slice(n - w, n - s), slice(n - s, n)) if s > 0 else (slice(0, n),)
         for n, w, s in zip(padded, ws, ss)
@@ -56,16 +61,23 @@ def _shift_mask(padded: Size3, ws: Size3, ss: Size3, device: torch.device, dtype
             for sw in regions[2]:
                 label[:, sd, sh, sw, :] = count
                 count += 1
-    lw = window_partition(label, ws).squeeze(-1)  # (nW, n)
-    diff = lw.unsqueeze(1) - lw.unsqueeze(2)
-    return torch.zeros_like(diff, dtype=dtype).masked_fill(diff != 0, -100.0)  # (nW, n, n)
+    return window_partition(label, ws).squeeze(-1)  # (nW, n)
 
 
-def shift_mask(padded: Size3, ws: Size3, ss: Size3, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """(nW, n, n) additive mask separating regions that the cyclic shift brought together.
+def shift_labels(padded: Size3, ws: Size3, ss: Size3, device: torch.device) -> Tensor:
+    """(nW, n) int32 region id of every token of every window: tokens of different regions were brought together by
+    the cyclic shift and must not attend to each other (see :func:`label_mask`).
 
-    Cached per (size, device, dtype): built once, not copied to the device at every call."""
-    return _shift_mask(tuple(padded), tuple(ws), tuple(ss), torch.device(device), dtype)
+    Cached per (size, device): built once, not copied to the device at every call."""
+    return _shift_labels(tuple(padded), tuple(ws), tuple(ss), torch.device(device))
+
+
+def label_mask(labels: Tensor, dtype: torch.dtype) -> Tensor:
+    """Region ids (w, n) -> additive mask (w, n, n): -100.0 between tokens of different regions, else 0.
+
+    -100.0, not -inf, is the official value: a masked score keeps a weight of about exp(-100)."""
+    differ = labels.unsqueeze(1) != labels.unsqueeze(2)
+    return torch.zeros(differ.shape, dtype=dtype, device=labels.device).masked_fill(differ, -100.0)
 
 
 def relative_position_index(window: Size3 = WINDOW) -> Tensor:
@@ -75,6 +87,57 @@ def relative_position_index(window: Size3 = WINDOW) -> Tensor:
     rel = rel + torch.tensor([s - 1 for s in window])
     strides = torch.tensor([(2 * window[1] - 1) * (2 * window[2] - 1), 2 * window[2] - 1, 1])
     return (rel * strides).sum(-1)
+
+
+def window_attention_ref(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, labels: Optional[Tensor], scale: float
+) -> Tensor:
+    """Explicit window attention, the readable reference: softmax(q k^T * scale + bias + shift mask) v.
+
+    q, k, v: (w, heads, n, d); bias: (heads, n, n); labels: (L, n) shift-region ids with window i using
+    labels[i % L] (w a multiple of L), or None for unshifted windows. Returns (w, heads, n, d). Holds the
+    (w, heads, n, n) scores: callers bound w."""
+    attn = (q * scale) @ k.transpose(-2, -1)
+    attn = attn + bias.unsqueeze(0)
+    if labels is not None:
+        if q.shape[0] > labels.shape[0]:
+            labels = labels.repeat(q.shape[0] // labels.shape[0], 1)
+        attn = attn + label_mask(labels, attn.dtype).unsqueeze(1)
+    return attn.softmax(dim=-1) @ v
+
+
+def window_attention_flex(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor,
+    labels: Optional[Tensor],
+    scale: float,
+    kernel_options: Optional[Dict[str, Any]] = None,
+) -> Tensor:
+    """:func:`window_attention_ref` through FlexAttention, same arguments and values: the bias and the shift mask
+    are added to each score inside the fused kernel, so no (w, heads, n, n) tensor exists. Each window is one batch
+    element of at most 128 tokens (one kernel tile), so no block mask is needed. Fused only when compiled."""
+    if labels is None:
+
+        def score_mod(score: Tensor, b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
+            return score + bias[h, i, j]
+
+    else:
+        nl = labels.shape[0]
+
+        def score_mod(score: Tensor, b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
+            w = b % nl
+            return score + bias[h, i, j] + torch.where(labels[w, i] == labels[w, j], 0.0, -100.0)
+
+    return flex_attention(q, k, v, score_mod=score_mod, scale=scale, kernel_options=kernel_options)
+
+
+def use_flex(x: Tensor) -> bool:
+    """Whether window attention takes the fused FlexAttention path: only on CUDA inside a compiled graph (the
+    ``compile_blocks`` path). Eagerly, flex runs an unfused reference slower than the explicit form, and it has no
+    CPU backward."""
+    return flex_attention is not None and x.is_cuda and torch.compiler.is_compiling()
 
 
 class WindowAttention(nn.Module):
@@ -95,38 +158,40 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    # windows attended per step: bounds the (windows, heads, n, n) score tensor (about 0.5 GB at 8 heads, fp32)
+    # windows attended per step by the explicit path: bounds its (windows, heads, n, n) score tensor (about 0.5 GB
+    # at 8 heads, fp32); the fused path never holds the scores
     max_windows = 1024
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        """x: (B*nW, n, C); mask: (nW, n, n) or None. Returns (B*nW, n, C).
-
-        Windows are independent, so they are processed in slices of ``max_windows`` (same values, bounded
-        memory)."""
+    def forward(self, x: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """x: (B*nW, n, C); labels: (nW, n) shift-region ids (:func:`shift_labels`), or None for unshifted windows;
+        window i of the batch uses labels[i % nW]. Returns (B*nW, n, C)."""
+        bias = self.position_bias(x.shape[1])
+        if use_flex(x):
+            return self._attend(x, bias, labels, window_attention_flex)
         bw = x.shape[0]
-        if mask is not None:  # window i of the batch uses mask[i % nW]
-            mask = mask.repeat(bw // mask.shape[0], 1, 1) if bw > mask.shape[0] else mask
-        if bw <= self.max_windows:
-            return self._attend(x, mask)
+        if labels is not None and bw > labels.shape[0]:
+            labels = labels.repeat(bw // labels.shape[0], 1)
+        # windows are independent: slices give the same values in bounded memory
+        step = self.max_windows
         parts = [
-            self._attend(x[s : s + self.max_windows], None if mask is None else mask[s : s + self.max_windows])
-            for s in range(0, bw, self.max_windows)
+            self._attend(x[s : s + step], bias, None if labels is None else labels[s : s + step], window_attention_ref)
+            for s in range(0, bw, step)
         ]
-        return torch.cat(parts, dim=0)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
-    def _attend(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
-        """x: (w, n, C); mask: (w, n, n) per window, or None."""
+    def _attend(self, x: Tensor, bias: Tensor, labels: Optional[Tensor], core: Callable[..., Tensor]) -> Tensor:
+        """x: (w, n, C) -> (w, n, C): qkv projection, ``core`` (:func:`window_attention_ref` or
+        :func:`window_attention_flex`) over the heads, output projection."""
         bw, n, c = x.shape
         q, k, v = self.qkv_self(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        attn = (q * self.scale) @ k.transpose(-2, -1)  # (w, h, n, n)
-        # smaller-than-nominal windows use the top-left slice of the nominal index (official behaviour)
+        o = core(q, k, v, bias, labels, self.scale)
+        return self.proj(o.transpose(1, 2).reshape(bw, n, c))
+
+    def position_bias(self, n: int) -> Tensor:
+        """(heads, n, n) relative position bias, contiguous. Windows smaller than nominal use the top-left slice of
+        the nominal index (official behaviour)."""
         idx = self.relative_position_index[:n, :n].reshape(-1)
-        bias = self.relative_position_bias_table[idx].view(n, n, -1).permute(2, 0, 1)
-        attn = attn + bias.unsqueeze(0)
-        if mask is not None:
-            attn = attn + mask.unsqueeze(1)
-        attn = attn.softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(bw, n, c))
+        return self.relative_position_bias_table[idx].view(n, n, -1).permute(2, 0, 1).contiguous()
 
 
 class GEGLU(nn.Module):
@@ -162,7 +227,7 @@ class SWSABlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = GEGLU(dim, 2 * dim)
 
-    def _attn_branch(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def _attn_branch(self, x: Tensor, labels: Optional[Tensor]) -> Tensor:
         b, d, h, w, c = x.shape
         ws, ss = effective_window((d, h, w), WINDOW, self.shift)
         u = self.norm1(x)
@@ -172,7 +237,7 @@ class SWSABlock(nn.Module):
         shifted = any(s > 0 for s in ss)
         if shifted:
             u = torch.roll(u, shifts=tuple(-s for s in ss), dims=(1, 2, 3))
-        o = self.attn(window_partition(u, ws), mask if shifted else None)
+        o = self.attn(window_partition(u, ws), labels if shifted else None)
         u = window_merge(o, ws, b, dp, hp, wp)
         if shifted:
             u = torch.roll(u, shifts=ss, dims=(1, 2, 3))
@@ -181,12 +246,13 @@ class SWSABlock(nn.Module):
     def _ffn_branch(self, x: Tensor) -> Tensor:
         return self.mlp(self.norm2(x))
 
-    def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, labels: Optional[Tensor]) -> Tensor:
+        """x: (B, D, H, W, C); labels: (nW, n) shift-region ids of the padded volume (used by shifted blocks)."""
         ckpt = self.training and torch.is_grad_enabled()
         if ckpt and self.use_checkpoint_attn:
-            x = x + checkpoint(self._attn_branch, x, mask, use_reentrant=False)
+            x = x + checkpoint(self._attn_branch, x, labels, use_reentrant=False)
         else:
-            x = x + self._attn_branch(x, mask)
+            x = x + self._attn_branch(x, labels)
         if ckpt and self.use_checkpoint_ffn:
             x = x + checkpoint(self._ffn_branch, x, use_reentrant=False)
         elif torch.is_grad_enabled():
@@ -216,8 +282,8 @@ class SWSAGroup(nn.Module):
         _, _, d, h, w = x.shape
         ws, ss = effective_window((d, h, w), WINDOW, SHIFT)
         padded = tuple(-(-n // s) * s for n, s in zip((d, h, w), ws))
-        mask = shift_mask(padded, ws, ss, x.device, x.dtype)
+        labels = shift_labels(padded, ws, ss, x.device)
         t = x.permute(0, 2, 3, 4, 1)
         for blk in self.blocks:
-            t = blk(t, mask)
+            t = blk(t, labels)
         return t.permute(0, 4, 1, 2, 3)
