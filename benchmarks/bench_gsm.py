@@ -32,6 +32,7 @@ import gsmsr  # noqa: E402,F401  (applies the BasicSR compatibility fixes)
 from gsmsr import GSMNet  # noqa: E402
 
 SCAN = importlib.import_module('gsmsr.ops.selective_scan')
+SWSA = importlib.import_module('gsmsr.archs.swsa')
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -64,6 +65,8 @@ def main() -> int:
         return net
 
     gsm_compiled = variant(compile_blocks=True)
+    # the faithful row runs mamba-ssm's kernel whatever the no-grad scan default is
+    gsm_faithful = variant(scan_backend='kernel') if SCAN.cuda_kernel() else gsm
 
     def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm, segments: bool = False):
         def run(x):
@@ -74,14 +77,27 @@ def main() -> int:
 
         return run
 
+    def flex_run(net: GSMNet):
+        inner = gsm_run(True, torch.bfloat16, net=net)
+
+        def run(x):
+            SWSA.FLEX_ATTENTION = True
+            try:
+                return inner(x)
+            finally:
+                SWSA.FLEX_ATTENTION = False
+
+        return run
+
     models: Dict[str, Callable] = {
-        'GSMNet fp32 whole-clip': gsm_run(False),
+        'GSMNet fp32 whole-clip': gsm_run(False, net=gsm_faithful),
         'GSMNet fp32 streaming': gsm_run(True),
         'GSMNet bf16 streaming': gsm_run(True, torch.bfloat16),
         'GSMNet fp32 streaming+segmented scan': gsm_run(True, segments=True),
         'GSMNet bf16 streaming+segmented scan': gsm_run(True, torch.bfloat16, segments=True),
         'GSMNet fp32 compiled': gsm_run(True, net=gsm_compiled),
         'GSMNet bf16 compiled': gsm_run(True, torch.bfloat16, net=gsm_compiled),
+        'GSMNet bf16 compiled+flex attention': flex_run(variant(compile_blocks=True)),
     }
     if args.triton:
         models['GSMNet fp32 streaming+triton'] = gsm_run(True, net=variant(scan_backend='triton'))

@@ -155,7 +155,7 @@ def main() -> int:
             )
             for bd, w, tile, seg, wps in SEQ_SWEEP
         ]
-    for name, kw in [] if args.no_triton else seq_configs:
+    for name, kw in seq_configs:
         scans[name] = lambda *a, kw=kw, **k: selective_scan_fwd_triton(*a, **k, **kw)
         forward_only.add(name)
 

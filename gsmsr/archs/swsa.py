@@ -133,11 +133,25 @@ def window_attention_flex(
     return flex_attention(q, k, v, score_mod=score_mod, scale=scale, kernel_options=kernel_options)
 
 
+# FlexAttention for the compiled bf16 SWSA blocks. Off: alone it beat the explicit form 1.7-2.5x (bench_attn.py), but
+# inside the compiled network its kernels took 9.4 ms a call (22 ms per frame against ~10 for the explicit form;
+# benchmarks/NOTES.md). The flex row of bench_gsm.py turns it on to re-measure.
+FLEX_ATTENTION = False
+
+
 def use_flex(x: Tensor) -> bool:
     """Whether window attention takes the fused FlexAttention path: only on CUDA inside a compiled graph (the
-    ``compile_blocks`` path). Eagerly, flex runs an unfused reference slower than the explicit form, and it has no
-    CPU backward."""
-    return flex_attention is not None and x.is_cuda and torch.compiler.is_compiling()
+    ``compile_blocks`` path) and in half precision (bf16 autocast). Eagerly, flex runs an unfused reference slower
+    than the explicit form, and it has no CPU backward. In fp32 its full-precision dots lost to the explicit form
+    on an H200 (forward 4.3 against 3.6 ms, forward + backward 46 against 10 ms; benchmarks/NOTES.md)."""
+    half = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else x.dtype
+    return (
+        FLEX_ATTENTION
+        and flex_attention is not None
+        and x.is_cuda
+        and half.itemsize == 2
+        and torch.compiler.is_compiling()
+    )
 
 
 class WindowAttention(nn.Module):
@@ -183,7 +197,15 @@ class WindowAttention(nn.Module):
         """x: (w, n, C) -> (w, n, C): qkv projection, ``core`` (:func:`window_attention_ref` or
         :func:`window_attention_flex`) over the heads, output projection."""
         bw, n, c = x.shape
-        q, k, v = self.qkv_self(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        if core is window_attention_flex:
+            # q, k, v straight from three GEMMs (strided views, no pointwise op between) so that Inductor does not
+            # fuse their extraction from one qkv tensor into the flex kernel's loads
+            q, k, v = (
+                F.linear(x, wi).view(bw, n, self.num_heads, c // self.num_heads).transpose(1, 2)
+                for wi in self.qkv_self.weight.chunk(3)
+            )
+        else:
+            q, k, v = self.qkv_self(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         o = core(q, k, v, bias, labels, self.scale)
         return self.proj(o.transpose(1, 2).reshape(bw, n, c))
 

@@ -367,8 +367,9 @@ def dwconv3d_gelu_backward_triton(
         num_warps=cfg.wgrad_num_warps,
     )
     tab = part.sum((0, 1))
-    dweight = tab[:27].t().reshape(weight.shape).to(weight.dtype)
-    dbias = None if bias is None else tab[27].to(bias.dtype)
+    # copies, not views of tab: a custom op's outputs may not alias each other
+    dweight = tab[:27].t().contiguous().view(weight.shape).to(weight.dtype)
+    dbias = None if bias is None else tab[27].clone().to(bias.dtype)
     return dx, dweight, dbias
 
 

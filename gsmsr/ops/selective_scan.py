@@ -25,11 +25,11 @@ KERNEL_CHUNK = 2048  # tokens per chunk of mamba-ssm's kernel: one saved state e
 # on an H200 at L = 288,000 it was 2.3x slower than one pass (the fix-up pass costs more than the kernel gains,
 # benchmarks/NOTES.md), so it stays opt-in (``segments=`` or GSMSR_SCAN_SEGMENT_BLOCKS).
 SEGMENT_BLOCKS_PER_SM = int(os.environ.get('GSMSR_SCAN_SEGMENT_BLOCKS', '0'))
-# What the no-grad CUDA scan (``gsmsr::scan_infer``) runs when mamba-ssm is installed: 'mamba' (its kernel, above)
-# or 'triton' (gsmsr.ops.seq_scan_triton: sequential scan with a sequence split). The one place this default is
-# decided; it stays 'mamba' until benchmarks/bench_scan.py measures the Triton kernel faster on the GPU.
-# Without mamba-ssm the Triton kernel is the no-grad path either way.
-INFER_IMPL = 'mamba'
+# What the no-grad CUDA scan (``gsmsr::scan_infer``) runs: 'triton' (gsmsr.ops.seq_scan_triton: sequential scan
+# with a sequence split; 3.0 against mamba-ssm's 3.7 ms at L = 288k, bf16, H200, benchmarks/NOTES.md) or 'mamba'
+# (mamba-ssm's kernel). The one place this default is decided (GSMSR_SCAN_INFER overrides it). Training (autograd)
+# always runs mamba-ssm's kernel.
+INFER_IMPL = os.environ.get('GSMSR_SCAN_INFER', 'triton')
 
 
 def _cuda_module():
