@@ -19,12 +19,13 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from gsmsr.utils import atomic_write_bytes
+from gsmsr.utils import atomic_write_bytes, one_line
 
 __all__ = ['cache_root', 'enable_persistent_caches', 'cache_key', 'MegaCache']
 
@@ -44,14 +45,20 @@ def enable_persistent_caches(root: Optional[Path] = None) -> Path:
 
     Call it before the first compilation of the process (Inductor reads the folders when it first needs them).
     A user-set ``TORCHINDUCTOR_CACHE_DIR`` alone keeps Triton's cache inside it, as Inductor does by default.
+    Where ``root`` cannot be created (a read-only home), Inductor's defaults stay.
     """
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
     root = Path(root) if root is not None else cache_root()
     if 'TORCHINDUCTOR_CACHE_DIR' not in os.environ:
-        for var, sub in _CACHE_DIRS.items():
-            os.environ.setdefault(var, str(root / sub))
+        try:
+            for var, sub in _CACHE_DIRS.items():
+                if var not in os.environ:
+                    (root / sub).mkdir(parents=True, exist_ok=True)
+                    os.environ[var] = str(root / sub)
+        except OSError:
+            pass
     if os.environ.get('TORCHINDUCTOR_FX_GRAPH_CACHE') is None:
         inductor_config.fx_graph_cache = True
     if os.environ.get('TORCHINDUCTOR_AUTOGRAD_CACHE') is None:
@@ -93,8 +100,8 @@ class MegaCache:
     """One Mega-Cache file: :meth:`load` its artifacts into the compile caches, :meth:`save` the process's.
 
     ``save_artifacts`` / ``load_artifacts`` default to ``torch.compiler.save_cache_artifacts`` /
-    ``load_cache_artifacts`` (replaceable for tests). A file that cannot be read or loaded is ignored: a broken
-    cache must never stop inference, it only costs a compilation.
+    ``load_cache_artifacts`` (replaceable for tests). A file that cannot be read or loaded is ignored and a
+    failed save only warns: a broken cache must never stop inference, it only costs a compilation.
     """
 
     def __init__(
@@ -129,13 +136,17 @@ class MegaCache:
 
     def save(self) -> bool:
         """Write this process's artifacts (atomically) if there are any and they differ from the file's."""
-        result = self._save_artifacts()
-        if not result or not result[0]:
+        try:
+            result = self._save_artifacts()
+            if not result or not result[0]:
+                return False
+            data = result[0]
+            digest = hashlib.sha256(data).hexdigest()
+            if digest == self._digest:
+                return False
+            atomic_write_bytes(self.path, data)
+        except Exception as e:  # full disk, read-only home, an artifact torch cannot serialise
+            print(f'warning: compile cache not saved to {self.path}: {one_line(e, 200)}', file=sys.stderr)
             return False
-        data = result[0]
-        digest = hashlib.sha256(data).hexdigest()
-        if digest == self._digest:
-            return False
-        atomic_write_bytes(self.path, data)
         self._digest = digest
         return True
