@@ -199,8 +199,10 @@ def main() -> int:
     device = torch.cuda.get_device_name() if cuda else 'CPU'
     print(f'\n# {device}, torch {torch.__version__}, {args.config} config, gsmsr infer defaults {" ".join(extra)}')
     if reference is not None:
-        print(f'# network only (compiled bf16, {"x".join(map(str, REFERENCE_SIZE))}): '
-              f'{reference["us_per_pixel_frame"]:.2f} us per LR pixel-frame')
+        print(
+            f'# network only (compiled bf16, {"x".join(map(str, REFERENCE_SIZE))}): '
+            f'{reference["us_per_pixel_frame"]:.2f} us per LR pixel-frame'
+        )
     cols = ['input', 'frames', 'cache', 'tile', 'batch', 'frames/s', 'stream_s', 'wall_s', 'first_frame_s']
     cols += ['peak_GPU_GiB', 'peak_host_GiB', 'net_s', 'vs_net']
     print_table(rows, cols)
