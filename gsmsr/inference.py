@@ -28,6 +28,8 @@ are moved inward, overlapping more), every network call of a video gets the same
 last group is filled up with repeats whose outputs are dropped), and every chunk has the same length. Planned
 tile sides are the whole frame side or multiples of 64 (:func:`gsmsr.tiling.plan_tiles`), so videos of
 different sizes share tile shapes. The compile caches persist across processes (:mod:`gsmsr.compile_cache`).
+One exception: a clip shorter than a chunk with an odd frame count above GSMNet's SWSA slab (16 frames) gives the
+last slab one frame more (slabs start on even frames), i.e. a second SWSA shape.
 
 I/O beside the GPU. :func:`upscale_video` decodes in a read-ahead thread and quantises each finished frame on
 the device, copies it to the host without blocking (pinned memory and an event on CUDA) and encodes it in
