@@ -1,13 +1,16 @@
 """``gsmsr infer`` end to end: the real command in a fresh process (start-up and compilation included).
 
     python benchmarks/bench_infer.py [--cases 360x640x100,1080x1920x40,1080x1920x20] [--cache fresh,warm]
-                                     [--precision bf16] [--config release|tiny] [--no-reference] [-- EXTRA ARGS]
+                                     [--cache-dir DIR] [--precision bf16] [--config release|tiny]
+                                     [--no-reference] [-- EXTRA ARGS]
 
 For each case (LR HxWxFRAMES) the frames are a synthetic moving texture written as PNGs, the network the released
 configuration with random weights (speed and memory do not depend on the weights), the output a PNG folder.
-Each run is ``python -m gsmsr infer ... --stats-json`` in a new process whose compile caches live in a folder of
+Each run is ``python -m gsmsr infer ... --stats-json`` in a new process whose compile caches live in one folder of
 this benchmark (``XDG_CACHE_HOME``; ``TORCHINDUCTOR_CACHE_DIR`` / ``TRITON_CACHE_DIR`` are cleared): ``fresh``
-starts from an empty one, ``warm`` runs again on the folder the fresh run (or an unreported warm-up) filled.
+empties it first, ``warm`` runs on what earlier runs left there. A case whose first mode is ``warm`` gets an
+unreported warm-up run first, unless ``--cache-dir`` names a folder that earlier invocations filled (so long
+cases can be split over several invocations).
 
 Reported: frames/s of the streaming part, the process's wall time, time from launch to the first output frame
 written, peak GPU memory (``torch.cuda.max_memory_allocated`` in the infer process) and peak host RSS, the tile
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -132,6 +136,7 @@ def main() -> int:
     p.add_argument('--cases', default='360x640x100,1080x1920x40,1080x1920x20', help='comma list of HxWxFRAMES (LR)')
     p.add_argument('--cache', default='fresh,warm', help='fresh, warm or both (fresh first fills the warm cache)')
     p.add_argument('--precision', default=None, help='passed to gsmsr infer (default: its own, bf16 on CUDA)')
+    p.add_argument('--cache-dir', help='keep the compile caches here across invocations (default: a temporary one)')
     p.add_argument('--config', choices=['release', 'tiny'], default='release', help='tiny: CPU smoke runs')
     p.add_argument('--no-reference', action='store_true', help='skip the network-only reference row')
     p.add_argument('--repeats', type=int, default=3, help='timed repeats of the network-only reference')
@@ -153,19 +158,21 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         net_args = write_network(tmp, args.config)
-        ref_cache = tmp / 'cache-reference'
+        cache_home = Path(args.cache_dir).resolve() / 'xdg' if args.cache_dir else tmp / 'xdg'
+        prefilled = bool(args.cache_dir) and cache_home.is_dir() and any(cache_home.iterdir())
         reference = None
         if cuda and not args.no_reference and args.config == 'release':
-            reference = reference_in_subprocess(ref_cache, args.repeats)
+            reference = reference_in_subprocess(cache_home, args.repeats)
             print(f'network-only reference: {reference}', flush=True)
         for case in args.cases.split(','):
             h, w, n = (int(v) for v in case.split('x'))
             src = tmp / f'in-{case}'
             write_frames(src, n, h, w)
-            cache_home = tmp / f'cache-{case}'
-            if 'warm' in modes and 'fresh' not in modes:  # unreported warm-up run fills the cache
+            if modes[0] == 'warm' and not prefilled:  # an unreported warm-up run fills the cache
                 run_infer(src, tmp / f'out-{case}-warmup', net_args, extra, cache_home, None)
             for mode in modes:
+                if mode == 'fresh':
+                    shutil.rmtree(cache_home, ignore_errors=True)
                 name = f'{case}-{mode}'
                 log = out_root / f'{name}.log' if out_root is not None else None
                 try:
@@ -195,7 +202,8 @@ def main() -> int:
                 rows.append(row)
                 print(row, flush=True)
             for out in tmp.glob(f'out-{case}*'):  # HR frames of a large case are gigabytes
-                subprocess.run(['rm', '-rf', str(out)], check=False)
+                if out.is_dir():
+                    shutil.rmtree(out, ignore_errors=True)
     device = torch.cuda.get_device_name() if cuda else 'CPU'
     print(f'\n# {device}, torch {torch.__version__}, {args.config} config, gsmsr infer defaults {" ".join(extra)}')
     if reference is not None:
