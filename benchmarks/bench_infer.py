@@ -1,67 +1,221 @@
-"""Streaming inference at a given size: frames/s and peak memory of ``gsmsr infer`` for N and 2N frames.
+"""``gsmsr infer`` end to end: the real command in a fresh process (start-up and compilation included).
 
-    python benchmarks/bench_infer.py --size 1080x1920 --frames 20 [--double] [--precision bf16]
+    python benchmarks/bench_infer.py [--cases 360x640x100,1080x1920x40,1080x1920x20] [--cache fresh,warm]
+                                     [--cache-dir DIR] [--precision bf16] [--config release|tiny]
+                                     [--no-reference] [-- EXTRA ARGS]
 
-Frames are a synthetic moving texture written as PNGs (no download); the network is the released
-configuration with random weights (speed and memory do not depend on the weights). The output is a PNG
-folder. One line per run, then a table.
+For each case (LR HxWxFRAMES) the frames are a synthetic moving texture written as PNGs, the network the released
+configuration with random weights (speed and memory do not depend on the weights), the output a PNG folder.
+Each run is ``python -m gsmsr infer ... --stats-json`` in a new process whose compile caches live in one folder of
+this benchmark (``XDG_CACHE_HOME``; ``TORCHINDUCTOR_CACHE_DIR`` / ``TRITON_CACHE_DIR`` are cleared): ``fresh``
+empties it first, ``warm`` runs on what earlier runs left there. A case whose first mode is ``warm`` gets an
+unreported warm-up run first, unless ``--cache-dir`` names a folder that earlier invocations filled (so long
+cases can be split over several invocations).
+
+Reported: frames/s of the streaming part, the process's wall time, time from launch to the first output frame
+written, peak GPU memory (``torch.cuda.max_memory_allocated`` in the infer process) and peak host RSS, the tile
+and tiles per call chosen, and the network-only time for the same LR pixels: bench_gsm's default row (compiled
+bf16 streaming, T x 180 x 320) timed in its own process in the same run, scaled by LR pixel-frames. The
+``vs net`` column is streaming seconds over that (issue 16 target: <= 1.25 on long clips).
+Logs (each run's stderr, its stats JSON, the table) go to ``$OUT/bench_infer`` when ``OUT`` is set.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Dict, List, Optional
 
 import cv2
 import numpy as np
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gsmsr import GSMNet  # noqa: E402
-from gsmsr.inference import upscale_video  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_utils import print_table  # noqa: E402  (this folder is on sys.path)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(type='GSMNet', upscale=4, prop_depth=1, attn_depth=1, pa_frame=1, embed_dims=16, num_heads=4)
+REFERENCE_SIZE = (20, 180, 320)  # bench_gsm's default row
 
 
-def write_frames(folder: str, n: int, h: int, w: int) -> None:
+def write_frames(folder: Path, n: int, h: int, w: int) -> None:
+    """n PNG frames of a smooth random texture moving 4 px per frame."""
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     canvas = cv2.GaussianBlur(rng.random((h + 64, w + 64 + 4 * n, 3), dtype=np.float32), (0, 0), 3)
     canvas = cv2.normalize(canvas, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
     for t in range(n):
-        cv2.imwrite(os.path.join(folder, f'{t:08d}.png'), canvas[32 : 32 + h, 4 * t : 4 * t + w])
+        cv2.imwrite(str(folder / f'{t:08d}.png'), canvas[32 : 32 + h, 4 * t : 4 * t + w])
+
+
+def write_network(folder: Path, config: str) -> List[str]:
+    """A random checkpoint (and options file for the tiny config); returns the infer arguments naming them."""
+    import torch
+    import yaml
+
+    from gsmsr import GSMNet
+
+    torch.manual_seed(0)
+    opts = dict(TINY) if config == 'tiny' else None
+    net = GSMNet(**{k: v for k, v in (opts or {}).items() if k != 'type'})
+    torch.save({'params': net.state_dict()}, folder / 'net.pth')
+    args = ['--weights', str(folder / 'net.pth')]
+    if opts is not None:
+        (folder / 'net.yml').write_text(yaml.safe_dump({'network_g': opts}))
+        args += ['-opt', str(folder / 'net.yml')]
+    return args
+
+
+def child_env(cache_home: Path) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ('TORCHINDUCTOR_CACHE_DIR', 'TRITON_CACHE_DIR')}
+    env['XDG_CACHE_HOME'] = str(cache_home)
+    env['PYTHONPATH'] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get('PYTHONPATH')])])
+    return env
+
+
+def run_infer(src: Path, out: Path, net_args: List[str], extra: List[str], cache_home: Path, log: Optional[Path]):
+    """One ``gsmsr infer`` process; returns (stats dict, wall seconds)."""
+    stats_file = out.parent / (out.name + '.json')
+    cmd = [sys.executable, '-m', 'gsmsr', 'infer', str(src), '-o', str(out), '--force', '--no-progress']
+    cmd += [*net_args, '--stats-json', str(stats_file), *extra]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=child_env(cache_home), capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if log is not None:
+        log.write_text(' '.join(cmd) + '\n' + proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f'gsmsr infer failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}')
+    stats = json.loads(stats_file.read_text())
+    if log is not None:
+        log.with_suffix('.json').write_text(json.dumps(stats, indent=1))
+    return stats, wall
+
+
+def network_reference(repeats: int) -> Dict[str, float]:
+    """bench_gsm's default row in this process: compiled bf16 streaming GSMNet on a T x 180 x 320 clip."""
+    import torch
+    from bench_utils import cuda_time
+
+    from gsmsr import GSMNet
+    from gsmsr.compile_cache import enable_persistent_caches
+
+    enable_persistent_caches()
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    net = GSMNet(compile_blocks=True).cuda().eval()
+    lq = torch.rand(1, *REFERENCE_SIZE[:1], 3, *REFERENCE_SIZE[1:], device='cuda')
+
+    def step():
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            return net(lq).float()
+
+    with torch.no_grad():
+        ms, _ = cuda_time(step, repeats, warmup=1)
+    t, h, w = REFERENCE_SIZE
+    return {'ms_per_clip': ms, 'us_per_pixel_frame': 1e3 * ms / (t * h * w)}
+
+
+def reference_in_subprocess(cache_home: Path, repeats: int) -> Optional[Dict[str, float]]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), '--reference-only', '--repeats', str(repeats)]
+    proc = subprocess.run(cmd, env=child_env(cache_home), capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
+    if proc.returncode != 0 or not lines:
+        print(f'reference failed: {proc.stderr.strip()[-1000:]}', flush=True)
+        return None
+    return json.loads(lines[-1])
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--size', default='1080x1920', help='LR HxW')
-    p.add_argument('--frames', type=int, default=20)
-    p.add_argument('--double', action='store_true', help='also run 2x the frames')
-    p.add_argument('--precision', default='bf16')
-    p.add_argument('--chunk', type=int, default=None)
-    p.add_argument('--tile', type=int, default=None)
+    p.add_argument('--cases', default='360x640x100,1080x1920x40,1080x1920x20', help='comma list of HxWxFRAMES (LR)')
+    p.add_argument('--cache', default='fresh,warm', help='fresh, warm or both (fresh first fills the warm cache)')
+    p.add_argument('--precision', default=None, help='passed to gsmsr infer (default: its own, bf16 on CUDA)')
+    p.add_argument('--cache-dir', help='keep the compile caches here across invocations (default: a temporary one)')
+    p.add_argument('--config', choices=['release', 'tiny'], default='release', help='tiny: CPU smoke runs')
+    p.add_argument('--no-reference', action='store_true', help='skip the network-only reference row')
+    p.add_argument('--repeats', type=int, default=3, help='timed repeats of the network-only reference')
+    p.add_argument('--reference-only', action='store_true', help=argparse.SUPPRESS)
+    p.add_argument('extra', nargs='*', help='after --: more gsmsr infer arguments, e.g. -- --tile 256')
     args = p.parse_args()
-    h, w = (int(v) for v in args.size.split('x'))
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    net = GSMNet().eval()
-    extra = {k: v for k, v in (('chunk', args.chunk), ('tile', args.tile)) if v is not None}
-    rows = []
-    for n in [args.frames, 2 * args.frames] if args.double else [args.frames]:
-        with tempfile.TemporaryDirectory() as tmp:
-            src = os.path.join(tmp, 'in')
-            os.makedirs(src)
+    if args.reference_only:
+        print(json.dumps(network_reference(args.repeats)), flush=True)
+        return 0
+    import torch
+
+    out_root = Path(os.environ['OUT']) / 'bench_infer' if os.environ.get('OUT') else None
+    if out_root is not None:
+        out_root.mkdir(parents=True, exist_ok=True)
+    modes = [m for m in args.cache.split(',') if m]
+    extra = list(args.extra) + (['--precision', args.precision] if args.precision else [])
+    cuda = torch.cuda.is_available()
+    rows: List[Dict[str, str]] = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        net_args = write_network(tmp, args.config)
+        cache_home = Path(args.cache_dir).resolve() / 'xdg' if args.cache_dir else tmp / 'xdg'
+        prefilled = bool(args.cache_dir) and cache_home.is_dir() and any(cache_home.iterdir())
+        reference = None
+        if cuda and not args.no_reference and args.config == 'release':
+            reference = reference_in_subprocess(cache_home, args.repeats)
+            print(f'network-only reference: {reference}', flush=True)
+        for case in args.cases.split(','):
+            h, w, n = (int(v) for v in case.split('x'))
+            src = tmp / f'in-{case}'
             write_frames(src, n, h, w)
-            stats = upscale_video(
-                src, os.path.join(tmp, 'out'), net, precision=args.precision, device=device, progress=False, **extra
-            )
-            print(stats.summary(), flush=True)
-            rows.append((n, stats))
-    dev = torch.cuda.get_device_name() if device == 'cuda' else 'CPU'
-    print(f'\n{dev}, LR {h}x{w} -> {4 * h}x{4 * w}, {args.precision}, released config')
-    print('frames | seconds | frames/s | peak GPU GiB | peak host GiB')
-    for n, s in rows:
-        gpu = f'{s.peak_device_bytes / 2**30:.2f}' if s.peak_device_bytes is not None else '-'
-        print(f'{n} | {s.seconds:.1f} | {n / s.seconds:.3f} | {gpu} | {s.peak_host_bytes / 2**30:.2f}')
+            if modes[0] == 'warm' and not prefilled:  # an unreported warm-up run fills the cache
+                run_infer(src, tmp / f'out-{case}-warmup', net_args, extra, cache_home, None)
+            for mode in modes:
+                if mode == 'fresh':
+                    shutil.rmtree(cache_home, ignore_errors=True)
+                name = f'{case}-{mode}'
+                log = out_root / f'{name}.log' if out_root is not None else None
+                try:
+                    stats, wall = run_infer(src, tmp / f'out-{name}', net_args, extra, cache_home, log)
+                except RuntimeError as err:
+                    rows.append({'input': f'{h}x{w}', 'frames': str(n), 'cache': mode, 'frames/s': str(err)[:80]})
+                    print(err, flush=True)
+                    continue
+                seconds = stats['seconds']
+                first = stats.get('first_frame_seconds')
+                row = {
+                    'input': f'{h}x{w}',
+                    'frames': str(n),
+                    'cache': mode,
+                    'tile': 'x'.join(map(str, stats['tile'])),
+                    'batch': str(stats['tile_batch']),
+                    'frames/s': f'{n / seconds:.3f}',
+                    'stream_s': f'{seconds:.1f}',
+                    'wall_s': f'{wall:.1f}',
+                    'first_frame_s': f'{wall - seconds + first:.1f}' if first is not None else '',
+                    'peak_GPU_GiB': f'{stats["peak_device_bytes"] / 2**30:.2f}' if stats['peak_device_bytes'] else '',
+                    'peak_host_GiB': f'{stats["peak_host_bytes"] / 2**30:.2f}',
+                }
+                if reference is not None:
+                    net_s = reference['us_per_pixel_frame'] * 1e-6 * n * h * w
+                    row.update(net_s=f'{net_s:.1f}', vs_net=f'{seconds / net_s:.2f}')
+                rows.append(row)
+                print(row, flush=True)
+            for out in tmp.glob(f'out-{case}*'):  # HR frames of a large case are gigabytes
+                if out.is_dir():
+                    shutil.rmtree(out, ignore_errors=True)
+    device = torch.cuda.get_device_name() if cuda else 'CPU'
+    print(f'\n# {device}, torch {torch.__version__}, {args.config} config, gsmsr infer defaults {" ".join(extra)}')
+    if reference is not None:
+        print(
+            f'# network only (compiled bf16, {"x".join(map(str, REFERENCE_SIZE))}): '
+            f'{reference["us_per_pixel_frame"]:.2f} us per LR pixel-frame'
+        )
+    cols = ['input', 'frames', 'cache', 'tile', 'batch', 'frames/s', 'stream_s', 'wall_s', 'first_frame_s']
+    cols += ['peak_GPU_GiB', 'peak_host_GiB', 'net_s', 'vs_net']
+    print_table(rows, cols)
+    if out_root is not None:
+        (out_root / 'rows.json').write_text(json.dumps(rows, indent=1))
     return 0
 
 

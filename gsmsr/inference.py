@@ -19,8 +19,22 @@ chunk can touch it. Memory therefore holds at most ``2*chunk - overlap`` LR fram
 output (on the compute device), whatever the video length; ``chunk=0`` (one chunk) gives that up.
 With one chunk and one tile covering the video the output is exactly the single forward pass.
 
-Defaults (a GPU with 80 GB; lower ``--chunk`` / ``--tile`` on smaller cards): chunk 32, overlap 4,
-LR tile 256 with overlap 32 (about one 180x320 REDS frame per tile; smaller frames are one tile).
+Defaults: chunk 32, overlap 4, LR tile overlap 32. The tile: on CUDA (:func:`upscale_video`, ``gsmsr infer``)
+the tile that computes the fewest pixels within 90 % of the free GPU memory, up to the whole frame
+(:mod:`gsmsr.memory_plan`); elsewhere 256 (about one 180x320 REDS frame per tile; smaller frames are one tile).
+
+Fixed shapes, so compiled blocks compile once. All tiles of a frame have one size (the last row and column
+are moved inward, overlapping more), every network call of a video gets the same number of tiles (a short
+last group is filled up with repeats whose outputs are dropped), and every chunk has the same length. Planned
+tile sides are the whole frame side or multiples of 64 (:func:`gsmsr.tiling.plan_tiles`), so videos of
+different sizes share tile shapes. The compile caches persist across processes (:mod:`gsmsr.compile_cache`).
+One exception: a clip shorter than a chunk with an odd frame count above GSMNet's SWSA slab (16 frames) gives the
+last slab one frame more (slabs start on even frames), i.e. a second SWSA shape.
+
+I/O beside the GPU. :func:`upscale_video` decodes in a read-ahead thread and quantises each finished frame on
+the device, copies it to the host without blocking (pinned memory and an event on CUDA) and encodes it in
+writer threads (:mod:`gsmsr.io_threads`); queues are bounded, so host memory stays flat with the video length.
+The frames written are byte for byte those of the sequential path (:func:`upscale_frames` into the sink).
 
 Small inputs. GSMNet needs at least 2 frames (clear error otherwise: a single image is not a video) and
 sides of at least 33 px (its flow network pads to multiples of 32). A smaller tile or frame is padded by
@@ -36,6 +50,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
 import math
 import os
 import resource
@@ -44,17 +60,20 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Iterable, Iterator, List, Optional, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gsmsr.compile_cache import MegaCache, enable_persistent_caches
 from gsmsr.faults import check_free_space
-from gsmsr.tiling import accumulate_tiles, tile_weight_map
-from gsmsr.utils import InputError, one_line, resolve_device, run_reporting_errors
-from gsmsr.video_io import check_output, estimated_output_bytes, open_sink, open_source
+from gsmsr.io_threads import FrameWriter, ReadAhead
+from gsmsr.memory_plan import choose_tiling, free_device_bytes
+from gsmsr.tiling import Tile, accumulate_tiles, tile_sides, tile_weight_map
+from gsmsr.utils import InputError, atomic_write_text, one_line, resolve_device, run_reporting_errors
+from gsmsr.video_io import check_output, estimated_output_bytes, open_sink, open_source, output_kind
 
 __all__ = [
     'DEFAULT_NETWORK',
@@ -87,6 +106,9 @@ MIN_SIZE = 33  # GSMNet needs H, W > 32 (ARCHITECTURE.md §1)
 MIN_FRAMES = 2
 DEFAULT_CHUNK, DEFAULT_OVERLAP, DEFAULT_TILE, DEFAULT_TILE_OVERLAP = 32, 4, 256, 32
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+READ_AHEAD = 8  # decoded LR frames queued beyond the streamer's own buffer
+WRITE_AHEAD_BYTES = 2 * 2**30  # host memory for finished frames waiting for the encoder
+WRITER_THREADS = min(4, os.cpu_count() or 1)  # PNG writers (OpenCV releases the GIL); a video has one, in order
 
 
 @dataclass
@@ -98,6 +120,12 @@ class InferenceStats:
     seconds: float
     peak_host_bytes: int  # peak resident set size of the process
     peak_device_bytes: Optional[int]  # peak CUDA memory allocated during the run (None on CPU)
+    first_frame_seconds: Optional[float] = None  # from the start of the run to the first frame written
+    tile: Tuple[int, int] = (0, 0)  # LR tile (height, width) used; 0 = the whole side
+    tile_batch: int = 1
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
 
     def summary(self) -> str:
         fps = self.frames / self.seconds if self.seconds > 0 else float('inf')
@@ -205,9 +233,14 @@ def _crossfade(start: int, length: int, prev_end: Optional[int], next_start: Opt
     return weights
 
 
+def _quantise(frame: Tensor) -> Tensor:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8 on the same device, rounded like BasicSR's tensor2img."""
+    return frame.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+
+
 def _to_uint8(frame: Tensor) -> np.ndarray:
-    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8, rounded like BasicSR's tensor2img."""
-    return frame.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8 host array."""
+    return _quantise(frame).cpu().numpy()
 
 
 def upscale_frames(
@@ -217,7 +250,7 @@ def upscale_frames(
     scale: Optional[int] = None,
     chunk: int = DEFAULT_CHUNK,
     overlap: int = DEFAULT_OVERLAP,
-    tile: int = DEFAULT_TILE,
+    tile: Tile = DEFAULT_TILE,
     tile_overlap: int = DEFAULT_TILE_OVERLAP,
     precision: str = 'fp32',
     device: Union[str, torch.device, None] = None,
@@ -227,9 +260,9 @@ def upscale_frames(
     """Stream RGB uint8 frames (H, W, 3) through the network; yields (s*H, s*W, 3) uint8 frames in order.
 
     See the module docstring for the chunking, blending and memory bounds. ``net`` must already be on
-    ``device`` (default: the device of its parameters). ``name`` is used in error messages. ``tile_batch``
-    tiles go through the network in one call (same output, more memory). Raises :class:`InputError` for fewer
-    than 2 frames, frames of mixed sizes or bad arguments.
+    ``device`` (default: the device of its parameters). ``name`` is used in error messages. ``tile`` is a side
+    or (height, width). ``tile_batch`` tiles go through the network in one call (same output, more memory).
+    Raises :class:`InputError` for fewer than 2 frames, frames of mixed sizes or bad arguments.
     """
     _check_settings(chunk, overlap, tile, tile_overlap, precision)
     scale = scale or getattr(net, 'upscale', None)
@@ -252,7 +285,7 @@ def _stream(
     scale: int,
     chunk: int,
     overlap: int,
-    tile: int,
+    tile: Tile,
     tile_overlap: int,
     device: torch.device,
     name: str,
@@ -332,17 +365,41 @@ def _stream(
             prev_end, start = start + length, next_start
 
 
-def _check_settings(chunk: int, overlap: int, tile: int, tile_overlap: int, precision: str) -> None:
+def _check_settings(chunk: int, overlap: int, tile: Optional[Tile], tile_overlap: int, precision: str) -> None:
+    """``tile`` None: chosen later (:func:`upscale_video`); the overlap must then fit the fallback tile."""
     if chunk < 0 or chunk == 1:
         raise InputError(f'--chunk {chunk}: must be 0 (whole video) or at least {MIN_FRAMES}')
     if overlap < 0 or (chunk and overlap >= chunk):
         raise InputError(f'--overlap {overlap}: must be >= 0 and smaller than --chunk {chunk}')
-    if tile < 0:
+    tile = DEFAULT_TILE if tile is None else tile
+    sides = tile_sides(tile)
+    if any(side < 0 for side in sides):
         raise InputError(f'--tile {tile}: must be 0 (no tiling) or positive')
-    if tile_overlap < 0 or (tile and tile_overlap >= tile):
+    if tile_overlap < 0 or any(side and tile_overlap >= side for side in sides):
         raise InputError(f'--tile-overlap {tile_overlap}: must be >= 0 and smaller than --tile {tile}')
     if precision not in PRECISIONS:
         raise InputError(f'--precision {precision}: choose one of {", ".join(PRECISIONS)}')
+
+
+def _plan_tiling(
+    tile: Optional[Tile],
+    tile_batch: Optional[int],
+    height: int,
+    width: int,
+    frames: int,
+    scale: int,
+    tile_overlap: int,
+    precision: str,
+    compiled: bool,
+    device: torch.device,
+) -> Tuple[Tile, int]:
+    """Fill in a tile / tile batch left to choose (None): from the free memory on CUDA, else the fixed defaults."""
+    free = free_device_bytes(device) if tile is None else None
+    if free is None:
+        return (DEFAULT_TILE if tile is None else tile), tile_batch or 1
+    return choose_tiling(
+        free, height, width, frames, scale, tile_overlap, precision, compiled=compiled, tile_batch=tile_batch
+    )
 
 
 def upscale_video(
@@ -353,18 +410,20 @@ def upscale_video(
     scale: Optional[int] = None,
     chunk: int = DEFAULT_CHUNK,
     overlap: int = DEFAULT_OVERLAP,
-    tile: int = DEFAULT_TILE,
+    tile: Optional[Tile] = None,
     tile_overlap: int = DEFAULT_TILE_OVERLAP,
     precision: str = 'fp32',
     device: Union[str, torch.device, None] = None,
     force: bool = False,
     fps: Optional[float] = None,
     progress: bool = True,
-    tile_batch: int = 1,
+    tile_batch: Optional[int] = None,
 ) -> InferenceStats:
     """Upscale a video file or folder of frames into a video file (codec by extension, same frame rate,
     audio copied) or a PNG folder (extension-less path). The network is moved to ``device``.
 
+    ``tile`` / ``tile_batch`` None: chosen from the free memory on CUDA (:mod:`gsmsr.memory_plan`), else 256 / 1.
+    With ``net.compile_blocks`` on CUDA the compile caches persist (:mod:`gsmsr.compile_cache`).
     The output is written under a hidden temporary name and renamed at the end; on any error it is
     removed. An existing output is replaced only with ``force``. ``fps`` sets the rate of a video made from
     a folder (default 25). Raises :class:`InputError` for bad input.
@@ -372,10 +431,12 @@ def upscale_video(
     from tqdm import tqdm
 
     _check_settings(chunk, overlap, tile, tile_overlap, precision)
+    if tile_batch is not None and tile_batch < 1:
+        raise InputError(f'--tile-batch {tile_batch}: must be >= 1')
     device = resolve_device(device)
     check_output(output_path, input_path, force)
     source = open_source(input_path)
-    sink = None
+    reader = writer = sink = None
     try:
         info = source.info
         scale = scale or getattr(net, 'upscale', None)
@@ -383,8 +444,18 @@ def upscale_video(
             raise ValueError('scale not given and the network has no `upscale` attribute')
         rate = info.rate or (Fraction(fps).limit_denominator(1001) if fps else None)
         net = net.to(device)
+        compiled = bool(getattr(net, 'compile_blocks', False)) and device.type == 'cuda'
+        mega = None
+        if compiled:  # before the first compilation: it reads the cache folders then
+            enable_persistent_caches()
+            mega = MegaCache.for_device(device)
+            mega.load()
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
+        length = min(chunk or sys.maxsize, info.frames or chunk or DEFAULT_CHUNK)  # frames per network call
+        tile, tile_batch = _plan_tiling(
+            tile, tile_batch, info.height, info.width, length, scale, tile_overlap, precision, compiled, device
+        )
         sink = open_sink(
             output_path,
             scale * info.width,
@@ -392,14 +463,30 @@ def upscale_video(
             rate,
             audio_from=input_path if info.has_audio else None,
         )
-        tags: deque = deque()  # source tags of the frames in flight, consumed in order by the sink
+        started = time.perf_counter()
+        first_written: List[float] = []
+
+        def write(rgb: np.ndarray, tag) -> None:  # in a writer thread
+            sink.write(rgb, tag)
+            if not first_written:
+                first_written.append(time.perf_counter() - started)
+
+        frame_bytes = 3 * scale * scale * info.height * info.width
+        stride = (chunk - overlap) if chunk else (info.frames or DEFAULT_CHUNK)
+        writer = FrameWriter(
+            write,
+            threads=WRITER_THREADS if output_kind(output_path) == 'folder' else 1,
+            depth=max(2, min(stride, WRITE_AHEAD_BYTES // frame_bytes)),
+        )
+        reader = ReadAhead(source, READ_AHEAD)
+        tags: deque = deque()  # source tags of the frames in flight, consumed in order by the writer
 
         def frames() -> Iterator[np.ndarray]:
-            for rgb, tag in source:
+            for rgb, tag in reader:
                 tags.append(tag)
                 yield rgb
 
-        started = time.perf_counter()
+        call = _network_call(net, scale, precision, device)
         count = 0
         with tqdm(
             total=info.frames,
@@ -409,27 +496,25 @@ def upscale_video(
             dynamic_ncols=True,
             desc=os.path.basename(os.path.normpath(input_path)),
         ) as bar:
-            for out in upscale_frames(
-                frames(),
-                net,
-                scale=scale,
-                chunk=chunk,
-                overlap=overlap,
-                tile=tile,
-                tile_overlap=tile_overlap,
-                precision=precision,
-                device=device,
-                name=input_path,
-                tile_batch=tile_batch,
-            ):
-                sink.write(out, tags.popleft())
+            stream = _stream(frames(), call, scale, chunk, overlap, tile, tile_overlap, device, input_path, tile_batch)
+            for out in stream:
+                writer.submit(_quantise(out), tags.popleft())
+                del out
                 count += 1
+                if count == 1 and mega is not None:  # the first chunk compiled everything there is
+                    mega.save()
                 bar.update(1)
+        writer.finish()
+        writer = None
         sink.commit()
         sink = None
         seconds = time.perf_counter() - started
-    finally:
+    finally:  # threads stop before the source closes and the sink is aborted
+        if reader is not None:
+            reader.close()
         source.close()
+        if writer is not None:
+            writer.abort()
         if sink is not None:
             sink.abort()
     return InferenceStats(
@@ -440,6 +525,9 @@ def upscale_video(
         seconds=seconds,
         peak_host_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         peak_device_bytes=torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None,
+        first_frame_seconds=first_written[0] if first_written else None,
+        tile=tuple(min(t, n) if t else n for t, n in zip(tile_sides(tile), (info.height, info.width))),
+        tile_batch=tile_batch,
     )
 
 
@@ -474,7 +562,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f'frames shared by consecutive chunks, cross-faded (default {DEFAULT_OVERLAP})',
     )
     parser.add_argument(
-        '--tile', type=int, default=DEFAULT_TILE, help=f'LR tile side, 0 = whole frame (default {DEFAULT_TILE})'
+        '--tile',
+        type=int,
+        help='LR tile side, 0 = whole frame (default: on CUDA the tile that computes the fewest pixels within '
+        f'90%% of the free GPU memory, up to the whole frame; else {DEFAULT_TILE})',
     )
     parser.add_argument(
         '--tile-overlap',
@@ -499,9 +590,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         '--tile-batch',
         type=int,
-        default=1,
-        help='tiles per network call (default 1); more fill a large GPU better, same output',
+        help='tiles per network call (default: chosen with the tile on CUDA, else 1); more fill a large GPU '
+        'better, same output',
     )
+    parser.add_argument('--stats-json', help='also write the run statistics (speed, memory, tiling) to this file')
     parser.add_argument('--device', help='torch device (default: cuda if available, else cpu)')
     parser.add_argument('--fps', type=float, help='frame rate of a video made from a folder (default 25)')
     parser.add_argument('--force', action='store_true', help='overwrite an existing output')
@@ -541,7 +633,7 @@ def _run(args: argparse.Namespace) -> int:
     _check_settings(args.chunk, args.overlap, args.tile, args.tile_overlap, args.precision)
     if args.fps is not None and not (math.isfinite(args.fps) and MIN_FPS <= args.fps <= MAX_FPS):
         raise InputError(f'--fps {args.fps}: must be between {MIN_FPS} and {MAX_FPS:.0f}')
-    if args.tile_batch < 1:
+    if args.tile_batch is not None and args.tile_batch < 1:
         raise InputError(f'--tile-batch {args.tile_batch}: must be >= 1')
     # Cheap checks first, so that bad paths, an unwritable folder or a full disk fail before the network loads.
     check_output(args.output, args.input, args.force)
@@ -569,9 +661,12 @@ def _run(args: argparse.Namespace) -> int:
         )
     except torch.cuda.OutOfMemoryError:
         print(
-            f'{PROG}: error: out of GPU memory; lower --chunk and/or --tile (now {args.chunk}, {args.tile})',
+            f'{PROG}: error: out of GPU memory; lower --chunk and/or --tile '
+            f'(now {args.chunk}, {"auto" if args.tile is None else args.tile})',
             file=sys.stderr,
         )
         return 1
     print(f'{PROG}: {stats.summary()}', file=sys.stderr)
+    if args.stats_json:
+        atomic_write_text(args.stats_json, stats.to_json())
     return 0

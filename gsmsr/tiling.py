@@ -17,12 +17,28 @@ frame (or clip) unpadded. The official script reflect-pads that path to multiple
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ['window_starts', 'TileRegion', 'tile_regions', 'tile_weight_map', 'accumulate_tiles', 'forward_chunked']
+__all__ = [
+    'window_starts',
+    'TileRegion',
+    'Tile',
+    'tile_sides',
+    'tile_regions',
+    'tile_weight_map',
+    'accumulate_tiles',
+    'forward_chunked',
+    'TILE_STEP',
+    'plan_tiles',
+]
+
+# A tile: one side for square tiles (0 = whole frame), or (height, width).
+Tile = Union[int, Tuple[int, int]]
+TILE_STEP = 64  # planned tiles that do not span a whole side are multiples of this (shared compiled shapes)
+TILE_MAX_ASPECT = 4  # planned tiles are at most this elongated (or as elongated as the frame): context both ways
 
 
 def window_starts(length: int, size: int, overlap: int) -> List[int]:
@@ -55,17 +71,26 @@ class TileRegion:
     right: int
 
 
-def tile_regions(height: int, width: int, tile: int, tile_overlap: int) -> List[TileRegion]:
+def tile_sides(tile: Tile) -> Tuple[int, int]:
+    """(tile height, tile width) of a :data:`Tile`; 0 along a side means the whole side."""
+    return (tile, tile) if isinstance(tile, int) else (int(tile[0]), int(tile[1]))
+
+
+def tile_regions(height: int, width: int, tile: Tile, tile_overlap: int) -> List[TileRegion]:
     """The tiles of an LR frame ``height x width``, with the HR trims of §9 (row-major order).
 
-    A side smaller than ``tile`` (or ``tile == 0``) is one tile of the whole side. Edges on an image border are
+    ``tile``: a side (square tiles) or (height, width). A side smaller than the tile (or a tile side of 0) is one
+    tile of the whole side. All tiles have one size: the last row / column is moved inward to end on the border
+    (the official rule), overlapping its neighbour more, instead of being smaller. Edges on an image border are
     never trimmed; every inner edge loses ``tile_overlap // 2`` HR pixels.
     """
     trim = tile_overlap // 2
-    th, tw = (min(tile, height), min(tile, width)) if tile else (height, width)
+    tile_h, tile_w = tile_sides(tile)
+    th = min(tile_h, height) if tile_h else height
+    tw = min(tile_w, width) if tile_w else width
     regions = []
-    for y0 in window_starts(height, tile, tile_overlap):
-        for x0 in window_starts(width, tile, tile_overlap):
+    for y0 in window_starts(height, tile_h, tile_overlap):
+        for x0 in window_starts(width, tile_w, tile_overlap):
             regions.append(
                 TileRegion(
                     y0=y0,
@@ -96,7 +121,7 @@ def tile_weight_map(
     height: int,
     width: int,
     scale: int,
-    tile: int,
+    tile: Tile,
     tile_overlap: int,
     device: Optional[torch.device] = None,
     dtype: torch.dtype = torch.float32,
@@ -113,7 +138,7 @@ def accumulate_tiles(
     net: Callable[[Tensor], Tensor],
     lq: Tensor,
     scale: int,
-    tile: int,
+    tile: Tile,
     tile_overlap: int,
     acc: Optional[Tensor] = None,
     frame_weight: Optional[Tensor] = None,
@@ -125,18 +150,22 @@ def accumulate_tiles(
     device, in ``lq``'s dtype promoted to at least float32, from the first tile's channel count.
     frame_weight: (T,) multiplies frame t of every tile output (temporal blending); None means 1.
     tile_batch: tiles stacked along the batch axis of one net call (all tiles have one size); more fill a GPU
-    better at batch 1 and hold that many tile outputs at a time. The result does not depend on it. Returns ``acc``.
+    better at batch 1 and hold that many tile outputs at a time. Every call gets ``min(tile_batch, tiles)``
+    tiles, so a compiled network sees one batch size: a short last group is filled up with repeats of tiles
+    already computed, whose outputs are dropped. The result does not depend on it. Returns ``acc``.
     """
     b, t, _, h, w = lq.shape
     regions = tile_regions(h, w, tile, tile_overlap)
-    for i in range(0, len(regions), max(1, tile_batch)):
-        group = regions[i : i + max(1, tile_batch)]
-        out = net(torch.cat([lq[..., r.y0 : r.y0 + r.h, r.x0 : r.x0 + r.w] for r in group]))
+    per_call = max(1, min(tile_batch, len(regions)))
+    for i in range(0, len(regions), per_call):
+        group = regions[i : i + per_call]
+        filler = regions[i - (per_call - len(group)) : i]  # the tiles just before: their outputs are discarded
+        out = net(torch.cat([lq[..., r.y0 : r.y0 + r.h, r.x0 : r.x0 + r.w] for r in group + filler]))
         th, tw = group[0].h, group[0].w
-        if out.dim() != 5 or out.shape[:2] != (b * len(group), t) or out.shape[-2:] != (scale * th, scale * tw):
+        if out.dim() != 5 or out.shape[:2] != (b * per_call, t) or out.shape[-2:] != (scale * th, scale * tw):
             raise RuntimeError(
                 f'network returned shape {tuple(out.shape)} for tiles of shape '
-                f'{(b * len(group), t, lq.shape[2], th, tw)}; expected (B, T, C, {scale}*H, {scale}*W)'
+                f'{(b * per_call, t, lq.shape[2], th, tw)}; expected (B, T, C, {scale}*H, {scale}*W)'
             )
         if acc is None:
             dtype = torch.promote_types(lq.dtype, torch.float32)
@@ -158,7 +187,7 @@ def forward_chunked(
     scale: int,
     chunk: int = 100,
     chunk_overlap: int = 2,
-    tile: int = 144,
+    tile: Tile = 144,
     tile_overlap: int = 50,
 ) -> Tensor:
     """Official test-time forward (ARCHITECTURE.md §9): temporal chunks x spatial tiles, averaged.
@@ -191,3 +220,32 @@ def forward_chunked(
     weight = tile_weight_map(h, w, scale, tile, tile_overlap, device=out.device, dtype=out.dtype)
     counts = counts.to(device=out.device, dtype=out.dtype).view(1, t_total, 1, 1, 1)
     return out.div_(weight).div_(counts)  # two in-place steps: no (T, sH, sW) temporary
+
+
+def _side_candidates(side: int, tile_overlap: int, step: int) -> List[int]:
+    """Tile lengths for one side: the whole side, or a multiple of ``step`` shorter than it (and > the overlap)."""
+    return [side] + [m for m in range(step * (side // step), 0, -step) if tile_overlap < m < side]
+
+
+def plan_tiles(height: int, width: int, max_pixels: int, tile_overlap: int, step: int = TILE_STEP) -> Tuple[int, int]:
+    """The tile (height, width) that computes the fewest LR pixels per frame among tiles of at most ``max_pixels``.
+
+    Each tile side is the whole frame side, or a multiple of ``step`` shorter than it, so frames of different sizes
+    share tile shapes (and compiled kernels) and the free memory enters only through how many tiles a side needs.
+    All tiles of a frame have this one size (:func:`tile_regions` moves the last row/column inward). The whole
+    frame when it fits; ties go to fewer tiles, then to taller tiles. Tiles are at most ``TILE_MAX_ASPECT`` (or the
+    frame's aspect) elongated. When nothing fits, the smallest tile.
+    """
+    aspect = max(TILE_MAX_ASPECT, height / width, width / height)
+    best, best_key = None, None
+    for th in _side_candidates(height, tile_overlap, step):
+        rows = len(window_starts(height, th, tile_overlap))
+        for tw in _side_candidates(width, tile_overlap, step):
+            if max(th, tw) > aspect * min(th, tw):
+                continue
+            cols = len(window_starts(width, tw, tile_overlap))
+            fits = th * tw <= max_pixels
+            key = (not fits, th * tw if not fits else rows * th * cols * tw, rows * cols)
+            if best_key is None or key < best_key:
+                best, best_key = (th, tw), key
+    return best

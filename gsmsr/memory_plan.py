@@ -1,0 +1,122 @@
+"""Tile size and tiles per call for ``gsmsr infer`` from the free GPU memory (a measure-free model).
+
+Peak device memory of one streamed chunk of ``T`` frames of ``H x W`` LR pixels, tiles of ``h x w``, ``b`` tiles
+per network call, scale ``s``:
+
+* the chunk's buffers, exact: the fp32 HR accumulator (``T * 3 * s^2 * H * W * 4`` bytes), the weight map
+  (``s^2 * H * W * 4``) and the LR chunk on the device (uint8 upload, then float32);
+* one network call on ``b * h * w`` LR pixels: ``NET_FIXED_BYTES + b*h*w * (NET_BYTES_PER_PIXEL +
+  T * NET_BYTES_PER_PIXEL_FRAME)``. The per-pixel term is what the streaming schedule holds whatever ``T`` is
+  (an SWSA slab of ``stream_slab + 2*halo`` frames, the K-frame window step); the per-pixel-frame term grows
+  with the chunk (features, flows, the HR output of the call and its weighted copy).
+
+The constants are for the compiled bf16 path (the GPU default); fp32 and the eager path scale them.
+:func:`choose_tiling` takes the largest tile under ``HEADROOM`` of the free memory that computes the fewest
+pixels (:func:`gsmsr.tiling.plan_tiles`): the whole frame when it fits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from gsmsr.tiling import plan_tiles, tile_regions
+
+__all__ = [
+    'HEADROOM',
+    'NET_FIXED_BYTES',
+    'NET_BYTES_PER_PIXEL',
+    'NET_BYTES_PER_PIXEL_FRAME',
+    'FILL_PIXELS',
+    'chunk_bytes',
+    'call_bytes',
+    'estimate_peak_bytes',
+    'choose_tiling',
+    'free_device_bytes',
+]
+
+KiB, GiB = 1024, 1024**3
+HEADROOM = 0.90  # the estimated peak stays under this share of the free memory
+
+# Measured on H200, see benchmarks/NOTES.md (placeholders until then: fitted to the compiled bf16 row of
+# bench_gsm, 5.58 GiB at 20x180x320, and to the 1080p infer run's 12.4 GiB with 256^2 tiles at T = 20; about
+# 2.75 KiB per LR pixel-frame at chunk 32).
+NET_FIXED_BYTES = 1 * GiB  # weights, cuBLAS/cuDNN workspaces, compiled kernels' scratch
+NET_BYTES_PER_PIXEL = 64 * KiB  # per LR pixel of a call, independent of T: SWSA slab and window step
+NET_BYTES_PER_PIXEL_FRAME = 768  # per LR pixel and frame of a call: bf16 features, flows, fp32 HR output
+FILL_PIXELS = 180 * 320  # LR pixels per call from which the GPU is busy; smaller tiles are batched to this
+# Multipliers of the two per-pixel constants for the other paths (placeholders; measured on H200, see NOTES).
+FP32_FACTOR = 2.0  # fp32 features and activations
+EAGER_FACTOR = 1.5  # the eager path keeps more intermediates alive than the fused, compiled blocks
+
+
+def chunk_bytes(height: int, width: int, frames: int, scale: int) -> int:
+    """Device bytes of a chunk's own buffers: fp32 HR accumulator, weight map, LR upload (uint8 and float32)."""
+    hr = scale * scale * height * width
+    return frames * 3 * hr * 4 + hr * 4 + frames * 3 * height * width * (1 + 4)
+
+
+def call_bytes(pixels: int, frames: int, precision: str = 'bf16', compiled: bool = True) -> int:
+    """Peak bytes of one network call on ``pixels`` LR pixels (all tiles of the call) of ``frames`` frames."""
+    factor = (FP32_FACTOR if precision == 'fp32' else 1.0) * (1.0 if compiled else EAGER_FACTOR)
+    return NET_FIXED_BYTES + int(factor * pixels * (NET_BYTES_PER_PIXEL + frames * NET_BYTES_PER_PIXEL_FRAME))
+
+
+def estimate_peak_bytes(
+    tile: Tuple[int, int],
+    tile_batch: int,
+    height: int,
+    width: int,
+    frames: int,
+    scale: int,
+    precision: str = 'bf16',
+    compiled: bool = True,
+) -> int:
+    """Estimated peak device bytes of streaming ``frames``-frame chunks of ``height x width`` in ``tile`` tiles."""
+    pixels = tile_batch * min(tile[0], height) * min(tile[1], width)
+    return chunk_bytes(height, width, frames, scale) + call_bytes(pixels, frames, precision, compiled)
+
+
+def choose_tiling(
+    free_bytes: int,
+    height: int,
+    width: int,
+    frames: int,
+    scale: int,
+    tile_overlap: int,
+    precision: str = 'bf16',
+    compiled: bool = True,
+    tile_batch: Optional[int] = None,
+) -> Tuple[Tuple[int, int], int]:
+    """(tile (h, w), tiles per call) whose estimated peak is at most ``HEADROOM * free_bytes``.
+
+    A pure function of its arguments. The tile computes the fewest pixels under that budget (the whole frame
+    when it fits, see :func:`gsmsr.tiling.plan_tiles`); tiles smaller than ``FILL_PIXELS`` are batched up to
+    it where memory allows, in a batch that divides the tile count (no filler tiles). A given ``tile_batch`` is
+    kept and shares the budget. When even the smallest tile does not fit, the smallest tile (the run may then
+    fail with the usual out-of-memory message).
+    """
+    budget = HEADROOM * free_bytes - chunk_bytes(height, width, frames, scale)
+    per_pixel = call_bytes(1, frames, precision, compiled) - NET_FIXED_BYTES
+    max_pixels = max(0, int((budget - NET_FIXED_BYTES) // max(per_pixel, 1)))
+    if tile_batch is not None:
+        return plan_tiles(height, width, max_pixels // tile_batch, tile_overlap), tile_batch
+    tile = plan_tiles(height, width, max_pixels, tile_overlap)
+    tiles = len(tile_regions(height, width, tile, tile_overlap))
+    area = tile[0] * tile[1]
+    batch = 1
+    for b in range(2, min(tiles, math.ceil(FILL_PIXELS / area)) + 1):
+        if b * area <= max_pixels and tiles % b == 0:
+            batch = b
+    return tile, batch
+
+
+def free_device_bytes(device: torch.device) -> Optional[int]:
+    """Bytes this process can still allocate on a CUDA device (free memory plus the allocator's unused cache);
+    None elsewhere."""
+    if device.type != 'cuda':
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)

@@ -1,0 +1,217 @@
+"""Shapes that reach the network (and GSMNet's compiled blocks) in ``gsmsr infer``: one per video, from a small set
+shared by videos of different sizes, so a compiled network compiles once; planned tiles and the tile choice
+from free memory (gsmsr.tiling.plan_tiles, gsmsr.memory_plan), and outputs unchanged where tiling is exact."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Set, Tuple
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_inference import TINY_GSM, InferTestNet, make_frames, quantise, to_lq
+
+from gsmsr.archs import GSMNet
+from gsmsr.inference import _network_call, _stream, upscale_frames
+from gsmsr.memory_plan import HEADROOM, choose_tiling, estimate_peak_bytes
+from gsmsr.tiling import TILE_STEP, accumulate_tiles, plan_tiles, tile_regions, tile_weight_map
+
+CPU = torch.device('cpu')
+GiB = 2**30
+SIZES = [(36, 40), (180, 320), (360, 640), (540, 960), (720, 1280), (1080, 1920), (2160, 3840), (50, 1000)]
+
+
+def allowed_side(tile: int, side: int) -> bool:
+    """A planned tile side: the whole frame side, or a multiple of TILE_STEP."""
+    return tile == side or (tile % TILE_STEP == 0 and tile < side)
+
+
+# ----------------------------------------------------------------------------------------------- plan_tiles
+@pytest.mark.parametrize('height,width', SIZES)
+@pytest.mark.parametrize('max_pixels', [10**9, 2 * 10**6, 500_000, 150_000, 65536, 5000])
+def test_plan_tiles_sides_cover_and_budget(height, width, max_pixels):
+    th, tw = plan_tiles(height, width, max_pixels, 32)
+    assert allowed_side(th, height) and allowed_side(tw, width), (th, tw)
+    regions = tile_regions(height, width, (th, tw), 32)
+    assert {(r.h, r.w) for r in regions} == {(th, tw)}  # edge tiles are full-size, moved inward
+    assert tile_weight_map(height, width, 1, (th, tw), 32).min().item() >= 1  # the tiles cover the frame
+    smallest = min(min(height, TILE_STEP), height) * min(width, TILE_STEP)
+    if max_pixels >= smallest:
+        assert th * tw <= max_pixels
+    if height * width <= max_pixels:
+        assert (th, tw) == (height, width)
+
+
+def test_plan_tiles_minimises_computed_pixels():
+    """Brute force over all tiles with allowed sides: none under the budget computes fewer pixels."""
+    height, width, budget, overlap = 300, 500, 40_000, 16
+
+    def cost(th, tw):
+        return len(tile_regions(height, width, (th, tw), overlap)) * th * tw
+
+    th, tw = plan_tiles(height, width, budget, overlap)
+    for a in [height, *range(64, height, 64)]:
+        for b in [width, *range(64, width, 64)]:
+            if a * b <= budget and max(a, b) <= 4 * min(a, b):
+                assert cost(th, tw) <= cost(a, b), ((th, tw), (a, b))
+
+
+def test_plan_tiles_depends_on_memory_only_in_steps():
+    """Small changes of the free memory do not change the tile (so do not cause a recompilation)."""
+    tiles = {plan_tiles(1080, 1920, int(1.3e6 * (1 + d / 100)), 32) for d in range(-3, 4)}
+    assert tiles == {(1080, 1024)}
+
+
+# ----------------------------------------------------------------------------------------------- memory model
+def test_choose_tiling_whole_frame_when_it_fits_and_under_headroom():
+    for (h, w), frames in zip(SIZES, [2, 20, 32, 32, 32, 32, 32, 7]):
+        for free in (8 * GiB, 40 * GiB, 139 * GiB):
+            tile, batch = choose_tiling(free, h, w, frames, 4, 32)
+            peak = estimate_peak_bytes(tile, batch, h, w, frames, 4)
+            if tile == (h, w):
+                assert batch == 1
+            smallest = estimate_peak_bytes((min(h, 64), min(w, 64)), 1, h, w, frames, 4)
+            if smallest <= HEADROOM * free:  # otherwise nothing fits: the smallest tile
+                assert peak <= HEADROOM * free, ((h, w), free, tile, batch)
+            n = len(tile_regions(h, w, tile, 32))
+            assert n % batch == 0 and choose_tiling(free, h, w, frames, 4, 32) == (tile, batch)  # pure
+    assert choose_tiling(139 * GiB, 360, 640, 32, 4, 32) == ((360, 640), 1)
+    assert choose_tiling(139 * GiB, 1080, 1920, 32, 4, 32) == ((1080, 1024), 1)  # 2 tiles, 1.07x the pixels
+
+
+def test_choose_tiling_keeps_a_given_batch_and_shrinks_with_less_memory():
+    big, _ = choose_tiling(139 * GiB, 1080, 1920, 32, 4, 32)
+    shared, batch = choose_tiling(139 * GiB, 1080, 1920, 32, 4, 32, tile_batch=4)
+    small, _ = choose_tiling(24 * GiB, 1080, 1920, 32, 4, 32)
+    assert batch == 4 and estimate_peak_bytes(shared, 4, 1080, 1920, 32, 4) <= HEADROOM * 139 * GiB
+    assert shared[0] * shared[1] < big[0] * big[1]
+    assert small[0] * small[1] < big[0] * big[1]
+
+
+def test_choose_tiling_batches_small_tiles():
+    """Little memory per tile but enough for several: small tiles go several per call, dividing the count."""
+    tile, batch = choose_tiling(12 * GiB, 360, 640, 4, 4, 32)
+    n = len(tile_regions(360, 640, tile, 32))
+    assert n % batch == 0
+    if tile[0] * tile[1] < 180 * 320:
+        assert batch > 1
+
+
+# ----------------------------------------------------------------------------------------------- shapes per video
+class ShapeNet:
+    """Records the input shape of every call; output: nearest upsampling of sin(x) (pointwise, so tiling is exact)."""
+
+    upscale = 2
+
+    def __init__(self):
+        self.shapes: List[Tuple[int, ...]] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(x.shape))
+        b, t, c, h, w = x.shape
+        y = F.interpolate(torch.sin(3 * x).flatten(0, 1), scale_factor=2, mode='nearest')
+        return y.view(b, t, c, 2 * h, 2 * w)
+
+
+@pytest.mark.parametrize('tile_batch', [1, 3])
+def test_one_shape_per_video_from_a_fixed_set(tile_batch):
+    """Several sizes and frame counts (with a last, shorter stride) through the streamer with planned tiles: every
+    call of a video has the same shape, and tile sides come from {whole side} + multiples of 64."""
+    chunk, overlap = 6, 2
+    seen: Set[Tuple[int, ...]] = set()
+    for (h, w), t in [((100, 150), 7), ((100, 150), 13), ((130, 150), 9), ((100, 300), 6), ((70, 400), 11)]:
+        net = ShapeNet()
+        tile = plan_tiles(h, w, 9000, 8)
+        frames = make_frames(t, h, w, seed=t)
+        call = _network_call(net, 2, 'fp32', CPU)
+        out = list(_stream(frames, call, 2, chunk, overlap, tile, 8, CPU, 'x', tile_batch))
+        assert len(out) == t
+        shapes = set(net.shapes)
+        assert len(shapes) == 1, shapes
+        (b, length, _, th, tw) = shapes.pop()
+        assert length == min(chunk, t) and b == min(tile_batch, len(tile_regions(h, w, tile, 8)))
+        assert allowed_side(th, h) and allowed_side(tw, w)
+        seen.add((th, tw))
+    assert len(seen) < 5  # different sizes share tile shapes
+
+
+def test_planned_tiles_and_filler_batches_are_exact():
+    """A pointwise network: planned rectangular tiles with a filled-up last batch equal the whole-frame output."""
+    torch.manual_seed(0)
+    lq = torch.rand(1, 3, 3, 100, 170, dtype=torch.float64)
+    net = ShapeNet()
+    tile = plan_tiles(100, 170, 7000, 8)
+    assert tile != (100, 170) and len(tile_regions(100, 170, tile, 8)) % 4
+    acc = accumulate_tiles(net, lq, 2, tile, 8, tile_batch=4)
+    out = acc / tile_weight_map(100, 170, 2, tile, 8, dtype=torch.float64)
+    torch.testing.assert_close(out, net(lq), rtol=0, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------------------------- GSMNet blocks
+def block_inputs(net: GSMNet) -> Dict[str, Set[Tuple]]:
+    """Replace the modules ``compile_blocks`` compiles by recorders of their input signatures (tensor shapes,
+    nested in the flow lists) that return their input: the streaming schedule around them, which decides those
+    shapes, runs for real, but cheaply. Returns module name -> signatures seen."""
+    seen: Dict[str, Set[Tuple]] = {}
+
+    def signature(value):
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape)
+        if isinstance(value, (list, tuple)):
+            return tuple(signature(v) for v in value)
+        return None
+
+    def recorder(name: str):
+        def forward(x, *args):
+            seen[name].add(signature((x, *args)))
+            return x
+
+        return forward
+
+    for i, layer in enumerate(net.prop_layers):
+        named = [(f'mamba{i}', layer.stage.mamba_block)]
+        named += [(f'swsa{i}.{j}', blk) for j, blk in enumerate(layer.stage.attn_blocks.blocks)]
+        for name, module in named:
+            seen[name] = set()
+            module.forward = recorder(name)
+    return seen
+
+
+def test_compiled_blocks_see_one_shape_per_block():
+    """GSMNet's streaming schedule over videos of several lengths (a last chunk moved back; a clip shorter than a
+    chunk, of even length) and sizes, with one planned tile size: each block that ``compile_blocks`` compiles sees
+    one input signature, the same for all these videos. (A call of odd length T above the SWSA slab gives the last
+    slab one frame more, since slabs start on even frames: a second SWSA shape. Chunks have the even default
+    length 32; only clips shorter than a chunk can be odd.)"""
+    torch.manual_seed(0)
+    net = GSMNet(**TINY_GSM).eval()
+    seen = block_inputs(net)
+    slab = net.stream_slab + 2 * (2 + 2 % 2)  # SWSA frames per call: slab plus the halo of attn_depth 2
+    signatures = None
+    for (h, w), t in [((40, 72), 16), ((40, 72), 23), ((48, 60), 12)]:
+        for s in seen.values():
+            s.clear()
+        frames = make_frames(t, h, w, seed=t)
+        call = _network_call(net, 4, 'fp32', CPU)
+        out = list(_stream(frames, call, 4, 14, 2, (40, 40), 8, CPU, 'x'))
+        assert len(out) == t and min(14, t) >= slab
+        assert all(len(s) == 1 for s in seen.values()), {k: v for k, v in seen.items() if len(v) != 1}
+        current = {k: next(iter(v)) for k, v in seen.items()}
+        assert signatures is None or current == signatures
+        signatures = current
+    assert signatures['swsa0.0'][0] == (1, slab, 40, 40, 16)  # (B, T, H, W, C) slabs of a fixed length
+    assert signatures['mamba0'][0] == (1, 16, 3, 40, 40)  # (B, C, K, H, W) windows
+
+
+def test_whole_frame_plan_equals_direct_forward():
+    """The plan for a frame that fits is the frame itself; one chunk and that tile give the network's forward."""
+    torch.manual_seed(1)
+    net = InferTestNet().eval()
+    frames = make_frames(4, 36, 50, seed=3)
+    tile = plan_tiles(36, 50, 10**6, 32)
+    assert tile == (36, 50)
+    out = np.stack(list(upscale_frames(frames, net, chunk=32, tile=tile, tile_overlap=32)))
+    with torch.no_grad():
+        ref = quantise(net(to_lq(frames))[0])
+    np.testing.assert_array_equal(out, ref)
