@@ -1,15 +1,16 @@
 """GSMNet speed and memory on one GPU, against BasicSR's BasicVSR++ on the same inputs.
 
     python benchmarks/bench_gsm.py [--sizes 20x180x320,100x180x320,7x64x112] [--repeats 5] [--train]
-                                   [--only SUBSTR,...] [--triton] [--no-basicvsrpp]
+                                   [--only SUBSTR,...] [--mamba-scan] [--no-basicvsrpp]
 
-GSMNet rows: the whole-clip schedule in fp32 (every layer on the whole clip, as the official code runs it), the
-streaming schedule (``streaming_eval``, the default without autograd) in fp32 and under bf16 autocast, the same
-with the segment-parallel scan, the compiled network (``compile_blocks``) in fp32 and bf16, and with --triton the
-Triton scan. Prints one table: median ms per clip and per frame (CUDA events), the first call's seconds
-(compilation included), peak memory, and the max abs / PSNR difference of each GSMNet row against the first one
-that ran. --train adds training steps (16x64x64, batch 1, checkpointing on), eager and compiled, fp32 and bf16.
-A case that runs out of memory or fails says so.
+GSMNet rows: the whole-clip schedule in fp32 with mamba-ssm's scan (every layer on the whole clip, as the official
+code runs it), the streaming schedule (``streaming_eval``, the default without autograd) in fp32 and under bf16
+autocast, the compiled network (``compile_blocks``, the default GPU path in bf16) in fp32 and bf16, the compiled
+bf16 network with FlexAttention in the SWSA blocks, and with --mamba-scan the compiled bf16 network with mamba-ssm's
+scan instead of gsmsr's Triton scan. Prints one table: median ms per clip and per frame (CUDA events), the first
+call's seconds (compilation included), peak memory, and the max abs / PSNR difference of each GSMNet row against
+the first one that ran. --train adds training steps (16x64x64, batch 1, checkpointing on), eager and compiled,
+fp32 and bf16. A case that runs out of memory or fails says so.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main() -> int:
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--train', action='store_true', help='also time a training step (16x64x64, batch 1)')
     parser.add_argument('--no-basicvsrpp', action='store_true')
-    parser.add_argument('--triton', action='store_true', help='also the Triton-scan row')
+    parser.add_argument('--mamba-scan', action='store_true', help="also the compiled bf16 row on mamba-ssm's scan")
     parser.add_argument('--only', default='', help='comma list of substrings: run only rows whose name has one')
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -68,10 +69,9 @@ def main() -> int:
     # the faithful row runs mamba-ssm's kernel whatever the no-grad scan default is
     gsm_faithful = variant(scan_backend='kernel') if SCAN.cuda_kernel() else gsm
 
-    def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm, segments: bool = False):
+    def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm):
         def run(x):
             net.streaming_eval = streaming
-            SCAN.SEGMENT_BLOCKS_PER_SM = 16 if segments else 0
             with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None):
                 return net(x).float()
 
@@ -93,14 +93,13 @@ def main() -> int:
         'GSMNet fp32 whole-clip': gsm_run(False, net=gsm_faithful),
         'GSMNet fp32 streaming': gsm_run(True),
         'GSMNet bf16 streaming': gsm_run(True, torch.bfloat16),
-        'GSMNet fp32 streaming+segmented scan': gsm_run(True, segments=True),
-        'GSMNet bf16 streaming+segmented scan': gsm_run(True, torch.bfloat16, segments=True),
         'GSMNet fp32 compiled': gsm_run(True, net=gsm_compiled),
         'GSMNet bf16 compiled': gsm_run(True, torch.bfloat16, net=gsm_compiled),
         'GSMNet bf16 compiled+flex attention': flex_run(variant(compile_blocks=True)),
     }
-    if args.triton:
-        models['GSMNet fp32 streaming+triton'] = gsm_run(True, net=variant(scan_backend='triton'))
+    if args.mamba_scan:
+        mamba_net = variant(scan_backend='kernel', compile_blocks=True)
+        models['GSMNet bf16 compiled+mamba-ssm scan'] = gsm_run(True, torch.bfloat16, net=mamba_net)
     if not args.no_basicvsrpp:
         from basicsr.archs.basicvsrpp_arch import BasicVSRPlusPlus
 

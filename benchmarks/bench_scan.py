@@ -1,6 +1,6 @@
-"""Selective scan at GSM's shapes: mamba-ssm's CUDA kernel, the Triton kernels and (short L only) the PyTorch scan.
+"""Selective scan at GSM's shapes: mamba-ssm's CUDA kernel, gsmsr's Triton kernel and (short L only) the PyTorch scan.
 
-    python benchmarks/bench_scan.py [--lengths 288000,20480] [--dtypes fp32,bf16] [--repeats 10] [--sweep]
+    python benchmarks/bench_scan.py [--lengths 288000,20480] [--dtypes fp32,bf16] [--repeats 10]
         [--seq-sweep] [--modes fwd,fwd+bwd] [--batch 1]
 
 ``seq-triton`` rows are gsmsr.ops.seq_scan_triton (forward only, so no fwd+bwd rows); ``--seq-sweep`` adds its
@@ -13,8 +13,7 @@ the input dtype, A = -exp(A_log) with Vim's A_log = log(1..16), D and delta_bias
 
 For every (L, dtype, pass) it prints: median ms (CUDA events, after warm-up), peak memory above the inputs, and the
 max abs difference from mamba-ssm (output, and for fwd+bwd the largest gradient difference relative to that
-gradient's max |value|). ``--sweep`` also times a few Triton tile configurations. A configuration that fails or
-runs out of memory is listed with its error.
+gradient's max |value|). A configuration that fails or runs out of memory is listed with its error.
 """
 
 from __future__ import annotations
@@ -32,21 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import cuda_time, print_table  # noqa: E402  (this folder is on sys.path)
 
 from gsmsr.ops.selective_scan_ref import selective_scan_ref  # noqa: E402
-from gsmsr.ops.selective_scan_triton import DEFAULT_CONFIG, ScanConfig, selective_scan_triton, triton_available  # noqa: E402
 from gsmsr.ops.seq_scan_triton import selective_scan_fwd_triton  # noqa: E402
+from gsmsr.ops.triton_jit import triton_available  # noqa: E402
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
-# (block_l, block_d, num_warps, block_d_bwd, num_warps_bwd) tried by --sweep besides the default
-SWEEP = [
-    (128, 4, 8, 1, 8),
-    (128, 2, 4, 1, 16),
-    (64, 4, 8, 1, 8),
-    (64, 2, 4, 1, 4),
-    (256, 1, 8, 1, 16),
-    (256, 2, 8, 1, 16),
-]
-
 # (block_d, num_warps, token_tile, segments (0: automatic), warps_per_sm for the automatic choice) of --seq-sweep
 SEQ_SWEEP = [
     (32, 1, 4, 0, 8),
@@ -103,13 +92,6 @@ def main() -> int:
     parser.add_argument('--state', type=int, default=16)
     parser.add_argument('--repeats', type=int, default=10)
     parser.add_argument('--ref-max-len', type=int, default=20480, help='time the PyTorch scan only up to this L')
-    parser.add_argument('--sweep', action='store_true', help='also time the Triton tile configs in SWEEP')
-    parser.add_argument(
-        '--segments',
-        default='1,0,4,8,16',
-        help='segment counts of the gsmsr kernel rows (0: automatic; fwd without autograd only)',
-    )
-    parser.add_argument('--no-triton', action='store_true')
     parser.add_argument('--seq-sweep', action='store_true', help='also time the seq-triton configs in SEQ_SWEEP')
     parser.add_argument('--modes', default='fwd,fwd+bwd', help='comma list of passes: fwd, fwd+bwd')
     args = parser.parse_args()
@@ -128,23 +110,8 @@ def main() -> int:
     if 'mamba-ssm' in scans:
         from gsmsr.ops import selective_scan
 
-        for seg in args.segments.split(','):
-            # the gsmsr dispatch: custom op, segments cut and corrected without autograd (fwd rows only)
-            scans[f'gsmsr kernel seg={seg}'] = lambda *a, seg=int(seg), **k: selective_scan(
-                *a, **k, backend='kernel', segments=None if seg == 0 else seg
-            )
-    configs = [('triton', DEFAULT_CONFIG)]
-    if args.sweep:
-        configs += [
-            (
-                f'triton l{bl} d{bd} w{w} bd{bdb} bw{wb}',
-                ScanConfig(block_l=bl, block_d=bd, num_warps=w, block_d_bwd=bdb, num_warps_bwd=wb),
-            )
-            for bl, bd, w, bdb, wb in SWEEP
-        ]
-    for name, cfg in [] if args.no_triton else configs:
-        scans[name] = lambda *a, cfg=cfg, **k: selective_scan_triton(*a, **k, config=cfg)
-    print(f'# triton default config: {DEFAULT_CONFIG}')
+        # the gsmsr dispatch of mamba-ssm's kernel: the custom ops (what GSMNet trains with)
+        scans['gsmsr kernel op'] = lambda *a, **k: selective_scan(*a, **k, backend='kernel')
     forward_only = set()
     seq_configs = [('seq-triton', {})]
     if args.seq_sweep:

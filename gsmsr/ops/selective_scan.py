@@ -1,9 +1,9 @@
-"""Selective-scan dispatch: mamba-ssm's CUDA kernel on CUDA tensors when installed, the PyTorch scan elsewhere.
+"""Selective-scan dispatch: on CUDA tensors mamba-ssm's kernel for training and gsmsr's sequential Triton kernel
+(:mod:`gsmsr.ops.seq_scan_triton`) without autograd; the PyTorch scan elsewhere.
 
-The kernel is wrapped as ``torch.library`` custom ops (``gsmsr::scan_fwd`` / ``scan_bwd`` with autograd, and
-``gsmsr::scan_infer`` without), so ``torch.compile`` keeps the code around it in one graph instead of breaking at
-an opaque extension call. ``scan_infer`` also cuts long sequences into segments that run as a batch
-(:mod:`gsmsr.ops.segmented_scan`), which fills the GPU at batch 1.
+Both kernels are wrapped as ``torch.library`` custom ops (``gsmsr::scan_fwd`` / ``scan_bwd`` with autograd, and
+``gsmsr::scan_infer`` without), so ``torch.compile`` keeps the code around them in one graph instead of breaking
+at an opaque extension call.
 """
 
 from __future__ import annotations
@@ -14,17 +14,12 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from gsmsr.ops.segmented_scan import carry_states, choose_segments, segment_fixup
 from gsmsr.ops.selective_scan_ref import selective_scan_ref
 
 _module = None
 _kernel_checked = False
 kernel_import_error: Optional[str] = None  # why mamba-ssm could not be used, for diagnostics
 KERNEL_CHUNK = 2048  # tokens per chunk of mamba-ssm's kernel: one saved state each
-# Thread blocks wanted per SM when the no-grad scan is cut into segments; 0 (the default) turns segmenting off:
-# on an H200 at L = 288,000 it was 2.3x slower than one pass (the fix-up pass costs more than the kernel gains,
-# benchmarks/NOTES.md), so it stays opt-in (``segments=`` or GSMSR_SCAN_SEGMENT_BLOCKS).
-SEGMENT_BLOCKS_PER_SM = int(os.environ.get('GSMSR_SCAN_SEGMENT_BLOCKS', '0'))
 # What the no-grad CUDA scan (``gsmsr::scan_infer``) runs: 'triton' (gsmsr.ops.seq_scan_triton: sequential scan
 # with a sequence split; 3.0 against mamba-ssm's 3.7 ms at L = 288k, bf16, H200, benchmarks/NOTES.md) or 'mamba'
 # (mamba-ssm's kernel). The one place this default is decided (GSMSR_SCAN_INFER overrides it). Training (autograd)
@@ -203,64 +198,21 @@ def scan_infer(
     z: Optional[Tensor],
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
-    segments: int,
     impl: str,
 ) -> Tensor:
-    """Forward without autograd state. impl 'triton': :func:`gsmsr.ops.seq_scan_triton.selective_scan_fwd_triton`
-    with ``segments`` (0: its own choice). impl 'mamba': mamba-ssm's kernel; ``segments`` > 1 (a divisor of L) runs
-    each sequence as that many segments in one batched kernel launch, then corrects them with the carried states;
-    0 chooses the count."""
+    """Forward without autograd state: impl 'triton' (:func:`gsmsr.ops.seq_scan_triton.selective_scan_fwd_triton`)
+    or 'mamba' (mamba-ssm's kernel)."""
     if impl == 'triton':
         from gsmsr.ops.seq_scan_triton import selective_scan_fwd_triton
 
-        return selective_scan_fwd_triton(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, segments=segments if segments > 0 else None
-        )
+        return selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if impl != 'mamba':
         raise ValueError(f'scan_infer: impl must be "mamba" or "triton", got {impl!r}')
-    if segments == 0 and delta_softplus and SEGMENT_BLOCKS_PER_SM > 0:
-        sms = torch.cuda.get_device_properties(u.device).multi_processor_count
-        segments = choose_segments(u.shape[0], u.shape[1], u.shape[2], SEGMENT_BLOCKS_PER_SM * sms)
-    if segments <= 1 or u.shape[2] % segments or not delta_softplus:  # the fix-up's early exit needs delta >= 0
-        return scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0]
-    kernel = _cuda_module()
-    outs = []
-    for i in range(u.shape[0]):  # the segments of one sequence are the batch; they are views, not copies
-
-        def split(t: Tensor, i: int = i) -> Tensor:  # (D, L) -> (S, D, L/S), strides (L/S, L, 1)
-            return t[i].view(t.shape[1], segments, -1).transpose(0, 1)
-
-        out, x, *rest = kernel.fwd(
-            split(u),
-            split(delta),
-            A,
-            split(B).unsqueeze(1),
-            split(C).unsqueeze(1),
-            D,
-            split(z) if z is not None else None,
-            delta_bias,
-            delta_softplus,
-        )
-        y = (rest[0] if z is not None else out).transpose(0, 1).reshape(1, u.shape[1], u.shape[2])
-        last = x[:, :, -1]  # (S, D, 2N): pairs (decay product, state)
-        h_in = carry_states(last[None, ..., 0::2], last[None, ..., 1::2])
-        outs.append(
-            segment_fixup(
-                y,
-                h_in,
-                delta[i : i + 1],
-                A,
-                C[i : i + 1],
-                z[i : i + 1] if z is not None else None,
-                delta_bias,
-                delta_softplus,
-            )
-        )
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    return scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0]
 
 
 @scan_infer.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segments, impl):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl):
     return torch.empty_like(u)
 
 
@@ -289,32 +241,23 @@ def selective_scan(
     delta_bias: Optional[Tensor] = None,
     delta_softplus: bool = False,
     backend: str = 'auto',
-    segments: Optional[int] = None,
 ) -> Tensor:
     """Selective scan; shapes as in :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
 
-    backend: 'auto' (mamba-ssm's kernel on CUDA float16/bfloat16/float32 when available, without autograd the
-    ``INFER_IMPL`` one; on CUDA without mamba-ssm, the Triton forward kernel without autograd; else the PyTorch
-    scan), 'kernel' (mamba-ssm, required), 'triton' (:mod:`gsmsr.ops.selective_scan_triton`: chunk-parallel
-    over L; interpreted, slowly, on CPU tensors; slower than mamba-ssm on an H200, see benchmarks/NOTES.md),
-    'triton-fwd' (:mod:`gsmsr.ops.seq_scan_triton`, forward only: raises if a gradient is needed; interpreted on
-    CPU tensors) or 'ref'. segments: without autograd, how many segments to cut each sequence into (mamba-ssm:
-    None gives every SM ``SEGMENT_BLOCKS_PER_SM`` thread blocks, off by default; 1: off. triton-fwd: None lets
-    it choose).
+    backend: 'auto' (on CUDA tensors of at most 32-bit floats: mamba-ssm's kernel with autograd, the ``INFER_IMPL``
+    kernel without; without mamba-ssm the Triton kernel without autograd; else the PyTorch scan), 'kernel'
+    (mamba-ssm, required, also without autograd), 'triton' (:mod:`gsmsr.ops.seq_scan_triton`, forward only: raises
+    if a gradient is needed; interpreted, slowly, on CPU tensors) or 'ref'.
     """
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias)
     )
-    if backend == 'triton-fwd' or (
+    if backend == 'triton' or (
         backend == 'auto' and not needs_grad and u.is_cuda and not cuda_kernel() and _triton_ready(u)
     ):
         if needs_grad:
-            raise RuntimeError('selective_scan backend "triton-fwd" is forward only; it has no autograd')
-        return scan_infer(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segments or 0, 'triton')
-    if backend == 'triton':
-        from gsmsr.ops.selective_scan_triton import selective_scan_triton
-
-        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+            raise RuntimeError('selective_scan backend "triton" is forward only; it has no autograd')
+        return scan_infer(u, delta, A, B, C, D, z, delta_bias, delta_softplus, 'triton')
     use_kernel = (
         backend != 'ref' and cuda_kernel() and u.is_cuda and u.dtype.is_floating_point and u.dtype.itemsize <= 4
     )
@@ -328,5 +271,6 @@ def selective_scan(
     D = D.contiguous() if D is not None else None
     if needs_grad:
         return scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0]
-    impl = 'mamba' if backend == 'kernel' else INFER_IMPL
-    return scan_infer(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segments or 0, impl)
+    return scan_infer(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, 'mamba' if backend == 'kernel' else INFER_IMPL
+    )

@@ -146,14 +146,14 @@ def test_rejects_bad_arguments():
         selective_scan_fwd_triton(**{**inp, 'B': inp['B'][:, :2]})
 
 
-def test_dispatch_backend_triton_fwd():
-    """selective_scan(backend='triton-fwd') runs this kernel through the gsmsr::scan_infer op; forward only."""
+def test_dispatch_backend_triton():
+    """selective_scan(backend='triton') runs this kernel through the gsmsr::scan_infer op; forward only."""
     from gsmsr.ops import selective_scan
 
     inp = _inputs(1, 3, 4, 16, 'mamba', torch.float32, 'cpu')
     with torch.no_grad():
-        y = selective_scan(**inp, delta_softplus=True, backend='triton-fwd', segments=2)
-    direct = selective_scan_fwd_triton(**inp, delta_softplus=True, segments=2)
+        y = selective_scan(**inp, delta_softplus=True, backend='triton')
+    direct = selective_scan_fwd_triton(**inp, delta_softplus=True)
     torch.testing.assert_close(y, direct, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match='forward only'):
-        selective_scan(**{**inp, 'u': inp['u'].requires_grad_()}, delta_softplus=True, backend='triton-fwd')
+        selective_scan(**{**inp, 'u': inp['u'].requires_grad_()}, delta_softplus=True, backend='triton')

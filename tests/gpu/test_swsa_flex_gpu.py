@@ -1,7 +1,10 @@
 """GPU checks of SWSA's fused FlexAttention path: compiled SWSA blocks (as ``compile_blocks`` compiles them) against
 the eager explicit path, forward and backward, fp32 and bf16 autocast.
 
-python -m pytest -m gpu tests/gpu/test_swsa_flex.py -s
+python -m pytest -m gpu tests/gpu/test_swsa_flex_gpu.py -s
+
+The flex path is off by default (``swsa.FLEX_ATTENTION``) and never taken in fp32; these tests force it on
+(:func:`flex_everywhere`) to check the fused kernel's values in both precisions.
 """
 
 from __future__ import annotations
@@ -17,6 +20,11 @@ from gsmsr.archs import swsa
 from gsmsr.archs.swsa import SWSAGroup
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')]
+
+
+@pytest.fixture(autouse=True)
+def flex_everywhere(monkeypatch):
+    monkeypatch.setattr(swsa, 'use_flex', lambda x: x.is_cuda and torch.compiler.is_compiling())
 
 
 def rel_err(a: Tensor, b: Tensor) -> float:
