@@ -51,11 +51,11 @@ _TAB_ROWS = 32  # rows of a weight-gradient partial: 27 taps (dk, dh, dw row-maj
 class DWConvConfig:
     """Tile sizes and launch parameters; only speed depends on them. Block sizes must be powers of two.
 
-    Defaults are not tuned on a GPU yet (``benchmarks/bench_dwconv.py --sweep``); they come from sm_90 register
-    counts (ptxas, no GPU needed, bf16): the stencil at 4 x 8 pixels x 64 channels and 4 warps (16 elements per
-    thread, 64 bf16 channels = one 128-byte line per pixel) takes 98 registers, 8 x 8 pixels 167, neither spills.
-    The weight-gradient kernel holds seven tiles plus its (32, BLOCK_C) partial: 118 registers at 4 x 8 x 64 with
-    8 warps (199 with 4).
+    Measured on an H200 (``benchmarks/bench_dwconv.py --sweep``, (1, 5, 180, 320, 768), benchmarks/NOTES.md): the
+    stencil at 4 x 8 pixels x 64 channels and 4 warps runs the bf16 forward in 1.37 ms (the best of the sweep,
+    4 x 8 x 32 with 2 warps, 1.28); the weight gradient with 4 warps took 5.7 ms for the whole bf16 backward
+    against 6.7 with 8. sm_90 register counts (ptxas, bf16): stencil 98 at the default tile, 167 at 8 x 8
+    pixels, no spills.
     """
 
     block_h: int = 4
@@ -66,7 +66,7 @@ class DWConvConfig:
     wgrad_block_h: int = 4
     wgrad_block_w: int = 8
     wgrad_block_c: int = 64
-    wgrad_num_warps: int = 8
+    wgrad_num_warps: int = 4
     wgrad_groups: int = 0  # programs per channel block and batch in the weight gradient (0: ~4 programs per SM)
 
     def __post_init__(self) -> None:
