@@ -38,17 +38,18 @@ DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
 # (block_d, num_warps, token_tile, segments (0: automatic), warps_per_sm for the automatic choice) of --seq-sweep
 SEQ_SWEEP = [
-    (32, 1, 4, 0, 8),
-    (32, 1, 4, 0, 24),
-    (32, 1, 4, 0, 32),
-    (32, 1, 2, 0, 16),
-    (32, 1, 8, 0, 16),
-    (32, 1, 1, 0, 16),
+    (32, 1, 8, 0, 8),
+    (32, 1, 8, 0, 12),
+    (32, 1, 8, 0, 24),
+    (32, 1, 8, 132, 16),  # one full wave at 12 one-warp programs per SM (168 registers)
+    (32, 1, 8, 264, 16),
+    (32, 1, 16, 0, 16),
+    (64, 2, 8, 0, 16),
+    (64, 2, 8, 0, 32),
     (64, 2, 4, 0, 16),
-    (64, 2, 4, 0, 32),
-    (128, 4, 4, 0, 16),
-    (32, 1, 4, 88, 16),
-    (32, 1, 4, 352, 16),
+    (128, 4, 8, 0, 16),
+    (32, 1, 4, 0, 16),
+    (32, 1, 2, 0, 16),
 ]
 
 
