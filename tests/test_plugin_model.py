@@ -103,9 +103,10 @@ def test_flow_lr_mul_fix_flow_and_ema(tmp_path):
     assert not torch.allclose(model.output, raw_output)
 
 
-def test_nonfinite_loss_skips_the_step(tmp_path, basicsr_log):
+@pytest.mark.parametrize('use_bf16', [False, True])
+def test_nonfinite_loss_skips_the_step(tmp_path, basicsr_log, use_bf16):
     torch.manual_seed(0)
-    model = build_model(make_opt(tmp_path))
+    model = build_model(make_opt(tmp_path, train=dict(use_bf16=use_bf16)))
     data = batch(0)
     data['gt'][0, 0, 0, 0, 0] = float('nan')
     before, ema_before = snapshot(model.net_g), snapshot(model.net_g_ema)
