@@ -25,7 +25,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from gsmsr.utils import atomic_write_bytes, one_line
+from gsmsr.faults import one_line
+from gsmsr.utils import atomic_write_bytes
 
 __all__ = ['cache_root', 'enable_persistent_caches', 'cache_key', 'MegaCache']
 

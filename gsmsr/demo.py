@@ -39,7 +39,8 @@ import yaml
 from torch.nn import functional as F
 
 from gsmsr.data.samples import SCALE, SampleData, prepare_samples, read_frames
-from gsmsr.utils import InputError, atomic_write_text, one_line, resolve_device, run_reporting_errors
+from gsmsr.faults import InputError, one_line, run_reporting_errors
+from gsmsr.utils import atomic_write_text, resolve_device
 
 EXPERIMENT = 'gsmnet_demo'
 # Training stops after DEFAULT_ITERS steps or DEFAULT_MINUTES of training time, whichever comes first. The first

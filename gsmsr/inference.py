@@ -68,11 +68,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gsmsr.compile_cache import MegaCache, enable_persistent_caches
-from gsmsr.faults import check_free_space
+from gsmsr.faults import InputError, check_free_space, one_line, run_reporting_errors
 from gsmsr.io_threads import FrameWriter, ReadAhead
 from gsmsr.memory_plan import choose_tiling, free_device_bytes
 from gsmsr.tiling import Tile, accumulate_tiles, tile_sides, tile_weight_map
-from gsmsr.utils import InputError, atomic_write_text, one_line, resolve_device, run_reporting_errors
+from gsmsr.utils import atomic_write_text, resolve_device
 from gsmsr.video_io import check_output, estimated_output_bytes, open_sink, open_source, output_kind
 
 __all__ = [

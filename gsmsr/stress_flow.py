@@ -50,8 +50,9 @@ from torch import Tensor
 
 from gsmsr.archs import GSMNet
 from gsmsr.archs.gsmnet_arch import MIN_SIZE
+from gsmsr.faults import InputError, run_reporting_errors
 from gsmsr.inference import load_network
-from gsmsr.utils import InputError, atomic_write_bytes, resolve_device, run_reporting_errors
+from gsmsr.utils import atomic_write_bytes, resolve_device
 
 __all__ = [
     'FlowPerturbation',

@@ -1,4 +1,4 @@
-"""Small helpers shared by the commands: atomic file writes, device choice; error reporting from gsmsr.faults."""
+"""Small helpers shared by the commands: atomic file writes, device choice (error reporting: gsmsr.faults)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Callable, Union
 
 import torch
 
-from gsmsr.faults import InputError, one_line, run_reporting_errors  # noqa: F401  (re-exported)
+from gsmsr.faults import InputError
 
 
 def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> None:

@@ -30,8 +30,7 @@ from typing import Iterator, List, Optional, Tuple
 import cv2
 import numpy as np
 
-from gsmsr.faults import FaultError, check_writable, input_overlap, os_error_cause
-from gsmsr.utils import InputError  # noqa: F401  (re-exported)
+from gsmsr.faults import FaultError, InputError, check_writable, input_overlap, os_error_cause
 
 try:  # PyAV is needed for video files only; folders of frames work without it
     import av

@@ -44,7 +44,8 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from gsmsr.archs import load_checkpoint
 from gsmsr.compat import take_resume_notes
-from gsmsr.utils import InputError, atomic_write, one_line
+from gsmsr.faults import InputError, one_line
+from gsmsr.utils import atomic_write
 
 __all__ = ['GSMModel', 'is_flow_param', 'score_frames', 'average_over_clips', 'atomic_torch_save', 'atomic_imwrite']
 

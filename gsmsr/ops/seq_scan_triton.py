@@ -394,7 +394,8 @@ def selective_scan_fwd_triton(
     # B and C packed token-major in fp32, (batch, L, 2 NP): one token's 2N values are one contiguous row that every
     # thread loads with a few 16-byte broadcast loads from one base address, already converted
     n_pad = -(-n_state // 4) * 4
-    bc = torch.zeros(batch, length, 2 * n_pad, device=u.device, dtype=torch.float32)
+    alloc = torch.empty if n_pad == n_state else torch.zeros  # only padded states need their zeros written
+    bc = alloc(batch, length, 2 * n_pad, device=u.device, dtype=torch.float32)
     bc[:, :, :n_state] = B.transpose(1, 2)
     bc[:, :, n_pad : n_pad + n_state] = C.transpose(1, 2)
 
