@@ -10,7 +10,7 @@ bf16 network with FlexAttention in the SWSA blocks, and with --mamba-scan the co
 scan instead of gsmsr's Triton scan. Prints one table: median ms per clip and per frame (CUDA events), the first
 call's seconds (compilation included), peak memory, and the max abs / PSNR difference of each GSMNet row against
 the first one that ran. --train adds training steps (16x64x64, batch 1, checkpointing on), eager and compiled,
-fp32 and bf16. A case that runs out of memory or fails says so.
+fp32 and bf16, and the fast step (compiled, CUDA graphs, MLP checkpointing). A case that runs out of memory or fails says so.
 """
 
 from __future__ import annotations
@@ -48,8 +48,14 @@ def main() -> int:
     parser.add_argument('--train', action='store_true', help='also time a training step (16x64x64, batch 1)')
     parser.add_argument('--no-basicvsrpp', action='store_true')
     parser.add_argument('--mamba-scan', action='store_true', help="also the compiled bf16 row on mamba-ssm's scan")
-    parser.add_argument('--only', default='', help='comma list of substrings: run only rows whose name has one')
+    parser.add_argument(
+        '--only', default='', help='comma list of substrings: run only rows whose name has one ("$" ends a name)'
+    )
     args = parser.parse_args()
+
+    def selected(name: str) -> bool:
+        keys = [k for k in args.only.split(',') if k]
+        return not keys or any(name.endswith(k[:-1]) if k.endswith('$') else k in name for k in keys)
     if not torch.cuda.is_available():
         print('bench_gsm: needs a CUDA GPU')
         return 0
@@ -111,7 +117,7 @@ def main() -> int:
         lq = torch.rand(1, t, 3, h, w, device=dev)
         ref = None
         for name, fn in models.items():
-            if args.only and not any(k in name for k in args.only.split(',')):
+            if not selected(name):
                 continue
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -144,19 +150,25 @@ def main() -> int:
     if args.train:
         lq = torch.rand(1, 16, 3, 64, 64, device=dev)
         gt = torch.rand(1, 16, 3, 256, 256, device=dev)
-        for name, dtype, compiled in (
-            ('train step fp32', None, False),
-            ('train step bf16', torch.bfloat16, False),
-            ('train step bf16 compiled', torch.bfloat16, True),
-            ('train step fp32 compiled', None, True),
+        # (name, autocast dtype, compile_blocks, CUDA graphs + MLP checkpointing)
+        for name, dtype, compiled, fast in (
+            ('train step fp32', None, False, False),
+            ('train step bf16', torch.bfloat16, False, False),
+            ('train step bf16 compiled', torch.bfloat16, True, False),
+            ('train step fp32 compiled', None, True, False),
+            ('train step bf16 compiled+graphs', torch.bfloat16, True, True),
+            ('train step fp32 compiled+graphs', None, True, True),
         ):
-            if args.only and not any(k in name for k in args.only.split(',')):
+            if not selected(name):
                 continue
             torch.manual_seed(0)
-            net = GSMNet(use_checkpoint_attn=True, use_checkpoint_ffn=True, compile_blocks=compiled).to(dev).train()
+            net = GSMNet(
+                use_checkpoint_attn=True, use_checkpoint_ffn=True, use_checkpoint_mlp=fast, compile_blocks=compiled
+            )
+            net = net.to(dev).train()
             opt = torch.optim.Adam(net.parameters(), lr=1e-4)
 
-            step = train_step(net, opt, lq, gt, dtype)
+            step = train_step(net, opt, lq, gt, dtype, cuda_graph=fast)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             row = {'model': name, 'input': '16x64x64'}

@@ -45,13 +45,21 @@ def train_step(
     lq: torch.Tensor,
     gt: torch.Tensor,
     dtype: Optional[torch.dtype] = None,
+    cuda_graph: bool = False,
 ) -> Callable[[], torch.Tensor]:
     """One training step as GSMModel takes it: forward (autocast to ``dtype`` if given), Charbonnier loss in fp32,
-    backward, optimizer step. Returns a function that runs it and returns the loss."""
+    backward, optimizer step; with ``cuda_graph`` the forward and backward replay CUDA graphs
+    (``train.cuda_graph``). Returns a function that runs it and returns the loss."""
+    if cuda_graph:
+        from gsmsr.models.train_graphs import install_train_graphs
+
+        install_train_graphs(net)
 
     def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(lq.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with torch.autocast(
+            lq.device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=not cuda_graph
+        ):
             out = net(lq)
         loss = torch.sqrt((out.float() - gt) ** 2 + 1e-12).mean()
         loss.backward()

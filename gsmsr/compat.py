@@ -14,6 +14,11 @@ Every fix lives here, and each is idempotent:
   skipped: the run resumes from the newest iteration whose state and models all load, says so on stderr and
   in the log (:func:`take_resume_notes`), and deletes nothing.
 
+* ``flow_warp`` (used by SpyNet and by GSMNet) builds its pixel grid on the CPU and copies it to the GPU on every
+  call: a synchronising host copy, which also forbids capturing a training step as a CUDA graph. The
+  replacement builds the same grid (integer coordinates cast to the input's dtype, then fp32) on the input's
+  device; everything else is BasicSR's code path, so the values are identical.
+
 CUDA-only tensors in video validation are not patched here: :class:`gsmsr.models.GSMModel` has its own
 device-agnostic validation.
 """
@@ -28,7 +33,8 @@ from typing import Any, Dict, List, Optional
 from gsmsr.faults import InputError
 
 _applied = False
-_resume_notes: List[str] = []  # said before BasicSR's logger exists; GSMModel logs them once it does
+_resume_notes: List[str] = []
+basicsr_flow_warp = None  # BasicSR's own flow_warp, before :func:`flow_warp` replaces it  # said before BasicSR's logger exists; GSMModel logs them once it does
 
 
 def _shim_functional_tensor() -> None:
@@ -183,8 +189,33 @@ def load_resume_state(opt: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     return state
 
 
+def flow_warp(x, flow, interp_mode: str = 'bilinear', padding_mode: str = 'zeros', align_corners: bool = True):
+    """BasicSR's ``flow_warp`` (x (N, C, H, W), flow (N, H, W, 2)) with its grid made on x's device."""
+    import torch
+    from torch.nn import functional as F
+
+    if x.size()[-2:] != flow.size()[1:3]:
+        raise ValueError(f'flow_warp: x {tuple(x.shape)} and flow {tuple(flow.shape)} differ in H, W')
+    _, _, h, w = x.size()
+    rows = torch.arange(h, device=x.device).to(x.dtype)
+    cols = torch.arange(w, device=x.device).to(x.dtype)
+    grid_y, grid_x = torch.meshgrid(rows, cols, indexing='ij')
+    vgrid = torch.stack((grid_x, grid_y), 2).float() + flow
+    vgrid_x = 2.0 * vgrid[:, :, :, 0] / max(w - 1, 1) - 1.0
+    vgrid_y = 2.0 * vgrid[:, :, :, 1] / max(h - 1, 1) - 1.0
+    vgrid_scaled = torch.stack((vgrid_x, vgrid_y), dim=3)
+    return F.grid_sample(x, vgrid_scaled, mode=interp_mode, padding_mode=padding_mode, align_corners=align_corners)
+
+
 def _patch_basicsr() -> None:
     import importlib
+
+    global basicsr_flow_warp
+    arch_util = importlib.import_module('basicsr.archs.arch_util')
+    if basicsr_flow_warp is None:
+        basicsr_flow_warp = arch_util.flow_warp  # kept for the test that compares the two
+    for name in ('basicsr.archs.arch_util', 'basicsr.archs.spynet_arch'):  # both bind the name at import
+        importlib.import_module(name).flow_warp = flow_warp
 
     dist_util = importlib.import_module('basicsr.utils.dist_util')
     dist_util._init_dist_pytorch = init_dist_pytorch  # looked up at call time by dist_util.init_dist

@@ -26,7 +26,7 @@ KNOWN_KEYS: Dict[str, frozenset] = {
         ['total_iter', 'warmup_iter', 'ema_decay', 'optim_g', 'scheduler', 'pixel_opt', 'perceptual_opt']
         + ['fix_flow', 'flow_lr_mul']
         # gsmsr's GSMModel
-        + ['use_bf16', 'grad_clip_norm']
+        + ['use_bf16', 'cuda_graph', 'grad_clip_norm']
     ),
     'val': frozenset(
         # BasicSR: train_pipeline, SRModel / VideoRecurrentModel validation

@@ -39,6 +39,22 @@ def test_basicsr_functions_are_replaced():
     assert basicsr.train.load_resume_state is compat.load_resume_state
 
 
+@pytest.mark.parametrize('padding_mode', ['zeros', 'border'])
+def test_flow_warp_on_device_matches_basicsr(padding_mode):
+    from basicsr.archs import arch_util, spynet_arch
+
+    from gsmsr.archs import flow
+
+    assert arch_util.flow_warp is spynet_arch.flow_warp is flow.flow_warp is compat.flow_warp
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 37, 300, generator=g)
+    f = 3 * torch.randn(2, 37, 300, 2, generator=g)
+    want = compat.basicsr_flow_warp(x, f, padding_mode=padding_mode)
+    assert torch.equal(compat.flow_warp(x, f, padding_mode=padding_mode), want)
+    with pytest.raises(ValueError, match=r'\(2, 3, 37, 300\).*\(2, 36, 300, 2\)'):
+        compat.flow_warp(x, f[:, 1:])
+
+
 def test_launcher_pytorch_without_torchrun_is_a_clear_error(monkeypatch):
     for key in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
         monkeypatch.delenv(key, raising=False)

@@ -56,10 +56,16 @@ class GSMBlock(nn.Module):
     """One window step. Parameter names match the official ``mamba_block``."""
 
     def __init__(
-        self, dim: int, use_checkpoint: bool = False, mamba_directions: int = 2, scan_backend: str = 'auto'
+        self,
+        dim: int,
+        use_checkpoint: bool = False,
+        mamba_directions: int = 2,
+        scan_backend: str = 'auto',
+        checkpoint_mlp: bool = False,
     ) -> None:
         super().__init__()
         self.use_checkpoint = use_checkpoint
+        self.checkpoint_mlp = checkpoint_mlp
         self.mamba_directions = mamba_directions
         self.skip_scale = nn.Parameter(torch.ones(1, dim, 1, 1, 1))
         self.skip_scale2 = nn.Parameter(torch.ones(1, 1, dim))
@@ -122,5 +128,13 @@ class GSMBlock(nn.Module):
         m = self.mamba_mix(self.gather(x, gather_flows, align))
         y = self.skip_scale * x + self.scatter(m, scatter_flows)
         t = y.reshape(b, c, -1).transpose(1, 2)  # (B, K*H*W, C), (k, y, x) order
-        t = self.skip_scale2 * t + self.mlp(self.norm2(t), k, h, w)
+        if self.checkpoint_mlp and self.training and torch.is_grad_enabled():
+            t = checkpoint(self.mlp_branch, t, k, h, w, use_reentrant=False)
+        else:
+            t = self.mlp_branch(t, k, h, w)
         return t.transpose(1, 2).reshape(b, c, k, h, w)
+
+    def mlp_branch(self, t: Tensor, k: int, h: int, w: int) -> Tensor:
+        """t (B, K*H*W, C) -> skip_scale2 * t + MLP(LN(t)). Under ``checkpoint_mlp`` only t is kept for the backward,
+        not the four-times-wider hidden activations."""
+        return self.skip_scale2 * t + self.mlp(self.norm2(t), k, h, w)

@@ -39,10 +39,11 @@ class Stage(nn.Module):
         use_checkpoint_ffn: bool,
         mamba_directions: int,
         scan_backend: str,
+        checkpoint_mlp: bool = False,
     ) -> None:
         super().__init__()
         self.attn_blocks = SWSAGroup(dim, attn_depth, num_heads, use_checkpoint_attn, use_checkpoint_ffn)
-        self.mamba_block = GSMBlock(dim, use_checkpoint_attn, mamba_directions, scan_backend)
+        self.mamba_block = GSMBlock(dim, use_checkpoint_attn, mamba_directions, scan_backend, checkpoint_mlp)
 
 
 class PropLayer(nn.Module):
@@ -110,6 +111,9 @@ class GSMNet(nn.Module):
         streaming_eval: without autograd, run each layer as a stream over time that holds one copy of the
             features plus a few frames, instead of several whole-clip copies, so memory hardly grows with T
             (see :meth:`stream_layer`).
+        use_checkpoint_mlp: in training, also checkpoint the GSM block's MLP (LN, fc1, depthwise conv, GELU, fc2),
+            which the official network does not: its 4C-wide hidden activations are the largest a window step
+            keeps for the backward (memory only; one more fc1 + conv per window in the backward).
         compile_blocks: on CUDA, ``torch.compile`` the GSM window step and the SWSA blocks (in place, so the
             state-dict keys do not change) at the first forward; the selective scan stays one custom op inside
             the compiled graph. Costs a compilation per new input size.
@@ -142,6 +146,7 @@ class GSMNet(nn.Module):
         mamba_directions: int = 2,
         scan_backend: str = 'auto',
         streaming_eval: bool = True,
+        use_checkpoint_mlp: bool = False,
         compile_blocks: bool = False,
     ) -> None:
         super().__init__()
@@ -188,6 +193,7 @@ class GSMNet(nn.Module):
                         use_checkpoint_ffn,
                         mamba_directions,
                         scan_backend,
+                        use_checkpoint_mlp,
                     )
                 )
                 for _ in range(prop_depth)

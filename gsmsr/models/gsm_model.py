@@ -8,6 +8,9 @@ SpyNet, EMA, cosine schedule all come from BasicSR and the options):
   Unlike BasicSR's ``requires_grad`` switch at iteration 1, this also holds after resuming inside the window.
 * ``train.use_bf16``: forward under bf16 autocast (GSMNet keeps its geometry in fp32); the loss is fp32. On CPU
   the step runs with oneDNN off (its bf16 Conv3d backward crashes there, see ``_train_step_context``).
+* ``train.cuda_graph``: on CUDA, the network's training forward and backward are captured once per input shape
+  and replayed as CUDA graphs (:mod:`gsmsr.models.train_graphs`): the same kernels without the host launching
+  each one. Autocast then runs without its weight cache.
 * ``train.grad_clip_norm``: optional global gradient-norm clipping.
 * A step whose loss (on any rank) or clipped gradient norm is not finite is skipped, with a warning in the log.
 
@@ -44,7 +47,9 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from gsmsr.archs import load_checkpoint
 from gsmsr.compat import take_resume_notes
+from gsmsr.compile_cache import MegaCache, enable_persistent_caches
 from gsmsr.faults import InputError, one_line
+from gsmsr.models.train_graphs import install_train_graphs
 from gsmsr.utils import atomic_write
 
 __all__ = ['GSMModel', 'is_flow_param', 'score_frames', 'average_over_clips', 'atomic_torch_save', 'atomic_imwrite']
@@ -118,12 +123,21 @@ class GSMModel(VideoRecurrentModel):
                     '(e.g. CharbonnierLoss) and no train.perceptual_opt'
                 )
         super().__init__(opt)
+        self._megacache: Optional[MegaCache] = None
+        self._megacache_saved = set()
+        if self.device.type == 'cuda':  # before the first compilation, which reads the cache folders
+            enable_persistent_caches()
+            self._megacache = MegaCache.for_device(self.device)
+            self._megacache.load()
         for note in take_resume_notes():  # resume warnings from before the logger existed
             get_root_logger().warning(note)
         if self.is_train:
             train_opt = opt['train']
             self.use_bf16 = bool(train_opt.get('use_bf16', False))
             self.grad_clip_norm = train_opt.get('grad_clip_norm')
+            self.cuda_graph = bool(train_opt.get('cuda_graph', False)) and self.device.type == 'cuda'
+            if self.cuda_graph:
+                install_train_graphs(self.get_bare_model(self.net_g))
             self.skipped_steps = 0
             self._fix_flow_announced = False
 
@@ -140,8 +154,8 @@ class GSMModel(VideoRecurrentModel):
             net = DataParallel(net)
         return net
 
-    def _autocast(self, enabled: bool):
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+    def _autocast(self, enabled: bool, cache: bool = True):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=cache)
 
     def _train_step_context(self):
         # oneDNN's bf16 Conv3d backward corrupts the heap or hangs on CPU (seen with torch 2.14 on an AMX CPU, on
@@ -172,7 +186,7 @@ class GSMModel(VideoRecurrentModel):
 
         self.optimizer_g.zero_grad()
         with self._train_step_context():
-            with self._autocast(self.use_bf16):
+            with self._autocast(self.use_bf16, cache=not self.cuda_graph):  # graphs cannot use the weight cache
                 self.output = self.net_g(self.lq)
             l_pix = self.cri_pix(self.output.float(), self.gt)
             loss_dict = OrderedDict(l_pix=l_pix.detach())
@@ -204,6 +218,13 @@ class GSMModel(VideoRecurrentModel):
                 f'({self.skipped_steps} step(s) skipped so far).'
             )
         self.log_dict = self.reduce_loss_dict(loss_dict)
+        self._save_compile_cache('train')
+
+    def _save_compile_cache(self, phase: str) -> None:
+        """After the first training step and the first test: the compiled artefacts, for the next start."""
+        if self._megacache is not None and phase not in self._megacache_saved and get_dist_info()[0] == 0:
+            self._megacache_saved.add(phase)
+            self._megacache.save()
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def load_network(
@@ -280,15 +301,18 @@ class GSMModel(VideoRecurrentModel):
 
         Options under ``val``: ``chunk`` / ``chunk_overlap`` / ``tile`` / ``tile_overlap`` (0 = off; §9),
         ``flip_seq`` (also run the time-reversed clip and average, BasicSR's option), ``use_bf16`` and
-        ``compile`` (``GSMNet.compile_blocks``). On CUDA a test run (``basicsr test``, not validation during
-        training) defaults to both, the fast path; elsewhere, and during training, both default to off.
+        ``compile`` (``GSMNet.compile_blocks``). On CUDA both default to on, the fast inference path (within
+        74.8 dB PSNR of the faithful output, benchmarks/NOTES.md), for tests and for validation during training;
+        elsewhere to off. Validation on the training network itself (no EMA) leaves its compilation as training set
+        it, since compiling happens in place.
         """
         val_opt = self.opt.get('val') or {}
-        fast_default = self.device.type == 'cuda' and not self.opt.get('is_train', False)
-        use_bf16 = bool(val_opt.get('use_bf16', fast_default))
+        on_cuda = self.device.type == 'cuda'
+        use_bf16 = bool(val_opt.get('use_bf16', on_cuda))
         net = self.eval_network()
-        if hasattr(net, 'compile_blocks'):
-            net.compile_blocks = bool(val_opt.get('compile', fast_default))
+        trains_this_net = self.opt.get('is_train', False) and net is self.get_bare_model(self.net_g)
+        if hasattr(net, 'compile_blocks') and not trains_this_net:
+            net.compile_blocks = bool(val_opt.get('compile', on_cuda))
         was_training = net.training
         net.eval()
         lq = self.lq
@@ -316,6 +340,7 @@ class GSMModel(VideoRecurrentModel):
             out = 0.5 * (out[:, :n] + out[:, n:].flip(1))
         self.output = out
         net.train(was_training)
+        self._save_compile_cache('test')
 
     def dist_validation(self, dataloader, current_iter, tb_logger, save_img: bool) -> None:
         self._validate(dataloader.dataset, current_iter, tb_logger, save_img)

@@ -62,7 +62,8 @@ def test_bad_config(kwargs, match):
 def test_checkpointing_changes_memory_not_values():
     torch.manual_seed(0)
     plain = _perturbed(GSMNet(**TINY)).double().train()
-    ckpt = GSMNet(**TINY, use_checkpoint_attn=True, use_checkpoint_ffn=True).double().train()
+    ckpt = GSMNet(**TINY, use_checkpoint_attn=True, use_checkpoint_ffn=True, use_checkpoint_mlp=True)
+    ckpt = ckpt.double().train()
     ckpt.load_state_dict(plain.state_dict())
     lq = _clip()
     outs, grads = [], []
