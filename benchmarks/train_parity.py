@@ -6,8 +6,10 @@ Trains a small GSMNet from the same seed on the same batches (synthetic REDS-lay
 a few pixels per frame, LR = bicubic x4 downscale) once per mode, then scores each trained network on held-out clips
 in fp32. Modes: ``fp32`` (the faithful step), ``bf16`` (autocast), ``bf16-compiled`` and ``fp32-compiled``
 (``compile_blocks``), ``bf16-fast`` and ``fp32-fast`` (compiled, CUDA-graphed, MLP checkpointing: the fast step of
-``train.cuda_graph``). Prints a table (final loss, held-out PSNR, ms per step) and writes every loss to
-``$OUT/parity.json`` (or ``--json``); ``--plot FILE.json`` draws the curves into a PNG beside it (matplotlib).
+``train.cuda_graph``), ``fp32-graphed`` (the faithful step's eager kernels replayed as CUDA graphs: its numbers
+at a fraction of its time, tests/gpu/test_train_graphs_gpu.py). Prints a table (final loss, held-out PSNR, ms per
+step) and writes every loss to ``$OUT/parity.json`` (or ``--json``); ``--plot FILE.json`` draws the curves into a
+PNG beside it (matplotlib).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def train(mode: str, args, data, held_out, device: torch.device) -> Dict[str, object]:
     fast = mode.endswith('-fast')
     compiled = mode.endswith('-compiled') or fast
+    graphed = fast or mode.endswith('-graphed')
     dtype = torch.bfloat16 if mode.startswith('bf16') else None
     torch.manual_seed(args.seed)
     net = GSMNet(
@@ -75,11 +78,10 @@ def train(mode: str, args, data, held_out, device: torch.device) -> Dict[str, ob
         pa_frame=1,
         use_checkpoint_attn=True,
         use_checkpoint_ffn=True,
-        use_checkpoint_mlp=fast,
+        use_checkpoint_mlp=graphed,
         compile_blocks=compiled,
     ).to(device)
-    if fast:
-        install_train_graphs(net)
+    graphs = install_train_graphs(net) if graphed else None
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.iters, eta_min=args.lr * 1e-3)
     lr_all, gt_all = data
@@ -103,7 +105,7 @@ def train(mode: str, args, data, held_out, device: torch.device) -> Dict[str, ob
         net.train()
         opt.zero_grad(set_to_none=True)
         with torch.autocast(
-            device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=not fast
+            device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=not graphed
         ):
             out = net(lq)
         loss = torch.sqrt((out.float() - gt) ** 2 + 1e-12).mean()
@@ -127,6 +129,7 @@ def train(mode: str, args, data, held_out, device: torch.device) -> Dict[str, ob
         'ms_per_step': 1e3 * statistics.median(times[len(times) // 2 :]),
         'first_step_s': times[0],
         'skipped': skipped,
+        'graph_replays': graphs.replays if graphs is not None else 0,
     }
 
 
@@ -157,7 +160,7 @@ def plot(path: str) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--iters', type=int, default=1000)
-    p.add_argument('--modes', default='fp32,bf16-fast')
+    p.add_argument('--modes', default='fp32-graphed,bf16-fast')
     p.add_argument('--width', type=int, default=32)
     p.add_argument('--layers', type=int, default=2)
     p.add_argument('--frames', type=int, default=8)
@@ -188,6 +191,7 @@ def main() -> int:
             'ms/step': f'{r["ms_per_step"]:.1f}',
             'first step s': f'{r["first_step_s"]:.1f}',
             'skipped': str(r['skipped']),
+            'graph replays': str(r['graph_replays']),
         }
         for mode, r in runs.items()
     ]

@@ -107,7 +107,8 @@ class GSMBlock(nn.Module):
         """Warp each slot of m (B, C, K, H, W) back to its own grid (one batched warp); the anchor is not warped."""
         b, c, k, h, w = m.shape
         idx = [i for i, f in enumerate(flows) if f is not None]
-        src = m[:, :, idx].transpose(1, 2).reshape(b * len(idx), c, h, w)
+        # stack, not m[:, :, idx]: a list index is a host-to-device copy, which a captured CUDA graph cannot hold
+        src = torch.stack([m[:, :, i] for i in idx], dim=1).reshape(b * len(idx), c, h, w)
         psi = torch.stack([flows[i] for i in idx], dim=1).reshape(b * len(idx), 2, h, w)
         warped = iter(warp(src, psi).view(b, len(idx), c, h, w).to(m.dtype).unbind(1))
         # stack, not index_copy: an index tensor would mean a host-to-device copy per window

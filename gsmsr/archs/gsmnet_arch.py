@@ -303,7 +303,8 @@ class GSMNet(nn.Module):
                 lo = max(0, min(p - halo, t_len - size))
                 lo -= lo % 2
                 hi = min(t_len, max(q + halo, lo + size))
-                out = stage.attn_blocks(x[:, :, [order[s] for s in range(lo, hi)]])
+                # stack, not a list index (a synchronising host-to-device copy of the indices)
+                out = stage.attn_blocks(torch.stack([x[:, :, order[s]] for s in range(lo, hi)], dim=2))
                 for s in range(p, q):
                     state[s] = out[:, :, s - lo].contiguous()  # a copy, so the slab is freed now
                 ready = q

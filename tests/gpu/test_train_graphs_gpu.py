@@ -51,10 +51,14 @@ def test_graphed_step_matches_the_step_without_graphs(dtype):
         tol = 1e-5 if dtype is None else 2e-2
         assert rel_err(got, want) < tol, step
         assert want_g.keys() == got_g.keys()
-        worst = max(want_g, key=lambda n: rel_err(got_g[n], want_g[n]))
-        print(f'{dtype} step {step}: output {rel_err(got, want):.2e}, worst grad {worst} {rel_err(got_g[worst], want_g[worst]):.2e}')
-        assert rel_err(got_g[worst], want_g[worst]) < 10 * tol, (step, worst)
-    assert graphs.replays == 3 and len(graphs.graphs) == 1 and not graphs.failed
+        # each gradient against the largest gradient norm: some are zero up to rounding (the implicit warp's key
+        # bias shifts all logits of a query equally), and the kernels' atomics round differently run to run
+        scale = max(float(g.double().norm()) for g in want_g.values())
+        errs = {n: float((got_g[n].double() - want_g[n].double()).norm()) / scale for n in want_g}
+        worst = max(errs, key=errs.get)
+        print(f'{dtype} step {step}: output {rel_err(got, want):.2e}, worst gradient {worst} {errs[worst]:.2e}')
+        assert errs[worst] < tol, (step, worst)
+    assert not graphs.failed and len(graphs.graphs) == 1 and graphs.replays == 3
     # eval / no-grad calls and other shapes run the original forward
     with torch.no_grad():
         net.eval()(torch.rand(1, 5, 3, 64, 64, device='cuda'))
