@@ -9,7 +9,7 @@ in fp32. Modes: ``fp32`` (the faithful step), ``bf16`` (autocast), ``bf16-compil
 ``train.cuda_graph``), ``fp32-graphed`` (the faithful step's eager kernels replayed as CUDA graphs: its numbers
 at a fraction of its time, tests/gpu/test_train_graphs_gpu.py). Prints a table (final loss, held-out PSNR, ms per
 step) and writes every loss to ``$OUT/parity.json`` (or ``--json``); ``--plot FILE.json`` draws the curves into a
-PNG beside it (matplotlib).
+PNG beside it (matplotlib; several files: their runs together).
 """
 
 from __future__ import annotations
@@ -133,13 +133,16 @@ def train(mode: str, args, data, held_out, device: torch.device) -> Dict[str, ob
     }
 
 
-def plot(path: str) -> str:
+def plot(paths: List[str]) -> str:
+    """Draw the runs of one or more JSON files (e.g. modes run in separate calls) into a PNG beside the first."""
     import matplotlib
 
     matplotlib.use('Agg')
     from matplotlib import pyplot as plt
 
-    runs = json.loads(Path(path).read_text())['runs']
+    runs: Dict[str, dict] = {}
+    for path in paths:
+        runs.update(json.loads(Path(path).read_text())['runs'])
     fig, ax = plt.subplots(figsize=(7, 4))
     for mode, run in runs.items():
         losses = torch.tensor(run['losses'])
@@ -151,7 +154,7 @@ def plot(path: str) -> str:
     ax.set_yscale('log')
     ax.legend()
     ax.set_title('GSMNet training: faithful fp32 step vs fast step, same seed and batches')
-    png = str(Path(path).with_suffix('.png'))
+    png = str(Path(paths[0]).with_suffix('.png'))
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     return png
@@ -169,7 +172,7 @@ def main() -> int:
     p.add_argument('--lr', type=float, default=4e-4)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--json', default=None, help='where to write the losses (default $OUT/parity.json)')
-    p.add_argument('--plot', default=None, help='only draw the PNG of an earlier JSON')
+    p.add_argument('--plot', nargs='+', default=None, help='only draw the PNG of earlier JSON files')
     args = p.parse_args()
     if args.plot:
         print(plot(args.plot))

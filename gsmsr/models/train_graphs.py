@@ -14,7 +14,8 @@ change; gradients reach ``.grad`` through autograd as usual, so DDP's hooks, ``f
 the optimiser see the same gradients.
 
 Constraints of a captured step: inputs of the captured shape (training crops are); autocast, when on, without its
-weight cache (``GSMModel`` opens it so); no host synchronisation inside the network.
+weight cache (``GSMModel`` opens it so); no host synchronisation inside the network; gradients set to None before
+each step (``zero_grad()``'s default), since autograd may adopt the graph's gradient buffers as ``.grad``.
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ class TrainGraphs:
             graphed = self.capture(x, key)
             if graphed is None:
                 return self.original(x)
+        if any(p.grad is not None for p in self.net.parameters()):
+            # the replayed backward hands out its own gradient buffers, which autograd may adopt as .grad: adding
+            # into a .grad kept from the last step would then add the buffer to itself
+            raise RuntimeError(
+                'CUDA-graphed training step: call zero_grad(set_to_none=True) before each step '
+                '(gradient accumulation across steps is not supported with train.cuda_graph)'
+            )
         self.replays += 1
         return graphed(x)
 

@@ -59,7 +59,11 @@ def test_graphed_step_matches_the_step_without_graphs(dtype):
         print(f'{dtype} step {step}: output {rel_err(got, want):.2e}, worst gradient {worst} {errs[worst]:.2e}')
         assert errs[worst] < tol, (step, worst)
     assert not graphs.failed and len(graphs.graphs) == 1 and graphs.replays == 3
-    # eval / no-grad calls and other shapes run the original forward
+    # gradients kept from the last step could alias the graph's buffers: refused, not silently doubled
+    with pytest.raises(RuntimeError, match='zero_grad'):
+        with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
+            net(lq)
+    # eval / no-grad calls run the original forward
     with torch.no_grad():
         net.eval()(torch.rand(1, 5, 3, 64, 64, device='cuda'))
     assert graphs.replays == 3
