@@ -10,7 +10,8 @@ bf16 network with FlexAttention in the SWSA blocks, and with --mamba-scan the co
 scan instead of gsmsr's Triton scan. Prints one table: median ms per clip and per frame (CUDA events), the first
 call's seconds (compilation included), peak memory, and the max abs / PSNR difference of each GSMNet row against
 the first one that ran. --train adds training steps (16x64x64, batch 1, checkpointing on), eager and compiled,
-fp32 and bf16, and the fast step (compiled, CUDA graphs, MLP checkpointing). A case that runs out of memory or fails says so.
+fp32 and bf16, and the fast step (compiled, CUDA graphs, MLP checkpointing). A case that runs out of memory or
+fails says so.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main() -> int:
     def selected(name: str) -> bool:
         keys = [k for k in args.only.split(',') if k]
         return not keys or any(name.endswith(k[:-1]) if k.endswith('$') else k in name for k in keys)
+
     if not torch.cuda.is_available():
         print('bench_gsm: needs a CUDA GPU')
         return 0

@@ -1,6 +1,6 @@
 """BasicSR's training pipeline against the bare training step, and multi-GPU throughput, on synthetic REDS data.
 
-    python benchmarks/bench_pipeline.py [--gpus 2] [--iters 30] [--warmup 5] [--workers 4] [--bf16]
+    python benchmarks/bench_pipeline.py [--gpus 2] [--iters 30] [--warmup 5] [--workers 4] [--bf16 | --fast]
                                         [--data DIR] [--out DIR] [--frame-size 180x320] [--lr-size 64]
                                         [--frames-per-sample 16] [--embed-dims 192 --num-heads 8 ...]
 
@@ -17,10 +17,11 @@ and SpyNet from random weights; data loading, EMA, fix_flow, loss reduction and 
 The pipeline's time per iteration is the gap between consecutive iteration lines of BasicSR's log (1 ms
 timestamps; the ``time (data)`` values BasicSR logs are running averages). It is compared with the bare step:
 the same network on a random batch of the same size (batch 1), Adam, Charbonnier loss, bf16 autocast with
---bf16, timed like bench_gsm.py's --train rows (CUDA events on CUDA, perf_counter on CPU). Both skip --warmup
-iterations and report the median. Prints one table: ms/iter (median), the mean, the mean wait for data
-(BasicSR's data timer), samples/s (all processes, from the median), overhead of the per-process iteration against
-the bare step (on N GPUs it includes the gradient all-reduce) and throughput scaling against one device.
+--bf16, CUDA graphs when the options say ``train.cuda_graph``, timed like bench_gsm.py's --train rows (CUDA events
+on CUDA, perf_counter on CPU). Both skip --warmup iterations and report the median. Prints one table: ms/iter
+(median), the mean, the mean wait for data (BasicSR's data timer), samples/s (all processes, from the median),
+overhead of the per-process iteration against the bare step (on N GPUs it includes the gradient all-reduce) and
+throughput scaling against one device.
 --out DIR keeps the logs, option files and a results.json. Runs on CPU too (--device cpu, or without CUDA).
 
 Targets: the pipeline adds <= 10 % over the bare step on one GPU; 2 GPUs give >= 1.9x one GPU's throughput.
@@ -159,7 +160,10 @@ def build_options(
             opt['network_g'][key] = getattr(args, key)
     opt['path'] = dict(pretrain_network_g=None, strict_load_g=True, resume_state=None)
     opt['train']['total_iter'] = args.iters
-    opt['train']['use_bf16'] = bool(args.bf16)
+    opt['train']['use_bf16'] = bool(args.bf16 or args.fast)
+    if args.fast:
+        opt['network_g']['compile_blocks'] = True
+        opt['train']['cuda_graph'] = True
     opt['logger']['print_freq'] = 1
     opt['logger']['save_checkpoint_freq'] = 10 * (args.iters + 1)  # only the final save, after the last iteration
     return opt
@@ -168,7 +172,9 @@ def build_options(
 # ----------------------------------------------------------------------------------------------------------
 # the bare step
 # ----------------------------------------------------------------------------------------------------------
-def bare_step_ms(network_g: Dict[str, Any], args: argparse.Namespace, dev: torch.device, scale: int) -> float:
+def bare_step_ms(
+    network_g: Dict[str, Any], args: argparse.Namespace, dev: torch.device, scale: int, cuda_graph: bool
+) -> float:
     """Median ms of forward + Charbonnier loss + backward + Adam step on one random batch of the pipeline's size."""
     torch.manual_seed(0)
     kwargs = {k: v for k, v in network_g.items() if k != 'type'}
@@ -177,7 +183,8 @@ def bare_step_ms(network_g: Dict[str, Any], args: argparse.Namespace, dev: torch
     t, s = args.frames_per_sample, args.lr_size
     lq = torch.rand(1, t, 3, s, s, device=dev)
     gt = torch.rand(1, t, 3, scale * s, scale * s, device=dev)
-    step = train_step(net, opt, lq, gt, torch.bfloat16 if args.bf16 else None)
+    dtype = torch.bfloat16 if args.bf16 or args.fast else None
+    step = train_step(net, opt, lq, gt, dtype, cuda_graph=cuda_graph and dev.type == 'cuda')
 
     repeats = args.iters - args.warmup
     if dev.type == 'cuda':
@@ -185,7 +192,7 @@ def bare_step_ms(network_g: Dict[str, Any], args: argparse.Namespace, dev: torch
         ms, _ = cuda_time(step, repeats, warmup=args.warmup)
     else:
         # as GSMModel: CPU bf16 steps run without oneDNN (its bf16 Conv3d backward is unreliable there)
-        with torch.backends.mkldnn.flags(enabled=False) if args.bf16 else contextlib.nullcontext():
+        with torch.backends.mkldnn.flags(enabled=False) if dtype is not None else contextlib.nullcontext():
             ms = cpu_time(step, repeats, warmup=args.warmup)
     return ms
 
@@ -267,6 +274,9 @@ def main() -> int:
     parser.add_argument('--warmup', type=int, default=5, help='iterations left out of the statistics (>= 1)')
     parser.add_argument('--workers', type=int, default=4, help='num_worker_per_gpu')
     parser.add_argument('--bf16', action='store_true', help='train.use_bf16 (and bf16 autocast in the bare step)')
+    parser.add_argument(
+        '--fast', action='store_true', help='the fast step: bf16, network_g.compile_blocks, train.cuda_graph'
+    )
     parser.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto')
     parser.add_argument('--opt', default=str(ROOT / 'options' / 'train_gsm_reds.yml'), help='base option file')
     parser.add_argument('--data', default=None, help='dataset folder (written there; reused if it matches)')
@@ -316,7 +326,8 @@ def main() -> int:
     device_name = torch.cuda.get_device_name() if cuda else 'CPU'
     print(
         f'# {device_name}, torch {torch.__version__}, scan: {gsmsr.ops.kernel_status()}; network_g '
-        f'{ {k: net_opt.get(k) for k in NET_FLAGS} }, bf16 {args.bf16}, batch 1 x '
+        f'{ {k: net_opt.get(k) for k in NET_FLAGS} }, bf16 {args.bf16 or args.fast}, '
+        f'cuda_graph {opts[1]["train"].get("cuda_graph")}, batch 1 x '
         f'{args.frames_per_sample}x{args.lr_size}x{args.lr_size} LR, {args.workers} workers per process, '
         f'{args.iters} iterations ({args.warmup} warm-up)',
         flush=True,
@@ -324,7 +335,7 @@ def main() -> int:
 
     rows: List[Dict[str, str]] = []
     results: Dict[str, Any] = dict(args=vars(args), device=device_name)
-    bare = bare_step_ms(net_opt, args, dev, scale)
+    bare = bare_step_ms(net_opt, args, dev, scale, bool(opts[1]['train'].get('cuda_graph')))
     if cuda:
         torch.cuda.empty_cache()  # the step's tensors are gone with its frame; the pipelines get the memory
     results['bare step'] = dict(median_ms=bare)

@@ -33,8 +33,8 @@ from typing import Any, Dict, List, Optional
 from gsmsr.faults import InputError
 
 _applied = False
-_resume_notes: List[str] = []
-basicsr_flow_warp = None  # BasicSR's own flow_warp, before :func:`flow_warp` replaces it  # said before BasicSR's logger exists; GSMModel logs them once it does
+_resume_notes: List[str] = []  # said before BasicSR's logger exists; GSMModel logs them once it does
+basicsr_flow_warp = None  # BasicSR's own flow_warp, before :func:`flow_warp` replaces it
 
 
 def _shim_functional_tensor() -> None:

@@ -18,6 +18,8 @@ def test_dispatcher_passes_cpu_calls_to_the_original_forward():
     got = net(lq)
     assert torch.equal(got, want) and got.requires_grad
     assert graphs.replays == 0 and not graphs.graphs and not graphs.failed
-    assert 'forward' not in net.state_dict() and set(net.state_dict()) == set(GSMNet(prop_depth=1, attn_depth=1, embed_dims=16, num_heads=2).state_dict())
+    assert 'forward' not in net.state_dict() and set(net.state_dict()) == set(
+        GSMNet(prop_depth=1, attn_depth=1, embed_dims=16, num_heads=2).state_dict()
+    )
     uninstall_train_graphs(net)
     assert 'forward' not in net.__dict__ and torch.equal(net(lq), want)
