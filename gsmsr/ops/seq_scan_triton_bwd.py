@@ -626,8 +626,9 @@ def selective_scan_bwd_triton(
         )  # fmt: skip
     # deterministic reductions of the partials (fixed order)
     dbc_sum = dbc.sum(0)  # (batch, L, 2 NP)
-    dB = dbc_sum[:, :, :n_state].transpose(1, 2).to(B.dtype)
-    dC = dbc_sum[:, :, n_pad : n_pad + n_state].transpose(1, 2).to(C.dtype)
+    # .contiguous() copies: dB and dC must not share storage (custom ops refuse aliased outputs)
+    dB = dbc_sum[:, :, :n_state].transpose(1, 2).contiguous().to(B.dtype)
+    dC = dbc_sum[:, :, n_pad : n_pad + n_state].transpose(1, 2).contiguous().to(C.dtype)
     dA = dA_part.sum((0, 1)).t().contiguous()
     dD = dD_part.sum((0, 1)) if dD_part is not None else None
     dbias = dbias_part.sum((0, 1)) if dbias_part is not None else None
