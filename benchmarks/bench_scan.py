@@ -3,7 +3,9 @@
     python benchmarks/bench_scan.py [--lengths 288000,20480] [--dtypes fp32,bf16] [--repeats 10]
         [--seq-sweep] [--modes fwd,fwd+bwd] [--batch 1]
 
-``seq-triton`` rows are gsmsr.ops.seq_scan_triton (forward only, so no fwd+bwd rows); ``--seq-sweep`` adds its
+``seq-triton`` rows are gsmsr.ops.seq_scan_triton called directly (forward only, so no fwd+bwd rows); ``gsmsr
+triton op`` rows are ``selective_scan(backend='triton')``: forward through gsmsr::scan_infer, fwd+bwd through
+gsmsr::tscan_fwd / tscan_bwd (gsmsr.ops.seq_scan_triton_bwd, training segments); ``--seq-sweep`` adds its
 (block_d, num_warps, token_tile, segments or warps per SM) grid in SEQ_SWEEP. ``out_rel`` is the max abs
 difference from mamba-ssm relative to its max |output|.
 
@@ -113,6 +115,11 @@ def main() -> int:
 
         # the gsmsr dispatch of mamba-ssm's kernel: the custom ops (what GSMNet trains with)
         scans['gsmsr kernel op'] = lambda *a, **k: selective_scan(*a, **k, backend='kernel')
+    if triton_available():
+        from gsmsr.ops import selective_scan
+
+        # the Triton scan with its backward, as backend='triton' trains
+        scans['gsmsr triton op'] = lambda *a, **k: selective_scan(*a, **k, backend='triton')
     forward_only = set()
     seq_configs = [('seq-triton', {})]
     if args.seq_sweep:

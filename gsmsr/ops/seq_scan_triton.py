@@ -29,8 +29,10 @@ output is joined back into a tile and stored in one vector store per thread. Seg
 the tile; the last segment's ragged end is walked with a tile of one token.
 
 All arithmetic is float32 whatever the input dtype; the output has u's dtype. Decays are ``exp2(dt * A log2 e)``
-(log2 e folded into A once). Forward only: no autograd, nothing saved. CUDA tensors run compiled kernels and CPU
-tensors Triton's interpreter (slow; for tests), see :mod:`gsmsr.ops.triton_jit`.
+(log2 e folded into A once). No autograd here; with ``return_states=True`` the forward also returns the state
+entering each segment (the carries above), from which the backward (:mod:`gsmsr.ops.seq_scan_triton_bwd`) restarts
+any segment. CUDA tensors run compiled kernels and CPU tensors Triton's interpreter (slow; for tests), see
+:mod:`gsmsr.ops.triton_jit`.
 """
 
 from __future__ import annotations

@@ -63,20 +63,28 @@ LOG2E = 1.4426950408889634
 
 
 def _dt_and_slope(x, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """x: raw delta column (fp32). Returns (dt, d dt / d delta)."""
+    """x: raw delta column (fp32). Returns (dt, d dt / d delta). One return statement (no early returns in
+    Triton functions)."""
     if HAS_BIAS:
         x = x + bias
+    dt = x
+    slope = tl.full(x.shape, 1.0, tl.float32)
     if SOFTPLUS:
-        return _softplus(x), 1.0 / (1.0 + tl.exp(-x))
-    return x, tl.full(x.shape, 1.0, tl.float32)
+        dt = _softplus(x)
+        slope = 1.0 / (1.0 + tl.exp(-x))
+    return dt, slope
 
 
 def _dy_of(g, z, HAS_Z: tl.constexpr):
-    """(dL/dy, silu(z) gate derivative factor sigmoid(z)(1 + z(1 - sigmoid(z)))); the second only with z."""
+    """(dL/dy, dL/dy per unit of y for dz): with z, (g silu(z), g silu'(z)) with silu'(z) = s (1 + z (1 - s)),
+    s = sigmoid(z); without, (g, g)."""
+    dy = g
+    dzf = g
     if HAS_Z:
         sg = 1.0 / (1.0 + tl.exp(-z))
-        return g * z * sg, g * sg * (1.0 + z * (1.0 - sg))
-    return g, g
+        dy = g * z * sg
+        dzf = g * sg * (1.0 + z * (1.0 - sg))
+    return dy, dzf
 
 
 def _summary_walk(
