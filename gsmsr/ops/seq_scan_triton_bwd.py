@@ -87,6 +87,30 @@ def _dy_of(g, z, HAS_Z: tl.constexpr):
     return dy, dzf
 
 
+def _lane_sum(v, idx, BLOCK_D: tl.constexpr, K: tl.constexpr):
+    """Sums over the BLOCK_D channels of K columns (tuple of K (BLOCK_D,) vectors, K a power of two), by
+    recursive halving: at each exchange distance m (BLOCK_D/2, ..., 1) every element keeps half of its columns
+    and adds the partner's (element ``idx ^ m``) copy of that half, so each exchange moves half as many values as
+    the one before (K - 1 exchanges in all for K = BLOCK_D, against K log2(BLOCK_D) for a reduction per column).
+    ``tl.gather`` within a warp lowers to shuffles, without shared memory or barriers. Returns a tuple of
+    R = max(K / BLOCK_D, 1) vectors: entry i of element l holds the total of column (l >> log2(BLOCK_D / K)) R + i
+    (with K < BLOCK_D, BLOCK_D / K elements hold each total)."""
+    for level in tl.static_range(8):
+        if (BLOCK_D >> level) > 1:
+            partner = idx ^ (BLOCK_D >> (level + 1))
+            if (K >> level) > 1:
+                up = (idx & (BLOCK_D >> (level + 1))) != 0  # this element keeps the upper half
+                new = ()
+                for i in tl.static_range(K >> (level + 1)):
+                    lo = v[i]
+                    hi = v[i + (K >> (level + 1))]
+                    new = new + (tl.where(up, hi, lo) + tl.gather(tl.where(up, lo, hi), partner, 0),)
+                v = new
+            else:
+                v = (v[0] + tl.gather(v[0], partner, 0),)
+    return v
+
+
 def _summary_walk(
     lam,
     dsum,
@@ -117,8 +141,7 @@ def _summary_walk(
         gs = _columns(tl.load(g_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
         if HAS_Z:
             zs = _columns(tl.load(z_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
-        for jj in tl.static_range(TILE):
-            j = TILE - 1 - jj
+        for j in tl.static_range(TILE - 1, -1, -1):
             cs = _row(bc_row + (t0 + j) * (2 * NP) + NP, BLOCK_D, NP)
             dt, _slope = _dt_and_slope(ds[j].to(tl.float32), bias, HAS_BIAS, SOFTPLUS)
             g = gs[j].to(tl.float32)
@@ -277,6 +300,7 @@ def _reverse_walk(
     HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
+    LANE_SUM: tl.constexpr,
 ):
     """Tiles of [lo, hi) in reverse, each restarted from its checkpoint (see :func:`_checkpoint_walk`). lam
     carries ``a_{t+1} lam_{t+1}`` (tuple of N (BLOCK_D,)); dA (tuple of N), dD, dbias: per-channel accumulators.
@@ -286,6 +310,7 @@ def _reverse_walk(
     mask = md[:, None]
     zero = tl.full([BLOCK_D], 0.0, tl.float32)
     cols = tl.arange(0, 2 * NP)
+    idx = tl.arange(0, BLOCK_D)
     for k in range(0, (hi - lo) // TILE):
         t0 = tl.multiple_of(hi - (k + 1) * TILE, TILE)
         row = (row0 + (t0 - lo) // TILE).to(tl.int64)
@@ -301,12 +326,12 @@ def _reverse_walk(
         hs = h
         dts = ()
         slopes = ()
-        for j in tl.static_range(TILE):
-            bs = _row(bc_row + (t0 + j) * (2 * NP), BLOCK_D, NP)
-            dt, slope = _dt_and_slope(ds[j].to(tl.float32), bias, HAS_BIAS, SOFTPLUS)
+        for jf in tl.static_range(TILE):
+            bs = _row(bc_row + (t0 + jf) * (2 * NP), BLOCK_D, NP)
+            dt, slope = _dt_and_slope(ds[jf].to(tl.float32), bias, HAS_BIAS, SOFTPLUS)
             dts = dts + (dt,)
             slopes = slopes + (slope,)
-            dtu = dt * us[j].to(tl.float32)
+            dtu = dt * us[jf].to(tl.float32)
             new = ()
             for n in tl.static_range(N):
                 new = new + (tl.exp2(dt * A2[n]) * h[n] + dtu * bs[n],)
@@ -316,8 +341,7 @@ def _reverse_walk(
         dus = ()
         ddts = ()
         dzs = ()
-        for jj in tl.static_range(TILE):
-            j = TILE - 1 - jj
+        for j in tl.static_range(TILE - 1, -1, -1):
             bs = _row(bc_row + (t0 + j) * (2 * NP), BLOCK_D, NP)
             cs = _row(bc_row + (t0 + j) * (2 * NP) + NP, BLOCK_D, NP)
             u = us[j].to(tl.float32)
@@ -365,8 +389,17 @@ def _reverse_walk(
             dbias = dbias + ddelta
             dus = (du,) + dus
             ddts = (ddelta,) + ddts
-            part = tl.reduce(_tile(dB + dC, BLOCK_D, 2 * NP), 0, SUM_OP)  # noqa: F821 (put in by LazyKernels)
-            tl.store(dbc_row + (t0 + j) * (2 * NP) + cols, part)
+            dbc_tok = dbc_row + (t0 + j) * (2 * NP)
+            if LANE_SUM:
+                sums = _lane_sum(dB + dC, idx, BLOCK_D, 2 * NP)
+                if 2 * NP >= BLOCK_D:
+                    for i in tl.static_range(2 * NP // BLOCK_D):
+                        tl.store(dbc_tok + idx * (2 * NP // BLOCK_D) + i, sums[i])
+                else:
+                    tl.store(dbc_tok + idx // (BLOCK_D // (2 * NP)), sums[0], mask=idx % (BLOCK_D // (2 * NP)) == 0)
+            else:
+                part = tl.reduce(_tile(dB + dC, BLOCK_D, 2 * NP), 0, SUM_OP)  # noqa: F821 (put in by LazyKernels)
+                tl.store(dbc_tok + cols, part)
         tl.store(du_row[:, None] + t0 + offs, _tile(dus, BLOCK_D, TILE).to(du_row.dtype.element_ty), mask=mask)
         tl.store(ddt_row[:, None] + t0 + offs, _tile(ddts, BLOCK_D, TILE).to(ddt_row.dtype.element_ty), mask=mask)
         if HAS_Z:
@@ -417,6 +450,7 @@ def _main_kernel(
     HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
+    LANE_SUM: tl.constexpr,
 ):
     """Program (channel block, segment s, batch). hs: the forward's states (B, n_fwd, D, N), hs[b, s-1] entering
     s; R: the carried lam (B, S-1, D, N), R[b, S-2-s] entering s from the right (s < S-1); ck: checkpoints
@@ -473,12 +507,12 @@ def _main_kernel(
         lam, dA, dD, dbias = _reverse_walk(
             lam, dA, dD, dbias, A2, u_row, dt_row, z_row, g_row, du_ptr + out_off, ddt_ptr + out_off,
             dz_ptr + out_off, bc_row, dbc_row, ck_row, full, hi, L // TILE, bias, d_skip, md, Dm,
-            N, NP, BLOCK_D, 1, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+            N, NP, BLOCK_D, 1, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LANE_SUM,
         )  # fmt: skip
     lam, dA, dD, dbias = _reverse_walk(
         lam, dA, dD, dbias, A2, u_row, dt_row, z_row, g_row, du_ptr + out_off, ddt_ptr + out_off,
         dz_ptr + out_off, bc_row, dbc_row, ck_row, lo, full, lo // TILE, bias, d_skip, md, Dm,
-        N, NP, BLOCK_D, TILE, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+        N, NP, BLOCK_D, TILE, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LANE_SUM,
     )  # fmt: skip
     seg = b * n_seg + s
     for n in tl.static_range(N):
@@ -499,6 +533,7 @@ _KERNELS = LazyKernels(
         _carry_kernel,
         _dt_and_slope,
         _dy_of,
+        _lane_sum,
         _summary_walk,
         _summary_kernel,
         _checkpoint_walk,
@@ -528,13 +563,16 @@ def selective_scan_bwd_triton(
     block_d: int = 32,
     num_warps: int = 1,
     token_tile: int = 4,
+    lane_sum: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients of :func:`gsmsr.ops.seq_scan_triton.selective_scan_fwd_triton` (semantics of
     :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`) given ``dout`` = dL/dout (batch, D, L).
 
     states, seg_len: from the forward with ``return_states=True`` on the same inputs (states (batch,
     max(S - 1, 1), D, N) fp32, S = ceil(L / seg_len)). token_tile: tokens per checkpoint (a power of two; reduced
-    to the largest power of two dividing seg_len when S > 1). block_d, num_warps: as in the forward.
+    to the largest power of two dividing seg_len when S > 1). block_d, num_warps: as in the forward. lane_sum:
+    sum dB and dC over channels by recursive halving with ``tl.gather`` (:func:`_lane_sum`) instead of one
+    ``tl.reduce`` per column.
 
     Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), mamba-ssm's order: du, ddelta, dz (batch, D, L) in the
     dtypes of u, delta, z; dA (D, N) fp32; dB, dC (batch, N, L) in the dtypes of B, C; dD, ddelta_bias (D,) fp32;
@@ -630,7 +668,7 @@ def selective_scan_bwd_triton(
             dD_part if dD_part is not None else dA_part, dbias_part if dbias_part is not None else dA_part,
             dim, length, seg_len, n_seg, states.shape[1], n_rows,
             *u.stride()[:2], *delta.stride()[:2], *zz.stride()[:2], *dout.stride()[:2], *Af.stride(),
-            TILE=token_tile, HAS_D=D is not None, **flags,
+            TILE=token_tile, HAS_D=D is not None, LANE_SUM=bool(lane_sum), **flags,
         )  # fmt: skip
     # deterministic reductions of the partials (fixed order)
     dbc_sum = dbc.sum(0)  # (batch, L, 2 NP)

@@ -40,13 +40,15 @@ def _grads(
     segments: int,
     block_d: int = 32,
     token_tile: int = 4,
+    lane_sum: bool = True,
 ) -> Dict[str, torch.Tensor]:
     out, states, seg_len = selective_scan_fwd_triton(
         **inp, delta_softplus=softplus, segments=segments, block_d=block_d, return_states=True
     )
     grads = selective_scan_bwd_triton(
-        *(inp[k] for k in NAMES), dout, states, seg_len, softplus, block_d=block_d, token_tile=token_tile
-    )
+        *(inp[k] for k in NAMES), dout, states, seg_len, softplus, block_d=block_d, token_tile=token_tile,
+        lane_sum=lane_sum,
+    )  # fmt: skip
     return {k: g for k, g in zip(NAMES, grads) if inp[k] is not None}
 
 
@@ -99,6 +101,16 @@ def test_fp32_gradients_match_reference(name):
     seconds = time.perf_counter() - start
     errs = _errors(got, _ref_grads(inp, dout, True))
     print(f'{name} ({seconds:.1f} s):', ' '.join(f'd{k}={v:.1e}' for k, v in errs.items()))
+    assert max(errs.values()) <= TOL[torch.float32], errs
+
+
+@pytest.mark.parametrize('block_d,state,lane_sum', [(8, 16, True), (16, 4, False), (32, 16, False)])
+def test_channel_sums_of_dB_dC(block_d, state, lane_sum):
+    """dB, dC summed over channels by recursive halving with more columns (2 N) than channels per block (8), with
+    fewer (N = 4: 8 columns over 16 channels), and by one tl.reduce per column (lane_sum off)."""
+    inp, dout = _case_inputs(1, 20, state, 12, 'mamba', 'all', torch.float32)
+    got = _grads(inp, dout, True, 2, block_d=block_d, lane_sum=lane_sum)
+    errs = _errors(got, _ref_grads(inp, dout, True))
     assert max(errs.values()) <= TOL[torch.float32], errs
 
 
