@@ -22,26 +22,36 @@ entering each of its S segments; the backward uses the same segments and four la
    (R_{S-1} = 0), the ``a_{hi} lam_{hi}`` entering segment s from the right.
 3. *main* (program per channel block x segment x batch): (a) walk the segment forwards from its start state and
    store the state at every TILE-th token (a checkpoint) in a scratch buffer (B, L/TILE, N, D) fp32 (N-major so
-   each checkpoint store is one coalesced row per state; 63 MB at L = 20,480, D = 384, N = 16, TILE = 4, mostly
-   served by the H200's 50 MB L2 as each program re-reads its own checkpoints soon after writing them);
+   each checkpoint store is one coalesced row per state; 126 MB at L = 20,480, D = 384, N = 16, TILE = 4, written
+   and read once: ~0.05 ms of HBM traffic on an H200, less what its 50 MB L2 keeps, as each program re-reads its
+   latest checkpoints right after writing them);
    (b) walk the tiles in reverse: recompute the tile's TILE states from its checkpoint into registers (TILE x N
    per thread), then run the reverse recurrence through the tile, token by token. Per token each thread has
    everything for du, ddelta, dz (written as [BLOCK_D, TILE] tiles, one vector store per thread), and
    accumulates dA, dD, dbias in registers (written once per program as per-segment partials, summed by torch
-   afterwards: deterministic, no atomics). dB and dC need sums over channels: per token the program reduces its
-   BLOCK_D channels (one [BLOCK_D, 2 NP] tile, one ``tl.reduce``) and stores a partial per channel block,
-   (D/BLOCK_D, B, L, 2 NP) fp32, which torch sums afterwards (deterministic; 12 partials at D = 384).
+   afterwards: deterministic, no atomics). dB and dC need sums over channels: per token the program sums its
+   BLOCK_D channels and stores a partial per channel block, (D/BLOCK_D, B, L, 2 NP) fp32, which torch sums
+   afterwards (deterministic; 12 partials at D = 384, 31 MB).
+
+The channel sums of dB and dC (2N = 32 values per token, over the 32 lanes of a warp) are the one place threads
+talk. One ``tl.reduce`` per column costs 32 x 5 shuffles per token, plus a shared-memory round trip and a barrier
+to spread the replicated result for the store; recursive halving (:func:`_lane_sum`, exchanges with ``tl.gather``,
+which Triton lowers to warp shuffles) costs 31 shuffles and leaves total j in lane j, ready for one coalesced
+store. Compiled for sm_90a at N = 16, TILE = 4, bf16 (ptxas): 155 shuffles in the kernel (5 tokens x 31), no
+shared memory, no barriers; ~150 instructions per token in the checkpoint walk and ~520 in the reverse walk, per
+warp of 32 channels.
 
 Why one thread per channel with all N states (and not N split across lanes): the per-token sums over states (y,
 du, d(dt)) stay inside the thread, and the recurrences need no communication; only dB and dC cross lanes, and
-they do in any layout (they sum over channels). The cost is registers: h and lam (2N), the tile's recomputed
-states (TILE x N), A (N) and the B, C rows (2N); TILE = 4 keeps this near the forward's 168 registers at N = 16
-(TILE = 8 would spill), and the checkpoint traffic at TILE = 4 (2 x 63 MB) is cheap next to the arithmetic.
+they do in any layout (they sum over channels). The cost is registers: the tile's states (TILE + 1) x N, lam,
+dA and A (3N), the B and C rows (2N) and the dB|dC columns (2N): ptxas gives 255 registers a thread (132 bytes
+spilled) at TILE = 4, so 8 one-warp programs per SM; TILE = 2 needs no spill but doubles the checkpoint traffic
+(2 x 252 MB), TILE = 8 spills ~500 bytes. Capping registers at 200 spills 544 bytes.
 
 Conventions as in the forward: fp32 arithmetic whatever the input dtype, decays as ``exp2(dt * A log2 e)``,
 ``tl.reduce(x, axis, SUM_OP)`` instead of ``tl.sum`` (the interpreter), kernel bodies as plain functions jitted
 lazily by :class:`gsmsr.ops.triton_jit.LazyKernels`; CPU tensors run Triton's interpreter (slow; for tests).
-N is limited to 16 (2 NP columns of the dB|dC tile, at most 32).
+N is limited to 16 (the per-column reduction builds a [BLOCK_D, 2 NP] tile, at most 32 columns).
 """
 
 from __future__ import annotations
