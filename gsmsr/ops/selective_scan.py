@@ -220,11 +220,11 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl):
 # -- custom ops around the Triton forward and backward ------------------------------------------------------------
 
 TRITON_FWD_TILE = 8  # token tile of the forward when it trains: segment lengths are multiples of it
-# Training segments: the backward's main launch has ~3x the forward's work per token and needs more registers
-# (about 8 one-warp programs per SM), so it wants more, shorter segments than inference: ~8 warps per SM over the
-# backward's (channel block x segment) programs, segments of at least TRITON_TRAIN_MIN_SEGMENT tokens (at L = 20,480
-# and D = 384 on 132 SMs: 86 segments of 240 tokens).
-TRITON_TRAIN_WARPS_PER_SM = 8
+# Training segments: the backward's main launch holds 168 registers a thread (gsmsr.ops.seq_scan_triton_bwd), so an
+# SM keeps 12 of its one-warp programs: ~12 warps per SM over the (channel block x segment) programs make one whole
+# wave, with segments of at least TRITON_TRAIN_MIN_SEGMENT tokens (at L = 20,480 and D = 384 on 132 SMs: 128
+# segments of 160 tokens, 1,536 programs).
+TRITON_TRAIN_WARPS_PER_SM = 12
 TRITON_TRAIN_MIN_SEGMENT = 128
 
 

@@ -22,9 +22,9 @@ entering each of its S segments; the backward uses the same segments and four la
    (R_{S-1} = 0), the ``a_{hi} lam_{hi}`` entering segment s from the right.
 3. *main* (program per channel block x segment x batch): (a) walk the segment forwards from its start state and
    store the state at every TILE-th token (a checkpoint) in a scratch buffer (B, L/TILE, N, D) fp32 (N-major so
-   each checkpoint store is one coalesced row per state; 126 MB at L = 20,480, D = 384, N = 16, TILE = 4, written
-   and read once: ~0.05 ms of HBM traffic on an H200, less what its 50 MB L2 keeps, as each program re-reads its
-   latest checkpoints right after writing them);
+   each checkpoint store is one coalesced row per state; 252 MB at L = 20,480, D = 384, N = 16, TILE = 2, written
+   and read once: ~0.1 ms of HBM traffic on an H200 if none of it stayed in the 50 MB L2, overlapped with the
+   arithmetic; each program re-reads its latest checkpoints right after writing them);
    (b) walk the tiles in reverse: recompute the tile's TILE states from its checkpoint into registers (TILE x N
    per thread), then run the reverse recurrence through the tile, token by token. Per token each thread has
    everything for du, ddelta, dz (written as [BLOCK_D, TILE] tiles, one vector store per thread), and
@@ -37,16 +37,17 @@ The channel sums of dB and dC (2N = 32 values per token, over the 32 lanes of a 
 talk. One ``tl.reduce`` per column costs 32 x 5 shuffles per token, plus a shared-memory round trip and a barrier
 to spread the replicated result for the store; recursive halving (:func:`_lane_sum`, exchanges with ``tl.gather``,
 which Triton lowers to warp shuffles) costs 31 shuffles and leaves total j in lane j, ready for one coalesced
-store. Compiled for sm_90a at N = 16, TILE = 4, bf16 (ptxas): 155 shuffles in the kernel (5 tokens x 31), no
-shared memory, no barriers; ~150 instructions per token in the checkpoint walk and ~520 in the reverse walk, per
-warp of 32 channels.
+store. Compiled for sm_90a at N = 16, bf16: 31 shuffles per token, no shared memory, no barriers.
 
 Why one thread per channel with all N states (and not N split across lanes): the per-token sums over states (y,
 du, d(dt)) stay inside the thread, and the recurrences need no communication; only dB and dC cross lanes, and
 they do in any layout (they sum over channels). The cost is registers: the tile's states (TILE + 1) x N, lam,
-dA and A (3N), the B and C rows (2N) and the dB|dC columns (2N): ptxas gives 255 registers a thread (132 bytes
-spilled) at TILE = 4, so 8 one-warp programs per SM; TILE = 2 needs no spill but doubles the checkpoint traffic
-(2 x 252 MB), TILE = 8 spills ~500 bytes. Capping registers at 200 spills 544 bytes.
+dA and A (3N), the B and C rows (2N) and the dB|dC columns (2N). From ptxas (sm_90a, Triton 3.8, N = 16, bf16):
+TILE = 4 takes 255 registers (132 bytes spilled), so an SM holds 8 one-warp programs; TILE = 2 fits a cap of 168
+registers with 72 bytes spilled, so an SM holds 12 (the default, ``maxnreg=168``: the forward's output pass was
+latency-bound at low occupancy, benchmarks/NOTES.md), for ~11 % more instructions per token (~190 in the
+checkpoint walk and ~560 in the reverse walk at TILE = 2, ~150 and ~520 at TILE = 4) and twice the checkpoint
+traffic. TILE = 8 spills ~500 bytes.
 
 Conventions as in the forward: fp32 arithmetic whatever the input dtype, decays as ``exp2(dt * A log2 e)``,
 ``tl.reduce(x, axis, SUM_OP)`` instead of ``tl.sum`` (the interpreter), kernel bodies as plain functions jitted
@@ -572,8 +573,9 @@ def selective_scan_bwd_triton(
     delta_softplus: bool = False,
     block_d: int = 32,
     num_warps: int = 1,
-    token_tile: int = 4,
+    token_tile: int = 2,
     lane_sum: bool = True,
+    maxnreg: Optional[int] = 168,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients of :func:`gsmsr.ops.seq_scan_triton.selective_scan_fwd_triton` (semantics of
     :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`) given ``dout`` = dL/dout (batch, D, L).
@@ -582,7 +584,8 @@ def selective_scan_bwd_triton(
     max(S - 1, 1), D, N) fp32, S = ceil(L / seg_len)). token_tile: tokens per checkpoint (a power of two; reduced
     to the largest power of two dividing seg_len when S > 1). block_d, num_warps: as in the forward. lane_sum:
     sum dB and dC over channels by recursive halving with ``tl.gather`` (:func:`_lane_sum`) instead of one
-    ``tl.reduce`` per column.
+    ``tl.reduce`` per column. maxnreg: register cap of the main launch on CUDA (None: the compiler's choice, 255
+    at token_tile 4): 168 with token_tile 2 lets an SM hold 12 one-warp programs (72 bytes spilled, sm_90a).
 
     Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), mamba-ssm's order: du, ddelta, dz (batch, D, L) in the
     dtypes of u, delta, z; dA (D, N) fp32; dB, dC (batch, N, L) in the dtypes of B, C; dD, ddelta_bias (D,) fp32;
@@ -649,7 +652,8 @@ def selective_scan_bwd_triton(
     dD_part = torch.empty(batch, n_seg, dim, **f32) if D is not None else None
     dbias_part = torch.empty(batch, n_seg, dim, **f32) if delta_bias is not None else None
 
-    k = _KERNELS(interpret_for(u))
+    interpret = interpret_for(u)
+    k = _KERNELS(interpret)
     zz = z if z is not None else u  # placeholders for absent operands: never read or written (constexpr flags)
     flags = dict(
         N=n_state,
@@ -679,6 +683,7 @@ def selective_scan_bwd_triton(
             dim, length, seg_len, n_seg, states.shape[1], n_rows,
             *u.stride()[:2], *delta.stride()[:2], *zz.stride()[:2], *dout.stride()[:2], *Af.stride(),
             TILE=token_tile, HAS_D=D is not None, LANE_SUM=bool(lane_sum), **flags,
+            **({'maxnreg': maxnreg} if maxnreg and not interpret else {}),
         )  # fmt: skip
     # deterministic reductions of the partials (fixed order)
     dbc_sum = dbc.sum(0)  # (batch, L, 2 NP)
