@@ -176,3 +176,52 @@ def test_custom_ops_opcheck():
     inp, _ = _case_inputs(1, 3, 4, 8, 'mamba', 'all', torch.float32)
     args = [inp[k].clone().requires_grad_(k in ('u', 'B')) for k in NAMES] + [True, 2]
     torch.library.opcheck(tscan_fwd, args, test_utils=('test_schema', 'test_faketensor', 'test_autograd_registration'))
+
+
+ACTIVATIONS = ('u_ptr', 'dt_ptr', 'z_ptr', 'g_ptr', 'du_ptr', 'ddt_ptr', 'dz_ptr')  # in the input dtype
+
+
+def _compile_sm90(kernel, consts: Dict[str, object], ptr_dtype: str):
+    """Compile a kernel body for sm_90a as a launch on an H200 would specialise it (pointers 16-byte aligned,
+    integers multiples of 16 where GSM's training shape has them, unit strides as constants), without a GPU.
+    Returns the PTX."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ints = dict(Dm=384, L=20480, seg_len=160, n_seg=128, n_fwd=127, n_rows=10240, s_ad=16, s_an=1)
+    params = list(inspect.signature(kernel.fn).parameters)
+    signature, attrs, constexprs = {}, {}, {}
+    for i, p in enumerate(params):
+        value = consts.get(p, ints.get(p, 20480 if p.startswith('s_') else None))
+        if p in consts or value == 1:
+            signature[p], constexprs[(i,)] = 'constexpr', value
+        elif p.endswith('_ptr'):
+            signature[p] = ptr_dtype if p in ACTIVATIONS else '*fp32'
+            attrs[(i,)] = [['tt.divisibility', 16]]
+        else:
+            signature[p] = 'i32'
+            if value % 16 == 0:
+                attrs[(i,)] = [['tt.divisibility', 16]]
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=1)).asm['ptx']
+
+
+@pytest.mark.parametrize('config', ['bf16_all_tile2_lanesum', 'fp32_bare_tile1_reduce'])
+def test_kernels_compile_for_sm90(config):
+    """The interpreter does not see compile-time rules (constexpr reassignment, early returns, layouts): compile
+    the backward's kernels for sm_90a here (no GPU needed) with GSM's flags. The channel sums by recursive halving
+    must stay in registers (warp shuffles, no shared memory barrier)."""
+    pytest.importorskip('triton.backends.nvidia')
+    from gsmsr.ops.seq_scan_triton_bwd import _KERNELS
+
+    k = _KERNELS(False)
+    full = config.startswith('bf16')
+    flags = dict(N=16, NP=16, BLOCK_D=32, HAS_Z=full, HAS_BIAS=full, SOFTPLUS=full)
+    dtype = '*bf16' if full else '*fp32'
+    ptx = _compile_sm90(k.main_kernel, dict(flags, TILE=2 if full else 1, HAS_D=full, LANE_SUM=full), dtype)
+    if full:
+        assert 'shfl.sync' in ptx and 'bar.sync' not in ptx
+    _compile_sm90(k.summary_kernel, dict(flags, TILE=8), dtype)
