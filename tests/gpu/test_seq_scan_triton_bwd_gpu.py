@@ -91,3 +91,22 @@ def test_segment_counts_agree(segments):
         err = _err(g, base[k])
         print(f'segments={segments} d{k}: {err:.1e}')
         assert err <= TOL[torch.float32], (k, err)
+
+
+@pytest.mark.parametrize(
+    'token_tile,maxnreg,lane_sum', [(4, None, True), (2, 168, False), (1, 128, True), (8, None, True)]
+)
+def test_backward_configs_agree(token_tile, maxnreg, lane_sum):
+    """Checkpoint tiles, register caps and the per-column reduction against the default configuration (bf16)."""
+    inp = _inputs(1, 384, 16, 20_480, torch.bfloat16)
+    dout = torch.randn(1, 384, 20_480, device='cuda', generator=torch.Generator(device='cuda').manual_seed(1))
+    dout = dout.to(torch.bfloat16)
+    with torch.no_grad():
+        _, states, seg_len = selective_scan_fwd_triton(**inp, delta_softplus=True, segments=128, return_states=True)
+        args = (*(inp[k] for k in NAMES), dout, states, seg_len, True)
+        base = selective_scan_bwd_triton(*args)
+        grads = selective_scan_bwd_triton(*args, token_tile=token_tile, maxnreg=maxnreg, lane_sum=lane_sum)
+    for k, a, b in zip(NAMES, grads, base):
+        err = _err(a, b)
+        print(f'tile={token_tile} maxnreg={maxnreg} lane_sum={lane_sum} d{k}: {err:.1e}')
+        assert err <= TOL[torch.bfloat16], (k, err)
