@@ -16,7 +16,7 @@ the input dtype, A = -exp(A_log) with Vim's A_log = log(1..16), D and delta_bias
 Mode ``bwd`` times the backward alone, the number to compare with the training profile: mamba-ssm's through the
 gsmsr::scan_bwd op, the Triton one (``seq-triton bwd`` rows) through ``selective_scan_bwd_triton`` from the
 forward's segment states (training segments unless the config says otherwise); ``--bwd-sweep`` adds the
-(token_tile, maxnreg, lane_sum, segments) grid in BWD_SWEEP.
+(token_tile, maxnreg, lane_sum, stages, segments) grid in BWD_SWEEP.
 
 For every (L, dtype, pass) it prints: median ms (CUDA events, after warm-up), peak memory above the inputs, and the
 max abs difference from mamba-ssm (output, and for fwd+bwd the largest gradient difference relative to that
@@ -59,16 +59,18 @@ SEQ_SWEEP = [
     (32, 1, 2, 0, 16),
 ]
 
-# (token_tile, maxnreg (0: the compiler's choice), lane_sum, segments (0: the training choice)) of --bwd-sweep
+# (token_tile, maxnreg (0: the compiler's choice), lane_sum, stages, segments (0: the training choice)) of --bwd-sweep
 BWD_SWEEP = [
-    (2, 168, True, 0),  # the default: 12 one-warp programs per SM
-    (2, 168, False, 0),
-    (4, 0, True, 0),  # 255 registers, 8 programs per SM
-    (2, 0, True, 0),
-    (4, 168, True, 0),
-    (1, 128, True, 0),
-    (2, 168, True, 64),
-    (2, 168, True, 256),
+    (2, 168, True, 1, 0),  # the default: 12 one-warp programs per SM
+    (2, 168, False, 1, 0),
+    (2, 168, True, 2, 0),  # the next tile's loads in flight (cp.async)
+    (4, 0, True, 1, 0),  # 255 registers, 8 programs per SM
+    (4, 0, True, 2, 0),
+    (2, 0, True, 1, 0),
+    (4, 168, True, 1, 0),
+    (1, 128, True, 1, 0),
+    (2, 168, True, 1, 64),
+    (2, 168, True, 1, 256),
 ]
 
 
@@ -116,20 +118,20 @@ def bwd_rows(
     if cuda_kernel():
         _, pre, x = scan_fwd(*args_in, True)  # pre: the output before the z gate, x: the chunk states
         configs.append(('mamba-ssm bwd (gsmsr op)', lambda: scan_bwd(*args_in, dout, x, pre, True)))
-    grid = [(2, 168, True, 0)] + (BWD_SWEEP[1:] if args.bwd_sweep else [])
-    for tile, maxnreg, lane_sum, segments in grid:
+    grid = BWD_SWEEP if args.bwd_sweep else BWD_SWEEP[:1]
+    for tile, maxnreg, lane_sum, stages, segments in grid:
         seg = segments or triton_train_segments(inp['u'])
         with torch.no_grad():
             _, states, seg_len = selective_scan_fwd_triton(
                 **inp, delta_softplus=True, segments=seg, token_tile=8, return_states=True
             )
         kind = 'lanesum' if lane_sum else 'reduce'
-        name = f'seq-triton bwd t{tile} r{maxnreg} {kind} seg{-(-length // seg_len)}'
+        name = f'seq-triton bwd t{tile} r{maxnreg} {kind} s{stages} seg{-(-length // seg_len)}'
         configs.append(
             (
                 name,
-                lambda st=states, sl=seg_len, t=tile, r=maxnreg, ls=lane_sum: selective_scan_bwd_triton(
-                    *args_in, dout, st, sl, True, token_tile=t, maxnreg=r or None, lane_sum=ls
+                lambda st=states, sl=seg_len, t=tile, r=maxnreg, ls=lane_sum, sg=stages: selective_scan_bwd_triton(
+                    *args_in, dout, st, sl, True, token_tile=t, maxnreg=r or None, lane_sum=ls, stages=sg
                 ),
             )
         )

@@ -312,6 +312,7 @@ def _reverse_walk(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     LANE_SUM: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Tiles of [lo, hi) in reverse, each restarted from its checkpoint (see :func:`_checkpoint_walk`). lam
     carries ``a_{t+1} lam_{t+1}`` (tuple of N (BLOCK_D,)); dA (tuple of N), dD, dbias: per-channel accumulators.
@@ -322,7 +323,7 @@ def _reverse_walk(
     zero = tl.full([BLOCK_D], 0.0, tl.float32)
     cols = tl.arange(0, 2 * NP)
     idx = tl.arange(0, BLOCK_D)
-    for k in range(0, (hi - lo) // TILE):
+    for k in tl.range(0, (hi - lo) // TILE, num_stages=STAGES):  # STAGES > 1: the next tile's loads in flight
         t0 = tl.multiple_of(hi - (k + 1) * TILE, TILE)
         row = (row0 + (t0 - lo) // TILE).to(tl.int64)
         h = ()
@@ -462,6 +463,7 @@ def _main_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     LANE_SUM: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Program (channel block, segment s, batch). hs: the forward's states (B, n_fwd, D, N), hs[b, s-1] entering
     s; R: the carried lam (B, S-1, D, N), R[b, S-2-s] entering s from the right (s < S-1); ck: checkpoints
@@ -518,12 +520,12 @@ def _main_kernel(
         lam, dA, dD, dbias = _reverse_walk(
             lam, dA, dD, dbias, A2, u_row, dt_row, z_row, g_row, du_ptr + out_off, ddt_ptr + out_off,
             dz_ptr + out_off, bc_row, dbc_row, ck_row, full, hi, L // TILE, bias, d_skip, md, Dm,
-            N, NP, BLOCK_D, 1, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LANE_SUM,
+            N, NP, BLOCK_D, 1, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LANE_SUM, 1,
         )  # fmt: skip
     lam, dA, dD, dbias = _reverse_walk(
         lam, dA, dD, dbias, A2, u_row, dt_row, z_row, g_row, du_ptr + out_off, ddt_ptr + out_off,
         dz_ptr + out_off, bc_row, dbc_row, ck_row, lo, full, lo // TILE, bias, d_skip, md, Dm,
-        N, NP, BLOCK_D, TILE, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LANE_SUM,
+        N, NP, BLOCK_D, TILE, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LANE_SUM, STAGES,
     )  # fmt: skip
     seg = b * n_seg + s
     for n in tl.static_range(N):
@@ -576,6 +578,7 @@ def selective_scan_bwd_triton(
     token_tile: int = 2,
     lane_sum: bool = True,
     maxnreg: Optional[int] = 168,
+    stages: int = 1,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients of :func:`gsmsr.ops.seq_scan_triton.selective_scan_fwd_triton` (semantics of
     :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`) given ``dout`` = dL/dout (batch, D, L).
@@ -586,6 +589,8 @@ def selective_scan_bwd_triton(
     sum dB and dC over channels by recursive halving with ``tl.gather`` (:func:`_lane_sum`) instead of one
     ``tl.reduce`` per column. maxnreg: register cap of the main launch on CUDA (None: the compiler's choice, 255
     at token_tile 4): 168 with token_tile 2 lets an SM hold 12 one-warp programs (72 bytes spilled, sm_90a).
+    stages: software pipelining of the reverse walk's tile loop (``tl.range(num_stages=...)``; 2 puts the next
+    tile's loads in flight through shared memory, cp.async; untimed, 140 bytes spilled at the 168 cap).
 
     Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), mamba-ssm's order: du, ddelta, dz (batch, D, L) in the
     dtypes of u, delta, z; dA (D, N) fp32; dB, dC (batch, N, L) in the dtypes of B, C; dD, ddelta_bias (D,) fp32;
@@ -682,7 +687,7 @@ def selective_scan_bwd_triton(
             dD_part if dD_part is not None else dA_part, dbias_part if dbias_part is not None else dA_part,
             dim, length, seg_len, n_seg, states.shape[1], n_rows,
             *u.stride()[:2], *delta.stride()[:2], *zz.stride()[:2], *dout.stride()[:2], *Af.stride(),
-            TILE=token_tile, HAS_D=D is not None, LANE_SUM=bool(lane_sum), **flags,
+            TILE=token_tile, HAS_D=D is not None, LANE_SUM=bool(lane_sum), STAGES=stages, **flags,
             **({'maxnreg': maxnreg} if maxnreg and not interpret else {}),
         )  # fmt: skip
     # deterministic reductions of the partials (fixed order)

@@ -94,10 +94,12 @@ def test_segment_counts_agree(segments):
 
 
 @pytest.mark.parametrize(
-    'token_tile,maxnreg,lane_sum', [(4, None, True), (2, 168, False), (1, 128, True), (8, None, True)]
+    'token_tile,maxnreg,lane_sum,stages',
+    [(4, None, True, 1), (2, 168, False, 1), (1, 128, True, 1), (8, None, True, 1), (2, 168, True, 2)],
 )
-def test_backward_configs_agree(token_tile, maxnreg, lane_sum):
-    """Checkpoint tiles, register caps and the per-column reduction against the default configuration (bf16)."""
+def test_backward_configs_agree(token_tile, maxnreg, lane_sum, stages):
+    """Checkpoint tiles, register caps, the per-column reduction and the pipelined tile loop against the default
+    configuration (bf16)."""
     inp = _inputs(1, 384, 16, 20_480, torch.bfloat16)
     dout = torch.randn(1, 384, 20_480, device='cuda', generator=torch.Generator(device='cuda').manual_seed(1))
     dout = dout.to(torch.bfloat16)
@@ -105,8 +107,10 @@ def test_backward_configs_agree(token_tile, maxnreg, lane_sum):
         _, states, seg_len = selective_scan_fwd_triton(**inp, delta_softplus=True, segments=128, return_states=True)
         args = (*(inp[k] for k in NAMES), dout, states, seg_len, True)
         base = selective_scan_bwd_triton(*args)
-        grads = selective_scan_bwd_triton(*args, token_tile=token_tile, maxnreg=maxnreg, lane_sum=lane_sum)
+        grads = selective_scan_bwd_triton(
+            *args, token_tile=token_tile, maxnreg=maxnreg, lane_sum=lane_sum, stages=stages
+        )
     for k, a, b in zip(NAMES, grads, base):
         err = _err(a, b)
-        print(f'tile={token_tile} maxnreg={maxnreg} lane_sum={lane_sum} d{k}: {err:.1e}')
+        print(f'tile={token_tile} maxnreg={maxnreg} lane_sum={lane_sum} stages={stages} d{k}: {err:.1e}')
         assert err <= TOL[torch.bfloat16], (k, err)
