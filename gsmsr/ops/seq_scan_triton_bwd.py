@@ -13,7 +13,7 @@ incoming gradient g = dL/dout::
 
 The reverse walk needs h_{t-1}. Dividing h_t by a_t is unstable (a_t underflows for fast-forgetting states), so
 the states are recomputed forwards from checkpoints. The forward (``return_states=True``) hands over the state
-entering each of its S segments; the backward uses the same segments and four launches:
+entering each of its S segments; the backward uses the same segments and three launches:
 
 1. *summary* (program per channel block x segment s >= 1 x batch): walk segment s in reverse from lam = 0 (needs
    only a_t and C_t dy_t, no h) and store ``P_s = a_lo lam_lo`` (what the segment passes to its left neighbour
@@ -65,8 +65,6 @@ from torch import Tensor
 
 from gsmsr.ops.seq_scan_triton import _carry_kernel, _columns, _row, _softplus, _tile
 from gsmsr.ops.triton_jit import LazyKernels, interpret_for, tl
-
-LOG2E = 1.4426950408889634
 
 # ---------------------------------------------------------------------------------------------------------------
 # Kernel bodies: plain functions, jitted (or interpreted) lazily by LazyKernels below.
@@ -590,7 +588,7 @@ def selective_scan_bwd_triton(
     ``tl.reduce`` per column. maxnreg: register cap of the main launch on CUDA (None: the compiler's choice, 255
     at token_tile 4): 168 with token_tile 2 lets an SM hold 12 one-warp programs (72 bytes spilled, sm_90a).
     stages: software pipelining of the reverse walk's tile loop (``tl.range(num_stages=...)``; 2 puts the next
-    tile's loads in flight through shared memory, cp.async; untimed, 140 bytes spilled at the 168 cap).
+    tile's loads in flight through shared memory, cp.async; untimed, ~100 bytes spilled at the 168 cap).
 
     Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), mamba-ssm's order: du, ddelta, dz (batch, D, L) in the
     dtypes of u, delta, z; dA (D, N) fp32; dB, dC (batch, N, L) in the dtypes of B, C; dD, ddelta_bias (D,) fp32;
