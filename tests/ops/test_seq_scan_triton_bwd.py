@@ -84,7 +84,7 @@ def _case_inputs(batch, dim, state, length, decay, operands, dtype, seed=0):
 CASES = {
     'L1': (1, 3, 4, 1, 'mamba', 1, 32, 4, 'all'),
     'L23_seg3_batch2': (2, 3, 4, 23, 'mamba', 3, 32, 4, 'all'),  # last segment 7 = one tile of 4 + 3 ragged
-    'L19_blocks': (1, 40, 4, 19, 'slow', 2, 16, 4, 'all'),  # 3 channel blocks, the last partial
+    'L19_blocks_batch2': (2, 40, 4, 19, 'slow', 2, 16, 4, 'all'),  # 3 channel blocks, the last partial
     'L30_N16_fast': (1, 3, 16, 30, 'fast', 3, 32, 4, 'all'),
     'L21_bare': (1, 3, 4, 21, 'mamba', 2, 32, 2, 'none'),  # no D, z, delta_bias
     'L24_wide_no_z': (1, 3, 4, 24, 'wide', 3, 32, 4, 'no_z'),
