@@ -1,15 +1,22 @@
 """Selective scan at GSM's shapes: mamba-ssm's CUDA kernel, gsmsr's Triton kernel and (short L only) the PyTorch scan.
 
     python benchmarks/bench_scan.py [--lengths 288000,20480] [--dtypes fp32,bf16] [--repeats 10]
-        [--seq-sweep] [--modes fwd,fwd+bwd] [--batch 1]
+        [--seq-sweep] [--modes fwd,fwd+bwd,bwd] [--bwd-sweep] [--batch 1]
 
-``seq-triton`` rows are gsmsr.ops.seq_scan_triton (forward only, so no fwd+bwd rows); ``--seq-sweep`` adds its
+``seq-triton`` rows are gsmsr.ops.seq_scan_triton called directly (forward only, so no fwd+bwd rows); ``gsmsr
+triton op`` rows are ``selective_scan(backend='triton')``: forward through gsmsr::scan_infer, fwd+bwd through
+gsmsr::tscan_fwd / tscan_bwd (gsmsr.ops.seq_scan_triton_bwd, training segments); ``--seq-sweep`` adds its
 (block_d, num_warps, token_tile, segments or warps per SM) grid in SEQ_SWEEP. ``out_rel`` is the max abs
 difference from mamba-ssm relative to its max |output|.
 
 Shapes: batch 1, D = 384 channels (d_inner of the release config, C = 192), N = 16 states, L = 5*180*320 = 288000
 (a 5-frame window at REDS resolution) and L = 5*64*64 = 20480. Operands as BiMamba passes them: u, delta, z, B, C in
 the input dtype, A = -exp(A_log) with Vim's A_log = log(1..16), D and delta_bias float32, softplus on.
+
+Mode ``bwd`` times the backward alone, the number to compare with the training profile: mamba-ssm's through the
+gsmsr::scan_bwd op, the Triton one (``seq-triton bwd`` rows) through ``selective_scan_bwd_triton`` from the
+forward's segment states (training segments unless the config says otherwise); ``--bwd-sweep`` adds the
+(token_tile, maxnreg, lane_sum, stages, segments) grid in BWD_SWEEP.
 
 For every (L, dtype, pass) it prints: median ms (CUDA events, after warm-up), peak memory above the inputs, and the
 max abs difference from mamba-ssm (output, and for fwd+bwd the largest gradient difference relative to that
@@ -52,6 +59,20 @@ SEQ_SWEEP = [
     (32, 1, 2, 0, 16),
 ]
 
+# (token_tile, maxnreg (0: the compiler's choice), lane_sum, stages, segments (0: the training choice)) of --bwd-sweep
+BWD_SWEEP = [
+    (2, 168, True, 1, 0),  # the default: 12 one-warp programs per SM
+    (2, 168, False, 1, 0),
+    (2, 168, True, 2, 0),  # the next tile's loads in flight (cp.async)
+    (4, 0, True, 1, 0),  # 255 registers, 8 programs per SM
+    (4, 0, True, 2, 0),
+    (2, 0, True, 1, 0),
+    (4, 168, True, 1, 0),
+    (1, 128, True, 1, 0),
+    (2, 168, True, 1, 64),
+    (2, 168, True, 1, 256),
+]
+
 
 def make_inputs(
     batch: int, dim: int, state: int, length: int, dtype: torch.dtype, seed: int = 0
@@ -84,6 +105,68 @@ def run_once(
     return out.detach(), list(grads)
 
 
+def bwd_rows(
+    args: argparse.Namespace, length: int, dname: str, inp: Dict[str, torch.Tensor], dout: torch.Tensor
+) -> List[Dict[str, str]]:
+    """Backward-only timings (mode bwd): mamba-ssm's kernel op, then the Triton backward's configurations."""
+    from gsmsr.ops.selective_scan import cuda_kernel, scan_bwd, scan_fwd, triton_train_segments
+    from gsmsr.ops.seq_scan_triton_bwd import selective_scan_bwd_triton
+
+    args_in = [inp[k] for k in NAMES]
+    rows, baseline = [], None
+    configs: List[Tuple[str, Optional[Callable]]] = []
+    if cuda_kernel():
+        _, pre, x = scan_fwd(*args_in, True)  # pre: the output before the z gate, x: the chunk states
+        configs.append(('mamba-ssm bwd (gsmsr op)', lambda: scan_bwd(*args_in, dout, x, pre, True)))
+    grid = BWD_SWEEP if args.bwd_sweep else BWD_SWEEP[:1]
+    for tile, maxnreg, lane_sum, stages, segments in grid:
+        seg = segments or triton_train_segments(inp['u'])
+        with torch.no_grad():
+            _, states, seg_len = selective_scan_fwd_triton(
+                **inp, delta_softplus=True, segments=seg, token_tile=8, return_states=True
+            )
+        kind = 'lanesum' if lane_sum else 'reduce'
+        name = f'seq-triton bwd t{tile} r{maxnreg} {kind} s{stages} seg{-(-length // seg_len)}'
+        configs.append(
+            (
+                name,
+                lambda st=states, sl=seg_len, t=tile, r=maxnreg, ls=lane_sum, sg=stages: selective_scan_bwd_triton(
+                    *args_in, dout, st, sl, True, token_tile=t, maxnreg=r or None, lane_sum=ls, stages=sg
+                ),
+            )
+        )
+    for name, fn in configs:
+        row = {'impl': name, 'L': str(length), 'dtype': dname, 'pass': 'bwd'}
+        try:
+            torch.cuda.empty_cache()
+            base_mem = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            grads = fn()
+            peak = torch.cuda.max_memory_allocated() - base_mem
+            ms, _ = cuda_time(fn, args.repeats, warmup=2)
+            row.update(ms=f'{ms:.3f}', peak_GiB=f'{peak / 2**30:.2f}')
+            if baseline is None and name.startswith('mamba'):
+                baseline = grads
+            elif baseline is not None:
+                worst, which = 0.0, ''
+                for key, a, b in zip(NAMES, grads, baseline):
+                    if a is None or b is None or b.numel() == 0:
+                        continue
+                    rel = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+                    if rel >= worst:
+                        worst, which = rel, key
+                row['grad_rel_maxabs'] = f'{worst:.2e} (d{which})'
+            del grads
+        except torch.cuda.OutOfMemoryError:
+            row['ms'] = 'OOM'
+        except Exception as err:  # reported in the table, not skipped
+            row['ms'] = f'FAILED {type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ""}'
+            traceback.print_exc()
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--lengths', default='288000,20480', help='comma list of L')
@@ -94,7 +177,8 @@ def main() -> int:
     parser.add_argument('--repeats', type=int, default=10)
     parser.add_argument('--ref-max-len', type=int, default=20480, help='time the PyTorch scan only up to this L')
     parser.add_argument('--seq-sweep', action='store_true', help='also time the seq-triton configs in SEQ_SWEEP')
-    parser.add_argument('--modes', default='fwd,fwd+bwd', help='comma list of passes: fwd, fwd+bwd')
+    parser.add_argument('--modes', default='fwd,fwd+bwd', help='comma list of passes: fwd, fwd+bwd, bwd')
+    parser.add_argument('--bwd-sweep', action='store_true', help='mode bwd: also the Triton configs in BWD_SWEEP')
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print('bench_scan: needs a CUDA GPU (none found); nothing timed.')
@@ -113,6 +197,11 @@ def main() -> int:
 
         # the gsmsr dispatch of mamba-ssm's kernel: the custom ops (what GSMNet trains with)
         scans['gsmsr kernel op'] = lambda *a, **k: selective_scan(*a, **k, backend='kernel')
+    if triton_available():
+        from gsmsr.ops import selective_scan
+
+        # the Triton scan with its backward, as backend='triton' trains
+        scans['gsmsr triton op'] = lambda *a, **k: selective_scan(*a, **k, backend='triton')
     forward_only = set()
     seq_configs = [('seq-triton', {})]
     if args.seq_sweep:
@@ -139,6 +228,9 @@ def main() -> int:
             if length <= args.ref_max_len:
                 cases['torch ref'] = selective_scan_ref
             for mode in args.modes.split(','):
+                if mode == 'bwd':
+                    rows += bwd_rows(args, length, dname, inp, dout)
+                    continue
                 baseline = None
                 for name, scan in cases.items():
                     if mode != 'fwd' and name in forward_only:

@@ -1,9 +1,10 @@
 """Selective-scan dispatch: on CUDA tensors mamba-ssm's kernel for training and gsmsr's sequential Triton kernel
-(:mod:`gsmsr.ops.seq_scan_triton`) without autograd; the PyTorch scan elsewhere.
+(:mod:`gsmsr.ops.seq_scan_triton`) without autograd; the PyTorch scan elsewhere. The Triton kernels also train
+(with :mod:`gsmsr.ops.seq_scan_triton_bwd`) when asked for by ``backend='triton'``; the defaults do not pick them.
 
-Both kernels are wrapped as ``torch.library`` custom ops (``gsmsr::scan_fwd`` / ``scan_bwd`` with autograd, and
-``gsmsr::scan_infer`` without), so ``torch.compile`` keeps the code around them in one graph instead of breaking
-at an opaque extension call.
+The kernels are wrapped as ``torch.library`` custom ops (``gsmsr::scan_fwd`` / ``scan_bwd`` around mamba-ssm and
+``gsmsr::tscan_fwd`` / ``tscan_bwd`` around Triton, both with autograd, and ``gsmsr::scan_infer`` without), so
+``torch.compile`` keeps the code around them in one graph instead of breaking at an opaque extension call.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ KERNEL_CHUNK = 2048  # tokens per chunk of mamba-ssm's kernel: one saved state e
 # What the no-grad CUDA scan (``gsmsr::scan_infer``) runs: 'triton' (gsmsr.ops.seq_scan_triton: sequential scan
 # with a sequence split; 3.0 against mamba-ssm's 3.7 ms at L = 288k, bf16, H200, benchmarks/NOTES.md) or 'mamba'
 # (mamba-ssm's kernel). The one place this default is decided (GSMSR_SCAN_INFER overrides it). Training (autograd)
-# always runs mamba-ssm's kernel.
+# runs mamba-ssm's kernel unless backend='triton' is asked for.
 INFER_IMPL = os.environ.get('GSMSR_SCAN_INFER', 'triton')
 
 
@@ -216,6 +217,169 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl):
     return torch.empty_like(u)
 
 
+# -- custom ops around the Triton forward and backward ------------------------------------------------------------
+
+TRITON_FWD_TILE = 8  # token tile of the forward when it trains: segment lengths are multiples of it
+# Training segments: the backward's main launch holds 168 registers a thread (gsmsr.ops.seq_scan_triton_bwd), so an
+# SM keeps 12 of its one-warp programs: ~12 warps per SM over the (channel block x segment) programs make one whole
+# wave, with segments of at least TRITON_TRAIN_MIN_SEGMENT tokens (at L = 20,480 and D = 384 on 132 SMs: 128
+# segments of 160 tokens, 1,536 programs).
+TRITON_TRAIN_WARPS_PER_SM = 12
+TRITON_TRAIN_MIN_SEGMENT = 128
+
+
+def triton_train_segments(u: Tensor) -> int:
+    """Segments per sequence for the Triton scan with autograd (1 on CPU tensors: the interpreter)."""
+    if not u.is_cuda:
+        return 1
+    from gsmsr.ops.seq_scan_triton import choose_segments
+
+    sms = torch.cuda.get_device_properties(u.device).multi_processor_count
+    batch, dim, length = u.shape
+    return choose_segments(
+        batch, dim, length, 32, 1, sms, TRITON_TRAIN_WARPS_PER_SM, min_segment=TRITON_TRAIN_MIN_SEGMENT
+    )
+
+
+def _tscan_seg_len(length: int, segments: int) -> Tuple[int, int]:
+    from gsmsr.ops.seq_scan_triton import _split
+
+    return _split(length, segments, TRITON_FWD_TILE)
+
+
+@torch.library.custom_op('gsmsr::tscan_fwd', mutates_args=())
+def tscan_fwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    segments: int,
+) -> Tuple[Tensor, Tensor]:
+    """Triton forward that keeps what the backward needs: (output, states entering each segment (batch,
+    max(S - 1, 1), D, N) fp32), S from ``segments`` as :func:`gsmsr.ops.seq_scan_triton._split` rounds it."""
+    from gsmsr.ops.seq_scan_triton import selective_scan_fwd_triton
+
+    out, states, _ = selective_scan_fwd_triton(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, segments=segments, token_tile=TRITON_FWD_TILE,
+        return_states=True,
+    )  # fmt: skip
+    return out, states
+
+
+@tscan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segments):
+    n_seg = _tscan_seg_len(u.shape[2], segments)[1]
+    return torch.empty_like(u), u.new_empty(u.shape[0], max(n_seg - 1, 1), u.shape[1], A.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op('gsmsr::tscan_bwd', mutates_args=())
+def tscan_bwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    dout: Tensor,
+    states: Tensor,
+    delta_softplus: bool,
+    segments: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Triton backward (:func:`gsmsr.ops.seq_scan_triton_bwd.selective_scan_bwd_triton`): (du, ddelta, dA, dB, dC,
+    dD, dz, ddelta_bias) as :func:`scan_bwd` gives them; absent inputs get empty gradients."""
+    from gsmsr.ops.seq_scan_triton_bwd import selective_scan_bwd_triton
+
+    seg_len = _tscan_seg_len(u.shape[2], segments)[0]
+    du, ddelta, dA, dB, dC, dD, dz, ddb = selective_scan_bwd_triton(
+        u, delta, A, B, C, D, z, delta_bias, dout, states, seg_len, delta_softplus
+    )
+    return (
+        du,
+        ddelta,
+        dA,
+        dB,
+        dC,
+        dD if dD is not None else u.new_empty(0),  # separate empties: outputs must not alias
+        dz if dz is not None else u.new_empty(0),
+        ddb if ddb is not None else u.new_empty(0),
+    )
+
+
+@tscan_bwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, dout, states, delta_softplus, segments):
+    empty = u.new_empty(0)
+    return (
+        torch.empty_like(u),
+        torch.empty_like(delta),
+        torch.empty_like(A, dtype=torch.float32),
+        torch.empty_like(B),
+        torch.empty_like(C),
+        torch.empty_like(D, dtype=torch.float32) if D is not None else empty,
+        torch.empty_like(z) if z is not None else empty,
+        torch.empty_like(delta_bias, dtype=torch.float32) if delta_bias is not None else empty,
+    )
+
+
+def _tscan_setup_context(ctx, inputs, output) -> None:
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, segments = inputs
+    ctx.has = (D is not None, z is not None, delta_bias is not None)
+    ctx.delta_softplus = delta_softplus
+    ctx.segments = segments
+    empty = u.new_empty(0)
+    ctx.save_for_backward(
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D if D is not None else empty,
+        z if z is not None else empty,
+        delta_bias if delta_bias is not None else empty,
+        output[1],
+    )
+
+
+def _tscan_backward(ctx, dout, _dstates):
+    u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+    has_d, has_z, has_bias = ctx.has
+    du, ddelta, dA, dB, dC, dD, dz, ddb = tscan_bwd(
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D if has_d else None,
+        z if has_z else None,
+        delta_bias if has_bias else None,
+        dout,
+        states,
+        ctx.delta_softplus,
+        ctx.segments,
+    )
+    return (
+        du,
+        ddelta,
+        dA.to(A.dtype),
+        dB,
+        dC,
+        dD.to(D.dtype) if has_d else None,
+        dz if has_z else None,
+        ddb.to(delta_bias.dtype) if has_bias else None,
+        None,
+        None,
+    )
+
+
+tscan_fwd.register_autograd(_tscan_backward, setup_context=_tscan_setup_context)
+
+
 # -- dispatch ---------------------------------------------------------------------------------------------------
 
 
@@ -246,8 +410,9 @@ def selective_scan(
 
     backend: 'auto' (on CUDA tensors of at most 32-bit floats: mamba-ssm's kernel with autograd, the ``INFER_IMPL``
     kernel without; without mamba-ssm the Triton kernel without autograd; else the PyTorch scan), 'kernel'
-    (mamba-ssm, required, also without autograd), 'triton' (:mod:`gsmsr.ops.seq_scan_triton`, forward only: raises
-    if a gradient is needed; interpreted, slowly, on CPU tensors) or 'ref'.
+    (mamba-ssm, required, also without autograd), 'triton' (:mod:`gsmsr.ops.seq_scan_triton`; with autograd through
+    ``gsmsr::tscan_fwd`` / ``tscan_bwd`` (:mod:`gsmsr.ops.seq_scan_triton_bwd`) when a gradient is needed, else
+    ``gsmsr::scan_infer``; interpreted, slowly, on CPU tensors) or 'ref'.
     """
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias)
@@ -256,7 +421,7 @@ def selective_scan(
         backend == 'auto' and not needs_grad and u.is_cuda and not cuda_kernel() and _triton_ready(u)
     ):
         if needs_grad:
-            raise RuntimeError('selective_scan backend "triton" is forward only; it has no autograd')
+            return tscan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, triton_train_segments(u))[0]
         return scan_infer(u, delta, A, B, C, D, z, delta_bias, delta_softplus, 'triton')
     use_kernel = (
         backend != 'ref' and cuda_kernel() and u.is_cuda and u.dtype.is_floating_point and u.dtype.itemsize <= 4

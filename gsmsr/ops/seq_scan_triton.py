@@ -29,14 +29,16 @@ output is joined back into a tile and stored in one vector store per thread. Seg
 the tile; the last segment's ragged end is walked with a tile of one token.
 
 All arithmetic is float32 whatever the input dtype; the output has u's dtype. Decays are ``exp2(dt * A log2 e)``
-(log2 e folded into A once). Forward only: no autograd, nothing saved. CUDA tensors run compiled kernels and CPU
-tensors Triton's interpreter (slow; for tests), see :mod:`gsmsr.ops.triton_jit`.
+(log2 e folded into A once). No autograd here; with ``return_states=True`` the forward also returns the state
+entering each segment (the carries above), from which the backward (:mod:`gsmsr.ops.seq_scan_triton_bwd`) restarts
+any segment. CUDA tensors run compiled kernels and CPU tensors Triton's interpreter (slow; for tests), see
+:mod:`gsmsr.ops.triton_jit`.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -308,13 +310,20 @@ MIN_SEGMENT = 512  # tokens: below this the summary and carry overheads outweigh
 
 
 def choose_segments(
-    batch: int, dim: int, length: int, block_d: int, num_warps: int, sm_count: int, warps_per_sm: int
+    batch: int,
+    dim: int,
+    length: int,
+    block_d: int,
+    num_warps: int,
+    sm_count: int,
+    warps_per_sm: int,
+    min_segment: int = MIN_SEGMENT,
 ) -> int:
     """Segments per sequence so that the output launch has about ``warps_per_sm`` warps per SM, with segments of
-    at least MIN_SEGMENT tokens."""
+    at least ``min_segment`` tokens."""
     programs = batch * -(-dim // block_d)
     wanted = -(-warps_per_sm * sm_count // (programs * num_warps))
-    return max(1, min(wanted, length // MIN_SEGMENT))
+    return max(1, min(wanted, length // min_segment))
 
 
 def _split(length: int, segments: int, tile: int) -> Tuple[int, int]:
@@ -342,7 +351,8 @@ def selective_scan_fwd_triton(
     # one whole wave (2.52 ms at L = 288k bf16 on an H200, against 2.94 for 16, i.e. 1.33 waves, and 2.54 for 24)
     warps_per_sm: int = 12,
     out: Optional[Tensor] = None,
-) -> Tensor:
+    return_states: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor, int]]:
     """Selective scan forward, no autograd; semantics and shapes of
     :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
 
@@ -354,6 +364,11 @@ def selective_scan_fwd_triton(
     MIN_SEGMENT tokens each; 1 on CPU tensors). block_d: channels per program (a power of two; one per thread
     when ``block_d == 32 * num_warps``). token_tile: tokens per tile of loads (a power of two). Segment lengths
     are rounded up to a multiple of token_tile, so fewer segments than asked may run.
+
+    return_states: also return what the backward (:mod:`gsmsr.ops.seq_scan_triton_bwd`) needs to restart any
+    segment: ``(out, states, seg_len)`` with states (batch, max(S - 1, 1), D, N) fp32, ``states[:, s - 1]`` the
+    state entering segment s (the carries the forward computes anyway; unused and unwritten when S = 1), and
+    seg_len the segment length (S = ceil(L / seg_len)).
     """
     batch, dim, length = u.shape
     n_state = A.shape[1]
@@ -384,7 +399,8 @@ def selective_scan_fwd_triton(
     elif out.shape != u.shape or out.dtype != u.dtype or not out.is_contiguous():
         raise ValueError("selective_scan_fwd_triton: out must be a contiguous tensor of u's shape and dtype")
     if length == 0 or batch == 0 or dim == 0:
-        return out
+        empty = torch.zeros(batch, 1, dim, n_state, device=u.device, dtype=torch.float32)
+        return (out, empty, max(length, 1)) if return_states else out
     if segments is None:
         sms = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 0
         segments = choose_segments(batch, dim, length, block_d, num_warps, sms, warps_per_sm) if sms else 1
@@ -437,4 +453,4 @@ def selective_scan_fwd_triton(
                 hs, dsum, A, dim, n_carry, *A.stride(), N=n_state, BLOCK=lanes, SEG_BLOCK=8, num_warps=4
             )
         k.scan_kernel[(n_dblocks, n_seg, batch)](*ptrs, *common, SUMMARY=False, **flags)
-    return out
+    return (out, hs, seg_len) if return_states else out
