@@ -145,44 +145,35 @@ def _(u, delta, A, B, C, D, z, delta_bias, dout, x, out, delta_softplus):
     )
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+def _save_operands(ctx, u, delta, A, B, C, D, z, delta_bias, *extra: Tensor) -> None:
+    """Save the scan's operands for the backward (absent optional ones as empty tensors) and ``extra`` tensors."""
     ctx.has = (D is not None, z is not None, delta_bias is not None)
-    ctx.delta_softplus = delta_softplus
     empty = u.new_empty(0)
-    ctx.save_for_backward(
-        u,
-        delta,
-        A,
-        B,
-        C,
-        D if D is not None else empty,
-        z if z is not None else empty,
-        delta_bias if delta_bias is not None else empty,
-        output[2],
-        output[1],
-    )
+    ctx.save_for_backward(u, delta, A, B, C, *(t if t is not None else empty for t in (D, z, delta_bias)), *extra)
+
+
+def _saved_operands(ctx) -> Tuple[List[Optional[Tensor]], List[Tensor]]:
+    """What :func:`_save_operands` saved: the eight operands (None where absent) and the extra tensors."""
+    u, delta, A, B, C, D, z, delta_bias, *extra = ctx.saved_tensors
+    optional = [t if has else None for t, has in zip((D, z, delta_bias), ctx.has)]
+    return [u, delta, A, B, C, *optional], extra
+
+
+def _grads_for(operands: List[Optional[Tensor]], grads: Tuple[Tensor, ...]) -> Tuple[Optional[Tensor], ...]:
+    """Kernel gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) -> one per operand, in its dtype, None for
+    absent operands."""
+    return tuple(None if t is None else g.to(t.dtype) for t, g in zip(operands, grads))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    *operands, delta_softplus = inputs
+    ctx.delta_softplus = delta_softplus
+    _save_operands(ctx, *operands, output[2], output[1])
 
 
 def _backward(ctx, dout, _dout_pre, _dx):
-    u, delta, A, B, C, D, z, delta_bias, x, out = ctx.saved_tensors
-    has_d, has_z, has_bias = ctx.has
-    grads = scan_bwd(
-        u,
-        delta,
-        A,
-        B,
-        C,
-        D if has_d else None,
-        z if has_z else None,
-        delta_bias if has_bias else None,
-        dout,
-        x,
-        out,
-        ctx.delta_softplus,
-    )
-    du, ddelta, dA, dB, dC, dD, dz, ddb = grads
-    return (du, ddelta, dA, dB, dC, dD if has_d else None, dz if has_z else None, ddb if has_bias else None, None)
+    operands, (x, out) = _saved_operands(ctx)
+    return (*_grads_for(operands, scan_bwd(*operands, dout, x, out, ctx.delta_softplus)), None)
 
 
 scan_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -328,53 +319,16 @@ def _(u, delta, A, B, C, D, z, delta_bias, dout, states, delta_softplus, segment
 
 
 def _tscan_setup_context(ctx, inputs, output) -> None:
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, segments = inputs
-    ctx.has = (D is not None, z is not None, delta_bias is not None)
+    *operands, delta_softplus, segments = inputs
     ctx.delta_softplus = delta_softplus
     ctx.segments = segments
-    empty = u.new_empty(0)
-    ctx.save_for_backward(
-        u,
-        delta,
-        A,
-        B,
-        C,
-        D if D is not None else empty,
-        z if z is not None else empty,
-        delta_bias if delta_bias is not None else empty,
-        output[1],
-    )
+    _save_operands(ctx, *operands, output[1])
 
 
 def _tscan_backward(ctx, dout, _dstates):
-    u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
-    has_d, has_z, has_bias = ctx.has
-    du, ddelta, dA, dB, dC, dD, dz, ddb = tscan_bwd(
-        u,
-        delta,
-        A,
-        B,
-        C,
-        D if has_d else None,
-        z if has_z else None,
-        delta_bias if has_bias else None,
-        dout,
-        states,
-        ctx.delta_softplus,
-        ctx.segments,
-    )
-    return (
-        du,
-        ddelta,
-        dA.to(A.dtype),
-        dB,
-        dC,
-        dD.to(D.dtype) if has_d else None,
-        dz if has_z else None,
-        ddb.to(delta_bias.dtype) if has_bias else None,
-        None,
-        None,
-    )
+    operands, (states,) = _saved_operands(ctx)
+    grads = tscan_bwd(*operands, dout, states, ctx.delta_softplus, ctx.segments)
+    return (*_grads_for(operands, grads), None, None)
 
 
 tscan_fwd.register_autograd(_tscan_backward, setup_context=_tscan_setup_context)
