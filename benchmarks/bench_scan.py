@@ -74,6 +74,18 @@ BWD_SWEEP = [
 ]
 
 
+def worst_grad(grads, baseline) -> str:
+    """The gradient furthest from the baseline's, as max abs difference over the baseline's max abs, and its name."""
+    worst, which = 0.0, ''
+    for key, a, b in zip(NAMES, grads, baseline):
+        if a is None or b is None or b.numel() == 0:
+            continue
+        rel = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+        if rel >= worst:
+            worst, which = rel, key
+    return f'{worst:.2e} (d{which})'
+
+
 def make_inputs(
     batch: int, dim: int, state: int, length: int, dtype: torch.dtype, seed: int = 0
 ) -> Dict[str, torch.Tensor]:
@@ -148,14 +160,7 @@ def bwd_rows(
             if baseline is None and name.startswith('mamba'):
                 baseline = grads
             elif baseline is not None:
-                worst, which = 0.0, ''
-                for key, a, b in zip(NAMES, grads, baseline):
-                    if a is None or b is None or b.numel() == 0:
-                        continue
-                    rel = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
-                    if rel >= worst:
-                        worst, which = rel, key
-                row['grad_rel_maxabs'] = f'{worst:.2e} (d{which})'
+                row['grad_rel_maxabs'] = worst_grad(grads, baseline)
             del grads
         except torch.cuda.OutOfMemoryError:
             row['ms'] = 'OOM'
@@ -252,16 +257,7 @@ def main() -> int:
                             row['out_maxabs'] = f'{diff:.2e}'
                             row['out_rel'] = f'{diff / baseline[0].float().abs().max().item():.2e}'
                             if grads is not None:
-                                worst, which = 0.0, ''
-                                for key, a, b in zip(NAMES, grads, baseline[1]):
-                                    if a is None or b is None:
-                                        continue
-                                    rel = (
-                                        (a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)
-                                    ).item()
-                                    if rel >= worst:
-                                        worst, which = rel, key
-                                row['grad_rel_maxabs'] = f'{worst:.2e} (d{which})'
+                                row['grad_rel_maxabs'] = worst_grad(grads, baseline[1])
                         del out, grads
                     except torch.cuda.OutOfMemoryError:
                         row['ms'] = 'OOM'

@@ -16,6 +16,9 @@ import torch
 from torch import Tensor
 
 from gsmsr.ops.selective_scan_ref import selective_scan_ref
+from gsmsr.ops.seq_scan_triton import _split, choose_segments, selective_scan_fwd_triton, unit_stride
+from gsmsr.ops.seq_scan_triton_bwd import selective_scan_bwd_triton
+from gsmsr.ops.triton_jit import triton
 
 _module = None
 _kernel_checked = False
@@ -195,8 +198,6 @@ def scan_infer(
     """Forward without autograd state: impl 'triton' (:func:`gsmsr.ops.seq_scan_triton.selective_scan_fwd_triton`)
     or 'mamba' (mamba-ssm's kernel)."""
     if impl == 'triton':
-        from gsmsr.ops.seq_scan_triton import selective_scan_fwd_triton
-
         return selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if impl != 'mamba':
         raise ValueError(f'scan_infer: impl must be "mamba" or "triton", got {impl!r}')
@@ -223,8 +224,6 @@ def triton_train_segments(u: Tensor) -> int:
     """Segments per sequence for the Triton scan with autograd (1 on CPU tensors: the interpreter)."""
     if not u.is_cuda:
         return 1
-    from gsmsr.ops.seq_scan_triton import choose_segments
-
     sms = torch.cuda.get_device_properties(u.device).multi_processor_count
     batch, dim, length = u.shape
     return choose_segments(
@@ -233,8 +232,6 @@ def triton_train_segments(u: Tensor) -> int:
 
 
 def _tscan_seg_len(length: int, segments: int) -> Tuple[int, int]:
-    from gsmsr.ops.seq_scan_triton import _split
-
     return _split(length, segments, TRITON_FWD_TILE)
 
 
@@ -253,8 +250,6 @@ def tscan_fwd(
 ) -> Tuple[Tensor, Tensor]:
     """Triton forward that keeps what the backward needs: (output, states entering each segment (batch,
     max(S - 1, 1), D, N) fp32), S from ``segments`` as :func:`gsmsr.ops.seq_scan_triton._split` rounds it."""
-    from gsmsr.ops.seq_scan_triton import selective_scan_fwd_triton
-
     out, states, _ = selective_scan_fwd_triton(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, segments=segments, token_tile=TRITON_FWD_TILE,
         return_states=True,
@@ -285,8 +280,6 @@ def tscan_bwd(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Triton backward (:func:`gsmsr.ops.seq_scan_triton_bwd.selective_scan_bwd_triton`): (du, ddelta, dA, dB, dC,
     dD, dz, ddelta_bias) as :func:`scan_bwd` gives them; absent inputs get empty gradients."""
-    from gsmsr.ops.seq_scan_triton_bwd import selective_scan_bwd_triton
-
     seg_len = _tscan_seg_len(u.shape[2], segments)[0]
     du, ddelta, dA, dB, dC, dD, dz, ddb = selective_scan_bwd_triton(
         u, delta, A, B, C, D, z, delta_bias, dout, states, seg_len, delta_softplus
@@ -339,13 +332,7 @@ tscan_fwd.register_autograd(_tscan_backward, setup_context=_tscan_setup_context)
 
 def _triton_ready(u: Tensor) -> bool:
     """The Triton forward kernel applies: Triton importable, a float dtype of at most 32 bits."""
-    from gsmsr.ops.triton_jit import triton
-
     return triton is not None and u.dtype.is_floating_point and u.dtype.itemsize <= 4
-
-
-def _unit_stride(t: Optional[Tensor]) -> Optional[Tensor]:
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
 def selective_scan(
@@ -386,7 +373,7 @@ def selective_scan(
         )
     if not use_kernel:
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    u, delta, B, C, z = (_unit_stride(t) for t in (u, delta, B, C, z))
+    u, delta, B, C, z = (unit_stride(t) for t in (u, delta, B, C, z))
     D = D.contiguous() if D is not None else None
     if needs_grad:
         return scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0]

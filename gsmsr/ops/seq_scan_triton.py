@@ -326,6 +326,23 @@ def choose_segments(
     return max(1, min(wanted, length // min_segment))
 
 
+def unit_stride(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t`` with unit stride along its last axis (copied only when it has not); None stays None."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def pack_bc(B: Tensor, C: Tensor, n_pad: int) -> Tensor:
+    """B, C (batch, N, L) -> (batch, L, 2 n_pad) fp32, token-major: B in columns [0, N), C in [n_pad, n_pad + N),
+    zeros in the padding. One token's values are one contiguous row, which every thread of a program loads with a
+    few broadcast loads, already converted."""
+    batch, n_state, length = B.shape
+    alloc = torch.empty if n_pad == n_state else torch.zeros  # only padded states need their zeros written
+    bc = alloc(batch, length, 2 * n_pad, device=B.device, dtype=torch.float32)
+    bc[:, :, :n_state] = B.transpose(1, 2)
+    bc[:, :, n_pad : n_pad + n_state] = C.transpose(1, 2)
+    return bc
+
+
 def _split(length: int, segments: int, tile: int) -> Tuple[int, int]:
     """(segment length, segment count): lengths a multiple of ``tile``, the last segment possibly shorter."""
     seg_len = -(-length // max(segments, 1))
@@ -386,11 +403,7 @@ def selective_scan_fwd_triton(
     if any(t.device != u.device for t in tensors):
         raise ValueError('selective_scan_fwd_triton: all tensors must be on one device')
 
-    def unit(t: Tensor) -> Tensor:
-        return t if t.stride(-1) == 1 else t.contiguous()
-
-    u, delta, B, C = unit(u), unit(delta), unit(B), unit(C)
-    z = unit(z) if z is not None else None
+    u, delta, B, C, z = (unit_stride(t) for t in (u, delta, B, C, z))
     A = A.float()
     D = D.float().contiguous() if D is not None else None
     delta_bias = delta_bias.float().contiguous() if delta_bias is not None else None
@@ -412,10 +425,7 @@ def selective_scan_fwd_triton(
     # B and C packed token-major in fp32, (batch, L, 2 NP): one token's 2N values are one contiguous row that every
     # thread loads with a few 16-byte broadcast loads from one base address, already converted
     n_pad = -(-n_state // 4) * 4
-    alloc = torch.empty if n_pad == n_state else torch.zeros  # only padded states need their zeros written
-    bc = alloc(batch, length, 2 * n_pad, device=u.device, dtype=torch.float32)
-    bc[:, :, :n_state] = B.transpose(1, 2)
-    bc[:, :, n_pad : n_pad + n_state] = C.transpose(1, 2)
+    bc = pack_bc(B, C, n_pad)
 
     k = _KERNELS(interpret_for(u))
     n_dblocks = -(-dim // block_d)

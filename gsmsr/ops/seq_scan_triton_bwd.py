@@ -63,7 +63,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from gsmsr.ops.seq_scan_triton import _carry_kernel, _columns, _row, _softplus, _tile
+from gsmsr.ops.seq_scan_triton import _carry_kernel, _columns, _row, _softplus, _tile, pack_bc, unit_stride
 from gsmsr.ops.triton_jit import LazyKernels, interpret_for, tl
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -612,11 +612,7 @@ def selective_scan_bwd_triton(
     if states.shape != (batch, max(n_seg - 1, 1), dim, n_state):
         raise ValueError(f'selective_scan_bwd_triton: states {tuple(states.shape)} do not match seg_len {seg_len}')
 
-    def unit(t: Tensor) -> Tensor:
-        return t if t.stride(-1) == 1 else t.contiguous()
-
-    u, delta, dout = unit(u), unit(delta), unit(dout)
-    z = unit(z) if z is not None else None
+    u, delta, dout, z = (unit_stride(t) for t in (u, delta, dout, z))
     Af = A.float()
     Df = D.float().contiguous() if D is not None else None
     bias = delta_bias.float().contiguous() if delta_bias is not None else None
@@ -642,9 +638,7 @@ def selective_scan_bwd_triton(
 
     # B and C packed token-major as in the forward (NP a power of two: the dB|dC tile has 2 NP columns)
     n_pad = max(4, 1 << (n_state - 1).bit_length())
-    bc = (torch.empty if n_pad == n_state else torch.zeros)(batch, length, 2 * n_pad, **f32)
-    bc[:, :, :n_state] = B.transpose(1, 2)
-    bc[:, :, n_pad : n_pad + n_state] = C.transpose(1, 2)
+    bc = pack_bc(B, C, n_pad)
     n_carry = max(n_seg - 1, 1)
     P = torch.empty(batch, n_carry, dim, n_state, **f32)
     dsum = torch.empty(batch, n_carry, dim, **f32)
