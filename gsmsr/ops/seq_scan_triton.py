@@ -326,6 +326,26 @@ def choose_segments(
     return max(1, min(wanted, length // min_segment))
 
 
+def check_operands(fn: str, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *optional, **powers_of_two):
+    """ValueError naming ``fn`` unless u, delta and the (batch, D, L) operands among ``optional`` share a shape, A
+    is (D, N), B and C (batch, N, L), all on u's device, and every keyword value is a power of two."""
+    for name, value in powers_of_two.items():
+        if value < 1 or value & (value - 1):
+            raise ValueError(f'{fn}: {name} must be a power of two, got {value}')
+    batch, dim, length = u.shape
+    n_state = A.shape[1]
+    same = [t for t in (delta, *optional) if t is not None and t.dim() == 3]
+    if any(t.shape != u.shape for t in same):
+        raise ValueError(f'{fn}: u, delta (and z, dout) must have one shape (batch, D, L), got u {tuple(u.shape)}')
+    if B.shape != (batch, n_state, length) or C.shape != (batch, n_state, length) or A.shape[0] != dim:
+        raise ValueError(
+            f'{fn}: expected A (D, N), B and C (batch, N, L); got u {tuple(u.shape)}, '
+            f'A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}'
+        )
+    if any(t.device != u.device for t in (delta, A, B, C, *optional) if t is not None):
+        raise ValueError(f'{fn}: all tensors must be on one device')
+
+
 def unit_stride(t: Optional[Tensor]) -> Optional[Tensor]:
     """``t`` with unit stride along its last axis (copied only when it has not); None stays None."""
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
@@ -387,21 +407,12 @@ def selective_scan_fwd_triton(
     state entering segment s (the carries the forward computes anyway; unused and unwritten when S = 1), and
     seg_len the segment length (S = ceil(L / seg_len)).
     """
+    check_operands(
+        'selective_scan_fwd_triton', u, delta, A, B, C, D, z, delta_bias,
+        block_d=block_d, token_tile=token_tile, num_warps=num_warps,
+    )  # fmt: skip
     batch, dim, length = u.shape
     n_state = A.shape[1]
-    for name, value in (('block_d', block_d), ('token_tile', token_tile), ('num_warps', num_warps)):
-        if value < 1 or value & (value - 1):
-            raise ValueError(f'selective_scan_fwd_triton: {name} must be a power of two, got {value}')
-    if delta.shape != u.shape or (z is not None and z.shape != u.shape):
-        raise ValueError('selective_scan_fwd_triton: u, delta (and z) must have one shape (batch, D, L)')
-    if B.shape != (batch, n_state, length) or C.shape != (batch, n_state, length) or A.shape[0] != dim:
-        raise ValueError(
-            f'selective_scan_fwd_triton: expected A (D, N), B and C (batch, N, L); got u {tuple(u.shape)}, '
-            f'A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}'
-        )
-    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
-    if any(t.device != u.device for t in tensors):
-        raise ValueError('selective_scan_fwd_triton: all tensors must be on one device')
 
     u, delta, B, C, z = (unit_stride(t) for t in (u, delta, B, C, z))
     A = A.float()

@@ -63,7 +63,16 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from gsmsr.ops.seq_scan_triton import _carry_kernel, _columns, _row, _softplus, _tile, pack_bc, unit_stride
+from gsmsr.ops.seq_scan_triton import (
+    _carry_kernel,
+    _columns,
+    _row,
+    _softplus,
+    _tile,
+    check_operands,
+    pack_bc,
+    unit_stride,
+)
 from gsmsr.ops.triton_jit import LazyKernels, interpret_for, tl
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -594,17 +603,14 @@ def selective_scan_bwd_triton(
     dtypes of u, delta, z; dA (D, N) fp32; dB, dC (batch, N, L) in the dtypes of B, C; dD, ddelta_bias (D,) fp32;
     None for absent D, z, delta_bias.
     """
+    check_operands(
+        'selective_scan_bwd_triton', u, delta, A, B, C, D, z, delta_bias, dout, states,
+        block_d=block_d, token_tile=token_tile, num_warps=num_warps,
+    )  # fmt: skip
     batch, dim, length = u.shape
     n_state = A.shape[1]
     if n_state > 16:
         raise ValueError(f'selective_scan_bwd_triton: at most 16 states, got {n_state}')
-    for name, value in (('block_d', block_d), ('token_tile', token_tile), ('num_warps', num_warps)):
-        if value < 1 or value & (value - 1):
-            raise ValueError(f'selective_scan_bwd_triton: {name} must be a power of two, got {value}')
-    if dout.shape != u.shape or delta.shape != u.shape or (z is not None and z.shape != u.shape):
-        raise ValueError('selective_scan_bwd_triton: u, delta, dout (and z) must have one shape (batch, D, L)')
-    if B.shape != (batch, n_state, length) or C.shape != (batch, n_state, length) or A.shape[0] != dim:
-        raise ValueError('selective_scan_bwd_triton: expected A (D, N), B and C (batch, N, L)')
     seg_len = max(int(seg_len), 1)
     n_seg = -(-length // seg_len) if length else 1
     if n_seg > 1:

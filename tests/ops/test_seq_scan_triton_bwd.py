@@ -149,6 +149,8 @@ def test_rejects_mismatched_states():
     assert seg_len == 8 and states.shape == (1, 2, 3, 4)
     with pytest.raises(ValueError, match='states'):
         selective_scan_bwd_triton(*(inp[k] for k in NAMES), dout, states, seg_len * 2, True)
+    with pytest.raises(ValueError, match=r'one shape.*\(1, 3, 24\)'):
+        selective_scan_bwd_triton(*(inp[k] for k in NAMES), dout[..., 1:], states, seg_len, True)
 
 
 def test_dispatch_backend_triton_trains():
