@@ -153,7 +153,7 @@ def plot(paths: List[str]) -> str:
     ax.set_ylabel('Charbonnier loss (moving average)')
     ax.set_yscale('log')
     ax.legend()
-    ax.set_title('GSMNet training: faithful fp32 step vs fast step, same seed and batches')
+    ax.set_title('GSMNet training: faithful fp32 step vs fast step, same seed and batches', fontsize=10)
     png = str(Path(paths[0]).with_suffix('.png'))
     fig.tight_layout()
     fig.savefig(png, dpi=120)

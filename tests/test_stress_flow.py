@@ -347,6 +347,9 @@ def test_ablation_baseline_is_the_official_ablation_recipe():
         'train.optim_g.lr': (main['train']['optim_g']['lr'], 1e-4),
         'train.grad_clip_norm': (main['train']['grad_clip_norm'], 1.0),
         'train.total_iter': (main['train']['total_iter'], 300000),
+        # the ablations keep the paper's fp32 step; the fast step is validated for the main recipe only
+        'train.use_bf16': (True, False),
+        'network_g.compile_blocks': (True, '<absent>'),
         'train.scheduler.periods': (main['train']['scheduler']['periods'], [300000]),
         # the switches are spelled out, at the official values (GSMNet's defaults)
         **{f'network_g.{k}': ('<absent>', defaults[k]) for k in switch_keys},
