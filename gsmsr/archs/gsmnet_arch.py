@@ -296,13 +296,18 @@ class GSMNet(nn.Module):
         def swsa_until(stop: int) -> None:
             nonlocal ready
             while ready < stop:
-                p, q = ready, min(ready + self.stream_slab, t_len)
+                p = ready
                 # every slab spans the same number of frames where the clip allows (one compiled shape): at the
                 # clip ends it reaches further in, which only adds context; lo stays even, as in one pass
                 size = self.stream_slab + 2 * halo
                 lo = max(0, min(p - halo, t_len - size))
                 lo -= lo % 2
-                hi = min(t_len, max(q + halo, lo + size))
+                hi = min(t_len, max(lo + size, p + self.stream_slab + halo))
+                if hi == t_len - 1:  # an odd clip: the last slab spans one frame more
+                    hi = t_len
+                # a slab's frames are exact up to a halo from each cut; a clip end is no cut, so the first slab
+                # keeps slab + halo frames and a clip no longer than one slab is done in one go
+                q = t_len if hi == t_len else hi - halo
                 # stack, not a list index (a synchronising host-to-device copy of the indices)
                 out = stage.attn_blocks(torch.stack([x[:, :, order[s]] for s in range(lo, hi)], dim=2))
                 for s in range(p, q):

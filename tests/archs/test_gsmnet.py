@@ -256,6 +256,8 @@ def test_spynet_path_loads_basicsr_spynet_strictly(tmp_path):
         ({'prop_depth': 3, 'attn_depth': 3, 'pa_frame': 2}, 9, 2),
         ({'anchor': 'last', 'scatter': False, 'pa_frame': 2}, 9, 4),
         ({'alternate_direction': False, 'mamba_directions': 1}, 9, 2),
+        ({'attn_depth': 3}, 13, 4),  # one slab of slab + 2 halo + 1 frames: the clip in one go
+        ({'attn_depth': 3}, 17, 4),  # two slabs, the last one frame longer (odd clip)
     ],
 )
 def test_streaming_eval_equals_whole_clip_schedule(kwargs: dict, t: int, slab: int):
