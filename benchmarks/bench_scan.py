@@ -6,7 +6,8 @@
 ``seq-triton`` rows are gsmsr.ops.seq_scan_triton called directly (forward only, so no fwd+bwd rows); ``gsmsr
 triton op`` rows are ``selective_scan(backend='triton')``: forward through gsmsr::scan_infer, fwd+bwd through
 gsmsr::tscan_fwd / tscan_bwd (gsmsr.ops.seq_scan_triton_bwd, training segments); ``--seq-sweep`` adds its
-(block_d, num_warps, token_tile, segments or warps per SM) grid in SEQ_SWEEP. ``out_rel`` is the max abs
+configurations in SEQ_SWEEP, labelled ``d<block_d> w<num_warps> t<token_tile> seg<segments>|wpsm<warps per SM>``
+and, for the output pass's own options, ``out(t<tile> r<maxnreg> w<warps>)``. ``out_rel`` is the max abs
 difference from mamba-ssm relative to its max |output|.
 
 Shapes: batch 1, D = 384 channels (d_inner of the release config, C = 192), N = 16 states, L = 5*180*320 = 288000
@@ -30,7 +31,7 @@ import math
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -43,20 +44,43 @@ from gsmsr.ops.triton_jit import triton_available  # noqa: E402
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
-# (block_d, num_warps, token_tile, segments (0: automatic), warps_per_sm for the automatic choice) of --seq-sweep
+
+
+class SeqConfig(NamedTuple):
+    """One --seq-sweep configuration of selective_scan_fwd_triton; 0 leaves an argument at its default."""
+
+    block_d: int = 32
+    num_warps: int = 1
+    token_tile: int = 8
+    segments: int = 0  # 0: chosen from warps_per_sm
+    warps_per_sm: int = 12
+    out_tile: int = 0
+    out_maxnreg: int = 0
+    out_warps: int = 0
+
+    def label(self) -> str:
+        name = f'seq-triton d{self.block_d} w{self.num_warps} t{self.token_tile} '
+        name += f'seg{self.segments}' if self.segments else f'wpsm{self.warps_per_sm}'
+        out = [f'{k}{v}' for k, v in (('t', self.out_tile), ('r', self.out_maxnreg), ('w', self.out_warps)) if v]
+        return name + (f' out({" ".join(out)})' if out else '')
+
+    def kwargs(self) -> Dict[str, Any]:
+        optional = ('segments', 'out_tile', 'out_maxnreg', 'out_warps')  # None: automatic or as the summary
+        return {k: (v or None) if k in optional else v for k, v in self._asdict().items()}
+
+
+# The output pass (168 registers, latency-bound) with fewer registers or more warps, so that more warps per SM hide
+# its latency; configurations of earlier sweeps that lost to the default are left out
 SEQ_SWEEP = [
-    (32, 1, 8, 0, 8),
-    (32, 1, 8, 0, 12),
-    (32, 1, 8, 0, 24),
-    (32, 1, 8, 132, 16),  # one full wave at 12 one-warp programs per SM (168 registers)
-    (32, 1, 8, 264, 16),
-    (32, 1, 16, 0, 16),
-    (64, 2, 8, 0, 16),
-    (64, 2, 8, 0, 32),
-    (64, 2, 4, 0, 16),
-    (128, 4, 8, 0, 16),
-    (32, 1, 4, 0, 16),
-    (32, 1, 2, 0, 16),
+    SeqConfig(),  # the default: 168 registers, 12 one-warp programs per SM, one wave
+    SeqConfig(segments=132, warps_per_sm=16),  # one full wave at 12 one-warp programs per SM
+    SeqConfig(out_tile=4),
+    SeqConfig(out_tile=4, warps_per_sm=16),
+    SeqConfig(out_tile=2, warps_per_sm=16),
+    SeqConfig(out_maxnreg=128, warps_per_sm=16),  # 128 registers: 16 warps per SM resident
+    SeqConfig(out_tile=4, out_maxnreg=128, warps_per_sm=16),
+    SeqConfig(out_warps=2),
+    SeqConfig(out_warps=2, warps_per_sm=24),
 ]
 
 # (token_tile, maxnreg (0: the compiler's choice), lane_sum, stages, segments (0: the training choice)) of --bwd-sweep
@@ -210,13 +234,7 @@ def main() -> int:
     forward_only = set()
     seq_configs = [('seq-triton', {})]
     if args.seq_sweep:
-        seq_configs += [
-            (
-                f'seq-triton d{bd} w{w} t{tile} ' + (f'seg{seg}' if seg else f'wpsm{wps}'),
-                dict(block_d=bd, num_warps=w, token_tile=tile, segments=seg or None, warps_per_sm=wps),
-            )
-            for bd, w, tile, seg, wps in SEQ_SWEEP
-        ]
+        seq_configs += [(c.label(), c.kwargs()) for c in SEQ_SWEEP]
     for name, kw in seq_configs:
         scans[name] = lambda *a, kw=kw, **k: selective_scan_fwd_triton(*a, **k, **kw)
         forward_only.add(name)

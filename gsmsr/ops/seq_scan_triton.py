@@ -25,8 +25,9 @@ TILE contiguous tokens in one vector load) and every row of B and C as a broadca
 threads load the same bytes; L1 serves them). The tiles are split into per-token [BLOCK_D] columns with
 ``tl.reshape`` + ``tl.split`` (free register renames: the tile's second axis sits inside one thread), which cuts
 the per-token load instructions by TILE and lets the loads of a tile be issued ahead of the arithmetic. The
-output is joined back into a tile and stored in one vector store per thread. Segment lengths are multiples of
-the tile; the last segment's ragged end is walked with a tile of one token.
+output is joined back into a tile and stored in one vector store per thread. The output pass may use its own
+tile, channel block and warps (it holds more registers than the summary); segment lengths are multiples of both
+tiles, and the last segment's ragged end is walked with a tile of one token.
 
 All arithmetic is float32 whatever the input dtype; the output has u's dtype. Decays are ``exp2(dt * A log2 e)``
 (log2 e folded into A once). No autograd here; with ``return_states=True`` the forward also returns the state
@@ -389,6 +390,9 @@ def selective_scan_fwd_triton(
     warps_per_sm: int = 12,
     out: Optional[Tensor] = None,
     return_states: bool = False,
+    out_tile: Optional[int] = None,
+    out_maxnreg: Optional[int] = None,
+    out_warps: Optional[int] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, int]]:
     """Selective scan forward, no autograd; semantics and shapes of
     :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
@@ -397,19 +401,25 @@ def selective_scan_fwd_triton(
     A: (D, N), D, delta_bias: (D,), used as float32. Returns (batch, D, L) in u's dtype (written into ``out`` if
     given: contiguous, that shape and dtype).
 
-    segments: pieces each sequence is cut into (None: enough for about ``warps_per_sm`` warps per SM, at least
-    MIN_SEGMENT tokens each; 1 on CPU tensors). block_d: channels per program (a power of two; one per thread
-    when ``block_d == 32 * num_warps``). token_tile: tokens per tile of loads (a power of two). Segment lengths
-    are rounded up to a multiple of token_tile, so fewer segments than asked may run.
+    segments: pieces each sequence is cut into (None: enough for about ``warps_per_sm`` warps per SM in the output
+    launch, at least MIN_SEGMENT tokens each; 1 on CPU tensors). block_d: channels per program (a power of two;
+    one per thread when ``block_d == 32 * num_warps``). token_tile: tokens per tile of loads (a power of two).
+    Segment lengths are rounded up to a multiple of max(token_tile, out_tile), so fewer segments than asked may run.
+
+    Output pass only (None: as the summary pass): out_tile, its token tile (a power of two); out_warps, its
+    num_warps (a power of two), with ``32 * out_warps`` channels per program; out_maxnreg, its register cap on
+    CUDA (None: the compiler's choice; ignored by the interpreter).
 
     return_states: also return what the backward (:mod:`gsmsr.ops.seq_scan_triton_bwd`) needs to restart any
     segment: ``(out, states, seg_len)`` with states (batch, max(S - 1, 1), D, N) fp32, ``states[:, s - 1]`` the
     state entering segment s (the carries the forward computes anyway; unused and unwritten when S = 1), and
     seg_len the segment length (S = ceil(L / seg_len)).
     """
+    out_tile = token_tile if out_tile is None else out_tile
+    out_block_d, out_warps = (block_d, num_warps) if out_warps is None else (32 * out_warps, out_warps)
     check_operands(
         'selective_scan_fwd_triton', u, delta, A, B, C, D, z, delta_bias,
-        block_d=block_d, token_tile=token_tile, num_warps=num_warps,
+        block_d=block_d, token_tile=token_tile, num_warps=num_warps, out_tile=out_tile, out_warps=out_warps,
     )  # fmt: skip
     batch, dim, length = u.shape
     n_state = A.shape[1]
@@ -427,8 +437,9 @@ def selective_scan_fwd_triton(
         return (out, empty, max(length, 1)) if return_states else out
     if segments is None:
         sms = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 0
-        segments = choose_segments(batch, dim, length, block_d, num_warps, sms, warps_per_sm) if sms else 1
-    seg_len, n_seg = _split(length, segments, token_tile)
+        segments = choose_segments(batch, dim, length, out_block_d, out_warps, sms, warps_per_sm) if sms else 1
+    # both passes walk whole tiles up to the last segment (tiles are powers of two: the larger is a multiple)
+    seg_len, n_seg = _split(length, segments, max(token_tile, out_tile))
     n_carry = n_seg - 1
     hs = torch.empty(batch, max(n_carry, 1), dim, n_state, device=u.device, dtype=torch.float32)
     dsum = torch.empty(batch, max(n_carry, 1), dim, device=u.device, dtype=torch.float32)
@@ -438,8 +449,8 @@ def selective_scan_fwd_triton(
     n_pad = -(-n_state // 4) * 4
     bc = pack_bc(B, C, n_pad)
 
-    k = _KERNELS(interpret_for(u))
-    n_dblocks = -(-dim // block_d)
+    interpret = interpret_for(u)
+    k = _KERNELS(interpret)
     zz = z if z is not None else u  # placeholders for absent operands: never read (constexpr flags)
     common = (
         hs,
@@ -458,20 +469,22 @@ def selective_scan_fwd_triton(
     flags = dict(
         N=n_state,
         NP=n_pad,
-        BLOCK_D=block_d,
-        TILE=token_tile,
         HAS_D=D is not None,
         HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus),
-        num_warps=num_warps,
     )
+    out_flags = dict(BLOCK_D=out_block_d, TILE=out_tile, num_warps=out_warps)
+    if out_maxnreg and not interpret:
+        out_flags['maxnreg'] = out_maxnreg
     with torch.cuda.device(u.device) if u.is_cuda else nullcontext():
         if n_carry:
-            k.scan_kernel[(n_dblocks, n_carry, batch)](*ptrs, *common, SUMMARY=True, **flags)
+            k.scan_kernel[(-(-dim // block_d), n_carry, batch)](
+                *ptrs, *common, SUMMARY=True, BLOCK_D=block_d, TILE=token_tile, num_warps=num_warps, **flags
+            )
             lanes = 128
             k.carry_kernel[(-(-dim * n_state // lanes), batch)](
                 hs, dsum, A, dim, n_carry, *A.stride(), N=n_state, BLOCK=lanes, SEG_BLOCK=8, num_warps=4
             )
-        k.scan_kernel[(n_dblocks, n_seg, batch)](*ptrs, *common, SUMMARY=False, **flags)
+        k.scan_kernel[(-(-dim // out_block_d), n_seg, batch)](*ptrs, *common, SUMMARY=False, **out_flags, **flags)
     return (out, hs, seg_len) if return_states else out

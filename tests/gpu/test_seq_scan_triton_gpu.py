@@ -63,12 +63,23 @@ def test_matches_reference_and_mamba_at_gsm_shape(dtype, segments):
         assert errs['mamba'] <= 2 * TOL[dtype], errs
 
 
-@pytest.mark.parametrize('tile,block_d,num_warps', [(1, 32, 1), (8, 64, 2), (4, 128, 4)])
-def test_configs_and_batch_two(tile, block_d, num_warps):
+@pytest.mark.parametrize(
+    'tile,block_d,num_warps,out_pass',
+    [
+        (1, 32, 1, {}),
+        (8, 64, 2, {}),
+        (4, 128, 4, {}),
+        # the output pass's own options: tile, register cap (compiled only here), warps
+        (8, 32, 1, dict(out_tile=2)),
+        (2, 32, 1, dict(out_tile=8, out_maxnreg=128)),
+        (8, 32, 1, dict(out_warps=2, out_maxnreg=128)),
+    ],
+)
+def test_configs_and_batch_two(tile, block_d, num_warps, out_pass):
     inp = _inputs(2, 200, 16, 30_001, torch.float32)  # partial channel block, ragged tail
     with torch.no_grad():
         y = selective_scan_fwd_triton(
-            **inp, delta_softplus=True, token_tile=tile, block_d=block_d, num_warps=num_warps, segments=13
+            **inp, delta_softplus=True, token_tile=tile, block_d=block_d, num_warps=num_warps, segments=13, **out_pass
         )
         ref = selective_scan_ref(**{k: v.double() for k, v in inp.items()}, delta_softplus=True)
     assert _err(y, ref) <= TOL[torch.float32]

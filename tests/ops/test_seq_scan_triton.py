@@ -113,6 +113,31 @@ def test_bf16_matches_reference_on_the_same_inputs(name, device):
     assert err <= TOL[torch.bfloat16], f'{name}: {err:.2e}'
 
 
+@pytest.mark.parametrize('tile,out_tile', [(2, 8), (8, 2)])
+def test_output_pass_with_its_own_tile(tile, out_tile):
+    """The output pass walks the segments with a tile other than the summary's: segment lengths are multiples of
+    both (101 tokens in 3 x 40, the last 21: a ragged end for either tile), states carried across segments."""
+    inp = _inputs(1, 3, 4, 101, 'slow', torch.float32, 'cpu')
+    out = torch.full_like(inp['u'], float('nan'))
+    _, _, seg_len = selective_scan_fwd_triton(
+        **inp, delta_softplus=True, segments=3, token_tile=tile, out_tile=out_tile, out=out, return_states=True
+    )
+    assert seg_len == 40
+    err = _check(inp, True, segments=3, token_tile=tile, out_tile=out_tile)
+    assert err <= TOL[torch.float32], f'{err:.2e}'
+
+
+def test_output_pass_with_two_warps_and_a_register_cap():
+    """out_warps=2: 64 channels per output program over D = 80 (the second block partial) while the summary keeps
+    32-channel blocks. out_maxnreg is a CUDA launch option, accepted and ignored by the interpreter."""
+    inp = _inputs(1, 80, 4, 50, 'slow', torch.float32, 'cpu')
+    err = _check(inp, True, segments=3, token_tile=4, out_warps=2)
+    assert err <= TOL[torch.float32], f'{err:.2e}'
+    capped = selective_scan_fwd_triton(**inp, delta_softplus=True, segments=3, token_tile=4, out_maxnreg=128)
+    plain = selective_scan_fwd_triton(**inp, delta_softplus=True, segments=3, token_tile=4)
+    torch.testing.assert_close(capped, plain, rtol=0, atol=0)
+
+
 def test_strided_views_and_segment_count_invariance():
     """u, delta, z as views with a channel stride other than L (one half of a wider tensor, as BiMamba's
     projections give them); B, C non-contiguous along L (copied). More segments must not change the result
@@ -142,6 +167,10 @@ def test_rejects_bad_arguments():
     inp = _inputs(1, 3, 4, 8, 'mamba', torch.float32, 'cpu')
     with pytest.raises(ValueError, match='power of two'):
         selective_scan_fwd_triton(**inp, token_tile=3)
+    with pytest.raises(ValueError, match='out_tile must be a power of two'):
+        selective_scan_fwd_triton(**inp, out_tile=6)
+    with pytest.raises(ValueError, match='out_warps must be a power of two'):
+        selective_scan_fwd_triton(**inp, out_warps=3)
     with pytest.raises(ValueError, match='B and C'):
         selective_scan_fwd_triton(**{**inp, 'B': inp['B'][:, :2]})
 
