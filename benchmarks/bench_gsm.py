@@ -1,17 +1,20 @@
 """GSMNet speed and memory on one GPU, against BasicSR's BasicVSR++ on the same inputs.
 
     python benchmarks/bench_gsm.py [--sizes 20x180x320,100x180x320,7x64x112] [--repeats 5] [--train]
-                                   [--only SUBSTR,...] [--mamba-scan] [--no-basicvsrpp]
+                                   [--only SUBSTR,...] [--mamba-scan] [--variants 'slab=12;out_tile=4']
+                                   [--no-basicvsrpp]
 
 GSMNet rows: the whole-clip schedule in fp32 with mamba-ssm's scan (every layer on the whole clip, as the official
 code runs it), the streaming schedule (``streaming_eval``, the default without autograd) in fp32 and under bf16
 autocast, the compiled network (``compile_blocks``, the default GPU path in bf16) in fp32 and bf16, the compiled
 bf16 network with FlexAttention in the SWSA blocks, and with --mamba-scan the compiled bf16 network with mamba-ssm's
-scan instead of gsmsr's Triton scan. Prints one table: median ms per clip and per frame (CUDA events), the first
-call's seconds (compilation included), peak memory, and the max abs / PSNR difference of each GSMNet row against
-the first one that ran. --train adds training steps (16x64x64, batch 1, checkpointing on), eager and compiled,
-fp32 and bf16, and the fast step (compiled, CUDA graphs, MLP checkpointing). A case that runs out of memory or
-fails says so.
+scan instead of gsmsr's Triton scan, and with --variants one compiled bf16 row per variant: ``slab=N`` sets
+``GSMNet.stream_slab``, other keys go to the Triton scan (``selective_scan.INFER_TRITON_CONFIG``: out_tile,
+out_warps, out_maxnreg, token_tile, warps_per_sm, ...), e.g. ``--variants 'slab=12;slab=12,out_tile=4'``.
+Prints one table: median ms per clip and per frame (CUDA events), the first call's seconds (compilation included),
+peak memory, and the max abs / PSNR difference of each GSMNet row against the first one that ran. --train adds
+training steps (16x64x64, batch 1, checkpointing on), eager and compiled, fp32 and bf16, and the fast step
+(compiled, CUDA graphs, MLP checkpointing). A case that runs out of memory or fails says so.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ def main() -> int:
     parser.add_argument('--train', action='store_true', help='also time a training step (16x64x64, batch 1)')
     parser.add_argument('--no-basicvsrpp', action='store_true')
     parser.add_argument('--mamba-scan', action='store_true', help="also the compiled bf16 row on mamba-ssm's scan")
+    parser.add_argument('--variants', default='', help="';' list of 'key=int,...': compiled bf16 rows (see above)")
     parser.add_argument(
         '--only', default='', help='comma list of substrings: run only rows whose name has one ("$" ends a name)'
     )
@@ -77,11 +81,18 @@ def main() -> int:
     # the faithful row runs mamba-ssm's kernel whatever the no-grad scan default is
     gsm_faithful = variant(scan_backend='kernel') if SCAN.cuda_kernel() else gsm
 
-    def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm):
+    def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm, variant: Dict[str, int] = {}):  # noqa: B006
+        scan = {k: v for k, v in variant.items() if k != 'slab'}
+
         def run(x):
-            net.streaming_eval = streaming
-            with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None):
-                return net(x).float()
+            net.streaming_eval, net.stream_slab = streaming, variant.get('slab', GSMNet.stream_slab)
+            SCAN.INFER_TRITON_CONFIG.clear()
+            SCAN.INFER_TRITON_CONFIG.update(scan)
+            try:
+                with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None):
+                    return net(x).float()
+            finally:
+                SCAN.INFER_TRITON_CONFIG.clear()
 
         return run
 
@@ -105,6 +116,9 @@ def main() -> int:
         'GSMNet bf16 compiled': gsm_run(True, torch.bfloat16, net=gsm_compiled),
         'GSMNet bf16 compiled+flex attention': flex_run(variant(compile_blocks=True)),
     }
+    for spec in (v.strip() for v in args.variants.split(';') if v.strip()):
+        variant = {k.strip(): int(v) for k, v in (kv.split('=') for kv in spec.split(','))}
+        models[f'GSMNet bf16 compiled [{spec}]'] = gsm_run(True, torch.bfloat16, net=gsm_compiled, variant=variant)
     if args.mamba_scan:
         mamba_net = variant(scan_backend='kernel', compile_blocks=True)
         models['GSMNet bf16 compiled+mamba-ssm scan'] = gsm_run(True, torch.bfloat16, net=mamba_net)

@@ -10,7 +10,7 @@ The kernels are wrapped as ``torch.library`` custom ops (``gsmsr::scan_fwd`` / `
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -29,6 +29,10 @@ KERNEL_CHUNK = 2048  # tokens per chunk of mamba-ssm's kernel: one saved state e
 # (mamba-ssm's kernel). The one place this default is decided (GSMSR_SCAN_INFER overrides it). Training (autograd)
 # runs mamba-ssm's kernel unless backend='triton' is asked for.
 INFER_IMPL = os.environ.get('GSMSR_SCAN_INFER', 'triton')
+# Keyword arguments of the Triton forward under ``gsmsr::scan_infer`` (block_d, token_tile, warps_per_sm, out_tile,
+# out_warps, out_maxnreg, ...; empty: its defaults). Read at every call (the op is opaque to torch.compile), so
+# benchmarks can try configurations in a compiled network without recompiling it.
+INFER_TRITON_CONFIG: Dict[str, int] = {}
 
 
 def _cuda_module():
@@ -198,7 +202,7 @@ def scan_infer(
     """Forward without autograd state: impl 'triton' (:func:`gsmsr.ops.seq_scan_triton.selective_scan_fwd_triton`)
     or 'mamba' (mamba-ssm's kernel)."""
     if impl == 'triton':
-        return selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **INFER_TRITON_CONFIG)
     if impl != 'mamba':
         raise ValueError(f'scan_infer: impl must be "mamba" or "triton", got {impl!r}')
     return scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0]
