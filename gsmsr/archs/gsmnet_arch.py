@@ -270,8 +270,12 @@ class GSMNet(nn.Module):
         return torch.stack(frames, dim=2)
 
     # frames per SWSA slab of the streaming schedule; larger slabs recompute fewer halo frames, smaller ones
-    # hold fewer frames (each slab frame costs about four feature copies while its SWSA group runs)
+    # hold fewer frames (each slab frame costs about four feature copies while its SWSA group runs). Clips of up to
+    # stream_whole frames run each SWSA group once over the whole clip, with no halo recomputed: at 20 x 180 x 320,
+    # bf16, compiled, 55.8 against 62.9 ms a frame in 5.05 against 4.23 GiB (H200). Slabs of 12 on long clips
+    # would cost as much memory more per slab (100 frames: 8.79 against 6.92 GiB) for 5 % less time.
     stream_slab = 8
+    stream_whole = 20
 
     def stream_layer(self, stage: Stage, x: Tensor, flows: WindowFlows, order: Sequence[int]) -> None:
         """``x <- x + sweep(SWSA(x))`` in place, holding a few frames beyond ``x`` itself (no autograd).
@@ -299,7 +303,7 @@ class GSMNet(nn.Module):
                 p = ready
                 # every slab spans the same number of frames where the clip allows (one compiled shape): at the
                 # clip ends it reaches further in, which only adds context; lo stays even, as in one pass
-                size = self.stream_slab + 2 * halo
+                size = t_len if t_len <= self.stream_whole else self.stream_slab + 2 * halo
                 lo = max(0, min(p - halo, t_len - size))
                 lo -= lo % 2
                 hi = min(t_len, max(lo + size, p + self.stream_slab + halo))
