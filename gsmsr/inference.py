@@ -8,16 +8,19 @@ Python API (used by the CLI):
 * :func:`upscale_video` streams a file or folder through it into a video file or a PNG folder.
 
 Streaming. Frames are decoded one at a time into a small buffer of LR frames. The video is cut into
-temporal chunks of ``chunk`` frames overlapping by ``overlap`` with the official chunk rule
+temporal chunks of at most ``chunk`` frames overlapping by ``overlap`` with the official chunk rule
 (:func:`gsmsr.tiling.window_starts`: the last chunk is moved back to end on the last frame, so every chunk
-has full length and context). Since the start of the next chunk depends on whether the video ends soon, the
-reader stays one stride ahead. Each chunk is run in spatial tiles with the official tile blending
-(:mod:`gsmsr.tiling`). Overlapping chunks are cross-faded with linear weights ``(k+1)/(n+1)`` over their
-``n`` shared frames instead of the official flat average, so chunk borders do not flicker: every frame's
-weights sum to one and change smoothly. A frame is quantised and handed to the encoder as soon as no later
-chunk can touch it. Memory therefore holds at most ``2*chunk - overlap`` LR frames and one chunk of HR
-output (on the compute device), whatever the video length; ``chunk=0`` (one chunk) gives that up.
-With one chunk and one tile covering the video the output is exactly the single forward pass.
+has full length and context). When the frame count is known beforehand (a folder, or a video whose container
+declares it) the chunks are balanced: the fewest chunks of at most ``chunk`` frames, all of one length, even where
+possible (:func:`gsmsr.tiling.chunk_length`; 100 frames, chunk 32, overlap 4: 4 chunks of 28, 1.12x the frames
+in network work, instead of 4 of 32, 1.28x); otherwise chunks have ``chunk`` frames. Since the start of the next
+chunk depends on whether the video ends soon, the reader stays one stride ahead. Each chunk is run in spatial
+tiles with the official tile blending (:mod:`gsmsr.tiling`). Overlapping chunks are cross-faded with linear
+weights ``(k+1)/(n+1)`` over their ``n`` shared frames instead of the official flat average, so chunk borders do
+not flicker: every frame's weights sum to one and change smoothly. A frame is quantised and handed to the
+encoder as soon as no later chunk can touch it. Memory therefore holds at most ``2*chunk - overlap`` LR frames
+and one chunk of HR output (on the compute device), whatever the video length; ``chunk=0`` (one chunk) gives
+that up. With one chunk and one tile covering the video the output is exactly the single forward pass.
 
 Defaults: chunk 32, overlap 4, LR tile overlap 32. The tile: on CUDA (:func:`upscale_video`, ``gsmsr infer``)
 the tile that computes the fewest pixels within 90 % of the free GPU memory, up to the whole frame
@@ -28,8 +31,11 @@ are moved inward, overlapping more), every network call of a video gets the same
 last group is filled up with repeats whose outputs are dropped), and every chunk has the same length. Planned
 tile sides are the whole frame side or multiples of 64 (:func:`gsmsr.tiling.plan_tiles`), so videos of
 different sizes share tile shapes. The compile caches persist across processes (:mod:`gsmsr.compile_cache`).
-One exception: a clip shorter than a chunk with an odd frame count above GSMNet's SWSA slab (16 frames) gives the
-last slab one frame more (slabs start on even frames), i.e. a second SWSA shape.
+GSMNet's compiled blocks see K-frame windows and SWSA slabs of 16 frames whatever the chunk length, as long as it
+is even and at least a slab: balanced chunks are rounded up to even, and with the defaults a video longer than one
+chunk gets chunks of 20 to 32 frames. Exceptions: a clip shorter than a chunk with an odd frame count above the
+slab gives the last slab one frame more (slabs start on even frames), i.e. a second SWSA shape; a chunk shorter
+than a slab (a short clip, or a maximum below 24 with overlap 4) is one slab of its own length.
 
 I/O beside the GPU. :func:`upscale_video` decodes in a read-ahead thread and quantises each finished frame on
 the device, copies it to the host without blocking (pinned memory and an event on CUDA) and encodes it in
@@ -71,7 +77,7 @@ from gsmsr.compile_cache import MegaCache, enable_persistent_caches
 from gsmsr.faults import InputError, check_free_space, one_line, run_reporting_errors
 from gsmsr.io_threads import FrameWriter, ReadAhead
 from gsmsr.memory_plan import choose_tiling, free_device_bytes
-from gsmsr.tiling import Tile, accumulate_tiles, tile_sides, tile_weight_map
+from gsmsr.tiling import Tile, accumulate_tiles, chunk_length, tile_sides, tile_weight_map
 from gsmsr.utils import atomic_write_text, resolve_device
 from gsmsr.video_io import check_output, estimated_output_bytes, open_sink, open_source, output_kind
 
@@ -256,13 +262,15 @@ def upscale_frames(
     device: Union[str, torch.device, None] = None,
     name: str = 'input',
     tile_batch: int = 1,
+    frame_count: Optional[int] = None,
 ) -> Iterator[np.ndarray]:
     """Stream RGB uint8 frames (H, W, 3) through the network; yields (s*H, s*W, 3) uint8 frames in order.
 
     See the module docstring for the chunking, blending and memory bounds. ``net`` must already be on
     ``device`` (default: the device of its parameters). ``name`` is used in error messages. ``tile`` is a side
     or (height, width). ``tile_batch`` tiles go through the network in one call (same output, more memory).
-    Raises :class:`InputError` for fewer than 2 frames, frames of mixed sizes or bad arguments.
+    ``frame_count``: the number of frames when known beforehand; chunks are then balanced (a wrong count only
+    unbalances them). Raises :class:`InputError` for fewer than 2 frames, frames of mixed sizes or bad arguments.
     """
     _check_settings(chunk, overlap, tile, tile_overlap, precision)
     scale = scale or getattr(net, 'upscale', None)
@@ -275,7 +283,8 @@ def upscale_frames(
     call = _network_call(net, scale, precision, device)
     if tile_batch < 1:
         raise InputError(f'--tile-batch {tile_batch}: must be >= 1')
-    for frame in _stream(frames, call, scale, chunk, overlap, tile, tile_overlap, device, name, tile_batch):
+    stream = _stream(frames, call, scale, chunk, overlap, tile, tile_overlap, device, name, tile_batch, frame_count)
+    for frame in stream:
         yield _to_uint8(frame)
 
 
@@ -290,8 +299,14 @@ def _stream(
     device: torch.device,
     name: str,
     tile_batch: int = 1,
+    frame_count: Optional[int] = None,
 ) -> Iterator[Tensor]:
-    """The streaming engine of :func:`upscale_frames`; yields unclamped float frames (C, s*H, s*W)."""
+    """The streaming engine of :func:`upscale_frames`; yields unclamped float frames (C, s*H, s*W).
+
+    ``chunk`` is the maximum chunk length; with ``frame_count`` given the chunks are balanced
+    (:func:`gsmsr.tiling.chunk_length`). Chunk starts follow the official rule over the frames actually read, so
+    a wrong count only unbalances the chunks.
+    """
     source = iter(frames)
     buffer: deque = deque()  # LR frames [base, base + len(buffer))
     base, eof, size = 0, False, None
@@ -320,7 +335,9 @@ def _stream(
     fill(chunk if chunk else sys.maxsize)
     if len(buffer) < MIN_FRAMES:
         raise InputError(f'{name}: has {len(buffer)} frame(s); the network needs at least {MIN_FRAMES}')
-    length = min(chunk, len(buffer)) if chunk else len(buffer)  # every chunk has this length
+    # a declared count below the frames already read is wrong: chunks of the maximum length then, as when unknown
+    count = frame_count if frame_count is not None and frame_count >= len(buffer) else None
+    length = min(chunk_length(count, chunk, overlap) or len(buffer), len(buffer))  # every chunk has this length
     stride = length - overlap if chunk else length
     h, w = size
     weight_map = tile_weight_map(h, w, scale, tile, tile_overlap, device=device)
@@ -452,7 +469,8 @@ def upscale_video(
             mega.load()
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
-        length = min(chunk or sys.maxsize, info.frames or chunk or DEFAULT_CHUNK)  # frames per network call
+        # frames per network call, as _stream will choose them (an unknown count with chunk 0: planned for the default)
+        length = chunk_length(info.frames, chunk, overlap) or info.frames or DEFAULT_CHUNK
         tile, tile_batch = _plan_tiling(
             tile, tile_batch, info.height, info.width, length, scale, tile_overlap, precision, compiled, device
         )
@@ -472,7 +490,7 @@ def upscale_video(
                 first_written.append(time.perf_counter() - started)
 
         frame_bytes = 3 * scale * scale * info.height * info.width
-        stride = (chunk - overlap) if chunk else (info.frames or DEFAULT_CHUNK)
+        stride = length - overlap if chunk else length  # frames finished per chunk
         writer = FrameWriter(
             write,
             threads=WRITER_THREADS if output_kind(output_path) == 'folder' else 1,
@@ -496,7 +514,9 @@ def upscale_video(
             dynamic_ncols=True,
             desc=os.path.basename(os.path.normpath(input_path)),
         ) as bar:
-            stream = _stream(frames(), call, scale, chunk, overlap, tile, tile_overlap, device, input_path, tile_batch)
+            stream = _stream(
+                frames(), call, scale, chunk, overlap, tile, tile_overlap, device, input_path, tile_batch, info.frames
+            )
             for out in stream:
                 writer.submit(_quantise(out), tags.popleft())
                 del out
@@ -553,7 +573,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         '--chunk',
         type=int,
         default=DEFAULT_CHUNK,
-        help=f'frames per temporal chunk, 0 = whole video in one (default {DEFAULT_CHUNK})',
+        help='maximum frames per temporal chunk; chunks are balanced to the same length when the frame count '
+        f'is known; 0 = whole video in one (default {DEFAULT_CHUNK})',
     )
     parser.add_argument(
         '--overlap',

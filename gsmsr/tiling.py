@@ -24,6 +24,7 @@ from torch import Tensor
 
 __all__ = [
     'window_starts',
+    'chunk_length',
     'TileRegion',
     'Tile',
     'tile_sides',
@@ -54,6 +55,29 @@ def window_starts(length: int, size: int, overlap: int) -> List[int]:
     if overlap >= size:
         raise ValueError(f'overlap ({overlap}) must be smaller than the window size ({size})')
     return list(range(0, length - size, size - overlap)) + [length - size]
+
+
+def chunk_length(frames: Optional[int], chunk: int, overlap: int) -> int:
+    """Frames per temporal chunk of a clip of ``frames`` frames cut into chunks of at most ``chunk`` frames that
+    overlap by ``overlap``: the fewest chunks, of one common length (balanced chunks).
+
+    ``n = ceil((frames - overlap) / (chunk - overlap))`` chunks of ``ceil((frames - overlap) / n) + overlap`` frames,
+    rounded up to even where that stays within ``chunk`` (GSMNet's SWSA slabs start on even frames, so an odd call
+    above one slab gives its last slab one frame more: a second compiled shape). They start at
+    ``window_starts(frames, length, overlap)``: n chunks, the last moved back to end on the last frame.
+    Example: 100 frames, chunk 32, overlap 4: 4 chunks of 28 (112 frames of work) instead of 4 of 32 (128).
+    ``frames`` None (unknown): ``chunk``. ``frames <= chunk``: ``frames`` (one chunk). ``chunk`` 0 (the whole clip
+    in one chunk, whatever its length): 0.
+    """
+    if chunk < 0 or overlap < 0 or (chunk and overlap >= chunk):
+        raise ValueError(f'need 0 <= overlap < chunk (or chunk 0), got chunk={chunk}, overlap={overlap}')
+    if not chunk or frames is None:
+        return chunk
+    if frames <= chunk:
+        return frames
+    n = -(-(frames - overlap) // (chunk - overlap))  # ceil: the fewest chunks of at most `chunk`
+    length = -(-(frames - overlap) // n) + overlap
+    return length + length % 2 if length < chunk else length  # frames > chunk >= length + 1 when it is odd
 
 
 @dataclass(frozen=True)

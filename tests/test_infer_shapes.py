@@ -180,22 +180,32 @@ def block_inputs(net: GSMNet) -> Dict[str, Set[Tuple]]:
 
 def test_compiled_blocks_see_one_shape_per_block():
     """GSMNet's streaming schedule over videos of several lengths (a last chunk moved back; a clip shorter than a
-    chunk, of even length) and sizes, with one planned tile size: each block that ``compile_blocks`` compiles sees
-    one input signature, the same for all these videos. (A call of odd length T above the SWSA slab gives the last
-    slab one frame more, since slabs start on even frames: a second SWSA shape. Chunks have the even default
-    length 32; only clips shorter than a chunk can be odd.)"""
+    chunk, of even length; balanced chunks shorter than the maximum, from a known frame count) and sizes, with one
+    planned tile size: each block that ``compile_blocks`` compiles sees one input signature, the same for all these
+    videos. (A call of odd length T above the SWSA slab gives the last slab one frame more, since slabs start on
+    even frames: a second SWSA shape. Chunks have the even default length 32 or a balanced length rounded up to
+    even; only clips shorter than a chunk can be odd.)"""
     torch.manual_seed(0)
     net = GSMNet(**TINY_GSM).eval()
     seen = block_inputs(net)
     slab = net.stream_slab + 2 * (2 + 2 % 2)  # SWSA frames per call: slab plus the halo of attn_depth 2
     signatures = None
-    for (h, w), t in [((40, 72), 16), ((40, 72), 23), ((48, 60), 12)]:
-        for s in seen.values():
+    # (size, frames, declared frame count, frames per network call): chunk 14, overlap 2
+    videos = [((40, 72), 16, None, 14), ((40, 72), 23, None, 14), ((48, 60), 12, None, 12)]
+    videos += [((40, 72), 22, 22, 12), ((48, 60), 27, 27, 12)]  # balanced: chunks at 0, 10 / at 0, 10, 15
+    net_call = _network_call(net, 4, 'fp32', CPU)
+    lengths: Set[int] = set()
+
+    def call(x: torch.Tensor) -> torch.Tensor:  # records the frames per network call
+        lengths.add(x.shape[1])
+        return net_call(x)
+
+    for (h, w), t, count, length in videos:
+        for s in [*seen.values(), lengths]:
             s.clear()
         frames = make_frames(t, h, w, seed=t)
-        call = _network_call(net, 4, 'fp32', CPU)
-        out = list(_stream(frames, call, 4, 14, 2, (40, 40), 8, CPU, 'x'))
-        assert len(out) == t and min(14, t) >= slab
+        out = list(_stream(frames, call, 4, 14, 2, (40, 40), 8, CPU, 'x', frame_count=count))
+        assert len(out) == t and lengths == {length} and length >= slab
         assert all(len(s) == 1 for s in seen.values()), {k: v for k, v in seen.items() if len(v) != 1}
         current = {k: next(iter(v)) for k, v in seen.items()}
         assert signatures is None or current == signatures

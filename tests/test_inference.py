@@ -232,6 +232,27 @@ def test_chunks_follow_official_plan(chunk, overlap):
         assert all(c[1] == min(chunk, t) for c in net.calls)
 
 
+@pytest.mark.parametrize(
+    't,declared,length',
+    [
+        (13, 13, 8),  # balanced: chunks of 8 at 0, 5 (10 at 0, 3 without the count)
+        (13, None, 10),  # unknown: the maximum, as before
+        (13, 3, 10),  # declared below the frames read: ignored
+        (20, 13, 8),  # more frames than declared: chunks of the balanced length continue over them
+        (9, 13, 8),  # fewer: the same
+        (7, 13, 7),  # fewer than one chunk: one chunk
+    ],
+)
+def test_frame_count_balances_chunks(t, declared, length):
+    """Chunk 10, overlap 2: a declared count sets the chunk length (gsmsr.tiling.chunk_length); the starts follow
+    the official rule over the frames actually read, and every frame comes out once."""
+    net = ChunkCodeNet()
+    call = _network_call(net, 2, 'fp32', CPU)
+    outs = list(_stream(coded_frames(t), call, 2, 10, 2, 0, 0, CPU, 'x', frame_count=declared))
+    assert len(outs) == t
+    assert [c[0] for c in net.calls] == window_starts(t, length, 2) and {c[1] for c in net.calls} == {length}
+
+
 def test_crossfade_analytic():
     """T=9, chunk 4, overlap 1 -> chunks at 0, 3, 5. Shared frames fade linearly from one chunk to the next."""
     net = ChunkCodeNet()
@@ -444,6 +465,43 @@ def test_api_upscale_video(tmp_path, test_net_files):
     assert (stats.frames, stats.in_size, stats.out_size) == (3, (36, 36), (144, 144))
     assert stats.peak_host_bytes > 0 and stats.peak_device_bytes is None
     assert len(read_folder(tmp_path / 'out')) == 3
+
+
+@pytest.mark.parametrize('kind', ['folder', 'mp4', 'mkv'])
+def test_upscale_video_balances_chunks_when_the_count_is_known(tmp_path, kind):
+    """13 frames, chunk 10, overlap 2: a folder or an MP4 (which declares its frame count) is cut into chunks of 8
+    at 0 and 5 (16 frames of work); an MKV (no count) into chunks of 10 at 0 and 3 (20). Every frame written once."""
+    frames = coded_frames(13, 6, 8)
+    src = write_folder(tmp_path / 'in', frames) if kind == 'folder' else write_video(tmp_path / f'in.{kind}', frames)
+    net = ChunkCodeNet()
+    stats = upscale_video(str(src), str(tmp_path / 'out'), net, chunk=10, overlap=2, tile=0, progress=False)
+    length, starts = (10, [0, 3]) if kind == 'mkv' else (8, [0, 5])
+    assert [(c[0], c[1]) for c in net.calls] == [(s, length) for s in starts]
+    written = sorted(os.listdir(tmp_path / 'out'))
+    assert stats.frames == 13 and len(written) == 13
+    if kind == 'folder':
+        assert written == sorted(f'{i:05d}.png' for i in range(13))
+
+
+def test_cli_balanced_chunks_equal_the_same_layout(tmp_path, capsys, test_net_files):
+    """``gsmsr infer`` on a 13-frame folder with --chunk 10 --overlap 2: chunks of 8 at 0 and 5, so the output is
+    the streamed output of chunk 8 (frame count unknown there) and the literal cross-faded reference of that layout,
+    and differs from chunks of 10."""
+    frames = make_frames(13, 36, 40, seed=13)
+    src = write_folder(tmp_path / 'in', frames)
+    net = test_net_files['net']
+    args = ['--weights', test_net_files['weights'], '-opt', test_net_files['opt']]
+    args += ['--tile', '24', '--tile-overlap', '8']
+    code, err = run_cli(capsys, str(src), '-o', str(tmp_path / 'out'), '--chunk', '10', '--overlap', '2', *args)
+    assert code == 0, err
+    got = np.stack(read_folder(tmp_path / 'out'))
+    kw = dict(overlap=2, tile=24, tile_overlap=8)
+    same_layout = np.stack(list(upscale_frames(frames, net, chunk=8, **kw)))
+    np.testing.assert_array_equal(got, same_layout)
+    with torch.no_grad():
+        ref = quantise(crossfade_reference(_network_call(net, 4, 'fp32', CPU), to_lq(frames), 4, 8, 2, 24, 8))
+    assert np.abs(got.astype(int) - ref).max() <= 1  # float summation order, then quantised
+    assert (got != np.stack(list(upscale_frames(frames, net, chunk=10, **kw)))).any()
 
 
 def test_existing_output_needs_force(tmp_path, capsys, test_net_files):

@@ -160,7 +160,7 @@ def sequential_reference(src: Path, out: Path, net, **kw) -> None:
     sink = open_sink(str(out), 4 * info.width, 4 * info.height, info.rate, audio_from=None)
     pairs = list(source)
     source.close()
-    for frame, (_, tag) in zip(upscale_frames([rgb for rgb, _ in pairs], net, **kw), pairs):
+    for frame, (_, tag) in zip(upscale_frames([rgb for rgb, _ in pairs], net, frame_count=info.frames, **kw), pairs):
         sink.write(frame, tag)
     sink.commit()
 

@@ -4,7 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gsmsr.tiling import accumulate_tiles, forward_chunked, tile_regions, tile_weight_map, window_starts
+from gsmsr.tiling import (
+    accumulate_tiles,
+    chunk_length,
+    forward_chunked,
+    tile_regions,
+    tile_weight_map,
+    window_starts,
+)
 
 
 def position_clip(b: int, t: int, h: int, w: int, dtype=torch.float64) -> torch.Tensor:
@@ -163,6 +170,56 @@ def test_chunk_boundaries_analytic():
     got = out[0, :, 0].flatten(1)
     assert torch.equal(got.min(dim=1).values, got.max(dim=1).values)
     assert got[:, 0].tolist() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    'frames,chunk,overlap,length,starts',
+    [
+        (100, 32, 4, 28, [0, 24, 48, 72]),  # 112 frames of work instead of 128 (chunks of 32 at 0, 28, 56, 68)
+        (32, 32, 4, 32, [0]),  # T = N: one chunk
+        (20, 32, 4, 20, [0]),  # T < N: one chunk of T
+        (3, 32, 4, 3, [0]),  # T <= overlap
+        (33, 32, 4, 20, [0, 13]),  # T = N + 1: two chunks of 19, rounded up to even
+        (9, 8, 2, 6, [0, 3]),  # T = N + 1
+        (13, 10, 2, 8, [0, 5]),
+        (13, 8, 2, 8, [0, 5]),  # already balanced
+        (40, 32, 0, 20, [0, 20]),  # overlap 0
+        (33, 32, 0, 18, [0, 15]),  # overlap 0, 17 rounded up to even
+        (65, 32, 0, 22, [0, 22, 43]),
+        (15, 8, 2, 8, [0, 6, 7]),  # odd 7 rounded up to the maximum
+        (16, 9, 1, 9, [0, 7]),  # odd 9 kept: 10 exceeds the maximum
+        (57, 31, 4, 31, [0, 26]),  # odd maximum
+    ],
+)
+def test_chunk_length_table(frames, chunk, overlap, length, starts):
+    assert chunk_length(frames, chunk, overlap) == length
+    assert window_starts(frames, length, overlap) == starts
+
+
+def test_chunk_length_unknown_count_and_whole_clip():
+    assert chunk_length(None, 32, 4) == 32  # unknown count: the maximum, as before balancing
+    assert chunk_length(None, 0, 0) == 0 and chunk_length(100, 0, 4) == 0  # 0: the whole clip in one chunk
+    for chunk, overlap in [(-1, 0), (4, 4), (4, -1)]:
+        with pytest.raises(ValueError):
+            chunk_length(10, chunk, overlap)
+
+
+def test_chunk_length_is_the_fewest_shortest_chunks():
+    """For every small (T, N, overlap): the fewest chunks of at most N; the shortest length giving that many, or one
+    frame more to make it even; even unless it is N or T; the chunks cover the clip with at least ``overlap``."""
+    for chunk in range(2, 17):
+        for overlap in range(chunk):
+            for t in range(2, 50):
+                length = chunk_length(t, chunk, overlap)
+                if t <= chunk:
+                    assert length == t
+                    continue
+                starts = window_starts(t, length, overlap)
+                fewest = -(-(t - overlap) // (chunk - overlap))
+                shortest = min(n for n in range(overlap + 1, chunk + 1) if len(window_starts(t, n, overlap)) <= fewest)
+                assert len(starts) == fewest and length <= chunk, (t, chunk, overlap)
+                assert length in (shortest, shortest + 1) and (length % 2 == 0 or length == chunk), (t, chunk, overlap)
+                assert starts[-1] + length == t and all(b - a <= length - overlap for a, b in zip(starts, starts[1:]))
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,8 @@ def test_threaded_cuda_output_is_byte_identical(tmp_path):
     pairs = list(source)
     source.close()
     sink = open_sink(str(tmp_path / 'b'), 360, 280)
-    for frame, (_, tag) in zip(upscale_frames([p[0] for p in pairs], net, device='cuda', tile_batch=2, **kw), pairs):
+    kw.update(device='cuda', tile_batch=2, frame_count=len(pairs))  # as upscale_video: a folder's count is known
+    for frame, (_, tag) in zip(upscale_frames([p[0] for p in pairs], net, **kw), pairs):
         sink.write(frame, tag)
     sink.commit()
     a = {p.name: p.read_bytes() for p in (tmp_path / 'a').iterdir()}
