@@ -32,10 +32,11 @@ last group is filled up with repeats whose outputs are dropped), and every chunk
 tile sides are the whole frame side or multiples of 64 (:func:`gsmsr.tiling.plan_tiles`), so videos of
 different sizes share tile shapes. The compile caches persist across processes (:mod:`gsmsr.compile_cache`).
 GSMNet's compiled blocks see K-frame windows and SWSA slabs of 16 frames whatever the chunk length, as long as it
-is even and at least a slab: balanced chunks are rounded up to even, and with the defaults a video longer than one
-chunk gets chunks of 20 to 32 frames. Exceptions: a clip shorter than a chunk with an odd frame count above the
-slab gives the last slab one frame more (slabs start on even frames), i.e. a second SWSA shape; a chunk shorter
-than a slab (a short clip, or a maximum below 24 with overlap 4) is one slab of its own length.
+is even and longer than ``GSMNet.stream_whole`` (20): balanced chunks are rounded up to even, and with the defaults
+a video longer than one chunk gets chunks of 20 to 32 frames. Exceptions: a clip shorter than a chunk with an odd
+frame count gives the last slab one frame more (slabs start on even frames), i.e. a second SWSA shape; a chunk of
+at most 20 frames (a short clip, a balanced chunk of 20, or a maximum below 24 with overlap 4) runs SWSA once over
+its whole length, a shape of its own.
 
 I/O beside the GPU. :func:`upscale_video` decodes in a read-ahead thread and quantises each finished frame on
 the device, copies it to the host without blocking (pinned memory and an event on CUDA) and encodes it in

@@ -7,7 +7,8 @@ per network call, scale ``s``:
   (``s^2 * H * W * 4``) and the LR chunk on the device (uint8 upload, then float32);
 * one network call on ``b * h * w`` LR pixels: ``NET_FIXED_BYTES + b*h*w * (NET_BYTES_PER_PIXEL +
   T * NET_BYTES_PER_PIXEL_FRAME)``. The per-pixel term is what the streaming schedule holds whatever ``T`` is
-  (an SWSA slab of ``stream_slab + 2*halo`` frames, the K-frame window step); the per-pixel-frame term grows
+  (an SWSA slab of ``stream_slab + 2*halo`` frames, or a whole chunk of up to ``stream_whole``; the K-frame window
+  step); the per-pixel-frame term grows
   with the chunk (features, flows, the HR output of the call and its weighted copy).
 
 The constants are for the compiled bf16 path (the GPU default); fp32 and the eager path scale them.

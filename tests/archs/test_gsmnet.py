@@ -249,22 +249,23 @@ def test_spynet_path_loads_basicsr_spynet_strictly(tmp_path):
 
 
 @pytest.mark.parametrize(
-    'kwargs, t, slab',
+    'kwargs, t, slab, whole',
     [
-        ({}, 2, 8),
-        ({}, 9, 2),
-        ({'prop_depth': 3, 'attn_depth': 3, 'pa_frame': 2}, 9, 2),
-        ({'anchor': 'last', 'scatter': False, 'pa_frame': 2}, 9, 4),
-        ({'alternate_direction': False, 'mamba_directions': 1}, 9, 2),
-        ({'attn_depth': 3}, 13, 4),  # one slab of slab + 2 halo + 1 frames: the clip in one go
-        ({'attn_depth': 3}, 17, 4),  # two slabs, the last one frame longer (odd clip)
+        ({}, 2, 8, 0),
+        ({}, 9, 2, 0),
+        ({}, 9, 2, 20),  # at most stream_whole frames: SWSA once over the whole clip
+        ({'prop_depth': 3, 'attn_depth': 3, 'pa_frame': 2}, 9, 2, 0),
+        ({'anchor': 'last', 'scatter': False, 'pa_frame': 2}, 9, 4, 0),
+        ({'alternate_direction': False, 'mamba_directions': 1}, 9, 2, 0),
+        ({'attn_depth': 3}, 13, 4, 0),  # one slab of slab + 2 halo + 1 frames: the clip in one go
+        ({'attn_depth': 3}, 17, 4, 0),  # two slabs, the last one frame longer (odd clip)
     ],
 )
-def test_streaming_eval_equals_whole_clip_schedule(kwargs: dict, t: int, slab: int):
+def test_streaming_eval_equals_whole_clip_schedule(kwargs: dict, t: int, slab: int, whole: int):
     """The streaming schedule (no autograd) computes the whole-clip layers' values (float64, odd sizes)."""
     torch.manual_seed(0)
     net = _perturbed(GSMNet(**{**TINY, **kwargs})).double().eval()
-    net.stream_slab = slab
+    net.stream_slab, net.stream_whole = slab, whole
     lq = _clip(t=t, h=35, w=41)
     with torch.no_grad():
         net.streaming_eval = False
