@@ -8,8 +8,8 @@ per network call, scale ``s``:
 * one network call on ``b * h * w`` LR pixels: ``NET_FIXED_BYTES + b*h*w * (NET_BYTES_PER_PIXEL +
   T * NET_BYTES_PER_PIXEL_FRAME)``. The per-pixel term is what the streaming schedule holds whatever ``T`` is
   (an SWSA slab of ``stream_slab + 2*halo`` frames, or a whole chunk of up to ``stream_whole``; the K-frame window
-  step); the per-pixel-frame term grows
-  with the chunk (features, flows, the HR output of the call and its weighted copy).
+  step); the per-pixel-frame term grows with the chunk (features, flows, the HR output of the call and its weighted
+  copy).
 
 The constants are for the compiled bf16 path (the GPU default); fp32 and the eager path scale them.
 :func:`choose_tiling` takes the largest tile under ``HEADROOM`` of the free memory that computes the fewest
