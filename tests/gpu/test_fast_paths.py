@@ -5,6 +5,8 @@ python -m pytest -m gpu tests/gpu/test_fast_paths.py -s
 
 from __future__ import annotations
 
+from typing import Optional
+
 import pytest
 import torch
 
@@ -19,14 +21,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def _nets(**kwargs):
+def _nets(fast_kwargs: Optional[dict] = None, **kwargs):
     torch.manual_seed(0)
     cfg = dict(prop_depth=2, attn_depth=2, embed_dims=48, num_heads=4, **kwargs)
     ref = GSMNet(**cfg).cuda()
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    fast = GSMNet(**cfg, compile_blocks=True).cuda()
+    fast = GSMNet(**cfg, compile_blocks=True, **(fast_kwargs or {})).cuda()
     fast.load_state_dict(ref.state_dict())
     return ref, fast
 
@@ -57,3 +59,34 @@ def test_compiled_training_step_matches_eager():
     e_out, e_grad = rel_err(res[1][0], res[0][0]), rel_err(res[1][1], res[0][1])
     print(f'compiled training: output rel {e_out:.1e}, all gradients rel {e_grad:.1e}')
     assert e_out <= 1e-5 and e_grad <= 1e-4
+
+
+@needs_kernel
+def test_fast_training_step_matches_the_faithful_step():
+    """The fast step of the option files (bf16 autocast, compiled window step, CUDA graphs, MLP checkpointing)
+    against the faithful fp32 step, on the capture and on a replay: output and every gradient within bf16 rounding
+    (each gradient against the largest gradient norm, as in test_train_graphs_gpu.py)."""
+    from gsmsr.models.train_graphs import install_train_graphs
+
+    ref, fast = _nets({'use_checkpoint_mlp': True}, use_checkpoint_attn=True, use_checkpoint_ffn=True)
+    graphs = install_train_graphs(fast, warmup=2)
+    g = torch.Generator(device='cuda').manual_seed(1)
+    for step in range(2):
+        lq = torch.rand(1, 6, 3, 48, 48, device='cuda', generator=g)
+        gt = torch.rand(1, 6, 3, 192, 192, device='cuda', generator=g)
+        res = []
+        for net, dtype in ((ref.train(), None), (fast.train(), torch.bfloat16)):
+            net.zero_grad(set_to_none=True)
+            with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
+                out = net(lq)
+            (out.float() - gt).abs().mean().backward()
+            grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+            res.append((out.detach().float(), grads))
+        (want, want_g), (got, got_g) = res
+        assert want_g.keys() == got_g.keys()
+        scale = max(float(v.double().norm()) for v in want_g.values())
+        errs = {n: float((got_g[n].double() - want_g[n].double()).norm()) / scale for n in want_g}
+        worst = max(errs, key=errs.get)
+        print(f'fast step {step}: output rel {rel_err(got, want):.1e}, worst gradient {worst} {errs[worst]:.1e}')
+        assert rel_err(got, want) <= 2e-2 and errs[worst] <= 5e-2, (step, worst)
+    assert not graphs.failed and graphs.replays == 2
