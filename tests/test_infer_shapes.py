@@ -150,14 +150,15 @@ def test_planned_tiles_and_filler_batches_are_exact():
 
 # ----------------------------------------------------------------------------------------------- GSMNet blocks
 def block_inputs(net: GSMNet) -> Dict[str, Set[Tuple]]:
-    """Replace the modules ``compile_blocks`` compiles by recorders of their input signatures (tensor shapes,
-    nested in the flow lists) that return their input: the streaming schedule around them, which decides those
-    shapes, runs for real, but cheaply. Returns module name -> signatures seen."""
+    """Replace the modules ``compile_blocks`` compiles by recorders of their input signatures (tensor shapes and
+    strides, which compiled graphs guard on, nested in the flow lists) that return their input: the streaming
+    schedule around them, which decides those shapes, runs for real, but cheaply. Returns module name ->
+    signatures seen."""
     seen: Dict[str, Set[Tuple]] = {}
 
     def signature(value):
         if isinstance(value, torch.Tensor):
-            return tuple(value.shape)
+            return tuple(value.shape), value.stride()
         if isinstance(value, (list, tuple)):
             return tuple(signature(v) for v in value)
         return None
@@ -213,8 +214,8 @@ def test_compiled_blocks_see_one_shape_per_block():
         current = {k: next(iter(v)) for k, v in seen.items()}
         assert signatures is None or current == signatures
         signatures = current
-    assert signatures['swsa0.0'][0] == (1, slab, 40, 40, 16)  # (B, T, H, W, C) slabs of a fixed length
-    assert signatures['mamba0'][0] == (1, 16, 3, 40, 40)  # (B, C, K, H, W) windows
+    assert signatures['swsa0.0'][0][0] == (1, slab, 40, 40, 16)  # (B, T, H, W, C) slabs of a fixed length
+    assert signatures['mamba0'][0][0] == (1, 16, 3, 40, 40)  # (B, C, K, H, W) windows
 
 
 def test_whole_frame_plan_equals_direct_forward():

@@ -246,7 +246,15 @@ class GSMNet(nn.Module):
         out = []
         for t in range(fb.shape[1] + 1):
             lb, lf = window_link_flows(fb, ff, t - a, k)
-            out.append(gather_scatter_flows(lb, lf, a, self.flow_compose))
+            # canonical strides: one-hop flows are views into the clip's flows, whose batch stride (a size-1 dim,
+            # which contiguous() leaves alone) depends on the clip length; compiled window steps guard on strides,
+            # so they would compile a graph per clip length and per clip end. A view again when already dense.
+            out.append(
+                tuple(
+                    [None if f is None else f.reshape(-1).view(f.shape) for f in flows]
+                    for flows in gather_scatter_flows(lb, lf, a, self.flow_compose)
+                )
+            )
         return out
 
     # -- propagation ------------------------------------------------------------------------------------

@@ -273,3 +273,18 @@ def test_streaming_eval_equals_whole_clip_schedule(kwargs: dict, t: int, slab: i
         net.streaming_eval = True
         out = net(lq)
     assert (out - ref).abs().max() <= 1e-10
+
+
+def test_window_flows_have_one_layout():
+    """Every window's flows have the same strides whatever the window's position and the clip's length: compiled
+    window steps guard on strides, so one layout is one graph (views into the clip's flows gave three per clip, and
+    new ones for every clip length)."""
+    torch.manual_seed(0)
+    net = GSMNet(**TINY).double().eval()
+    layouts = set()
+    for t in (4, 7):
+        fb, ff = net.get_flows(_clip(t=t, h=35, w=41))
+        for flows in (net.window_flows(fb, ff), net.window_flows(ff.flip(1), fb.flip(1))):
+            for gather, scatter in flows[:t]:
+                layouts.add(tuple(None if f is None else (tuple(f.shape), f.stride()) for f in (*gather, *scatter)))
+    assert len(layouts) == 1, layouts
