@@ -7,7 +7,8 @@
 triton op`` rows are ``selective_scan(backend='triton')``: forward through gsmsr::scan_infer, fwd+bwd through
 gsmsr::tscan_fwd / tscan_bwd (gsmsr.ops.seq_scan_triton_bwd, training segments); ``--seq-sweep`` adds its
 configurations in SEQ_SWEEP, labelled ``d<block_d> w<num_warps> t<token_tile> seg<segments>|wpsm<warps per SM>``
-and, for the output pass's own options, ``out(t<tile> r<maxnreg> w<warps>)``. ``out_rel`` is the max abs
+and, for the output pass's own options, ``out(t<tile> r<maxnreg> w<warps>)``, and for decays through the FMA-pipe
+exp2 polynomial, ``fma-exp(sum<exp_fma> out<out_exp_fma>)`` (states per pass). ``out_rel`` is the max abs
 difference from mamba-ssm relative to its max |output|.
 
 Shapes: batch 1, D = 384 channels (d_inner of the release config, C = 192), N = 16 states, L = 5*180*320 = 288000
@@ -57,12 +58,16 @@ class SeqConfig(NamedTuple):
     out_tile: int = 0
     out_maxnreg: int = 0
     out_warps: int = 0
+    exp_fma: int = 0  # states whose decays use the FMA-pipe exp2 in the summary pass
+    out_exp_fma: Optional[int] = None  # the same in the output pass (None: as exp_fma)
 
     def label(self) -> str:
         name = f'seq-triton d{self.block_d} w{self.num_warps} t{self.token_tile} '
         name += f'seg{self.segments}' if self.segments else f'wpsm{self.warps_per_sm}'
         out = [f'{k}{v}' for k, v in (('t', self.out_tile), ('r', self.out_maxnreg), ('w', self.out_warps)) if v]
-        return name + (f' out({" ".join(out)})' if out else '')
+        name += f' out({" ".join(out)})' if out else ''
+        out_fma = self.exp_fma if self.out_exp_fma is None else self.out_exp_fma
+        return name + (f' fma-exp(sum{self.exp_fma} out{out_fma})' if self.exp_fma or out_fma else '')
 
     def kwargs(self) -> Dict[str, Any]:
         optional = ('segments', 'out_tile', 'out_maxnreg', 'out_warps')  # None: automatic or as the summary
@@ -81,6 +86,13 @@ SEQ_SWEEP = [
     SeqConfig(out_tile=4, out_maxnreg=128, warps_per_sm=16),
     SeqConfig(out_warps=2),
     SeqConfig(out_warps=2, warps_per_sm=24),
+    # the first states' decays on the FMA pipe (a polynomial) instead of the MUFU, per pass: the summary pass is
+    # estimated MUFU-bound (~20 MUFU ops per token against ~90 FMA-pipe ones), the output pass latency-bound
+    SeqConfig(exp_fma=4),
+    SeqConfig(exp_fma=6),
+    SeqConfig(exp_fma=8),
+    SeqConfig(exp_fma=4, out_exp_fma=0),
+    SeqConfig(exp_fma=0, out_exp_fma=4),
 ]
 
 # (token_tile, maxnreg (0: the compiler's choice), lane_sum, stages, segments (0: the training choice)) of --bwd-sweep
