@@ -292,9 +292,10 @@ class GSMNet(nn.Module):
         flips time between layers; here the flip is only this relabelling). SWSA runs just ahead of the sweep,
         on time slabs with a halo: each SWSA block moves information by at most one frame, so with a halo of
         ``attn_depth`` frames (rounded up to even, so that windows align as in one pass) slab borders never
-        reach the kept frames. The only difference is the shifted window that wraps around the clip ends,
-        whose masked logits (-100) weigh ``exp(-100)``: the values agree up to rounding. A frame is added to
-        ``x`` once the sweep is done with it and no later slab reads its old value.
+        reach the kept frames (a clip end is no border: the first and last slabs keep their end frames, and a
+        clip of at most ``stream_whole`` frames is one slab). The only difference is the shifted window that wraps
+        around the clip ends, whose masked logits (-100) weigh ``exp(-100)``: the values agree up to rounding. A
+        frame is added to ``x`` once the sweep is done with it and no later slab reads its old value.
         """
         t_len = len(order)
         k = 2 * self.pa_frame + 1
