@@ -60,18 +60,24 @@ class SeqConfig(NamedTuple):
     out_warps: int = 0
     exp_fma: int = 0  # states whose decays use the FMA-pipe exp2 in the summary pass
     out_exp_fma: Optional[int] = None  # the same in the output pass (None: as exp_fma)
+    index_loop: int = 0  # loop over the tile index (vector tile loads)
+    sum_maxnreg: int = 0
 
     def label(self) -> str:
         name = f'seq-triton d{self.block_d} w{self.num_warps} t{self.token_tile} '
         name += f'seg{self.segments}' if self.segments else f'wpsm{self.warps_per_sm}'
         out = [f'{k}{v}' for k, v in (('t', self.out_tile), ('r', self.out_maxnreg), ('w', self.out_warps)) if v]
         name += f' out({" ".join(out)})' if out else ''
+        name += f' sum(r{self.sum_maxnreg})' if self.sum_maxnreg else ''
+        name += ' index-loop' if self.index_loop else ''
         out_fma = self.exp_fma if self.out_exp_fma is None else self.out_exp_fma
         return name + (f' fma-exp(sum{self.exp_fma} out{out_fma})' if self.exp_fma or out_fma else '')
 
     def kwargs(self) -> Dict[str, Any]:
-        optional = ('segments', 'out_tile', 'out_maxnreg', 'out_warps')  # None: automatic or as the summary
-        return {k: (v or None) if k in optional else v for k, v in self._asdict().items()}
+        # None: automatic, or as the summary
+        optional = ('segments', 'out_tile', 'out_maxnreg', 'out_warps', 'sum_maxnreg')
+        kwargs = {k: (v or None) if k in optional else v for k, v in self._asdict().items()}
+        return {**kwargs, 'index_loop': bool(self.index_loop)}
 
 
 # The output pass (168 registers, latency-bound) with fewer registers or more warps, so that more warps per SM hide
@@ -88,6 +94,13 @@ SEQ_SWEEP = [
     SeqConfig(out_warps=2, warps_per_sm=24),
     # the first states' decays on the FMA pipe (a polynomial) instead of the MUFU, per pass: the summary pass is
     # estimated MUFU-bound (~20 MUFU ops per token against ~90 FMA-pipe ones), the output pass latency-bound
+    # the loop over the tile index (16-byte tile loads, no shared-memory transpose) with both passes capped at 128
+    # registers, so that the B|C loads stay issued well ahead of their use (offline sm_90a SASS, sass_scan.py)
+    SeqConfig(index_loop=1),
+    SeqConfig(index_loop=1, out_maxnreg=128, sum_maxnreg=128),
+    SeqConfig(index_loop=1, out_maxnreg=128, sum_maxnreg=128, warps_per_sm=16),
+    SeqConfig(index_loop=1, out_maxnreg=128, sum_maxnreg=128, warps_per_sm=20),
+    SeqConfig(index_loop=1, out_maxnreg=128, sum_maxnreg=128, warps_per_sm=24),
     SeqConfig(exp_fma=4),
     SeqConfig(exp_fma=6),
     SeqConfig(exp_fma=8),

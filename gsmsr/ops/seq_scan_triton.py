@@ -162,6 +162,7 @@ def _walk(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     EXP_FMA: tl.constexpr,
+    INDEX_LOOP: tl.constexpr,
 ):
     """Walk tokens [lo, hi) (hi - lo a multiple of TILE, lo too when TILE > 1) from the states h (tuple of N
     (BLOCK_D,) fp32). Summary: also sums dt into dsum, writes nothing. Otherwise stores out. Returns (h, dsum).
@@ -170,8 +171,14 @@ def _walk(
     :func:`_exp2_fma`, the others through ``tl.exp2``."""
     offs = tl.arange(0, TILE)[None, :]
     mask = md[:, None]
-    for t in range(lo, hi, TILE):
-        t0 = tl.multiple_of(t, TILE)  # lets the compiler vectorise the tile loads
+    # INDEX_LOOP: loop over the tile index, so that t0 = i * TILE is a multiple of TILE the compiler sees and the
+    # tile loads are 16-byte vectors (tl.multiple_of on a loop counter is dropped: the loads stay 2-byte scalars,
+    # transposed through shared memory at TILE 8 and uncoalesced at TILE 4; sm_90a SASS, benchmarks/sass_scan.py)
+    for i in range(lo // TILE if INDEX_LOOP else lo, hi // TILE if INDEX_LOOP else hi, 1 if INDEX_LOOP else TILE):
+        if INDEX_LOOP:
+            t0 = i * TILE
+        else:
+            t0 = tl.multiple_of(i, TILE)
         us = _columns(tl.load(u_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
         ds = _columns(tl.load(dt_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
         if HAS_Z and not SUMMARY:
@@ -250,6 +257,7 @@ def _scan_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     EXP_FMA: tl.constexpr,
+    INDEX_LOOP: tl.constexpr,
 ):
     """Program (channel block, segment s, batch). SUMMARY: segment s (< S-1) from h = 0, stores hs[b, s] (D, N)
     and dsum[b, s] (D,). Otherwise: starts from hs[b, s-1] (the carried state; zero for s = 0) and stores out
@@ -287,12 +295,12 @@ def _scan_kernel(
     dsum = tl.full([BLOCK_D], 0.0, tl.float32)
     h, dsum = _walk(
         h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, lo, full, bias, d_skip, md,
-        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, EXP_FMA,
+        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, EXP_FMA, INDEX_LOOP,
     )  # fmt: skip
     if TILE > 1:  # ragged end (the last segment only, as segment lengths are multiples of TILE)
         h, dsum = _walk(
             h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, EXP_FMA,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, EXP_FMA, INDEX_LOOP,
         )  # fmt: skip
     if SUMMARY:
         base = (b * n_carry + s) * Dm + d64
@@ -453,6 +461,8 @@ def selective_scan_fwd_triton(
     out_warps: Optional[int] = None,
     exp_fma: int = 0,
     out_exp_fma: Optional[int] = None,
+    index_loop: bool = False,
+    sum_maxnreg: Optional[int] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, int]]:
     """Selective scan forward, no autograd; semantics and shapes of
     :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
@@ -473,6 +483,12 @@ def selective_scan_fwd_triton(
     exp_fma: in the summary pass, how many of the N states (the first ones) compute their decays with
     :func:`_exp2_fma` on the FMA pipe instead of ``exp2`` on the MUFU (0: none, today's kernel); out_exp_fma: the
     same for the output pass (None: as exp_fma). Both in [0, N].
+
+    index_loop: both passes loop over the tile index instead of the token index, which lets the compiler see that
+    tiles start on multiples of the tile and load them as 16-byte vectors (same values; untimed, hence off: the
+    offline SASS count predicts a gain only with a register cap, ``out_maxnreg`` / ``sum_maxnreg`` 128, since at
+    the compiler's ~85 registers the B and C loads are no longer issued ahead of their use). sum_maxnreg: the
+    summary launch's register cap on CUDA (None: the compiler's choice).
 
     return_states: also return what the backward (:mod:`gsmsr.ops.seq_scan_triton_bwd`) needs to restart any
     segment: ``(out, states, seg_len)`` with states (batch, max(S - 1, 1), D, N) fp32, ``states[:, s - 1]`` the
@@ -539,11 +555,13 @@ def selective_scan_fwd_triton(
         HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus),
+        INDEX_LOOP=bool(index_loop),
     )
     summary_flags = dict(BLOCK_D=block_d, TILE=token_tile, EXP_FMA=exp_fma, num_warps=num_warps)
     out_flags = dict(BLOCK_D=out_block_d, TILE=out_tile, EXP_FMA=out_exp_fma, num_warps=out_warps)
-    if out_maxnreg and not interpret:
-        out_flags['maxnreg'] = out_maxnreg
+    for launch, cap in ((summary_flags, sum_maxnreg), (out_flags, out_maxnreg)):
+        if cap and not interpret:
+            launch['maxnreg'] = cap
     with torch.cuda.device(u.device) if u.is_cuda else nullcontext():
         if n_carry:
             k.scan_kernel[(-(-dim // block_d), n_carry, batch)](*ptrs, *common, SUMMARY=True, **summary_flags, **flags)

@@ -73,6 +73,7 @@ def test_matches_reference_and_mamba_at_gsm_shape(dtype, segments):
         (8, 32, 1, dict(out_tile=2)),
         (2, 32, 1, dict(out_tile=8, out_maxnreg=128)),
         (8, 32, 1, dict(out_warps=2, out_maxnreg=128)),
+        (8, 32, 1, dict(index_loop=True, out_maxnreg=128, sum_maxnreg=128)),
     ],
 )
 def test_configs_and_batch_two(tile, block_d, num_warps, out_pass):

@@ -186,6 +186,20 @@ def test_output_pass_with_two_warps_and_a_register_cap():
     torch.testing.assert_close(capped, plain, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('tile,out_tile', [(8, 8), (2, 8), (4, 1)])
+def test_index_loop_gives_the_same_output(tile, out_tile):
+    """index_loop (the loop over the tile index, for vector tile loads) walks the same tokens in the same order:
+    the same output bit for bit, ragged last segment and register caps (ignored by the interpreter) included."""
+    inp = _inputs(1, 3, 4, 101, 'slow', torch.float32, 'cpu')
+    kw = dict(segments=3, token_tile=tile, out_tile=out_tile)
+    plain = selective_scan_fwd_triton(**inp, delta_softplus=True, **kw)
+    looped = selective_scan_fwd_triton(
+        **inp, delta_softplus=True, **kw, index_loop=True, out_maxnreg=128, sum_maxnreg=128
+    )
+    torch.testing.assert_close(looped, plain, rtol=0, atol=0)
+    assert _check(inp, True, **kw, index_loop=True) <= TOL[torch.float32]
+
+
 def test_strided_views_and_segment_count_invariance():
     """u, delta, z as views with a channel stride other than L (one half of a wider tensor, as BiMamba's
     projections give them); B, C non-contiguous along L (copied). More segments must not change the result
