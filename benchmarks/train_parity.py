@@ -181,6 +181,7 @@ def main() -> int:
     data = synthetic_clips(8, 2 * args.frames, 2 * args.patch, args.seed)
     held_out = synthetic_clips(2, args.frames, 64, args.seed + 100)
     target = args.json or (os.path.join(os.environ['OUT'], 'parity.json') if os.environ.get('OUT') else 'parity.json')
+    args.json = os.path.basename(target)  # the record names its file, not where it ran
     meta = {'device': torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu', 'torch': torch.__version__}
     runs = {}
     for mode in args.modes.split(','):
