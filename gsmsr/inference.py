@@ -128,6 +128,7 @@ class InferenceStats:
     peak_host_bytes: int  # peak resident set size of the process
     peak_device_bytes: Optional[int]  # peak CUDA memory allocated during the run (None on CPU)
     first_frame_seconds: Optional[float] = None  # from the start of the run to the first frame written
+    first_frame_at: Optional[float] = None  # Unix time of that write: with the launch time, the start-up it waited for
     tile: Tuple[int, int] = (0, 0)  # LR tile (height, width) used; 0 = the whole side
     tile_batch: int = 1
 
@@ -489,6 +490,7 @@ def upscale_video(
             sink.write(rgb, tag)
             if not first_written:
                 first_written.append(time.perf_counter() - started)
+                first_written.append(time.time())
 
         frame_bytes = 3 * scale * scale * info.height * info.width
         stride = length - overlap if chunk else length  # frames finished per chunk
@@ -547,6 +549,7 @@ def upscale_video(
         peak_host_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         peak_device_bytes=torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None,
         first_frame_seconds=first_written[0] if first_written else None,
+        first_frame_at=first_written[1] if first_written else None,
         tile=tuple(min(t, n) if t else n for t, n in zip(tile_sides(tile), (info.height, info.width))),
         tile_batch=tile_batch,
     )

@@ -24,4 +24,7 @@ def test_bench_infer_cpu_smoke(tmp_path):
     )
     stats = json.loads((tmp_path / 'bench_infer' / '36x40x2-fresh.json').read_text())
     assert stats['frames'] == 2 and stats['peak_device_bytes'] is None and stats['first_frame_seconds'] > 0
+    # launch to first frame: the run's own time to it plus the start-up before the run, within the process's wall
+    assert stats['first_frame_seconds'] < stats['first_frame_since_launch'] < float(rows[0]['wall_s'])
+    assert abs(float(rows[0]['first_frame_s']) - stats['first_frame_since_launch']) <= 0.05
     assert '-m gsmsr infer' in (tmp_path / 'bench_infer' / '36x40x2-fresh.log').read_text()
