@@ -41,15 +41,17 @@ __all__ = [
 KiB, GiB = 1024, 1024**3
 HEADROOM = 0.90  # the estimated peak stays under this share of the free memory
 
-# Measured on H200, see benchmarks/NOTES.md (placeholders until then: fitted to the compiled bf16 row of
-# bench_gsm, 5.58 GiB at 20x180x320, and to the 1080p infer run's 12.4 GiB with 256^2 tiles at T = 20; about
-# 2.75 KiB per LR pixel-frame at chunk 32).
-NET_FIXED_BYTES = 1 * GiB  # weights, cuBLAS/cuDNN workspaces, compiled kernels' scratch
-NET_BYTES_PER_PIXEL = 64 * KiB  # per LR pixel of a call, independent of T: SWSA slab and window step
-NET_BYTES_PER_PIXEL_FRAME = 768  # per LR pixel and frame of a call: bf16 features, flows, fp32 HR output
+# Fitted to three peaks of the compiled bf16 path on an H200 (benchmarks/NOTES.md, 2026-12-02): bench_gsm at
+# 20 x 180 x 320 (5.05 GiB) and 100 x 180 x 320 (6.92), gsmsr infer on whole 360 x 640 frames in chunks of 28
+# (14.60, of which 1.26 the chunk's buffers). The three agree on ~38 KiB per LR pixel and ~440 bytes per pixel-frame
+# with 2.5 GiB fixed; rounded up, the model over-estimates each of them by 3-4 %.
+NET_FIXED_BYTES = 5 * GiB // 2  # weights, workspaces, the allocator's share that does not scale with the call
+NET_BYTES_PER_PIXEL = 40 * KiB  # per LR pixel of a call, independent of T: SWSA slab and window step
+NET_BYTES_PER_PIXEL_FRAME = 448  # per LR pixel and frame of a call: bf16 features, flows, fp32 HR output
 FILL_PIXELS = 180 * 320  # LR pixels per call from which the GPU is busy; smaller tiles are batched to this
-# Multipliers of the two per-pixel constants for the other paths (placeholders; measured on H200, see NOTES).
-FP32_FACTOR = 2.0  # fp32 features and activations
+# Multipliers of the two per-pixel terms for the other paths: fp32 from bench_gsm's compiled fp32 row (9.01 against
+# 5.05 GiB at 20 x 180 x 320, H200); the eager one a placeholder, not measured yet.
+FP32_FACTOR = 2.6  # fp32 features and activations
 EAGER_FACTOR = 1.5  # the eager path keeps more intermediates alive than the fused, compiled blocks
 
 

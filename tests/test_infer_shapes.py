@@ -77,7 +77,8 @@ def test_choose_tiling_whole_frame_when_it_fits_and_under_headroom():
             n = len(tile_regions(h, w, tile, 32))
             assert n % batch == 0 and choose_tiling(free, h, w, frames, 4, 32) == (tile, batch)  # pure
     assert choose_tiling(139 * GiB, 360, 640, 32, 4, 32) == ((360, 640), 1)
-    assert choose_tiling(139 * GiB, 1080, 1920, 32, 4, 32) == ((1080, 1024), 1)  # 2 tiles, 1.07x the pixels
+    assert choose_tiling(139 * GiB, 1080, 1920, 32, 4, 32) == ((1080, 1920), 1)  # ~121 of 125 GiB allowed
+    assert choose_tiling(22 * GiB, 1080, 1920, 32, 4, 32)[0] != (1080, 1920)
 
 
 def test_choose_tiling_keeps_a_given_batch_and_shrinks_with_less_memory():
