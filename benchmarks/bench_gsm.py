@@ -2,7 +2,7 @@
 
     python benchmarks/bench_gsm.py [--sizes 20x180x320,100x180x320,7x64x112] [--repeats 5] [--train]
                                    [--only SUBSTR,...] [--mamba-scan] [--variants 'slab=12;out_tile=4']
-                                   [--no-basicvsrpp]
+                                   [--no-basicvsrpp] [--compile-cache FILE]
 
 GSMNet rows: the whole-clip schedule in fp32 with mamba-ssm's scan (every layer on the whole clip, as the official
 code runs it), the streaming schedule (``streaming_eval``, the default without autograd) in fp32 and under bf16
@@ -31,7 +31,7 @@ from typing import Callable, Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import cuda_time, print_table, train_step  # noqa: E402  (this folder is on sys.path)
+from bench_utils import BenchCompileCache, add_compile_cache_option, cuda_time, print_table, train_step  # noqa: E402  (this folder is on sys.path)
 
 import gsmsr  # noqa: E402,F401  (applies the BasicSR compatibility fixes)
 from gsmsr import GSMNet  # noqa: E402
@@ -56,6 +56,7 @@ def main() -> int:
     parser.add_argument(
         '--only', default='', help='comma list of substrings: run only rows whose name has one ("$" ends a name)'
     )
+    add_compile_cache_option(parser)
     args = parser.parse_args()
 
     def selected(name: str) -> bool:
@@ -68,6 +69,7 @@ def main() -> int:
     dev = torch.device('cuda')
     torch.backends.cudnn.benchmark = True
     print(f'# {torch.cuda.get_device_name()}, torch {torch.__version__}, scan on CUDA: {gsmsr.ops.kernel_status()}')
+    cache = BenchCompileCache(args.compile_cache)
     torch.manual_seed(0)
     gsm = GSMNet().to(dev).eval()
     rows: List[Dict[str, str]] = []
@@ -161,6 +163,8 @@ def main() -> int:
             rows.append(row)
             print(row, flush=True)
             del row
+            if 'compiled' in name:
+                cache.save()
         del lq, ref
 
     if args.train:
@@ -207,6 +211,8 @@ def main() -> int:
             rows.append(row)
             print(row, flush=True)
             del net, opt
+            if compiled:
+                cache.save()
 
     print_table(rows, ['model', 'input', 'ms', 'ms_per_frame', 'peak_GiB', 'max_abs', 'dPSNR', 'first_s'])
     return 0

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
@@ -75,3 +78,33 @@ def print_table(rows: List[Dict[str, str]], cols: Sequence[str]) -> None:
     print('\n' + ' | '.join(c.ljust(widths[c]) for c in cols))
     for r in rows:
         print(' | '.join(r.get(c, '').ljust(widths[c]) for c in cols))
+
+
+def add_compile_cache_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        '--compile-cache',
+        metavar='FILE',
+        help='Mega-Cache file of torch.compile artifacts: loaded before the first compilation when it exists, and '
+        "this process's artifacts saved after each compiled row (to $OUT/<its name> when OUT is set, else to FILE), "
+        'so a later process on a fresh machine with the same torch, Triton and GPU skips most of the compilation',
+    )
+
+
+class BenchCompileCache:
+    """The ``--compile-cache`` file of a benchmark process (nothing when ``path`` is None)."""
+
+    def __init__(self, path: Optional[str]) -> None:
+        from gsmsr.compile_cache import MegaCache
+
+        self._out: Optional[MegaCache] = None
+        if not path:
+            return
+        loaded = MegaCache(Path(path)).load()
+        out = os.environ.get('OUT')
+        self._out = MegaCache(Path(out) / Path(path).name if out else Path(path))
+        print(f'# compile cache {Path(path).name}: ' + ('loaded' if loaded else 'none loaded'), flush=True)
+
+    def save(self) -> None:
+        """Write what this process compiled so far (a run cut short by a time limit keeps what it had)."""
+        if self._out is not None and self._out.save():
+            print(f'# compile cache saved: {self._out.path.stat().st_size / 2**20:.1f} MiB', flush=True)

@@ -1,6 +1,7 @@
 """Where GSMNet spends GPU time: a kernel table (torch.profiler) for one warm release-config call.
 
 python benchmarks/profile_gsm.py [--frames 20] [--size 180x320] [--bf16] [--compile] [--train] [--rows 30]
+    [--compile-cache FILE]
 
 Inference profiles one forward of the streaming schedule (the default without autograd); --train one training step
 (16x64x64 LR, batch 1, checkpointing on, Adam). --compile sets ``compile_blocks`` (the default GPU path with --bf16).
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import train_step  # noqa: E402  (this folder is on sys.path)
+from bench_utils import BenchCompileCache, add_compile_cache_option, train_step  # noqa: E402  (this folder is on sys.path)
 
 from gsmsr import GSMNet  # noqa: E402
 
@@ -32,7 +33,9 @@ def main() -> int:
     p.add_argument('--compile', action='store_true')
     p.add_argument('--train', action='store_true')
     p.add_argument('--rows', type=int, default=30)
+    add_compile_cache_option(p)
     args = p.parse_args()
+    cache = BenchCompileCache(args.compile_cache)
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.bf16 else None
@@ -56,6 +59,7 @@ def main() -> int:
     call()
     torch.cuda.synchronize()
     print(f'first call {time.perf_counter() - start:.1f} s', flush=True)
+    cache.save()
     call()  # a second warm-up: cuDNN autotuning, allocator growth
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
