@@ -6,10 +6,10 @@
 ``seq-triton`` rows are gsmsr.ops.seq_scan_triton called directly (forward only, so no fwd+bwd rows); ``gsmsr
 triton op`` rows are ``selective_scan(backend='triton')``: forward through gsmsr::scan_infer, fwd+bwd through
 gsmsr::tscan_fwd / tscan_bwd (gsmsr.ops.seq_scan_triton_bwd, training segments); ``--seq-sweep`` adds its
-configurations in SEQ_SWEEP, labelled ``d<block_d> w<num_warps> t<token_tile> seg<segments>|wpsm<warps per SM>``
-and, for the output pass's own options, ``out(t<tile> r<maxnreg> w<warps>)``, and for decays through the FMA-pipe
-exp2 polynomial, ``fma-exp(sum<exp_fma> out<out_exp_fma>)`` (states per pass). ``out_rel`` is the max abs
-difference from mamba-ssm relative to its max |output|.
+configurations in SEQ_SWEEP, labelled ``d<block_d> w<num_warps> t<token_tile> seg<segments>|wpsm<warps per SM>``,
+then ``out(t<tile> w<warps>)`` for the output pass's own options and ``maxnreg(sum <cap> out <cap>)``, the register
+caps of the two launches (``off``: the compiler's choice). ``out_rel`` is the max abs difference from mamba-ssm
+relative to its max |output|.
 
 Shapes: batch 1, D = 384 channels (d_inner of the release config, C = 192), N = 16 states, L = 5*180*320 = 288000
 (a 5-frame window at REDS resolution) and L = 5*64*64 = 20480. Operands as BiMamba passes them: u, delta, z, B, C in
@@ -48,64 +48,44 @@ NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
 
 
 class SeqConfig(NamedTuple):
-    """One --seq-sweep configuration of selective_scan_fwd_triton; 0 leaves an argument at its default."""
+    """One --seq-sweep configuration of selective_scan_fwd_triton; the defaults are the function's."""
 
     block_d: int = 32
     num_warps: int = 1
     token_tile: int = 8
     segments: int = 0  # 0: chosen from warps_per_sm
-    warps_per_sm: int = 12
-    out_tile: int = 0
-    out_maxnreg: int = 0
-    out_warps: int = 0
-    exp_fma: int = 0  # states whose decays use the FMA-pipe exp2 in the summary pass
-    out_exp_fma: Optional[int] = None  # the same in the output pass (None: as exp_fma)
-    index_loop: int = 0  # loop over the tile index (vector tile loads)
-    sum_maxnreg: int = 0
+    warps_per_sm: int = 16
+    out_tile: int = 0  # 0: as the summary pass
+    out_warps: int = 0  # 0: as the summary pass
+    out_maxnreg: int = 128  # 0: no cap (the compiler's choice)
+    sum_maxnreg: int = 128  # 0: no cap
 
     def label(self) -> str:
         name = f'seq-triton d{self.block_d} w{self.num_warps} t{self.token_tile} '
         name += f'seg{self.segments}' if self.segments else f'wpsm{self.warps_per_sm}'
-        out = [f'{k}{v}' for k, v in (('t', self.out_tile), ('r', self.out_maxnreg), ('w', self.out_warps)) if v]
+        out = [f'{k}{v}' for k, v in (('t', self.out_tile), ('w', self.out_warps)) if v]
         name += f' out({" ".join(out)})' if out else ''
-        name += f' sum(r{self.sum_maxnreg})' if self.sum_maxnreg else ''
-        name += ' index-loop' if self.index_loop else ''
-        out_fma = self.exp_fma if self.out_exp_fma is None else self.out_exp_fma
-        return name + (f' fma-exp(sum{self.exp_fma} out{out_fma})' if self.exp_fma or out_fma else '')
+        return name + f' maxnreg(sum {self.sum_maxnreg or "off"} out {self.out_maxnreg or "off"})'
 
     def kwargs(self) -> Dict[str, Any]:
-        # None: automatic, or as the summary
-        optional = ('segments', 'out_tile', 'out_maxnreg', 'out_warps', 'sum_maxnreg')
-        kwargs = {k: (v or None) if k in optional else v for k, v in self._asdict().items()}
-        return {**kwargs, 'index_loop': bool(self.index_loop)}
+        # 0 -> None: chosen automatically, as the summary pass, or no register cap
+        return {k: v or None for k, v in self._asdict().items()}
 
 
-# The output pass (168 registers, latency-bound) with fewer registers or more warps, so that more warps per SM hide
-# its latency; configurations of earlier sweeps that lost to the default are left out
+# Timed on an H200 at L = 288k bf16 (ms a call; mamba-ssm 3.62): the default 1.91. Configurations of earlier sweeps
+# that lost to the default are left out.
 SEQ_SWEEP = [
-    SeqConfig(),  # the default: 168 registers, 12 one-warp programs per SM, one wave
-    SeqConfig(segments=132, warps_per_sm=16),  # one full wave at 12 one-warp programs per SM
+    SeqConfig(),  # the default: 128 registers, 16 one-warp programs per SM, one wave
+    # the former default's settings, uncapped at 12 per SM: 3.09 with this loop (2.35 with the former token-index one)
+    SeqConfig(warps_per_sm=12, out_maxnreg=0, sum_maxnreg=0),
+    SeqConfig(warps_per_sm=12),  # 2.04
+    SeqConfig(warps_per_sm=20),  # 2.20
+    SeqConfig(warps_per_sm=24),  # 1.97
+    # the output pass's own tile and warps, untimed since the loop over the tile index made its tile loads vectors
     SeqConfig(out_tile=4),
-    SeqConfig(out_tile=4, warps_per_sm=16),
-    SeqConfig(out_tile=2, warps_per_sm=16),
-    SeqConfig(out_maxnreg=128, warps_per_sm=16),  # 128 registers: 16 warps per SM resident
-    SeqConfig(out_tile=4, out_maxnreg=128, warps_per_sm=16),
+    SeqConfig(out_tile=2),
     SeqConfig(out_warps=2),
     SeqConfig(out_warps=2, warps_per_sm=24),
-    # the first states' decays on the FMA pipe (a polynomial) instead of the MUFU, per pass: the summary pass is
-    # estimated MUFU-bound (~20 MUFU ops per token against ~90 FMA-pipe ones), the output pass latency-bound
-    # the loop over the tile index (16-byte tile loads, no shared-memory transpose) with both passes capped at 128
-    # registers, so that the B|C loads stay issued well ahead of their use (offline sm_90a SASS, sass_scan.py)
-    SeqConfig(index_loop=1),
-    SeqConfig(index_loop=1, out_maxnreg=128, sum_maxnreg=128),
-    SeqConfig(index_loop=1, out_maxnreg=128, sum_maxnreg=128, warps_per_sm=16),
-    SeqConfig(index_loop=1, out_maxnreg=128, sum_maxnreg=128, warps_per_sm=20),
-    SeqConfig(index_loop=1, out_maxnreg=128, sum_maxnreg=128, warps_per_sm=24),
-    SeqConfig(exp_fma=4),
-    SeqConfig(exp_fma=6),
-    SeqConfig(exp_fma=8),
-    SeqConfig(exp_fma=4, out_exp_fma=0),
-    SeqConfig(exp_fma=0, out_exp_fma=4),
 ]
 
 # (token_tile, maxnreg (0: the compiler's choice), lane_sum, stages, segments (0: the training choice)) of --bwd-sweep

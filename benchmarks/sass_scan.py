@@ -1,17 +1,16 @@
 """Compile the scan forward's ``_scan_kernel`` offline for sm_90a (no GPU needed) and count what its main token loop
 issues per token: registers, spills, tile-load layouts, SASS instructions by kind and estimated pipe cycles.
 
-    python benchmarks/sass_scan.py [VARIANT ...] [--length 288000] [--dim 384] [--dtype bf16] [--warps-per-sm 12]
+    python benchmarks/sass_scan.py [VARIANT ...] [--length 288000] [--dim 384] [--dtype bf16] [--warps-per-sm 16]
         [--seg-len N] [--module gsmsr.ops.seq_scan_triton | path/to/copy.py] [--keep DIR]
 
-A VARIANT is ``out<TILE>`` (output pass) or ``sum<TILE>`` (summary pass), optionally followed by ``r<maxnreg>``,
-``e<exp_fma>``, ``w<num_warps>`` (32 * num_warps channels per program) and ``i`` (``index_loop``: the loop over the
-tile index), e.g. ``out8 out4 out4r128 out8e8 sum8 out8r128i``.
+A VARIANT is ``out<TILE>`` (output pass) or ``sum<TILE>`` (summary pass), optionally followed by ``r<maxnreg>``
+(none: the compiler's choice) and ``w<num_warps>`` (32 * num_warps channels per program), e.g. ``out8r128 sum8r128``
+(the default call's two passes), ``out8`` (uncapped), ``out4r128w2``.
 The other parameters are the real call's: N = NP = 16; D, z, delta_bias and softplus on; u, delta, z and out in
 ``--dtype``; A, D, bias and the packed B|C in fp32. The kernel is specialised as Triton's launcher would specialise it
 (16-byte aligned pointers; integers divisible by 16, or equal to 1, marked so), with the segment length the host code
-chooses (``choose_segments`` and ``_split``, 132 SMs). That length matters: Triton drops ``tl.multiple_of`` on a loop
-counter, so what it knows of the tile's alignment comes from the loop's start, ``s * seg_len``.
+chooses (``choose_segments`` and ``_split``, 132 SMs).
 
 Per variant it prints, per token (one tile's loop body divided by TILE) and warp:
 
@@ -61,7 +60,7 @@ TARGET = GPUTarget('cuda', 90, 32)
 SM_COUNT = 132
 BIN = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin'
 TORCH_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
-VARIANT = re.compile(r'(out|sum)(\d+)((?:[rew]\d+|i)*)$')
+VARIANT = re.compile(r'(out|sum)(\d+)((?:[rw]\d+)*)$')
 Instr = Tuple[int, str, str, str]  # address, predicate guard, opcode, operands
 
 # (table row, pipe, SASS opcodes before the first dot). Pipes: mufu, fma (FP32), fmah (IMAD), alu, lsu, ctrl;
@@ -103,11 +102,10 @@ def load_module(name: str):
 def parse_variant(text: str) -> Dict[str, int]:
     m = VARIANT.match(text)
     if not m:
-        expected = 'out<TILE> or sum<TILE>, then r<maxnreg> e<exp_fma> w<warps> i'
+        expected = 'out<TILE> or sum<TILE>, then r<maxnreg> w<warps>'
         raise SystemExit(f'bad variant {text!r}: expected {expected}')
-    extra = {k: int(v) for k, v in re.findall(r'([rew])(\d+)', m.group(3))}
-    return dict(summary=m.group(1) == 'sum', tile=int(m.group(2)), maxnreg=extra.get('r', 0),
-                exp_fma=extra.get('e', 0), warps=extra.get('w', 1), index_loop='i' in m.group(3))  # fmt: skip
+    extra = {k: int(v) for k, v in re.findall(r'([rw])(\d+)', m.group(3))}
+    return dict(summary=m.group(1) == 'sum', tile=int(m.group(2)), maxnreg=extra.get('r', 0), warps=extra.get('w', 1))
 
 
 def compile_variant(mod, v: Dict[str, int], args):
@@ -126,8 +124,7 @@ def compile_variant(mod, v: Dict[str, int], args):
     call = (act(), act(), act(), act(), f32(), f32(), f32(), f32(), f32(), f32(), D, L, seg_len, -(-L // seg_len) - 1)
     call += (D * L, L) * 4 + (16, 1)  # u, delta, z, out strides (batch, channel); A (D, N) contiguous
     kwargs = dict(N=16, NP=16, BLOCK_D=32 * v['warps'], TILE=v['tile'], SUMMARY=v['summary'], HAS_D=True,
-                  HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, EXP_FMA=v['exp_fma'], INDEX_LOOP=v['index_loop'],
-                  num_warps=v['warps'])  # fmt: skip
+                  HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, num_warps=v['warps'])  # fmt: skip
     if v['maxnreg']:
         kwargs['maxnreg'] = v['maxnreg']
     bound, specialization, options = binder(*call, **kwargs)
@@ -340,11 +337,11 @@ def table(results: List[Dict[str, object]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('variants', nargs='*', default=['out8', 'out4', 'out2', 'sum8', 'out8r128', 'out4r128'])
+    parser.add_argument('variants', nargs='*', default=['out8r128', 'sum8r128', 'out4r128', 'out8', 'sum8'])
     parser.add_argument('--length', type=int, default=288000)
     parser.add_argument('--dim', type=int, default=384)
     parser.add_argument('--dtype', choices=sorted(TORCH_DTYPES), default='bf16')
-    parser.add_argument('--warps-per-sm', type=int, default=12, help='as selective_scan_fwd_triton (sets seg_len)')
+    parser.add_argument('--warps-per-sm', type=int, default=16, help='as selective_scan_fwd_triton (sets seg_len)')
     parser.add_argument('--seg-len', type=int, default=0, help='segment length (0: the one the host code picks)')
     parser.add_argument('--module', default='gsmsr.ops.seq_scan_triton', help='import name, or a .py copy to scan')
     parser.add_argument('--keep', default='', help="folder for each variant's TTGIR, PTX and SASS")

@@ -1,10 +1,11 @@
 """benchmarks/bench_scan.py on CPU: every --seq-sweep configuration is a valid call of the Triton scan forward
 (interpreted here, tiny shape) with a distinct label, and gives the default's output to the fp32 tolerance of the
-reference tests (1e-5; the rows with decays through the FMA-pipe exp2 differ from it by rounding)."""
+reference tests (1e-5); the first is the function's default."""
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def test_seq_sweep_configs_run_and_are_labelled_apart():
     labels = [c.label() for c in bench.SEQ_SWEEP]
     assert len(set(labels)) == len(labels), labels
     g = torch.Generator().manual_seed(0)
-    # fewer channels than one 64-channel program of out_warps=2; as many states as the largest exp_fma
+    # fewer channels than one 64-channel program of out_warps=2
     dim, state, length = 40, 8, 24
     inp = dict(
         u=torch.randn(1, dim, length, generator=g),
@@ -48,3 +49,10 @@ def test_seq_sweep_configs_run_and_are_labelled_apart():
         kwargs['segments'] = 3  # the CPU path would run one segment; the sweep's segment counts are GPU-sized
         y = selective_scan_fwd_triton(**inp, delta_softplus=True, **kwargs)
         torch.testing.assert_close(y, default, rtol=1e-5, atol=1e-5, msg=config.label())
+
+
+def test_first_seq_sweep_row_is_the_default():
+    bench = _load()
+    defaults = inspect.signature(selective_scan_fwd_triton).parameters
+    for key, value in bench.SEQ_SWEEP[0].kwargs().items():
+        assert defaults[key].default == value, key

@@ -25,7 +25,7 @@ _kernel_checked = False
 kernel_import_error: Optional[str] = None  # why mamba-ssm could not be used, for diagnostics
 KERNEL_CHUNK = 2048  # tokens per chunk of mamba-ssm's kernel: one saved state each
 # What the no-grad CUDA scan (``gsmsr::scan_infer``) runs: 'triton' (gsmsr.ops.seq_scan_triton: sequential scan
-# with a sequence split; 3.0 against mamba-ssm's 3.7 ms at L = 288k, bf16, H200, benchmarks/NOTES.md) or 'mamba'
+# with a sequence split; 1.9 against mamba-ssm's 3.6 ms at L = 288k, bf16, H200, benchmarks/NOTES.md) or 'mamba'
 # (mamba-ssm's kernel). The one place this default is decided (GSMSR_SCAN_INFER overrides it). Training (autograd)
 # runs mamba-ssm's kernel unless backend='triton' is asked for.
 INFER_IMPL = os.environ.get('GSMSR_SCAN_INFER', 'triton')

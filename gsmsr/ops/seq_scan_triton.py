@@ -25,27 +25,24 @@ TILE contiguous tokens in one vector load) and every row of B and C as a broadca
 threads load the same bytes; L1 serves them). The tiles are split into per-token [BLOCK_D] columns with
 ``tl.reshape`` + ``tl.split`` (free register renames: the tile's second axis sits inside one thread), which cuts
 the per-token load instructions by TILE and lets the loads of a tile be issued ahead of the arithmetic. The
-output is joined back into a tile and stored in one vector store per thread. The output pass may use its own
-tile, channel block and warps (it holds more registers than the summary); segment lengths are multiples of both
-tiles, and the last segment's ragged end is walked with a tile of one token.
+output is joined back into a tile and stored in one vector store per thread. The token loop runs over the tile
+index, so that a tile's start ``i * TILE`` is a multiple of TILE the compiler sees (it drops ``tl.multiple_of`` on
+a loop counter, and then loads the tiles as 2-byte scalars transposed through shared memory; sm_90a SASS,
+``benchmarks/sass_scan.py``). The output pass may use its own tile, channel block, warps and register cap (it
+holds more registers than the summary); segment lengths are multiples of both tiles, and the last segment's
+ragged end is walked with a tile of one token.
 
 All arithmetic is float32 whatever the input dtype; the output has u's dtype. Decays are ``exp2(dt * A log2 e)``
 (log2 e folded into A once). No autograd here; with ``return_states=True`` the forward also returns the state
 entering each segment (the carries above), from which the backward (:mod:`gsmsr.ops.seq_scan_triton_bwd`) restarts
 any segment. CUDA tensors run compiled kernels and CPU tensors Triton's interpreter (slow; for tests), see
 :mod:`gsmsr.ops.triton_jit`.
-
-The decays' exp2 run on the special-function unit (MUFU), 16 results per clock per SM against 128 FP32 FMAs: with
-~20 MUFU ops per token (16 decays, softplus, silu) against ~90 FMA-pipe ones, the summary pass is (estimated)
-MUFU-bound. ``exp_fma`` / ``out_exp_fma`` move the first that many states' decays to :func:`_exp2_fma`, a
-polynomial on the FMA pipe, to balance the two pipes (as FlashAttention-3 does for its softmax); off by default
-until timed on a GPU.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Dict, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -66,28 +63,6 @@ def _softplus(x):
     w = 1.0 + e
     lp = tl.log(w) + (e - (w - 1.0)) * tl.maximum(1.0 - e, 0.0)
     return tl.where(x > 20.0, x, lp)
-
-
-def _exp2_fma(x):
-    """2^x in fp32 for x <= 0 (valid up to x < 128) with FMA-pipe and integer instructions only: no MUFU op and no
-    float -> int conversion. x = j + f with j = round(x): adding 1.5 * 2^23 puts j in the low mantissa bits of t
-    (t's ulp is 1), and t - 1.5 * 2^23 is j as a float, so f = x - j in [-0.5, 0.5] exactly. 2^f is a degree-5
-    polynomial, 1 + f (c1 + f (c2 + ...)) (minimax in relative error on [-0.5, 0.5] with the constant term fixed to
-    1, coefficients rounded to fp32 and tuned by a few ulps): max relative error 1.65e-7 evaluated with FMAs,
-    1.72e-7 with separate multiplies and adds (about 1.4 ulp; ex2.approx is within 2). The bits of t shifted
-    left by 23 are j << 23 (the rest falls off the top), added to the polynomial's exponent field: 2^j exactly.
-    x is clamped at -126 (2^j p stays normal), so x <= -126 gives 2^-126 ~ 1.2e-38 instead of a subnormal or 0;
-    integer x (0 included) give 2^x exactly."""
-    x = tl.maximum(x, -126.0)
-    t = x + 12582912.0
-    f = x - (t - 12582912.0)
-    p = 1.3268738985061646e-3 * f + 9.672952815890312e-3
-    p = p * f + 5.5507294833660126e-2
-    p = p * f + 2.4022208154201508e-1
-    p = p * f + 6.931469440460205e-1
-    p = p * f + 1.0
-    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
 
 
 def _columns(x, BLOCK_D: tl.constexpr, TILE: tl.constexpr):
@@ -161,24 +136,16 @@ def _walk(
     HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
-    EXP_FMA: tl.constexpr,
-    INDEX_LOOP: tl.constexpr,
 ):
-    """Walk tokens [lo, hi) (hi - lo a multiple of TILE, lo too when TILE > 1) from the states h (tuple of N
-    (BLOCK_D,) fp32). Summary: also sums dt into dsum, writes nothing. Otherwise stores out. Returns (h, dsum).
-    u_row, dt_row, z_row, o_row: (BLOCK_D,) pointers at token 0 of each channel; bc_row: scalar pointer at token 0
-    of this batch's packed B|C rows (2 NP fp32 per token, B in the first NP). States n < EXP_FMA decay through
-    :func:`_exp2_fma`, the others through ``tl.exp2``."""
+    """Walk tokens [lo, hi) (both multiples of TILE) from the states h (tuple of N (BLOCK_D,) fp32). Summary: also
+    sums dt into dsum, writes nothing. Otherwise stores out. Returns (h, dsum). u_row, dt_row, z_row, o_row:
+    (BLOCK_D,) pointers at token 0 of each channel; bc_row: scalar pointer at token 0 of this batch's packed B|C rows
+    (2 NP fp32 per token, B in the first NP)."""
     offs = tl.arange(0, TILE)[None, :]
     mask = md[:, None]
-    # INDEX_LOOP: loop over the tile index, so that t0 = i * TILE is a multiple of TILE the compiler sees and the
-    # tile loads are 16-byte vectors (tl.multiple_of on a loop counter is dropped: the loads stay 2-byte scalars,
-    # transposed through shared memory at TILE 8 and uncoalesced at TILE 4; sm_90a SASS, benchmarks/sass_scan.py)
-    for i in range(lo // TILE if INDEX_LOOP else lo, hi // TILE if INDEX_LOOP else hi, 1 if INDEX_LOOP else TILE):
-        if INDEX_LOOP:
-            t0 = i * TILE
-        else:
-            t0 = tl.multiple_of(i, TILE)
+    # over the tile index: t0 = i * TILE is a multiple of TILE the compiler sees, so the tile loads are vectors
+    for i in range(lo // TILE, hi // TILE):
+        t0 = i * TILE
         us = _columns(tl.load(u_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
         ds = _columns(tl.load(dt_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
         if HAS_Z and not SUMMARY:
@@ -200,11 +167,7 @@ def _walk(
             new_h = ()
             y = tl.full([BLOCK_D], 0.0, tl.float32)
             for n in tl.static_range(N):
-                if n < EXP_FMA:
-                    decay = _exp2_fma(dt * A2[n])
-                else:
-                    decay = tl.exp2(dt * A2[n])
-                hn = decay * h[n] + dtu * bs[n]
+                hn = tl.exp2(dt * A2[n]) * h[n] + dtu * bs[n]
                 new_h = new_h + (hn,)
                 if not SUMMARY:
                     y = y + cs[n] * hn
@@ -256,8 +219,6 @@ def _scan_kernel(
     HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
-    EXP_FMA: tl.constexpr,
-    INDEX_LOOP: tl.constexpr,
 ):
     """Program (channel block, segment s, batch). SUMMARY: segment s (< S-1) from h = 0, stores hs[b, s] (D, N)
     and dsum[b, s] (D,). Otherwise: starts from hs[b, s-1] (the carried state; zero for s = 0) and stores out
@@ -295,12 +256,12 @@ def _scan_kernel(
     dsum = tl.full([BLOCK_D], 0.0, tl.float32)
     h, dsum = _walk(
         h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, lo, full, bias, d_skip, md,
-        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, EXP_FMA, INDEX_LOOP,
+        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
     )  # fmt: skip
     if TILE > 1:  # ragged end (the last segment only, as segment lengths are multiples of TILE)
         h, dsum = _walk(
             h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, EXP_FMA, INDEX_LOOP,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
         )  # fmt: skip
     if SUMMARY:
         base = (b * n_carry + s) * Dm + d64
@@ -344,16 +305,7 @@ def _carry_kernel(
             tl.store(hs_ptr + (b * n_carry + s0 + j) * Dm * N + lanes, h, mask=ml & (s0 + j < n_carry))
 
 
-def _exp2_fma_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
-    """y = :func:`_exp2_fma` (x) elementwise over n fp32 values (for tests)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    tl.store(y_ptr + offs, _exp2_fma(tl.load(x_ptr + offs, mask=m, other=0.0)), mask=m)
-
-
-_KERNELS = LazyKernels(
-    __name__, [_softplus, _exp2_fma, _exp2_fma_kernel, _columns, _tile, _row, _walk, _scan_kernel, _carry_kernel]
-)
+_KERNELS = LazyKernels(__name__, [_softplus, _columns, _tile, _row, _walk, _scan_kernel, _carry_kernel])
 
 # ---------------------------------------------------------------------------------------------------------------
 # Host side
@@ -387,20 +339,15 @@ def check_operands(
     B: Tensor,
     C: Tensor,
     *optional,
-    state_counts: Optional[Dict[str, int]] = None,
     **powers_of_two,
 ):
     """ValueError naming ``fn`` unless u, delta and the (batch, D, L) operands among ``optional`` share a shape, A
-    is (D, N), B and C (batch, N, L), all on u's device, every keyword value is a power of two and every value in
-    ``state_counts`` (name: count of states) lies in [0, N]."""
+    is (D, N), B and C (batch, N, L), all on u's device and every keyword value is a power of two."""
     for name, value in powers_of_two.items():
         if value < 1 or value & (value - 1):
             raise ValueError(f'{fn}: {name} must be a power of two, got {value}')
     batch, dim, length = u.shape
     n_state = A.shape[1]
-    for name, value in (state_counts or {}).items():
-        if not 0 <= value <= n_state:
-            raise ValueError(f'{fn}: {name} must lie in [0, N = {n_state}], got {value}')
     same = [t for t in (delta, *optional) if t is not None and t.dim() == 3]
     if any(t.shape != u.shape for t in same):
         raise ValueError(f'{fn}: u, delta (and z, dout) must have one shape (batch, D, L), got u {tuple(u.shape)}')
@@ -450,19 +397,20 @@ def selective_scan_fwd_triton(
     segments: Optional[int] = None,
     block_d: int = 32,
     num_warps: int = 1,
-    token_tile: int = 8,  # 3.0 ms at L = 288k bf16 on an H200, against 3.1 (2), 4.0 (4), 4.6 (1)
-    # the output pass holds 168 registers a thread, so an SM keeps 12 one-warp programs resident: 12 per SM is
-    # one whole wave (2.52 ms at L = 288k bf16 on an H200, against 2.94 for 16, i.e. 1.33 waves, and 2.54 for 24)
-    warps_per_sm: int = 12,
+    # 3.0 ms at L = 288k bf16 on an H200 against 3.1 (2), 4.0 (4), 4.6 (1); timed before the loop over tile indices
+    token_tile: int = 8,
+    # at 128 registers a thread an SM keeps 16 one-warp programs resident: 16 per SM is one whole wave (1.91 ms at
+    # L = 288k bf16 on an H200 against 2.04 at 12, 2.20 at 20 and 1.97 at 24, all capped at 128)
+    warps_per_sm: int = 16,
     out: Optional[Tensor] = None,
     return_states: bool = False,
     out_tile: Optional[int] = None,
-    out_maxnreg: Optional[int] = None,
+    # 128 registers a thread: left alone the compiler takes ~90 and issues the B|C loads just before their use
+    # (sm_90a SASS); at 128 they are issued well ahead and an SM still holds 16 one-warp programs. 1.91 ms at
+    # L = 288k bf16 on an H200 against 3.09 uncapped (at 12 per SM; the former token-index loop, uncapped: 2.35)
+    out_maxnreg: Optional[int] = 128,
     out_warps: Optional[int] = None,
-    exp_fma: int = 0,
-    out_exp_fma: Optional[int] = None,
-    index_loop: bool = False,
-    sum_maxnreg: Optional[int] = None,
+    sum_maxnreg: Optional[int] = 128,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, int]]:
     """Selective scan forward, no autograd; semantics and shapes of
     :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
@@ -477,18 +425,11 @@ def selective_scan_fwd_triton(
     Segment lengths are rounded up to a multiple of max(token_tile, out_tile), so fewer segments than asked may run.
 
     Output pass only (None: as the summary pass): out_tile, its token tile (a power of two); out_warps, its
-    num_warps (a power of two), with ``32 * out_warps`` channels per program; out_maxnreg, its register cap on
-    CUDA (None: the compiler's choice; ignored by the interpreter).
+    num_warps (a power of two), with ``32 * out_warps`` channels per program.
 
-    exp_fma: in the summary pass, how many of the N states (the first ones) compute their decays with
-    :func:`_exp2_fma` on the FMA pipe instead of ``exp2`` on the MUFU (0: none, today's kernel); out_exp_fma: the
-    same for the output pass (None: as exp_fma). Both in [0, N].
-
-    index_loop: both passes loop over the tile index instead of the token index, which lets the compiler see that
-    tiles start on multiples of the tile and load them as 16-byte vectors (same values; untimed, hence off: the
-    offline SASS count predicts a gain only with a register cap, ``out_maxnreg`` / ``sum_maxnreg`` 128, since at
-    the compiler's ~85 registers the B and C loads are no longer issued ahead of their use). sum_maxnreg: the
-    summary launch's register cap on CUDA (None: the compiler's choice).
+    out_maxnreg, sum_maxnreg: register caps of the output and summary launches on CUDA (None: the compiler's
+    choice; ignored by the interpreter). They change no result (the same float instructions), only register
+    allocation: how many programs an SM holds and how far ahead of their use loads are issued.
 
     return_states: also return what the backward (:mod:`gsmsr.ops.seq_scan_triton_bwd`) needs to restart any
     segment: ``(out, states, seg_len)`` with states (batch, max(S - 1, 1), D, N) fp32, ``states[:, s - 1]`` the
@@ -496,11 +437,9 @@ def selective_scan_fwd_triton(
     seg_len the segment length (S = ceil(L / seg_len)).
     """
     out_tile = token_tile if out_tile is None else out_tile
-    out_exp_fma = exp_fma if out_exp_fma is None else out_exp_fma
     out_block_d, out_warps = (block_d, num_warps) if out_warps is None else (32 * out_warps, out_warps)
     check_operands(
         'selective_scan_fwd_triton', u, delta, A, B, C, D, z, delta_bias,
-        state_counts=dict(exp_fma=exp_fma, out_exp_fma=out_exp_fma),
         block_d=block_d, token_tile=token_tile, num_warps=num_warps, out_tile=out_tile, out_warps=out_warps,
     )  # fmt: skip
     batch, dim, length = u.shape
@@ -555,10 +494,9 @@ def selective_scan_fwd_triton(
         HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus),
-        INDEX_LOOP=bool(index_loop),
     )
-    summary_flags = dict(BLOCK_D=block_d, TILE=token_tile, EXP_FMA=exp_fma, num_warps=num_warps)
-    out_flags = dict(BLOCK_D=out_block_d, TILE=out_tile, EXP_FMA=out_exp_fma, num_warps=out_warps)
+    summary_flags = dict(BLOCK_D=block_d, TILE=token_tile, num_warps=num_warps)
+    out_flags = dict(BLOCK_D=out_block_d, TILE=out_tile, num_warps=out_warps)
     for launch, cap in ((summary_flags, sum_maxnreg), (out_flags, out_maxnreg)):
         if cap and not interpret:
             launch['maxnreg'] = cap
@@ -571,15 +509,3 @@ def selective_scan_fwd_triton(
             )
         k.scan_kernel[(-(-dim // out_block_d), n_seg, batch)](*ptrs, *common, SUMMARY=False, **out_flags, **flags)
     return (out, hs, seg_len) if return_states else out
-
-
-def exp2_fma(x: Tensor) -> Tensor:
-    """2^x elementwise through the scan's FMA-pipe exp2 (:func:`_exp2_fma`; meant for x <= 0) as float32, on x's
-    device (compiled on CUDA, interpreted on CPU): to check its accuracy."""
-    x = x.float().contiguous()
-    y = torch.empty_like(x)
-    if x.numel():
-        block = 1024 if x.is_cuda else 1 << 16  # the interpreter pays per program, not per element
-        with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
-            _KERNELS(interpret_for(x)).exp2_fma_kernel[(-(-x.numel() // block),)](x, y, x.numel(), BLOCK=block)
-    return y

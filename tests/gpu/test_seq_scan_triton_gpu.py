@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gsmsr.ops import cuda_kernel, selective_scan, selective_scan_ref
-from gsmsr.ops.seq_scan_triton import exp2_fma, selective_scan_fwd_triton
+from gsmsr.ops.seq_scan_triton import selective_scan_fwd_triton
 from gsmsr.ops.triton_jit import triton_available
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not triton_available(), reason='needs CUDA and Triton')]
@@ -69,11 +69,12 @@ def test_matches_reference_and_mamba_at_gsm_shape(dtype, segments):
         (1, 32, 1, {}),
         (8, 64, 2, {}),
         (4, 128, 4, {}),
-        # the output pass's own options: tile, register cap (compiled only here), warps
+        # the output pass's own options: tile, warps; register caps (compiled only here) off or other than 128
         (8, 32, 1, dict(out_tile=2)),
-        (2, 32, 1, dict(out_tile=8, out_maxnreg=128)),
-        (8, 32, 1, dict(out_warps=2, out_maxnreg=128)),
-        (8, 32, 1, dict(index_loop=True, out_maxnreg=128, sum_maxnreg=128)),
+        (2, 32, 1, dict(out_tile=8, out_maxnreg=None)),
+        (8, 32, 1, dict(out_warps=2, sum_maxnreg=None)),
+        (8, 32, 1, dict(out_maxnreg=None, sum_maxnreg=None)),
+        (4, 32, 1, dict(out_maxnreg=96, sum_maxnreg=96)),
     ],
 )
 def test_configs_and_batch_two(tile, block_d, num_warps, out_pass):
@@ -86,26 +87,14 @@ def test_configs_and_batch_two(tile, block_d, num_warps, out_pass):
     assert _err(y, ref) <= TOL[torch.float32]
 
 
-@pytest.mark.parametrize('out_exp_fma', [None, 16])
-def test_fma_exp2_decays_at_gsm_shape(out_exp_fma):
-    """exp_fma=8: the first 8 states' decays through the FMA-pipe polynomial (compiled: FMA contraction, integer
-    bit tricks), the output pass as the summary or all 16 states on the FMA pipe."""
-    inp = _inputs(1, 384, 16, 200_000, torch.float32)
+def test_register_caps_change_no_result():
+    """The caps change register allocation and scheduling only: output and carried states bit for bit as with the
+    compiler's choice (the training forward runs with the default caps)."""
+    inp = _inputs(1, 384, 16, 50_000, torch.bfloat16)
     with torch.no_grad():
-        y = selective_scan_fwd_triton(**inp, delta_softplus=True, exp_fma=8, out_exp_fma=out_exp_fma)
-        ref = selective_scan_ref(**{k: v.double() for k, v in inp.items()}, delta_softplus=True)
-    err = _err(y, ref)
-    print(f'exp_fma=8 out_exp_fma={out_exp_fma}: ref={err:.1e}')
-    assert err <= TOL[torch.float32]
-
-
-def test_exp2_fma_compiled_accuracy():
-    """The compiled polynomial exp2 against float64 2^x over [-130, 0], as the CPU test checks the interpreted one."""
-    x = torch.cat([torch.linspace(-130, 0, 4_000_001, device='cuda'), -torch.logspace(-30, 0, 10_001, device='cuda')])
-    y = exp2_fma(x).double()
-    ref = torch.exp2(x.double())
-    normal = x >= -126
-    assert ((y - ref) / ref).abs()[normal].max().item() <= 2.5e-7
-    assert ((y[~normal] >= 0) & (y[~normal] <= 2.0**-126)).all()
-    k = torch.arange(0, 127, dtype=torch.float32, device='cuda')
-    assert torch.equal(exp2_fma(-k).double(), torch.exp2(-k.double()))
+        capped = selective_scan_fwd_triton(**inp, delta_softplus=True, return_states=True)
+        free = selective_scan_fwd_triton(
+            **inp, delta_softplus=True, return_states=True, out_maxnreg=None, sum_maxnreg=None
+        )
+    for a, b in zip(capped, free):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
