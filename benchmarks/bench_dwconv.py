@@ -1,13 +1,15 @@
 """Depthwise 3x3x3 conv + bias + GELU of the GSM MLP at its real shape: the Triton kernel against what ran before.
 
     python benchmarks/bench_dwconv.py [--shape 1,5,180,320,768] [--dtypes bf16,fp32] [--repeats 20] [--sweep]
+        [--variants all | fast,fast-w2,...]
 
 Input x (B, K, H, W, C) channels-last contiguous (fc1's output viewed as a volume), weight (C, 1, 3, 3, 3) and bias
 float32. Rows, for every dtype:
 
 * ``triton <config>``: gsmsr.ops.dwconv3d (fwd: conv + bias + GELU; fwd conv only: without the GELU, what the
   backward's input-gradient pass costs; bwd: GELU gradient with the conv recomputed, input gradient, weight and
-  bias gradients). ``--sweep`` adds the tile configurations in SWEEP.
+  bias gradients). ``--sweep`` adds the tile configurations in SWEEP; ``--variants`` the opt-in stencils in
+  VARIANTS (FAST_CONFIG and its ablations), each with fwd, fwd conv only and bwd rows.
 * ``inductor shifted sum``: the 27 shifted multiply-adds + GELU under torch.compile (what compiled GSM blocks ran
   before the kernel), channels-last.
 * ``conv3d NCDHW + gelu``: eager F.conv3d on a contiguous NCDHW copy (the transposes not timed), then F.gelu.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import os
 import sys
@@ -38,6 +41,7 @@ from bench_utils import cuda_time, print_table  # noqa: E402  (this folder is on
 
 from gsmsr.ops.dwconv3d import (  # noqa: E402
     DEFAULT_CONFIG,
+    FAST_CONFIG,
     DWConvConfig,
     dwconv3d_gelu_backward_triton,
     dwconv3d_gelu_ref,
@@ -56,6 +60,15 @@ SWEEP = [
     (4, 8, 64, 4, 1),
     (4, 8, 64, 4, 3),
 ]
+# opt-in stencils timed by --variants (DWConvConfig's docstring has their offline predictions): the fast one, at
+# 2 warps (the default's best tile in the sweep), without its register cap, with erff, and the GELU change alone
+VARIANTS = {
+    'fast': FAST_CONFIG,
+    'fast-w2': dataclasses.replace(FAST_CONFIG, block_c=32, num_warps=2),
+    'fast-noreg': dataclasses.replace(FAST_CONFIG, maxnreg=0),
+    'fast-erf': dataclasses.replace(FAST_CONFIG, fast_gelu=False),
+    'gelu-only': dataclasses.replace(DEFAULT_CONFIG, fast_gelu=True),
+}
 # (wgrad_block_h, wgrad_block_w, wgrad_block_c, wgrad_num_warps, wgrad_groups) tried by --sweep
 WGRAD_SWEEP = [(8, 8, 64, 8, 0), (4, 8, 64, 4, 0), (4, 8, 64, 8, 64), (4, 16, 32, 8, 0)]
 
@@ -113,7 +126,18 @@ def masked_dout(dout: torch.Tensor) -> torch.Tensor:
     return d
 
 
-def bench_dtype(shape, dtype: torch.dtype, repeats: int, sweep: bool, name: str) -> List[Dict[str, str]]:
+def parse_variants(text: str) -> Dict[str, DWConvConfig]:
+    """VARIANTS by comma-separated names, or all of them; none for an empty string."""
+    names = list(VARIANTS) if text == 'all' else [n for n in text.split(',') if n]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f'unknown variants {unknown}: choose from {list(VARIANTS)} or all')
+    return {n: VARIANTS[n] for n in names}
+
+
+def bench_dtype(
+    shape, dtype: torch.dtype, repeats: int, sweep: bool, name: str, variants: Optional[Dict[str, DWConvConfig]] = None
+) -> List[Dict[str, str]]:
     g = torch.Generator(device='cuda').manual_seed(0)
     b, k, h, w, c = shape
     x = torch.randn(*shape, device='cuda', generator=g).to(dtype)
@@ -142,6 +166,7 @@ def bench_dtype(shape, dtype: torch.dtype, repeats: int, sweep: bool, name: str)
             configs[f'{bh}x{bw}x{bc} w{nw} s{ns}'] = DWConvConfig(
                 block_h=bh, block_w=bw, block_c=bc, num_warps=nw, num_stages=ns
             )
+    configs.update(variants or {})
     for label, cfg in configs.items():
         add(
             f'triton {label}',
@@ -150,13 +175,14 @@ def bench_dtype(shape, dtype: torch.dtype, repeats: int, sweep: bool, name: str)
             lambda y: check.forward(y, True),
             2,
         )
-    add(
-        'triton default',
-        'fwd conv only',
-        lambda: dwconv3d_gelu_triton(x, weight, bias, False),
-        lambda y: check.forward(y, False),
-        2,
-    )
+    for label, cfg in {'default': DEFAULT_CONFIG, **(variants or {})}.items():
+        add(
+            f'triton {label}',
+            'fwd conv only',
+            lambda: dwconv3d_gelu_triton(x, weight, bias, False, cfg),
+            lambda y: check.forward(y, False),
+            2,
+        )
 
     compiled = torch.compile(shifted_sum_gelu, fullgraph=True)
     add('inductor shifted sum', 'fwd', lambda: compiled(x, weight, bias), lambda y: check.forward(y, True), 2)
@@ -193,6 +219,7 @@ def bench_dtype(shape, dtype: torch.dtype, repeats: int, sweep: bool, name: str)
             bwd_configs[f'wgrad {bh}x{bw}x{bc} w{nw} g{gr}'] = DWConvConfig(
                 wgrad_block_h=bh, wgrad_block_w=bw, wgrad_block_c=bc, wgrad_num_warps=nw, wgrad_groups=gr
             )
+    bwd_configs.update(variants or {})
     for label, cfg in bwd_configs.items():
         add(
             f'triton {label}',
@@ -216,7 +243,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--dtypes', default='bf16,fp32')
     parser.add_argument('--repeats', type=int, default=20)
     parser.add_argument('--sweep', action='store_true', help='also time the tile configs in SWEEP and WGRAD_SWEEP')
+    parser.add_argument('--variants', default='', help=f'also time these of {list(VARIANTS)} (or all)')
     args = parser.parse_args(argv)
+    variants = parse_variants(args.variants)
     if not torch.cuda.is_available():
         print('bench_dwconv needs a CUDA device')
         return 1
@@ -224,7 +253,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.backends.cudnn.benchmark = True
     rows = []
     for name in args.dtypes.split(','):
-        rows += bench_dtype(shape, DTYPES[name], args.repeats, args.sweep, name)
+        rows += bench_dtype(shape, DTYPES[name], args.repeats, args.sweep, name, variants)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         print(f'shape (B, K, H, W, C) = {shape}, {torch.cuda.get_device_name()}, torch {torch.__version__}')

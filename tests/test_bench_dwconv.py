@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from gsmsr.ops.dwconv3d import dwconv3d_gelu_backward_ref, dwconv3d_gelu_ref
@@ -39,3 +40,12 @@ def test_shifted_sum_baseline_and_crop_checker():
     assert check.grads(*dwconv3d_gelu_backward_ref(bench.masked_dout(dout), x, w, b)) < 1e-12
     # and it does see an error
     assert check.forward(y + 1e-3 * torch.rand_like(y), True) > 1e-6
+
+
+def test_variants_by_name():
+    bench = _load()
+    assert bench.parse_variants('') == {}
+    assert list(bench.parse_variants('all')) == list(bench.VARIANTS)
+    assert bench.parse_variants('fast,gelu-only')['fast'].tap_rows
+    with pytest.raises(SystemExit):
+        bench.parse_variants('fast,nope')

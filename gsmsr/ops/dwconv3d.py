@@ -11,6 +11,12 @@ L1) and adds them, with the weights of the three temporal taps, to the three out
 frame. Output frame k is complete once input frame k + 1 is in, so the program keeps only three fp32 accumulators
 (frames k - 1, k, k + 1) and 9 shifted loads per element instead of 27. Loads and stores are vectors along C.
 
+``DWConvConfig.tap_rows`` swaps in a leaner copy of that kernel (``_stencil_rows_kernel``, opt-in until timed):
+the tap rows are a loop and the tap columns unrolled, so masks and offsets are not recomputed per tap; the taps
+are zero-padded per channel block and loaded unmasked at constant offsets; interior tiles run a copy without
+masks; bf16 x can be widened from int32 channel pairs; ``fast_gelu`` replaces erff. Why, in numbers: the
+docstring of :class:`DWConvConfig` and benchmarks/sass_stencil.py.
+
 The epilogue has three modes: ``conv + bias``, ``gelu(conv + bias)`` and, for the backward, the pre-activation
 gradient ``g * gelu'(conv + bias)`` with ``conv + bias`` recomputed rather than saved (one activation less in
 memory). The input gradient is the same stencil on that gradient with the spatially flipped weight and no bias;
@@ -29,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -56,6 +62,30 @@ class DWConvConfig:
     4 x 8 x 32 with 2 warps, 1.28); the weight gradient with 4 warps took 5.7 ms for the whole bf16 backward
     against 6.7 with 8. sm_90 register counts (ptxas, bf16): stencil 98 at the default tile, 167 at 8 x 8
     pixels, no spills.
+
+    Why 1.37 ms (``benchmarks/sass_stencil.py``, offline sm_90a SASS of the bf16 GELU forward at that shape; ms
+    for the whole call at 1.98 GHz): the default issues 2118 instructions per warp and frame, 132 per output
+    element where the tap sum needs 27 FFMA. Of a frame's 2118, the 9-tap loop takes 9 x 151 (48 FFMA; 8 LDG.128,
+    6 of them tap weights; 16 CS2R zeroing masked-off load registers; ~26 bf16 widenings; ~50 integer, uniform
+    and branch ops re-deriving t // 3, t % 3, masks and 64-bit addresses every tap) and the epilogue 618 (erff
+    selects one of two coefficient sets per element: ~260 moves of constants and rotated accumulators). Floors: issue
+    0.875, ALU pipe 0.76, FMA pipe 0.47, L1 wavefronts 0.32, L2 -> SM 0.26 (assumed 5.5 TB/s), DRAM 0.18,
+    latency with L1 hits 0.33. No floor reaches 1.2-1.4 ms; the nearest, issue, is 64 % of the 1.37 measured
+    alone (74 % of 1.19 in the network), so it is instruction-bound, not memory-bound, and the rest is latency
+    at 4 warps a scheduler (98 registers): with every load waiting for L2 the in-order model gives 1.07.
+
+    ``FAST_CONFIG`` (tap_rows, fast_gelu, bf16_pairs, maxnreg 128; the same tile) issues 1197 per warp and frame
+    (75 per element; interior tiles, 91 % of them, 1189): the tap-row loop 3 x 270 (144 FFMA), the rest of the
+    frame loop 367 (a GELU: 8 FFMA, 4 FMUL, 1 FMNMX, 2 MUFU). 128 registers with 24 bytes of spills (6 LDL/STL
+    per warp and frame) keep 4 programs an SM; without the cap 138 registers leave 3. Floors: issue 0.495 (minus
+    ~5 %: the counted epilogue of frame -1 is skipped by a branch), L1 0.32, DRAM 0.18; with all loads at L2
+    latency 0.34, under issue. Ablations, issue floors: fast_gelu alone 0.74, FAST_CONFIG with erff 0.63,
+    without bf16_pairs 0.53.
+    PREDICTED, UNTIMED: its largest estimate is issue, ~0.47 ms; times the default's ratio of measured time to its
+    largest estimate (1.28 alone, 1.11 in the network) that is 0.60 ms a call alone (2.3x) and 0.52 in the
+    network; if only 64 % of issue slots are used, as the default's, 0.73. So 0.6-0.75 ms alone, and 4.76 ->
+    2.1-2.6 ms per frame. Time it (``python benchmarks/bench_dwconv.py --dtypes bf16 --variants all``) before
+    making it the default.
     """
 
     block_h: int = 4
@@ -68,6 +98,10 @@ class DWConvConfig:
     wgrad_block_c: int = 64
     wgrad_num_warps: int = 4
     wgrad_groups: int = 0  # programs per channel block and batch in the weight gradient (0: ~4 programs per SM)
+    tap_rows: bool = False  # the stencil as _stencil_rows_kernel (fewer instructions a tap; see FAST_CONFIG)
+    fast_gelu: bool = False  # GELU from one exp2, one reciprocal and a polynomial instead of erff (_normal_tail)
+    bf16_pairs: bool = False  # tap_rows: read bf16 x as int32 channel pairs (cheaper widening; _load_row_shift)
+    maxnreg: int = 0  # register cap a thread for the stencil (0: the compiler's choice)
 
     def __post_init__(self) -> None:
         for name in ('block_h', 'block_w', 'block_c', 'num_warps', 'wgrad_block_h', 'wgrad_block_w', 'wgrad_block_c'):
@@ -77,6 +111,8 @@ class DWConvConfig:
 
 
 DEFAULT_CONFIG = DWConvConfig()
+# the leaner stencil, untimed (predicted 0.6-0.75 ms against 1.37: DWConvConfig's docstring): opt in until timed
+FAST_CONFIG = DWConvConfig(tap_rows=True, fast_gelu=True, bf16_pairs=True, maxnreg=128)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,8 +157,42 @@ def _load_shifted(ptr, frame, hh, ww, cc, mc, H, W, C, dh, dw, valid):
     return tl.load(base + offs, mask=(mp[:, None] & mc[None, :]) & valid, other=0.0).to(tl.float32)
 
 
-def _epilogue(acc, bias, g_ptr, y_ptr, frame, hh, ww, cc, mc, H, W, C, valid, MODE: tl.constexpr):
-    """Store conv + bias (MODE 0), its exact-erf GELU (1) or g * GELU'(conv + bias) (2) for one output frame."""
+def _rcp(x):
+    """1 / x as one MUFU.RCP (rcp.approx.ftz, about 1 ulp); ``1.0 / x`` compiles to div.full, whose range checks
+    (x beyond 2^126 or subnormal) add 6 instructions. For normal x only."""
+    return tl.inline_asm_elementwise('rcp.approx.ftz.f32 $0, $1;', '=r,r', [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+class _Interpreted:
+    """Interpreter stand-ins for the compiled-only helpers above (same names: see LazyKernels)."""
+
+    def _rcp(x):
+        return 1.0 / x
+
+
+def _normal_tail(x):
+    """(Q(|x|), exp(-x^2 / 2)) with Q(t) = P(N(0, 1) > t) = exp(-t^2 / 2) k P7(k), k = 1 / (1 + p t): one EX2, one
+    RCP and 7 FMAs instead of erff's two polynomials and their per-element coefficient selects. P7 was fitted to
+    the Mills ratio for relative error on t in [0, 14]: max relative error of Q 1.2e-6 for t < 3 (the float64
+    check in tests/ops/test_dwconv3d.py), 8e-6 out to t = 13 where exp's argument loses digits; erff's
+    1 + erf(x / sqrt 2) loses more than that for x < -3 by cancellation."""
+    t = tl.abs(x)
+    k = _rcp(1.0 + 0.36225438117980957 * t)
+    poly = 0.04805383458733559 * k - 0.18004916608333588
+    poly = poly * k + 0.17608116567134857
+    poly = poly * k + 0.02910695970058441
+    poly = poly * k + 0.13939808309078217
+    poly = poly * k + 0.14280492067337036
+    poly = poly * k + 0.14460456371307373
+    e = tl.math.exp2(x * (x * -0.7213475204444817))  # exp(-x^2 / 2); 0.72... = 1 / (2 ln 2)
+    return e * (k * poly), e
+
+
+def _epilogue(
+    acc, bias, g_ptr, y_ptr, frame, hh, ww, cc, mc, H, W, C, valid, MODE: tl.constexpr, FAST_GELU: tl.constexpr
+):
+    """Store conv + bias (MODE 0), its GELU (1) or g * GELU'(conv + bias) (2) for one output frame; the GELU from
+    erff, or with FAST_GELU from :func:`_normal_tail` (Phi(x) = 1 - Q(x) for x >= 0, Q(-x) below)."""
     pre = acc + bias[None, :]
     offs = (hh * W + ww)[:, None] * C + cc[None, :]
     base = frame.to(tl.int64) * H * W * C
@@ -130,12 +200,20 @@ def _epilogue(acc, bias, g_ptr, y_ptr, frame, hh, ww, cc, mc, H, W, C, valid, MO
     if MODE == 0:
         out = pre
     elif MODE == 1:
-        out = 0.5 * pre * (1.0 + tl.math.erf(pre * 0.7071067811865476))
+        if FAST_GELU:
+            q, _ = _normal_tail(pre)
+            out = tl.maximum(pre, 0.0) - tl.abs(pre) * q  # x Phi(x) = relu(x) - |x| Q(|x|)
+        else:
+            out = 0.5 * pre * (1.0 + tl.math.erf(pre * 0.7071067811865476))
     else:
         g = tl.load(g_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
         # GELU'(x) = Phi(x) + x phi(x); 0.3989... = 1 / sqrt(2 pi)
-        cdf = 0.5 * (1.0 + tl.math.erf(pre * 0.7071067811865476))
-        out = g * (cdf + pre * 0.3989422804014327 * tl.exp(-0.5 * pre * pre))
+        if FAST_GELU:
+            q, e = _normal_tail(pre)
+            out = g * (tl.where(pre >= 0.0, 1.0 - q, q) + pre * 0.3989422804014327 * e)
+        else:
+            cdf = 0.5 * (1.0 + tl.math.erf(pre * 0.7071067811865476))
+            out = g * (cdf + pre * 0.3989422804014327 * tl.exp(-0.5 * pre * pre))
     tl.store(y_ptr + base + offs, out.to(y_ptr.dtype.element_ty), mask=m)
 
 
@@ -156,6 +234,7 @@ def _stencil_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    FAST_GELU: tl.constexpr,
 ):
     """y = epilogue(depthwise 3x3x3 conv of x with wt (27, C) fp32 + b) over all K frames of one pixel tile and
     channel block of batch element program_id(1). x, g, y: (B, K, H, W, C) contiguous."""
@@ -185,10 +264,133 @@ def _stencil_kernel(
             cur += xs * w2[None, :]
             nxt += xs * w1[None, :]
             new += xs * w0[None, :]
-        _epilogue(cur, bias, g_ptr, y_ptr, frame - 1, hh, ww, cc, mc, H, W, C, kin > 0, MODE)
+        _epilogue(cur, bias, g_ptr, y_ptr, frame - 1, hh, ww, cc, mc, H, W, C, kin > 0, MODE, FAST_GELU)
         cur = nxt
         nxt = new
-    _epilogue(cur, bias, g_ptr, y_ptr, bidx * K + K - 1, hh, ww, cc, mc, H, W, C, True, MODE)
+    _epilogue(cur, bias, g_ptr, y_ptr, bidx * K + K - 1, hh, ww, cc, mc, H, W, C, True, MODE, FAST_GELU)
+
+
+def _load_row_shift(xr, offs, offs2, mp, mc, mc2, MASKED: tl.constexpr, PAIRS: tl.constexpr):
+    """fp32 (BLOCK_P, BLOCK_C) tile at ``xr + offs``, zero where pixel mask mp or channel mask mc is false (not
+    MASKED: no mask). PAIRS: x is bf16 with an even C, read as int32 channel pairs at ``offs2`` (mask mc2); a
+    bf16 is the top half of its fp32, so widening costs one shift or one AND a channel instead of a shift and a
+    byte permute for the odd ones. The channels come back in order (join + reshape keep values in their thread)."""
+    if PAIRS:
+        xp = xr.to(tl.pointer_type(tl.int32))
+        if MASKED:
+            xi = tl.load(xp + offs2, mask=mp[:, None] & mc2[None, :], other=0)
+        else:
+            xi = tl.load(xp + offs2)
+        lo = (xi << 16).to(tl.float32, bitcast=True)
+        hi = (xi & -65536).to(tl.float32, bitcast=True)  # -65536 = 0xffff0000
+        return tl.reshape(tl.join(lo, hi), (offs.shape[0], offs.shape[1]))
+    else:
+        if MASKED:
+            return tl.load(xr + offs, mask=mp[:, None] & mc[None, :], other=0.0).to(tl.float32)
+        else:
+            return tl.load(xr + offs).to(tl.float32)
+
+
+def _rows_frames(
+    x_ptr,
+    wp,
+    bias,
+    g_ptr,
+    y_ptr,
+    bidx,
+    c0,
+    K,
+    H,
+    W,
+    C,
+    hh,
+    ww,
+    MODE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    FAST_GELU: tl.constexpr,
+    PAIRS: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """The frame loop of :func:`_stencil_rows_kernel` for the tile (hh, ww) and channels c0 + [0, BLOCK_C). Not
+    MASKED: every shifted load is inside the volume, so no masks and no zeroing of masked-off registers."""
+    cc = c0 + tl.arange(0, BLOCK_C)
+    mc = cc < C
+    cc2 = c0 // 2 + tl.arange(0, BLOCK_C // 2)  # channel pairs
+    mc2 = cc2 < C // 2
+    offs = (hh * W + ww)[:, None] * C + cc[None, :]  # the tile in its frame; the shifts add scalars to it
+    offs2 = (hh * W + ww)[:, None] * (C // 2) + cc2[None, :]
+    zero = tl.full(offs.shape, 0.0, tl.float32)
+    cur = zero  # output frame kin - 1 (see _stencil_kernel)
+    nxt = zero  # output frame kin
+    for kin in range(0, K):
+        frame = bidx * K + kin
+        xf = x_ptr + frame.to(tl.int64) * H * W * C
+        new = zero  # output frame kin + 1
+        for dh in range(0, 3):
+            h = hh + (dh - 1)
+            mh = (h >= 0) & (h < H)
+            xr = xf + (dh - 1) * (W * C)
+            wr = wp + dh * (3 * BLOCK_C)
+            for dw in tl.static_range(3):
+                w = ww + (dw - 1)
+                xs = _load_row_shift(xr + (dw - 1) * C, offs, offs2, mh & (w >= 0) & (w < W), mc, mc2, MASKED, PAIRS)
+                cur += xs * tl.load(wr + (18 * BLOCK_C + dw * BLOCK_C))[None, :]
+                nxt += xs * tl.load(wr + (9 * BLOCK_C + dw * BLOCK_C))[None, :]
+                new += xs * tl.load(wr + dw * BLOCK_C)[None, :]
+        if kin > 0:  # a branch, not a store mask: the GELU of the frame before the first is not computed
+            _epilogue(cur, bias, g_ptr, y_ptr, frame - 1, hh, ww, cc, mc, H, W, C, True, MODE, FAST_GELU)
+        cur = nxt
+        nxt = new
+    _epilogue(cur, bias, g_ptr, y_ptr, bidx * K + K - 1, hh, ww, cc, mc, H, W, C, True, MODE, FAST_GELU)
+
+
+def _stencil_rows_kernel(
+    x_ptr,
+    wt_ptr,
+    b_ptr,
+    g_ptr,
+    y_ptr,
+    K,
+    H,
+    W,
+    C,
+    n_wblocks,
+    n_cblocks,
+    MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    FAST_GELU: tl.constexpr,
+    EVEN_C: tl.constexpr,
+    PAIRS: tl.constexpr,
+):
+    """:func:`_stencil_kernel` with fewer instructions a tap (``DWConvConfig.tap_rows``). wt is blocked by channel
+    block, (n_cblocks, 27, BLOCK_C) fp32 zero-padded, so a block's taps are loaded unmasked at constant offsets.
+    The taps' rows (dh) are a loop and their columns (dw) unrolled: column masks and the tile's offsets are
+    loop-invariant, a row costs one mask and one pointer step. Interior tiles (no shifted pixel outside the frame;
+    EVEN_C: C is a multiple of BLOCK_C) take a copy of the frame loop without masks. PAIRS: see _load_row_shift."""
+    pid = tl.program_id(0)
+    bidx = tl.program_id(1)
+    pid_c = pid % n_cblocks
+    tile = pid // n_cblocks
+    hh, ww = _tile_coords(tile, n_wblocks, H, W, BLOCK_H, BLOCK_W)
+    cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = cc < C
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cc, mask=mc, other=0.0)
+    else:
+        bias = tl.full((BLOCK_C,), 0.0, tl.float32)
+    wp = wt_ptr + pid_c * (27 * BLOCK_C) + tl.arange(0, BLOCK_C)
+    c0 = pid_c * BLOCK_C
+    h0 = (tile // n_wblocks) * BLOCK_H
+    w0 = (tile % n_wblocks) * BLOCK_W
+    if (h0 > 0) & (h0 + BLOCK_H < H) & (w0 > 0) & (w0 + BLOCK_W < W) & EVEN_C:
+        _rows_frames(
+            x_ptr, wp, bias, g_ptr, y_ptr, bidx, c0, K, H, W, C, hh, ww, MODE, BLOCK_C, FAST_GELU, PAIRS, False
+        )
+    else:
+        _rows_frames(x_ptr, wp, bias, g_ptr, y_ptr, bidx, c0, K, H, W, C, hh, ww, MODE, BLOCK_C, FAST_GELU, PAIRS, True)
 
 
 def _wgrad_kernel(
@@ -249,7 +451,22 @@ def _wgrad_kernel(
     tl.store(part_ptr + base + rows[:, None] * C + cc[None, :], tab, mask=mc[None, :])
 
 
-_KERNELS = LazyKernels(__name__, [_tile_coords, _load_shifted, _epilogue, _stencil_kernel, _wgrad_kernel])
+_KERNELS = LazyKernels(
+    __name__,
+    [
+        _tile_coords,
+        _load_shifted,
+        _rcp,
+        _normal_tail,
+        _epilogue,
+        _stencil_kernel,
+        _load_row_shift,
+        _rows_frames,
+        _stencil_rows_kernel,
+        _wgrad_kernel,
+    ],
+    interpreted=[_Interpreted._rcp],
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,35 +486,44 @@ def _taps(weight: Tensor) -> Tensor:
     return weight.reshape(weight.shape[0], 27).t().float().contiguous()
 
 
+def stencil_launch(
+    shape: Tuple[int, int, int, int, int], dtype: torch.dtype, mode: int, has_bias: bool, cfg: DWConvConfig
+) -> Tuple[str, Tuple[int, int], Tuple[int, ...], Dict[str, object]]:
+    """(kernel name in _KERNELS, grid, integer arguments, keyword arguments) of the stencil for an x of ``shape``
+    (B, K, H, W, C) and ``dtype``; the pointers come first. Shared with benchmarks/sass_stencil.py, which compiles
+    the same specialisation."""
+    batch, k, h, w, c = shape
+    n_wblocks = triton.cdiv(w, cfg.block_w)
+    n_cblocks = triton.cdiv(c, cfg.block_c)
+    grid = (n_cblocks * n_wblocks * triton.cdiv(h, cfg.block_h), batch)
+    kwargs = dict(MODE=mode, HAS_BIAS=has_bias, BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, BLOCK_C=cfg.block_c)
+    kwargs.update(FAST_GELU=cfg.fast_gelu, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.tap_rows:
+        kwargs.update(EVEN_C=c % cfg.block_c == 0, PAIRS=cfg.bf16_pairs and dtype == torch.bfloat16 and c % 2 == 0)
+    if cfg.maxnreg:
+        kwargs['maxnreg'] = cfg.maxnreg
+    name = 'stencil_rows_kernel' if cfg.tap_rows else 'stencil_kernel'
+    return name, grid, (k, h, w, c, n_wblocks, n_cblocks), kwargs
+
+
+def _block_taps(taps: Tensor, block_c: int) -> Tensor:
+    """(27, C) -> (ceil(C / block_c), 27, block_c), zero-padded: the layout the tap_rows kernel reads."""
+    n_cblocks = triton.cdiv(taps.shape[1], block_c)
+    padded = F.pad(taps, (0, n_cblocks * block_c - taps.shape[1]))
+    return padded.view(27, n_cblocks, block_c).transpose(0, 1).contiguous()
+
+
 def _stencil(
     x: Tensor, taps: Tensor, bias: Optional[Tensor], g: Optional[Tensor], mode: int, cfg: DWConvConfig
 ) -> Tensor:
     """Launch the stencil kernel; x (and g) (B, K, H, W, C) contiguous, taps (27, C) fp32, bias (C,) fp32 or None."""
-    batch, k, h, w, c = x.shape
     y = torch.empty_like(x)
-    n_wblocks = triton.cdiv(w, cfg.block_w)
-    n_cblocks = triton.cdiv(c, cfg.block_c)
-    grid = (n_cblocks * n_wblocks * triton.cdiv(h, cfg.block_h), batch)
-    _KERNELS(interpret_for(x)).stencil_kernel[grid](
-        x,
-        taps,
-        taps if bias is None else bias,
-        x if g is None else g,
-        y,
-        k,
-        h,
-        w,
-        c,
-        n_wblocks,
-        n_cblocks,
-        MODE=mode,
-        HAS_BIAS=bias is not None,
-        BLOCK_H=cfg.block_h,
-        BLOCK_W=cfg.block_w,
-        BLOCK_C=cfg.block_c,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+    name, grid, ints, kwargs = stencil_launch(tuple(x.shape), x.dtype, mode, bias is not None, cfg)
+    kernel = getattr(_KERNELS(interpret_for(x)), name)
+    if cfg.tap_rows:
+        taps = _block_taps(taps, cfg.block_c)
+    pointers = (x, taps, taps if bias is None else bias, x if g is None else g, y)
+    kernel[grid](*pointers, *ints, **kwargs)
     return y
 
 

@@ -47,11 +47,16 @@ def _add_combine(a, b):  # fallback for SUM_OP if a Triton version lacks tl.stan
 
 class LazyKernels:
     """``LazyKernels(module_name, [fn, ...])(interpret)`` -> namespace of JIT functions, by name without the
-    leading underscore. Functions later in the list may call earlier ones by their own names."""
+    leading underscore. Functions later in the list may call earlier ones by their own names.
 
-    def __init__(self, module_name: str, functions: Sequence[Callable]) -> None:
+    ``interpreted``: stand-ins that replace the functions of the same name when interpreting, for compiled-only
+    bodies such as inline PTX. The interpreter re-reads a function's source and looks the result up by name, so
+    a stand-in must be defined under that name (in a class body, say)."""
+
+    def __init__(self, module_name: str, functions: Sequence[Callable], interpreted: Sequence[Callable] = ()) -> None:
         self.module_name = module_name
         self.functions = list(functions)
+        self.interpreted = {fn.__name__: fn for fn in interpreted}
         self._built: Dict[bool, types.SimpleNamespace] = {}
 
     def __call__(self, interpret: bool) -> types.SimpleNamespace:
@@ -63,11 +68,14 @@ class LazyKernels:
             with triton.knobs.runtime.scope():  # restores the knob and TRITON_INTERPRET afterwards
                 triton.knobs.runtime.interpret = interpret
                 for fn in [*self.functions, _add_combine]:
-                    copy = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+                    name = fn.__name__
+                    if interpret:
+                        fn = self.interpreted.get(name, fn)
+                    copy = types.FunctionType(fn.__code__, namespace, name, fn.__defaults__, fn.__closure__)
                     copy.__annotations__ = dict(fn.__annotations__)
                     copy.__doc__ = fn.__doc__
                     copy.__qualname__ = fn.__qualname__
-                    namespace[fn.__name__] = jitted[fn.__name__.lstrip('_')] = triton.jit(copy)
+                    namespace[name] = jitted[name.lstrip('_')] = triton.jit(copy)
             namespace['SUM_OP'] = getattr(tl.standard, '_sum_combine', None) or namespace['_add_combine']
             self._built[interpret] = types.SimpleNamespace(**jitted)
         return self._built[interpret]

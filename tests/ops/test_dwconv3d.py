@@ -12,6 +12,8 @@ Tolerances, on the max abs error relative to max(1, max |reference|):
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -23,7 +25,10 @@ import torch
 import triton  # noqa: F401  (comes with torch's Linux wheels; these tests must not skip on CPU)
 
 from gsmsr.ops.dwconv3d import (
+    MODE_GELU_GRAD,
     DWConvConfig,
+    _stencil,
+    _taps,
     dwconv3d_gelu,
     dwconv3d_gelu_backward_triton,
     dwconv3d_gelu_ref,
@@ -168,3 +173,82 @@ def test_module_imports_without_triton():
     )
     env = {**os.environ, 'PYTHONPATH': str(Path(__file__).resolve().parents[2])}
     subprocess.run([sys.executable, '-c', code], check=True, env=env)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tap_rows stencil (DWConvConfig.tap_rows / fast_gelu / bf16_pairs; FAST_CONFIG at the GPU's tiles)
+# ---------------------------------------------------------------------------------------------------------------
+
+ROWS = dataclasses.replace(TINY, tap_rows=True)
+FAST = dataclasses.replace(TINY, tap_rows=True, fast_gelu=True, bf16_pairs=True)
+# 4x4-pixel tiles: H = 9, W = 13 (or 9) leave interior tiles (tile and halo inside the frame) when C = 32 is a
+# multiple of the channel block; C = 40 (a partial block) and C = 39 (odd: no bf16 pairs) run every tile masked
+ROW_CASES = {
+    'k1_interior': (1, 1, 9, 13, 32),
+    'k2_b2_partial_c': (2, 2, 5, 7, 40),
+    'k5_interior': (1, 5, 9, 9, 32),
+    'k3_odd_c': (1, 3, 5, 6, 39),
+}
+
+
+def _stencil_cases(x, w, b, dout, cfg):
+    """(name, got, float64 reference) for the three epilogues: GELU and conv only (without bias) in the forward,
+    and the backward's g * GELU'(conv + bias)."""
+    xd, wd, bd = x.double(), w.double(), b.double()
+    pre = dwconv3d_gelu_ref(xd, wd, bd, gelu=False)
+    g = _stencil(x, _taps(w), b.float(), dout, MODE_GELU_GRAD, cfg)
+    return [
+        ('gelu', dwconv3d_gelu_triton(x, w, b, True, cfg), dwconv3d_gelu_ref(xd, wd, bd)),
+        ('conv', dwconv3d_gelu_triton(x, w, None, False, cfg), dwconv3d_gelu_ref(xd, wd, None, gelu=False)),
+        ('gelu_grad', g, torch.ops.aten.gelu_backward(dout.double(), pre)),
+    ]
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('case', list(ROW_CASES))
+def test_fast_stencil_matches_reference(case, dtype, poisoned):
+    x, w, b, dout = _inputs(ROW_CASES[case], True, dtype, 'cpu')
+    for name, got, want in _stencil_cases(x, w, b, dout, FAST):
+        assert got.dtype == dtype and _err(got, want) <= TOL[dtype], name
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_tap_rows_with_erf_gelu_matches_reference(dtype, poisoned):
+    x, w, b, dout = _inputs(ROW_CASES['k1_interior'], True, dtype, 'cpu')
+    for name, got, want in _stencil_cases(x, w, b, dout, ROWS):
+        assert _err(got, want) <= TOL[dtype], name
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_tap_rows_sums_in_the_same_order(dtype):
+    """The conv alone is bit-identical to the default kernel's (interpreted: same taps, same order; the bf16
+    pairs widen exactly), with interior and edge tiles and a partial channel block."""
+    for shape in ((1, 2, 9, 13, 32), (2, 2, 5, 7, 40)):
+        x, w, b, _ = _inputs(shape, True, dtype, 'cpu')
+        want = dwconv3d_gelu_triton(x, w, b, False, TINY)
+        assert torch.equal(dwconv3d_gelu_triton(x, w, b, False, FAST), want), shape
+
+
+def _identity_taps(c: int) -> torch.Tensor:
+    """Weights of a conv that returns its input: only the centre tap, 1."""
+    w = torch.zeros(c, 1, 3, 3, 3)
+    w[:, 0, 1, 1, 1] = 1.0
+    return w
+
+
+def test_fast_gelu_against_float64():
+    """fast_gelu through the stencil (identity taps, so the epilogue sees x itself), fp32, on x in [-13, 13]:
+    relative error of GELU within 2e-6 for x >= -3 and 1.2e-5 below (exp's argument loses digits as x^2 grows),
+    i.e. far inside bf16 rounding (2^-9); GELU' within 2e-6 absolute."""
+    xs = torch.cat(
+        [torch.linspace(-13, 13, 64 * 64 - 64), 2.0 ** -torch.arange(1, 33.0), -(2.0 ** -torch.arange(1, 33.0))]
+    )
+    x = xs.view(1, 1, 8, 8, 64)
+    y = dwconv3d_gelu_triton(x, _identity_taps(64), torch.zeros(64), True, FAST).flatten().double()
+    xd = xs.double()
+    cdf = 0.5 * torch.erfc(-xd / math.sqrt(2))
+    rel = (y - xd * cdf).abs() / (xd * cdf).abs()
+    assert rel[xd >= -3].max() <= 2e-6 and rel.max() <= 1.2e-5, float(rel.max())
+    grad = _stencil(x, _taps(_identity_taps(64)), torch.zeros(64), torch.ones_like(x), MODE_GELU_GRAD, FAST)
+    want = cdf + xd * torch.exp(-0.5 * xd * xd) / math.sqrt(2 * math.pi)
+    assert (grad.flatten().double() - want).abs().max() <= 2e-6
