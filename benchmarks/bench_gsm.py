@@ -9,8 +9,9 @@ code runs it), the streaming schedule (``streaming_eval``, the default without a
 autocast, the compiled network (``compile_blocks``, the default GPU path in bf16) in fp32 and bf16, the compiled
 bf16 network with FlexAttention in the SWSA blocks, and with --mamba-scan the compiled bf16 network with mamba-ssm's
 scan instead of gsmsr's Triton scan, and with --variants one compiled bf16 row per variant: ``slab=N`` sets
-``GSMNet.stream_slab``, other keys go to the Triton scan (``selective_scan.INFER_TRITON_CONFIG``: out_tile,
-out_warps, out_maxnreg, token_tile, warps_per_sm, ...), e.g. ``--variants 'slab=12;slab=12,out_tile=4'``.
+``GSMNet.stream_slab``, ``dwconv=1`` runs the MLP stencil with ``dwconv3d.FAST_CONFIG``, other keys go to the
+Triton scan (``selective_scan.INFER_TRITON_CONFIG``: out_tile, out_warps, out_maxnreg, token_tile, warps_per_sm,
+...; 0 for a register cap turns it off), e.g. ``--variants 'slab=12;dwconv=1;dwconv=1,out_tile=4'``.
 Prints one table: median ms per clip and per frame (CUDA events), the first call's seconds (compilation included),
 peak memory, and the max abs / PSNR difference of each GSMNet row against the first one that ran. --train adds
 training steps (16x64x64, batch 1, checkpointing on), eager and compiled, fp32 and bf16, and the fast step
@@ -38,6 +39,7 @@ from gsmsr import GSMNet  # noqa: E402
 
 SCAN = importlib.import_module('gsmsr.ops.selective_scan')
 SWSA = importlib.import_module('gsmsr.archs.swsa')
+DWCONV = importlib.import_module('gsmsr.ops.dwconv3d')
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -84,17 +86,19 @@ def main() -> int:
     gsm_faithful = variant(scan_backend='kernel') if SCAN.cuda_kernel() else gsm
 
     def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm, variant: Dict[str, int] = {}):  # noqa: B006
-        scan = {k: v for k, v in variant.items() if k != 'slab'}
+        scan = {k: v for k, v in variant.items() if k not in ('slab', 'dwconv')}
 
         def run(x):
             net.streaming_eval, net.stream_slab = streaming, variant.get('slab', GSMNet.stream_slab)
             SCAN.INFER_TRITON_CONFIG.clear()
             SCAN.INFER_TRITON_CONFIG.update(scan)
+            DWCONV.OP_CONFIG = DWCONV.FAST_CONFIG if variant.get('dwconv') else DWCONV.DEFAULT_CONFIG
             try:
                 with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None):
                     return net(x).float()
             finally:
                 SCAN.INFER_TRITON_CONFIG.clear()
+                DWCONV.OP_CONFIG = DWCONV.DEFAULT_CONFIG
 
         return run
 

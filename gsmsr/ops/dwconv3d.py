@@ -113,6 +113,9 @@ class DWConvConfig:
 DEFAULT_CONFIG = DWConvConfig()
 # the leaner stencil, untimed (predicted 0.6-0.75 ms against 1.37: DWConvConfig's docstring): opt in until timed
 FAST_CONFIG = DWConvConfig(tap_rows=True, fast_gelu=True, bf16_pairs=True, maxnreg=128)
+# What the custom ops (the network's calls) run with; read at every call, since the op is opaque to torch.compile,
+# so a benchmark can swap configurations without recompiling the graphs around it.
+OP_CONFIG: DWConvConfig = DEFAULT_CONFIG
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -623,7 +626,7 @@ def dwconv3d_gelu_backward_ref(
 @torch.library.custom_op('gsmsr::dwconv3d_gelu', mutates_args=())
 def _dwconv3d_gelu_op(x: Tensor, weight: Tensor, bias: Tensor, gelu: bool) -> Tensor:
     if x.is_cuda:
-        return dwconv3d_gelu_triton(x, weight, bias, gelu)
+        return dwconv3d_gelu_triton(x, weight, bias, gelu, OP_CONFIG)
     return dwconv3d_gelu_ref(x, weight, bias, gelu)
 
 
@@ -637,7 +640,7 @@ def _dwconv3d_gelu_backward_op(
     dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor, gelu: bool
 ) -> Tuple[Tensor, Tensor, Tensor]:
     if x.is_cuda:
-        return dwconv3d_gelu_backward_triton(dout, x, weight, bias, gelu)
+        return dwconv3d_gelu_backward_triton(dout, x, weight, bias, gelu, OP_CONFIG)
     return dwconv3d_gelu_backward_ref(dout, x, weight, bias, gelu)
 
 
