@@ -90,7 +90,7 @@ class GSMBlock(nn.Module):
         call of the aligner.
         """
         b, c, k, h, w = x.shape
-        a = flows.index(None)
+        a = [f is None for f in flows].index(True)  # not flows.index(None): no tensor == None in a traced frame
         some_flow = next(f for f in flows if f is not None)
         phi = torch.stack([torch.zeros_like(some_flow) if f is None else f for f in flows], dim=1)
         source = x.transpose(1, 2).reshape(b * k, c, h, w)

@@ -8,7 +8,8 @@ Module and parameter names reproduce the official state dict, so official checkp
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from basicsr.archs.spynet_arch import SpyNet
@@ -20,6 +21,7 @@ from gsmsr.archs.flow import adjacent_flows, gather_scatter_flows, load_spynet_w
 from gsmsr.archs.gsm_block import GSMBlock
 from gsmsr.archs.implicit_warp import ImplicitWarp
 from gsmsr.archs.swsa import SWSAGroup
+from gsmsr.ops.matmul3x import TF32x3Mode
 
 MIN_SIZE = 33  # SpyNet's coarsest level vanishes below this (§1)
 RECON_FEAT = 64
@@ -117,6 +119,9 @@ class GSMNet(nn.Module):
         compile_blocks: on CUDA, ``torch.compile`` the GSM window step and the SWSA blocks (in place, so the
             state-dict keys do not change) at the first forward; the selective scan stays one custom op inside
             the compiled graph. Costs a compilation per new input size.
+        fp32_matmul: 'ieee' (fp32 FMA GEMMs) | '3xtf32': with ``compile_blocks``, in fp32 on CUDA (no autocast, no
+            autograd), the compiled blocks run their larger GEMMs as three TF32 tensor-core products each
+            (:mod:`gsmsr.ops.matmul3x`; about 1e-6 relative per GEMM, like fp32). No effect otherwise.
 
     Shapes: forward(lq (B, T, in_chans, H, W)) -> (B, T, out_chans, s*H, s*W), not clamped.
     Requires T >= 2 and H, W >= 33.
@@ -148,6 +153,7 @@ class GSMNet(nn.Module):
         streaming_eval: bool = True,
         use_checkpoint_mlp: bool = False,
         compile_blocks: bool = False,
+        fp32_matmul: str = 'ieee',
     ) -> None:
         super().__init__()
         if embed_dims % num_heads or embed_dims % 4:
@@ -158,6 +164,7 @@ class GSMNet(nn.Module):
             'flow_compose': (flow_compose, ('official', 'geometric')),
             'mamba_directions': (mamba_directions, (1, 2)),
             'scan_backend': (scan_backend, ('auto', 'kernel', 'triton', 'ref')),
+            'fp32_matmul': (fp32_matmul, ('ieee', '3xtf32')),
         }
         for name, (value, allowed) in choices.items():
             if value not in allowed:
@@ -177,6 +184,7 @@ class GSMNet(nn.Module):
         self.alternate_direction = alternate_direction
         self.streaming_eval = streaming_eval
         self.compile_blocks = compile_blocks
+        self.fp32_matmul = fp32_matmul
         self._compiled = False
         # Optional hook (flows_backward, flows_forward) -> (flows_backward, flows_forward), e.g. flow stress tests.
         self.flow_transform: Optional[Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]] = None
@@ -373,6 +381,12 @@ class GSMNet(nn.Module):
                 blk.compile()
         self._compiled = True
 
+    def _gemm_mode(self) -> ContextManager:
+        """Around the propagation layers: :class:`~gsmsr.ops.matmul3x.TF32x3Mode` when ``fp32_matmul='3xtf32'`` and
+        the blocks are compiled (it acts inside their graphs only, on fp32 CUDA GEMMs without autocast), else
+        nothing."""
+        return TF32x3Mode() if self.fp32_matmul == '3xtf32' and self._compiled else nullcontext()
+
     def forward(self, lq: Tensor) -> Tensor:
         self.check_input(lq)
         if self.compile_blocks and not self._compiled and lq.is_cuda:
@@ -385,22 +399,23 @@ class GSMNet(nn.Module):
         flipped: Optional[WindowFlows] = None
         x = x0
         reversed_time = False
-        for layer in self.prop_layers:
-            if reversed_time:
-                if flipped is None:
-                    flipped = self.window_flows(ff.flip(1), fb.flip(1))
-                flows = flipped
-            else:
-                flows = natural
-            stage = layer.stage
-            if streaming:  # x stays in natural order: the flip is a relabelling of the frames
-                self.stream_layer(stage, x, flows, range(t - 1, -1, -1) if reversed_time else range(t))
-            else:
-                x = x + self.sweep(stage.mamba_block, stage.attn_blocks(x), flows)
+        with self._gemm_mode():
+            for layer in self.prop_layers:
+                if reversed_time:
+                    if flipped is None:
+                        flipped = self.window_flows(ff.flip(1), fb.flip(1))
+                    flows = flipped
+                else:
+                    flows = natural
+                stage = layer.stage
+                if streaming:  # x stays in natural order: the flip is a relabelling of the frames
+                    self.stream_layer(stage, x, flows, range(t - 1, -1, -1) if reversed_time else range(t))
+                else:
+                    x = x + self.sweep(stage.mamba_block, stage.attn_blocks(x), flows)
+                    if self.alternate_direction:
+                        x = x.flip(2)
                 if self.alternate_direction:
-                    x = x.flip(2)
-            if self.alternate_direction:
-                reversed_time = not reversed_time
+                    reversed_time = not reversed_time
         if not streaming:
             if reversed_time:
                 x = x.flip(2)

@@ -1,0 +1,104 @@
+"""GPU checks of 3xTF32 GEMMs (gsmsr.ops.matmul3x): the split products on TF32 tensor cores against float64, and the
+compiled fp32 network with them (``fp32_matmul='3xtf32'``) against the faithful one.
+
+python -m pytest -m gpu tests/gpu/test_matmul3x_gpu.py -s
+
+conftest turns TF32 off for GPU tests, so these also check that the ops turn it on for their own products only.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import pytest
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from gsmsr import GSMNet
+from gsmsr.ops import cuda_kernel, kernel_status, matmul3x
+from gsmsr.ops.matmul3x import linear3x, mm3x, tf32_linear, tf32_matmul
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')]
+needs_kernel = pytest.mark.skipif(not cuda_kernel(), reason=f'needs mamba-ssm: {kernel_status()}')
+CUDA = torch.device('cuda')
+
+
+def _randn(*shape: int, std: float = 1.0, seed: int = 0) -> Tensor:
+    g = torch.Generator(device=CUDA).manual_seed(seed)
+    return torch.randn(*shape, generator=g, device=CUDA) * std
+
+
+# the network's GEMMs at full width (C = 192) and its value ranges, fewer tokens
+GEMMS = [
+    ('swsa qkv', 'linear', lambda: (_randn(57_600, 192), _randn(576, 192, std=0.02, seed=1))),
+    ('gsm fc1', 'linear', lambda: (_randn(57_600, 192), _randn(768, 192, std=0.02, seed=1))),
+    ('in_proj', 'matmul', lambda: (_randn(768, 192, std=0.02), _randn(1, 57_600, 192, seed=1).mT)),
+    ('attn @ v', 'matmul', lambda: (_randn(512, 8, 128, 128).softmax(-1), _randn(512, 8, 128, 24, seed=1))),
+]
+
+
+@pytest.mark.parametrize('name, kind, operands', GEMMS, ids=[g[0] for g in GEMMS])
+def test_3xtf32_on_tensor_cores_matches_float64(name, kind, operands):
+    """Max abs error relative to max |reference|: the split within 2e-6 like fp32; one TF32 product ~1e-3 (so TF32
+    really ran, with the global flag off); the flag is off again afterwards."""
+    assert not torch.backends.cuda.matmul.allow_tf32
+    a, b = operands()
+    exact = F.linear if kind == 'linear' else torch.matmul
+    ref = exact(a.double(), b.double())
+
+    def err(out: Tensor) -> float:
+        return float((out.double() - ref).abs().max() / ref.abs().max())
+
+    e3 = err(linear3x(a, b) if kind == 'linear' else mm3x(a, b))
+    e1 = err(tf32_linear(a, b) if kind == 'linear' else tf32_matmul(a, b))
+    e32 = err(exact(a, b))
+    print(f'{name}: 3xtf32 {e3:.1e}, fp32 {e32:.1e}, tf32 {e1:.1e}')
+    assert e3 <= 2e-6 and e32 <= 2e-6 and e1 >= 1e-4
+    assert not torch.backends.cuda.matmul.allow_tf32
+
+
+def test_tf32_flag_is_restored_when_it_was_on():
+    a, b = _randn(256, 192), _randn(192, 256, seed=1)
+    torch.backends.cuda.matmul.allow_tf32 = True  # conftest restores its own setting after the test
+    mm3x(a, b)
+    assert torch.backends.cuda.matmul.allow_tf32
+
+
+@needs_kernel
+def test_compiled_3xtf32_network_matches_the_faithful_one(monkeypatch):
+    """The fp32 compiled network with 3xTF32 GEMMs against the eager faithful network: max abs within 1e-4, as the
+    compiled fp32 network (C = 64, so that :func:`worth_splitting` picks GEMMs); the split ran inside the compiled
+    blocks; under bf16 autocast nothing is split."""
+    routed: List[str] = []
+    for name in ('linear3x', 'mm3x'):
+        inner = getattr(matmul3x, name)
+
+        def spy(*args, _inner=inner, _name=name):
+            routed.append(_name)
+            return _inner(*args)
+
+        monkeypatch.setattr(matmul3x, name, spy)
+    torch.manual_seed(0)
+    cfg = dict(prop_depth=2, attn_depth=2, embed_dims=64, num_heads=4)
+    ref = GSMNet(**cfg).to(CUDA).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    nets = {}
+    for mode in ('ieee', '3xtf32'):
+        nets[mode] = GSMNet(**cfg, compile_blocks=True, fp32_matmul=mode).to(CUDA).eval()
+        nets[mode].load_state_dict(ref.state_dict())
+    lq = torch.rand(1, 7, 3, 64, 72, device=CUDA)
+    with torch.no_grad():
+        want = ref(lq)
+        e32 = (nets['ieee'](lq) - want).abs().max().item()
+        got = nets['3xtf32'](lq)
+        e3 = (got - want).abs().max().item()
+        assert routed
+        routed.clear()
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            nets['3xtf32'](lq)
+        assert not routed
+    print(f'compiled fp32 max abs {e32:.1e}, compiled fp32 3xtf32 max abs {e3:.1e}')
+    assert e3 <= 1e-4 and e32 <= 1e-4
