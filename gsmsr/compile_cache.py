@@ -46,12 +46,16 @@ def enable_persistent_caches(root: Optional[Path] = None) -> Path:
 
     Call it before the first compilation of the process (Inductor reads the folders when it first needs them).
     A user-set ``TORCHINDUCTOR_CACHE_DIR`` alone keeps Triton's cache inside it, as Inductor does by default.
+    Torch's own default folder there does not count as the user's: importing ``torch._dynamo`` writes it into the
+    environment, so without this exception the folders under ``root`` would never be used.
     Where ``root`` cannot be created (a read-only home), Inductor's defaults stay.
     """
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
     root = Path(root) if root is not None else cache_root()
+    if _inductor_dir_is_torch_default():
+        del os.environ['TORCHINDUCTOR_CACHE_DIR']
     if 'TORCHINDUCTOR_CACHE_DIR' not in os.environ:
         try:
             for var, sub in _CACHE_DIRS.items():
@@ -65,6 +69,21 @@ def enable_persistent_caches(root: Optional[Path] = None) -> Path:
     if os.environ.get('TORCHINDUCTOR_AUTOGRAD_CACHE') is None:
         functorch_config.enable_autograd_cache = True
     return root
+
+
+def _inductor_dir_is_torch_default() -> bool:
+    """Whether ``TORCHINDUCTOR_CACHE_DIR`` holds torch's own default (a folder in the system temporary folder):
+    importing ``torch._dynamo`` writes that default into the environment (torch 2.11 and 2.14 do), so its presence
+    does not mean that the user chose a folder."""
+    value = os.environ.get('TORCHINDUCTOR_CACHE_DIR')
+    if not value:
+        return False
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        return os.path.abspath(value) == os.path.abspath(default_cache_dir())
+    except Exception:  # another torch layout: treat the value as the user's
+        return False
 
 
 def cache_key(device: torch.device) -> Dict[str, Optional[str]]:

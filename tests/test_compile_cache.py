@@ -1,5 +1,6 @@
-"""Tests for gsmsr.compile_cache: cache folders under the user cache (user settings kept), the Mega-Cache key,
-and atomic, change-only saves and failure-tolerant loads (with stub artifact functions)."""
+"""Tests for gsmsr.compile_cache: cache folders under the user cache (user settings kept, torch's own default
+replaced), the Mega-Cache key, and atomic, change-only saves and failure-tolerant loads (with stub artifact
+functions)."""
 
 from __future__ import annotations
 
@@ -115,3 +116,14 @@ def test_save_is_atomic_and_bad_files_are_ignored(tmp_path, monkeypatch, capsys)
     assert not cache.save()  # warns, inference goes on
     assert 'compile cache not saved' in capsys.readouterr().err
     assert path.read_bytes() == b'bad old file' and sorted(p.name for p in tmp_path.iterdir()) == ['x.megacache']
+
+
+def test_torch_default_inductor_folder_is_replaced(clean_env, monkeypatch):
+    """Importing torch._dynamo writes Inductor's default folder (in the system temporary folder) into the
+    environment: that is not the user's choice, so the persistent folder replaces it."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', default_cache_dir())
+    root = enable_persistent_caches()
+    assert os.environ['TORCHINDUCTOR_CACHE_DIR'] == str(root / 'inductor')
+    assert os.environ['TRITON_CACHE_DIR'] == str(root / 'triton')
