@@ -30,7 +30,9 @@ Fixed shapes, so compiled blocks compile once. All tiles of a frame have one siz
 are moved inward, overlapping more), every network call of a video gets the same number of tiles (a short
 last group is filled up with repeats whose outputs are dropped), and every chunk has the same length. Planned
 tile sides are the whole frame side or multiples of 64 (:func:`gsmsr.tiling.plan_tiles`), so videos of
-different sizes share tile shapes. The compile caches persist across processes (:mod:`gsmsr.compile_cache`).
+different sizes share tile shapes. The compile caches persist across processes (:mod:`gsmsr.compile_cache`);
+with ``GSMSR_AOT=1`` (experimental) the compiled blocks are also kept as precompiled functions, which a later process
+loads without tracing them (``GSMNet.precompile_dir``).
 GSMNet's compiled blocks see K-frame windows and SWSA slabs of 16 frames whatever the chunk length, as long as it
 is even and longer than ``GSMNet.stream_whole`` (20): balanced chunks are rounded up to even, and with the defaults
 a video longer than one chunk gets chunks of 20 to 32 frames. Exceptions: a clip shorter than a chunk with an odd
@@ -74,7 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gsmsr.compile_cache import MegaCache, enable_persistent_caches
+from gsmsr.compile_cache import AOT_ENV, MegaCache, enable_persistent_caches
 from gsmsr.faults import InputError, check_free_space, one_line, run_reporting_errors
 from gsmsr.io_threads import FrameWriter, ReadAhead
 from gsmsr.memory_plan import choose_tiling, free_device_bytes
@@ -466,9 +468,11 @@ def upscale_video(
         compiled = bool(getattr(net, 'compile_blocks', False)) and device.type == 'cuda'
         mega = None
         if compiled:  # before the first compilation: it reads the cache folders then
-            enable_persistent_caches()
+            root = enable_persistent_caches()
             mega = MegaCache.for_device(device)
             mega.load()
+            if os.environ.get(AOT_ENV) == '1' and hasattr(net, 'precompile_dir'):  # experimental, off by default
+                net.precompile_dir = str(root / 'aot')
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
         # frames per network call, as _stream will choose them (an unknown count with chunk 0: planned for the default)
@@ -526,6 +530,8 @@ def upscale_video(
                 count += 1
                 if count == 1 and mega is not None:  # the first chunk compiled everything there is
                     mega.save()
+                    for fn in getattr(net, 'precompiled', ()):
+                        print(f'{PROG}: {fn.name}: {"; ".join(fn.events)}', file=sys.stderr)
                 bar.update(1)
         writer.finish()
         writer = None

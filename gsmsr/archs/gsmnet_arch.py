@@ -8,6 +8,8 @@ Module and parameter names reproduce the official state dict, so official checkp
 
 from __future__ import annotations
 
+import functools
+import importlib
 from contextlib import nullcontext
 from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
@@ -20,7 +22,7 @@ from torch.nn import functional as F
 from gsmsr.archs.flow import adjacent_flows, gather_scatter_flows, load_spynet_weights, warp, window_link_flows
 from gsmsr.archs.gsm_block import GSMBlock
 from gsmsr.archs.implicit_warp import ImplicitWarp
-from gsmsr.archs.swsa import SWSAGroup
+from gsmsr.archs.swsa import SWSABlock, SWSAGroup
 from gsmsr.ops.matmul3x import TF32x3Mode
 
 MIN_SIZE = 33  # SpyNet's coarsest level vanishes below this (§1)
@@ -85,6 +87,23 @@ def make_upsampler(scale: int, feat: int = RECON_FEAT) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def traced_switches() -> Tuple[object, ...]:
+    """Module-level settings that the compiled blocks read while they are traced. ``torch.compile`` guards on them;
+    a precompiled function's saved guards leave globals out, so they are part of its key instead."""
+    from gsmsr.archs import swsa
+    from gsmsr.ops import cuda_kernel
+    from gsmsr.ops.triton_jit import triton_available
+
+    scan = importlib.import_module('gsmsr.ops.selective_scan')  # the module; gsmsr.ops exports a function of that name
+    return (
+        ('flex_attention', swsa.FLEX_ATTENTION, swsa.flex_attention is not None),
+        ('max_windows', swsa.WindowAttention.max_windows),
+        ('scan_infer', scan.INFER_IMPL),
+        ('mamba_kernel', cuda_kernel()),
+        ('triton', triton_available()),
+    )
+
+
 @ARCH_REGISTRY.register()
 class GSMNet(nn.Module):
     """Gather-Scatter Mamba network.
@@ -122,6 +141,10 @@ class GSMNet(nn.Module):
         fp32_matmul: 'ieee' (fp32 FMA GEMMs) | '3xtf32': with ``compile_blocks``, in fp32 on CUDA (no autocast, no
             autograd), the compiled blocks run their larger GEMMs as three TF32 tensor-core products each
             (:mod:`gsmsr.ops.matmul3x`; about 1e-6 relative per GEMM, like fp32). No effect otherwise.
+    Attribute, not an argument: ``precompile_dir`` (default None), with ``compile_blocks``, keeps the window step and
+    the SWSA block as ahead-of-time compiled functions in that folder (:class:`gsmsr.compile_cache.PrecompiledFunction`,
+    one per block kind, shared by all layers), so that a later process loads them instead of tracing them again.
+    Experimental: ``gsmsr infer`` sets it only under ``GSMSR_AOT=1``.
 
     Shapes: forward(lq (B, T, in_chans, H, W)) -> (B, T, out_chans, s*H, s*W), not clamped.
     Requires T >= 2 and H, W >= 33.
@@ -185,6 +208,7 @@ class GSMNet(nn.Module):
         self.streaming_eval = streaming_eval
         self.compile_blocks = compile_blocks
         self.fp32_matmul = fp32_matmul
+        self.precompile_dir: Optional[str] = None
         self._compiled = False
         # Optional hook (flows_backward, flows_forward) -> (flows_backward, flows_forward), e.g. flow stress tests.
         self.flow_transform: Optional[Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]] = None
@@ -375,10 +399,27 @@ class GSMNet(nn.Module):
         cuda_kernel()  # resolve the kernel import eagerly, outside any traced frame
         # one graph per (block kind, shift, input size); the default limit of 8 is reached by T-slab sizes
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        if self.precompile_dir is not None:
+            self._precompile(self.precompile_dir)
+            return
         for layer in self.prop_layers:
             layer.stage.mamba_block.compile(dynamic=False)
             for blk in layer.stage.attn_blocks.blocks:
                 blk.compile()
+        self._compiled = True
+
+    def _precompile(self, folder: str) -> None:
+        """Route every window step and SWSA block through one :class:`PrecompiledFunction` per block kind (the module
+        is its first argument, so the layers share the compiled functions); keys stay the same."""
+        from gsmsr.compile_cache import PrecompiledFunction
+
+        step = PrecompiledFunction(GSMBlock.forward, folder, traced_switches)
+        attn = PrecompiledFunction(SWSABlock.forward, folder, traced_switches)
+        for layer in self.prop_layers:
+            layer.stage.mamba_block.forward = functools.partial(step, layer.stage.mamba_block)
+            for blk in layer.stage.attn_blocks.blocks:
+                blk.forward = functools.partial(attn, blk)
+        self.precompiled = (step, attn)
         self._compiled = True
 
     def _gemm_mode(self) -> ContextManager:

@@ -90,3 +90,59 @@ def test_fast_training_step_matches_the_faithful_step():
         print(f'fast step {step}: output rel {rel_err(got, want):.1e}, worst gradient {worst} {errs[worst]:.1e}')
         assert rel_err(got, want) <= 2e-2 and errs[worst] <= 5e-2, (step, worst)
     assert not graphs.failed and graphs.replays == 2
+
+
+PRECOMPILED_CHILD = """
+import sys, time, torch
+from gsmsr import GSMNet
+folder, weights, lq, out = sys.argv[1:]
+net = GSMNet(prop_depth=2, attn_depth=2, embed_dims=48, num_heads=4, compile_blocks=True).cuda().eval()
+net.load_state_dict(torch.load(weights))
+net.precompile_dir = folder
+x = torch.load(lq)
+with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+    start = time.perf_counter()
+    y = net(x).float()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    net(x)
+    torch.cuda.synchronize()
+print(f'first forward {first:.2f} s, then {time.perf_counter() - start:.2f} s')
+torch.save(y, out)
+for fn in net.precompiled:
+    print(fn.name, '|'.join(fn.events))
+"""
+
+
+def test_precompiled_blocks_match_compiled_and_load_in_a_fresh_process(tmp_path):
+    """GSMNet.precompile_dir on CUDA (bf16): the precompiled blocks give the compiled network's output, and a new
+    process loads every one of them (prints its load times and first-forward time with -s)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ref, fast = _nets()
+    lq = torch.rand(1, 7, 3, 64, 72, device='cuda')
+    fast.precompile_dir = str(tmp_path / 'aot')
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+        ref.compile_blocks = True
+        want = ref.eval()(lq).float()
+        got = fast.eval()(lq).float()
+    print('\n'.join(f'{fn.name}: {"; ".join(fn.events)}' for fn in fast.precompiled))
+    assert all(not e.startswith('fallback') for fn in fast.precompiled for e in fn.events)
+    assert (got - want).abs().max().item() <= 1e-2
+    torch.save(fast.state_dict(), tmp_path / 'w.pth')
+    torch.save(lq, tmp_path / 'lq.pt')
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([root, os.environ.get('PYTHONPATH', '')])}
+    args = [str(tmp_path / n) for n in ('aot', 'w.pth', 'lq.pt', 'out.pt')]
+    proc = subprocess.run(
+        [sys.executable, '-c', PRECOMPILED_CHILD, *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stdout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('gsmsr.archs')]
+    assert len(lines) == 2 and all(e.startswith('loaded') for ln in lines for e in ln.split(' ', 1)[1].split('|'))
+    torch.testing.assert_close(torch.load(tmp_path / 'out.pt'), got, rtol=1e-3, atol=1e-3)
