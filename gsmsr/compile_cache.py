@@ -120,10 +120,16 @@ def cache_key(device: torch.device) -> Dict[str, Optional[str]]:
     }
 
 
-def _key_file_name(key: Dict[str, Optional[str]]) -> str:
+def _key_file_stem(key: Dict[str, object]) -> str:
+    """'<GPU>-torch<version>-<digest of the whole key>': readable, and unique per key."""
+    software = key.get('software', key)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    readable = re.sub(r'[^A-Za-z0-9.]+', '-', f'{key.get("gpu") or "cpu"}-torch{key.get("torch")}').strip('-')
-    return f'{readable}-{digest}.megacache'
+    readable = re.sub(r'[^A-Za-z0-9.]+', '-', f'{software.get("gpu") or "cpu"}-torch{software.get("torch")}')
+    return f'{readable.strip("-")}-{digest}'
+
+
+def _key_file_name(key: Dict[str, Optional[str]]) -> str:
+    return f'{_key_file_stem(key)}.megacache'
 
 
 class MegaCache:
@@ -386,10 +392,7 @@ class PrecompiledFunction:
         }
 
     def path(self, key: Dict[str, object]) -> Path:
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        software = key['software']
-        readable = re.sub(r'[^A-Za-z0-9.]+', '-', f'{software["gpu"] or "cpu"}-torch{software["torch"]}').strip('-')
-        return self.folder / f'{self.fn.__qualname__}-{readable}-{digest}.aot'
+        return self.folder / f'{self.fn.__qualname__}-{_key_file_stem(key)}.aot'
 
     # -- load, or compile and save --------------------------------------------------------------------------------
     def _obtain(self, args: tuple, kwargs: dict, switches: object) -> Callable:
