@@ -14,7 +14,9 @@ cases can be split over several invocations).
 
 Reported: frames/s of the streaming part, the process's wall time, time from launch to the first output frame
 written, peak GPU memory (``torch.cuda.max_memory_allocated`` in the infer process) and peak host RSS, the tile
-and tiles per call chosen, and the network-only time for the same LR pixels: bench_gsm's default row (compiled
+and tiles per call chosen, ``GPU_busy`` (the stats' ``gpu_busy_steady``: the share of the time after the first chunk
+in which the GPU runs the network, from CUDA events around each network call; empty on CPU or with one chunk; issue
+16 target: >= 90 %), and the network-only time for the same LR pixels: bench_gsm's default row (compiled
 bf16 streaming, T x 180 x 320) timed in its own process in the same run, scaled by LR pixel-frames. The
 ``vs net`` column is streaming seconds over that (issue 16 target: <= 1.25 on long clips).
 Logs (each run's stderr, its stats JSON, the table) go to ``$OUT/bench_infer`` when ``OUT`` is set.
@@ -186,6 +188,7 @@ def main() -> int:
                     continue
                 seconds = stats['seconds']
                 first = stats.get('first_frame_since_launch')
+                busy = stats.get('gpu_busy_steady')
                 row = {
                     'input': f'{h}x{w}',
                     'frames': str(n),
@@ -198,6 +201,7 @@ def main() -> int:
                     'first_frame_s': f'{first:.1f}' if first is not None else '',
                     'peak_GPU_GiB': f'{stats["peak_device_bytes"] / 2**30:.2f}' if stats['peak_device_bytes'] else '',
                     'peak_host_GiB': f'{stats["peak_host_bytes"] / 2**30:.2f}',
+                    'GPU_busy': f'{100 * busy:.1f}%' if busy is not None else '',
                 }
                 if reference is not None:
                     net_s = reference['us_per_pixel_frame'] * 1e-6 * n * h * w
@@ -215,7 +219,7 @@ def main() -> int:
             f'{reference["us_per_pixel_frame"]:.2f} us per LR pixel-frame'
         )
     cols = ['input', 'frames', 'cache', 'tile', 'batch', 'frames/s', 'stream_s', 'wall_s', 'first_frame_s']
-    cols += ['peak_GPU_GiB', 'peak_host_GiB', 'net_s', 'vs_net']
+    cols += ['peak_GPU_GiB', 'peak_host_GiB', 'GPU_busy', 'net_s', 'vs_net']
     print_table(rows, cols)
     if out_root is not None:
         (out_root / 'rows.json').write_text(json.dumps(rows, indent=1))

@@ -44,6 +44,9 @@ I/O beside the GPU. :func:`upscale_video` decodes in a read-ahead thread and qua
 the device, copies it to the host without blocking (pinned memory and an event on CUDA) and encodes it in
 writer threads (:mod:`gsmsr.io_threads`); queues are bounded, so host memory stays flat with the video length.
 The frames written are byte for byte those of the sequential path (:func:`upscale_frames` into the sink).
+Whether the I/O really stays off the GPU's path is measured on every CUDA run: CUDA events around each network
+call give the share of the steady state in which the GPU runs the network (:class:`_BusyMeter`, ``gpu_busy_steady``
+in the statistics).
 
 Small inputs. GSMNet needs at least 2 frames (clear error otherwise: a single image is not a video) and
 sides of at least 33 px (its flow network pads to multiples of 32). A smaller tile or frame is padded by
@@ -69,7 +72,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Deque, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -133,6 +136,11 @@ class InferenceStats:
     first_frame_at: Optional[float] = None  # Unix time of that write: with the launch time, the start-up it waited for
     tile: Tuple[int, int] = (0, 0)  # LR tile (height, width) used; 0 = the whole side
     tile_batch: int = 1
+    # Share of the steady state (after the first chunk, which compiles) in which the GPU runs the network: the
+    # network calls' GPU spans over the time from the first chunk's end to the last chunk's end (_BusyMeter).
+    # None on CPU or with a single chunk.
+    gpu_busy_steady: Optional[float] = None
+    steady_chunks: Optional[int] = None  # the chunks it was measured over (None: not measured)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
@@ -142,6 +150,8 @@ class InferenceStats:
         mem = f'peak host memory {self.peak_host_bytes / 2**30:.2f} GiB'
         if self.peak_device_bytes is not None:
             mem += f', peak GPU memory {self.peak_device_bytes / 2**30:.2f} GiB'
+        if self.gpu_busy_steady is not None:
+            mem += f', GPU busy {100 * self.gpu_busy_steady:.0f} % after the first chunk'
         return (
             f'{self.frames} frames {self.in_size[0]}x{self.in_size[1]} -> {self.out_size[0]}x{self.out_size[1]} '
             f'in {self.seconds:.1f} s ({fps:.2f} frames/s), {mem}: {self.output}'
@@ -230,6 +240,75 @@ def _network_call(
     return call
 
 
+class _BusyMeter:
+    """How busy the GPU is in the steady state, from events on the compute stream around each network call.
+
+    ``mark()`` records an event on the compute stream and returns it (:meth:`for_device`: a timing
+    ``torch.cuda.Event``). Steady state: everything after the first chunk, which includes compilation. Busy: the sum
+    of the steady calls' spans (start to end event); a span counts as busy in full, the GPU idling inside a call
+    included (profiles put the compiled network at ~94 % busy within a call). Window: from the end of the first
+    chunk's last call to the end of the last call, so the gaps between calls (waiting for decoded frames, uploads,
+    blending, host copies of finished frames; the one-off save of the compile cache after the first chunk where it
+    outlasts the GPU work queued before it) count as idle. The steady calls run one after another on one stream
+    inside the window, so busy <= window. No synchronisation while streaming: a chunk boundary reads only the spans
+    whose events have completed (``query``); :meth:`busy` waits for the rest at the end.
+    """
+
+    def __init__(self, mark: Callable[[], torch.cuda.Event]) -> None:
+        self._mark = mark
+        self._pending: Deque[tuple] = deque()  # (start, end) events of steady calls not yet read
+        self._window_start = self._last_end = None
+        self._busy_ms = 0.0
+        self.steady_chunks = 0
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> Optional[_BusyMeter]:
+        """A meter on the device's current stream, None off CUDA (no number rather than a made-up one)."""
+        if device.type != 'cuda':
+            return None
+
+        def mark() -> torch.cuda.Event:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(device))
+            return event
+
+        return cls(mark)
+
+    def wrap(self, call: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+        def timed(x: Tensor) -> Tensor:
+            start = self._mark()
+            y = call(x)
+            self._last_end = self._mark()
+            if self._window_start is not None:
+                self._pending.append((start, self._last_end))
+            return y
+
+        return timed
+
+    def chunk_done(self) -> None:
+        """After the network calls of a chunk are queued."""
+        if self._window_start is None:
+            self._window_start = self._last_end
+            return
+        self.steady_chunks += 1
+        self._read(wait=False)
+
+    def _read(self, wait: bool) -> None:
+        while self._pending and (wait or self._pending[0][1].query()):  # one stream: events complete in order
+            start, end = self._pending.popleft()
+            if wait:
+                end.synchronize()
+            self._busy_ms += start.elapsed_time(end)
+
+    def busy(self) -> Optional[float]:
+        """The steady busy share in [0, 1] once the stream has ended; None with a single chunk."""
+        if not self.steady_chunks:
+            return None
+        self._read(wait=True)
+        window_ms = self._window_start.elapsed_time(self._last_end)
+        return min(1.0, self._busy_ms / window_ms) if window_ms > 0 else None  # min: the timer's rounding
+
+
 def _crossfade(start: int, length: int, prev_end: Optional[int], next_start: Optional[int]) -> List[float]:
     """Temporal weights of chunk [start, start+length): linear ramps over its overlaps with the neighbours."""
     weights = []
@@ -304,12 +383,13 @@ def _stream(
     name: str,
     tile_batch: int = 1,
     frame_count: Optional[int] = None,
+    on_chunk: Optional[Callable[[], None]] = None,
 ) -> Iterator[Tensor]:
     """The streaming engine of :func:`upscale_frames`; yields unclamped float frames (C, s*H, s*W).
 
     ``chunk`` is the maximum chunk length; with ``frame_count`` given the chunks are balanced
     (:func:`gsmsr.tiling.chunk_length`). Chunk starts follow the official rule over the frames actually read, so
-    a wrong count only unbalances the chunks.
+    a wrong count only unbalances the chunks. ``on_chunk`` is called once a chunk's network calls are made.
     """
     source = iter(frames)
     buffer: deque = deque()  # LR frames [base, base + len(buffer))
@@ -370,6 +450,8 @@ def _stream(
                 tile_batch=tile_batch,
             )
             del lq
+            if on_chunk is not None:
+                on_chunk()
             wsum += torch.tensor(fw, dtype=torch.float64)
             done = length if next_start is None else next_start - start
             for i in range(done):
@@ -512,6 +594,9 @@ def upscale_video(
                 yield rgb
 
         call = _network_call(net, scale, precision, device)
+        meter = _BusyMeter.for_device(device)
+        if meter is not None:
+            call = meter.wrap(call)
         count = 0
         with tqdm(
             total=info.frames,
@@ -522,7 +607,18 @@ def upscale_video(
             desc=os.path.basename(os.path.normpath(input_path)),
         ) as bar:
             stream = _stream(
-                frames(), call, scale, chunk, overlap, tile, tile_overlap, device, input_path, tile_batch, info.frames
+                frames(),
+                call,
+                scale,
+                chunk,
+                overlap,
+                tile,
+                tile_overlap,
+                device,
+                input_path,
+                tile_batch,
+                info.frames,
+                on_chunk=meter.chunk_done if meter is not None else None,
             )
             for out in stream:
                 writer.submit(_quantise(out), tags.popleft())
@@ -538,6 +634,7 @@ def upscale_video(
         sink.commit()
         sink = None
         seconds = time.perf_counter() - started
+        busy = meter.busy() if meter is not None else None  # every frame is on the host: nothing left to wait for
     finally:  # threads stop before the source closes and the sink is aborted
         if reader is not None:
             reader.close()
@@ -558,6 +655,8 @@ def upscale_video(
         first_frame_at=first_written[1] if first_written else None,
         tile=tuple(min(t, n) if t else n for t, n in zip(tile_sides(tile), (info.height, info.width))),
         tile_batch=tile_batch,
+        gpu_busy_steady=busy,
+        steady_chunks=meter.steady_chunks if meter is not None else None,
     )
 
 
@@ -624,7 +723,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help='tiles per network call (default: chosen with the tile on CUDA, else 1); more fill a large GPU '
         'better, same output',
     )
-    parser.add_argument('--stats-json', help='also write the run statistics (speed, memory, tiling) to this file')
+    parser.add_argument(
+        '--stats-json',
+        help='also write the run statistics (speed, memory, tiling; on CUDA gpu_busy_steady, the share of the time '
+        'after the first chunk in which the GPU runs the network) to this file',
+    )
     parser.add_argument('--device', help='torch device (default: cuda if available, else cpu)')
     parser.add_argument('--fps', type=float, help='frame rate of a video made from a folder (default 25)')
     parser.add_argument('--force', action='store_true', help='overwrite an existing output')

@@ -11,6 +11,7 @@ import os
 import tracemalloc
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 from typing import List, Optional
 
 import av
@@ -32,6 +33,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from gsmsr.archs import GSMNet
 from gsmsr.inference import (
     InputError,
+    _BusyMeter,
     _network_call,
     _stream,
     add_arguments,
@@ -261,6 +263,57 @@ def test_crossfade_analytic():
     assert all(len(g) == 1 for g in got)
     expected = [0, 0, 0, (0 + 3) / 2, 3, 3 * 2 / 3 + 5 / 3, 3 / 3 + 5 * 2 / 3, 5, 5]
     assert [g[0] for g in got] == pytest.approx(expected, abs=1e-6)
+
+
+class FakeEvent:
+    """A timing CUDA event on a fake clock: recorded when made; completed only once synchronised, unless the clock
+    says the GPU keeps up with the host. Counts the elapsed times read before the end of the stream."""
+
+    def __init__(self, clock: SimpleNamespace) -> None:
+        self.clock, self.t, self.synced = clock, clock.t, False
+
+    def query(self) -> bool:
+        return self.clock.gpu_keeps_up or self.synced
+
+    def synchronize(self) -> None:
+        self.synced = True
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        assert end.query(), 'read before the event completed'
+        self.clock.reads += 1
+        return 1e3 * (end.t - self.t)
+
+
+@pytest.mark.parametrize('gpu_keeps_up', [True, False])
+def test_gpu_busy_counts_the_gaps_between_calls_as_idle(gpu_keeps_up):
+    """12 frames in chunks of 4, each read taking 0.25 s; the first chunk compiles (10 s), the others take 2 s.
+    Reads 8-11 fall between chunks 1 and 2: steady calls 13-15 and 15-17 over the window 12-17 -> 4 / 5."""
+    clock = SimpleNamespace(t=0.0, gpu_keeps_up=gpu_keeps_up, reads=0)
+    meter = _BusyMeter(lambda: FakeEvent(clock))
+    seconds = iter([10.0, 2.0, 2.0])
+    call = _network_call(InferTestNet(upscale=2).eval(), 2, 'fp32', CPU)
+
+    def net(x: torch.Tensor) -> torch.Tensor:
+        clock.t += next(seconds)
+        return call(x)
+
+    def frames():
+        for frame in make_frames(12, 8, 10):
+            clock.t += 0.25
+            yield frame
+
+    outs = list(_stream(frames(), meter.wrap(net), 2, 4, 0, 0, 0, CPU, 'x', frame_count=12, on_chunk=meter.chunk_done))
+    assert len(outs) == 12 and meter.steady_chunks == 2
+    assert clock.reads == (2 if gpu_keeps_up else 0)  # spans are read while streaming only once they have completed
+    assert meter.busy() == pytest.approx(0.8)
+
+
+def test_gpu_busy_needs_a_steady_chunk():
+    meter = _BusyMeter(lambda: FakeEvent(SimpleNamespace(t=0.0, gpu_keeps_up=True, reads=0)))
+    call = meter.wrap(_network_call(InferTestNet(upscale=2).eval(), 2, 'fp32', CPU))
+    outs = list(_stream(make_frames(5, 8, 10), call, 2, 0, 0, 0, 0, CPU, 'x', on_chunk=meter.chunk_done))
+    assert len(outs) == 5 and meter.steady_chunks == 0 and meter.busy() is None  # one chunk: nothing steady
+    assert _BusyMeter.for_device(CPU) is None  # off CUDA: no number
 
 
 def crossfade_reference(net, lq, scale, chunk, overlap, tile, tile_overlap):
