@@ -6,7 +6,8 @@ issues per token: registers, spills, tile-load layouts, SASS instructions by kin
 
 A VARIANT is ``out<TILE>`` (output pass) or ``sum<TILE>`` (summary pass), optionally followed by ``r<maxnreg>``
 (none: the compiler's choice) and ``w<num_warps>`` (32 * num_warps channels per program), e.g. ``out8r128 sum8r128``
-(the default call's two passes), ``out8`` (uncapped), ``out4r128w2``.
+(the default call's two passes), ``out8`` (uncapped), ``out4r128w2``; a leading ``rev`` compiles the reverse scan
+(time walked from the end), e.g. ``revout8r128``.
 The other parameters are the real call's: N = NP = 16; D, z, delta_bias and softplus on; u, delta, z and out in
 ``--dtype``; A, D, bias and the packed B|C in fp32. The kernel is specialised as Triton's launcher would specialise it
 (16-byte aligned pointers; integers divisible by 16, or equal to 1, marked so), with the segment length the host code
@@ -60,7 +61,7 @@ TARGET = GPUTarget('cuda', 90, 32)
 SM_COUNT = 132
 BIN = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin'
 TORCH_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
-VARIANT = re.compile(r'(out|sum)(\d+)((?:[rw]\d+)*)$')
+VARIANT = re.compile(r'(rev)?(out|sum)(\d+)((?:[rw]\d+)*)$')
 Instr = Tuple[int, str, str, str]  # address, predicate guard, opcode, operands
 
 # (table row, pipe, SASS opcodes before the first dot). Pipes: mufu, fma (FP32), fmah (IMAD), alu, lsu, ctrl;
@@ -102,10 +103,16 @@ def load_module(name: str):
 def parse_variant(text: str) -> Dict[str, int]:
     m = VARIANT.match(text)
     if not m:
-        expected = 'out<TILE> or sum<TILE>, then r<maxnreg> w<warps>'
+        expected = '[rev]out<TILE> or [rev]sum<TILE>, then r<maxnreg> w<warps>'
         raise SystemExit(f'bad variant {text!r}: expected {expected}')
-    extra = {k: int(v) for k, v in re.findall(r'([rw])(\d+)', m.group(3))}
-    return dict(summary=m.group(1) == 'sum', tile=int(m.group(2)), maxnreg=extra.get('r', 0), warps=extra.get('w', 1))
+    extra = {k: int(v) for k, v in re.findall(r'([rw])(\d+)', m.group(4))}
+    return dict(
+        reverse=bool(m.group(1)),
+        summary=m.group(2) == 'sum',
+        tile=int(m.group(3)),
+        maxnreg=extra.get('r', 0),
+        warps=extra.get('w', 1),
+    )
 
 
 def compile_variant(mod, v: Dict[str, int], args):
@@ -124,7 +131,7 @@ def compile_variant(mod, v: Dict[str, int], args):
     call = (act(), act(), act(), act(), f32(), f32(), f32(), f32(), f32(), f32(), D, L, seg_len, -(-L // seg_len) - 1)
     call += (D * L, L) * 4 + (16, 1)  # u, delta, z, out strides (batch, channel); A (D, N) contiguous
     kwargs = dict(N=16, NP=16, BLOCK_D=32 * v['warps'], TILE=v['tile'], SUMMARY=v['summary'], HAS_D=True,
-                  HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, num_warps=v['warps'])  # fmt: skip
+                  HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=v['reverse'], num_warps=v['warps'])  # fmt: skip
     if v['maxnreg']:
         kwargs['maxnreg'] = v['maxnreg']
     bound, specialization, options = binder(*call, **kwargs)
@@ -247,11 +254,12 @@ def in_order_cycles(loop: List[Instr], global_latency: int, iterations: int = 3)
 
 
 def ttgir_layouts(ttgir: str) -> Dict[str, Optional[Tuple[List[int], List[int]]]]:
-    """(sizePerThread, threadsPerWarp) of the first masked tile load (u) and of the store in the main loop."""
+    """(sizePerThread, threadsPerWarp) of the first masked tile load (u) and of the store in the main loop (the
+    longest: the reverse scan walks the ragged end, token by token, first)."""
     blocked = re.findall(r'^(#\w+) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], threadsPerWarp = \[([\d, ]+)\]',
                          ttgir, re.M)  # fmt: skip
     layouts = {name: ([int(x) for x in spt.split(',')], [int(x) for x in tpw.split(',')]) for name, spt, tpw in blocked}
-    body = ttgir.split('scf.for', 1)[1].split('scf.yield', 1)[0]
+    body = max((loop.split('scf.yield', 1)[0] for loop in ttgir.split('scf.for')[1:]), key=len)
     tile = r'tensor<\d+x\d+x!tt\.ptr<\w+>, (#\w+)>'
     found = {}
     for key, pat in (('load', r'tt\.load %\w+, %\w+, %\w+ : ' + tile), ('store', r'tt\.store [^:]*: ' + tile)):

@@ -1,7 +1,8 @@
 """benchmarks/sass_scan.py on CPU: the scan forward compiles offline for sm_90a (Triton's bundled ptxas), and the
 findings its defaults rest on hold: the output pass loads and stores each tile as one vector per thread with no
 shared-memory transpose (the loop over the tile index), and its 128-register cap lets the tile loads be issued well
-ahead of their use, which the compiler's own choice (~90 registers) does not (benchmarks/NOTES.md)."""
+ahead of their use, which the compiler's own choice (~90 registers) does not (benchmarks/NOTES.md). The reverse scan
+(BiMamba's backward branch without autograd) compiles to the same loop."""
 
 from __future__ import annotations
 
@@ -28,11 +29,14 @@ def test_output_pass_loads_vector_tiles_ahead_of_use():
     sass = _load()
     mod = sass.load_module('gsmsr.ops.seq_scan_triton')
     args = argparse.Namespace(length=288000, dim=384, dtype='bf16', warps_per_sm=16, seg_len=0, keep='')
-    capped, free = (sass.analyse(name, mod, args) for name in ('out8r128', 'out8'))
-    for r in (capped, free):
+    capped, free, reverse = (sass.analyse(name, mod, args) for name in ('out8r128', 'out8', 'revout8r128'))
+    for r in (capped, free, reverse):
         assert r['load'].startswith('[1, 8]') and r['store'].startswith('[1, 8]')  # a tile: one vector a thread
         assert r['widths']['LDG.U16'] == 0 and r['shared'] == 0  # no 2-byte loads, no transpose
-    assert capped['info']['regs'] <= 128 and capped['info']['spill_st'] == 0
+    for r in (capped, reverse):
+        assert r['info']['regs'] <= 128 and r['info']['spill_st'] == 0
+    # the reverse scan (tiles last first) is the same loop: tile starts still multiples of the tile, same work
+    assert abs(reverse['rows']['total'] - capped['rows']['total']) <= 1
     assert free['info']['regs'] < 128  # the cap is room the compiler fills with loads in flight, not a squeeze
     ahead = lambda r: int(r['dist_wide'].split()[0])  # noqa: E731  (median load-to-use distance, instructions)
     assert ahead(capped) > 2 * ahead(free)

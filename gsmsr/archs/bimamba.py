@@ -3,6 +3,11 @@
 One shared input and output projection; a forward and a backward branch with their own causal conv, x/dt
 projections, A and D; the backward branch runs on the time-flipped sequence (gate included), and the two
 outputs are summed, not averaged. Parameter names match the official checkpoint.
+
+Without autograd, where the scan walks time backwards itself (:func:`gsmsr.ops.selective_scan.reverses_natively`),
+the backward branch runs on the unflipped sequence instead: an anti-causal conv, the pointwise-in-time projections
+as they are, and a reverse scan. The same value, without the copies of the gate that the scans (opaque custom ops
+under ``torch.compile``) would need: both read it from the in-projection's output.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from gsmsr.ops import selective_scan
+from gsmsr.ops.selective_scan import reverses_natively, selective_scan
 
 D_STATE = 16
 D_CONV = 4
@@ -33,28 +38,37 @@ def _causal_conv1d_fn() -> Optional[Callable]:
         return None
 
 
-def causal_conv_silu_shifted(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+def causal_conv_silu_shifted(x: Tensor, weight: Tensor, bias: Tensor, reverse: bool = False) -> Tensor:
     """:func:`causal_conv_silu` as k shifted multiply-adds, which Inductor fuses with the SiLU (and with the time
-    flip of the backward branch) into one pass."""
+    flip of the backward branch) into one pass. reverse: anti-causal, with the products added in the order of the
+    causal conv on the flipped x, so equal to it (flipped back) bit for bit."""
     k = weight.shape[-1]
-    xp = F.pad(x, (k - 1, 0))
+    length = x.shape[-1]
+    xp = F.pad(x, (0, k - 1) if reverse else (k - 1, 0))
     w = weight.squeeze(1).to(x.dtype)
     out = bias.to(x.dtype)[:, None]
     for i in range(k):
-        out = out + xp[..., i : i + x.shape[-1]] * w[:, i : i + 1]
+        start = k - 1 - i if reverse else i  # tap i weighs x[t - (k-1) + i], reversed x[t + (k-1) - i]
+        out = out + xp[..., start : start + length] * w[:, i : i + 1]
     return F.silu(out)
 
 
-def causal_conv_silu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+def causal_conv_silu(x: Tensor, weight: Tensor, bias: Tensor, reverse: bool = False) -> Tensor:
     """Depthwise causal conv (left zero padding) followed by SiLU. x: (B, D, L); weight: (D, 1, k).
+    reverse: anti-causal (right zero padding), ``causal_conv_silu(x.flip(-1), weight, bias).flip(-1)``.
 
-    causal-conv1d's kernel when installed, the shifted-sum form under ``torch.compile``, else a grouped conv1d."""
+    causal-conv1d's kernel when installed (flipped around, as it has no anti-causal mode), the shifted-sum form
+    under ``torch.compile``, else a grouped conv1d."""
     if torch.compiler.is_compiling():
-        return causal_conv_silu_shifted(x, weight, bias)
+        return causal_conv_silu_shifted(x, weight, bias, reverse)
     k = weight.shape[-1]
     kernel = _causal_conv1d_fn() if x.is_cuda and x.dtype != torch.float64 else None
+    if kernel is not None and reverse:
+        return kernel(x.flip(-1), weight.squeeze(1), bias, activation='silu').flip(-1)
     if kernel is not None:
         return kernel(x.contiguous(), weight.squeeze(1), bias, activation='silu')
+    if reverse:  # cross-correlation with the taps reversed, zeros on the right
+        return F.silu(F.conv1d(F.pad(x, (0, k - 1)), weight.flip(-1), bias, groups=x.shape[1]))
     return F.silu(F.conv1d(x, weight, bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]])
 
 
@@ -103,11 +117,20 @@ class BiMamba(nn.Module):
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def _branch(
-        self, x: Tensor, gate: Tensor, conv: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear, a_log: Tensor, d: Tensor
+        self,
+        x: Tensor,
+        gate: Tensor,
+        conv: nn.Conv1d,
+        x_proj: nn.Linear,
+        dt_proj: nn.Linear,
+        a_log: Tensor,
+        d: Tensor,
+        reverse: bool = False,
     ) -> Tensor:
-        """x, gate: (B, Di, L) -> (B, Di, L)."""
+        """x, gate: (B, Di, L) -> (B, Di, L). reverse: conv and scan run time backwards (anti-causal conv, reverse
+        scan), i.e. the branch on the flipped x and gate, flipped back."""
         # projections in the channels-first layout: every scan operand has unit stride along L, no copies
-        u = causal_conv_silu(x, conv.weight, conv.bias)
+        u = causal_conv_silu(x, conv.weight, conv.bias, reverse)
         dbl = torch.matmul(x_proj.weight, u)  # (B, R + 2N, L)
         delta, b, c = dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
         delta = torch.matmul(dt_proj.weight, delta)  # (B, Di, L); dt bias goes into the scan
@@ -123,16 +146,27 @@ class BiMamba(nn.Module):
             _at_least_fp32(dt_proj.bias),
             delta_softplus=True,
             backend=self.scan_backend,
+            reverse=reverse,
         )
 
     def forward(self, z: Tensor, directions: int = 2) -> Tensor:
         """z: (B, L, C) -> (B, L, C)."""
-        xz = torch.matmul(self.in_proj.weight, z.transpose(1, 2))  # (B, 2Di, L), contiguous along L
+        # Without autograd, where the scan walks backwards itself, the backward branch runs on the sequence as it is:
+        # anti-causal conv, reverse scan (the projections are pointwise in time). Autograd keeps the flipped form,
+        # whose backward kernels are the forward branch's.
+        flip_free = directions == 2 and not torch.is_grad_enabled() and reverses_natively(z, self.scan_backend)
+        if flip_free:
+            # a bmm writes (B, 2Di, L) itself, so under torch.compile both scans take the gate straight from the GEMM's
+            # output; Inductor computes the matmul below as (B*L, 2Di) and copies the gate into this layout for
+            # each scan (a custom op gets its operands in the eager layout)
+            xz = torch.bmm(self.in_proj.weight.expand(z.shape[0], -1, -1), z.transpose(1, 2))
+        else:
+            xz = torch.matmul(self.in_proj.weight, z.transpose(1, 2))  # (B, 2Di, L), contiguous along L
         x, gate = xz.chunk(2, dim=1)
         y = self._branch(x, gate, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
-        if directions == 2:
-            yb = self._branch(
-                x.flip(-1), gate.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b
-            )
-            y = y + yb.flip(-1)
+        backward = (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)
+        if flip_free:
+            y = y + self._branch(x, gate, *backward, reverse=True)
+        elif directions == 2:
+            y = y + self._branch(x.flip(-1), gate.flip(-1), *backward).flip(-1)
         return self.out_proj(y.transpose(1, 2))

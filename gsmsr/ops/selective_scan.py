@@ -10,7 +10,7 @@ The kernels are wrapped as ``torch.library`` custom ops (``gsmsr::scan_fwd`` / `
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -61,6 +61,26 @@ def cuda_kernel() -> bool:
 def kernel_status() -> str:
     """One line saying which scan runs on CUDA tensors, and why not the kernel when it is unavailable."""
     return 'mamba-ssm kernel' if cuda_kernel() else f'PyTorch scan ({kernel_import_error})'
+
+
+def _flipped_scan(
+    fn: Callable[..., Union[Tensor, Tuple[Tensor, ...]]],
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    *args: object,
+    index: Optional[int] = None,
+) -> Tensor:
+    """Reverse scan for a kernel without one: ``fn`` on the time-flipped u, delta, B, C, z, output (``fn(...)[index]``
+    when given) flipped back. Contiguous operands, as the flips copy them."""
+    u, delta, B, C, z = (t.flip(-1) if t is not None else None for t in (u, delta, B, C, z))
+    out = fn(u, delta, A, B, C, D, z, delta_bias, *args)
+    return (out if index is None else out[index]).flip(-1)
 
 
 # -- custom ops around the kernel --------------------------------------------------------------------------------
@@ -198,18 +218,24 @@ def scan_infer(
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
     impl: str,
+    reverse: bool = False,
 ) -> Tensor:
     """Forward without autograd state: impl 'triton' (:func:`gsmsr.ops.seq_scan_triton.selective_scan_fwd_triton`)
-    or 'mamba' (mamba-ssm's kernel)."""
+    or 'mamba' (mamba-ssm's kernel). reverse: time from the end, natively in Triton, by flipping around mamba-ssm
+    (the copies stay inside the op, where the compiler cannot fuse them anyway)."""
     if impl == 'triton':
-        return selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **INFER_TRITON_CONFIG)
+        return selective_scan_fwd_triton(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=reverse, **INFER_TRITON_CONFIG
+        )
     if impl != 'mamba':
         raise ValueError(f'scan_infer: impl must be "mamba" or "triton", got {impl!r}')
+    if reverse:
+        return _flipped_scan(scan_fwd, u, delta, A, B, C, D, z, delta_bias, delta_softplus, index=0)
     return scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0]
 
 
 @scan_infer.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl, reverse=False):
     return torch.empty_like(u)
 
 
@@ -339,6 +365,17 @@ def _triton_ready(u: Tensor) -> bool:
     return triton is not None and u.dtype.is_floating_point and u.dtype.itemsize <= 4
 
 
+def reverses_natively(u: Tensor, backend: str = 'auto') -> bool:
+    """True when :func:`selective_scan` without autograd runs ``reverse=True`` in the Triton forward, which walks
+    time backwards itself; elsewhere it flips the operands around the kernel, and a caller that can fold the flips
+    into its own work (BiMamba's backward branch under ``torch.compile``) is better off flipping itself."""
+    if backend == 'triton':
+        return True
+    if backend != 'auto' or not (u.is_cuda and _triton_ready(u)):
+        return False
+    return not cuda_kernel() or INFER_IMPL == 'triton'  # the two ways selective_scan reaches scan_infer's Triton
+
+
 def selective_scan(
     u: Tensor,
     delta: Tensor,
@@ -350,8 +387,12 @@ def selective_scan(
     delta_bias: Optional[Tensor] = None,
     delta_softplus: bool = False,
     backend: str = 'auto',
+    reverse: bool = False,
 ) -> Tensor:
     """Selective scan; shapes as in :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
+
+    reverse: time runs from the end (``scan(flip(inputs)).flip(-1)``). The no-grad Triton kernel walks backwards
+    itself; every other path (autograd, mamba-ssm, the PyTorch scan) flips around its kernel.
 
     backend: 'auto' (on CUDA tensors of at most 32-bit floats: mamba-ssm's kernel with autograd, the ``INFER_IMPL``
     kernel without; without mamba-ssm the Triton kernel without autograd; else the PyTorch scan), 'kernel'
@@ -365,9 +406,13 @@ def selective_scan(
     if backend == 'triton' or (
         backend == 'auto' and not needs_grad and u.is_cuda and not cuda_kernel() and _triton_ready(u)
     ):
+        if needs_grad and reverse:
+            return _flipped_scan(
+                tscan_fwd, u, delta, A, B, C, D, z, delta_bias, delta_softplus, triton_train_segments(u), index=0
+            )
         if needs_grad:
             return tscan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, triton_train_segments(u))[0]
-        return scan_infer(u, delta, A, B, C, D, z, delta_bias, delta_softplus, 'triton')
+        return scan_infer(u, delta, A, B, C, D, z, delta_bias, delta_softplus, 'triton', reverse)
     use_kernel = (
         backend != 'ref' and cuda_kernel() and u.is_cuda and u.dtype.is_floating_point and u.dtype.itemsize <= 4
     )
@@ -376,11 +421,13 @@ def selective_scan(
             'selective_scan backend "kernel" needs CUDA tensors and mamba-ssm (pip install "gsmsr[cuda]")'
         )
     if not use_kernel:
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=reverse)
     u, delta, B, C, z = (unit_stride(t) for t in (u, delta, B, C, z))
     D = D.contiguous() if D is not None else None
+    if needs_grad and reverse:
+        return _flipped_scan(scan_fwd, u, delta, A, B, C, D, z, delta_bias, delta_softplus, index=0)
     if needs_grad:
         return scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0]
     return scan_infer(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, 'mamba' if backend == 'kernel' else INFER_IMPL
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, 'mamba' if backend == 'kernel' else INFER_IMPL, reverse
     )

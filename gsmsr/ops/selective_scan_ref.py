@@ -8,7 +8,7 @@ not every doubling step.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -84,6 +84,7 @@ def selective_scan_ref(
     delta_bias: Optional[Tensor] = None,
     delta_softplus: bool = False,
     chunk_size: int = 4096,
+    reverse: bool = False,
 ) -> Tensor:
     """Selective scan with mamba-ssm's ``selective_scan_fn`` signature (real, input-dependent B and C).
 
@@ -91,7 +92,14 @@ def selective_scan_ref(
     Returns y: (batch, D, L), ``y_t = C_t . h_t + D u_t``, times ``silu(z)`` when z is given.
     Computed in the input dtype, at least float32. The sequence is processed in chunks of
     ``chunk_size`` tokens (the state is carried across), which bounds the (batch, D, N, L) temporaries.
+
+    reverse: time runs from the end, ``h_t = exp(dt_t A) h_{t+1} + dt_t u_t B_t``; defined (and computed) as the
+    scan of the time-flipped sequence, flipped back.
     """
+    if reverse:
+        u, delta, B, C, z = (t.flip(-1) if t is not None else None for t in (u, delta, B, C, z))
+        y = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size)
+        return y.flip(-1)
     dtype_in = u.dtype
     dt = torch.promote_types(dtype_in, torch.float32)
     u, delta, B, C = u.to(dt), delta.to(dt), B.to(dt), C.to(dt)
@@ -132,17 +140,20 @@ def selective_scan_naive(
     z: Optional[Tensor] = None,
     delta_bias: Optional[Tensor] = None,
     delta_softplus: bool = False,
+    reverse: bool = False,
 ) -> Tensor:
-    """Token-by-token recurrence, for tests only (same signature as :func:`selective_scan_ref`)."""
+    """Token-by-token recurrence, for tests only (same signature as :func:`selective_scan_ref`; with reverse it
+    walks the tokens from the last, no flips)."""
     if delta_bias is not None:
         delta = delta + delta_bias[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
     h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
-    ys = []
-    for t in range(u.shape[-1]):
+    length = u.shape[-1]
+    ys: List[Optional[Tensor]] = [None] * length
+    for t in reversed(range(length)) if reverse else range(length):
         h = torch.exp(delta[..., t, None] * A) * h + (delta[..., t] * u[..., t])[..., None] * B[:, None, :, t]
-        ys.append((h * C[:, None, :, t]).sum(-1))
+        ys[t] = (h * C[:, None, :, t]).sum(-1)
     y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + D[:, None] * u

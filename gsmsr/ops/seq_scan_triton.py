@@ -20,6 +20,10 @@ into S segments, three launches:
    over ``hs`` in place, so ``hs[s - 1]`` becomes the state entering segment s.
 3. *output* (program per channel block x segment x batch): walk the segment from its true start state, write out.
 
+``reverse=True`` walks time from the end (``h_t = exp(dt_t A) h_{t+1} + ...``, BiMamba's backward branch without
+flipping its operands): the same cut, segments, tiles and the tokens in a tile taken last first, carries in walking
+order.
+
 Tokens are read in tiles of TOKEN_TILE: u, delta, z as a [BLOCK_D, TILE] tile (each thread loads its channel's
 TILE contiguous tokens in one vector load) and every row of B and C as a broadcast [BLOCK_D, TILE] tile (all
 threads load the same bytes; L1 serves them). The tiles are split into per-token [BLOCK_D] columns with
@@ -136,22 +140,27 @@ def _walk(
     HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr,
 ):
-    """Walk tokens [lo, hi) (both multiples of TILE) from the states h (tuple of N (BLOCK_D,) fp32). Summary: also
-    sums dt into dsum, writes nothing. Otherwise stores out. Returns (h, dsum). u_row, dt_row, z_row, o_row:
-    (BLOCK_D,) pointers at token 0 of each channel; bc_row: scalar pointer at token 0 of this batch's packed B|C rows
-    (2 NP fp32 per token, B in the first NP)."""
+    """Walk tokens [lo, hi) (both multiples of TILE) from the states h (tuple of N (BLOCK_D,) fp32), from hi - 1
+    down to lo when REVERSE. Summary: also sums dt into dsum, writes nothing. Otherwise stores out. Returns
+    (h, dsum). u_row, dt_row, z_row, o_row: (BLOCK_D,) pointers at token 0 of each channel; bc_row: scalar pointer
+    at token 0 of this batch's packed B|C rows (2 NP fp32 per token, B in the first NP)."""
     offs = tl.arange(0, TILE)[None, :]
     mask = md[:, None]
     # over the tile index: t0 = i * TILE is a multiple of TILE the compiler sees, so the tile loads are vectors
-    for i in range(lo // TILE, hi // TILE):
+    for k in range(lo // TILE, hi // TILE):
+        i = k
+        if REVERSE:  # the same tiles, last first
+            i = (lo + hi) // TILE - 1 - k
         t0 = i * TILE
         us = _columns(tl.load(u_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
         ds = _columns(tl.load(dt_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
         if HAS_Z and not SUMMARY:
             zs = _columns(tl.load(z_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
         ys = ()
-        for j in tl.static_range(TILE):
+        # tokens of the tile in walking order: 0 .. TILE-1, or TILE-1 .. 0 in reverse
+        for j in tl.static_range(REVERSE * (TILE - 1), TILE - REVERSE * (TILE + 1), 1 - 2 * REVERSE):
             bs = _row(bc_row + (t0 + j) * (2 * NP), BLOCK_D, NP)
             if not SUMMARY:
                 cs = _row(bc_row + (t0 + j) * (2 * NP) + NP, BLOCK_D, NP)
@@ -178,7 +187,7 @@ def _walk(
                 if HAS_Z:
                     z = zs[j].to(tl.float32)
                     y = y * (z / (1.0 + tl.exp(-z)))
-                ys = ys + (y,)
+                ys = (y,) + ys if REVERSE else ys + (y,)  # ys[j] is token t0 + j either way
         if not SUMMARY:
             out = _tile(ys, BLOCK_D, TILE).to(o_row.dtype.element_ty)
             tl.store(o_row[:, None] + t0 + offs, out, mask=mask)
@@ -219,11 +228,15 @@ def _scan_kernel(
     HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr,
 ):
     """Program (channel block, segment s, batch). SUMMARY: segment s (< S-1) from h = 0, stores hs[b, s] (D, N)
     and dsum[b, s] (D,). Otherwise: starts from hs[b, s-1] (the carried state; zero for s = 0) and stores out
     over the segment. bc: (B, L, 2 NP) fp32, B then C (zero-padded states); hs: (B, n_carry, D, N),
-    dsum: (B, n_carry, D), both contiguous fp32."""
+    dsum: (B, n_carry, D), both contiguous fp32.
+
+    REVERSE: time walks from the end. s counts segments in walking order: it is the segment S-1-s of the sequence
+    (the same cut, the ragged one walked first), so hs, dsum and the carry kernel stay in walking order."""
     pid_d = tl.program_id(0)
     s = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -245,7 +258,8 @@ def _scan_kernel(
     d_skip = 0.0
     if HAS_D:
         d_skip = tl.load(D_ptr + offs_d, mask=md, other=0.0)
-    lo = s * seg_len
+    seg = n_carry - s if REVERSE else s
+    lo = seg * seg_len
     hi = tl.minimum(lo + seg_len, L)
     full = lo + (hi - lo) // TILE * TILE
     u_row = u_ptr + b * s_ub + d64 * s_ud
@@ -254,14 +268,19 @@ def _scan_kernel(
     o_row = o_ptr + b * s_ob + d64 * s_od
     bc_row = bc_ptr + b * L * (2 * NP)
     dsum = tl.full([BLOCK_D], 0.0, tl.float32)
-    h, dsum = _walk(
-        h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, lo, full, bias, d_skip, md,
-        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
-    )  # fmt: skip
-    if TILE > 1:  # ragged end (the last segment only, as segment lengths are multiples of TILE)
+    if REVERSE and TILE > 1:  # ragged end first (the last segment only: segment lengths are multiples of TILE)
         h, dsum = _walk(
             h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE,
+        )  # fmt: skip
+    h, dsum = _walk(
+        h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, lo, full, bias, d_skip, md,
+        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE,
+    )  # fmt: skip
+    if not REVERSE and TILE > 1:  # ragged end (the last segment only, as segment lengths are multiples of TILE)
+        h, dsum = _walk(
+            h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE,
         )  # fmt: skip
     if SUMMARY:
         base = (b * n_carry + s) * Dm + d64
@@ -411,6 +430,7 @@ def selective_scan_fwd_triton(
     out_maxnreg: Optional[int] = 128,
     out_warps: Optional[int] = None,
     sum_maxnreg: Optional[int] = 128,
+    reverse: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, int]]:
     """Selective scan forward, no autograd; semantics and shapes of
     :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
@@ -435,6 +455,13 @@ def selective_scan_fwd_triton(
     segment: ``(out, states, seg_len)`` with states (batch, max(S - 1, 1), D, N) fp32, ``states[:, s - 1]`` the
     state entering segment s (the carries the forward computes anyway; unused and unwritten when S = 1), and
     seg_len the segment length (S = ceil(L / seg_len)).
+
+    reverse: time walks from the end, ``h_t = exp(dt_t A) h_{t+1} + dt_t u_t B_t`` (y, D and the gate as above):
+    ``scan(x.flip(-1) for each x).flip(-1)`` without the copies, the same float operations token by token. The
+    sequence is cut as without reverse, segments walked last first, so the result is that bit for bit when L is a
+    multiple of the segment length (one segment included), else to float rounding (the flipped sequence is cut at
+    other tokens, so its carried states sum other groups). With return_states, ``states[:, s - 1]`` enters the
+    s-th segment walked (S - 1 - s in the sequence).
     """
     out_tile = token_tile if out_tile is None else out_tile
     out_block_d, out_warps = (block_d, num_warps) if out_warps is None else (32 * out_warps, out_warps)
@@ -494,6 +521,7 @@ def selective_scan_fwd_triton(
         HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus),
+        REVERSE=bool(reverse),
     )
     summary_flags = dict(BLOCK_D=block_d, TILE=token_tile, num_warps=num_warps)
     out_flags = dict(BLOCK_D=out_block_d, TILE=out_tile, num_warps=out_warps)

@@ -1,4 +1,5 @@
-"""The PyTorch selective scan against a token-by-token float64 recurrence: outputs and every gradient."""
+"""The PyTorch selective scan against a token-by-token float64 recurrence: outputs and every gradient, forward and
+reverse in time."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from gsmsr.ops import selective_scan, selective_scan_naive, selective_scan_ref
+from gsmsr.ops.selective_scan import reverses_natively
 
 TOL = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-4)}
 
@@ -29,13 +31,14 @@ def _inputs(batch: int, dim: int, state: int, length: int, dtype: torch.dtype, s
 @pytest.mark.parametrize('length', [1, 2, 7, 64, 333])
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
 @pytest.mark.parametrize('with_dz', [True, False])
-def test_ref_matches_naive(length, dtype, with_dz):
+@pytest.mark.parametrize('reverse', [False, True])  # reverse: the reference flips, the naive loop walks backwards
+def test_ref_matches_naive(length, dtype, with_dz, reverse):
     inp = _inputs(2, 5, 4, length, dtype, seed=length)
     if not with_dz:
         inp.pop('D'), inp.pop('z')
     ref = {k: v.detach().double().requires_grad_() for k, v in inp.items()}
-    y = selective_scan_ref(**inp, delta_softplus=True, chunk_size=50)
-    y_naive = selective_scan_naive(**ref, delta_softplus=True)
+    y = selective_scan_ref(**inp, delta_softplus=True, chunk_size=50, reverse=reverse)
+    y_naive = selective_scan_naive(**ref, delta_softplus=True, reverse=reverse)
     grad = torch.randn_like(y_naive)
     out_tol, grad_tol = TOL[dtype]
     scale = y_naive.abs().max()
@@ -56,5 +59,10 @@ def test_chunking_is_invisible():
 def test_dispatch_uses_reference_on_cpu():
     inp = {k: v.detach() for k, v in _inputs(1, 3, 4, 20, torch.float32).items()}
     assert torch.equal(selective_scan(**inp, delta_softplus=True), selective_scan_ref(**inp, delta_softplus=True))
+    y = selective_scan(**inp, delta_softplus=True, reverse=True)
+    assert torch.equal(y, selective_scan_ref(**inp, delta_softplus=True, reverse=True))
+    # only the Triton forward walks time backwards itself; the PyTorch scan flips around
+    assert not reverses_natively(inp['u']) and not reverses_natively(inp['u'], 'ref')
+    assert reverses_natively(inp['u'], 'triton')
     with pytest.raises(RuntimeError, match='kernel'):
         selective_scan(**inp, backend='kernel')

@@ -113,6 +113,65 @@ def test_bf16_matches_reference_on_the_same_inputs(name, device):
     assert err <= TOL[torch.bfloat16], f'{name}: {err:.2e}'
 
 
+def _flipped(inp: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The operands with time reversed: every (batch, *, L) tensor flipped along L."""
+    return {k: v.flip(-1) if v is not None and v.dim() == 3 else v for k, v in inp.items()}
+
+
+# name: (case of CASES, dtype); the first three cut L into whole segments, so reverse equals flip-scan-flip exactly
+REVERSE_CASES = {
+    'L96_seg4_tile8': ('L96_seg4_tile8', torch.float32),
+    'L96_seg4_tile8_bf16': ('L96_seg4_tile8', torch.bfloat16),
+    'L1': ('L1', torch.float32),
+    'L7_seg3_tile1': ('L7_seg3_tile1', torch.float32),  # 3 + 3 + 1: the short segment is walked first
+    'L7_seg2_tile4': ('L7_seg2_tile4', torch.float32),
+    'L100_seg4_fast': ('L100_seg4_fast', torch.float32),
+    'L100_bare': ('L100_bare', torch.float32),
+    'L257_seg5_slow_bf16': ('L257_seg5_slow', torch.bfloat16),  # 5 x 56 tokens, last 33: ragged tile tail
+}
+CASES['L96_seg4_tile8'] = (1, 40, 4, 96, 'slow', 4, 8, 16, 'all')
+
+
+@pytest.mark.parametrize('name', list(REVERSE_CASES))
+def test_reverse_equals_flipped_scan(name):
+    """reverse=True against the reference's reverse (flip, scan, flip; float64) and against the kernel itself on the
+    flipped operands, flipped back: the same float operations token by token, so equal bit for bit when the segments
+    cut L alike both ways (L a multiple of the segment length), else within the dtype's tolerance (the carries
+    summarise other tokens)."""
+    case, dtype = REVERSE_CASES[name]
+    batch, dim, state, length, decay, segments, tile, block_d, operands = CASES[case]
+    inp = _inputs(batch, dim, state, length, decay, dtype, 'cpu', seed=3)
+    if operands == 'none':
+        inp.update(D=None, z=None, delta_bias=None)
+    opts = dict(delta_softplus=True, segments=segments, token_tile=tile, block_d=block_d)
+    out = torch.full_like(inp['u'], float('nan'))
+    y = selective_scan_fwd_triton(**inp, **opts, out=out, reverse=True)
+    assert not torch.isnan(y).any(), 'unwritten output elements'
+    ref = selective_scan_ref(**{k: v.double() if v is not None else None for k, v in inp.items()},
+                             delta_softplus=True, reverse=True)  # fmt: skip
+    scale = ref.abs().max().clamp_min(1.0)
+    assert ((y.double() - ref).abs().max() / scale).item() <= TOL[dtype], name
+    flipped = selective_scan_fwd_triton(**_flipped(inp), **opts).flip(-1)
+    seg_len, _ = _split(length, segments, tile)
+    if length % seg_len == 0:
+        torch.testing.assert_close(y, flipped, rtol=0, atol=0)
+    else:
+        assert ((y.double() - flipped.double()).abs().max() / scale).item() <= TOL[dtype], name
+
+
+def test_reverse_states_are_in_walking_order():
+    """With return_states the carries are those of the flipped scan: states[:, s - 1] enters the s-th segment walked."""
+    inp = _inputs(1, 3, 4, 48, 'slow', torch.float32, 'cpu')
+    _, states, seg_len = selective_scan_fwd_triton(
+        **inp, delta_softplus=True, segments=3, token_tile=4, return_states=True, reverse=True
+    )
+    _, flipped, _ = selective_scan_fwd_triton(
+        **_flipped(inp), delta_softplus=True, segments=3, token_tile=4, return_states=True
+    )
+    assert seg_len == 16
+    torch.testing.assert_close(states, flipped, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize('tile,out_tile,seg_len', [(2, 8, 40), (8, 2, 40), (4, 1, 36)])
 def test_output_pass_with_its_own_tile(tile, out_tile, seg_len):
     """The output pass walks the segments with a tile other than the summary's: segment lengths are multiples of
@@ -180,11 +239,18 @@ def test_rejects_bad_arguments():
 
 def test_dispatch_backend_triton():
     """selective_scan(backend='triton') without autograd runs this kernel through the gsmsr::scan_infer op (with
-    autograd: tests/ops/test_seq_scan_triton_bwd.py)."""
+    autograd: tests/ops/test_seq_scan_triton_bwd.py), reverse=True included."""
     from gsmsr.ops import selective_scan
+    from gsmsr.ops.selective_scan import scan_infer
 
     inp = _inputs(1, 3, 4, 16, 'mamba', torch.float32, 'cpu')
     with torch.no_grad():
         y = selective_scan(**inp, delta_softplus=True, backend='triton')
     direct = selective_scan_fwd_triton(**inp, delta_softplus=True)
     torch.testing.assert_close(y, direct, rtol=0, atol=0)
+    with torch.no_grad():
+        y = selective_scan(**inp, delta_softplus=True, backend='triton', reverse=True)
+    direct = selective_scan_fwd_triton(**inp, delta_softplus=True, reverse=True)
+    torch.testing.assert_close(y, direct, rtol=0, atol=0)
+    args = [inp[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')] + [True, 'triton', True]
+    torch.library.opcheck(scan_infer, args, test_utils=('test_schema', 'test_faketensor'))

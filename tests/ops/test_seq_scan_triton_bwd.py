@@ -171,6 +171,23 @@ def test_dispatch_backend_triton_trains():
     assert ((du.double() - ref).abs().max() / ref.abs().max()).item() <= TOL[torch.float32]
 
 
+def test_dispatch_reverse_trains_on_flipped_operands():
+    """reverse=True with autograd runs the training kernels on the flipped operands (there is no reverse backward):
+    output and every gradient as the reference's reverse scan."""
+    from gsmsr.ops import selective_scan
+
+    inp, dout = _case_inputs(1, 3, 4, 12, 'mamba', 'all', torch.float32)
+    x = {k: v.clone().requires_grad_() for k, v in inp.items()}
+    y = selective_scan(**x, delta_softplus=True, backend='triton', reverse=True)
+    ref = {k: v.double().requires_grad_() for k, v in inp.items()}
+    y_ref = selective_scan_ref(**ref, delta_softplus=True, reverse=True)
+    assert ((y.double() - y_ref).abs().max() / y_ref.abs().max()).item() <= TOL[torch.float32]
+    got = dict(zip(NAMES, torch.autograd.grad(y, [x[k] for k in NAMES], dout)))
+    want = dict(zip(NAMES, torch.autograd.grad(y_ref, [ref[k] for k in NAMES], dout.double())))
+    errs = _errors(got, want)
+    assert max(errs.values()) <= TOL[torch.float32], errs
+
+
 def test_custom_ops_opcheck():
     """Schema, fake (meta) implementations and autograd registration of gsmsr::tscan_fwd / tscan_bwd."""
     from gsmsr.ops.selective_scan import tscan_fwd
