@@ -10,7 +10,8 @@ autocast, the compiled network (``compile_blocks``, the default GPU path in bf16
 network with its larger GEMMs as three TF32 products each (``fp32_matmul='3xtf32'``, gsmsr.ops.matmul3x), the compiled
 bf16 network with FlexAttention in the SWSA blocks, and with --mamba-scan the compiled bf16 network with mamba-ssm's
 scan instead of gsmsr's Triton scan, and with --variants one compiled bf16 row per variant: ``slab=N`` sets
-``GSMNet.stream_slab``, ``dwconv=1`` runs the MLP stencil with ``dwconv3d.FAST_CONFIG``, other keys go to the
+``GSMNet.stream_slab``, ``dwconv=1`` runs the MLP stencil with ``dwconv3d.FAST_CONFIG``, ``flipfree=1`` BiMamba's
+backward branch without flips (``bimamba.FLIP_FREE``; the window step compiles again), other keys go to the
 Triton scan (``selective_scan.INFER_TRITON_CONFIG``: out_tile, out_warps, out_maxnreg, token_tile, warps_per_sm,
 ...; 0 for a register cap turns it off), e.g. ``--variants 'slab=12;dwconv=1;dwconv=1,out_tile=4'``.
 Prints one table: median ms per clip and per frame (CUDA events), the first call's seconds (compilation included),
@@ -41,6 +42,7 @@ from gsmsr import GSMNet  # noqa: E402
 SCAN = importlib.import_module('gsmsr.ops.selective_scan')
 SWSA = importlib.import_module('gsmsr.archs.swsa')
 DWCONV = importlib.import_module('gsmsr.ops.dwconv3d')
+BIMAMBA = importlib.import_module('gsmsr.archs.bimamba')
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -86,20 +88,24 @@ def main() -> int:
     # the faithful row runs mamba-ssm's kernel whatever the no-grad scan default is
     gsm_faithful = variant(scan_backend='kernel') if SCAN.cuda_kernel() else gsm
 
+    flip_free_default = BIMAMBA.FLIP_FREE
+
     def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm, variant: Dict[str, int] = {}):  # noqa: B006
-        scan = {k: v for k, v in variant.items() if k not in ('slab', 'dwconv')}
+        scan = {k: v for k, v in variant.items() if k not in ('slab', 'dwconv', 'flipfree')}
 
         def run(x):
             net.streaming_eval, net.stream_slab = streaming, variant.get('slab', GSMNet.stream_slab)
             SCAN.INFER_TRITON_CONFIG.clear()
             SCAN.INFER_TRITON_CONFIG.update(scan)
             DWCONV.OP_CONFIG = DWCONV.FAST_CONFIG if variant.get('dwconv') else DWCONV.DEFAULT_CONFIG
+            BIMAMBA.FLIP_FREE = bool(variant.get('flipfree', BIMAMBA.FLIP_FREE))
             try:
                 with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None):
                     return net(x).float()
             finally:
                 SCAN.INFER_TRITON_CONFIG.clear()
                 DWCONV.OP_CONFIG = DWCONV.DEFAULT_CONFIG
+                BIMAMBA.FLIP_FREE = flip_free_default
 
         return run
 

@@ -25,6 +25,9 @@ from gsmsr.ops.selective_scan import reverses_natively, selective_scan
 D_STATE = 16
 D_CONV = 4
 EXPAND = 2
+# The flip-free backward branch without autograd (see the module docstring). Off until timed on a GPU: predicted
+# -1.2 ms/frame at 20x180x320 (benchmarks/NOTES.md, inference part 5); bench_gsm's ``--variants flipfree=1`` times it.
+FLIP_FREE = False
 
 
 @cache
@@ -154,7 +157,9 @@ class BiMamba(nn.Module):
         # Without autograd, where the scan walks backwards itself, the backward branch runs on the sequence as it is:
         # anti-causal conv, reverse scan (the projections are pointwise in time). Autograd keeps the flipped form,
         # whose backward kernels are the forward branch's.
-        flip_free = directions == 2 and not torch.is_grad_enabled() and reverses_natively(z, self.scan_backend)
+        flip_free = (
+            FLIP_FREE and directions == 2 and not torch.is_grad_enabled() and reverses_natively(z, self.scan_backend)
+        )
         if flip_free:
             # a bmm writes (B, 2Di, L) itself, so under torch.compile both scans take the gate straight from the GEMM's
             # output; Inductor computes the matmul below as (B*L, 2Di) and copies the gate into this layout for

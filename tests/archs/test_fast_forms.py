@@ -92,6 +92,7 @@ def test_bimamba_without_autograd_runs_the_backward_branch_flip_free(monkeypatch
     around its kernel (the PyTorch scan here), the flipped form runs as before."""
     z = torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2))
     calls = _scan_calls(monkeypatch)
+    monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
     m = _bimamba('triton')
     with torch.no_grad():
         y = m(z)
@@ -118,6 +119,7 @@ def test_compiled_bimamba_traces_the_flip_free_branch(monkeypatch):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
+    monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
     m = _bimamba('triton')
     z = torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2))
     counter = CompileCounterWithBackend('aot_eager')

@@ -136,6 +136,7 @@ def test_bimamba_flip_free_inference_matches_flipped_form(monkeypatch):
     from gsmsr.archs import bimamba
 
     torch.manual_seed(0)
+    monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
     m = bimamba.BiMamba(192).cuda().eval()
     z = torch.randn(1, 5 * 64 * 64, 192, device='cuda')
     assert bimamba.reverses_natively(z)  # the default CUDA scan: the flip-free form runs
