@@ -7,7 +7,8 @@
 GSMNet rows: the whole-clip schedule in fp32 with mamba-ssm's scan (every layer on the whole clip, as the official
 code runs it), the streaming schedule (``streaming_eval``, the default without autograd) in fp32 and under bf16
 autocast, the compiled network (``compile_blocks``, the default GPU path in bf16) in fp32 and bf16, the compiled fp32
-network with its larger GEMMs as three TF32 products each (``fp32_matmul='3xtf32'``, gsmsr.ops.matmul3x), the compiled
+network with cuBLAS's fp32 GEMMs (``fp32_matmul='ieee'``) and with its larger GEMMs as three TF32 products each
+(the default ``fp32_matmul='3xtf32'``, gsmsr.ops.matmul3x), the compiled
 bf16 network with FlexAttention in the SWSA blocks, and with --mamba-scan the compiled bf16 network with mamba-ssm's
 scan instead of gsmsr's Triton scan, and with --variants one compiled bf16 row per variant: ``slab=N`` sets
 ``GSMNet.stream_slab``, ``dwconv=1`` runs the MLP stencil with ``dwconv3d.FAST_CONFIG``, ``flipfree=1`` BiMamba's
@@ -125,8 +126,8 @@ def main() -> int:
         'GSMNet fp32 whole-clip': gsm_run(False, net=gsm_faithful),
         'GSMNet fp32 streaming': gsm_run(True),
         'GSMNet bf16 streaming': gsm_run(True, torch.bfloat16),
-        'GSMNet fp32 compiled': gsm_run(True, net=gsm_compiled),
-        'GSMNet fp32 compiled 3xtf32': gsm_run(True, net=variant(compile_blocks=True, fp32_matmul='3xtf32')),
+        'GSMNet fp32 compiled': gsm_run(True, net=variant(compile_blocks=True, fp32_matmul='ieee')),
+        'GSMNet fp32 compiled 3xtf32': gsm_run(True, net=gsm_compiled),
         'GSMNet bf16 compiled': gsm_run(True, torch.bfloat16, net=gsm_compiled),
         'GSMNet bf16 compiled+flex attention': flex_run(variant(compile_blocks=True)),
     }

@@ -138,9 +138,11 @@ class GSMNet(nn.Module):
         compile_blocks: on CUDA, ``torch.compile`` the GSM window step and the SWSA blocks (in place, so the
             state-dict keys do not change) at the first forward; the selective scan stays one custom op inside
             the compiled graph. Costs a compilation per new input size.
-        fp32_matmul: 'ieee' (fp32 FMA GEMMs) | '3xtf32': with ``compile_blocks``, in fp32 on CUDA (no autocast, no
+        fp32_matmul: '3xtf32' (default) | 'ieee': with ``compile_blocks``, in fp32 on CUDA (no autocast, no
             autograd), the compiled blocks run their larger GEMMs as three TF32 tensor-core products each
-            (:mod:`gsmsr.ops.matmul3x`; about 1e-6 relative per GEMM, like fp32). No effect otherwise.
+            (:mod:`gsmsr.ops.matmul3x`; about 1e-6 relative per GEMM, like fp32; on an H200 the whole fp32 network
+            1.14x faster at fp32's max abs error against the faithful path, benchmarks/NOTES.md); 'ieee' keeps
+            cuBLAS's fp32 FMA GEMMs. No effect otherwise.
     Attribute, not an argument: ``precompile_dir`` (default None), with ``compile_blocks``, keeps the window step and
     the SWSA block as ahead-of-time compiled functions in that folder (:class:`gsmsr.compile_cache.PrecompiledFunction`,
     one per block kind, shared by all layers), so that a later process loads them instead of tracing them again.
@@ -176,7 +178,7 @@ class GSMNet(nn.Module):
         streaming_eval: bool = True,
         use_checkpoint_mlp: bool = False,
         compile_blocks: bool = False,
-        fp32_matmul: str = 'ieee',
+        fp32_matmul: str = '3xtf32',
     ) -> None:
         super().__init__()
         if embed_dims % num_heads or embed_dims % 4:
@@ -425,8 +427,10 @@ class GSMNet(nn.Module):
     def _gemm_mode(self) -> ContextManager:
         """Around the propagation layers: :class:`~gsmsr.ops.matmul3x.TF32x3Mode` when ``fp32_matmul='3xtf32'`` and
         the blocks are compiled (it acts inside their graphs only, on fp32 CUDA GEMMs without autocast), else
-        nothing."""
-        return TF32x3Mode() if self.fp32_matmul == '3xtf32' and self._compiled else nullcontext()
+        nothing. Not under CUDA autocast, where it would split nothing and only add a Python call to every eager op."""
+        if self.fp32_matmul != '3xtf32' or not self._compiled or torch.is_autocast_enabled('cuda'):
+            return nullcontext()
+        return TF32x3Mode()
 
     def forward(self, lq: Tensor) -> Tensor:
         self.check_input(lq)

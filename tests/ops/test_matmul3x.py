@@ -352,3 +352,6 @@ def test_gsmnet_fp32_matmul_option():
     net._compiled = True
     assert isinstance(net._gemm_mode(), TF32x3Mode)
     assert not isinstance(GSMNet(**TINY)._gemm_mode(), TF32x3Mode)
+    ieee = GSMNet(**TINY, fp32_matmul='ieee')
+    ieee._compiled = True
+    assert GSMNet(**TINY).fp32_matmul == '3xtf32' and not isinstance(ieee._gemm_mode(), TF32x3Mode)
