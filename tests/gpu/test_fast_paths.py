@@ -130,9 +130,11 @@ def test_precompiled_blocks_match_compiled_and_load_in_a_fresh_process(tmp_path)
         ref.compile_blocks = True
         want = ref.eval()(lq).float()
         got = fast.eval()(lq).float()
-    print('\n'.join(f'{fn.name}: {"; ".join(fn.events)}' for fn in fast.precompiled))
-    assert all(not e.startswith('fallback') for fn in fast.precompiled for e in fn.events)
-    assert (got - want).abs().max().item() <= 1e-2
+    events = '\n'.join(f'{fn.name}: {"; ".join(fn.events)}' for fn in fast.precompiled)
+    print(events)
+    assert all(not e.startswith('fallback') for fn in fast.precompiled for e in fn.events), events
+    err = (got - want).abs().max().item()
+    assert err <= 1e-2, f'max abs {err:.2e} against the compiled network'
     torch.save(fast.state_dict(), tmp_path / 'w.pth')
     torch.save(lq, tmp_path / 'lq.pt')
     root = str(Path(__file__).resolve().parents[2])
@@ -144,5 +146,6 @@ def test_precompiled_blocks_match_compiled_and_load_in_a_fresh_process(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stdout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('gsmsr.archs')]
-    assert len(lines) == 2 and all(e.startswith('loaded') for ln in lines for e in ln.split(' ', 1)[1].split('|'))
+    assert len(lines) == 2, proc.stdout
+    assert all(e.startswith('loaded') for ln in lines for e in ln.split(' ', 1)[1].split('|')), proc.stdout
     torch.testing.assert_close(torch.load(tmp_path / 'out.pt'), got, rtol=1e-3, atol=1e-3)
