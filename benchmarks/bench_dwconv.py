@@ -1,15 +1,18 @@
 """Depthwise 3x3x3 conv + bias + GELU of the GSM MLP at its real shape: the Triton kernel against what ran before.
 
     python benchmarks/bench_dwconv.py [--shape 1,5,180,320,768] [--dtypes bf16,fp32] [--repeats 20] [--sweep]
-        [--variants all | fast,fast-w2,...]
+        [--variants all | c64-w4,noreg,...] [--baseline prev_dwconv3d.py]
 
 Input x (B, K, H, W, C) channels-last contiguous (fc1's output viewed as a volume), weight (C, 1, 3, 3, 3) and bias
 float32. Rows, for every dtype:
 
 * ``triton <config>``: gsmsr.ops.dwconv3d (fwd: conv + bias + GELU; fwd conv only: without the GELU, what the
   backward's input-gradient pass costs; bwd: GELU gradient with the conv recomputed, input gradient, weight and
-  bias gradients). ``--sweep`` adds the tile configurations in SWEEP; ``--variants`` the opt-in stencils in
-  VARIANTS (FAST_CONFIG and its ablations), each with fwd, fwd conv only and bwd rows.
+  bias gradients). ``--sweep`` adds the tile configurations in SWEEP; ``--variants`` the ablations of the default
+  in VARIANTS, each with fwd, fwd conv only and bwd rows.
+* ``triton baseline``: with ``--baseline FILE``, a copy of an earlier gsmsr/ops/dwconv3d.py (``git show
+  REV:gsmsr/ops/dwconv3d.py > FILE``; the previous default, the 9-tap loop with erff, is that file at 3aaafa3) timed
+  with its own kernels and DEFAULT_CONFIG, so a change to the kernel is measured against what it replaced in one run.
 * ``inductor shifted sum``: the 27 shifted multiply-adds + GELU under torch.compile (what compiled GSM blocks ran
   before the kernel), channels-last.
 * ``conv3d NCDHW + gelu``: eager F.conv3d on a contiguous NCDHW copy (the transposes not timed), then F.gelu.
@@ -26,12 +29,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from types import ModuleType
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.nn import functional as F
@@ -39,35 +44,28 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import cuda_time, print_table  # noqa: E402  (this folder is on sys.path)
 
-from gsmsr.ops.dwconv3d import (  # noqa: E402
-    DEFAULT_CONFIG,
-    FAST_CONFIG,
-    DWConvConfig,
-    dwconv3d_gelu_backward_triton,
-    dwconv3d_gelu_ref,
-    dwconv3d_gelu_triton,
-)
+from gsmsr.ops import dwconv3d  # noqa: E402
+from gsmsr.ops.dwconv3d import DEFAULT_CONFIG, DWConvConfig, dwconv3d_gelu_ref  # noqa: E402
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 # (block_h, block_w, block_c, num_warps, num_stages) tried by --sweep besides the default (weight gradient unchanged)
 SWEEP = [
-    (8, 8, 64, 4, 2),
-    (8, 8, 64, 8, 2),
-    (4, 16, 64, 8, 2),
-    (2, 16, 64, 4, 2),
-    (4, 8, 128, 8, 2),
-    (4, 8, 32, 2, 2),
-    (4, 8, 64, 4, 1),
-    (4, 8, 64, 4, 3),
+    (4, 8, 64, 4, 2),
+    (8, 8, 32, 4, 2),
+    (4, 16, 32, 4, 2),
+    (2, 8, 32, 1, 2),
+    (4, 8, 16, 1, 2),
+    (4, 8, 32, 4, 2),
+    (4, 8, 32, 2, 1),
+    (4, 8, 32, 2, 3),
 ]
-# opt-in stencils timed by --variants (DWConvConfig's docstring has their offline predictions): the fast one, at
-# 2 warps (the default's best tile in the sweep), without its register cap, with erff, and the GELU change alone
+# ablations of the default timed by --variants (DWConvConfig's docstring has the measured ones): the 64-channel,
+# 4-warp tile it was first timed at, no register cap, bf16 widened channel by channel, and the tile halved again
 VARIANTS = {
-    'fast': FAST_CONFIG,
-    'fast-w2': dataclasses.replace(FAST_CONFIG, block_c=32, num_warps=2),
-    'fast-noreg': dataclasses.replace(FAST_CONFIG, maxnreg=0),
-    'fast-erf': dataclasses.replace(FAST_CONFIG, fast_gelu=False),
-    'gelu-only': dataclasses.replace(DEFAULT_CONFIG, fast_gelu=True),
+    'c64-w4': dataclasses.replace(DEFAULT_CONFIG, block_c=64, num_warps=4),
+    'noreg': dataclasses.replace(DEFAULT_CONFIG, maxnreg=0),
+    'no-pairs': dataclasses.replace(DEFAULT_CONFIG, bf16_pairs=False),
+    'c16-w1': dataclasses.replace(DEFAULT_CONFIG, block_c=16, num_warps=1),
 }
 # (wgrad_block_h, wgrad_block_w, wgrad_block_c, wgrad_num_warps, wgrad_groups) tried by --sweep
 WGRAD_SWEEP = [(8, 8, 64, 8, 0), (4, 8, 64, 4, 0), (4, 8, 64, 8, 64), (4, 16, 32, 8, 0)]
@@ -135,8 +133,39 @@ def parse_variants(text: str) -> Dict[str, DWConvConfig]:
     return {n: VARIANTS[n] for n in names}
 
 
+def load_baseline(path: str) -> ModuleType:
+    """A copy of an earlier gsmsr/ops/dwconv3d.py as a module of its own. Loading it registers the gsmsr ops again
+    with its implementations (torch lets a later definition replace one); this script calls launchers, not ops."""
+    spec = importlib.util.spec_from_file_location(f'baseline_{Path(path).stem}', path)
+    if spec is None:
+        raise SystemExit(f'--baseline {path}: not a Python file')
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look the module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+Stencil = Tuple[ModuleType, DWConvConfig]  # a dwconv3d module and the config its launchers get
+
+
+def stencils(variants: Dict[str, DWConvConfig], baseline: Optional[ModuleType]) -> Dict[str, Stencil]:
+    """Rows timed in every pass, by label: the baseline's default, today's default, the variants."""
+    rows: Dict[str, Stencil] = {}
+    if baseline is not None:
+        rows['baseline'] = (baseline, baseline.DEFAULT_CONFIG)
+    rows['default'] = (dwconv3d, DEFAULT_CONFIG)
+    rows.update((label, (dwconv3d, cfg)) for label, cfg in variants.items())
+    return rows
+
+
 def bench_dtype(
-    shape, dtype: torch.dtype, repeats: int, sweep: bool, name: str, variants: Optional[Dict[str, DWConvConfig]] = None
+    shape,
+    dtype: torch.dtype,
+    repeats: int,
+    sweep: bool,
+    name: str,
+    variants: Optional[Dict[str, DWConvConfig]] = None,
+    baseline: Optional[ModuleType] = None,
 ) -> List[Dict[str, str]]:
     g = torch.Generator(device='cuda').manual_seed(0)
     b, k, h, w, c = shape
@@ -160,26 +189,25 @@ def bench_dtype(
         rows.append(row)
         torch.cuda.empty_cache()
 
-    configs: Dict[str, DWConvConfig] = {'default': DEFAULT_CONFIG}
+    timed = stencils(variants or {}, baseline)
+    configs = dict(timed)
     if sweep:
         for bh, bw, bc, nw, ns in SWEEP:
-            configs[f'{bh}x{bw}x{bc} w{nw} s{ns}'] = DWConvConfig(
-                block_h=bh, block_w=bw, block_c=bc, num_warps=nw, num_stages=ns
-            )
-    configs.update(variants or {})
-    for label, cfg in configs.items():
+            cfg = DWConvConfig(block_h=bh, block_w=bw, block_c=bc, num_warps=nw, num_stages=ns)
+            configs[f'{bh}x{bw}x{bc} w{nw} s{ns}'] = (dwconv3d, cfg)
+    for label, (mod, cfg) in configs.items():
         add(
             f'triton {label}',
             'fwd',
-            lambda: dwconv3d_gelu_triton(x, weight, bias, True, cfg),
+            lambda: mod.dwconv3d_gelu_triton(x, weight, bias, True, cfg),
             lambda y: check.forward(y, True),
             2,
         )
-    for label, cfg in {'default': DEFAULT_CONFIG, **(variants or {})}.items():
+    for label, (mod, cfg) in timed.items():
         add(
             f'triton {label}',
             'fwd conv only',
-            lambda: dwconv3d_gelu_triton(x, weight, bias, False, cfg),
+            lambda: mod.dwconv3d_gelu_triton(x, weight, bias, False, cfg),
             lambda y: check.forward(y, False),
             2,
         )
@@ -213,19 +241,19 @@ def bench_dtype(
 
         return run, err
 
-    bwd_configs: Dict[str, DWConvConfig] = {'default': DEFAULT_CONFIG}
+    bwd_configs = dict(timed)
     if sweep:
         for bh, bw, bc, nw, gr in WGRAD_SWEEP:
-            bwd_configs[f'wgrad {bh}x{bw}x{bc} w{nw} g{gr}'] = DWConvConfig(
+            cfg = DWConvConfig(
                 wgrad_block_h=bh, wgrad_block_w=bw, wgrad_block_c=bc, wgrad_num_warps=nw, wgrad_groups=gr
             )
-    bwd_configs.update(variants or {})
-    for label, cfg in bwd_configs.items():
+            bwd_configs[f'wgrad {bh}x{bw}x{bc} w{nw} g{gr}'] = (dwconv3d, cfg)
+    for label, (mod, cfg) in bwd_configs.items():
         add(
             f'triton {label}',
             'bwd',
-            lambda: dwconv3d_gelu_backward_triton(dout, x, weight, bias, True, cfg),
-            lambda _: check.grads(*dwconv3d_gelu_backward_triton(dcheck, x, weight, bias, True, cfg)),
+            lambda: mod.dwconv3d_gelu_backward_triton(dout, x, weight, bias, True, cfg),
+            lambda _: check.grads(*mod.dwconv3d_gelu_backward_triton(dcheck, x, weight, bias, True, cfg)),
             7,
         )
     run, err = grads_of(compiled, x)
@@ -244,6 +272,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--repeats', type=int, default=20)
     parser.add_argument('--sweep', action='store_true', help='also time the tile configs in SWEEP and WGRAD_SWEEP')
     parser.add_argument('--variants', default='', help=f'also time these of {list(VARIANTS)} (or all)')
+    parser.add_argument('--baseline', default='', help='a copy of an earlier gsmsr/ops/dwconv3d.py to time too')
     args = parser.parse_args(argv)
     variants = parse_variants(args.variants)
     if not torch.cuda.is_available():
@@ -251,9 +280,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     shape = tuple(int(s) for s in args.shape.split(','))
     torch.backends.cudnn.benchmark = True
+    baseline = load_baseline(args.baseline) if args.baseline else None
     rows = []
     for name in args.dtypes.split(','):
-        rows += bench_dtype(shape, DTYPES[name], args.repeats, args.sweep, name, variants)
+        rows += bench_dtype(shape, DTYPES[name], args.repeats, args.sweep, name, variants, baseline)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         print(f'shape (B, K, H, W, C) = {shape}, {torch.cuda.get_device_name()}, torch {torch.__version__}')

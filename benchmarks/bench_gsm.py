@@ -8,13 +8,13 @@ GSMNet rows: the whole-clip schedule in fp32 with mamba-ssm's scan (every layer 
 code runs it), the streaming schedule (``streaming_eval``, the default without autograd) in fp32 and under bf16
 autocast, the compiled network (``compile_blocks``, the default GPU path in bf16) in fp32 and bf16, the compiled fp32
 network with cuBLAS's fp32 GEMMs (``fp32_matmul='ieee'``) and with its larger GEMMs as three TF32 products each
-(the default ``fp32_matmul='3xtf32'``, gsmsr.ops.matmul3x), the compiled
-bf16 network with FlexAttention in the SWSA blocks, and with --mamba-scan the compiled bf16 network with mamba-ssm's
-scan instead of gsmsr's Triton scan, and with --variants one compiled bf16 row per variant: ``slab=N`` sets
-``GSMNet.stream_slab``, ``dwconv=1`` runs the MLP stencil with ``dwconv3d.FAST_CONFIG``, ``flipfree=1`` BiMamba's
-backward branch without flips (``bimamba.FLIP_FREE``; the window step compiles again), other keys go to the
-Triton scan (``selective_scan.INFER_TRITON_CONFIG``: out_tile, out_warps, out_maxnreg, token_tile, warps_per_sm,
-...; 0 for a register cap turns it off), e.g. ``--variants 'slab=12;dwconv=1;dwconv=1,out_tile=4'``.
+(the default ``fp32_matmul='3xtf32'``, gsmsr.ops.matmul3x), the compiled bf16 network with FlexAttention in the SWSA
+blocks, and with --mamba-scan the compiled bf16 network with mamba-ssm's scan instead of gsmsr's Triton scan, and
+with --variants one compiled bf16 row per variant: ``slab=N`` sets ``GSMNet.stream_slab``, ``dwconv_<field>=N`` sets
+that ``DWConvConfig`` field of the MLP stencil (``dwconv3d.OP_CONFIG``), ``flipfree=1`` runs BiMamba's backward branch
+without flips (``bimamba.FLIP_FREE``; the window step compiles again), other keys go to the Triton scan
+(``selective_scan.INFER_TRITON_CONFIG``: out_tile, out_warps, out_maxnreg, token_tile, warps_per_sm, ...; 0 for a
+register cap turns it off), e.g. ``--variants 'slab=12;dwconv_block_c=64,dwconv_num_warps=4;flipfree=1;out_tile=4'``.
 Prints one table: median ms per clip and per frame (CUDA events), the first call's seconds (compilation included),
 peak memory, and the max abs / PSNR difference of each GSMNet row against the first one that ran. --train adds
 training steps (16x64x64, batch 1, checkpointing on), eager and compiled, fp32 and bf16, and the fast step
@@ -24,6 +24,7 @@ training steps (16x64x64, batch 1, checkpointing on), eager and compiled, fp32 a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import math
 import sys
@@ -92,13 +93,15 @@ def main() -> int:
     flip_free_default = BIMAMBA.FLIP_FREE
 
     def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm, variant: Dict[str, int] = {}):  # noqa: B006
-        scan = {k: v for k, v in variant.items() if k not in ('slab', 'dwconv', 'flipfree')}
+        dwconv = {k.removeprefix('dwconv_'): v for k, v in variant.items() if k.startswith('dwconv_')}
+        scan = {k: v for k, v in variant.items() if k not in ('slab', 'flipfree') and not k.startswith('dwconv_')}
+        stencil = dataclasses.replace(DWCONV.DEFAULT_CONFIG, **dwconv)
 
         def run(x):
             net.streaming_eval, net.stream_slab = streaming, variant.get('slab', GSMNet.stream_slab)
             SCAN.INFER_TRITON_CONFIG.clear()
             SCAN.INFER_TRITON_CONFIG.update(scan)
-            DWCONV.OP_CONFIG = DWCONV.FAST_CONFIG if variant.get('dwconv') else DWCONV.DEFAULT_CONFIG
+            DWCONV.OP_CONFIG = stencil
             BIMAMBA.FLIP_FREE = bool(variant.get('flipfree', BIMAMBA.FLIP_FREE))
             try:
                 with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None):

@@ -4,10 +4,10 @@ what bounds one call: instructions by kind, pipes, L1 wavefronts, L2 and DRAM by
     python benchmarks/sass_stencil.py [VARIANT ...] [--shape 1,5,180,320,768] [--mode gelu] [--dtype bf16]
         [--module gsmsr.ops.dwconv3d | path/to/copy.py] [--keep DIR]
 
-A VARIANT is ``default`` or ``fast`` (the module's DEFAULT_CONFIG / FAST_CONFIG), optionally followed by
-``,field=value`` overrides of ``DWConvConfig`` fields, e.g. ``default,block_c=32,num_warps=2`` or
-``fast,fast_gelu=0``; the config picks the kernel (``_stencil_kernel``, or ``_stencil_rows_kernel`` with
-``tap_rows``). It is specialised as Triton's launcher specialises the real call (16-byte aligned pointers,
+A VARIANT is ``default`` (the module's DEFAULT_CONFIG; also ``fast`` in a copy of an older module that has a
+FAST_CONFIG), optionally followed by ``,field=value`` overrides of ``DWConvConfig`` fields, e.g.
+``default,block_c=64,num_warps=4`` or ``default,bf16_pairs=0``; the module's ``stencil_launch`` names the kernel.
+It is specialised as Triton's launcher specialises the real call (16-byte aligned pointers,
 integers divisible by 16 marked so), with the grid, arguments and constexprs of ``stencil_launch``; x, g and y in
 ``--dtype``, taps and bias fp32, bias on.
 
@@ -15,7 +15,7 @@ Counting. SASS loops (backward branches) are paired in pre-order with the TTGIR'
 counts come from their bounds (constants or kernel arguments). One program's instruction trace follows the SASS:
 a loop runs its trip count; a predicated forward branch is taken only where that is the way to the loop nest
 being traced (the K <= 0 guard, the interior / edge split), so code under a runtime ``if`` counts every time
-(the tap_rows kernel's skipped epilogue of frame -1, one of K + 1, is therefore counted). Predicated-off
+(the stencil's skipped epilogue of frame -1, one of K + 1, is therefore counted). Predicated-off
 instructions still take an issue slot. A kernel with an interior and an edge copy of its frame loop is traced
 both ways and weighted by the share of interior programs. Per variant it prints:
 
@@ -91,7 +91,7 @@ class Access:
 
 
 def parse_variant(text: str, mod) -> Tuple[str, object]:
-    """(label, DWConvConfig) from ``default`` / ``fast`` plus ``,field=value`` overrides."""
+    """(label, DWConvConfig) from ``default`` (or an older module's ``fast``) plus ``,field=value`` overrides."""
     base, *overrides = text.split(',')
     presets = {'default': mod.DEFAULT_CONFIG, 'fast': getattr(mod, 'FAST_CONFIG', None)}
     if presets.get(base) is None:
@@ -306,7 +306,7 @@ def program_trace(ins: List[scan.Instr], loops: List[Loop], trips: List[int], wa
 
 def interior_share(shape: Sequence[int], cfg) -> float:
     """Share of programs whose tile and its one-pixel halo lie inside the frame and whose channel block is whole
-    (the tap_rows kernel runs them without masks)."""
+    (the stencil runs them without masks)."""
     _, _, h, w, c = shape
     inside = lambda n, block: sum(0 < s and s + block < n for s in range(0, n, block)) / -(-n // block)  # noqa: E731
     return inside(h, cfg.block_h) * inside(w, cfg.block_w) * (c % cfg.block_c == 0)
@@ -480,7 +480,7 @@ def table(results: List[Dict]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('variants', nargs='*', default=['default', 'default,block_c=32,num_warps=2'])
+    parser.add_argument('variants', nargs='*', default=['default', 'default,block_c=64,num_warps=4'])
     parser.add_argument('--shape', default='1,5,180,320,768', help='B,K,H,W,C')
     parser.add_argument('--mode', choices=sorted(MODES), default='gelu')
     parser.add_argument('--dtype', choices=sorted(scan.TORCH_DTYPES), default='bf16')

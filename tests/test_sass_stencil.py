@@ -1,7 +1,7 @@
 """benchmarks/sass_stencil.py on CPU: the stencil compiles offline for sm_90a (Triton's bundled ptxas and cuobjdump)
-at GSM's shape, and the findings documented on DWConvConfig hold: the default kernel issues ~5x the instructions
-its 27 FMAs a tap sum need, so issue, not L1 or DRAM, is its largest floor; FAST_CONFIG issues under 0.6x of
-them with 16-byte tile loads, no shared memory and at most 128 registers."""
+at GSM's shape, and the findings documented on DWConvConfig hold: the default issues under 80 instructions an
+output element (the previous kernel 132) with 16-byte tile loads, no shared memory and at most 128 registers, and
+the model counts the same work for the 64-channel, 4-warp tile that measured 11 % slower."""
 
 from __future__ import annotations
 
@@ -28,24 +28,20 @@ def _load():
     return module
 
 
-def test_default_is_issue_bound_and_fast_issues_fewer_instructions():
+def test_default_instructions_and_a_tile_the_model_cannot_tell_apart():
     sass = _load()
     from gsmsr.ops import dwconv3d
 
-    default, fast = (
+    default, c64 = (
         sass.analyse(*sass.parse_variant(name, dwconv3d), dwconv3d, SHAPE, dwconv3d.MODE_GELU, torch.bfloat16)
-        for name in ('default', 'fast')
+        for name in ('default', 'default,block_c=64,num_warps=4')
     )
-    # the tap loop (9 per frame) inside the frame loop; every x load one 16-byte vector per thread
-    assert default['trips'] == [5, 9] and default['x_layout'].startswith('[1, 8]')
     per_elem = lambda r, row: 32 * r['rows'][row] / r['out_per_warp_frame']  # noqa: E731
-    assert per_elem(default, 'FFMA') >= 27 and per_elem(default, 'total') > 100
-    floors = default['floors']
-    assert floors['issue'] == max(floors.values()) and floors['issue'] > 4 * floors['DRAM']
-    assert floors['issue'] > 2 * floors['L1 wavefronts']
-
-    assert fast['interior'] == pytest.approx(43 * 38 / (45 * 40))  # tiles whose halo lies inside the frame
-    assert fast['x_layout'].startswith('[1, 4]')  # int32 channel pairs: 16 bytes a thread
-    assert fast['info']['regs'] <= 128 and fast['shared'] == 0 and fast['resident'] >= default['resident']
-    assert per_elem(fast, 'total') < 0.6 * per_elem(default, 'total')
-    assert fast['floors']['issue'] < 0.6 * floors['issue']
+    assert default['interior'] == pytest.approx(43 * 38 / (45 * 40))  # tiles whose halo lies inside the frame
+    assert default['x_layout'].startswith('[1, 4]')  # int32 channel pairs: 16 bytes a thread
+    assert default['info']['regs'] <= 128 and default['shared'] == 0
+    assert per_elem(default, 'FFMA') >= 27 and per_elem(default, 'total') < 80  # the previous kernel issued 132
+    # measured 0.99 against 1.11 ms, yet the same instructions a warp, warps a scheduler and issue floor
+    assert default['rows']['total'] == pytest.approx(c64['rows']['total'], rel=1e-3)
+    assert default['warps_per_smsp'] == c64['warps_per_smsp'] and default['resident'] == 2 * c64['resident']
+    assert default['floors']['issue'] == pytest.approx(c64['floors']['issue'], rel=1e-3)

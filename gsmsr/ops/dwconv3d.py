@@ -9,13 +9,11 @@ Forward kernel, one program per (tile of BLOCK_H x BLOCK_W pixels, block of BLOC
 frames, loads each input frame's 9 in-plane shifts of its tile once (neighbouring shifts overlap, so most loads hit
 L1) and adds them, with the weights of the three temporal taps, to the three output frames that read this input
 frame. Output frame k is complete once input frame k + 1 is in, so the program keeps only three fp32 accumulators
-(frames k - 1, k, k + 1) and 9 shifted loads per element instead of 27. Loads and stores are vectors along C.
-
-``DWConvConfig.tap_rows`` swaps in a leaner copy of that kernel (``_stencil_rows_kernel``, opt-in until timed):
-the tap rows are a loop and the tap columns unrolled, so masks and offsets are not recomputed per tap; the taps
-are zero-padded per channel block and loaded unmasked at constant offsets; interior tiles run a copy without
-masks; bf16 x can be widened from int32 channel pairs; ``fast_gelu`` replaces erff. Why, in numbers: the
-docstring of :class:`DWConvConfig` and benchmarks/sass_stencil.py.
+(frames k - 1, k, k + 1) and 9 shifted loads per element instead of 27. Loads and stores are vectors along C. The
+tap rows are a loop and the tap columns unrolled, so masks and offsets are not recomputed per tap; the taps are
+zero-padded per channel block and loaded unmasked at constant offsets; interior tiles run a copy without masks;
+bf16 x is widened from int32 channel pairs; the GELU is one exp2, one reciprocal and a polynomial instead of erff.
+Why, in numbers: the docstring of :class:`DWConvConfig`, benchmarks/sass_stencil.py and benchmarks/NOTES.md.
 
 The epilogue has three modes: ``conv + bias``, ``gelu(conv + bias)`` and, for the backward, the pre-activation
 gradient ``g * gelu'(conv + bias)`` with ``conv + bias`` recomputed rather than saved (one activation less in
@@ -57,62 +55,48 @@ _TAB_ROWS = 32  # rows of a weight-gradient partial: 27 taps (dk, dh, dw row-maj
 class DWConvConfig:
     """Tile sizes and launch parameters; only speed depends on them. Block sizes must be powers of two.
 
-    Measured on an H200 (``benchmarks/bench_dwconv.py --sweep``, (1, 5, 180, 320, 768), benchmarks/NOTES.md): the
-    stencil at 4 x 8 pixels x 64 channels and 4 warps runs the bf16 forward in 1.37 ms (the best of the sweep,
-    4 x 8 x 32 with 2 warps, 1.28); the weight gradient with 4 warps took 5.7 ms for the whole bf16 backward
-    against 6.7 with 8. sm_90 register counts (ptxas, bf16): stencil 98 at the default tile, 167 at 8 x 8
-    pixels, no spills.
+    Measured on an H200 (``benchmarks/bench_dwconv.py --dtypes bf16 --variants all``, (1, 5, 180, 320, 768), ms a
+    call, forward / forward without GELU / backward): the default, 4 x 8 pixels x 32 channels and 2 warps, 0.99 /
+    0.95 / 5.03; the same at 64 channels and 4 warps 1.11 / 1.08 / 5.19, without its register cap 1.27, with erff
+    for the GELU 1.33; the previous default (a 9-tap loop, erff, 64 channels, 4 warps) 1.38 / 1.11 / 5.65; a copy
+    0.22. In the network (bench_gsm, 20 x 180 x 320, bf16) the 64-channel version ran 50.7 and 51.5 ms a frame
+    against 51.9 and 51.6 for the previous default (noise ~1 ms). The weight gradient with 4 warps took 5.7 ms for
+    the whole bf16 backward against 6.7 with 8 (previous kernel).
 
-    Why 1.37 ms (``benchmarks/sass_stencil.py``, offline sm_90a SASS of the bf16 GELU forward at that shape; ms
-    for the whole call at 1.98 GHz): the default issues 2118 instructions per warp and frame, 132 per output
-    element where the tap sum needs 27 FFMA. Of a frame's 2118, the 9-tap loop takes 9 x 151 (48 FFMA; 8 LDG.128,
-    6 of them tap weights; 16 CS2R zeroing masked-off load registers; ~26 bf16 widenings; ~50 integer, uniform
-    and branch ops re-deriving t // 3, t % 3, masks and 64-bit addresses every tap) and the epilogue 618 (erff
-    selects one of two coefficient sets per element: ~260 moves of constants and rotated accumulators). Floors: issue
-    0.875, ALU pipe 0.76, FMA pipe 0.47, L1 wavefronts 0.32, L2 -> SM 0.26 (assumed 5.5 TB/s), DRAM 0.18,
-    latency with L1 hits 0.33. No floor reaches 1.2-1.4 ms; the nearest, issue, is 64 % of the 1.37 measured
-    alone (74 % of 1.19 in the network), so it is instruction-bound, not memory-bound, and the rest is latency
-    at 4 warps a scheduler (98 registers): with every load waiting for L2 the in-order model gives 1.07.
-
-    ``FAST_CONFIG`` (tap_rows, fast_gelu, bf16_pairs, maxnreg 128; the same tile) issues 1197 per warp and frame
-    (75 per element; interior tiles, 91 % of them, 1189): the tap-row loop 3 x 270 (144 FFMA), the rest of the
-    frame loop 367 (a GELU: 8 FFMA, 4 FMUL, 1 FMNMX, 2 MUFU). 128 registers with 24 bytes of spills (6 LDL/STL
-    per warp and frame) keep 4 programs an SM; without the cap 138 registers leave 3. Floors: issue 0.495 (minus
-    ~5 %: the counted epilogue of frame -1 is skipped by a branch), L1 0.32, DRAM 0.18; with all loads at L2
-    latency 0.34, under issue. Ablations, issue floors: fast_gelu alone 0.74, FAST_CONFIG with erff 0.63,
-    without bf16_pairs 0.53.
-    PREDICTED, UNTIMED: its largest estimate is issue, ~0.47 ms; times the default's ratio of measured time to its
-    largest estimate (1.28 alone, 1.11 in the network) that is 0.60 ms a call alone (2.3x) and 0.52 in the
-    network; if only 64 % of issue slots are used, as the default's, 0.73. So 0.6-0.75 ms alone, and 4.76 ->
-    2.1-2.6 ms per frame. Time it (``python benchmarks/bench_dwconv.py --dtypes bf16 --variants all``) before
-    making it the default.
+    Offline (``benchmarks/sass_stencil.py``, sm_90a SASS of the bf16 GELU forward): 75 instructions an output
+    element against the previous kernel's 132, 128 registers with 24 bytes spilled, an issue floor of 0.495 ms at
+    either tile. The prediction drawn from it, 0.6-0.75 ms at 64 channels (the previous kernel's ratio of measured
+    time to its issue floor applied to ~0.47), missed: 1.11 measured, so at that tile the kernel is not
+    issue-bound. The tap-row loop, its unmasked interior copy and the bf16 pairs gained 3 % (1.11 -> 1.08 without
+    the GELU), the GELU 16 %, the 32-channel, 2-warp tile another 11 % (one run, in which two rows of identical
+    code differed by 12 %; the tile won all three passes). The offline model counts the same instructions a warp
+    and warps a scheduler at both tiles, so the tile's gain is outside it: likely latency (twice the programs an SM,
+    each half the size).
     """
 
     block_h: int = 4
     block_w: int = 8
-    block_c: int = 64
-    num_warps: int = 4
+    block_c: int = 32
+    num_warps: int = 2
     num_stages: int = 2
     wgrad_block_h: int = 4
     wgrad_block_w: int = 8
     wgrad_block_c: int = 64
     wgrad_num_warps: int = 4
     wgrad_groups: int = 0  # programs per channel block and batch in the weight gradient (0: ~4 programs per SM)
-    tap_rows: bool = False  # the stencil as _stencil_rows_kernel (fewer instructions a tap; see FAST_CONFIG)
-    fast_gelu: bool = False  # GELU from one exp2, one reciprocal and a polynomial instead of erff (_normal_tail)
-    bf16_pairs: bool = False  # tap_rows: read bf16 x as int32 channel pairs (cheaper widening; _load_row_shift)
-    maxnreg: int = 0  # register cap a thread for the stencil (0: the compiler's choice)
+    bf16_pairs: bool = True  # read bf16 x as int32 channel pairs (cheaper widening; _load_row_shift) where C is even
+    maxnreg: int = 128  # register cap a thread for the stencil (0: the compiler's choice, 138 at the default tile)
 
     def __post_init__(self) -> None:
         for name in ('block_h', 'block_w', 'block_c', 'num_warps', 'wgrad_block_h', 'wgrad_block_w', 'wgrad_block_c'):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f'DWConvConfig.{name} must be a power of two, got {value}')
+        if self.block_c < 2:  # the kernel splits a channel block into pairs
+            raise ValueError(f'DWConvConfig.block_c must be at least 2, got {self.block_c}')
 
 
 DEFAULT_CONFIG = DWConvConfig()
-# the leaner stencil, untimed (predicted 0.6-0.75 ms against 1.37: DWConvConfig's docstring): opt in until timed
-FAST_CONFIG = DWConvConfig(tap_rows=True, fast_gelu=True, bf16_pairs=True, maxnreg=128)
 # What the custom ops (the network's calls) run with; read at every call, since the op is opaque to torch.compile,
 # so a benchmark can swap configurations without recompiling the graphs around it.
 OP_CONFIG: DWConvConfig = DEFAULT_CONFIG
@@ -191,86 +175,24 @@ def _normal_tail(x):
     return e * (k * poly), e
 
 
-def _epilogue(
-    acc, bias, g_ptr, y_ptr, frame, hh, ww, cc, mc, H, W, C, valid, MODE: tl.constexpr, FAST_GELU: tl.constexpr
-):
+def _epilogue(acc, bias, g_ptr, y_ptr, frame, hh, ww, cc, mc, H, W, C, MODE: tl.constexpr):
     """Store conv + bias (MODE 0), its GELU (1) or g * GELU'(conv + bias) (2) for one output frame; the GELU from
-    erff, or with FAST_GELU from :func:`_normal_tail` (Phi(x) = 1 - Q(x) for x >= 0, Q(-x) below)."""
+    :func:`_normal_tail` (Phi(x) = 1 - Q(x) for x >= 0, Q(-x) below)."""
     pre = acc + bias[None, :]
     offs = (hh * W + ww)[:, None] * C + cc[None, :]
     base = frame.to(tl.int64) * H * W * C
-    m = ((hh < H) & (ww < W))[:, None] & mc[None, :] & valid
+    m = ((hh < H) & (ww < W))[:, None] & mc[None, :]
     if MODE == 0:
         out = pre
     elif MODE == 1:
-        if FAST_GELU:
-            q, _ = _normal_tail(pre)
-            out = tl.maximum(pre, 0.0) - tl.abs(pre) * q  # x Phi(x) = relu(x) - |x| Q(|x|)
-        else:
-            out = 0.5 * pre * (1.0 + tl.math.erf(pre * 0.7071067811865476))
+        q, _ = _normal_tail(pre)
+        out = tl.maximum(pre, 0.0) - tl.abs(pre) * q  # x Phi(x) = relu(x) - |x| Q(|x|)
     else:
         g = tl.load(g_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
         # GELU'(x) = Phi(x) + x phi(x); 0.3989... = 1 / sqrt(2 pi)
-        if FAST_GELU:
-            q, e = _normal_tail(pre)
-            out = g * (tl.where(pre >= 0.0, 1.0 - q, q) + pre * 0.3989422804014327 * e)
-        else:
-            cdf = 0.5 * (1.0 + tl.math.erf(pre * 0.7071067811865476))
-            out = g * (cdf + pre * 0.3989422804014327 * tl.exp(-0.5 * pre * pre))
+        q, e = _normal_tail(pre)
+        out = g * (tl.where(pre >= 0.0, 1.0 - q, q) + pre * 0.3989422804014327 * e)
     tl.store(y_ptr + base + offs, out.to(y_ptr.dtype.element_ty), mask=m)
-
-
-def _stencil_kernel(
-    x_ptr,
-    wt_ptr,
-    b_ptr,
-    g_ptr,
-    y_ptr,
-    K,
-    H,
-    W,
-    C,
-    n_wblocks,
-    n_cblocks,
-    MODE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    FAST_GELU: tl.constexpr,
-):
-    """y = epilogue(depthwise 3x3x3 conv of x with wt (27, C) fp32 + b) over all K frames of one pixel tile and
-    channel block of batch element program_id(1). x, g, y: (B, K, H, W, C) contiguous."""
-    pid = tl.program_id(0)
-    bidx = tl.program_id(1)
-    pid_c = pid % n_cblocks
-    tile = pid // n_cblocks
-    hh, ww = _tile_coords(tile, n_wblocks, H, W, BLOCK_H, BLOCK_W)
-    cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mc = cc < C
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + cc, mask=mc, other=0.0)
-    else:
-        bias = tl.full((BLOCK_C,), 0.0, tl.float32)
-    zero = tl.full((BLOCK_H * BLOCK_W, BLOCK_C), 0.0, tl.float32)
-    cur = zero  # output frame kin - 1: has inputs kin - 2 and kin - 1, completed by input kin (its dk = 2 tap)
-    nxt = zero  # output frame kin: has input kin - 1
-    for kin in range(0, K):
-        frame = bidx * K + kin
-        new = zero  # output frame kin + 1: input kin is its dk = 0 tap
-        # a loop, not static_range: unrolled, the compiler issues all 27 weight loads first and runs out of registers
-        for t in range(0, 9):
-            xs = _load_shifted(x_ptr, frame, hh, ww, cc, mc, H, W, C, t // 3, t % 3, True)
-            w0 = tl.load(wt_ptr + t * C + cc, mask=mc, other=0.0)
-            w1 = tl.load(wt_ptr + (9 + t) * C + cc, mask=mc, other=0.0)
-            w2 = tl.load(wt_ptr + (18 + t) * C + cc, mask=mc, other=0.0)
-            cur += xs * w2[None, :]
-            nxt += xs * w1[None, :]
-            new += xs * w0[None, :]
-        _epilogue(cur, bias, g_ptr, y_ptr, frame - 1, hh, ww, cc, mc, H, W, C, kin > 0, MODE, FAST_GELU)
-        cur = nxt
-        nxt = new
-    _epilogue(cur, bias, g_ptr, y_ptr, bidx * K + K - 1, hh, ww, cc, mc, H, W, C, True, MODE, FAST_GELU)
 
 
 def _load_row_shift(xr, offs, offs2, mp, mc, mc2, MASKED: tl.constexpr, PAIRS: tl.constexpr):
@@ -310,7 +232,6 @@ def _rows_frames(
     ww,
     MODE: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    FAST_GELU: tl.constexpr,
     PAIRS: tl.constexpr,
     MASKED: tl.constexpr,
 ):
@@ -323,12 +244,12 @@ def _rows_frames(
     offs = (hh * W + ww)[:, None] * C + cc[None, :]  # the tile in its frame; the shifts add scalars to it
     offs2 = (hh * W + ww)[:, None] * (C // 2) + cc2[None, :]
     zero = tl.full(offs.shape, 0.0, tl.float32)
-    cur = zero  # output frame kin - 1 (see _stencil_kernel)
-    nxt = zero  # output frame kin
+    cur = zero  # output frame kin - 1: has inputs kin - 2 and kin - 1, completed by input kin (its dk = 2 tap)
+    nxt = zero  # output frame kin: has input kin - 1
     for kin in range(0, K):
         frame = bidx * K + kin
         xf = x_ptr + frame.to(tl.int64) * H * W * C
-        new = zero  # output frame kin + 1
+        new = zero  # output frame kin + 1: input kin is its dk = 0 tap
         for dh in range(0, 3):
             h = hh + (dh - 1)
             mh = (h >= 0) & (h < H)
@@ -341,10 +262,10 @@ def _rows_frames(
                 nxt += xs * tl.load(wr + (9 * BLOCK_C + dw * BLOCK_C))[None, :]
                 new += xs * tl.load(wr + dw * BLOCK_C)[None, :]
         if kin > 0:  # a branch, not a store mask: the GELU of the frame before the first is not computed
-            _epilogue(cur, bias, g_ptr, y_ptr, frame - 1, hh, ww, cc, mc, H, W, C, True, MODE, FAST_GELU)
+            _epilogue(cur, bias, g_ptr, y_ptr, frame - 1, hh, ww, cc, mc, H, W, C, MODE)
         cur = nxt
         nxt = new
-    _epilogue(cur, bias, g_ptr, y_ptr, bidx * K + K - 1, hh, ww, cc, mc, H, W, C, True, MODE, FAST_GELU)
+    _epilogue(cur, bias, g_ptr, y_ptr, bidx * K + K - 1, hh, ww, cc, mc, H, W, C, MODE)
 
 
 def _stencil_rows_kernel(
@@ -364,15 +285,15 @@ def _stencil_rows_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    FAST_GELU: tl.constexpr,
     EVEN_C: tl.constexpr,
     PAIRS: tl.constexpr,
 ):
-    """:func:`_stencil_kernel` with fewer instructions a tap (``DWConvConfig.tap_rows``). wt is blocked by channel
-    block, (n_cblocks, 27, BLOCK_C) fp32 zero-padded, so a block's taps are loaded unmasked at constant offsets.
-    The taps' rows (dh) are a loop and their columns (dw) unrolled: column masks and the tile's offsets are
-    loop-invariant, a row costs one mask and one pointer step. Interior tiles (no shifted pixel outside the frame;
-    EVEN_C: C is a multiple of BLOCK_C) take a copy of the frame loop without masks. PAIRS: see _load_row_shift."""
+    """y = epilogue(depthwise 3x3x3 conv of x with wt + b) over all K frames of one pixel tile and channel block of
+    batch element program_id(1). x, g, y: (B, K, H, W, C) contiguous; wt is blocked by channel block, (n_cblocks,
+    27, BLOCK_C) fp32 zero-padded, so a block's taps are loaded unmasked at constant offsets. The taps' rows (dh)
+    are a loop and their columns (dw) unrolled: column masks and the tile's offsets are loop-invariant, a row costs
+    one mask and one pointer step. Interior tiles (no shifted pixel outside the frame; EVEN_C: C is a multiple of
+    BLOCK_C) take a copy of the frame loop without masks. PAIRS: see _load_row_shift."""
     pid = tl.program_id(0)
     bidx = tl.program_id(1)
     pid_c = pid % n_cblocks
@@ -389,11 +310,9 @@ def _stencil_rows_kernel(
     h0 = (tile // n_wblocks) * BLOCK_H
     w0 = (tile % n_wblocks) * BLOCK_W
     if (h0 > 0) & (h0 + BLOCK_H < H) & (w0 > 0) & (w0 + BLOCK_W < W) & EVEN_C:
-        _rows_frames(
-            x_ptr, wp, bias, g_ptr, y_ptr, bidx, c0, K, H, W, C, hh, ww, MODE, BLOCK_C, FAST_GELU, PAIRS, False
-        )
+        _rows_frames(x_ptr, wp, bias, g_ptr, y_ptr, bidx, c0, K, H, W, C, hh, ww, MODE, BLOCK_C, PAIRS, False)
     else:
-        _rows_frames(x_ptr, wp, bias, g_ptr, y_ptr, bidx, c0, K, H, W, C, hh, ww, MODE, BLOCK_C, FAST_GELU, PAIRS, True)
+        _rows_frames(x_ptr, wp, bias, g_ptr, y_ptr, bidx, c0, K, H, W, C, hh, ww, MODE, BLOCK_C, PAIRS, True)
 
 
 def _wgrad_kernel(
@@ -462,7 +381,6 @@ _KERNELS = LazyKernels(
         _rcp,
         _normal_tail,
         _epilogue,
-        _stencil_kernel,
         _load_row_shift,
         _rows_frames,
         _stencil_rows_kernel,
@@ -490,27 +408,31 @@ def _taps(weight: Tensor) -> Tensor:
 
 
 def stencil_launch(
-    shape: Tuple[int, int, int, int, int], dtype: torch.dtype, mode: int, has_bias: bool, cfg: DWConvConfig
+    shape: Tuple[int, int, int, int, int],
+    dtype: torch.dtype,
+    mode: int,
+    has_bias: bool,
+    cfg: DWConvConfig,
+    x_aligned: bool = True,
 ) -> Tuple[str, Tuple[int, int], Tuple[int, ...], Dict[str, object]]:
     """(kernel name in _KERNELS, grid, integer arguments, keyword arguments) of the stencil for an x of ``shape``
     (B, K, H, W, C) and ``dtype``; the pointers come first. Shared with benchmarks/sass_stencil.py, which compiles
-    the same specialisation."""
+    the same specialisation. Channel pairs only for bf16 with an even C, and x_aligned: x on a 4-byte boundary
+    (they are int32 loads; a view can start mid-word)."""
     batch, k, h, w, c = shape
     n_wblocks = triton.cdiv(w, cfg.block_w)
     n_cblocks = triton.cdiv(c, cfg.block_c)
     grid = (n_cblocks * n_wblocks * triton.cdiv(h, cfg.block_h), batch)
     kwargs = dict(MODE=mode, HAS_BIAS=has_bias, BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, BLOCK_C=cfg.block_c)
-    kwargs.update(FAST_GELU=cfg.fast_gelu, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.tap_rows:
-        kwargs.update(EVEN_C=c % cfg.block_c == 0, PAIRS=cfg.bf16_pairs and dtype == torch.bfloat16 and c % 2 == 0)
+    pairs = cfg.bf16_pairs and dtype == torch.bfloat16 and c % 2 == 0 and x_aligned
+    kwargs.update(EVEN_C=c % cfg.block_c == 0, PAIRS=pairs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.maxnreg:
         kwargs['maxnreg'] = cfg.maxnreg
-    name = 'stencil_rows_kernel' if cfg.tap_rows else 'stencil_kernel'
-    return name, grid, (k, h, w, c, n_wblocks, n_cblocks), kwargs
+    return 'stencil_rows_kernel', grid, (k, h, w, c, n_wblocks, n_cblocks), kwargs
 
 
 def _block_taps(taps: Tensor, block_c: int) -> Tensor:
-    """(27, C) -> (ceil(C / block_c), 27, block_c), zero-padded: the layout the tap_rows kernel reads."""
+    """(27, C) -> (ceil(C / block_c), 27, block_c), zero-padded: the layout the stencil reads."""
     n_cblocks = triton.cdiv(taps.shape[1], block_c)
     padded = F.pad(taps, (0, n_cblocks * block_c - taps.shape[1]))
     return padded.view(27, n_cblocks, block_c).transpose(0, 1).contiguous()
@@ -521,10 +443,10 @@ def _stencil(
 ) -> Tensor:
     """Launch the stencil kernel; x (and g) (B, K, H, W, C) contiguous, taps (27, C) fp32, bias (C,) fp32 or None."""
     y = torch.empty_like(x)
-    name, grid, ints, kwargs = stencil_launch(tuple(x.shape), x.dtype, mode, bias is not None, cfg)
+    aligned = x.data_ptr() % 4 == 0
+    name, grid, ints, kwargs = stencil_launch(tuple(x.shape), x.dtype, mode, bias is not None, cfg, aligned)
     kernel = getattr(_KERNELS(interpret_for(x)), name)
-    if cfg.tap_rows:
-        taps = _block_taps(taps, cfg.block_c)
+    taps = _block_taps(taps, cfg.block_c)
     pointers = (x, taps, taps if bias is None else bias, x if g is None else g, y)
     kernel[grid](*pointers, *ints, **kwargs)
     return y

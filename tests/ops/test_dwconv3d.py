@@ -25,6 +25,8 @@ import torch
 import triton  # noqa: F401  (comes with torch's Linux wheels; these tests must not skip on CPU)
 
 from gsmsr.ops.dwconv3d import (
+    MODE_CONV,
+    MODE_GELU,
     MODE_GELU_GRAD,
     DWConvConfig,
     _stencil,
@@ -33,6 +35,7 @@ from gsmsr.ops.dwconv3d import (
     dwconv3d_gelu_backward_triton,
     dwconv3d_gelu_ref,
     dwconv3d_gelu_triton,
+    stencil_launch,
 )
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -176,11 +179,9 @@ def test_module_imports_without_triton():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The tap_rows stencil (DWConvConfig.tap_rows / fast_gelu / bf16_pairs; FAST_CONFIG at the GPU's tiles)
+# Interior tiles, bf16 channel pairs and the fast GELU, at the CPU tiles
 # ---------------------------------------------------------------------------------------------------------------
 
-ROWS = dataclasses.replace(TINY, tap_rows=True)
-FAST = dataclasses.replace(TINY, tap_rows=True, fast_gelu=True, bf16_pairs=True)
 # 4x4-pixel tiles: H = 9, W = 13 (or 9) leave interior tiles (tile and halo inside the frame) when C = 32 is a
 # multiple of the channel block; C = 40 (a partial block) and C = 39 (odd: no bf16 pairs) run every tile masked
 ROW_CASES = {
@@ -189,6 +190,8 @@ ROW_CASES = {
     'k5_interior': (1, 5, 9, 9, 32),
     'k3_odd_c': (1, 3, 5, 6, 39),
 }
+# every tile masked (C = 32 is half a channel block) and bf16 widened channel by channel
+MASKED = dataclasses.replace(TINY, block_c=64, bf16_pairs=False)
 
 
 def _stencil_cases(x, w, b, dout, cfg):
@@ -206,27 +209,38 @@ def _stencil_cases(x, w, b, dout, cfg):
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('case', list(ROW_CASES))
-def test_fast_stencil_matches_reference(case, dtype, poisoned):
+def test_stencil_epilogues_match_reference(case, dtype, poisoned):
     x, w, b, dout = _inputs(ROW_CASES[case], True, dtype, 'cpu')
-    for name, got, want in _stencil_cases(x, w, b, dout, FAST):
+    for name, got, want in _stencil_cases(x, w, b, dout, TINY):
         assert got.dtype == dtype and _err(got, want) <= TOL[dtype], name
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_tap_rows_with_erf_gelu_matches_reference(dtype, poisoned):
-    x, w, b, dout = _inputs(ROW_CASES['k1_interior'], True, dtype, 'cpu')
-    for name, got, want in _stencil_cases(x, w, b, dout, ROWS):
-        assert _err(got, want) <= TOL[dtype], name
-
-
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_tap_rows_sums_in_the_same_order(dtype):
-    """The conv alone is bit-identical to the default kernel's (interpreted: same taps, same order; the bf16
-    pairs widen exactly), with interior and edge tiles and a partial channel block."""
+def test_interior_copy_and_pairs_sum_in_the_same_order(dtype):
+    """The unmasked interior copy and the bf16 pairs give the conv bit for bit as the masked, channel-by-channel
+    path does (interpreted: same taps, same order; a pair widens exactly), with edge tiles and a partial block."""
     for shape in ((1, 2, 9, 13, 32), (2, 2, 5, 7, 40)):
         x, w, b, _ = _inputs(shape, True, dtype, 'cpu')
-        want = dwconv3d_gelu_triton(x, w, b, False, TINY)
-        assert torch.equal(dwconv3d_gelu_triton(x, w, b, False, FAST), want), shape
+        launch = stencil_launch(shape, dtype, MODE_CONV, True, TINY)[3]
+        assert launch['PAIRS'] == (dtype == torch.bfloat16) and launch['EVEN_C'] == (shape[-1] == 32)
+        want = dwconv3d_gelu_triton(x, w, b, False, MASKED)
+        assert torch.equal(dwconv3d_gelu_triton(x, w, b, False, TINY), want), shape
+
+
+def test_pairs_only_where_valid():
+    """int32 channel pairs only for bf16 x with an even C that starts on a 4-byte boundary; a bf16 view that starts
+    mid-word (storage offset 1) takes the channel-by-channel loads and still matches the reference."""
+
+    def pairs(c: int, dtype: torch.dtype, aligned: bool = True) -> bool:
+        return stencil_launch((1, 2, 5, 7, c), dtype, MODE_GELU, True, TINY, aligned)[3]['PAIRS']
+
+    assert pairs(40, torch.bfloat16)
+    assert not (pairs(40, torch.float32) or pairs(39, torch.bfloat16) or pairs(40, torch.bfloat16, aligned=False))
+    x, w, b, _ = _inputs((1, 2, 5, 7, 40), True, torch.bfloat16, 'cpu')
+    view = torch.empty(x.numel() + 1, dtype=torch.bfloat16)[1:].view(x.shape).copy_(x)
+    assert view.data_ptr() % 4 == 2
+    want = dwconv3d_gelu_ref(x.double(), w.double(), b.double())
+    assert _err(dwconv3d_gelu_triton(view, w, b, True, TINY), want) <= TOL[torch.bfloat16]
 
 
 def _identity_taps(c: int) -> torch.Tensor:
@@ -237,18 +251,18 @@ def _identity_taps(c: int) -> torch.Tensor:
 
 
 def test_fast_gelu_against_float64():
-    """fast_gelu through the stencil (identity taps, so the epilogue sees x itself), fp32, on x in [-13, 13]:
+    """The GELU epilogue through the stencil (identity taps, so the epilogue sees x itself), fp32, on x in [-13, 13]:
     relative error of GELU within 2e-6 for x >= -3 and 1.2e-5 below (exp's argument loses digits as x^2 grows),
     i.e. far inside bf16 rounding (2^-9); GELU' within 2e-6 absolute."""
     xs = torch.cat(
         [torch.linspace(-13, 13, 64 * 64 - 64), 2.0 ** -torch.arange(1, 33.0), -(2.0 ** -torch.arange(1, 33.0))]
     )
     x = xs.view(1, 1, 8, 8, 64)
-    y = dwconv3d_gelu_triton(x, _identity_taps(64), torch.zeros(64), True, FAST).flatten().double()
+    y = dwconv3d_gelu_triton(x, _identity_taps(64), torch.zeros(64), True, TINY).flatten().double()
     xd = xs.double()
     cdf = 0.5 * torch.erfc(-xd / math.sqrt(2))
     rel = (y - xd * cdf).abs() / (xd * cdf).abs()
     assert rel[xd >= -3].max() <= 2e-6 and rel.max() <= 1.2e-5, float(rel.max())
-    grad = _stencil(x, _taps(_identity_taps(64)), torch.zeros(64), torch.ones_like(x), MODE_GELU_GRAD, FAST)
+    grad = _stencil(x, _taps(_identity_taps(64)), torch.zeros(64), torch.ones_like(x), MODE_GELU_GRAD, TINY)
     want = cdf + xd * torch.exp(-0.5 * xd * xd) / math.sqrt(2 * math.pi)
     assert (grad.flatten().double() - want).abs().max() <= 2e-6
