@@ -2,7 +2,7 @@
 
     python benchmarks/bench_infer.py [--cases 360x640x100,1080x1920x40,1080x1920x20] [--cache fresh,warm]
                                      [--cache-dir DIR] [--precision bf16] [--config release|tiny]
-                                     [--no-reference] [-- EXTRA ARGS]
+                                     [--no-reference] [--run-timeout SECONDS] [-- EXTRA ARGS]
 
 For each case (LR HxWxFRAMES) the frames are a synthetic moving texture written as PNGs, the network the released
 configuration with random weights (speed and memory do not depend on the weights), the output a PNG folder.
@@ -19,7 +19,16 @@ in which the GPU runs the network, from CUDA events around each network call; em
 16 target: >= 90 %), and the network-only time for the same LR pixels: bench_gsm's default row (compiled
 bf16 streaming, T x 180 x 320) timed in its own process in the same run, scaled by LR pixel-frames. The
 ``vs net`` column is streaming seconds over that (issue 16 target: <= 1.25 on long clips).
-Logs (each run's stderr, its stats JSON, the table) go to ``$OUT/bench_infer`` when ``OUT`` is set.
+
+After each run a second table gives its launch timeline (the stats' ``timeline``, see ``gsmsr.inference.TIMELINE``):
+seconds from this script's launch of the process to each start-up phase (imports, device, network built, weights
+loaded, on the device, compile caches, streaming, first chunk queued, first frame written), with the step from the
+phase before, then the end of streaming and the process's exit.
+
+Logs go to ``$OUT/bench_infer`` when ``OUT`` is set: each run's stdout and stderr stream into ``<case>-<cache>.log``
+while it runs (the warm-up run's into ``<case>-warmup.log``), its stats JSON beside it, and ``rows.json`` is
+rewritten after every row, so a benchmark stopped from outside keeps what it had. ``--run-timeout SECONDS`` stops a
+run that takes longer (SIGTERM, then SIGKILL 10 s later) and reports a row saying so; its log is kept.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -44,6 +53,15 @@ from bench_utils import print_table  # noqa: E402  (this folder is on sys.path)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(type='GSMNet', upscale=4, prop_depth=1, attn_depth=1, pa_frame=1, embed_dims=16, num_heads=4)
 REFERENCE_SIZE = (20, 180, 320)  # bench_gsm's default row
+STOP_GRACE_S = 10.0  # after SIGTERM, a run over --run-timeout gets this long to clean up before SIGKILL
+
+
+class RunFailed(RuntimeError):
+    """A ``gsmsr infer`` run that failed, or was stopped for taking longer than ``--run-timeout``."""
+
+    def __init__(self, message: str, wall: Optional[float] = None) -> None:
+        super().__init__(message)
+        self.wall = wall  # seconds it ran before it was stopped (None: it exited by itself)
 
 
 def write_frames(folder: Path, n: int, h: int, w: int) -> None:
@@ -81,25 +99,81 @@ def child_env(cache_home: Path) -> Dict[str, str]:
     return env
 
 
-def run_infer(src: Path, out: Path, net_args: List[str], extra: List[str], cache_home: Path, log: Optional[Path]):
-    """One ``gsmsr infer`` process; returns (stats dict, wall seconds); the stats gain ``first_frame_since_launch``."""
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (gsmsr infer then removes its partial output and exits), SIGKILL if it is still there after the grace."""
+    proc.terminate()
+    try:
+        proc.wait(STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_infer(
+    src: Path,
+    out: Path,
+    net_args: List[str],
+    extra: List[str],
+    cache_home: Path,
+    log: Path,
+    timeout: Optional[float] = None,
+) -> Tuple[dict, float]:
+    """One ``gsmsr infer`` process; returns (stats dict, wall seconds).
+
+    Its stdout and stderr stream into ``log`` while it runs; its stats are saved beside it (``.json``) and gain
+    ``launched_at`` (Unix time of the launch here) and ``first_frame_since_launch``. Raises :class:`RunFailed` when
+    it exits with an error, or after stopping it once it has run ``timeout`` seconds.
+    """
     stats_file = out.parent / (out.name + '.json')
+    stats_file.unlink(missing_ok=True)
     cmd = [sys.executable, '-m', 'gsmsr', 'infer', str(src), '-o', str(out), '--force', '--no-progress']
     cmd += [*net_args, '--stats-json', str(stats_file), *extra]
-    launched = time.time()  # the child reports its first write as Unix time
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=child_env(cache_home), capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if log is not None:
-        log.write_text(' '.join(cmd) + '\n' + proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(f'gsmsr infer failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}')
+    with open(log, 'w', encoding='utf-8') as f:
+        f.write(' '.join(cmd) + '\n')
+        f.flush()
+        launched = time.time()  # the child reports its phases as Unix times
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=child_env(cache_home), stdout=f, stderr=subprocess.STDOUT)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            stop(proc)
+            wall = time.perf_counter() - start
+            f.write(f'\nbench_infer: stopped after {wall:.1f} s (--run-timeout {timeout:g})\n')
+            raise RunFailed(f'stopped after {wall:.1f} s: over --run-timeout {timeout:g} s', wall) from None
+        wall = time.perf_counter() - start
+    if code != 0:
+        raise RunFailed(f'gsmsr infer failed ({code}): {log.read_text(errors="replace").strip()[-2000:]}')
     stats = json.loads(stats_file.read_text())
+    stats['launched_at'] = launched
     if stats.get('first_frame_at') is not None:
         stats['first_frame_since_launch'] = stats['first_frame_at'] - launched
-    if log is not None:
-        log.with_suffix('.json').write_text(json.dumps(stats, indent=1))
+    log.with_suffix('.json').write_text(json.dumps(stats, indent=1))
     return stats, wall
+
+
+def phase_rows(stats: dict, wall: float) -> List[Dict[str, str]]:
+    """The run's launch timeline: seconds from the launch to each phase and from the phase before, then the end
+    of streaming (``stream_start`` + ``seconds``) and the process's exit (launch + wall time)."""
+    launched = stats['launched_at']
+    phases = list((stats.get('timeline') or {}).items())
+    if 'stream_start' in dict(phases):
+        phases.append(('stream_end', dict(phases)['stream_start'] + stats['seconds']))
+    phases.append(('process_exit', launched + wall))
+    rows, before = [], launched
+    for phase, at in phases:
+        rows.append({'phase': phase, 'from_launch_s': f'{at - launched:.2f}', 'step_s': f'{at - before:.2f}'})
+        before = at
+    return rows
+
+
+def save_rows(out_root: Optional[Path], rows: List[Dict[str, str]]) -> None:
+    """``rows.json`` as it stands (replaced whole, so a benchmark stopped from outside leaves a readable file)."""
+    if out_root is None:
+        return
+    tmp = out_root / 'rows.json.partial'
+    tmp.write_text(json.dumps(rows, indent=1))
+    os.replace(tmp, out_root / 'rows.json')
 
 
 def network_reference(repeats: int) -> Dict[str, float]:
@@ -145,6 +219,12 @@ def main() -> int:
     p.add_argument('--config', choices=['release', 'tiny'], default='release', help='tiny: CPU smoke runs')
     p.add_argument('--no-reference', action='store_true', help='skip the network-only reference row')
     p.add_argument('--repeats', type=int, default=3, help='timed repeats of the network-only reference')
+    p.add_argument(
+        '--run-timeout',
+        type=float,
+        metavar='SECONDS',
+        help='stop a gsmsr infer run that takes longer and report it in its row, log kept (default: no limit)',
+    )
     p.add_argument('--reference-only', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('extra', nargs='*', help='after --: more gsmsr infer arguments, e.g. -- --tile 256')
     args = p.parse_args()
@@ -169,22 +249,34 @@ def main() -> int:
         if cuda and not args.no_reference and args.config == 'release':
             reference = reference_in_subprocess(cache_home, args.repeats)
             print(f'network-only reference: {reference}', flush=True)
+        log_root = out_root if out_root is not None else tmp
         for case in args.cases.split(','):
             h, w, n = (int(v) for v in case.split('x'))
             src = tmp / f'in-{case}'
             write_frames(src, n, h, w)
-            if modes[0] == 'warm' and not prefilled:  # an unreported warm-up run fills the cache
-                run_infer(src, tmp / f'out-{case}-warmup', net_args, extra, cache_home, None)
-            for mode in modes:
+            runs = [(mode, f'{case}-{mode}') for mode in modes]
+            if modes[0] == 'warm' and not prefilled:  # a warm-up run fills the cache (a row only if it fails)
+                runs.insert(0, ('warmup', f'{case}-warmup'))
+            for mode, name in runs:
                 if mode == 'fresh':
                     shutil.rmtree(cache_home, ignore_errors=True)
-                name = f'{case}-{mode}'
-                log = out_root / f'{name}.log' if out_root is not None else None
+                dest, log = tmp / f'out-{name}', log_root / f'{name}.log'
                 try:
-                    stats, wall = run_infer(src, tmp / f'out-{name}', net_args, extra, cache_home, log)
-                except RuntimeError as err:
-                    rows.append({'input': f'{h}x{w}', 'frames': str(n), 'cache': mode, 'frames/s': str(err)[:80]})
+                    stats, wall = run_infer(src, dest, net_args, extra, cache_home, log, args.run_timeout)
+                except RunFailed as err:
+                    row = {'input': f'{h}x{w}', 'frames': str(n), 'cache': mode, 'frames/s': str(err)[:80]}
+                    if err.wall is not None:
+                        row['wall_s'] = f'{err.wall:.1f}'
+                    rows.append(row)
+                    save_rows(out_root, rows)
                     print(err, flush=True)
+                    if mode == 'warmup':  # warm rows without their warm cache would mislead
+                        break
+                    continue
+                print(f'\n# launch timeline of {name} (seconds from launch)', end='')
+                print_table(phase_rows(stats, wall), ['phase', 'from_launch_s', 'step_s'])
+                sys.stdout.flush()
+                if mode == 'warmup':
                     continue
                 seconds = stats['seconds']
                 first = stats.get('first_frame_since_launch')
@@ -207,6 +299,7 @@ def main() -> int:
                     net_s = reference['us_per_pixel_frame'] * 1e-6 * n * h * w
                     row.update(net_s=f'{net_s:.1f}', vs_net=f'{seconds / net_s:.2f}')
                 rows.append(row)
+                save_rows(out_root, rows)
                 print(row, flush=True)
             for out in tmp.glob(f'out-{case}*'):  # HR frames of a large case are gigabytes
                 if out.is_dir():
@@ -221,8 +314,6 @@ def main() -> int:
     cols = ['input', 'frames', 'cache', 'tile', 'batch', 'frames/s', 'stream_s', 'wall_s', 'first_frame_s']
     cols += ['peak_GPU_GiB', 'peak_host_GiB', 'GPU_busy', 'net_s', 'vs_net']
     print_table(rows, cols)
-    if out_root is not None:
-        (out_root / 'rows.json').write_text(json.dumps(rows, indent=1))
     return 0
 
 

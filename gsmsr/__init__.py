@@ -4,6 +4,7 @@ Importing the package applies the BasicSR compatibility fixes and registers ``GS
 and ``GSMModel`` (MODEL_REGISTRY).
 """
 
+from gsmsr import launch as _launch  # noqa: F401,I001  (first: notes when gsmsr started importing)
 from gsmsr import compat as _compat
 
 _compat.apply()

@@ -72,7 +72,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Deque, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -82,10 +82,13 @@ from torch import Tensor, nn
 from gsmsr.compile_cache import AOT_ENV, MegaCache, enable_persistent_caches
 from gsmsr.faults import InputError, check_free_space, one_line, run_reporting_errors
 from gsmsr.io_threads import FrameWriter, ReadAhead
+from gsmsr.launch import launch_timeline
 from gsmsr.memory_plan import choose_tiling, free_device_bytes
 from gsmsr.tiling import Tile, accumulate_tiles, chunk_length, tile_sides, tile_weight_map
 from gsmsr.utils import atomic_write_text, resolve_device
 from gsmsr.video_io import check_output, estimated_output_bytes, open_sink, open_source, output_kind
+
+IMPORTS_DONE = time.time()  # torch, BasicSR and gsmsr are imported: the launch timeline's imports_done
 
 __all__ = [
     'DEFAULT_NETWORK',
@@ -121,6 +124,23 @@ PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 READ_AHEAD = 8  # decoded LR frames queued beyond the streamer's own buffer
 WRITE_AHEAD_BYTES = 2 * 2**30  # host memory for finished frames waiting for the encoder
 WRITER_THREADS = min(4, os.cpu_count() or 1)  # PNG writers (OpenCV releases the GIL); a video has one, in order
+# The launch timeline (InferenceStats.timeline): the Unix times (time.time()) at which a run reached each phase, in
+# this order. Reading them adds no GPU synchronisation: on CUDA, first_chunk_queued is when the host has queued the
+# first chunk's work, which the GPU may still be running; first_frame_written is when its first frame was written.
+TIMELINE = (
+    'process_start',  # the process started (the OS's record: gsmsr.launch.process_start)
+    'gsmsr_import_start',  # `import gsmsr` began: the interpreter is up, nothing heavy imported yet
+    'imports_done',  # torch, BasicSR and gsmsr imported (this module loaded)
+    'device_chosen',  # the device resolved (on CUDA: the driver initialised, no context yet)
+    'input_probed',  # arguments, input, output and free space checked
+    'model_built',  # the network constructed on the CPU (randomly initialised)
+    'weights_loaded',  # checkpoint read and loaded strictly
+    'device_ready',  # network moved to the device (on CUDA: the context created, the weights copied)
+    'caches_ready',  # compile caches set up and loaded (compiled CUDA runs; otherwise nothing to do)
+    'stream_start',  # tiling planned, output opened, threads started: frames start to flow
+    'first_chunk_queued',  # the first chunk's network calls made (compilation, loading precompiled blocks included)
+    'first_frame_written',  # the first output frame written (= first_frame_at)
+)
 
 
 @dataclass
@@ -141,6 +161,10 @@ class InferenceStats:
     # None on CPU or with a single chunk.
     gpu_busy_steady: Optional[float] = None
     steady_chunks: Optional[int] = None  # the chunks it was measured over (None: not measured)
+    # Unix times of the start-up phases, in order (TIMELINE; the CLI's runs have all of them, upscale_video alone
+    # the ones from caches_ready on), and where process_start comes from (gsmsr.launch.process_start).
+    timeline: Dict[str, float] = dataclasses.field(default_factory=dict)
+    process_start_source: Optional[str] = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
@@ -178,17 +202,23 @@ def _read_options(opt: Union[str, dict, None]) -> dict:
 
 
 def load_network(
-    weights: Optional[str] = None, opt: Union[str, dict, None] = None, device: Union[str, torch.device] = 'cpu'
+    weights: Optional[str] = None,
+    opt: Union[str, dict, None] = None,
+    device: Union[str, torch.device] = 'cpu',
+    timeline: Optional[Dict[str, float]] = None,
 ) -> nn.Module:
     """Build the network and load a checkpoint strictly; returns it in eval mode on ``device``.
 
     opt: a BasicSR options file (or its dict); its ``network_g`` is the config, else the released model.
     weights: a BasicSR (``params_ema`` preferred, then ``params``) or official checkpoint; defaults to the
     options' ``path.pretrain_network_g``. Raises :class:`InputError` naming the file and key on mismatch.
+    timeline: gets the Unix times of ``model_built``, ``weights_loaded`` and ``device_ready`` (:data:`TIMELINE`).
     """
     from basicsr.utils.registry import ARCH_REGISTRY
 
     from gsmsr.archs import load_checkpoint, read_state_dict
+
+    timeline = {} if timeline is None else timeline
 
     options = _read_options(opt)
     if opt is not None and not options.get('network_g'):
@@ -209,7 +239,7 @@ def load_network(
         raise InputError(f'network_g type {arch!r} is not a registered architecture') from None
     except TypeError as e:
         raise InputError(f'network_g: {e}') from None
-
+    timeline['model_built'] = time.time()
     try:  # key=None: params_ema, then params, then a bare state dict
         state_dict = read_state_dict(weights, key=None)
     except (OSError, KeyError, ValueError) as e:
@@ -218,7 +248,10 @@ def load_network(
         load_checkpoint(net, state_dict, key=None, strict=True)
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise InputError(f'{weights}: checkpoint does not fit network_g {arch}: {one_line(e)}') from None
-    return net.to(device).eval().requires_grad_(False)
+    timeline['weights_loaded'] = time.time()
+    net = net.to(device).eval().requires_grad_(False)
+    timeline['device_ready'] = time.time()  # no synchronisation added (copies from pageable memory return once staged)
+    return net
 
 
 # ----------------------------------------------------------------------------------------------- streaming
@@ -521,6 +554,7 @@ def upscale_video(
     fps: Optional[float] = None,
     progress: bool = True,
     tile_batch: Optional[int] = None,
+    timeline: Optional[Dict[str, float]] = None,
 ) -> InferenceStats:
     """Upscale a video file or folder of frames into a video file (codec by extension, same frame rate,
     audio copied) or a PNG folder (extension-less path). The network is moved to ``device``.
@@ -529,10 +563,12 @@ def upscale_video(
     With ``net.compile_blocks`` on CUDA the compile caches persist (:mod:`gsmsr.compile_cache`).
     The output is written under a hidden temporary name and renamed at the end; on any error it is
     removed. An existing output is replaced only with ``force``. ``fps`` sets the rate of a video made from
-    a folder (default 25). Raises :class:`InputError` for bad input.
+    a folder (default 25). Raises :class:`InputError` for bad input. ``timeline``: the launch timeline so far (the
+    CLI's); the run adds its phases from ``caches_ready`` on (:data:`TIMELINE`) to a copy, ``stats.timeline``.
     """
     from tqdm import tqdm
 
+    timeline = dict(timeline or {})
     _check_settings(chunk, overlap, tile, tile_overlap, precision)
     if tile_batch is not None and tile_batch < 1:
         raise InputError(f'--tile-batch {tile_batch}: must be >= 1')
@@ -555,6 +591,7 @@ def upscale_video(
             mega.load()
             if os.environ.get(AOT_ENV) == '1' and hasattr(net, 'precompile_dir'):  # experimental, off by default
                 net.precompile_dir = str(root / 'aot')
+        timeline['caches_ready'] = time.time()
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
         # frames per network call, as _stream will choose them (an unknown count with chunk 0: planned for the default)
@@ -570,13 +607,13 @@ def upscale_video(
             audio_from=input_path if info.has_audio else None,
         )
         started = time.perf_counter()
-        first_written: List[float] = []
+        timeline['stream_start'] = time.time()
+        first_written: List[Tuple[float, float]] = []  # (seconds since started, Unix time)
 
         def write(rgb: np.ndarray, tag) -> None:  # in a writer thread
             sink.write(rgb, tag)
-            if not first_written:
-                first_written.append(time.perf_counter() - started)
-                first_written.append(time.time())
+            if not first_written:  # one append of both: several writer threads may race here
+                first_written.append((time.perf_counter() - started, time.time()))
 
         frame_bytes = 3 * scale * scale * info.height * info.width
         stride = length - overlap if chunk else length  # frames finished per chunk
@@ -597,6 +634,12 @@ def upscale_video(
         meter = _BusyMeter.for_device(device)
         if meter is not None:
             call = meter.wrap(call)
+
+        def chunk_done() -> None:  # the chunk's network calls are made (queued on CUDA)
+            timeline.setdefault('first_chunk_queued', time.time())
+            if meter is not None:
+                meter.chunk_done()
+
         count = 0
         with tqdm(
             total=info.frames,
@@ -618,7 +661,7 @@ def upscale_video(
                 input_path,
                 tile_batch,
                 info.frames,
-                on_chunk=meter.chunk_done if meter is not None else None,
+                on_chunk=chunk_done,
             )
             for out in stream:
                 writer.submit(_quantise(out), tags.popleft())
@@ -635,6 +678,8 @@ def upscale_video(
         sink = None
         seconds = time.perf_counter() - started
         busy = meter.busy() if meter is not None else None  # every frame is on the host: nothing left to wait for
+        if first_written:
+            timeline['first_frame_written'] = first_written[0][1]
     finally:  # threads stop before the source closes and the sink is aborted
         if reader is not None:
             reader.close()
@@ -651,12 +696,13 @@ def upscale_video(
         seconds=seconds,
         peak_host_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         peak_device_bytes=torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None,
-        first_frame_seconds=first_written[0] if first_written else None,
-        first_frame_at=first_written[1] if first_written else None,
+        first_frame_seconds=first_written[0][0] if first_written else None,
+        first_frame_at=first_written[0][1] if first_written else None,
         tile=tuple(min(t, n) if t else n for t, n in zip(tile_sides(tile), (info.height, info.width))),
         tile_batch=tile_batch,
         gpu_busy_steady=busy,
         steady_chunks=meter.steady_chunks if meter is not None else None,
+        timeline=timeline,
     )
 
 
@@ -725,8 +771,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         '--stats-json',
-        help='also write the run statistics (speed, memory, tiling; on CUDA gpu_busy_steady, the share of the time '
-        'after the first chunk in which the GPU runs the network) to this file',
+        help='also write the run statistics (speed, memory, tiling; timeline, the Unix times of the start-up phases '
+        'from the process start to the first frame written; on CUDA gpu_busy_steady, the share of the time after '
+        'the first chunk in which the GPU runs the network) to this file',
     )
     parser.add_argument('--device', help='torch device (default: cuda if available, else cpu)')
     parser.add_argument('--fps', type=float, help='frame rate of a video made from a folder (default 25)')
@@ -761,7 +808,10 @@ def _check_output_space(output: str, info, chunk: int, scale: int) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    timeline, process_start_source = launch_timeline()
+    timeline['imports_done'] = IMPORTS_DONE
     device = resolve_device(args.device)
+    timeline['device_chosen'] = time.time()
     if args.precision == 'auto':  # the fast default on GPUs: bf16 (PSNR ~75 dB against fp32, benchmarks/NOTES.md)
         args.precision = 'bf16' if device.type == 'cuda' else 'fp32'
     _check_settings(args.chunk, args.overlap, args.tile, args.tile_overlap, args.precision)
@@ -774,7 +824,8 @@ def _run(args: argparse.Namespace) -> int:
     source = open_source(args.input)
     source.close()
     _check_output_space(args.output, source.info, args.chunk, _planned_scale(args.opt))
-    net = load_network(args.weights, args.opt, device)
+    timeline['input_probed'] = time.time()
+    net = load_network(args.weights, args.opt, device, timeline)
     if hasattr(net, 'compile_blocks'):
         net.compile_blocks = device.type == 'cuda' if args.compile is None else args.compile
     try:
@@ -792,6 +843,7 @@ def _run(args: argparse.Namespace) -> int:
             force=args.force,
             fps=args.fps,
             progress=args.progress,
+            timeline=timeline,
         )
     except torch.cuda.OutOfMemoryError:
         print(
@@ -800,6 +852,7 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    stats.process_start_source = process_start_source
     print(f'{PROG}: {stats.summary()}', file=sys.stderr)
     if args.stats_json:
         atomic_write_text(args.stats_json, stats.to_json())

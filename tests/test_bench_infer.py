@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / 'benchmarks' / 'bench_infer.py'
 
@@ -28,4 +30,40 @@ def test_bench_infer_cpu_smoke(tmp_path):
     # launch to first frame: the run's own time to it plus the start-up before the run, within the process's wall
     assert stats['first_frame_seconds'] < stats['first_frame_since_launch'] < float(rows[0]['wall_s'])
     assert abs(float(rows[0]['first_frame_s']) - stats['first_frame_since_launch']) <= 0.05
-    assert '-m gsmsr infer' in (tmp_path / 'bench_infer' / '36x40x2-fresh.log').read_text()
+    # the child's stdout and stderr streamed into the log: the command, then what gsmsr infer said
+    log = (tmp_path / 'bench_infer' / '36x40x2-fresh.log').read_text()
+    assert '-m gsmsr infer' in log.splitlines()[0] and 'gsmsr infer: 2 frames 36x40 -> 144x160' in log
+    # the launch timeline: a table per run, and the stats' phases in order from the launch seen here
+    timeline = stats['timeline']
+    assert '# launch timeline of 36x40x2-fresh' in proc.stdout and 'first_frame_written' in proc.stdout
+    assert 'process_exit' in proc.stdout and stats['process_start_source'] == 'proc'
+    times = list(timeline.values())
+    assert times == sorted(times) and timeline['first_frame_written'] == stats['first_frame_at']
+    # the kernel's start time is in 10 ms ticks, rounded down
+    assert stats['launched_at'] - 0.02 <= timeline['process_start'] <= timeline['gsmsr_import_start']
+
+
+def test_bench_infer_run_timeout_keeps_a_row_and_the_log(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(REPO_ROOT))
+    cmd = [sys.executable, str(SCRIPT), '--cases', '36x40x2', '--config', 'tiny', '--cache', 'fresh,warm']
+    cmd += ['--no-reference', '--run-timeout', '0.01']
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / 'bench_infer' / 'rows.json').read_text())
+    assert [r['cache'] for r in rows] == ['fresh', 'warm']  # each run is stopped and reported, the next one runs
+    assert all('over --run-timeout 0.01 s' in r['frames/s'] and float(r['wall_s']) < 60 for r in rows), rows
+    log = (tmp_path / 'bench_infer' / '36x40x2-fresh.log').read_text()
+    assert '-m gsmsr infer' in log and 'bench_infer: stopped after' in log
+
+
+def test_a_failing_run_says_why_from_its_streamed_log(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import bench_infer
+
+    log = tmp_path / 'run.log'
+    args = ['--weights', str(tmp_path / 'none.pth')]
+    with pytest.raises(bench_infer.RunFailed, match='missing: no such file or folder') as info:
+        bench_infer.run_infer(tmp_path / 'missing', tmp_path / 'out', args, [], tmp_path / 'xdg', log)
+    assert info.value.wall is None  # it exited by itself
+    text = log.read_text()
+    assert text.startswith(sys.executable) and 'gsmsr infer: error:' in text

@@ -190,14 +190,16 @@ def test_full_disk_png_is_one_line_and_leaves_nothing(tmp_path, capsys, tiny_net
 
 def test_full_disk_video_is_one_line_and_leaves_nothing(tmp_path, capsys, tiny_net, monkeypatch):
     src = write_folder(tmp_path / 'in', make_frames(4, 36, 36))
-    real_open = video_io.av.open
+    import av  # the module video_io imports on the first video file
+
+    real_open = av.open
 
     def to_dev_full(file, mode='r', **kwargs):  # the encoder's bytes go to a device that is always full
         if mode == 'w':
             return real_open('/dev/full', 'w', format='matroska', **kwargs)
         return real_open(file, mode, **kwargs)
 
-    monkeypatch.setattr(video_io.av, 'open', to_dev_full)
+    monkeypatch.setattr(av, 'open', to_dev_full)
     code, err = infer(capsys, tiny_net, src, tmp_path / 'out.mkv', '--chunk', '2', '--overlap', '0')
     assert code == 1, err
     assert 'out.mkv: cannot write (no space left on device)' in one_line(err)

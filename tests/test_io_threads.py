@@ -3,6 +3,7 @@ queues, errors surfacing in the main thread with their own messages, and clean a
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from test_inference import (  # noqa: F401  (test_net_files: a fixture)
     write_video,
 )
 
-from gsmsr.inference import upscale_frames, upscale_video
+from gsmsr.inference import TIMELINE, upscale_frames, upscale_video
 from gsmsr.io_threads import FrameWriter, ReadAhead
 from gsmsr.video_io import FolderSink, FrameTag, open_sink, open_source
 
@@ -182,6 +183,9 @@ def test_threaded_output_is_byte_identical(tmp_path, output):
     else:
         assert a.read_bytes() == b.read_bytes()
     assert stats.frames == 11 and stats.first_frame_seconds is not None and stats.tile == (24, 24)
+    # called directly: the timeline from caches_ready on (the CLI adds the launch before it)
+    assert list(stats.timeline) == list(TIMELINE[TIMELINE.index('caches_ready') :])
+    assert stats.timeline['first_frame_written'] == stats.first_frame_at
     assert worker_threads() == []
 
 
@@ -283,6 +287,17 @@ def test_stats_json_and_auto_tile_on_cpu(tmp_path, capsys, test_net_files):  # n
     assert stats['first_frame_seconds'] <= stats['seconds'] and stats['peak_device_bytes'] is None
     assert stats['gpu_busy_steady'] is None and stats['steady_chunks'] is None  # measured on CUDA only
     assert len(read_video_or_folder(tmp_path / 'out')) == 3
+    # the launch timeline: every phase, in order, from the process start (the OS's record on Linux) on
+    timeline = stats['timeline']
+    assert list(timeline) == list(TIMELINE), timeline
+    times = list(timeline.values())
+    assert times == sorted(times), timeline
+    assert timeline['first_frame_written'] == stats['first_frame_at']
+    first = timeline['first_frame_written'] - timeline['stream_start']
+    assert first == pytest.approx(stats['first_frame_seconds'], abs=0.01)
+    assert stats['process_start_source'] in ('proc', 'psutil', 'gsmsr_import')
+    if sys.platform.startswith('linux'):
+        assert stats['process_start_source'] == 'proc'
 
 
 def read_video_or_folder(path: Path):
