@@ -14,7 +14,8 @@ scan instead of gsmsr's Triton scan, and with --variants one compiled bf16 row p
 ``GSMNet.stream_slab``, ``dwconv=1`` runs the MLP stencil with ``dwconv3d.FAST_CONFIG``, ``flipfree=1`` BiMamba's
 backward branch without flips (``bimamba.FLIP_FREE``; the window step compiles again), other keys go to the
 Triton scan (``selective_scan.INFER_TRITON_CONFIG``: out_tile, out_warps, out_maxnreg, token_tile, warps_per_sm,
-...; 0 for a register cap turns it off), e.g. ``--variants 'slab=12;dwconv=1;dwconv=1,out_tile=4'``.
+out_prefetch, sum_prefetch, ...; 0 for a register cap turns it off), e.g. ``--variants
+'slab=12;dwconv=1;dwconv=1,out_tile=4;out_prefetch=1,sum_prefetch=1'``.
 Prints one table: median ms per clip and per frame (CUDA events), the first call's seconds (compilation included),
 peak memory, and the max abs / PSNR difference of each GSMNet row against the first one that ran. --train adds
 training steps (16x64x64, batch 1, checkpointing on), eager and compiled, fp32 and bf16, and the fast step
