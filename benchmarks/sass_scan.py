@@ -7,7 +7,9 @@ issues per token: registers, spills, tile-load layouts, SASS instructions by kin
 A VARIANT is ``out<TILE>`` (output pass) or ``sum<TILE>`` (summary pass), optionally followed by ``r<maxnreg>``
 (none: the compiler's choice) and ``w<num_warps>`` (32 * num_warps channels per program), e.g. ``out8r128 sum8r128``
 (the default call's two passes), ``out8`` (uncapped), ``out4r128w2``; a leading ``rev`` compiles the reverse scan
-(time walked from the end), e.g. ``revout8r128``.
+(time walked from the end), e.g. ``revout8r128``; ``p<k>`` prefetches across tile iterations (``out_prefetch`` /
+``sum_prefetch`` = k: 1 the next tile's u, delta, z; k > 1 also the B|C rows of its first k - 1 tokens) and
+``s<stages>`` software-pipelines the tile loop (``out_stages`` / ``sum_stages``), e.g. ``out8r128p2 sum8r128s2``.
 The other parameters are the real call's: N = NP = 16; D, z, delta_bias and softplus on; u, delta, z and out in
 ``--dtype``; A, D, bias and the packed B|C in fp32. The kernel is specialised as Triton's launcher would specialise it
 (16-byte aligned pointers; integers divisible by 16, or equal to 1, marked so), with the segment length the host code
@@ -18,7 +20,9 @@ Per variant it prints, per token (one tile's loop body divided by TILE) and warp
 * ptxas registers, stack frame and spill bytes (``ptxas -v`` on the kernel's PTX), Triton's shared memory;
 * the TTGIR layout (sizePerThread / threadsPerWarp) of the u tile load and of the out store in the main loop;
 * SASS instructions of the main loop (the longest backward branch) by kind, and the median (min) distance, in
-  instructions, from a global load to the first instruction that reads its result;
+  instructions, from a global load to the first instruction that reads its result (wrapping around the loop: a
+  load for the next iteration counts to its use there), for all 16-byte loads and apart for the u / delta / z tile
+  loads and the B|C row pieces (told apart by their addresses: ``tile_loads``);
 * issue cycles on one SM sub-partition for each pipe, from the per-SM rates of compute capability 9.0 (CUDA
   programming guide): MUFU 16 lanes a clock (8 cycles a warp instruction on a sub-partition), FP32 FFMA/FMUL/FADD 128
   (1 cycle), IMAD 64 (2), other integer, compare, select, move and permute 64 (2); one instruction issued a cycle;
@@ -27,7 +31,9 @@ Per variant it prints, per token (one tile's loop body divided by TILE) and warp
 * a one-warp in-order issue model: cycles a token when a warp runs alone, each instruction issuing one cycle after
   the previous one at the earliest, when its operands are ready and its pipe is free. Latencies assumed: FP32 and
   integer 4 cycles (IMAD.WIDE 5), MUFU and conversions 20, shared loads 30, shuffles 25, local loads 40, global
-  loads 35 (L1 hits) or 300 (L2 hits). With W warps on a sub-partition, cycles a token are at least
+  loads 35 (L1 hits) or 300 (L2 hits), and a third row with the B|C rows at 300 and the u / delta / z tiles at
+  600 (from DRAM: a 128-byte line holds 8 tiles of 8 bf16 tokens, so 1 tile in 8 misses L2 when the lines stay in
+  L1, every tile when they do not). With W warps on a sub-partition, cycles a token are at least
   max(issue, MUFU, in-order / W).
 
 Needs Triton with its bundled CUDA tools (ptxas, cuobjdump); torch only for placeholder tensors. About 10 s a
@@ -61,7 +67,7 @@ TARGET = GPUTarget('cuda', 90, 32)
 SM_COUNT = 132
 BIN = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin'
 TORCH_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
-VARIANT = re.compile(r'(rev)?(out|sum)(\d+)((?:[rw]\d+)*)$')
+VARIANT = re.compile(r'(rev)?(out|sum)(\d+)((?:[rwps]\d+)*)$')
 Instr = Tuple[int, str, str, str]  # address, predicate guard, opcode, operands
 
 # (table row, pipe, SASS opcodes before the first dot). Pipes: mufu, fma (FP32), fmah (IMAD), alu, lsu, ctrl;
@@ -86,6 +92,8 @@ ROWS = ['MUFU.EX2', 'MUFU.LG2', 'MUFU.RCP', 'MUFU other', 'FFMA', 'FMUL', 'FADD'
 CYCLES = {'fma': 1, 'fmah': 2, 'alu': 2, 'mufu': 8}  # a warp instruction's cycles on its sub-partition's pipe
 NO_DEST = {'STG', 'STS', 'STL', 'STSM', 'RED', 'ATOM', 'BAR', 'BRA', 'BSSY', 'BSYNC', 'NOP', 'EXIT', 'WARPSYNC',
            'BREAK', 'LDGSTS', 'DEPBAR', 'LDGDEPBAR'}  # fmt: skip
+# (latency of global loads, of the u / delta / z tile loads if other) of the one-warp model's rows
+IN_ORDER = [(35, None), (300, None), (300, 600)]
 SASS_LINE = re.compile(r'/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);')
 
 
@@ -103,15 +111,17 @@ def load_module(name: str):
 def parse_variant(text: str) -> Dict[str, int]:
     m = VARIANT.match(text)
     if not m:
-        expected = '[rev]out<TILE> or [rev]sum<TILE>, then r<maxnreg> w<warps>'
+        expected = '[rev]out<TILE> or [rev]sum<TILE>, then r<maxnreg> w<warps> p<prefetch> s<stages>'
         raise SystemExit(f'bad variant {text!r}: expected {expected}')
-    extra = {k: int(v) for k, v in re.findall(r'([rw])(\d+)', m.group(4))}
+    extra = {k: int(v) for k, v in re.findall(r'([rwps])(\d+)', m.group(4))}
     return dict(
         reverse=bool(m.group(1)),
         summary=m.group(2) == 'sum',
         tile=int(m.group(3)),
         maxnreg=extra.get('r', 0),
         warps=extra.get('w', 1),
+        prefetch=extra.get('p', 0),
+        stages=extra.get('s', 1),
     )
 
 
@@ -131,7 +141,8 @@ def compile_variant(mod, v: Dict[str, int], args):
     call = (act(), act(), act(), act(), f32(), f32(), f32(), f32(), f32(), f32(), D, L, seg_len, -(-L // seg_len) - 1)
     call += (D * L, L) * 4 + (16, 1)  # u, delta, z, out strides (batch, channel); A (D, N) contiguous
     kwargs = dict(N=16, NP=16, BLOCK_D=32 * v['warps'], TILE=v['tile'], SUMMARY=v['summary'], HAS_D=True,
-                  HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=v['reverse'], num_warps=v['warps'])  # fmt: skip
+                  HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=v['reverse'], num_warps=v['warps'],
+                  **mod.loop_flags(v['prefetch'], v['stages'], v['tile']))  # fmt: skip
     if v['maxnreg']:
         kwargs['maxnreg'] = v['maxnreg']
     bound, specialization, options = binder(*call, **kwargs)
@@ -214,9 +225,23 @@ def dests_srcs(ins: Instr) -> Tuple[Set[str], Set[str]]:
     return dests - {'RZ', 'PT'}, srcs
 
 
-def load_to_use(loop: List[Instr]) -> List[Tuple[str, int]]:
-    """(opcode, distance) for each LDG: instructions until the first that reads its result, wrapping around the
-    loop (a prefetched load is read in the next iteration); none if it is overwritten first."""
+def tile_loads(loop: List[Instr]) -> Set[int]:
+    """Indices of the u, delta, z tile loads among the loop's LDGs: those whose base register serves fewer than four
+    distinct offsets. The B|C rows are 16-byte broadcast pieces at offsets 0x10 apart from one base (four a row at
+    least, and within a tile all rows from one base); a tile load is one vector at its own address."""
+    offsets: Dict[str, Set[str]] = collections.defaultdict(set)
+    bases = {}
+    for k, (_, _, op, rest) in enumerate(loop):
+        m = re.search(r'\]\[(R\d+)(?:\.64)?(\+0x[0-9a-f]+)?\]', rest) if op.startswith('LDG') else None
+        if m:
+            bases[k] = m.group(1)
+            offsets[m.group(1)].add(m.group(2) or '')
+    return {k for k, base in bases.items() if len(offsets[base]) < 4}
+
+
+def load_to_use(loop: List[Instr]) -> List[Tuple[int, str, int]]:
+    """(index, opcode, distance) for each LDG: instructions until the first that reads its result, wrapping around
+    the loop (a prefetched load is read in the next iteration); none if it is overwritten first."""
     parsed = [dests_srcs(i) for i in loop]
     out = []
     for i, ins in enumerate(loop):
@@ -225,46 +250,52 @@ def load_to_use(loop: List[Instr]) -> List[Tuple[str, int]]:
         for d in range(1, len(loop)):
             dests, srcs = parsed[(i + d) % len(loop)]
             if parsed[i][0] & srcs:
-                out.append((ins[2], d))
+                out.append((i, ins[2], d))
                 break
             if parsed[i][0] & dests:
                 break
     return out
 
 
-def in_order_cycles(loop: List[Instr], global_latency: int, iterations: int = 3) -> float:
+def in_order_cycles(
+    loop: List[Instr], global_latency: int, iterations: int = 3, tile_latency: Optional[int] = None
+) -> float:
     """Cycles an iteration of one warp issuing alone and in order (see the module docstring), averaged over all
-    but the first of ``iterations`` back-to-back iterations."""
+    but the first of ``iterations`` back-to-back iterations. tile_latency: that of the u, delta, z tile loads
+    (:func:`tile_loads`) where it differs from the other global loads'."""
     ready: Dict[str, int] = collections.defaultdict(int)
     pipe_free: Dict[str, int] = collections.defaultdict(int)
     parsed = [dests_srcs(i) for i in loop]
+    tiles = tile_loads(loop) if tile_latency is not None else set()
     t = 0
     starts = []
     for _ in range(iterations):
         starts.append(t)
-        for (_, _, op, _), (dests, srcs) in zip(loop, parsed):
+        for k, ((_, _, op, _), (dests, srcs)) in enumerate(zip(loop, parsed)):
             base, pipe = op.split('.')[0], classify(op)[1]
             t = max([t + 1, pipe_free[pipe]] + [ready[r] for r in srcs])
             pipe_free[pipe] = t + CYCLES.get(pipe, 1)
-            latency = {'MUFU': 20, 'F2F': 20, 'I2F': 20, 'F2I': 20, 'FRND': 20, 'LDG': global_latency, 'LDS': 30,
+            ldg = tile_latency if k in tiles else global_latency
+            latency = {'MUFU': 20, 'F2F': 20, 'I2F': 20, 'F2I': 20, 'FRND': 20, 'LDG': ldg, 'LDS': 30,
                        'LDSM': 30, 'LDL': 40, 'SHFL': 25}.get(base, 5 if 'WIDE' in op else 4)  # fmt: skip
             for r in dests:
                 ready[r] = t + latency
     return (t - starts[1]) / (iterations - 1)
 
 
-def ttgir_layouts(ttgir: str) -> Dict[str, Optional[Tuple[List[int], List[int]]]]:
-    """(sizePerThread, threadsPerWarp) of the first masked tile load (u) and of the store in the main loop (the
-    longest: the reverse scan walks the ragged end, token by token, first)."""
+def ttgir_layouts(ttgir: str, width: int) -> Dict[str, Optional[Tuple[List[int], List[int]]]]:
+    """(sizePerThread, threadsPerWarp) of a masked tile load (u, delta, z: the last masked load of ``width`` columns,
+    after any prefetched B|C pieces; B|C pieces are masked only when prefetched, and then come first) and of the
+    store in the main loop (the longest: the reverse scan walks the ragged end, token by token, first)."""
     blocked = re.findall(r'^(#\w+) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], threadsPerWarp = \[([\d, ]+)\]',
                          ttgir, re.M)  # fmt: skip
     layouts = {name: ([int(x) for x in spt.split(',')], [int(x) for x in tpw.split(',')]) for name, spt, tpw in blocked}
     body = max((loop.split('scf.yield', 1)[0] for loop in ttgir.split('scf.for')[1:]), key=len)
-    tile = r'tensor<\d+x\d+x!tt\.ptr<\w+>, (#\w+)>'
+    tile = rf'tensor<\d+x{width}x!tt\.ptr<\w+>, (#\w+)>'
     found = {}
     for key, pat in (('load', r'tt\.load %\w+, %\w+, %\w+ : ' + tile), ('store', r'tt\.store [^:]*: ' + tile)):
-        m = re.search(pat, body)
-        found[key] = layouts.get(m.group(1)) if m else None
+        m = re.findall(pat, body)
+        found[key] = layouts.get(m[-1 if key == 'load' else 0]) if m else None
     return found
 
 
@@ -292,7 +323,7 @@ def analyse(name: str, mod, args) -> Dict[str, object]:
         if row in ('LDG', 'STG'):
             width = op.rsplit('.', 1)[-1] if op.count('.') >= 2 else '32'  # LDG.E.128 -> 128; LDG.E -> 32
             widths[f'{row}.{width}'] += 1 / tile
-    lay = ttgir_layouts(asm['ttgir'])
+    lay = ttgir_layouts(asm['ttgir'], tile)
     rows_per = lambda key: lay[key][1][0] if lay[key] else 32  # noqa: E731  (rows a tile instruction touches)
     bc_loads = (1 if v['summary'] else 2) * 16 // 4  # 16-byte broadcast loads of the B (and C) row a token
     if rows['LDG']:
@@ -301,14 +332,18 @@ def analyse(name: str, mod, args) -> Dict[str, object]:
     else:
         l1 = None  # loads went through shared memory (cp.async): not modelled
     dists = load_to_use(loop)
+    tiles = tile_loads(loop)
     median = lambda xs: f'{statistics.median(xs):.0f} ({min(xs)})' if xs else '-'  # noqa: E731
     fmt = lambda x: '-' if x is None else f'{x[0]} / {x[1]}'  # noqa: E731
     return dict(
         name=name, seg_len=seg_len, info=ptxas_info(asm['ptx']), shared=compiled.metadata.shared, rows=rows,
         widths=widths, pipes=pipes, l1=l1, load=fmt(lay['load']), store=fmt(lay['store']), loop_len=len(loop),
-        dist_wide=median([d for op, d in dists if op.endswith('.128')]),
-        dist_narrow=median([d for op, d in dists if not op.endswith('.128')]),
-        in_order=[in_order_cycles(loop, lat) / tile for lat in (35, 300)],
+        dist_wide=median([d for _, op, d in dists if op.endswith('.128')]),
+        dist_narrow=median([d for _, op, d in dists if not op.endswith('.128')]),
+        dist_tile=median([d for k, _, d in dists if k in tiles]),
+        dist_bc=median([d for k, _, d in dists if k not in tiles]),
+        # cp.async loads (LDGSTS, then a wait) are not modelled: no in-order estimate without LDGs in the loop
+        in_order=[in_order_cycles(loop, lat, 3, at) / tile if rows['LDG'] else None for lat, at in IN_ORDER],
     )  # fmt: skip
 
 
@@ -333,6 +368,8 @@ def table(results: List[Dict[str, object]]) -> str:
             add(row, [num(r['rows'][row]) for r in results])
     add('load-to-use, LDG.128 (median (min) instructions)', [r['dist_wide'] for r in results])
     add('load-to-use, narrower LDG', [r['dist_narrow'] for r in results])
+    add('load-to-use, u / delta / z tiles', [r['dist_tile'] for r in results])
+    add('load-to-use, B|C rows', [r['dist_bc'] for r in results])
     add('**cycles / sub-partition: issue**', [num(r['rows']['total']) for r in results])
     add('cycles: MUFU (8 a warp instruction)', [num(r['pipes']['mufu']) for r in results])
     add('cycles: FMA pipe (FP32 1, IMAD 2)', [num(r['pipes']['fma'] + r['pipes']['fmah']) for r in results])
@@ -340,6 +377,7 @@ def table(results: List[Dict[str, object]]) -> str:
     add('L1 wavefronts (SM-wide)', [num(r['l1']) for r in results])
     add('one warp in order: cycles, L1-hit loads', [num(r['in_order'][0]) for r in results])
     add('one warp in order: cycles, L2-hit loads', [num(r['in_order'][1]) for r in results])
+    add('one warp in order: cycles, L2-hit B|C, u/dt/z at 600', [num(r['in_order'][2]) for r in results])
     return '\n'.join(lines)
 
 
