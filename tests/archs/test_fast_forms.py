@@ -1,5 +1,6 @@
 """The compile-friendly forms that ``GSMNet(compile_blocks=True)`` uses, against the eager ops (float64, grads), and
-BiMamba's flip-free backward branch (no autograd) against the flipped one.
+BiMamba's flip-free backward branch (no autograd) against the flipped one, and its projections as bmms
+(``bimamba.BMM_PROJECTIONS``) against ``torch.matmul``.
 
 On a GPU these forms run inside ``torch.compile`` (tests/gpu/test_fast_paths.py compares the compiled network
 with the eager one); here each is checked directly, since compiling the network on a 2-core CPU takes minutes.
@@ -134,3 +135,93 @@ def test_compiled_bimamba_traces_the_flip_free_branch(monkeypatch):
     assert [n.args[-1] for n in scans] == [False, True]  # reverse
     assert scans[0].args[6] is scans[1].args[6]  # one gate
     torch.testing.assert_close(y, flipped, rtol=1e-5, atol=1e-6)
+
+
+def _aten_nodes(m: BiMamba, z: torch.Tensor, grad: bool):
+    """m(z) compiled as the window step is, up to the aten graph Inductor lowers (AOT autograd, no code generation):
+    the output and the forward graph's nodes."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def capture(gm, _inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(grad):
+        y = torch.compile(m, backend=aot_autograd(fw_compiler=capture), fullgraph=True)(z)
+    return y.detach(), [n for gm in graphs for n in gm.graph.nodes]
+
+
+# views that keep a tensor's unit stride along L (splits along channels, the batch dim)
+_VIEWS = {'aten.split.Tensor', 'aten.split_with_sizes.default', 'getitem', 'aten.slice.Tensor', 'aten.squeeze.dim'}
+
+
+def _source(node):
+    """What an operand is a view of, through splits and slices, not through a transpose, permute or clone."""
+    while getattr(node.target, '__name__', None) == 'getitem' or str(node.target) in _VIEWS:
+        node = node.args[0]
+    return node
+
+
+@pytest.mark.parametrize(
+    'flip_free, grad', [(False, False), (True, False), (True, True)], ids=['flipped', 'flip_free', 'grad']
+)  # with autograd, the flipped form runs whatever FLIP_FREE says
+def test_compiled_scan_operands_come_from_bmms(flip_free, grad, monkeypatch):
+    """With ``BMM_PROJECTIONS``, in the graph that Inductor lowers, the scans (``gsmsr::scan_infer`` without autograd,
+    ``gsmsr::tscan_fwd`` with it) take delta, B, C and the gate as views of GEMM outputs: bmms, no clone, transpose or
+    permute in between (the flipped form's backward branch: the gate through its flip); the graph has no clone at all.
+    Without it, Inductor is handed ``torch.matmul``'s (B*L, O) products transposed and cloned into the scan's layout:
+    the copies this removes. Outputs equal the eager matmul form's to rounding."""
+    monkeypatch.setattr(bimamba, 'FLIP_FREE', flip_free)
+    m = _bimamba('triton')
+    z = torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = m(z)
+    scan_op = 'tscan_fwd' if grad else 'scan_infer'
+    for bmm in (False, True):
+        monkeypatch.setattr(bimamba, 'BMM_PROJECTIONS', bmm)
+        y, nodes = _aten_nodes(m, z, grad)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+        scans = [n for n in nodes if str(n.target) == f'gsmsr.{scan_op}.default']
+        assert len(scans) == 2
+        clones = [n for n in nodes if str(n.target) == 'aten.clone.default']
+        for i, scan in enumerate(scans):
+            delta, b, c, gate = (_source(scan.args[k]) for k in (1, 3, 4, 6))
+            if not bmm:
+                assert str(delta.target) == str(b.target) == 'aten.clone.default', (delta, b)
+                continue
+            if i == 1 and not (flip_free and not grad):  # the flipped form's backward branch: the gate flipped
+                assert str(gate.target) == 'aten.flip.default'
+                gate = _source(gate.args[0])
+            sources = [str(t.target) for t in (delta, b, c, gate)]
+            assert sources == ['aten.bmm.default'] * 4, sources
+        assert not clones if bmm else clones
+
+
+def test_bmm_projections_match_matmul_forms(monkeypatch):
+    """BiMamba with every projection as a bmm against ``torch.matmul``, eagerly (PyTorch scan, float64, batch 2):
+    the output and every gradient to rounding, with and without autograd."""
+    torch.manual_seed(0)
+    m = BiMamba(8, scan_backend='ref').double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    z = torch.randn(2, 37, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    params = dict(m.named_parameters())
+    results = []
+    for bmm in (False, True):
+        monkeypatch.setattr(bimamba, 'BMM_PROJECTIONS', bmm)
+        with torch.no_grad():
+            plain = m(z)
+        y, grads = _grads(
+            lambda z, *ps: torch.func.functional_call(m, dict(zip(params, ps)), (z,)), z, *params.values()
+        )
+        torch.testing.assert_close(plain, y, rtol=1e-12, atol=1e-12)
+        results.append((y, grads))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for name, g, e in zip(['z', *params], got_grads, want_grads):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=name)
