@@ -12,9 +12,10 @@ network with cuBLAS's fp32 GEMMs (``fp32_matmul='ieee'``) and with its larger GE
 bf16 network with FlexAttention in the SWSA blocks, and with --mamba-scan the compiled bf16 network with mamba-ssm's
 scan instead of gsmsr's Triton scan, and with --variants one compiled bf16 row per variant: ``slab=N`` sets
 ``GSMNet.stream_slab``, ``dwconv=1`` runs the MLP stencil with ``dwconv3d.FAST_CONFIG``, ``flipfree=1`` BiMamba's
-backward branch without flips (``bimamba.FLIP_FREE``; the window step compiles again), other keys go to the
-Triton scan (``selective_scan.INFER_TRITON_CONFIG``: out_tile, out_warps, out_maxnreg, token_tile, warps_per_sm,
-...; 0 for a register cap turns it off), e.g. ``--variants 'slab=12;dwconv=1;dwconv=1,out_tile=4'``.
+backward branch without flips (``bimamba.FLIP_FREE``; the window step compiles again), ``buffers=0`` the streaming
+sweep's stacked windows instead of window buffers (``GSMNet.stream_buffers``; the window step compiles again), other
+keys go to the Triton scan (``selective_scan.INFER_TRITON_CONFIG``: out_tile, out_warps, out_maxnreg, token_tile,
+warps_per_sm, ...; 0 for a register cap turns it off), e.g. ``--variants 'slab=12;dwconv=1;dwconv=1,out_tile=4'``.
 Prints one table: median ms per clip and per frame (CUDA events), the first call's seconds (compilation included),
 peak memory, and the max abs / PSNR difference of each GSMNet row against the first one that ran. --train adds
 training steps (16x64x64, batch 1, checkpointing on), eager and compiled, fp32 and bf16, and the fast step
@@ -92,10 +93,11 @@ def main() -> int:
     flip_free_default = BIMAMBA.FLIP_FREE
 
     def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm, variant: Dict[str, int] = {}):  # noqa: B006
-        scan = {k: v for k, v in variant.items() if k not in ('slab', 'dwconv', 'flipfree')}
+        scan = {k: v for k, v in variant.items() if k not in ('slab', 'dwconv', 'flipfree', 'buffers')}
 
         def run(x):
             net.streaming_eval, net.stream_slab = streaming, variant.get('slab', GSMNet.stream_slab)
+            net.stream_buffers = bool(variant.get('buffers', GSMNet.stream_buffers))
             SCAN.INFER_TRITON_CONFIG.clear()
             SCAN.INFER_TRITON_CONFIG.update(scan)
             DWCONV.OP_CONFIG = DWCONV.FAST_CONFIG if variant.get('dwconv') else DWCONV.DEFAULT_CONFIG
