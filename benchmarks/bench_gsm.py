@@ -12,7 +12,8 @@ network with cuBLAS's fp32 GEMMs (``fp32_matmul='ieee'``) and with its larger GE
 blocks, and with --mamba-scan the compiled bf16 network with mamba-ssm's scan instead of gsmsr's Triton scan, and
 with --variants one compiled bf16 row per variant: ``slab=N`` sets ``GSMNet.stream_slab``, ``dwconv_<field>=N`` sets
 that ``DWConvConfig`` field of the MLP stencil (``dwconv3d.OP_CONFIG``), ``flipfree=1`` runs BiMamba's backward branch
-without flips (``bimamba.FLIP_FREE``), ``projbmm=1`` its projections as bmms (``bimamba.BMM_PROJECTIONS``; both
+without flips (``bimamba.FLIP_FREE``), ``projbmm=1`` its projections as bmms (``bimamba.BMM_PROJECTIONS``),
+``buffers=0`` the streaming sweep's stacked windows instead of window buffers (``GSMNet.stream_buffers``; the three
 compile the window step again), other keys go to the Triton scan (``selective_scan.INFER_TRITON_CONFIG``: out_tile,
 out_warps, out_maxnreg, token_tile, warps_per_sm, out_prefetch, sum_prefetch, ...; 0 for a register cap turns it
 off), e.g. ``--variants 'slab=12;dwconv_block_c=64,dwconv_num_warps=4;flipfree=1,projbmm=1;out_prefetch=1'``.
@@ -96,12 +97,13 @@ def main() -> int:
 
     def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm, variant: Dict[str, int] = {}):  # noqa: B006
         dwconv = {k.removeprefix('dwconv_'): v for k, v in variant.items() if k.startswith('dwconv_')}
-        switches = ('slab', 'flipfree', 'projbmm')
+        switches = ('slab', 'flipfree', 'projbmm', 'buffers')
         scan = {k: v for k, v in variant.items() if k not in switches and not k.startswith('dwconv_')}
         stencil = dataclasses.replace(DWCONV.DEFAULT_CONFIG, **dwconv)
 
         def run(x):
             net.streaming_eval, net.stream_slab = streaming, variant.get('slab', GSMNet.stream_slab)
+            net.stream_buffers = bool(variant.get('buffers', GSMNet.stream_buffers))
             SCAN.INFER_TRITON_CONFIG.clear()
             SCAN.INFER_TRITON_CONFIG.update(scan)
             DWCONV.OP_CONFIG = stencil

@@ -165,8 +165,8 @@ def block_inputs(net: GSMNet) -> Dict[str, Set[Tuple]]:
         return None
 
     def recorder(name: str):
-        def forward(x, *args):
-            seen[name].add(signature((x, *args)))
+        def forward(x, *args, **kwargs):  # kwargs: the window step's out (a slot view of the next window's buffer)
+            seen[name].add(signature((x, *args, *kwargs.values())))
             return x
 
         return forward

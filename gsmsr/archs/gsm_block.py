@@ -122,9 +122,18 @@ class GSMBlock(nn.Module):
         return m.view(b, h, w, k, c).permute(0, 4, 3, 1, 2)
 
     def forward(
-        self, x: Tensor, gather_flows: List[Optional[Tensor]], scatter_flows: List[Optional[Tensor]], align: Aligner
+        self,
+        x: Tensor,
+        gather_flows: List[Optional[Tensor]],
+        scatter_flows: List[Optional[Tensor]],
+        align: Aligner,
+        out: Optional[Tensor] = None,
     ) -> Tensor:
-        """x: (B, C, K, H, W) window; flows from :func:`gsmsr.archs.flow.gather_scatter_flows`."""
+        """x: (B, C, K, H, W) window; flows from :func:`gsmsr.archs.flow.gather_scatter_flows`.
+
+        out: None, or a (B, C, K, H, W) tensor of any strides and of the result's dtype (:meth:`result_dtype`) that
+        the result is written into and that is returned: compiled, the write is the store of the last kernel, not a
+        copy (GSMNet's streaming schedule passes slots of the next window's buffer). No autograd through it."""
         b, c, k, h, w = x.shape
         m = self.mamba_mix(self.gather(x, gather_flows, align))
         y = self.skip_scale * x + self.scatter(m, scatter_flows)
@@ -133,7 +142,16 @@ class GSMBlock(nn.Module):
             t = checkpoint(self.mlp_branch, t, k, h, w, use_reentrant=False)
         else:
             t = self.mlp_branch(t, k, h, w)
-        return t.transpose(1, 2).reshape(b, c, k, h, w)
+        if out is None:
+            return t.transpose(1, 2).reshape(b, c, k, h, w)
+        if out.dtype != t.dtype:  # static when traced: no graph break
+            raise TypeError(f'GSMBlock: out is {out.dtype}, the result {t.dtype} (see result_dtype)')
+        return out.copy_(t.transpose(1, 2).unflatten(2, (k, h, w)))
+
+    def result_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """dtype of :meth:`forward`'s result for a window of ``dtype``: the skip scales promote it (under autocast
+        too, where the branches come out in the lower precision and the sums do not)."""
+        return torch.promote_types(torch.promote_types(dtype, self.skip_scale.dtype), self.skip_scale2.dtype)
 
     def mlp_branch(self, t: Tensor, k: int, h: int, w: int) -> Tensor:
         """t (B, K*H*W, C) -> skip_scale2 * t + MLP(LN(t)). Under ``checkpoint_mlp`` only t is kept for the backward,

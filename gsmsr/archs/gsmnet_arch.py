@@ -319,6 +319,10 @@ class GSMNet(nn.Module):
     # would cost as much memory more per slab (100 frames: 8.79 against 6.92 GiB) for 5 % less time.
     stream_slab = 8
     stream_whole = 20
+    # the streaming sweep's windows as slots 1..K of a (B, C, K+1, H, W) buffer whose slots 0..K-1 the previous window
+    # step wrote (``GSMBlock.forward(out=)``), so that only the new frame is copied in; False stacks each window
+    # (five frame copies, the explicit form). Same values either way (:meth:`window_buffer`).
+    stream_buffers = True
 
     def stream_layer(self, stage: Stage, x: Tensor, flows: WindowFlows, order: Sequence[int]) -> None:
         """``x <- x + sweep(SWSA(x))`` in place, holding a few frames beyond ``x`` itself (no autograd).
@@ -331,6 +335,11 @@ class GSMNet(nn.Module):
         clip of at most ``stream_whole`` frames is one slab). The only difference is the shifted window that wraps
         around the clip ends, whose masked logits (-100) weigh ``exp(-100)``: the values agree up to rounding. A
         frame is added to ``x`` once the sweep is done with it and no later slab reads its old value.
+
+        Copies outside the compiled blocks are kept few (benchmarks/NOTES.md, "Inference, part 7"): a whole clip in
+        its stored order goes into SWSA as ``x`` itself, whose frames are then kept as views of the SWSA output; with
+        ``stream_buffers`` each window step writes its result into a buffer that the next window reads at an offset
+        of one slot (:meth:`window_buffer`).
         """
         t_len = len(order)
         k = 2 * self.pa_frame + 1
@@ -356,25 +365,66 @@ class GSMNet(nn.Module):
                 # a slab's frames are exact up to a halo from each cut; a clip end is no cut, so the first slab
                 # keeps slab + halo frames and a clip no longer than one slab is done in one go
                 q = t_len if hi == t_len else hi - halo
-                # stack, not a list index (a synchronising host-to-device copy of the indices)
-                out = stage.attn_blocks(torch.stack([x[:, :, order[s]] for s in range(lo, hi)], dim=2))
+                out = stage.attn_blocks(self.slab_of(x, [order[s] for s in range(lo, hi)], depth > 0))
                 for s in range(p, q):
-                    state[s] = out[:, :, s - lo].contiguous()  # a copy, so the slab is freed now
+                    # a whole clip keeps every frame: views (its window copies them); else a copy, so the halo is
+                    # freed now
+                    state[s] = out[:, :, s - lo] if lo == p and hi == q else out[:, :, s - lo].contiguous()
                 ready = q
 
+        buffer: Optional[Tensor] = None  # (B, C, K+1, H, W) whose slots 0..K-1 the last window step wrote
         for t in range(t_len):
             swsa_until(min(t_len, t - a + k))
             reads, writes = self.window_frames(t, t_len)
-            out = stage.mamba_block(torch.stack([state[i] for i in reads], dim=2), *flows[t], self._aligner())
+            frames = [state[i] for i in reads]
+            if self.stream_buffers:
+                buffer = self.window_buffer(buffer, frames)
+                result = buffer.new_empty(buffer.shape, dtype=stage.mamba_block.result_dtype(buffer.dtype))
+                out = stage.mamba_block(buffer[:, :, 1:], *flows[t], self._aligner(), out=result[:, :, :k])
+                buffer = result
+            else:
+                out = stage.mamba_block(torch.stack(frames, dim=2), *flows[t], self._aligner())
             for i, s in writes:
                 state[s] = out[:, :, i]
             if t >= a:  # frame t - a is read and written by no later window
                 done[t - a] = state.pop(t - a)
             read_from = t_len if ready == t_len else ready - halo  # first frame a later slab reads
             for s in [s for s in done if s < read_from]:
-                x[:, :, order[s]] += done.pop(s)
+                x[:, :, order[s]].add_(done.pop(s))  # add_, not +=: no setitem copy of the frame onto itself
         for s, v in {**done, **state}.items():
-            x[:, :, order[s]] += v
+            x[:, :, order[s]].add_(v)
+
+    @staticmethod
+    def slab_of(x: Tensor, stored: List[int], read_only: bool) -> Tensor:
+        """``torch.stack([x[:, :, i] for i in stored], 2)`` (contiguous), copied in one go where ``stored`` is a run of
+        frames (the streaming schedule's slabs are, in either time order); ``x`` itself where it is already that
+        tensor and ``read_only`` (the caller never writes the result: SWSA blocks do not write their input)."""
+        lo, hi = min(stored), max(stored) + 1
+        run = x[:, :, lo:hi]
+        if stored == list(range(lo, hi)):
+            return run if read_only and run.is_contiguous() else run.clone(memory_format=torch.contiguous_format)
+        if stored == list(range(hi - 1, lo - 1, -1)):
+            return run.flip(2).contiguous()
+        return torch.stack([x[:, :, i] for i in stored], dim=2)  # not a list index: a host-to-device copy
+
+    @staticmethod
+    def window_buffer(buffer: Optional[Tensor], frames: List[Tensor]) -> Tensor:
+        """K frames (B, C, H, W) -> a (B, C, K+1, H, W) buffer whose slots 1..K hold them, with the values and dtype of
+        ``torch.stack(frames, 2)``: ``buffer`` when it has that shape and dtype (the last window step's output, in
+        slots 0..K-1), where slots already holding their frame are not copied (a sliding window's K-1 shared
+        frames), else a new one. The caller guarantees that a slot to be copied into holds nothing still in use; in
+        the streaming sweep it holds the last step's result for a frame outside the clip, or for one whose state
+        that step did not write (``scatter=False``), or nothing (slot K)."""
+        dtype = functools.reduce(torch.promote_types, [f.dtype for f in frames])
+        b, c, h, w = frames[0].shape
+        shape = (b, c, len(frames) + 1, h, w)
+        if buffer is None or buffer.dtype != dtype or buffer.shape != shape:
+            buffer = frames[0].new_empty(shape, dtype=dtype)
+        for j, f in enumerate(frames):
+            slot = buffer[:, :, j + 1]
+            if not (f.data_ptr() == slot.data_ptr() and f.dtype == dtype and f.stride() == slot.stride()):
+                slot.copy_(f)
+        return buffer
 
     def _aligner(self) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
         """(source, target, flow) -> source aligned to target's grid: the shared implicit warp, or a flow warp."""

@@ -31,8 +31,8 @@ def _record_windows(net: GSMNet):
         block = layer.stage.mamba_block
         orig = block.forward
 
-        def forward(x, gather, scatter, align, _orig=orig):
-            out = _orig(x, gather, scatter, align)
+        def forward(x, gather, scatter, align, out=None, _orig=orig):  # out: where the streaming sweep wants it
+            out = _orig(x, gather, scatter, align, out=out)
             calls.append((x.clone(), gather, out.clone()))
             return out
 
