@@ -10,12 +10,12 @@ The kernels are wrapped as ``torch.library`` custom ops (``gsmsr::scan_fwd`` / `
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from gsmsr.ops.selective_scan_ref import selective_scan_ref
+from gsmsr.ops.selective_scan_ref import flipped_scan, selective_scan_ref
 from gsmsr.ops.seq_scan_triton import _split, choose_segments, selective_scan_fwd_triton, unit_stride
 from gsmsr.ops.seq_scan_triton_bwd import selective_scan_bwd_triton
 from gsmsr.ops.triton_jit import triton
@@ -61,26 +61,6 @@ def cuda_kernel() -> bool:
 def kernel_status() -> str:
     """One line saying which scan runs on CUDA tensors, and why not the kernel when it is unavailable."""
     return 'mamba-ssm kernel' if cuda_kernel() else f'PyTorch scan ({kernel_import_error})'
-
-
-def _flipped_scan(
-    fn: Callable[..., Union[Tensor, Tuple[Tensor, ...]]],
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor],
-    z: Optional[Tensor],
-    delta_bias: Optional[Tensor],
-    *args: object,
-    index: Optional[int] = None,
-) -> Tensor:
-    """Reverse scan for a kernel without one: ``fn`` on the time-flipped u, delta, B, C, z, output (``fn(...)[index]``
-    when given) flipped back. Contiguous operands, as the flips copy them."""
-    u, delta, B, C, z = (t.flip(-1) if t is not None else None for t in (u, delta, B, C, z))
-    out = fn(u, delta, A, B, C, D, z, delta_bias, *args)
-    return (out if index is None else out[index]).flip(-1)
 
 
 # -- custom ops around the kernel --------------------------------------------------------------------------------
@@ -230,7 +210,7 @@ def scan_infer(
     if impl != 'mamba':
         raise ValueError(f'scan_infer: impl must be "mamba" or "triton", got {impl!r}')
     if reverse:
-        return _flipped_scan(scan_fwd, u, delta, A, B, C, D, z, delta_bias, delta_softplus, index=0)
+        return flipped_scan(scan_fwd, u, delta, A, B, C, D, z, delta_bias, delta_softplus, index=0)
     return scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0]
 
 
@@ -403,13 +383,11 @@ def selective_scan(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias)
     )
+    if needs_grad and reverse:  # the autograd kernels walk forwards only
+        return flipped_scan(selective_scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend)
     if backend == 'triton' or (
         backend == 'auto' and not needs_grad and u.is_cuda and not cuda_kernel() and _triton_ready(u)
     ):
-        if needs_grad and reverse:
-            return _flipped_scan(
-                tscan_fwd, u, delta, A, B, C, D, z, delta_bias, delta_softplus, triton_train_segments(u), index=0
-            )
         if needs_grad:
             return tscan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, triton_train_segments(u))[0]
         return scan_infer(u, delta, A, B, C, D, z, delta_bias, delta_softplus, 'triton', reverse)
@@ -424,8 +402,6 @@ def selective_scan(
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=reverse)
     u, delta, B, C, z = (unit_stride(t) for t in (u, delta, B, C, z))
     D = D.contiguous() if D is not None else None
-    if needs_grad and reverse:
-        return _flipped_scan(scan_fwd, u, delta, A, B, C, D, z, delta_bias, delta_softplus, index=0)
     if needs_grad:
         return scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0]
     return scan_infer(

@@ -8,7 +8,7 @@ not every doubling step.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -73,6 +73,26 @@ class LinearScan(torch.autograd.Function):
         return g * h_prev, g
 
 
+def flipped_scan(
+    fn: Callable[..., Union[Tensor, Tuple[Tensor, ...]]],
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    *args: object,
+    index: Optional[int] = None,
+) -> Tensor:
+    """The reverse scan of a scan ``fn`` that walks forwards only: ``fn`` on the time-flipped u, delta, B, C, z
+    (contiguous copies), its output (``fn(...)[index]`` when given) flipped back."""
+    u, delta, B, C, z = (t.flip(-1) if t is not None else None for t in (u, delta, B, C, z))
+    out = fn(u, delta, A, B, C, D, z, delta_bias, *args)
+    return (out if index is None else out[index]).flip(-1)
+
+
 def selective_scan_ref(
     u: Tensor,
     delta: Tensor,
@@ -97,9 +117,7 @@ def selective_scan_ref(
     scan of the time-flipped sequence, flipped back.
     """
     if reverse:
-        u, delta, B, C, z = (t.flip(-1) if t is not None else None for t in (u, delta, B, C, z))
-        y = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size)
-        return y.flip(-1)
+        return flipped_scan(selective_scan_ref, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size)
     dtype_in = u.dtype
     dt = torch.promote_types(dtype_in, torch.float32)
     u, delta, B, C = u.to(dt), delta.to(dt), B.to(dt), C.to(dt)
