@@ -146,7 +146,9 @@ class GSMBlock(nn.Module):
             return t.transpose(1, 2).reshape(b, c, k, h, w)
         if out.dtype != t.dtype:  # static when traced: no graph break
             raise TypeError(f'GSMBlock: out is {out.dtype}, the result {t.dtype} (see result_dtype)')
-        return out.copy_(t.transpose(1, 2).unflatten(2, (k, h, w)))
+        # view, not unflatten: under a TorchFunctionMode (3xTF32) Dynamo 2.11 breaks the graph at Python-defined
+        # Tensor methods, and the resumed frame then recompiled for every window
+        return out.copy_(t.transpose(1, 2).view(b, c, k, h, w))
 
     def result_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """dtype of :meth:`forward`'s result for a window of ``dtype``: the skip scales promote it (under autocast
