@@ -12,16 +12,15 @@ network with cuBLAS's fp32 GEMMs (``fp32_matmul='ieee'``) and with its larger GE
 blocks, and with --mamba-scan the compiled bf16 network with mamba-ssm's scan instead of gsmsr's Triton scan, and
 with --variants one compiled bf16 row per variant: ``slab=N`` sets ``GSMNet.stream_slab``, ``dwconv_<field>=N`` sets
 that ``DWConvConfig`` field of the MLP stencil (``dwconv3d.OP_CONFIG``), ``flipfree=1`` runs BiMamba's backward branch
-without flips (``bimamba.FLIP_FREE``), ``projbmm=1`` its projections as bmms (``bimamba.BMM_PROJECTIONS``),
-``buffers=0`` the streaming sweep's stacked windows instead of window buffers (``GSMNet.stream_buffers``; the three
+without flips (``bimamba.FLIP_FREE``), ``buffers=0`` the streaming sweep's stacked windows instead of window
+buffers (``GSMNet.stream_buffers``; both
 compile the window step again), other keys go to the Triton scan (``selective_scan.INFER_TRITON_CONFIG``: out_tile,
 out_warps, out_maxnreg, token_tile, warps_per_sm, out_prefetch, sum_prefetch, ...; 0 for a register cap turns it
-off), e.g. ``--variants 'slab=12;dwconv_block_c=64,dwconv_num_warps=4;flipfree=1,projbmm=1;out_prefetch=1'``.
+off), e.g. ``--variants 'slab=12;dwconv_block_c=64,dwconv_num_warps=4;flipfree=1;out_prefetch=1'``.
 Prints one table: median ms per clip and per frame (CUDA events), the first call's seconds (compilation included),
 peak memory, and the max abs / PSNR difference of each GSMNet row against the first one that ran. --train adds
 training steps (16x64x64, batch 1, checkpointing on), eager and compiled, fp32 and bf16, and the fast step
-(compiled, CUDA graphs, MLP checkpointing), in bf16 also with ``bimamba.BMM_PROJECTIONS`` the other way. A case that
-runs out of memory or fails says so.
+(compiled, CUDA graphs, MLP checkpointing). A case that runs out of memory or fails says so.
 """
 
 from __future__ import annotations
@@ -93,11 +92,11 @@ def main() -> int:
     # the faithful row runs mamba-ssm's kernel whatever the no-grad scan default is
     gsm_faithful = variant(scan_backend='kernel') if SCAN.cuda_kernel() else gsm
 
-    flip_free_default, bmm_default = BIMAMBA.FLIP_FREE, BIMAMBA.BMM_PROJECTIONS
+    flip_free_default = BIMAMBA.FLIP_FREE
 
     def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm, variant: Dict[str, int] = {}):  # noqa: B006
         dwconv = {k.removeprefix('dwconv_'): v for k, v in variant.items() if k.startswith('dwconv_')}
-        switches = ('slab', 'flipfree', 'projbmm', 'buffers')
+        switches = ('slab', 'flipfree', 'buffers')
         scan = {k: v for k, v in variant.items() if k not in switches and not k.startswith('dwconv_')}
         stencil = dataclasses.replace(DWCONV.DEFAULT_CONFIG, **dwconv)
 
@@ -108,14 +107,13 @@ def main() -> int:
             SCAN.INFER_TRITON_CONFIG.update(scan)
             DWCONV.OP_CONFIG = stencil
             BIMAMBA.FLIP_FREE = bool(variant.get('flipfree', BIMAMBA.FLIP_FREE))
-            BIMAMBA.BMM_PROJECTIONS = bool(variant.get('projbmm', BIMAMBA.BMM_PROJECTIONS))
             try:
                 with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None):
                     return net(x).float()
             finally:
                 SCAN.INFER_TRITON_CONFIG.clear()
                 DWCONV.OP_CONFIG = DWCONV.DEFAULT_CONFIG
-                BIMAMBA.FLIP_FREE, BIMAMBA.BMM_PROJECTIONS = flip_free_default, bmm_default
+                BIMAMBA.FLIP_FREE = flip_free_default
 
         return run
 
@@ -192,20 +190,17 @@ def main() -> int:
     if args.train:
         lq = torch.rand(1, 16, 3, 64, 64, device=dev)
         gt = torch.rand(1, 16, 3, 256, 256, device=dev)
-        other_bmm = f'[projbmm={int(not bmm_default)}]'
-        # (name, autocast dtype, compile_blocks, CUDA graphs + MLP checkpointing, bimamba.BMM_PROJECTIONS)
-        for name, dtype, compiled, fast, projbmm in (
-            ('train step fp32', None, False, False, bmm_default),
-            ('train step bf16', torch.bfloat16, False, False, bmm_default),
-            ('train step bf16 compiled', torch.bfloat16, True, False, bmm_default),
-            ('train step fp32 compiled', None, True, False, bmm_default),
-            ('train step bf16 compiled+graphs', torch.bfloat16, True, True, bmm_default),
-            ('train step fp32 compiled+graphs', None, True, True, bmm_default),
-            (f'train step bf16 compiled+graphs {other_bmm}', torch.bfloat16, True, True, not bmm_default),
+        # (name, autocast dtype, compile_blocks, CUDA graphs + MLP checkpointing)
+        for name, dtype, compiled, fast in (
+            ('train step fp32', None, False, False),
+            ('train step bf16', torch.bfloat16, False, False),
+            ('train step bf16 compiled', torch.bfloat16, True, False),
+            ('train step fp32 compiled', None, True, False),
+            ('train step bf16 compiled+graphs', torch.bfloat16, True, True),
+            ('train step fp32 compiled+graphs', None, True, True),
         ):
             if not selected(name):
                 continue
-            BIMAMBA.BMM_PROJECTIONS = projbmm
             torch.manual_seed(0)
             net = GSMNet(
                 use_checkpoint_attn=True, use_checkpoint_ffn=True, use_checkpoint_mlp=fast, compile_blocks=compiled
@@ -236,7 +231,6 @@ def main() -> int:
             rows.append(row)
             print(row, flush=True)
             del net, opt
-            BIMAMBA.BMM_PROJECTIONS = bmm_default
             if compiled:
                 cache.save()
 

@@ -8,10 +8,6 @@ Without autograd, where the scan walks time backwards itself (:func:`gsmsr.ops.s
 the backward branch runs on the unflipped sequence instead: an anti-causal conv, the pointwise-in-time projections
 as they are, and a reverse scan. The same value, without the copies of the gate that the scans (opaque custom ops
 under ``torch.compile``) would need: both read it from the in-projection's output.
-
-With ``BMM_PROJECTIONS``, every projection that feeds the scan (in-projection, x and dt projections, in both
-branches, with and without autograd) is a bmm, which writes the channels-first layout the scan reads; see
-:func:`channels_first_linear`.
 """
 
 from __future__ import annotations
@@ -32,10 +28,6 @@ EXPAND = 2
 # The flip-free backward branch without autograd (see the module docstring). Off until timed on a GPU: predicted
 # -1.2 ms/frame at 20x180x320 (benchmarks/NOTES.md, inference part 5); bench_gsm's ``--variants flipfree=1`` times it.
 FLIP_FREE = False
-# Every projection feeding the scan as a bmm (:func:`channels_first_linear`), in every branch and in training too.
-# Off until timed on a GPU: predicted -1.9 ms/frame at 20x180x320, -1.3 with FLIP_FREE (benchmarks/NOTES.md,
-# inference part 6); bench_gsm's ``--variants projbmm=1`` times it.
-BMM_PROJECTIONS = False
 
 
 @cache
@@ -81,18 +73,6 @@ def causal_conv_silu(x: Tensor, weight: Tensor, bias: Tensor, reverse: bool = Fa
     if reverse:  # cross-correlation with the taps reversed, zeros on the right
         return F.silu(F.conv1d(F.pad(x, (0, k - 1)), weight.flip(-1), bias, groups=x.shape[1]))
     return F.silu(F.conv1d(x, weight, bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]])
-
-
-def channels_first_linear(weight: Tensor, x: Tensor, bmm: bool) -> Tensor:
-    """Bias-free linear map over channels: weight (O, I), x (B, I, L) -> (B, O, L), contiguous.
-
-    bmm: one bmm on the expanded weight, which writes (B, O, L) itself. Else ``torch.matmul``: eagerly without
-    autograd the same bmm; traced, or with autograd, a (B*L, O) mm whose output is copied into (B, O, L) (a clone in
-    the aten graph), under ``torch.compile`` a copy kernel before the scan (an opaque custom op, which gets its
-    operands in the eager layout). Same products, in another GEMM: equal to rounding."""
-    if bmm:
-        return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
-    return torch.matmul(weight, x)
 
 
 def _at_least_fp32(t: Tensor) -> Tensor:
@@ -153,11 +133,11 @@ class BiMamba(nn.Module):
         """x, gate: (B, Di, L) -> (B, Di, L). reverse: conv and scan run time backwards (anti-causal conv, reverse
         scan), i.e. the branch on the flipped x and gate, flipped back."""
         # projections in the channels-first layout: every scan operand has unit stride along L (B and C are views of
-        # x_proj's output; as bmms, delta is dt_proj's output and x_proj's output is the GEMM's own)
+        # x_proj's output; eagerly no copies, under torch.compile Inductor copies delta, B and C into this layout)
         u = causal_conv_silu(x, conv.weight, conv.bias, reverse)
-        dbl = channels_first_linear(x_proj.weight, u, BMM_PROJECTIONS)  # (B, R + 2N, L)
+        dbl = torch.matmul(x_proj.weight, u)  # (B, R + 2N, L)
         delta, b, c = dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
-        delta = channels_first_linear(dt_proj.weight, delta, BMM_PROJECTIONS)  # (B, Di, L); dt bias: in the scan
+        delta = torch.matmul(dt_proj.weight, delta)  # (B, Di, L); dt bias goes into the scan
         A = -torch.exp(_at_least_fp32(a_log))
         return selective_scan(
             u,
@@ -181,9 +161,13 @@ class BiMamba(nn.Module):
         flip_free = (
             FLIP_FREE and directions == 2 and not torch.is_grad_enabled() and reverses_natively(z, self.scan_backend)
         )
-        # as a bmm (B, 2Di, L) is the GEMM's output, so under torch.compile the scans take the gate straight from it;
-        # as a matmul Inductor copies the gate into this layout for each scan (flip-free: both; flipped: the forward)
-        xz = channels_first_linear(self.in_proj.weight, z.transpose(1, 2), BMM_PROJECTIONS or flip_free)
+        if flip_free:
+            # a bmm writes (B, 2Di, L) itself, so under torch.compile both scans take the gate straight from the GEMM's
+            # output; Inductor computes the matmul below as (B*L, 2Di) and copies the gate into this layout for
+            # each scan (a custom op gets its operands in the eager layout)
+            xz = torch.bmm(self.in_proj.weight.expand(z.shape[0], -1, -1), z.transpose(1, 2))
+        else:
+            xz = torch.matmul(self.in_proj.weight, z.transpose(1, 2))  # (B, 2Di, L), contiguous along L
         x, gate = xz.chunk(2, dim=1)
         y = self._branch(x, gate, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
         backward = (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)
