@@ -15,8 +15,8 @@ that ``DWConvConfig`` field of the MLP stencil (``dwconv3d.OP_CONFIG``), ``flipf
 without flips (``bimamba.FLIP_FREE``), ``buffers=0`` the streaming sweep's stacked windows instead of window
 buffers (``GSMNet.stream_buffers``; both
 compile the window step again), other keys go to the Triton scan (``selective_scan.INFER_TRITON_CONFIG``: out_tile,
-out_warps, out_maxnreg, token_tile, warps_per_sm, out_prefetch, sum_prefetch, ...; 0 for a register cap turns it
-off), e.g. ``--variants 'slab=12;dwconv_block_c=64,dwconv_num_warps=4;flipfree=1;out_prefetch=1'``.
+out_warps, out_maxnreg, token_tile, warps_per_sm, ...; 0 for a register cap turns it
+off), e.g. ``--variants 'slab=12;dwconv_block_c=64,dwconv_num_warps=4;flipfree=0;out_tile=4'``.
 Prints one table: median ms per clip and per frame (CUDA events), the first call's seconds (compilation included),
 peak memory, and the max abs / PSNR difference of each GSMNet row against the first one that ran. --train adds
 training steps (16x64x64, batch 1, checkpointing on), eager and compiled, fp32 and bf16, and the fast step

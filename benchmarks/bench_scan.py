@@ -8,9 +8,8 @@ triton op`` rows are ``selective_scan(backend='triton')``: forward through gsmsr
 gsmsr::tscan_fwd / tscan_bwd (gsmsr.ops.seq_scan_triton_bwd, training segments); ``--seq-sweep`` adds its
 configurations in SEQ_SWEEP, labelled ``d<block_d> w<num_warps> t<token_tile> seg<segments>|wpsm<warps per SM>``,
 then ``out(t<tile> w<warps>)`` for the output pass's own options and ``maxnreg(sum <cap> out <cap>)``, the register
-caps of the two launches (``off``: the compiler's choice), and where set ``prefetch(sum <k> out <k>)`` and
-``stages(sum <n> out <n>)``, the tile loop's prefetching and software pipelining. ``out_rel`` is the max abs
-difference from mamba-ssm relative to its max |output|.
+caps of the two launches (``off``: the compiler's choice). ``out_rel`` is the max abs difference from mamba-ssm
+relative to its max |output|.
 
 Shapes: batch 1, D = 384 channels (d_inner of the release config, C = 192), N = 16 states, L = 5*180*320 = 288000
 (a 5-frame window at REDS resolution) and L = 5*64*64 = 20480. Operands as BiMamba passes them: u, delta, z, B, C in
@@ -60,29 +59,17 @@ class SeqConfig(NamedTuple):
     out_warps: int = 0  # 0: as the summary pass
     out_maxnreg: int = 128  # 0: no cap (the compiler's choice)
     sum_maxnreg: int = 128  # 0: no cap
-    out_prefetch: int = 0  # the next tile's loads one iteration ahead (0: off)
-    sum_prefetch: int = 0
-    out_stages: int = 1  # Triton's software pipelining of the tile loop (1: off)
-    sum_stages: int = 1
 
     def label(self) -> str:
         name = f'seq-triton d{self.block_d} w{self.num_warps} t{self.token_tile} '
         name += f'seg{self.segments}' if self.segments else f'wpsm{self.warps_per_sm}'
         out = [f'{k}{v}' for k, v in (('t', self.out_tile), ('w', self.out_warps)) if v]
         name += f' out({" ".join(out)})' if out else ''
-        name += f' maxnreg(sum {self.sum_maxnreg or "off"} out {self.out_maxnreg or "off"})'
-        if self.sum_prefetch or self.out_prefetch:
-            name += f' prefetch(sum {self.sum_prefetch} out {self.out_prefetch})'
-        if self.sum_stages > 1 or self.out_stages > 1:
-            name += f' stages(sum {self.sum_stages} out {self.out_stages})'
-        return name
+        return name + f' maxnreg(sum {self.sum_maxnreg or "off"} out {self.out_maxnreg or "off"})'
 
     def kwargs(self) -> Dict[str, Any]:
-        # 0 -> None: chosen automatically, as the summary pass, or no register cap (prefetch and stages as they are)
-        return {k: v if k in LOOP_KEYS else v or None for k, v in self._asdict().items()}
-
-
-LOOP_KEYS = ('out_prefetch', 'sum_prefetch', 'out_stages', 'sum_stages')
+        # 0 -> None: chosen automatically, as the summary pass, or no register cap
+        return {k: v or None for k, v in self._asdict().items()}
 
 
 # Timed on an H200 at L = 288k bf16 (ms a call; mamba-ssm 3.62): the default 1.91. Configurations of earlier sweeps
@@ -99,17 +86,6 @@ SEQ_SWEEP = [
     SeqConfig(out_tile=2),
     SeqConfig(out_warps=2),
     SeqConfig(out_warps=2, warps_per_sm=24),
-    # the next tile's u, delta, z one iteration ahead (and with 2 the B|C rows of its first token), untimed; offline
-    # sm_90a SASS predicts -0.05...-0.18 ms a call for both passes at 1, nothing more at 2 (NOTES, "prefetching the
-    # next tile")
-    SeqConfig(out_prefetch=1, sum_prefetch=1),
-    SeqConfig(out_prefetch=1),
-    SeqConfig(sum_prefetch=1),
-    SeqConfig(out_prefetch=2, sum_prefetch=2),
-    # Triton's software pipelining: cp.async through shared memory, 34 / 17 KB a one-warp program, so at most 6 output
-    # programs an SM (one wave at 6 warps per SM); predicted to lose
-    SeqConfig(out_stages=2, sum_stages=2),
-    SeqConfig(out_stages=2, sum_stages=2, warps_per_sm=6),
 ]
 
 # (token_tile, maxnreg (0: the compiler's choice), lane_sum, stages, segments (0: the training choice)) of --bwd-sweep

@@ -7,9 +7,7 @@ issues per token: registers, spills, tile-load layouts, SASS instructions by kin
 A VARIANT is ``out<TILE>`` (output pass) or ``sum<TILE>`` (summary pass), optionally followed by ``r<maxnreg>``
 (none: the compiler's choice) and ``w<num_warps>`` (32 * num_warps channels per program), e.g. ``out8r128 sum8r128``
 (the default call's two passes), ``out8`` (uncapped), ``out4r128w2``; a leading ``rev`` compiles the reverse scan
-(time walked from the end), e.g. ``revout8r128``; ``p<k>`` prefetches across tile iterations (``out_prefetch`` /
-``sum_prefetch`` = k: 1 the next tile's u, delta, z; k > 1 also the B|C rows of its first k - 1 tokens) and
-``s<stages>`` software-pipelines the tile loop (``out_stages`` / ``sum_stages``), e.g. ``out8r128p2 sum8r128s2``.
+(time walked from the end), e.g. ``revout8r128``.
 The other parameters are the real call's: N = NP = 16; D, z, delta_bias and softplus on; u, delta, z and out in
 ``--dtype``; A, D, bias and the packed B|C in fp32. The kernel is specialised as Triton's launcher would specialise it
 (16-byte aligned pointers; integers divisible by 16, or equal to 1, marked so), with the segment length the host code
@@ -67,7 +65,7 @@ TARGET = GPUTarget('cuda', 90, 32)
 SM_COUNT = 132
 BIN = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin'
 TORCH_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
-VARIANT = re.compile(r'(rev)?(out|sum)(\d+)((?:[rwps]\d+)*)$')
+VARIANT = re.compile(r'(rev)?(out|sum)(\d+)((?:[rw]\d+)*)$')
 Instr = Tuple[int, str, str, str]  # address, predicate guard, opcode, operands
 
 # (table row, pipe, SASS opcodes before the first dot). Pipes: mufu, fma (FP32), fmah (IMAD), alu, lsu, ctrl;
@@ -111,17 +109,15 @@ def load_module(name: str):
 def parse_variant(text: str) -> Dict[str, int]:
     m = VARIANT.match(text)
     if not m:
-        expected = '[rev]out<TILE> or [rev]sum<TILE>, then r<maxnreg> w<warps> p<prefetch> s<stages>'
+        expected = '[rev]out<TILE> or [rev]sum<TILE>, then r<maxnreg> w<warps>'
         raise SystemExit(f'bad variant {text!r}: expected {expected}')
-    extra = {k: int(v) for k, v in re.findall(r'([rwps])(\d+)', m.group(4))}
+    extra = {k: int(v) for k, v in re.findall(r'([rw])(\d+)', m.group(4))}
     return dict(
         reverse=bool(m.group(1)),
         summary=m.group(2) == 'sum',
         tile=int(m.group(3)),
         maxnreg=extra.get('r', 0),
         warps=extra.get('w', 1),
-        prefetch=extra.get('p', 0),
-        stages=extra.get('s', 1),
     )
 
 
@@ -141,8 +137,7 @@ def compile_variant(mod, v: Dict[str, int], args):
     call = (act(), act(), act(), act(), f32(), f32(), f32(), f32(), f32(), f32(), D, L, seg_len, -(-L // seg_len) - 1)
     call += (D * L, L) * 4 + (16, 1)  # u, delta, z, out strides (batch, channel); A (D, N) contiguous
     kwargs = dict(N=16, NP=16, BLOCK_D=32 * v['warps'], TILE=v['tile'], SUMMARY=v['summary'], HAS_D=True,
-                  HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=v['reverse'], num_warps=v['warps'],
-                  **mod.loop_flags(v['prefetch'], v['stages'], v['tile']))  # fmt: skip
+                  HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=v['reverse'], num_warps=v['warps'])  # fmt: skip
     if v['maxnreg']:
         kwargs['maxnreg'] = v['maxnreg']
     bound, specialization, options = binder(*call, **kwargs)
@@ -283,19 +278,18 @@ def in_order_cycles(
     return (t - starts[1]) / (iterations - 1)
 
 
-def ttgir_layouts(ttgir: str, width: int) -> Dict[str, Optional[Tuple[List[int], List[int]]]]:
-    """(sizePerThread, threadsPerWarp) of a masked tile load (u, delta, z: the last masked load of ``width`` columns,
-    after any prefetched B|C pieces; B|C pieces are masked only when prefetched, and then come first) and of the
-    store in the main loop (the longest: the reverse scan walks the ragged end, token by token, first)."""
+def ttgir_layouts(ttgir: str) -> Dict[str, Optional[Tuple[List[int], List[int]]]]:
+    """(sizePerThread, threadsPerWarp) of the first masked tile load (u) and of the store in the main loop (the
+    longest: the reverse scan walks the ragged end, token by token, first)."""
     blocked = re.findall(r'^(#\w+) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], threadsPerWarp = \[([\d, ]+)\]',
                          ttgir, re.M)  # fmt: skip
     layouts = {name: ([int(x) for x in spt.split(',')], [int(x) for x in tpw.split(',')]) for name, spt, tpw in blocked}
     body = max((loop.split('scf.yield', 1)[0] for loop in ttgir.split('scf.for')[1:]), key=len)
-    tile = rf'tensor<\d+x{width}x!tt\.ptr<\w+>, (#\w+)>'
+    tile = r'tensor<\d+x\d+x!tt\.ptr<\w+>, (#\w+)>'
     found = {}
     for key, pat in (('load', r'tt\.load %\w+, %\w+, %\w+ : ' + tile), ('store', r'tt\.store [^:]*: ' + tile)):
-        m = re.findall(pat, body)
-        found[key] = layouts.get(m[-1 if key == 'load' else 0]) if m else None
+        m = re.search(pat, body)
+        found[key] = layouts.get(m.group(1)) if m else None
     return found
 
 
@@ -323,7 +317,7 @@ def analyse(name: str, mod, args) -> Dict[str, object]:
         if row in ('LDG', 'STG'):
             width = op.rsplit('.', 1)[-1] if op.count('.') >= 2 else '32'  # LDG.E.128 -> 128; LDG.E -> 32
             widths[f'{row}.{width}'] += 1 / tile
-    lay = ttgir_layouts(asm['ttgir'], tile)
+    lay = ttgir_layouts(asm['ttgir'])
     rows_per = lambda key: lay[key][1][0] if lay[key] else 32  # noqa: E731  (rows a tile instruction touches)
     bc_loads = (1 if v['summary'] else 2) * 16 // 4  # 16-byte broadcast loads of the B (and C) row a token
     if rows['LDG']:
@@ -342,8 +336,7 @@ def analyse(name: str, mod, args) -> Dict[str, object]:
         dist_narrow=median([d for _, op, d in dists if not op.endswith('.128')]),
         dist_tile=median([d for k, _, d in dists if k in tiles]),
         dist_bc=median([d for k, _, d in dists if k not in tiles]),
-        # cp.async loads (LDGSTS, then a wait) are not modelled: no in-order estimate without LDGs in the loop
-        in_order=[in_order_cycles(loop, lat, 3, at) / tile if rows['LDG'] else None for lat, at in IN_ORDER],
+        in_order=[in_order_cycles(loop, lat, 3, at) / tile for lat, at in IN_ORDER],
     )  # fmt: skip
 
 

@@ -2,8 +2,7 @@
 findings its defaults rest on hold: the output pass loads and stores each tile as one vector per thread with no
 shared-memory transpose (the loop over the tile index), and its 128-register cap lets the tile loads be issued well
 ahead of their use, which the compiler's own choice (~90 registers) does not (benchmarks/NOTES.md). The reverse scan
-(BiMamba's backward branch without autograd) compiles to the same loop. The tile loop's prefetch option issues the next
-tile's loads an iteration ahead."""
+(BiMamba's backward branch without autograd) compiles to the same loop."""
 
 from __future__ import annotations
 
@@ -41,24 +40,3 @@ def test_output_pass_loads_vector_tiles_ahead_of_use():
     assert free['info']['regs'] < 128  # the cap is room the compiler fills with loads in flight, not a squeeze
     ahead = lambda r: int(r['dist_wide'].split()[0])  # noqa: E731  (median load-to-use distance, instructions)
     assert ahead(capped) > 2 * ahead(free)
-
-
-def test_prefetch_issues_tile_loads_an_iteration_ahead():
-    """out_prefetch / sum_prefetch = 1: the next tile's u, delta, z are loaded in the current iteration (ptxas puts
-    them in the last ~15 % of the loop body), so they are issued > 100 instructions before their use, against < 20
-    without (the first token of a tile waits for them); at the cost of a few instructions a token and, in the output
-    pass, a few spilled bytes at the 128-register cap. Triton's own pipelining (stages 2) turns every tile load,
-    B|C pieces included, into cp.async through shared memory (benchmarks/NOTES.md, "prefetching the next tile")."""
-    sass = _load()
-    mod = sass.load_module('gsmsr.ops.seq_scan_triton')
-    args = argparse.Namespace(length=288000, dim=384, dtype='bf16', warps_per_sm=16, seg_len=0, keep='')
-    out, summary, piped = (sass.analyse(name, mod, args) for name in ('out8r128p1', 'sum8r128p1', 'out8r128s2'))
-    least = lambda r: int(r['dist_tile'].split('(')[1].rstrip(')'))  # noqa: E731  (min load-to-use, instructions)
-    for r in (out, summary):
-        assert least(r) > 100, r['dist_tile']
-        assert r['info']['regs'] <= 128 and r['info']['spill_st'] <= 16
-        assert r['load'].startswith('[1, 8]') and r['shared'] == 0  # still one vector a tile, no shared memory
-    assert out['rows']['total'] <= 155 and summary['rows']['total'] <= 116  # default: 148-149 and 111
-    assert summary['info']['spill_st'] == 0
-    assert piped['rows']['LDG'] == 0 and piped['shared'] >= 32 * 1024  # cp.async, B|C broadcasts copied per thread
-    assert piped['in_order'][0] is None  # not modelled

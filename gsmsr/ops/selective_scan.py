@@ -30,8 +30,8 @@ KERNEL_CHUNK = 2048  # tokens per chunk of mamba-ssm's kernel: one saved state e
 # runs mamba-ssm's kernel unless backend='triton' is asked for.
 INFER_IMPL = os.environ.get('GSMSR_SCAN_INFER', 'triton')
 # Keyword arguments of the Triton forward under ``gsmsr::scan_infer`` (block_d, token_tile, warps_per_sm, out_tile,
-# out_warps, out_maxnreg, out_prefetch, sum_prefetch, ...; empty: its defaults). Read at every call (the op is opaque
-# to torch.compile), so benchmarks can try configurations in a compiled network without recompiling it.
+# out_warps, out_maxnreg, ...; empty: its defaults). Read at every call (the op is opaque to torch.compile), so
+# benchmarks can try configurations in a compiled network without recompiling it.
 INFER_TRITON_CONFIG: Dict[str, int] = {}
 
 

@@ -34,9 +34,7 @@ index, so that a tile's start ``i * TILE`` is a multiple of TILE the compiler se
 a loop counter, and then loads the tiles as 2-byte scalars transposed through shared memory; sm_90a SASS,
 ``benchmarks/sass_scan.py``). The output pass may use its own tile, channel block, warps and register cap (it
 holds more registers than the summary); segment lengths are multiples of both tiles, and the last segment's
-ragged end is walked with a tile of one token. Optionally (``out_prefetch``, ``sum_prefetch``) each iteration also
-loads the next tile's u, delta, z (and the B|C rows of its first tokens) into loop-carried registers, so that a
-tile's first token need not wait for its loads.
+ragged end is walked with a tile of one token.
 
 All arithmetic is float32 whatever the input dtype; the output has u's dtype. Decays are ``exp2(dt * A log2 e)``
 (log2 e folded into A once). No autograd here; with ``return_states=True`` the forward also returns the state
@@ -48,7 +46,7 @@ any segment. CUDA tensors run compiled kernels and CPU tensors Triton's interpre
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Dict, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -119,61 +117,6 @@ def _row(ptr, BLOCK_D: tl.constexpr, NP: tl.constexpr):
     return vals
 
 
-def _pieces(ptr, ok, BLOCK_D: tl.constexpr, NP: tl.constexpr):
-    """:func:`_row`'s loads as issued, masked by the scalar ``ok`` (zeros where false): a tuple of NP // 4
-    (BLOCK_D, 4) broadcast pieces, to be split by :func:`_piece_columns` where they are used."""
-    pieces = ()
-    for c in tl.static_range(NP // 4):
-        piece = tl.broadcast_to((ptr + 4 * c + tl.arange(0, 4))[None, :], (BLOCK_D, 4))
-        pieces = pieces + (tl.load(piece, mask=ok, other=0.0),)
-    return pieces
-
-
-def _piece_columns(pieces, first: tl.constexpr, BLOCK_D: tl.constexpr, NP: tl.constexpr):
-    """The NP // 4 pieces of :func:`_pieces` from ``pieces[first]`` on -> tuple of NP (BLOCK_D,) vectors."""
-    vals = ()
-    for c in tl.static_range(NP // 4):
-        vals = vals + _columns(pieces[first + c], BLOCK_D, 4)
-    return vals
-
-
-def _tile_loads(
-    u_row,
-    dt_row,
-    z_row,
-    bc_row,
-    i,
-    ok,
-    mask,
-    N_BC: tl.constexpr,
-    NP: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    TILE: tl.constexpr,
-    SUMMARY: tl.constexpr,
-    HAS_Z: tl.constexpr,
-    REVERSE: tl.constexpr,
-):
-    """The loads of tile i (tokens i * TILE ...), as issued: the B (and, unless SUMMARY, C) row pieces of its first
-    N_BC tokens in walking order (NP // 4 pieces a row, :func:`_pieces`), then its u and delta tiles (BLOCK_D, TILE)
-    and z's unless SUMMARY, all in one tuple. All masked by the scalar ``ok`` (None: unmasked, then N_BC = 0), u,
-    delta, z also by ``mask`` (BLOCK_D, 1)."""
-    offs = tl.arange(0, TILE)[None, :]
-    t0 = i * TILE
-    loads = ()
-    for j in tl.static_range(REVERSE * (TILE - 1), REVERSE * (TILE - 1) + (1 - 2 * REVERSE) * N_BC, 1 - 2 * REVERSE):
-        loads = loads + _pieces(bc_row + (t0 + j) * (2 * NP), ok, BLOCK_D, NP)
-        if not SUMMARY:
-            loads = loads + _pieces(bc_row + (t0 + j) * (2 * NP) + NP, ok, BLOCK_D, NP)
-    m = mask if ok is None else mask & ok
-    loads = loads + (
-        tl.load(u_row[:, None] + t0 + offs, mask=m, other=0.0),
-        tl.load(dt_row[:, None] + t0 + offs, mask=m, other=0.0),
-    )
-    if HAS_Z and not SUMMARY:
-        loads = loads + (tl.load(z_row[:, None] + t0 + offs, mask=m, other=0.0),)
-    return loads
-
-
 def _walk(
     h,
     dsum,
@@ -198,62 +141,29 @@ def _walk(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
-    PREFETCH: tl.constexpr,
-    BC_AHEAD: tl.constexpr,
-    STAGES: tl.constexpr,
 ):
     """Walk tokens [lo, hi) (both multiples of TILE) from the states h (tuple of N (BLOCK_D,) fp32), from hi - 1
     down to lo when REVERSE. Summary: also sums dt into dsum, writes nothing. Otherwise stores out. Returns
     (h, dsum). u_row, dt_row, z_row, o_row: (BLOCK_D,) pointers at token 0 of each channel; bc_row: scalar pointer
-    at token 0 of this batch's packed B|C rows (2 NP fp32 per token, B in the first NP).
-
-    PREFETCH: the next tile's u, delta, z and the B|C rows of its first BC_AHEAD tokens (walking order; 0 without
-    PREFETCH) are loaded in each iteration into loop-carried registers (the first tile's before the loop; masked off
-    past the last tile), so they are in flight during this tile's recurrence; the rest of a tile's B|C rows are
-    loaded within it, as without.
-    STAGES > 1: Triton's software pipelining of the tile loop (``tl.range(num_stages=STAGES)``)."""
+    at token 0 of this batch's packed B|C rows (2 NP fp32 per token, B in the first NP)."""
     offs = tl.arange(0, TILE)[None, :]
     mask = md[:, None]
-    k_lo = lo // TILE
-    k_hi = hi // TILE
-    if PREFETCH:  # the first tile walked, for the first iteration
-        nxt = _tile_loads(
-            u_row, dt_row, z_row, bc_row, k_hi - 1 if REVERSE else k_lo, k_lo < k_hi, mask,
-            BC_AHEAD, NP, BLOCK_D, TILE, SUMMARY, HAS_Z, REVERSE,
-        )  # fmt: skip
     # over the tile index: t0 = i * TILE is a multiple of TILE the compiler sees, so the tile loads are vectors
-    for k in tl.range(k_lo, k_hi, num_stages=STAGES):
+    for k in range(lo // TILE, hi // TILE):
         i = k
         if REVERSE:  # the same tiles, last first
             i = (lo + hi) // TILE - 1 - k
         t0 = i * TILE
-        if PREFETCH:
-            cur = nxt
-            nxt = _tile_loads(
-                u_row, dt_row, z_row, bc_row, i - 1 if REVERSE else i + 1, k + 1 < k_hi, mask,
-                BC_AHEAD, NP, BLOCK_D, TILE, SUMMARY, HAS_Z, REVERSE,
-            )  # fmt: skip
-        else:
-            cur = _tile_loads(
-                u_row, dt_row, z_row, bc_row, i, None, mask, 0, NP, BLOCK_D, TILE, SUMMARY, HAS_Z, REVERSE
-            )
-        # cur: the B|C pieces of the first BC_AHEAD tokens walked ((NP // 4) * (2 - SUMMARY) a token), u, delta (, z)
-        us = _columns(cur[BC_AHEAD * (NP // 4) * (2 - SUMMARY)], BLOCK_D, TILE)
-        ds = _columns(cur[BC_AHEAD * (NP // 4) * (2 - SUMMARY) + 1], BLOCK_D, TILE)
+        us = _columns(tl.load(u_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
+        ds = _columns(tl.load(dt_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
         if HAS_Z and not SUMMARY:
-            zs = _columns(cur[BC_AHEAD * (NP // 4) * 2 + 2], BLOCK_D, TILE)
+            zs = _columns(tl.load(z_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
         ys = ()
-        # tokens of the tile in walking order: 0 .. TILE-1, or TILE-1 .. 0 in reverse (the w-th walked:
-        # j + REVERSE * (TILE - 1 - 2 j))
+        # tokens of the tile in walking order: 0 .. TILE-1, or TILE-1 .. 0 in reverse
         for j in tl.static_range(REVERSE * (TILE - 1), TILE - REVERSE * (TILE + 1), 1 - 2 * REVERSE):
-            if j + REVERSE * (TILE - 1 - 2 * j) < BC_AHEAD:  # this token's rows came with the tile
-                bs = _piece_columns(cur, (j + REVERSE * (TILE - 1 - 2 * j)) * (NP // 4) * (2 - SUMMARY), BLOCK_D, NP)
-                if not SUMMARY:
-                    cs = _piece_columns(cur, (j + REVERSE * (TILE - 1 - 2 * j)) * (NP // 2) + NP // 4, BLOCK_D, NP)
-            else:
-                bs = _row(bc_row + (t0 + j) * (2 * NP), BLOCK_D, NP)
-                if not SUMMARY:
-                    cs = _row(bc_row + (t0 + j) * (2 * NP) + NP, BLOCK_D, NP)
+            bs = _row(bc_row + (t0 + j) * (2 * NP), BLOCK_D, NP)
+            if not SUMMARY:
+                cs = _row(bc_row + (t0 + j) * (2 * NP) + NP, BLOCK_D, NP)
             u = us[j].to(tl.float32)
             dt = ds[j].to(tl.float32)
             if HAS_BIAS:
@@ -319,9 +229,6 @@ def _scan_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
-    PREFETCH: tl.constexpr,
-    BC_AHEAD: tl.constexpr,
-    STAGES: tl.constexpr,
 ):
     """Program (channel block, segment s, batch). SUMMARY: segment s (< S-1) from h = 0, stores hs[b, s] (D, N)
     and dsum[b, s] (D,). Otherwise: starts from hs[b, s-1] (the carried state; zero for s = 0) and stores out
@@ -364,16 +271,16 @@ def _scan_kernel(
     if REVERSE and TILE > 1:  # ragged end first (the last segment only: segment lengths are multiples of TILE)
         h, dsum = _walk(
             h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, False, 0, 1,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE,
         )  # fmt: skip
     h, dsum = _walk(
         h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, lo, full, bias, d_skip, md,
-        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, PREFETCH, BC_AHEAD, STAGES,
+        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE,
     )  # fmt: skip
     if not REVERSE and TILE > 1:  # ragged end (the last segment only, as segment lengths are multiples of TILE)
         h, dsum = _walk(
             h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, False, 0, 1,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE,
         )  # fmt: skip
     if SUMMARY:
         base = (b * n_carry + s) * Dm + d64
@@ -417,10 +324,7 @@ def _carry_kernel(
             tl.store(hs_ptr + (b * n_carry + s0 + j) * Dm * N + lanes, h, mask=ml & (s0 + j < n_carry))
 
 
-_KERNELS = LazyKernels(
-    __name__,
-    [_softplus, _columns, _tile, _row, _pieces, _piece_columns, _tile_loads, _walk, _scan_kernel, _carry_kernel],
-)
+_KERNELS = LazyKernels(__name__, [_softplus, _columns, _tile, _row, _walk, _scan_kernel, _carry_kernel])
 
 # ---------------------------------------------------------------------------------------------------------------
 # Host side
@@ -492,15 +396,6 @@ def pack_bc(B: Tensor, C: Tensor, n_pad: int) -> Tensor:
     return bc
 
 
-def loop_flags(prefetch: int, stages: int, tile: int) -> Dict[str, int]:
-    """The tile loop's constexprs for a pass: ``prefetch`` (0: off; 1: the next tile's u, delta, z one iteration
-    ahead; k > 1: also the B|C rows of its first k - 1 tokens, at most the tile) and ``stages`` (Triton's software
-    pipelining, 1: off)."""
-    if prefetch < 0 or stages < 1:
-        raise ValueError(f'selective_scan_fwd_triton: prefetch must be >= 0 and stages >= 1, got {prefetch}, {stages}')
-    return dict(PREFETCH=prefetch > 0, BC_AHEAD=min(max(prefetch - 1, 0), tile), STAGES=stages)
-
-
 def _split(length: int, segments: int, tile: int) -> Tuple[int, int]:
     """(segment length, segment count): lengths a multiple of ``tile``, the last segment possibly shorter."""
     seg_len = -(-length // max(segments, 1))
@@ -536,10 +431,6 @@ def selective_scan_fwd_triton(
     out_warps: Optional[int] = None,
     sum_maxnreg: Optional[int] = 128,
     reverse: bool = False,
-    out_prefetch: int = 0,
-    sum_prefetch: int = 0,
-    out_stages: int = 1,
-    sum_stages: int = 1,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, int]]:
     """Selective scan forward, no autograd; semantics and shapes of
     :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
@@ -560,15 +451,6 @@ def selective_scan_fwd_triton(
     choice; ignored by the interpreter). They change no result (the same float instructions), only register
     allocation: how many programs an SM holds and how far ahead of their use loads are issued.
 
-    out_prefetch, sum_prefetch: prefetching across tile iterations in the output and summary passes (0: off). 1:
-    each iteration also loads the next tile's u, delta, z (masked off after the last tile) into loop-carried
-    registers, so they are in flight during this tile's recurrence (without, a tile's loads are issued at its top and
-    its first token waits for them); k > 1: also the B|C rows of the next tile's first k - 1 tokens in walking order
-    (at most the tile; the others are loaded within their tile, as without). out_stages, sum_stages: Triton's
-    software pipelining of the tile loop (``tl.range(num_stages=...)``; 1: off; it moves every tile load through
-    shared memory with cp.async). Neither changes a result (the same float operations in the same order), only
-    when loads are issued: ``benchmarks/NOTES.md``, "Scan forward: prefetching the next tile".
-
     return_states: also return what the backward (:mod:`gsmsr.ops.seq_scan_triton_bwd`) needs to restart any
     segment: ``(out, states, seg_len)`` with states (batch, max(S - 1, 1), D, N) fp32, ``states[:, s - 1]`` the
     state entering segment s (the carries the forward computes anyway; unused and unwritten when S = 1), and
@@ -587,8 +469,6 @@ def selective_scan_fwd_triton(
         'selective_scan_fwd_triton', u, delta, A, B, C, D, z, delta_bias,
         block_d=block_d, token_tile=token_tile, num_warps=num_warps, out_tile=out_tile, out_warps=out_warps,
     )  # fmt: skip
-    summary_loop = loop_flags(sum_prefetch or 0, 1 if sum_stages is None else sum_stages, token_tile)
-    out_loop = loop_flags(out_prefetch or 0, 1 if out_stages is None else out_stages, out_tile)
     batch, dim, length = u.shape
     n_state = A.shape[1]
 
@@ -643,8 +523,8 @@ def selective_scan_fwd_triton(
         SOFTPLUS=bool(delta_softplus),
         REVERSE=bool(reverse),
     )
-    summary_flags = dict(BLOCK_D=block_d, TILE=token_tile, num_warps=num_warps, **summary_loop)
-    out_flags = dict(BLOCK_D=out_block_d, TILE=out_tile, num_warps=out_warps, **out_loop)
+    summary_flags = dict(BLOCK_D=block_d, TILE=token_tile, num_warps=num_warps)
+    out_flags = dict(BLOCK_D=out_block_d, TILE=out_tile, num_warps=out_warps)
     for launch, cap in ((summary_flags, sum_maxnreg), (out_flags, out_maxnreg)):
         if cap and not interpret:
             launch['maxnreg'] = cap

@@ -14,7 +14,6 @@ Tolerances, on the max abs error relative to max(1, max |reference|):
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Dict
 
@@ -201,51 +200,6 @@ def test_output_pass_with_two_warps_and_register_caps(caps):
     torch.testing.assert_close(other, default, rtol=0, atol=0)
 
 
-# the tile loop's options: loads issued earlier (prefetch: the next tile's u, delta, z, and with k > 1 the B|C rows of
-# its first k - 1 tokens; stages: Triton's software pipelining), the same float operations in the same order
-LOOP_OPTIONS = {
-    'prefetch1': dict(out_prefetch=1, sum_prefetch=1),
-    'prefetch2_3': dict(out_prefetch=2, sum_prefetch=3),  # B|C rows of the next tile's first 1 / 2 tokens
-    'prefetch_all': dict(out_prefetch=9, sum_prefetch=9),  # clipped to the tile: every row of the next tile
-    'stages': dict(out_stages=2, sum_stages=3),
-}
-
-
-LOOP_CASE = dict(segments=4, token_tile=4, out_tile=8, block_d=16)
-
-
-@functools.cache
-def _loop_case_default(dtype: torch.dtype, reverse: bool):
-    """(inputs, default output, default states, float64 reference) of the tile-loop option tests."""
-    inp = _inputs(1, 40, 4, 101, 'slow', dtype, 'cpu', seed=5)
-    y, states, _ = selective_scan_fwd_triton(
-        **inp, delta_softplus=True, return_states=True, reverse=reverse, **LOOP_CASE
-    )
-    ref = selective_scan_ref(**{k: v.double() for k, v in inp.items()}, delta_softplus=True, reverse=reverse)
-    return inp, y, states, ref
-
-
-@pytest.mark.parametrize('reverse', [False, True])
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize('name', list(LOOP_OPTIONS))
-def test_prefetch_and_stages_match_reference(name, dtype, reverse):
-    """The tile loop's prefetch and pipelining options against the float64 reference, and bit for bit against the
-    default: L = 101 cut into 4 segments of 32 (_split), the last 5 tokens, shorter than the output pass's tile of 8
-    (its tile loop runs no iteration: the prefetch before the loop is masked off, only the ragged end runs); the
-    summary walks tiles of 4; D = 40 in channel blocks of 16, the last partial; time forward and reversed."""
-    assert _split(101, 4, 8) == (32, 4)
-    inp, default, default_states, ref = _loop_case_default(dtype, reverse)
-    out = torch.full_like(inp['u'], float('nan'))
-    y, states, _ = selective_scan_fwd_triton(
-        **inp, delta_softplus=True, out=out, return_states=True, reverse=reverse, **LOOP_CASE, **LOOP_OPTIONS[name]
-    )
-    assert not torch.isnan(y).any(), 'unwritten output elements'
-    err = ((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
-    assert err <= TOL[dtype], f'{name}: {err:.2e}'
-    torch.testing.assert_close(y, default, rtol=0, atol=0)
-    torch.testing.assert_close(states, default_states, rtol=0, atol=0)
-
-
 def test_strided_views_and_segment_count_invariance():
     """u, delta, z as views with a channel stride other than L (one half of a wider tensor, as BiMamba's
     projections give them); B, C non-contiguous along L (copied). More segments must not change the result
@@ -279,10 +233,6 @@ def test_rejects_bad_arguments():
         selective_scan_fwd_triton(**inp, out_tile=6)
     with pytest.raises(ValueError, match='out_warps must be a power of two'):
         selective_scan_fwd_triton(**inp, out_warps=3)
-    with pytest.raises(ValueError, match='prefetch must be >= 0'):
-        selective_scan_fwd_triton(**inp, out_prefetch=-1)
-    with pytest.raises(ValueError, match='stages >= 1'):
-        selective_scan_fwd_triton(**inp, sum_stages=0)
     with pytest.raises(ValueError, match='B and C'):
         selective_scan_fwd_triton(**{**inp, 'B': inp['B'][:, :2]})
 
