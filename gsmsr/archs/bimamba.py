@@ -25,9 +25,9 @@ from gsmsr.ops.selective_scan import reverses_natively, selective_scan
 D_STATE = 16
 D_CONV = 4
 EXPAND = 2
-# The flip-free backward branch without autograd (see the module docstring). Off until timed on a GPU: predicted
-# -1.2 ms/frame at 20x180x320 (benchmarks/NOTES.md, inference part 5); bench_gsm's ``--variants flipfree=1`` times it.
-FLIP_FREE = False
+# The flip-free backward branch without autograd (see the module docstring): -1.3 ms/frame on an H200 at 20x180x320
+# (benchmarks/NOTES.md); False keeps the flipped form everywhere, and bench_gsm's ``--variants flipfree=0`` times it.
+FLIP_FREE = True
 
 
 @cache
