@@ -293,8 +293,10 @@ def query_input_triton(target: Tensor, scaled: Tensor, config: ImplicitAttnConfi
     scaled (B, HW, 2) float32. Returns (B, HW, C) contiguous in target's dtype."""
     b, c, h, w = target.shape
     if c % 2 or scaled.shape != (b, h * w, 2):
-        raise ValueError(f'expected target (B, C, H, W) with C even and scaled (B, HW, 2), got {tuple(target.shape)}, '
-                         f'{tuple(scaled.shape)}')
+        raise ValueError(
+            f'expected target (B, C, H, W) with C even and scaled (B, HW, 2), got {tuple(target.shape)}, '
+            f'{tuple(scaled.shape)}'
+        )
     out = torch.empty(b, h * w, c, device=target.device, dtype=target.dtype)
     if out.numel() == 0:
         return out
