@@ -12,11 +12,15 @@ scores and the softmax. Here:
   powers of two (C = 192, 8 heads: 8 x 32 lanes, 24 used).
 * :func:`query_input_triton`: ``target`` (B, C, H, W, any strides: a stride-0 batch of an expanded frame is read
   once a slot) transposed to (B, HW, C) plus the sine encoding of the scaled sub-pixel offsets, in target's dtype.
-  The encoding is the reference's, channel for channel: the argument ``v / divisor`` is the IEEE-rounded
-  quotient (``div_rn``, as PyTorch divides), its multiple of 2 pi is taken off in two Cody-Waite steps (the first
-  exact, the second within 4e-9 for the arguments here, < 300 rad), and sine or cosine is taken of the
-  remainder in [-pi, pi], where even the hardware's approximate sine is within 2^-20.9. Like the reference the
+  The encoding is the reference's, channel for channel: the argument ``v / divisor`` is the IEEE-rounded quotient
+  (as PyTorch divides; from the divisor's reciprocal and one correction), its multiple of 2 pi is taken off in two
+  Cody-Waite steps (the first exact, the second within 4e-9 for the arguments here, < 300 rad), and the hardware's
+  approximate sine or cosine (within 2^-20.5 on [-pi, pi]) is taken of the remainder. Like the reference, the
   encoding is rounded to target's dtype before the add.
+
+Offline (sm_90a, bf16, C = 192, 8 heads, default tiles): the attention kernel 128 registers, no spills, no shared
+memory, ~400 warp instructions a target pixel; the query-input kernel 63 registers, ~0.7 warp instructions an
+output element.
 
 :func:`implicit_attention_ref` and :func:`query_input_ref` are the module's reference math, for the tests. On CUDA
 tensors the kernels are compiled, on CPU tensors interpreted (:mod:`gsmsr.ops.triton_jit`). The network calls
@@ -46,7 +50,7 @@ PE_TEMPERATURE = 0.01  # the implicit warp's (gsmsr.archs.implicit_warp.PE_TEMPE
 class ImplicitAttnConfig:
     """Tile sizes and launch parameters; only speed depends on them. Block sizes must be powers of two."""
 
-    block_p: int = 32  # target pixels a program of the attention kernel
+    block_p: int = 16  # target pixels a program of the attention kernel
     num_warps: int = 4
     pe_block_p: int = 64  # pixels x channels a program of the query-input kernel
     pe_block_c: int = 64
@@ -107,6 +111,39 @@ def query_input_ref(target: Tensor, scaled: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _sin_approx(x):
+    """sin x as one MUFU.SIN (sin.approx.f32: within 2^-20.9 for |x| <= pi); tl.sin compiles to libdevice's sinf,
+    whose large-argument reduction (Payne-Hanek, a local-memory table) is dead code after the kernel's own."""
+    return tl.inline_asm_elementwise('sin.approx.f32 $0, $1;', '=r,r', [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+def _cos_approx(x):
+    """cos x as one MUFU.COS (cos.approx.f32: within 2^-20.5 for |x| <= pi)."""
+    return tl.inline_asm_elementwise('cos.approx.f32 $0, $1;', '=r,r', [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+def _div_rn(x, d, r):
+    """x / d rounded to nearest, for r = 1 / d rounded to nearest (a per-channel constant here): Markstein's
+    correction of x * r, three instructions instead of div.rn's Newton iterations and slow-path branch. Checked
+    against IEEE division for 2.2e6 arguments in [0, pi] and every divisor of the encoding (C = 192): no difference.
+    Assumes no overflow or underflow."""
+    q = x * r
+    return tl.fma(tl.fma(-q, d, x), r, q)
+
+
+class _Interpreted:
+    """Interpreter stand-ins for the compiled-only helpers above (same names: see LazyKernels)."""
+
+    def _div_rn(x, d, r):
+        return x / d  # numpy's float32 division, IEEE-rounded
+
+    def _sin_approx(x):
+        return tl.sin(x)
+
+    def _cos_approx(x):
+        return tl.cos(x)
+
+
 def _attn_kernel(
     q_ptr,
     kv_ptr,
@@ -124,33 +161,40 @@ def _attn_kernel(
 ):
     """out[b, p] = per-head softmax-weighted mix of the four gathered v rows, for BLOCK_P pixels of batch element
     program_id(1). q, out: (B, HW, C); kv: (B, HW, 2C); idx: (B, HW, 4) int; pe: (4, 2C). All contiguous.
-    Tiles are (BLOCK_P, HEADS_P, HD_P), channel = head * HD + d; padded lanes are masked and load zeros."""
+
+    Tiles are (BLOCK_P, HEADS_P, HD_P), channel = head * HD + d. Loads are unmasked: padded lanes read channel
+    (head mod HEADS) * HD + d mod HD of their row (real data, contiguous in runs of gcd(HD_P, HD)), pixels past the
+    end read the last pixel's row; only q's padded lanes are zeroed, which keeps them out of the scores, and only
+    real lanes are stored (masked loads would zero every register of every tile first)."""
     bidx = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     mp = p < HW
     hh = tl.arange(0, HEADS_P)
     dd = tl.arange(0, HD_P)
-    ch = (hh[:, None] * HD + dd[None, :])[None, :, :]  # (1, HEADS_P, HD_P)
+    ch = ((hh % HEADS)[:, None] * HD + (dd % HD)[None, :])[None, :, :]  # (1, HEADS_P, HD_P), in the row
     mc = ((hh[:, None] < HEADS) & (dd[None, :] < HD))[None, :, :]
-    m = mp[:, None, None] & mc
-    row = bidx * HW + p  # (BLOCK_P,) int64
-    q = tl.load(q_ptr + row[:, None, None] * C + ch, mask=m, other=0.0).to(tl.float32) * scale
+    row = bidx * HW + tl.minimum(p, HW - 1)  # (BLOCK_P,) int64
+    # kv_pe's rows are loaded at the tiles' full shape (same address in every pixel row, L1 hits): a (1, HEADS_P,
+    # HD_P) load gets a layout of its own, and its broadcast a conversion through shared memory
+    pe_offs = ch + (p * 0)[:, None, None]
+    q = tl.load(q_ptr + row[:, None, None] * C + ch).to(tl.float32) * scale
+    q = tl.where(mc, q, 0.0)
     # the four neighbours' source rows, then their scores
-    src0 = bidx * HW + tl.load(idx_ptr + row * 4, mask=mp, other=0).to(tl.int64)
-    src1 = bidx * HW + tl.load(idx_ptr + row * 4 + 1, mask=mp, other=0).to(tl.int64)
-    src2 = bidx * HW + tl.load(idx_ptr + row * 4 + 2, mask=mp, other=0).to(tl.int64)
-    src3 = bidx * HW + tl.load(idx_ptr + row * 4 + 3, mask=mp, other=0).to(tl.int64)
-    k0 = tl.load(kv_ptr + src0[:, None, None] * (2 * C) + ch, mask=m, other=0.0).to(tl.float32)
-    k0 += tl.load(pe_ptr + ch, mask=mc, other=0.0).to(tl.float32)
+    src0 = bidx * HW + tl.load(idx_ptr + row * 4).to(tl.int64)
+    src1 = bidx * HW + tl.load(idx_ptr + row * 4 + 1).to(tl.int64)
+    src2 = bidx * HW + tl.load(idx_ptr + row * 4 + 2).to(tl.int64)
+    src3 = bidx * HW + tl.load(idx_ptr + row * 4 + 3).to(tl.int64)
+    k0 = tl.load(kv_ptr + src0[:, None, None] * (2 * C) + ch).to(tl.float32)
+    k0 += tl.load(pe_ptr + pe_offs).to(tl.float32)
     s0 = tl.reduce(q * k0, 2, SUM_OP)  # noqa: F821  (BLOCK_P, HEADS_P)
-    k1 = tl.load(kv_ptr + src1[:, None, None] * (2 * C) + ch, mask=m, other=0.0).to(tl.float32)
-    k1 += tl.load(pe_ptr + 2 * C + ch, mask=mc, other=0.0).to(tl.float32)
+    k1 = tl.load(kv_ptr + src1[:, None, None] * (2 * C) + ch).to(tl.float32)
+    k1 += tl.load(pe_ptr + 2 * C + pe_offs).to(tl.float32)
     s1 = tl.reduce(q * k1, 2, SUM_OP)  # noqa: F821
-    k2 = tl.load(kv_ptr + src2[:, None, None] * (2 * C) + ch, mask=m, other=0.0).to(tl.float32)
-    k2 += tl.load(pe_ptr + 4 * C + ch, mask=mc, other=0.0).to(tl.float32)
+    k2 = tl.load(kv_ptr + src2[:, None, None] * (2 * C) + ch).to(tl.float32)
+    k2 += tl.load(pe_ptr + 4 * C + pe_offs).to(tl.float32)
     s2 = tl.reduce(q * k2, 2, SUM_OP)  # noqa: F821
-    k3 = tl.load(kv_ptr + src3[:, None, None] * (2 * C) + ch, mask=m, other=0.0).to(tl.float32)
-    k3 += tl.load(pe_ptr + 6 * C + ch, mask=mc, other=0.0).to(tl.float32)
+    k3 = tl.load(kv_ptr + src3[:, None, None] * (2 * C) + ch).to(tl.float32)
+    k3 += tl.load(pe_ptr + 6 * C + pe_offs).to(tl.float32)
     s3 = tl.reduce(q * k3, 2, SUM_OP)  # noqa: F821
     # softmax over the four neighbours, as torch forms it: exp(s - max) / sum
     mx = tl.maximum(tl.maximum(s0, s1), tl.maximum(s2, s3))
@@ -163,18 +207,19 @@ def _attn_kernel(
     a1 = (e1 / den)[:, :, None]
     a2 = (e2 / den)[:, :, None]
     a3 = (e3 / den)[:, :, None]
-    v = tl.load(kv_ptr + src0[:, None, None] * (2 * C) + C + ch, mask=m, other=0.0).to(tl.float32)
-    v += tl.load(pe_ptr + C + ch, mask=mc, other=0.0).to(tl.float32)
+    v = tl.load(kv_ptr + src0[:, None, None] * (2 * C) + C + ch).to(tl.float32)
+    v += tl.load(pe_ptr + C + pe_offs).to(tl.float32)
     acc = a0 * v
-    v = tl.load(kv_ptr + src1[:, None, None] * (2 * C) + C + ch, mask=m, other=0.0).to(tl.float32)
-    v += tl.load(pe_ptr + 3 * C + ch, mask=mc, other=0.0).to(tl.float32)
+    v = tl.load(kv_ptr + src1[:, None, None] * (2 * C) + C + ch).to(tl.float32)
+    v += tl.load(pe_ptr + 3 * C + pe_offs).to(tl.float32)
     acc += a1 * v
-    v = tl.load(kv_ptr + src2[:, None, None] * (2 * C) + C + ch, mask=m, other=0.0).to(tl.float32)
-    v += tl.load(pe_ptr + 5 * C + ch, mask=mc, other=0.0).to(tl.float32)
+    v = tl.load(kv_ptr + src2[:, None, None] * (2 * C) + C + ch).to(tl.float32)
+    v += tl.load(pe_ptr + 5 * C + pe_offs).to(tl.float32)
     acc += a2 * v
-    v = tl.load(kv_ptr + src3[:, None, None] * (2 * C) + C + ch, mask=m, other=0.0).to(tl.float32)
-    v += tl.load(pe_ptr + 7 * C + ch, mask=mc, other=0.0).to(tl.float32)
+    v = tl.load(kv_ptr + src3[:, None, None] * (2 * C) + C + ch).to(tl.float32)
+    v += tl.load(pe_ptr + 7 * C + pe_offs).to(tl.float32)
     acc += a3 * v
+    m = mp[:, None, None] & mc
     tl.store(out_ptr + row[:, None, None] * C + ch, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -210,19 +255,24 @@ def _query_pe_kernel(
     sy = tl.load(s_ptr + row * 2, mask=mp, other=0.0)
     sx = tl.load(s_ptr + row * 2 + 1, mask=mp, other=0.0)
     i = cc % (C // 2)
-    divisor = tl.load(div_ptr + i, mask=mc, other=1.0)
+    divisor = tl.load(div_ptr + i, mask=mc, other=1.0)[None, :]
+    recip = tl.load(div_ptr + C // 2 + i, mask=mc, other=1.0)[None, :]
     v = tl.where((cc < C // 2)[None, :], sy[:, None], sx[:, None])
-    arg = tl.math.div_rn(v, tl.broadcast_to(divisor[None, :], v.shape))  # IEEE quotient, as torch divides
+    arg = _div_rn(v, divisor, recip)  # the IEEE quotient, as torch divides
     n = tl.floor(arg * 0.15915494309189535 + 0.5)  # nearest multiple of 2 pi
     # 2 pi = 6.28125 + 0.0019353071795864769 + O(1e-11): n * 6.28125 and the first difference are exact (n < 2^7)
     r = (arg - n * 6.28125) - n * 0.0019353071795864769
-    pe = tl.where((i % 2 == 1)[None, :], tl.cos(r), tl.sin(r))
+    pe = tl.where((i % 2 == 1)[None, :], _cos_approx(r), _sin_approx(r))
     pe = pe.to(out_ptr.dtype.element_ty).to(tl.float32)  # the reference adds the encoding in target's dtype
     out = t + pe
     tl.store(out_ptr + row[:, None] * C + cc[None, :], out.to(out_ptr.dtype.element_ty), mask=m)
 
 
-_KERNELS = LazyKernels(__name__, [_attn_kernel, _query_pe_kernel])
+_KERNELS = LazyKernels(
+    __name__,
+    [_sin_approx, _cos_approx, _div_rn, _attn_kernel, _query_pe_kernel],
+    interpreted=[_Interpreted._sin_approx, _Interpreted._cos_approx, _Interpreted._div_rn],
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -282,9 +332,12 @@ _DIVISORS: Dict[Tuple[int, torch.device], Tensor] = {}
 
 
 def _divisors(dim: int, device: torch.device) -> Tensor:
+    """(dim,) float32: the encoding's dim / 2 divisors (formed on ``device``, as the reference forms them), then
+    their reciprocals rounded to nearest. Cached per device."""
     key = (dim, device)
     if key not in _DIVISORS:
-        _DIVISORS[key] = pe_divisors(dim, device)
+        div = pe_divisors(dim, device)
+        _DIVISORS[key] = torch.cat([div, (1 / div.double()).float()])
     return _DIVISORS[key]
 
 
