@@ -197,3 +197,20 @@ def test_ops_fake_and_schema():
     torch.library.opcheck(
         torch.ops.gsmsr.implicit_query_input, (target, scaled), test_utils=('test_schema', 'test_faketensor')
     )
+
+
+def test_network_with_the_switch(fused_on_cpu, monkeypatch):
+    """The tiny GSMNet without autograd, switch on (kernels interpreted, ~7 s) against off: the window step's
+    gather passes an expanded anchor and reads the result through its views; float32 rounding apart."""
+    from gsmsr.archs.gsmnet_arch import GSMNet
+
+    torch.manual_seed(0)
+    net = GSMNet(upscale=4, prop_depth=1, attn_depth=1, pa_frame=1, embed_dims=16, num_heads=4, spynet_path=None)
+    lq = torch.rand(1, 2, 3, 36, 36, generator=torch.Generator().manual_seed(8))
+    calls = _count_fused_calls(monkeypatch)
+    with torch.no_grad():
+        got = net.eval()(lq)
+        assert calls and set(calls) == {'query_input', 'implicit_attention'}
+        monkeypatch.setattr(implicit_warp, 'FUSED_ATTENTION', False)
+        want = net(lq)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
