@@ -15,6 +15,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from gsmsr.ops import implicit_attn
+
+# Without autograd on CUDA: the query input (transpose + sine encoding + add) and the neighbour attention (gather,
+# scores, softmax, mix) as two Triton kernels (gsmsr.ops.implicit_attn) instead of the PyTorch ops below, which
+# materialise the gathered (B, HW, 4, 2C) tensor. Same values up to float rounding. Off until timed on a GPU
+# (benchmarks/bench_iwarp.py).
+FUSED_ATTENTION = False
+
 PE_TEMPERATURE = 0.01
 NEIGHBOURS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (row, col) offsets
 
@@ -86,6 +94,13 @@ class ImplicitWarp(nn.Module):
         src = source.flatten(2).transpose(1, 2)  # (B, HW, C)
         kv_src = F.linear(src, torch.cat([self.k.weight, self.v.weight]))  # (B, HW, 2C)
         kv_pe = torch.cat([self.k(self.position_bias), self.v(self.position_bias)], dim=-1)  # (1, 4, 2C)
+        if FUSED_ATTENTION and not torch.is_grad_enabled() and implicit_attn.runs_fused(source):
+            scaled = offset / (2 + 1e-6) * (2 * math.pi)  # the reference's ops: the kernel encodes the same angles
+            q = self.q(implicit_attn.query_input(target, scaled))
+            out = implicit_attn.implicit_attention(q, kv_src, index, kv_pe[0], self.num_heads, self.scale)
+            # (B, HW, C) rows: the view below has the reference's strides, and the caller (GSMBlock.mamba_mix) reads
+            # whole channel rows of it in token order
+            return out.transpose(1, 2).reshape(b, c, h, w)
         kv = torch.gather(kv_src, 1, index.view(b, -1, 1).expand(-1, -1, 2 * c)).view(b, h * w, 4, 2 * c)
         kv = kv + kv_pe.to(kv.dtype)
         scaled = offset / (2 + 1e-6) * (2 * math.pi)
