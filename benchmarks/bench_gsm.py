@@ -12,11 +12,11 @@ network with cuBLAS's fp32 GEMMs (``fp32_matmul='ieee'``) and with its larger GE
 blocks, and with --mamba-scan the compiled bf16 network with mamba-ssm's scan instead of gsmsr's Triton scan, and
 with --variants one compiled bf16 row per variant: ``slab=N`` sets ``GSMNet.stream_slab``, ``dwconv_<field>=N`` sets
 that ``DWConvConfig`` field of the MLP stencil (``dwconv3d.OP_CONFIG``), ``flipfree=1`` runs BiMamba's backward branch
-without flips (``bimamba.FLIP_FREE``), ``buffers=0`` the streaming sweep's stacked windows instead of window
-buffers (``GSMNet.stream_buffers``; both
-compile the window step again), other keys go to the Triton scan (``selective_scan.INFER_TRITON_CONFIG``: out_tile,
-out_warps, out_maxnreg, token_tile, warps_per_sm, ...; 0 for a register cap turns it
-off), e.g. ``--variants 'slab=12;dwconv_block_c=64,dwconv_num_warps=4;flipfree=0;out_tile=4'``.
+without flips (``bimamba.FLIP_FREE``; 0 for the flipped form), ``iwarp=1`` the implicit warp's fused kernels
+(``implicit_warp.FUSED_ATTENTION``), ``buffers=0`` the streaming sweep's stacked windows instead of window buffers
+(``GSMNet.stream_buffers``; these three compile the window step again), other keys go to the Triton scan
+(``selective_scan.INFER_TRITON_CONFIG``: out_tile, out_warps, out_maxnreg, token_tile, warps_per_sm, ...; 0 for a
+register cap turns it off), e.g. ``--variants 'slab=12;dwconv_block_c=64,dwconv_num_warps=4;flipfree=0;out_tile=4'``.
 Prints one table: median ms per clip and per frame (CUDA events), the first call's seconds (compilation included),
 peak memory, and the max abs / PSNR difference of each GSMNet row against the first one that ran. --train adds
 training steps (16x64x64, batch 1, checkpointing on), eager and compiled, fp32 and bf16, and the fast step
@@ -47,6 +47,7 @@ SCAN = importlib.import_module('gsmsr.ops.selective_scan')
 SWSA = importlib.import_module('gsmsr.archs.swsa')
 DWCONV = importlib.import_module('gsmsr.ops.dwconv3d')
 BIMAMBA = importlib.import_module('gsmsr.archs.bimamba')
+IWARP = importlib.import_module('gsmsr.archs.implicit_warp')
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -92,11 +93,11 @@ def main() -> int:
     # the faithful row runs mamba-ssm's kernel whatever the no-grad scan default is
     gsm_faithful = variant(scan_backend='kernel') if SCAN.cuda_kernel() else gsm
 
-    flip_free_default = BIMAMBA.FLIP_FREE
+    flip_free_default, fused_warp_default = BIMAMBA.FLIP_FREE, IWARP.FUSED_ATTENTION
 
     def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm, variant: Dict[str, int] = {}):  # noqa: B006
         dwconv = {k.removeprefix('dwconv_'): v for k, v in variant.items() if k.startswith('dwconv_')}
-        switches = ('slab', 'flipfree', 'buffers')
+        switches = ('slab', 'flipfree', 'buffers', 'iwarp')
         scan = {k: v for k, v in variant.items() if k not in switches and not k.startswith('dwconv_')}
         stencil = dataclasses.replace(DWCONV.DEFAULT_CONFIG, **dwconv)
 
@@ -107,6 +108,7 @@ def main() -> int:
             SCAN.INFER_TRITON_CONFIG.update(scan)
             DWCONV.OP_CONFIG = stencil
             BIMAMBA.FLIP_FREE = bool(variant.get('flipfree', BIMAMBA.FLIP_FREE))
+            IWARP.FUSED_ATTENTION = bool(variant.get('iwarp', IWARP.FUSED_ATTENTION))
             try:
                 with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None):
                     return net(x).float()
@@ -114,6 +116,7 @@ def main() -> int:
                 SCAN.INFER_TRITON_CONFIG.clear()
                 DWCONV.OP_CONFIG = DWCONV.DEFAULT_CONFIG
                 BIMAMBA.FLIP_FREE = flip_free_default
+                IWARP.FUSED_ATTENTION = fused_warp_default
 
         return run
 

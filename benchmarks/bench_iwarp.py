@@ -16,7 +16,8 @@ Rows (median ms of CUDA events, no autograd):
   ``attention, triton``: implicit_attention_triton.
 * ``copy (B, HW, 2C)``: a copy of a kv_src-sized tensor, the memory floor of one pass over k|v.
 
-Every timed output is checked against the float64 reference (max |diff| / max |ref|).
+Every timed output is checked (max |diff| / max |ref|): the pieces against their float64 reference, the module rows
+against the module's eager fp32 reference path.
 With $OUT set, the table is also written to $OUT/bench_iwarp.txt.
 """
 
@@ -71,7 +72,9 @@ def main(argv: List[str] = None) -> int:
 
     torch.set_grad_enabled(False)
     with torch.no_grad():
-        want64 = m.double()(source.double(), target.double(), flow.double())
+        # the module's reference is itself in fp32, not float64: its sine encoding's high frequencies (angles up to
+        # ~314 rad) turn fp32's rounding of the sampling positions into ~1e-3 relative at this size, in any path
+        want32 = m.float()(source.float(), target.float(), flow)
         m.to(dtype)
         # the pieces' operands, as the module forms them
         index, offset = sampling_geometry(flow, h, w, torch.float32)
@@ -93,11 +96,11 @@ def main(argv: List[str] = None) -> int:
 
     compiled = torch.compile(m, fullgraph=True)
     implicit_warp.FUSED_ATTENTION = False
-    row('module reference, compiled', lambda: compiled(source, target, flow), want64)
+    row('module reference, compiled', lambda: compiled(source, target, flow), want32)
     torch._dynamo.reset()
     implicit_warp.FUSED_ATTENTION = True
     compiled = torch.compile(m, fullgraph=True)
-    row('module fused, compiled', lambda: compiled(source, target, flow), want64)
+    row('module fused, compiled', lambda: compiled(source, target, flow), want32)
     implicit_warp.FUSED_ATTENTION = False
 
     q_ref = torch.compile(implicit_attn.query_input_ref, fullgraph=True)
