@@ -10,9 +10,9 @@ A VARIANT is ``out<TILE>`` (output pass) or ``sum<TILE>`` (summary pass), option
 (time walked from the end), e.g. ``revout8r128``; a trailing ``h`` packs B|C in ``--dtype`` (bf16: ``bc16=True``),
 e.g. ``out8r128h``.
 The other parameters are the real call's: N = NP = 16; D, z, delta_bias and softplus on; u, delta, z and out in
-``--dtype``; A, D, bias and the packed B|C in fp32 (without ``h``). The kernel is specialised as Triton's launcher would specialise it
-(16-byte aligned pointers; integers divisible by 16, or equal to 1, marked so), with the segment length the host code
-chooses (``choose_segments`` and ``_split``, 132 SMs).
+``--dtype``; A, D, bias and the packed B|C in fp32 (without ``h``). The kernel is specialised as Triton's launcher
+would specialise it (16-byte aligned pointers; integers divisible by 16, or equal to 1, marked so), with the segment
+length the host code chooses (``choose_segments`` and ``_split``, 132 SMs).
 
 Per variant it prints, per token (one tile's loop body divided by TILE) and warp:
 

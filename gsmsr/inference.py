@@ -38,7 +38,9 @@ is even and longer than ``GSMNet.stream_whole`` (20): balanced chunks are rounde
 a video longer than one chunk gets chunks of 20 to 32 frames. Exceptions: a clip shorter than a chunk with an odd
 frame count gives the last slab one frame more (slabs start on even frames), i.e. a second SWSA shape; a chunk of
 at most 20 frames (a short clip, a balanced chunk of 20, or a maximum below 24 with overlap 4) runs SWSA once over
-its whole length, a shape of its own.
+its whole length, a shape of its own. So do longer chunks of whole frames on CUDA where the memory plan says the
+chunk's SWSA transients fit (``stream_whole`` raised to the chunk length for the run: no halo frames recomputed;
+``InferenceStats.swsa_whole_chunk``).
 
 I/O beside the GPU. :func:`upscale_video` decodes in a read-ahead thread and quantises each finished frame on
 the device, copies it to the host without blocking (pinned memory and an event on CUDA) and encodes it in
@@ -83,7 +85,7 @@ from gsmsr.compile_cache import AOT_ENV, MegaCache, enable_persistent_caches
 from gsmsr.faults import InputError, check_free_space, one_line, run_reporting_errors
 from gsmsr.io_threads import FrameWriter, ReadAhead
 from gsmsr.launch import launch_timeline
-from gsmsr.memory_plan import choose_tiling, free_device_bytes
+from gsmsr.memory_plan import choose_tiling, free_device_bytes, whole_chunk_swsa_fits
 from gsmsr.tiling import Tile, accumulate_tiles, chunk_length, tile_sides, tile_weight_map
 from gsmsr.utils import atomic_write_text, resolve_device
 from gsmsr.video_io import check_output, estimated_output_bytes, open_sink, open_source, output_kind
@@ -156,6 +158,7 @@ class InferenceStats:
     first_frame_at: Optional[float] = None  # Unix time of that write: with the launch time, the start-up it waited for
     tile: Tuple[int, int] = (0, 0)  # LR tile (height, width) used; 0 = the whole side
     tile_batch: int = 1
+    swsa_whole_chunk: bool = False  # SWSA ran once over each whole chunk rather than in slabs (memory allowing)
     # Share of the steady state (after the first chunk, which compiles) in which the GPU runs the network: the
     # network calls' GPU spans over the time from the first chunk's end to the last chunk's end (_BusyMeter).
     # None on CPU or with a single chunk.
@@ -538,6 +541,32 @@ def _plan_tiling(
     )
 
 
+def _whole_chunk_swsa(
+    net: nn.Module,
+    tile: Tile,
+    tile_batch: int,
+    height: int,
+    width: int,
+    length: int,
+    scale: int,
+    precision: str,
+    compiled: bool,
+    device: torch.device,
+) -> bool:
+    """Whether to run the SWSA groups once over each whole chunk (``net.stream_whole`` raised to the chunk length):
+    on CUDA, for whole frames (no tiling, so the memory a tile could use is not taken) and where the estimated peak
+    stays under the headroom (:func:`gsmsr.memory_plan.whole_chunk_swsa_fits`). Slabs recompute a halo of frames on
+    each side, so a chunk longer than ``stream_whole`` runs SWSA over about twice its frames in slabs."""
+    stream_whole = getattr(net, 'stream_whole', None)
+    sides = tuple(min(t, n) if t else n for t, n in zip(tile_sides(tile), (height, width)))
+    if stream_whole is None or length <= stream_whole or sides != (height, width):
+        return False
+    free = free_device_bytes(device)
+    return free is not None and whole_chunk_swsa_fits(
+        free, sides, tile_batch, height, width, length, scale, precision, compiled
+    )
+
+
 def upscale_video(
     input_path: str,
     output_path: str,
@@ -576,6 +605,7 @@ def upscale_video(
     check_output(output_path, input_path, force)
     source = open_source(input_path)
     reader = writer = sink = None
+    whole_swsa, own_stream_whole = False, None
     try:
         info = source.info
         scale = scale or getattr(net, 'upscale', None)
@@ -599,6 +629,12 @@ def upscale_video(
         tile, tile_batch = _plan_tiling(
             tile, tile_batch, info.height, info.width, length, scale, tile_overlap, precision, compiled, device
         )
+        whole_swsa = _whole_chunk_swsa(
+            net, tile, tile_batch, info.height, info.width, length, scale, precision, compiled, device
+        )
+        if whole_swsa:  # the caller's setting comes back at the end
+            own_stream_whole = net.__dict__.get('stream_whole')
+            net.stream_whole = length
         sink = open_sink(
             output_path,
             scale * info.width,
@@ -681,6 +717,11 @@ def upscale_video(
         if first_written:
             timeline['first_frame_written'] = first_written[0][1]
     finally:  # threads stop before the source closes and the sink is aborted
+        if whole_swsa:
+            if own_stream_whole is None:
+                del net.stream_whole  # the class's value again
+            else:
+                net.stream_whole = own_stream_whole
         if reader is not None:
             reader.close()
         source.close()
@@ -700,6 +741,7 @@ def upscale_video(
         first_frame_at=first_written[0][1] if first_written else None,
         tile=tuple(min(t, n) if t else n for t, n in zip(tile_sides(tile), (info.height, info.width))),
         tile_batch=tile_batch,
+        swsa_whole_chunk=whole_swsa,
         gpu_busy_steady=busy,
         steady_chunks=meter.steady_chunks if meter is not None else None,
         timeline=timeline,

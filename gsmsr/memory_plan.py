@@ -13,7 +13,8 @@ per network call, scale ``s``:
 
 The constants are for the compiled bf16 path (the GPU default); fp32 and the eager path scale them.
 :func:`choose_tiling` takes the largest tile under ``HEADROOM`` of the free memory that computes the fewest
-pixels (:func:`gsmsr.tiling.plan_tiles`): the whole frame when it fits.
+pixels (:func:`gsmsr.tiling.plan_tiles`): the whole frame when it fits. Where whole frames fit with room to spare,
+:func:`whole_chunk_swsa_fits` says whether SWSA can also run over the whole chunk instead of in slabs.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     'call_bytes',
     'estimate_peak_bytes',
     'choose_tiling',
+    'whole_chunk_swsa_fits',
     'free_device_bytes',
 ]
 
@@ -49,6 +51,11 @@ NET_FIXED_BYTES = 5 * GiB // 2  # weights, workspaces, the allocator's share tha
 NET_BYTES_PER_PIXEL = 40 * KiB  # per LR pixel of a call, independent of T: SWSA slab and window step
 NET_BYTES_PER_PIXEL_FRAME = 448  # per LR pixel and frame of a call: bf16 features, flows, fp32 HR output
 FILL_PIXELS = 180 * 320  # LR pixels per call from which the GPU is busy; smaller tiles are batched to this
+# SWSA over a whole chunk instead of slabs (whole_chunk_swsa_fits): per LR pixel and frame beyond a slab's frames.
+# From bench_gsm at 20 x 180 x 320, bf16 compiled, H200: whole clip 5.05 against slabs 4.23 GiB, i.e. 0.82 GiB for 4
+# frames more than a slab's 16 (3.7 KiB a pixel-frame), rounded up.
+SWSA_BYTES_PER_PIXEL_FRAME = 4 * KiB
+SLAB_FRAMES = 16  # frames an SWSA slab spans with the release config (GSMNet.stream_slab + 2 * halo)
 # Multipliers of the two per-pixel terms for the other paths: fp32 from bench_gsm's compiled fp32 row (9.01 against
 # 5.05 GiB at 20 x 180 x 320, H200); the eager one a placeholder, not measured yet.
 FP32_FACTOR = 2.6  # fp32 features and activations
@@ -114,6 +121,27 @@ def choose_tiling(
         if b * area <= max_pixels and tiles % b == 0:
             batch = b
     return tile, batch
+
+
+def whole_chunk_swsa_fits(
+    free_bytes: int,
+    tile: Tuple[int, int],
+    tile_batch: int,
+    height: int,
+    width: int,
+    frames: int,
+    scale: int,
+    precision: str = 'bf16',
+    compiled: bool = True,
+) -> bool:
+    """Whether the SWSA groups can run once over each whole ``frames``-frame chunk (``GSMNet.stream_whole`` raised
+    to the chunk) with the estimated peak still under ``HEADROOM`` of the free memory. Slabs recompute a halo on
+    each side (16 frames for every 8 kept), so a whole chunk saves SWSA work at the cost of its frames' transients."""
+    factor = (FP32_FACTOR if precision == 'fp32' else 1.0) * (1.0 if compiled else EAGER_FACTOR)
+    pixels = tile_batch * min(tile[0], height) * min(tile[1], width)
+    extra = int(factor * pixels * max(0, frames - SLAB_FRAMES) * SWSA_BYTES_PER_PIXEL_FRAME)
+    peak = estimate_peak_bytes(tile, tile_batch, height, width, frames, scale, precision, compiled) + extra
+    return peak <= HEADROOM * free_bytes
 
 
 def free_device_bytes(device: torch.device) -> Optional[int]:

@@ -14,7 +14,14 @@ from test_inference import TINY_GSM, InferTestNet, make_frames, quantise, to_lq
 
 from gsmsr.archs import GSMNet
 from gsmsr.inference import _network_call, _stream, upscale_frames
-from gsmsr.memory_plan import HEADROOM, choose_tiling, estimate_peak_bytes
+from gsmsr.memory_plan import (
+    HEADROOM,
+    SLAB_FRAMES,
+    SWSA_BYTES_PER_PIXEL_FRAME,
+    choose_tiling,
+    estimate_peak_bytes,
+    whole_chunk_swsa_fits,
+)
 from gsmsr.tiling import TILE_STEP, accumulate_tiles, plan_tiles, tile_regions, tile_weight_map
 
 CPU = torch.device('cpu')
@@ -88,6 +95,25 @@ def test_choose_tiling_keeps_a_given_batch_and_shrinks_with_less_memory():
     assert batch == 4 and estimate_peak_bytes(shared, 4, 1080, 1920, 32, 4) <= HEADROOM * 139 * GiB
     assert shared[0] * shared[1] < big[0] * big[1]
     assert small[0] * small[1] < big[0] * big[1]
+
+
+def test_whole_chunk_swsa_needs_its_frames_transients_under_the_headroom():
+    """SWSA over a whole chunk adds (frames - SLAB_FRAMES) pixel-frames of SWSA transients to the estimated peak;
+    it is allowed exactly when that sum stays under the headroom. On an H200 (139 GiB): whole 360x640 chunks of 28
+    fit, whole 1080p ones do not (the 1080p frame alone takes most of the card)."""
+    for (h, w), frames in ((360, 640), 28), ((180, 320), 32), ((1080, 1920), 28):
+        peak = estimate_peak_bytes((h, w), 1, h, w, frames, 4)
+        extra = h * w * (frames - SLAB_FRAMES) * SWSA_BYTES_PER_PIXEL_FRAME
+        need = (peak + extra) / HEADROOM
+        assert whole_chunk_swsa_fits(int(need) + 1024, (h, w), 1, h, w, frames, 4)
+        assert not whole_chunk_swsa_fits(int(need) - 1024, (h, w), 1, h, w, frames, 4)
+        fp32 = estimate_peak_bytes((h, w), 1, h, w, frames, 4, 'fp32')
+        assert not whole_chunk_swsa_fits(int((fp32 + extra) / HEADROOM), (h, w), 1, h, w, frames, 4, 'fp32')
+    assert whole_chunk_swsa_fits(139 * GiB, (360, 640), 1, 360, 640, 28, 4)
+    assert not whole_chunk_swsa_fits(139 * GiB, (1080, 1920), 1, 1080, 1920, 28, 4)
+    # no more frames than a slab: nothing beyond the tiling's own estimate
+    peak = estimate_peak_bytes((360, 640), 1, 360, 640, SLAB_FRAMES, 4)
+    assert whole_chunk_swsa_fits(int(peak / HEADROOM) + 1024, (360, 640), 1, 360, 640, SLAB_FRAMES, 4)
 
 
 def test_choose_tiling_batches_small_tiles():

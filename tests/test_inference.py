@@ -536,6 +536,34 @@ def test_upscale_video_balances_chunks_when_the_count_is_known(tmp_path, kind):
         assert written == sorted(f'{i:05d}.png' for i in range(13))
 
 
+class StreamWholeNet(ChunkCodeNet):
+    """ChunkCodeNet with GSMNet's ``stream_whole`` class setting; records the value each call sees."""
+
+    stream_whole = 20
+
+    def forward(self, lq):
+        self.seen = getattr(self, 'seen', []) + [self.stream_whole]
+        return super().forward(lq)
+
+
+@pytest.mark.parametrize('free_gib, tile, whole', [(139, None, True), (139, 4, False), (None, None, False)])
+def test_upscale_video_runs_swsa_over_whole_chunks_where_memory_allows(tmp_path, monkeypatch, free_gib, tile, whole):
+    """24 frames, one chunk: with the free memory of a large card and whole frames, the run raises the network's
+    stream_whole to the chunk (24) and puts the class value back after; tiled frames, or no free-memory figure (the
+    CPU), keep the slabs. (The free memory is faked: on the CPU there is none to read.)"""
+    from gsmsr import inference
+
+    monkeypatch.setattr(inference, 'free_device_bytes', lambda device: None if free_gib is None else free_gib << 30)
+    src = write_folder(tmp_path / 'in', coded_frames(24, 8, 8))
+    net = StreamWholeNet()
+    stats = upscale_video(
+        str(src), str(tmp_path / 'out'), net, chunk=32, overlap=4, tile=tile, tile_overlap=1, progress=False
+    )
+    assert stats.frames == 24 and stats.swsa_whole_chunk is whole
+    assert net.seen == [24 if whole else 20] * len(net.calls)
+    assert 'stream_whole' not in net.__dict__ and net.stream_whole == 20
+
+
 def test_cli_balanced_chunks_equal_the_same_layout(tmp_path, capsys, test_net_files):
     """``gsmsr infer`` on a 13-frame folder with --chunk 10 --overlap 2: chunks of 8 at 0 and 5, so the output is
     the streamed output of chunk 8 (frame count unknown there) and the literal cross-faded reference of that layout,

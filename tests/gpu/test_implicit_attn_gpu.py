@@ -96,8 +96,9 @@ def test_module_fused_eager_and_compiled(dtype, monkeypatch):
 def test_reference_module_fp32_within_conditioning_of_float64():
     """The reference path (no fused kernels) in fp32 against float64 on the GPU. The sine encoding's high frequencies
     make the module ill-conditioned in the sampling positions (fp32's rounding of a position near 320 moves an angle
-    by ~1e-2 rad): on the CPU the same shapes (with the CPU generator's values) differ by 1.4e-3 of max |out|. A GPU run on 2026-12-03 measured
-    0.41 here (fused and reference alike); this test keeps that question apart from the fused kernels' own tests."""
+    by ~1e-2 rad): on the CPU the same shapes (with the CPU generator's values) differ by 1.4e-3 of max |out|. A GPU
+    run on 2026-12-03 measured 0.41 here (fused and reference alike); this test keeps that question apart from the
+    fused kernels' own tests."""
     g = torch.Generator(device='cuda').manual_seed(1)
     m = ImplicitWarp(C, HEADS).cuda()
     with torch.no_grad():
