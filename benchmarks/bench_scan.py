@@ -70,8 +70,8 @@ class SeqConfig(NamedTuple):
         return name + (' bc16' if self.bc16 else '')
 
     def kwargs(self) -> Dict[str, Any]:
-        # 0 -> None: chosen automatically, as the summary pass, or no register cap
-        return {k: v or None for k, v in self._asdict().items()}
+        # 0 -> None: chosen automatically, as the summary pass, or no register cap; bc16 is a flag
+        return {k: bool(v) if k == 'bc16' else v or None for k, v in self._asdict().items()}
 
 
 # Timed on an H200 at L = 288k bf16 (ms a call; mamba-ssm 3.62): the default 1.91. Configurations of earlier sweeps
