@@ -20,7 +20,9 @@ register cap turns it off), e.g. ``--variants 'slab=12;dwconv_block_c=64,dwconv_
 Prints one table: median ms per clip and per frame (CUDA events), the first call's seconds (compilation included),
 peak memory, and the max abs / PSNR difference of each GSMNet row against the first one that ran. --train adds
 training steps (16x64x64, batch 1, checkpointing on), eager and compiled, fp32 and bf16, and the fast step
-(compiled, CUDA graphs, MLP checkpointing). A case that runs out of memory or fails says so.
+(compiled, CUDA graphs, MLP checkpointing). A case that runs out of memory or fails says so. --memory-peak runs
+each inference row once more after its timing, with CUDA's allocation history recorded, and prints what was alive at
+that call's peak, grouped by the line that allocated it (a compiled graph's lines are in its generated code).
 """
 
 from __future__ import annotations
@@ -38,7 +40,14 @@ from typing import Callable, Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import BenchCompileCache, add_compile_cache_option, cuda_time, print_table, train_step  # noqa: E402  (this folder is on sys.path)
+from bench_utils import (  # noqa: E402  (this folder is on sys.path)
+    BenchCompileCache,
+    add_compile_cache_option,
+    cuda_time,
+    live_at_peak,
+    print_table,
+    train_step,
+)
 
 import gsmsr  # noqa: E402,F401  (applies the BasicSR compatibility fixes)
 from gsmsr import GSMNet  # noqa: E402
@@ -48,6 +57,21 @@ SWSA = importlib.import_module('gsmsr.archs.swsa')
 DWCONV = importlib.import_module('gsmsr.ops.dwconv3d')
 BIMAMBA = importlib.import_module('gsmsr.archs.bimamba')
 IWARP = importlib.import_module('gsmsr.archs.implicit_warp')
+
+
+def print_memory_peak(name: str, call: Callable[[], object]) -> None:
+    """One more (warm) call with the allocation history on: the traced peak and what it holds, by line."""
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=4_000_000)
+    try:
+        call()
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    peak, table = live_at_peak(snapshot['device_traces'][torch.cuda.current_device()])
+    print(f'\n# {name}: {peak / 2**30:.2f} GiB allocated within the call at its peak, by where it was allocated')
+    print_table(table, ['GiB', 'count', 'made at'])
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,6 +89,9 @@ def main() -> int:
     parser.add_argument('--variants', default='', help="';' list of 'key=int,...': compiled bf16 rows (see above)")
     parser.add_argument(
         '--only', default='', help='comma list of substrings: run only rows whose name has one ("$" ends a name)'
+    )
+    parser.add_argument(
+        '--memory-peak', action='store_true', help="after each inference row's timing: what its peak holds, by line"
     )
     add_compile_cache_option(parser)
     args = parser.parse_args()
@@ -175,6 +202,8 @@ def main() -> int:
                     ms_per_frame=f'{ms / t:.1f}',
                     peak_GiB=f'{torch.cuda.max_memory_allocated() / 2**30:.2f}',
                 )
+                if args.memory_peak:
+                    print_memory_peak(name, lambda: fn(lq))
                 if name.startswith('GSMNet') and ref is None:
                     ref = out
                 elif name.startswith('GSMNet'):

@@ -72,6 +72,51 @@ def train_step(
     return step
 
 
+def _made_at(frames: List[dict]) -> str:
+    """Where an allocation was made: the innermost Python frame outside torch's own modules (a line of gsmsr, of a
+    benchmark, or of a compiled graph's generated code, whose files live in Inductor's cache folder)."""
+    for f in frames:
+        name = f.get('filename', '')
+        if f'{os.sep}torch{os.sep}' not in name and not name.startswith('<'):
+            return f'{Path(name).name}:{f.get("line")} {f.get("name", "")}'.strip()
+    return 'torch internals' if frames else 'no stack'
+
+
+def live_at_peak(events: List[dict], rows: int = 15) -> Tuple[int, List[Dict[str, str]]]:
+    """The allocations alive when a CUDA memory trace held the most bytes, grouped by where they were made.
+
+    events: ``torch.cuda.memory._snapshot()['device_traces'][device]`` of a run recorded with
+    ``torch.cuda.memory._record_memory_history()`` (actions ``alloc``, ``free_requested``, ``free_completed``; a
+    block counts as freed at its first free event). Allocations made before the trace began are not seen.
+    Returns (peak bytes of the traced allocations, rows of GiB, count and place, largest first)."""
+    total = peak = peak_at = 0
+    live: Dict[int, int] = {}
+    for i, e in enumerate(events):  # first pass: when the peak was
+        if e.get('action') == 'alloc':
+            live[e['addr']] = e['size']
+            total += e['size']
+            if total > peak:
+                peak, peak_at = total, i
+        elif e.get('action') in ('free_requested', 'free_completed') and e['addr'] in live:
+            total -= live.pop(e['addr'])
+    alive: Dict[int, dict] = {}
+    for e in events[: peak_at + 1]:  # second pass: what was alive then
+        if e.get('action') == 'alloc':
+            alive[e['addr']] = e
+        elif e.get('action') in ('free_requested', 'free_completed'):
+            alive.pop(e['addr'], None)
+    groups: Dict[str, List[int]] = {}
+    for e in alive.values():
+        g = groups.setdefault(_made_at(e.get('frames', [])), [0, 0])
+        g[0] += e['size']
+        g[1] += 1
+    table = [
+        {'GiB': f'{size / 2**30:.3f}', 'count': str(count), 'made at': place}
+        for place, (size, count) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:rows]
+    ]
+    return peak, table
+
+
 def print_table(rows: List[Dict[str, str]], cols: Sequence[str]) -> None:
     """One column per key in ``cols``, padded; a missing value prints empty."""
     widths = {c: max(len(c), *(len(r.get(c, '')) for r in rows)) for c in cols}

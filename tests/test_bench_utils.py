@@ -1,4 +1,5 @@
-"""benchmarks/bench_utils.py: the --compile-cache file of the benchmark scripts (load, then save to $OUT or back)."""
+"""benchmarks/bench_utils.py: the --compile-cache file of the benchmark scripts (load, then save to $OUT or back), and
+the reading of a CUDA allocation trace at its peak (--memory-peak)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
-from bench_utils import BenchCompileCache  # noqa: E402
+from bench_utils import BenchCompileCache, live_at_peak  # noqa: E402
 
 
 def fake_artifacts(monkeypatch, produced: bytes) -> list:
@@ -41,3 +42,32 @@ def test_without_out_the_file_is_updated_and_no_option_does_nothing(tmp_path, mo
     assert path.read_bytes() == b'new'
     BenchCompileCache(None).save()
     assert sorted(p.name for p in tmp_path.iterdir()) == ['c.megacache'] and loaded == []
+
+
+def test_live_at_peak_groups_what_the_peak_holds_by_line():
+    """A hand-made trace: blocks freed before the peak, after it, and one freed twice (requested, then completed);
+    a free of a block allocated before the trace began is ignored. Frames are innermost first; torch's own frames
+    are skipped for the first frame of user or generated code."""
+    torch_frame = {'filename': f'/x/site-packages/torch/nn/{"functional"}.py', 'line': 1, 'name': 'linear'}
+
+    def at(file: str, line: int) -> list:
+        return [torch_frame, {'filename': f'/code/{file}', 'line': line, 'name': 'f'}]
+
+    mib = 2**20
+    events = [
+        {'action': 'free_completed', 'addr': 99, 'size': 500 * mib},  # allocated before the trace
+        {'action': 'alloc', 'addr': 1, 'size': 100 * mib, 'frames': at('a.py', 10)},
+        {'action': 'alloc', 'addr': 2, 'size': 300 * mib, 'frames': at('b.py', 20)},
+        {'action': 'free_requested', 'addr': 2, 'size': 300 * mib},
+        {'action': 'free_completed', 'addr': 2, 'size': 300 * mib},
+        {'action': 'alloc', 'addr': 3, 'size': 200 * mib, 'frames': at('a.py', 10)},
+        {'action': 'alloc', 'addr': 4, 'size': 250 * mib, 'frames': [torch_frame]},
+        {'action': 'free_requested', 'addr': 4, 'size': 250 * mib},  # the peak was 550 MiB, just before this
+        {'action': 'alloc', 'addr': 5, 'size': 10 * mib, 'frames': at('c.py', 3)},
+    ]
+    peak, table = live_at_peak(events)
+    assert peak == 550 * mib
+    assert table == [
+        {'GiB': f'{300 / 1024:.3f}', 'count': '2', 'made at': 'a.py:10 f'},
+        {'GiB': f'{250 / 1024:.3f}', 'count': '1', 'made at': 'torch internals'},
+    ]
