@@ -378,13 +378,16 @@ class GSMNet(nn.Module):
             swsa_until(min(t_len, t - a + k))
             reads, writes = self.window_frames(t, t_len)
             frames = [state[i] for i in reads]
+            # every window in the step's result dtype: under autocast a layer's first window holds only SWSA's
+            # lower-precision frames, and a window of its own dtype would be a compiled graph of its own
+            dtype = stage.mamba_block.result_dtype(functools.reduce(torch.promote_types, [f.dtype for f in frames]))
             if self.stream_buffers:
-                buffer = self.window_buffer(buffer, frames)
-                result = buffer.new_empty(buffer.shape, dtype=stage.mamba_block.result_dtype(buffer.dtype))
+                buffer = self.window_buffer(buffer, frames, dtype)
+                result = buffer.new_empty(buffer.shape)
                 out = stage.mamba_block(buffer[:, :, 1:], *flows[t], self._aligner(), out=result[:, :, :k])
                 buffer = result
             else:
-                out = stage.mamba_block(torch.stack(frames, dim=2), *flows[t], self._aligner())
+                out = stage.mamba_block(torch.stack(frames, dim=2).to(dtype), *flows[t], self._aligner())
             for i, s in writes:
                 state[s] = out[:, :, i]
             if t >= a:  # frame t - a is read and written by no later window
@@ -409,14 +412,13 @@ class GSMNet(nn.Module):
         return torch.stack([x[:, :, i] for i in stored], dim=2)  # not a list index: a host-to-device copy
 
     @staticmethod
-    def window_buffer(buffer: Optional[Tensor], frames: List[Tensor]) -> Tensor:
-        """K frames (B, C, H, W) -> a (B, C, K+1, H, W) buffer whose slots 1..K hold them, with the values and dtype of
-        ``torch.stack(frames, 2)``: ``buffer`` when it has that shape and dtype (the last window step's output, in
-        slots 0..K-1), where slots already holding their frame are not copied (a sliding window's K-1 shared
-        frames), else a new one. The caller guarantees that a slot to be copied into holds nothing still in use; in
-        the streaming sweep it holds the last step's result for a frame outside the clip, or for one whose state
-        that step did not write (``scatter=False``), or nothing (slot K)."""
-        dtype = functools.reduce(torch.promote_types, [f.dtype for f in frames])
+    def window_buffer(buffer: Optional[Tensor], frames: List[Tensor], dtype: torch.dtype) -> Tensor:
+        """K frames (B, C, H, W) -> a (B, C, K+1, H, W) buffer of ``dtype`` whose slots 1..K hold them, with the
+        values of ``torch.stack(frames, 2).to(dtype)``: ``buffer`` when it has that shape and dtype (the last window
+        step's output, in slots 0..K-1), where slots already holding their frame are not copied (a sliding window's
+        K-1 shared frames), else a new one. The caller guarantees that a slot to be copied into holds nothing still
+        in use; in the streaming sweep it holds the last step's result for a frame outside the clip, or for one whose
+        state that step did not write (``scatter=False``), or nothing (slot K)."""
         b, c, h, w = frames[0].shape
         shape = (b, c, len(frames) + 1, h, w)
         if buffer is None or buffer.dtype != dtype or buffer.shape != shape:
