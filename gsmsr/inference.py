@@ -543,7 +543,7 @@ def _plan_tiling(
 
 def _whole_chunk_swsa(
     net: nn.Module,
-    tile: Tile,
+    sides: Tuple[int, int],
     tile_batch: int,
     height: int,
     width: int,
@@ -556,9 +556,9 @@ def _whole_chunk_swsa(
     """Whether to run the SWSA groups once over each whole chunk (``net.stream_whole`` raised to the chunk length):
     on CUDA, for whole frames (no tiling, so the memory a tile could use is not taken) and where the estimated peak
     stays under the headroom (:func:`gsmsr.memory_plan.whole_chunk_swsa_fits`). Slabs recompute a halo of frames on
-    each side, so a chunk longer than ``stream_whole`` runs SWSA over about twice its frames in slabs."""
+    each side, so a chunk longer than ``stream_whole`` runs SWSA over about twice its frames in slabs. ``sides``:
+    the tile's (height, width) within the frame."""
     stream_whole = getattr(net, 'stream_whole', None)
-    sides = tuple(min(t, n) if t else n for t, n in zip(tile_sides(tile), (height, width)))
     if stream_whole is None or length <= stream_whole or sides != (height, width):
         return False
     free = free_device_bytes(device)
@@ -629,8 +629,9 @@ def upscale_video(
         tile, tile_batch = _plan_tiling(
             tile, tile_batch, info.height, info.width, length, scale, tile_overlap, precision, compiled, device
         )
+        sides = tuple(min(t, n) if t else n for t, n in zip(tile_sides(tile), (info.height, info.width)))
         whole_swsa = _whole_chunk_swsa(
-            net, tile, tile_batch, info.height, info.width, length, scale, precision, compiled, device
+            net, sides, tile_batch, info.height, info.width, length, scale, precision, compiled, device
         )
         if whole_swsa:  # the caller's setting comes back at the end
             own_stream_whole = net.__dict__.get('stream_whole')
@@ -739,7 +740,7 @@ def upscale_video(
         peak_device_bytes=torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None,
         first_frame_seconds=first_written[0][0] if first_written else None,
         first_frame_at=first_written[0][1] if first_written else None,
-        tile=tuple(min(t, n) if t else n for t, n in zip(tile_sides(tile), (info.height, info.width))),
+        tile=sides,
         tile_batch=tile_batch,
         swsa_whole_chunk=whole_swsa,
         gpu_busy_steady=busy,

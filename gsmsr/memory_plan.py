@@ -68,9 +68,14 @@ def chunk_bytes(height: int, width: int, frames: int, scale: int) -> int:
     return frames * 3 * hr * 4 + hr * 4 + frames * 3 * height * width * (1 + 4)
 
 
+def _path_factor(precision: str, compiled: bool) -> float:
+    """Multiplier of the per-pixel terms for the path that runs (the constants are the compiled bf16 path's)."""
+    return (FP32_FACTOR if precision == 'fp32' else 1.0) * (1.0 if compiled else EAGER_FACTOR)
+
+
 def call_bytes(pixels: int, frames: int, precision: str = 'bf16', compiled: bool = True) -> int:
     """Peak bytes of one network call on ``pixels`` LR pixels (all tiles of the call) of ``frames`` frames."""
-    factor = (FP32_FACTOR if precision == 'fp32' else 1.0) * (1.0 if compiled else EAGER_FACTOR)
+    factor = _path_factor(precision, compiled)
     return NET_FIXED_BYTES + int(factor * pixels * (NET_BYTES_PER_PIXEL + frames * NET_BYTES_PER_PIXEL_FRAME))
 
 
@@ -137,7 +142,7 @@ def whole_chunk_swsa_fits(
     """Whether the SWSA groups can run once over each whole ``frames``-frame chunk (``GSMNet.stream_whole`` raised
     to the chunk) with the estimated peak still under ``HEADROOM`` of the free memory. Slabs recompute a halo on
     each side (16 frames for every 8 kept), so a whole chunk saves SWSA work at the cost of its frames' transients."""
-    factor = (FP32_FACTOR if precision == 'fp32' else 1.0) * (1.0 if compiled else EAGER_FACTOR)
+    factor = _path_factor(precision, compiled)
     pixels = tile_batch * min(tile[0], height) * min(tile[1], width)
     extra = int(factor * pixels * max(0, frames - SLAB_FRAMES) * SWSA_BYTES_PER_PIXEL_FRAME)
     peak = estimate_peak_bytes(tile, tile_batch, height, width, frames, scale, precision, compiled) + extra

@@ -27,15 +27,20 @@ PE_TEMPERATURE = 0.01
 NEIGHBOURS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (row, col) offsets
 
 
+def pe_divisors(dim: int, device: torch.device, temperature: float = PE_TEMPERATURE) -> Tensor:
+    """The sine encoding's (dim / 2,) float32 frequency divisors, computed in float32 as the official code does."""
+    half = dim // 2
+    i = torch.arange(half, dtype=torch.float32, device=device)
+    return temperature ** (2 * torch.div(i, 2, rounding_mode='floor') / half)
+
+
 def sine_encoding(y: Tensor, x: Tensor, dim: int, temperature: float = PE_TEMPERATURE) -> Tensor:
     """Interleaved sin/cos encoding of (y, x) positions: (...), (...) -> (..., dim), y half first.
 
     The frequency divisors are computed in float32 (as the official code does) and divided by, not multiplied
     by their reciprocal, to keep float64 results bit-faithful.
     """
-    half = dim // 2
-    i = torch.arange(half, dtype=torch.float32, device=y.device)
-    divisor = temperature ** (2 * torch.div(i, 2, rounding_mode='floor') / half)
+    divisor = pe_divisors(dim, y.device, temperature)
 
     def encode(v: Tensor) -> Tensor:
         p = v[..., None] / divisor

@@ -43,8 +43,6 @@ try:
 except ImportError:  # pragma: no cover - exercised by a subprocess test of triton_jit
     tl = None
 
-PE_TEMPERATURE = 0.01  # the implicit warp's (gsmsr.archs.implicit_warp.PE_TEMPERATURE)
-
 
 @dataclass(frozen=True)
 class ImplicitAttnConfig:
@@ -86,14 +84,6 @@ def implicit_attention_ref(q: Tensor, kv_src: Tensor, index: Tensor, kv_pe: Tens
     k, v = kv.view(b, n, 4, 2, num_heads, hd).unbind(3)
     attn = ((qh * scale) * k).sum(-1).softmax(dim=2)  # (B, HW, 4, heads)
     return (attn.unsqueeze(-1) * v).sum(2).reshape(b, n, c)
-
-
-def pe_divisors(dim: int, device: torch.device, temperature: float = PE_TEMPERATURE) -> Tensor:
-    """The sine encoding's (dim / 2,) float32 divisors, as :func:`gsmsr.archs.implicit_warp.sine_encoding` forms
-    them on ``device``."""
-    half = dim // 2
-    i = torch.arange(half, dtype=torch.float32, device=device)
-    return temperature ** (2 * torch.div(i, 2, rounding_mode='floor') / half)
 
 
 def query_input_ref(target: Tensor, scaled: Tensor) -> Tensor:
@@ -334,6 +324,8 @@ _DIVISORS: Dict[Tuple[int, torch.device], Tensor] = {}
 def _divisors(dim: int, device: torch.device) -> Tensor:
     """(dim,) float32: the encoding's dim / 2 divisors (formed on ``device``, as the reference forms them), then
     their reciprocals rounded to nearest. Cached per device."""
+    from gsmsr.archs.implicit_warp import pe_divisors  # the module imports this one
+
     key = (dim, device)
     if key not in _DIVISORS:
         div = pe_divisors(dim, device)
@@ -411,7 +403,6 @@ __all__ = [
     'implicit_attention',
     'implicit_attention_ref',
     'implicit_attention_triton',
-    'pe_divisors',
     'query_input',
     'query_input_ref',
     'query_input_triton',
