@@ -12,7 +12,8 @@ network with cuBLAS's fp32 GEMMs (``fp32_matmul='ieee'``) and with its larger GE
 blocks, and with --mamba-scan the compiled bf16 network with mamba-ssm's scan instead of gsmsr's Triton scan, and
 with --variants one compiled bf16 row per variant: ``slab=N`` sets ``GSMNet.stream_slab``, ``dwconv_<field>=N`` sets
 that ``DWConvConfig`` field of the MLP stencil (``dwconv3d.OP_CONFIG``), ``flipfree=1`` runs BiMamba's backward branch
-without flips (``bimamba.FLIP_FREE``; 0 for the flipped form), ``iwarp=1`` the implicit warp's fused kernels
+without flips (``bimamba.FLIP_FREE``; 0 for the flipped form), ``tokmajor=0`` its branches channels-first
+(``bimamba.TOKEN_MAJOR``), ``iwarp=0`` the implicit warp's PyTorch ops instead of its fused kernels
 (``implicit_warp.FUSED_ATTENTION``), ``buffers=0`` the streaming sweep's stacked windows instead of window buffers
 (``GSMNet.stream_buffers``; these three compile the window step again), other keys go to the Triton scan
 (``selective_scan.INFER_TRITON_CONFIG``: out_tile, out_warps, out_maxnreg, token_tile, warps_per_sm, ...; 0 for a
@@ -120,11 +121,12 @@ def main() -> int:
     # the faithful row runs mamba-ssm's kernel whatever the no-grad scan default is
     gsm_faithful = variant(scan_backend='kernel') if SCAN.cuda_kernel() else gsm
 
-    flip_free_default, fused_warp_default = BIMAMBA.FLIP_FREE, IWARP.FUSED_ATTENTION
+    flip_free_default, token_major_default = BIMAMBA.FLIP_FREE, BIMAMBA.TOKEN_MAJOR
+    fused_warp_default = IWARP.FUSED_ATTENTION
 
     def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm, variant: Dict[str, int] = {}):  # noqa: B006
         dwconv = {k.removeprefix('dwconv_'): v for k, v in variant.items() if k.startswith('dwconv_')}
-        switches = ('slab', 'flipfree', 'buffers', 'iwarp')
+        switches = ('slab', 'flipfree', 'tokmajor', 'buffers', 'iwarp')
         scan = {k: v for k, v in variant.items() if k not in switches and not k.startswith('dwconv_')}
         stencil = dataclasses.replace(DWCONV.DEFAULT_CONFIG, **dwconv)
 
@@ -135,6 +137,7 @@ def main() -> int:
             SCAN.INFER_TRITON_CONFIG.update(scan)
             DWCONV.OP_CONFIG = stencil
             BIMAMBA.FLIP_FREE = bool(variant.get('flipfree', BIMAMBA.FLIP_FREE))
+            BIMAMBA.TOKEN_MAJOR = bool(variant.get('tokmajor', BIMAMBA.TOKEN_MAJOR))
             IWARP.FUSED_ATTENTION = bool(variant.get('iwarp', IWARP.FUSED_ATTENTION))
             try:
                 with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -143,6 +146,7 @@ def main() -> int:
                 SCAN.INFER_TRITON_CONFIG.clear()
                 DWCONV.OP_CONFIG = DWCONV.DEFAULT_CONFIG
                 BIMAMBA.FLIP_FREE = flip_free_default
+                BIMAMBA.TOKEN_MAJOR = token_major_default
                 IWARP.FUSED_ATTENTION = fused_warp_default
 
         return run

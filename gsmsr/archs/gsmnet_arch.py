@@ -101,7 +101,7 @@ def traced_switches() -> Tuple[object, ...]:
         ('scan_infer', scan.INFER_IMPL),
         ('mamba_kernel', cuda_kernel()),
         ('triton', triton_available()),
-        ('bimamba', bimamba.FLIP_FREE),
+        ('bimamba', bimamba.FLIP_FREE, bimamba.TOKEN_MAJOR),
         ('implicit_attn', implicit_warp.FUSED_ATTENTION),
     )
 

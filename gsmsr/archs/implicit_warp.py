@@ -19,9 +19,9 @@ from gsmsr.ops import implicit_attn
 
 # Without autograd on CUDA: the query input (transpose + sine encoding + add) and the neighbour attention (gather,
 # scores, softmax, mix) as two Triton kernels (gsmsr.ops.implicit_attn) instead of the PyTorch ops below, which
-# materialise the gathered (B, HW, 4, 2C) tensor. Same values up to float rounding. Off until timed on a GPU
-# (benchmarks/bench_iwarp.py).
-FUSED_ATTENTION = False
+# materialise the gathered (B, HW, 4, 2C) tensor. Same values up to float rounding. -1.5 ms/frame in the compiled
+# bf16 network on an H200 (benchmarks/NOTES.md); bench_gsm's ``--variants iwarp=0`` times the PyTorch ops.
+FUSED_ATTENTION = True
 
 PE_TEMPERATURE = 0.01
 NEIGHBOURS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (row, col) offsets

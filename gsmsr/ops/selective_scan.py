@@ -400,10 +400,10 @@ def selective_scan(
         )
     if not use_kernel:
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=reverse)
-    u, delta, B, C, z = (unit_stride(t) for t in (u, delta, B, C, z))
+    impl = 'mamba' if backend == 'kernel' else INFER_IMPL
+    if needs_grad or impl == 'mamba':  # mamba-ssm's kernel needs unit stride along L; the Triton one takes both layouts
+        u, delta, B, C, z = (unit_stride(t) for t in (u, delta, B, C, z))
     D = D.contiguous() if D is not None else None
     if needs_grad:
         return scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0]
-    return scan_infer(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, 'mamba' if backend == 'kernel' else INFER_IMPL, reverse
-    )
+    return scan_infer(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl, reverse)

@@ -36,6 +36,13 @@ a loop counter, and then loads the tiles as 2-byte scalars transposed through sh
 holds more registers than the summary); segment lengths are multiples of both tiles, and the last segment's
 ragged end is walked with a tile of one token.
 
+That is for channel-major operands (unit stride along L). A channel-major tile load touches one cache line per
+thread, 32 a warp instruction: they and the out store are 16 of the output pass's 24 L1 wavefronts a token, and
+that pass is bound by L1 (Nsight Compute, H200). So u, delta, z and out may also be token-major, (batch, D, L)
+views of (batch, L, D) tensors (unit stride along D): then each token is one [BLOCK_D] load, a warp's 32 channels
+in one or two lines, laid out as the states (no splitting); a tile's loads are still all issued ahead of its
+arithmetic, and its outputs stored a token at a time after it.
+
 All arithmetic is float32 whatever the input dtype; the output has u's dtype. Decays are ``exp2(dt * A log2 e)``
 (log2 e folded into A once). No autograd here; with ``return_states=True`` the forward also returns the state
 entering each segment (the carries above), from which the backward (:mod:`gsmsr.ops.seq_scan_triton_bwd`) restarts
@@ -128,6 +135,18 @@ def _row(ptr, BLOCK_D: tl.constexpr, NP: tl.constexpr):
     return vals
 
 
+def _tokens(ptr, stride, md, TILE: tl.constexpr):
+    """TILE token-major (BLOCK_D,) vectors at ptr, ptr + stride, ...: a warp's load is 32 adjacent channels, laid
+    out as the states. The pointer is advanced in a chain, one 64-bit add a token: with ``ptr + j * stride`` the
+    compiler keeps one pointer per token and tensor live across the tile loop (spilling at 128 registers; sm_90a,
+    ``benchmarks/sass_scan.py``: 171 instructions a token in the bf16 output pass against 161)."""
+    vals = ()
+    for _ in tl.static_range(TILE):
+        vals = vals + (tl.load(ptr, mask=md, other=0.0),)
+        ptr += stride
+    return vals
+
+
 def _walk(
     h,
     dsum,
@@ -142,6 +161,10 @@ def _walk(
     bias,
     d_skip,
     md,
+    s_ul: tl.constexpr,
+    s_tl: tl.constexpr,
+    s_zl: tl.constexpr,
+    s_ol: tl.constexpr,
     N: tl.constexpr,
     NP: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -152,11 +175,14 @@ def _walk(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
+    TOKEN_MAJOR: tl.constexpr,
 ):
     """Walk tokens [lo, hi) (both multiples of TILE) from the states h (tuple of N (BLOCK_D,) fp32), from hi - 1
     down to lo when REVERSE. Summary: also sums dt into dsum, writes nothing. Otherwise stores out. Returns
     (h, dsum). u_row, dt_row, z_row, o_row: (BLOCK_D,) pointers at token 0 of each channel; bc_row: scalar pointer
-    at token 0 of this batch's packed B|C rows (2 NP values per token, fp32 or bf16, B in the first NP)."""
+    at token 0 of this batch's packed B|C rows (2 NP values per token, fp32 or bf16, B in the first NP).
+    TOKEN_MAJOR: u, delta, z and out are read and written a token at a time, at L strides s_ul, s_tl, s_zl, s_ol
+    (unit L stride otherwise, the s_*l unused)."""
     offs = tl.arange(0, TILE)[None, :]
     mask = md[:, None]
     # over the tile index: t0 = i * TILE is a multiple of TILE the compiler sees, so the tile loads are vectors
@@ -165,10 +191,17 @@ def _walk(
         if REVERSE:  # the same tiles, last first
             i = (lo + hi) // TILE - 1 - k
         t0 = i * TILE
-        us = _columns(tl.load(u_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
-        ds = _columns(tl.load(dt_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
-        if HAS_Z and not SUMMARY:
-            zs = _columns(tl.load(z_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
+        if TOKEN_MAJOR:  # int64 offsets: L * D passes 2^31 on long sequences
+            t64 = tl.cast(t0, tl.int64)
+            us = _tokens(u_row + t64 * s_ul, s_ul, md, TILE)
+            ds = _tokens(dt_row + t64 * s_tl, s_tl, md, TILE)
+            if HAS_Z and not SUMMARY:
+                zs = _tokens(z_row + t64 * s_zl, s_zl, md, TILE)
+        else:
+            us = _columns(tl.load(u_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
+            ds = _columns(tl.load(dt_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
+            if HAS_Z and not SUMMARY:
+                zs = _columns(tl.load(z_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
         ys = ()
         # tokens of the tile in walking order: 0 .. TILE-1, or TILE-1 .. 0 in reverse
         for j in tl.static_range(REVERSE * (TILE - 1), TILE - REVERSE * (TILE + 1), 1 - 2 * REVERSE):
@@ -200,8 +233,16 @@ def _walk(
                     y = y * (z / (1.0 + tl.exp(-z)))
                 ys = (y,) + ys if REVERSE else ys + (y,)  # ys[j] is token t0 + j either way
         if not SUMMARY:
-            out = _tile(ys, BLOCK_D, TILE).to(o_row.dtype.element_ty)
-            tl.store(o_row[:, None] + t0 + offs, out, mask=mask)
+            if TOKEN_MAJOR:
+                # after the tile, as the tile store: a store between tokens would hold the next token's B|C loads
+                # behind it (the compiler cannot tell that out and bc do not overlap)
+                o_t = o_row + tl.cast(t0, tl.int64) * s_ol
+                for j in tl.static_range(TILE):
+                    tl.store(o_t, ys[j].to(o_row.dtype.element_ty), mask=md)
+                    o_t += s_ol  # a chain, as in _tokens
+            else:
+                out = _tile(ys, BLOCK_D, TILE).to(o_row.dtype.element_ty)
+                tl.store(o_row[:, None] + t0 + offs, out, mask=mask)
     return h, dsum
 
 
@@ -222,12 +263,16 @@ def _scan_kernel(
     n_carry,
     s_ub,
     s_ud,
+    s_ul: tl.constexpr,
     s_tb,
     s_td,
+    s_tl: tl.constexpr,
     s_zb,
     s_zd,
+    s_zl: tl.constexpr,
     s_ob,
     s_od,
+    s_ol: tl.constexpr,
     s_ad,
     s_an,
     N: tl.constexpr,
@@ -240,6 +285,7 @@ def _scan_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
+    TOKEN_MAJOR: tl.constexpr,
 ):
     """Program (channel block, segment s, batch). SUMMARY: segment s (< S-1) from h = 0, stores hs[b, s] (D, N)
     and dsum[b, s] (D,). Otherwise: starts from hs[b, s-1] (the carried state; zero for s = 0) and stores out
@@ -281,17 +327,17 @@ def _scan_kernel(
     dsum = tl.full([BLOCK_D], 0.0, tl.float32)
     if REVERSE and TILE > 1:  # ragged end first (the last segment only: segment lengths are multiples of TILE)
         h, dsum = _walk(
-            h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE,
+            h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md, s_ul, s_tl, s_zl, s_ol,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, TOKEN_MAJOR,
         )  # fmt: skip
     h, dsum = _walk(
-        h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, lo, full, bias, d_skip, md,
-        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE,
+        h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, lo, full, bias, d_skip, md, s_ul, s_tl, s_zl, s_ol,
+        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, TOKEN_MAJOR,
     )  # fmt: skip
     if not REVERSE and TILE > 1:  # ragged end (the last segment only, as segment lengths are multiples of TILE)
         h, dsum = _walk(
-            h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE,
+            h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md, s_ul, s_tl, s_zl, s_ol,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, TOKEN_MAJOR,
         )  # fmt: skip
     if SUMMARY:
         base = (b * n_carry + s) * Dm + d64
@@ -335,7 +381,7 @@ def _carry_kernel(
             tl.store(hs_ptr + (b * n_carry + s0 + j) * Dm * N + lanes, h, mask=ml & (s0 + j < n_carry))
 
 
-_KERNELS = LazyKernels(__name__, [_softplus, _columns, _tile, _row, _walk, _scan_kernel, _carry_kernel])
+_KERNELS = LazyKernels(__name__, [_softplus, _columns, _tile, _row, _tokens, _walk, _scan_kernel, _carry_kernel])
 
 # ---------------------------------------------------------------------------------------------------------------
 # Host side
@@ -447,9 +493,12 @@ def selective_scan_fwd_triton(
     """Selective scan forward, no autograd; semantics and shapes of
     :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
 
-    u, delta, z: (batch, D, L), B, C: (batch, N, L), any float dtype, unit stride along L (else copied);
-    A: (D, N), D, delta_bias: (D,), used as float32. Returns (batch, D, L) in u's dtype (written into ``out`` if
-    given: contiguous, that shape and dtype).
+    u, delta, z: (batch, D, L), any float dtype, channel-major (unit stride along L) or, for coalesced loads,
+    token-major (unit stride along D, e.g. ``x.transpose(1, 2)`` of a (batch, L, D) ``x``): u's layout is used, delta
+    and z copied to it when not in it (u copied to channel-major when it is neither); B, C: (batch, N, L), any
+    strides; A: (D, N), D, delta_bias: (D,), used as float32. Returns (batch, D, L) in u's dtype with
+    ``torch.empty_like(u)``'s strides (those of the custom op's fake result), or written into ``out`` if given (u's
+    shape and dtype, any strides; through a copy when channel-major and out's L stride is not 1).
 
     segments: pieces each sequence is cut into (None: enough for about ``warps_per_sm`` warps per SM in the output
     launch, at least MIN_SEGMENT tokens each; 1 on CPU tensors). block_d: channels per program (a power of two;
@@ -490,14 +539,22 @@ def selective_scan_fwd_triton(
     batch, dim, length = u.shape
     n_state = A.shape[1]
 
-    u, delta, B, C, z = (unit_stride(t) for t in (u, delta, B, C, z))
+    # the custom op's fake result is empty_like(u): under torch.compile the real one must have its strides
+    if out is None:
+        out = torch.empty_like(u)
+    elif out.shape != u.shape or out.dtype != u.dtype:
+        raise ValueError("selective_scan_fwd_triton: out must have u's shape and dtype")
+    token_major = u.stride(1) == 1 and u.stride(2) != 1 and dim > 1 and length > 1
+    if token_major:  # stores take out's strides as they are; delta and z brought to u's layout
+        delta, z = (t if t is None or t.stride(1) == 1 else t.transpose(1, 2).contiguous().transpose(1, 2)
+                    for t in (delta, z))  # fmt: skip
+        res = out
+    else:  # the tile loads and store need unit L stride
+        u, delta, z = (unit_stride(t) for t in (u, delta, z))
+        res = out if out.stride(2) == 1 else torch.empty_like(out, memory_format=torch.contiguous_format)
     A = A.float()
     D = D.float().contiguous() if D is not None else None
     delta_bias = delta_bias.float().contiguous() if delta_bias is not None else None
-    if out is None:
-        out = torch.empty(batch, dim, length, device=u.device, dtype=u.dtype)
-    elif out.shape != u.shape or out.dtype != u.dtype or not out.is_contiguous():
-        raise ValueError("selective_scan_fwd_triton: out must be a contiguous tensor of u's shape and dtype")
     if length == 0 or batch == 0 or dim == 0:
         empty = torch.zeros(batch, 1, dim, n_state, device=u.device, dtype=torch.float32)
         return (out, empty, max(length, 1)) if return_states else out
@@ -526,13 +583,13 @@ def selective_scan_fwd_triton(
         length,
         seg_len,
         n_carry,
-        *u.stride()[:2],
-        *delta.stride()[:2],
-        *zz.stride()[:2],
-        *out.stride()[:2],
+        *u.stride(),
+        *delta.stride(),
+        *zz.stride(),
+        *res.stride(),
         *A.stride(),
     )
-    ptrs = (u, delta, zz, out, bc, A, D if D is not None else A, delta_bias if delta_bias is not None else A)
+    ptrs = (u, delta, zz, res, bc, A, D if D is not None else A, delta_bias if delta_bias is not None else A)
     flags = dict(
         N=n_state,
         NP=n_pad,
@@ -541,6 +598,7 @@ def selective_scan_fwd_triton(
         HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus),
         REVERSE=bool(reverse),
+        TOKEN_MAJOR=token_major,
     )
     summary_flags = dict(BLOCK_D=block_d, TILE=token_tile, num_warps=num_warps)
     out_flags = dict(BLOCK_D=out_block_d, TILE=out_tile, num_warps=out_warps)
@@ -555,4 +613,6 @@ def selective_scan_fwd_triton(
                 hs, dsum, A, dim, n_carry, *A.stride(), N=n_state, BLOCK=lanes, SEG_BLOCK=8, num_warps=4
             )
         k.scan_kernel[(-(-dim // out_block_d), n_seg, batch)](*ptrs, *common, SUMMARY=False, **out_flags, **flags)
+    if res is not out:
+        out.copy_(res)
     return (out, hs, seg_len) if return_states else out
