@@ -12,7 +12,7 @@ network with cuBLAS's fp32 GEMMs (``fp32_matmul='ieee'``) and with its larger GE
 blocks, and with --mamba-scan the compiled bf16 network with mamba-ssm's scan instead of gsmsr's Triton scan, and
 with --variants one compiled bf16 row per variant: ``slab=N`` sets ``GSMNet.stream_slab``, ``dwconv_<field>=N`` sets
 that ``DWConvConfig`` field of the MLP stencil (``dwconv3d.OP_CONFIG``), ``flipfree=1`` runs BiMamba's backward branch
-without flips (``bimamba.FLIP_FREE``; 0 for the flipped form), ``tokmajor=0`` its branches channels-first
+without flips (``bimamba.FLIP_FREE``; 0 for the flipped form), ``tokmajor=1`` its branches token-major
 (``bimamba.TOKEN_MAJOR``), ``iwarp=0`` the implicit warp's PyTorch ops instead of its fused kernels
 (``implicit_warp.FUSED_ATTENTION``), ``buffers=0`` the streaming sweep's stacked windows instead of window buffers
 (``GSMNet.stream_buffers``; these three compile the window step again), other keys go to the Triton scan

@@ -28,9 +28,10 @@ EXPAND = 2
 # The flip-free backward branch without autograd (see the module docstring): -1.3 ms/frame on an H200 at 20x180x320
 # (benchmarks/NOTES.md); False keeps the flipped form everywhere, and bench_gsm's ``--variants flipfree=0`` times it.
 FLIP_FREE = True
-# The flip-free branches in the token-major layout when compiled (see BiMamba.forward); bench_gsm's
-# ``--variants tokmajor=0`` times the channels-first form.
-TOKEN_MAJOR = True
+# The flip-free branches token-major when compiled (see BiMamba.forward). Off: on an H200 its scans are 0.9 ms/frame
+# faster, but Inductor's kernel for its conv takes 3.9 ms/frame against the channels-first one's 1.45, so the network
+# is 2.0 ms/frame slower (benchmarks/NOTES.md); bench_gsm's ``--variants tokmajor=1`` times it.
+TOKEN_MAJOR = False
 
 
 @cache
