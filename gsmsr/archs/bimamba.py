@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from gsmsr.ops import conv_tokens
 from gsmsr.ops.selective_scan import reverses_natively, selective_scan
 
 D_STATE = 16
@@ -28,9 +29,10 @@ EXPAND = 2
 # The flip-free backward branch without autograd (see the module docstring): -1.3 ms/frame on an H200 at 20x180x320
 # (benchmarks/NOTES.md); False keeps the flipped form everywhere, and bench_gsm's ``--variants flipfree=0`` times it.
 FLIP_FREE = True
-# The flip-free branches token-major when compiled (see BiMamba.forward). Off: on an H200 its scans are 0.9 ms/frame
-# faster, but Inductor's kernel for its conv takes 3.9 ms/frame against the channels-first one's 1.45, so the network
-# is 2.0 ms/frame slower (benchmarks/NOTES.md); bench_gsm's ``--variants tokmajor=1`` times it.
+# The flip-free branches token-major when compiled (see BiMamba.forward). Off: on an H200 its scans were 0.9 ms/frame
+# faster, but Inductor's kernel for its convs took 3.9 ms/frame against the channels-first one's 1.45, so the network
+# was 2.0 ms/frame slower (benchmarks/NOTES.md). The convs now run in a kernel of ours (gsmsr.ops.conv_tokens), not yet
+# timed; bench_gsm's ``--variants tokmajor=1`` times it.
 TOKEN_MAJOR = False
 
 
@@ -173,18 +175,17 @@ class BiMamba(nn.Module):
 
     def _branch_tokens(
         self,
-        x: Tensor,
+        u: Tensor,
         gate: Tensor,
-        conv: nn.Conv1d,
         x_proj: nn.Linear,
         dt_proj: nn.Linear,
         a_log: Tensor,
         d: Tensor,
         reverse: bool = False,
     ) -> Tensor:
-        """:meth:`_branch` in the token-major layout: x, gate (B, L, Di) -> (B, L, Di). The scan gets its operands
-        as (B, Di, L) views with unit stride along the channels, which it loads a token at a time, coalesced."""
-        u = causal_conv_silu_tokens(x, conv.weight, conv.bias, reverse)
+        """:meth:`_branch` after its conv, in the token-major layout: u (the conv's output), gate (B, L, Di) ->
+        (B, L, Di). The scan gets its operands as (B, Di, L) views with unit stride along the channels, which it
+        loads a token at a time, coalesced."""
         dbl = F.linear(u, x_proj.weight)  # (B, L, R + 2N): B and C are token-major rows, as the scan packs them
         delta, b, c = dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(delta, dt_proj.weight)  # (B, L, Di); dt bias goes into the scan
@@ -218,8 +219,14 @@ class BiMamba(nn.Module):
             # stores coalesced (L1-bound channels-first: benchmarks/NOTES.md). Compiled only, since Inductor fuses
             # the shifted-sum conv in either layout but causal-conv1d's eager kernel wants channels first.
             x, gate = F.linear(z, self.in_proj.weight).chunk(2, dim=-1)  # (B, L, Di) views
-            y = self._branch_tokens(x, gate, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
-            y = y + self._branch_tokens(x, gate, *backward, reverse=True)
+            convs = (self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias)
+            if conv_tokens.runs_fused(x):  # both convs in one kernel of ours (Inductor's: conv_tokens docstring)
+                u, u_b = conv_tokens.conv_silu_pair(x, *convs)
+            else:
+                u, u_b = (causal_conv_silu_tokens(x, w, b, reverse) for w, b, reverse in
+                          ((convs[0], convs[1], False), (convs[2], convs[3], True)))  # fmt: skip
+            y = self._branch_tokens(u, gate, self.x_proj, self.dt_proj, self.A_log, self.D)
+            y = y + self._branch_tokens(u_b, gate, *backward[1:], reverse=True)
             return self.out_proj(y)
         if flip_free:
             # a bmm writes (B, 2Di, L) itself, so under torch.compile both scans take the gate straight from the GEMM's

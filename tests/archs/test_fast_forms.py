@@ -155,3 +155,27 @@ def test_compiled_bimamba_traces_the_flip_free_branch(token_major, monkeypatch):
     else:
         assert gates[0] is gates[1]
     torch.testing.assert_close(y, flipped, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_token_major_bimamba_runs_both_convs_in_one_kernel(monkeypatch):
+    """Token-major and compiled where the conv-pair kernel applies (forced on CPU: interpreted): one
+    gsmsr::conv_silu_pair node feeds both scans, and the output is the eager flipped form's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from gsmsr.ops import conv_tokens
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
+    monkeypatch.setattr(bimamba, 'TOKEN_MAJOR', True)
+    monkeypatch.setattr(conv_tokens, 'runs_fused', lambda x: True)
+    m = _bimamba('triton')
+    z = torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2))
+    counter = CompileCounterWithBackend('aot_eager')
+    with torch.no_grad():
+        y = torch.compile(m, backend=counter, fullgraph=True)(z)
+        monkeypatch.setattr(bimamba, 'reverses_natively', lambda *args: False)
+        flipped = m(z)
+    nodes = [n for gm in counter.graphs for n in gm.graph.nodes]
+    assert sum(n.target is torch.ops.gsmsr.conv_silu_pair.default for n in nodes) == 1
+    assert sum(n.target is torch.ops.gsmsr.scan_infer.default for n in nodes) == 2
+    torch.testing.assert_close(y, flipped, rtol=1e-5, atol=1e-6)
