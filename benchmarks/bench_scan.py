@@ -59,19 +59,17 @@ class SeqConfig(NamedTuple):
     out_warps: int = 0  # 0: as the summary pass
     out_maxnreg: int = 128  # 0: no cap (the compiler's choice)
     sum_maxnreg: int = 128  # 0: no cap
-    bc16: int = 0  # 1: B|C packed in bf16 (bf16 inputs), 4 broadcast loads a token in the output pass instead of 8
 
     def label(self) -> str:
         name = f'seq-triton d{self.block_d} w{self.num_warps} t{self.token_tile} '
         name += f'seg{self.segments}' if self.segments else f'wpsm{self.warps_per_sm}'
         out = [f'{k}{v}' for k, v in (('t', self.out_tile), ('w', self.out_warps)) if v]
         name += f' out({" ".join(out)})' if out else ''
-        name += f' maxnreg(sum {self.sum_maxnreg or "off"} out {self.out_maxnreg or "off"})'
-        return name + (' bc16' if self.bc16 else '')
+        return name + f' maxnreg(sum {self.sum_maxnreg or "off"} out {self.out_maxnreg or "off"})'
 
     def kwargs(self) -> Dict[str, Any]:
-        # 0 -> None: chosen automatically, as the summary pass, or no register cap; bc16 is a flag
-        return {k: bool(v) if k == 'bc16' else v or None for k, v in self._asdict().items()}
+        # 0 -> None: chosen automatically, as the summary pass, or no register cap
+        return {k: v or None for k, v in self._asdict().items()}
 
 
 # Timed on an H200 at L = 288k bf16 (ms a call; mamba-ssm 3.62): the default 1.91. Configurations of earlier sweeps
@@ -88,10 +86,6 @@ SEQ_SWEEP = [
     SeqConfig(out_tile=2),
     SeqConfig(out_warps=2),
     SeqConfig(out_warps=2, warps_per_sm=24),
-    # B|C in bf16: half the broadcast loads (L1 wavefronts 24 -> 20 a token in the output pass, 12 -> 10 in the
-    # summary) for one integer instruction a value (+28 / +15 a token), untimed
-    SeqConfig(bc16=1),
-    SeqConfig(bc16=1, out_warps=2),
 ]
 
 # (token_tile, maxnreg (0: the compiler's choice), lane_sum, stages, segments (0: the training choice)) of --bwd-sweep

@@ -7,13 +7,12 @@ issues per token: registers, spills, tile-load layouts, SASS instructions by kin
 A VARIANT is ``out<TILE>`` (output pass) or ``sum<TILE>`` (summary pass), optionally followed by ``r<maxnreg>``
 (none: the compiler's choice) and ``w<num_warps>`` (32 * num_warps channels per program), e.g. ``out8r128 sum8r128``
 (the default call's two passes), ``out8`` (uncapped), ``out4r128w2``; a leading ``rev`` compiles the reverse scan
-(time walked from the end), e.g. ``revout8r128``; a trailing ``h`` packs B|C in ``--dtype`` (bf16: ``bc16=True``),
-e.g. ``out8r128h``; a last ``t`` takes u, delta, z and out token-major (unit stride along D; z a slice of a (L, 2D)
-tensor, as BiMamba passes them), e.g. ``out8r128t``.
+(time walked from the end), e.g. ``revout8r128``; a trailing ``t`` takes u, delta, z and out token-major (unit
+stride along D; z a slice of a (L, 2D) tensor, as BiMamba passes them), e.g. ``out8r128t``.
 The other parameters are the real call's: N = NP = 16; D, z, delta_bias and softplus on; u, delta, z and out in
-``--dtype``; A, D, bias and the packed B|C in fp32 (without ``h``). The kernel is specialised as Triton's launcher
-would specialise it (16-byte aligned pointers; integers divisible by 16, or equal to 1, marked so), with the segment
-length the host code chooses (``choose_segments`` and ``_split``, 132 SMs).
+``--dtype``; A, D, bias and the packed B|C in fp32. The kernel is specialised as Triton's launcher would specialise it
+(16-byte aligned pointers; integers divisible by 16, or equal to 1, marked so), with the segment length the host code
+chooses (``choose_segments`` and ``_split``, 132 SMs).
 
 Per variant it prints, per token (one tile's loop body divided by TILE) and warp:
 
@@ -67,7 +66,7 @@ TARGET = GPUTarget('cuda', 90, 32)
 SM_COUNT = 132
 BIN = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin'
 TORCH_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
-VARIANT = re.compile(r'(rev)?(out|sum)(\d+)((?:[rw]\d+)*)(h)?(t)?$')
+VARIANT = re.compile(r'(rev)?(out|sum)(\d+)((?:[rw]\d+)*)(t)?$')
 Instr = Tuple[int, str, str, str]  # address, predicate guard, opcode, operands
 
 # (table row, pipe, SASS opcodes before the first dot). Pipes: mufu, fma (FP32), fmah (IMAD), alu, lsu, ctrl;
@@ -111,7 +110,7 @@ def load_module(name: str):
 def parse_variant(text: str) -> Dict[str, int]:
     m = VARIANT.match(text)
     if not m:
-        expected = '[rev]out<TILE> or [rev]sum<TILE>, then r<maxnreg> w<warps>, then h, then t'
+        expected = '[rev]out<TILE> or [rev]sum<TILE>, then r<maxnreg> w<warps>, then t'
         raise SystemExit(f'bad variant {text!r}: expected {expected}')
     extra = {k: int(v) for k, v in re.findall(r'([rw])(\d+)', m.group(4))}
     return dict(
@@ -120,8 +119,7 @@ def parse_variant(text: str) -> Dict[str, int]:
         tile=int(m.group(3)),
         maxnreg=extra.get('r', 0),
         warps=extra.get('w', 1),
-        bc16=bool(m.group(5)),
-        token_major=bool(m.group(6)),
+        token_major=bool(m.group(5)),
     )
 
 
@@ -138,8 +136,7 @@ def compile_variant(mod, v: Dict[str, int], args):
     L, D = args.length, args.dim
     act = lambda: torch.empty(16, dtype=TORCH_DTYPES[args.dtype])  # noqa: E731  (placeholders: dtype, alignment)
     f32 = lambda: torch.empty(16, dtype=torch.float32)  # noqa: E731
-    bc = act() if v['bc16'] else f32()
-    call = (act(), act(), act(), act(), bc, f32(), f32(), f32(), f32(), f32(), D, L, seg_len, -(-L // seg_len) - 1)
+    call = (act(), act(), act(), act(), f32(), f32(), f32(), f32(), f32(), f32(), D, L, seg_len, -(-L // seg_len) - 1)
     if v['token_major']:  # u, delta, z, out strides (batch, channel, token); A (D, N) contiguous
         call += (D * L, 1, D) * 2 + (2 * D * L, 1, 2 * D) + (D * L, 1, D) + (16, 1)
     else:
@@ -328,8 +325,7 @@ def analyse(name: str, mod, args) -> Dict[str, object]:
             widths[f'{row}.{width}'] += 1 / tile
     lay = ttgir_layouts(asm['ttgir'])
     rows_per = lambda key: lay[key][1][0] if lay[key] else 32  # noqa: E731  (rows a tile instruction touches)
-    # 16-byte broadcast loads of the B (and C) row a token: 4 fp32 values a load, or 8 16-bit ones
-    bc_loads = (1 if v['summary'] else 2) * 16 // (8 if v['bc16'] else 4)
+    bc_loads = (1 if v['summary'] else 2) * 16 // 4  # 16-byte broadcast loads of the B (and C) row a token
     if rows['LDG'] and v['token_major']:  # a warp's token of 32 channels: one line
         l1 = rows['LDG'] + rows['STG'] + rows[_SH] + rows['LDL/STL (spills)'] + rows['SHFL']
     elif rows['LDG']:

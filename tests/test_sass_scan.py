@@ -40,21 +40,3 @@ def test_output_pass_loads_vector_tiles_ahead_of_use():
     assert free['info']['regs'] < 128  # the cap is room the compiler fills with loads in flight, not a squeeze
     ahead = lambda r: int(r['dist_wide'].split()[0])  # noqa: E731  (median load-to-use distance, instructions)
     assert ahead(capped) > 2 * ahead(free)
-
-
-def test_bc16_halves_the_broadcast_loads():
-    """B|C packed in bf16 (``bc16``): the output pass loads a token's row in 4 broadcast 16-byte pieces instead of 8
-    (the summary 2 instead of 4), at one integer instruction a value, within the 128-register cap and no spills."""
-    sass = _load()
-    mod = sass.load_module('gsmsr.ops.seq_scan_triton')
-    args = argparse.Namespace(length=288000, dim=384, dtype='bf16', warps_per_sm=16, seg_len=0, keep='')
-    out, out16, sum16 = (sass.analyse(name, mod, args) for name in ('out8r128', 'out8r128h', 'sum8r128h'))
-    assert out16['widths']['LDG.128'] == pytest.approx(out['widths']['LDG.128'] - 4)
-    assert out16['l1'] == pytest.approx(out['l1'] - 4)
-    assert sum16['widths']['LDG.128'] == pytest.approx(2.25)  # 2 B pieces + 3 tiles over 8 tokens
-    for r in (out16, sum16):
-        assert r['info']['regs'] <= 128 and r['info']['spill_st'] == 0
-    # the same float work; the widening is integer (a shift or a mask a value)
-    for row in ('FFMA', 'FMUL', 'FADD', 'MUFU.EX2'):
-        assert out16['rows'][row] == out['rows'][row]
-    assert out16['rows']['total'] - out['rows']['total'] <= 32

@@ -115,23 +115,12 @@ def _tile(cols, BLOCK_D: tl.constexpr, TILE: tl.constexpr):
 
 
 def _row(ptr, BLOCK_D: tl.constexpr, NP: tl.constexpr):
-    """NP contiguous values at the scalar pointer ``ptr``, fp32 or bf16, loaded by every thread (a broadcast) in
-    16-byte pieces -> tuple of NP (BLOCK_D,) fp32 vectors. Pieces of 4 words keep each load inside one thread. A
-    bf16 word holds two values, widened exactly by one shift or mask each (bf16 is the top half of an fp32)."""
+    """NP contiguous fp32 values at the scalar pointer ``ptr``, loaded by every thread (a broadcast) in
+    16-byte pieces -> tuple of NP (BLOCK_D,) vectors. Pieces of 4 keep each load inside one thread."""
     vals = ()
-    if ptr.dtype.element_ty == tl.bfloat16:
-        words = ptr.to(tl.pointer_type(tl.uint32))
-        for c in tl.static_range(NP // 8):
-            piece = tl.broadcast_to((words + 4 * c + tl.arange(0, 4))[None, :], (BLOCK_D, 4))
-            ws = _columns(tl.load(piece), BLOCK_D, 4)
-            for i in tl.static_range(4):
-                lo = (ws[i] << 16).to(tl.float32, bitcast=True)
-                hi = (ws[i] & 0xFFFF0000).to(tl.float32, bitcast=True)
-                vals = vals + (lo, hi)
-    else:
-        for c in tl.static_range(NP // 4):
-            piece = tl.broadcast_to((ptr + 4 * c + tl.arange(0, 4))[None, :], (BLOCK_D, 4))
-            vals = vals + _columns(tl.load(piece), BLOCK_D, 4)
+    for c in tl.static_range(NP // 4):
+        piece = tl.broadcast_to((ptr + 4 * c + tl.arange(0, 4))[None, :], (BLOCK_D, 4))
+        vals = vals + _columns(tl.load(piece), BLOCK_D, 4)
     return vals
 
 
@@ -180,7 +169,7 @@ def _walk(
     """Walk tokens [lo, hi) (both multiples of TILE) from the states h (tuple of N (BLOCK_D,) fp32), from hi - 1
     down to lo when REVERSE. Summary: also sums dt into dsum, writes nothing. Otherwise stores out. Returns
     (h, dsum). u_row, dt_row, z_row, o_row: (BLOCK_D,) pointers at token 0 of each channel; bc_row: scalar pointer
-    at token 0 of this batch's packed B|C rows (2 NP values per token, fp32 or bf16, B in the first NP).
+    at token 0 of this batch's packed B|C rows (2 NP fp32 per token, B in the first NP).
     TOKEN_MAJOR: u, delta, z and out are read and written a token at a time, at L strides s_ul, s_tl, s_zl, s_ol
     (unit L stride otherwise, the s_*l unused)."""
     offs = tl.arange(0, TILE)[None, :]
@@ -289,7 +278,7 @@ def _scan_kernel(
 ):
     """Program (channel block, segment s, batch). SUMMARY: segment s (< S-1) from h = 0, stores hs[b, s] (D, N)
     and dsum[b, s] (D,). Otherwise: starts from hs[b, s-1] (the carried state; zero for s = 0) and stores out
-    over the segment. bc: (B, L, 2 NP) fp32 or bf16, B then C (zero-padded states); hs: (B, n_carry, D, N),
+    over the segment. bc: (B, L, 2 NP) fp32, B then C (zero-padded states); hs: (B, n_carry, D, N),
     dsum: (B, n_carry, D), both contiguous fp32.
 
     REVERSE: time walks from the end. s counts segments in walking order: it is the segment S-1-s of the sequence
@@ -441,13 +430,13 @@ def unit_stride(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def pack_bc(B: Tensor, C: Tensor, n_pad: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """B, C (batch, N, L) -> (batch, L, 2 n_pad) in ``dtype`` (fp32, or bf16 for bf16 B and C: the same values),
-    token-major: B in columns [0, N), C in [n_pad, n_pad + N), zeros in the padding. One token's values are one
-    contiguous row, which every thread of a program loads with a few broadcast loads."""
+def pack_bc(B: Tensor, C: Tensor, n_pad: int) -> Tensor:
+    """B, C (batch, N, L) -> (batch, L, 2 n_pad) fp32, token-major: B in columns [0, N), C in [n_pad, n_pad + N),
+    zeros in the padding. One token's values are one contiguous row, which every thread of a program loads with a
+    few broadcast loads, already converted."""
     batch, n_state, length = B.shape
     alloc = torch.empty if n_pad == n_state else torch.zeros  # only padded states need their zeros written
-    bc = alloc(batch, length, 2 * n_pad, device=B.device, dtype=dtype)
+    bc = alloc(batch, length, 2 * n_pad, device=B.device, dtype=torch.float32)
     bc[:, :, :n_state] = B.transpose(1, 2)
     bc[:, :, n_pad : n_pad + n_state] = C.transpose(1, 2)
     return bc
@@ -488,7 +477,6 @@ def selective_scan_fwd_triton(
     out_warps: Optional[int] = None,
     sum_maxnreg: Optional[int] = 128,
     reverse: bool = False,
-    bc16: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, int]]:
     """Selective scan forward, no autograd; semantics and shapes of
     :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
@@ -523,12 +511,6 @@ def selective_scan_fwd_triton(
     multiple of the segment length (one segment included), else to float rounding (the flipped sequence is cut at
     other tokens, so its carried states sum other groups). With return_states, ``states[:, s - 1]`` enters the
     s-th segment walked (S - 1 - s in the sequence).
-
-    bc16: when B and C are both bf16, pack them token-major in bf16 rather than fp32 and widen them in the kernels
-    (exactly: a shift or a mask each), so a token's B|C row is 64 bytes, 4 broadcast 16-byte loads in the output
-    pass and 2 in the summary instead of 8 and 4, at one integer instruction a value (sm_90a SASS, 288k bf16:
-    +28 instructions a token in the output pass, +15 in the summary). The same values reach the same float
-    operations: no result changes. Ignored for other dtypes.
     """
     out_tile = token_tile if out_tile is None else out_tile
     out_block_d, out_warps = (block_d, num_warps) if out_warps is None else (32 * out_warps, out_warps)
@@ -567,11 +549,10 @@ def selective_scan_fwd_triton(
     hs = torch.empty(batch, max(n_carry, 1), dim, n_state, device=u.device, dtype=torch.float32)
     dsum = torch.empty(batch, max(n_carry, 1), dim, device=u.device, dtype=torch.float32)
 
-    # B and C packed token-major in fp32 (or bf16 with bc16), (batch, L, 2 NP): one token's 2N values are one
-    # contiguous row that every thread loads with a few 16-byte broadcast loads (4 or 8 values) from one base address
-    half = bool(bc16) and B.dtype == C.dtype == torch.bfloat16
-    n_pad = -(-n_state // (8 if half else 4)) * (8 if half else 4)
-    bc = pack_bc(B, C, n_pad, torch.bfloat16 if half else torch.float32)
+    # B and C packed token-major in fp32, (batch, L, 2 NP): one token's 2N values are one contiguous row that every
+    # thread loads with a few 16-byte broadcast loads from one base address, already converted
+    n_pad = -(-n_state // 4) * 4
+    bc = pack_bc(B, C, n_pad)
 
     interpret = interpret_for(u)
     k = _KERNELS(interpret)

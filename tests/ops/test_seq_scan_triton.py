@@ -358,24 +358,3 @@ def test_dispatch_backend_triton():
     torch.testing.assert_close(y, direct, rtol=0, atol=0)
     args = [inp[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')] + [True, 'triton', True]
     torch.library.opcheck(scan_infer, args, test_utils=('test_schema', 'test_faketensor'))
-
-
-@pytest.mark.parametrize('reverse', [False, True])
-@pytest.mark.parametrize('state', [4, 16])
-def test_bc16_changes_no_result_bit(state, reverse):
-    """bc16: bf16 B and C packed in bf16 and widened in the kernels (a shift or a mask) reach the same float
-    operations as when packed in fp32: the output and the carried states are bit for bit the default's. N = 4 pads
-    to 8 states (a 16-byte piece of bf16), N = 16 is the network's; 3 segments over 50 tokens leave a ragged tail
-    (tile 4); two channel blocks, the second partial. fp32 B and C ignore the switch."""
-    inp = _inputs(2, 40, state, 50, 'slow', torch.bfloat16, 'cpu')
-    opts = dict(delta_softplus=True, segments=3, token_tile=4, block_d=32, reverse=reverse, return_states=True)
-    y16, s16, _ = selective_scan_fwd_triton(**inp, bc16=True, **opts)
-    y32, s32, _ = selective_scan_fwd_triton(**inp, **opts)
-    assert torch.equal(y16.view(torch.int16), y32.view(torch.int16))
-    assert torch.equal(s16.view(torch.int32), s32.view(torch.int32))
-    err = _check(inp, True, segments=3, token_tile=4, bc16=True, reverse=False) if not reverse else 0.0
-    assert err <= TOL[torch.bfloat16], f'{err:.2e}'
-    f32 = {k: v.float() for k, v in inp.items()}
-    a = selective_scan_fwd_triton(**f32, bc16=True, **opts)[0]
-    b = selective_scan_fwd_triton(**f32, **opts)[0]
-    assert torch.equal(a, b)
