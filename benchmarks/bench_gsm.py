@@ -14,8 +14,9 @@ with --variants one compiled bf16 row per variant: ``slab=N`` sets ``GSMNet.stre
 that ``DWConvConfig`` field of the MLP stencil (``dwconv3d.OP_CONFIG``), ``flipfree=1`` runs BiMamba's backward branch
 without flips (``bimamba.FLIP_FREE``; 0 for the flipped form), ``tokmajor=1`` its branches token-major
 (``bimamba.TOKEN_MAJOR``), ``iwarp=0`` the implicit warp's PyTorch ops instead of its fused kernels
-(``implicit_warp.FUSED_ATTENTION``), ``buffers=0`` the streaming sweep's stacked windows instead of window buffers
-(``GSMNet.stream_buffers``; these three compile the window step again), other keys go to the Triton scan
+(``implicit_warp.FUSED_ATTENTION``), ``fscatter=1`` the GSM block's scatter warps as one kernel
+(``gsm_block.FUSED_SCATTER``), ``buffers=0`` the streaming sweep's stacked windows instead of window buffers
+(``GSMNet.stream_buffers``; these switches compile the window step again), other keys go to the Triton scan
 (``selective_scan.INFER_TRITON_CONFIG``: out_tile, out_warps, out_maxnreg, token_tile, warps_per_sm, ...; 0 for a
 register cap turns it off), e.g. ``--variants 'slab=12;dwconv_block_c=64,dwconv_num_warps=4;flipfree=0;out_tile=4'``.
 Prints one table: median ms per clip and per frame (CUDA events), the first call's seconds (compilation included),
@@ -58,6 +59,7 @@ SWSA = importlib.import_module('gsmsr.archs.swsa')
 DWCONV = importlib.import_module('gsmsr.ops.dwconv3d')
 BIMAMBA = importlib.import_module('gsmsr.archs.bimamba')
 IWARP = importlib.import_module('gsmsr.archs.implicit_warp')
+GSM_BLOCK = importlib.import_module('gsmsr.archs.gsm_block')
 
 
 def print_memory_peak(name: str, call: Callable[[], object]) -> None:
@@ -122,11 +124,11 @@ def main() -> int:
     gsm_faithful = variant(scan_backend='kernel') if SCAN.cuda_kernel() else gsm
 
     flip_free_default, token_major_default = BIMAMBA.FLIP_FREE, BIMAMBA.TOKEN_MAJOR
-    fused_warp_default = IWARP.FUSED_ATTENTION
+    fused_warp_default, fused_scatter_default = IWARP.FUSED_ATTENTION, GSM_BLOCK.FUSED_SCATTER
 
     def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm, variant: Dict[str, int] = {}):  # noqa: B006
         dwconv = {k.removeprefix('dwconv_'): v for k, v in variant.items() if k.startswith('dwconv_')}
-        switches = ('slab', 'flipfree', 'tokmajor', 'buffers', 'iwarp')
+        switches = ('slab', 'flipfree', 'tokmajor', 'buffers', 'iwarp', 'fscatter')
         scan = {k: v for k, v in variant.items() if k not in switches and not k.startswith('dwconv_')}
         stencil = dataclasses.replace(DWCONV.DEFAULT_CONFIG, **dwconv)
 
@@ -139,6 +141,7 @@ def main() -> int:
             BIMAMBA.FLIP_FREE = bool(variant.get('flipfree', BIMAMBA.FLIP_FREE))
             BIMAMBA.TOKEN_MAJOR = bool(variant.get('tokmajor', BIMAMBA.TOKEN_MAJOR))
             IWARP.FUSED_ATTENTION = bool(variant.get('iwarp', IWARP.FUSED_ATTENTION))
+            GSM_BLOCK.FUSED_SCATTER = bool(variant.get('fscatter', GSM_BLOCK.FUSED_SCATTER))
             try:
                 with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None):
                     return net(x).float()
@@ -148,6 +151,7 @@ def main() -> int:
                 BIMAMBA.FLIP_FREE = flip_free_default
                 BIMAMBA.TOKEN_MAJOR = token_major_default
                 IWARP.FUSED_ATTENTION = fused_warp_default
+                GSM_BLOCK.FUSED_SCATTER = fused_scatter_default
 
         return run
 

@@ -15,10 +15,15 @@ from torch.utils.checkpoint import checkpoint
 
 from gsmsr.archs.bimamba import BiMamba
 from gsmsr.archs.flow import warp
+from gsmsr.ops import slot_warp
 from gsmsr.ops.dwconv3d import dwconv3d_gelu
 
 # (source, target, flow) -> source resampled onto target's grid: the shared ImplicitWarp or a plain flow warp
 Aligner = Callable[[Tensor, Tensor, Tensor], Tensor]
+# Without autograd on CUDA: the scatter's warps as one Triton kernel reading the Mamba output where it is
+# (gsmsr.ops.slot_warp) instead of a channels-first fp32 copy through cuDNN's sampler and back. Same values up to
+# float rounding. Off until timed in the network; bench_gsm's ``--variants fscatter=1`` times it.
+FUSED_SCATTER = False
 
 
 class DWConv3d(nn.Module):
@@ -106,6 +111,11 @@ class GSMBlock(nn.Module):
     def scatter(m: Tensor, flows: List[Optional[Tensor]]) -> Tensor:
         """Warp each slot of m (B, C, K, H, W) back to its own grid (one batched warp); the anchor is not warped."""
         b, c, k, h, w = m.shape
+        anchor = slot_warp.single_anchor(flows)
+        if FUSED_SCATTER and anchor >= 0 and not torch.is_grad_enabled() and slot_warp.runs_fused(m):
+            psi = torch.stack([f for f in flows if f is not None], dim=1)
+            warped = iter(slot_warp.slot_warp(m, psi, anchor).unbind(2))
+            return torch.stack([m[:, :, i] if i == anchor else next(warped) for i in range(k)], dim=2)
         idx = [i for i, f in enumerate(flows) if f is not None]
         # stack, not m[:, :, idx]: a list index is a host-to-device copy, which a captured CUDA graph cannot hold
         src = torch.stack([m[:, :, i] for i in idx], dim=1).reshape(b * len(idx), c, h, w)

@@ -90,7 +90,7 @@ def make_upsampler(scale: int, feat: int = RECON_FEAT) -> nn.Sequential:
 def traced_switches() -> Tuple[object, ...]:
     """Module-level settings that the compiled blocks read while they are traced. ``torch.compile`` guards on them;
     a precompiled function's saved guards leave globals out, so they are part of its key instead."""
-    from gsmsr.archs import bimamba, implicit_warp, swsa
+    from gsmsr.archs import bimamba, gsm_block, implicit_warp, swsa
     from gsmsr.ops import cuda_kernel
     from gsmsr.ops.triton_jit import triton_available
 
@@ -103,6 +103,7 @@ def traced_switches() -> Tuple[object, ...]:
         ('triton', triton_available()),
         ('bimamba', bimamba.FLIP_FREE, bimamba.TOKEN_MAJOR),
         ('implicit_attn', implicit_warp.FUSED_ATTENTION),
+        ('slot_warp', gsm_block.FUSED_SCATTER),
     )
 
 
