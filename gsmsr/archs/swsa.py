@@ -7,6 +7,7 @@ the nominal relative-position index.
 
 from __future__ import annotations
 
+import functools
 from functools import lru_cache
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -133,10 +134,54 @@ def window_attention_flex(
     return flex_attention(q, k, v, score_mod=score_mod, scale=scale, kernel_options=kernel_options)
 
 
+def window_attention_sdpa(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor,
+    labels: Optional[Tensor],
+    scale: float,
+    grid: Tuple[int, int, int, int],
+    shifted_axes: Sequence[int],
+    explicit: Callable[..., Tensor],
+) -> Tensor:
+    """:func:`window_attention_ref`'s values through ``F.scaled_dot_product_attention`` (its fused kernel: no
+    (w, heads, n, n) scores in memory) with the bias as a mask broadcast over the windows. grid: (B, Dw, Hw, Ww), the
+    windows' layout (w = B * Dw * Hw * Ww, row-major as :func:`window_partition` orders them); labels: (Dw*Hw*Ww, n)
+    region ids of shifted windows, or None. Only the last window along a shifted axis holds tokens of more than one
+    region (the cyclic shift's wrap-around: :func:`shift_labels`), so SDPA's mask is the bias alone everywhere and
+    those windows are redone by ``explicit`` (q, k, v, bias, labels, scale) with their region masks."""
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0).to(q.dtype), scale=scale)
+    if labels is None or not shifted_axes:
+        return o
+    tail = q.shape[1:]
+    q, k, v, o = (t.view(*grid, *tail) for t in (q, k, v, o))
+    lab = labels.view(*grid[1:], labels.shape[-1])
+    for axis in shifted_axes:  # windows on two such faces are redone twice, to the same values
+        sel = (slice(None),) * (axis + 1) + (-1,)
+        part = explicit(
+            *(t[sel].reshape(-1, *tail) for t in (q, k, v)), bias, lab[sel[1:]].reshape(-1, lab.shape[-1]), scale
+        )
+        o[sel] = part.view(o[sel].shape)
+    return o.view(-1, *tail)
+
+
 # FlexAttention for the compiled bf16 SWSA blocks. Off: alone it beat the explicit form 1.7-2.5x (bench_attn.py), but
 # inside the compiled network its kernels took 9.4 ms a call (22 ms per frame against ~10 for the explicit form;
 # benchmarks/NOTES.md). The flex row of bench_gsm.py turns it on to re-measure.
 FLEX_ATTENTION = False
+
+
+# SDPA (window_attention_sdpa) for the bf16 SWSA blocks without autograd. Off until timed in the network (bench_gsm's
+# ``--variants sdpa=1``); alone, SDPA with a materialised mask beat the explicit form 1.3-1.5x (bench_attn.py).
+SDPA_ATTENTION = False
+
+
+def use_sdpa(x: Tensor) -> bool:
+    """Whether window attention takes :func:`window_attention_sdpa`: CUDA, half precision (bf16 autocast), no
+    autograd. In fp32 SDPA's kernel lost to the explicit form (bench_attn.py)."""
+    half = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else x.dtype
+    return SDPA_ATTENTION and x.is_cuda and half.itemsize == 2 and not torch.is_grad_enabled()
 
 
 def use_flex(x: Tensor) -> bool:
@@ -176,12 +221,24 @@ class WindowAttention(nn.Module):
     # at 8 heads, fp32); the fused path never holds the scores
     max_windows = 1024
 
-    def forward(self, x: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        labels: Optional[Tensor] = None,
+        grid: Optional[Tuple[int, int, int, int]] = None,
+        shifted_axes: Sequence[int] = (),
+    ) -> Tensor:
         """x: (B*nW, n, C); labels: (nW, n) shift-region ids (:func:`shift_labels`), or None for unshifted windows;
-        window i of the batch uses labels[i % nW]. Returns (B*nW, n, C)."""
+        window i of the batch uses labels[i % nW]. grid, shifted_axes: the windows' (B, Dw, Hw, Ww) and the shifted
+        axes (0-2), for :func:`window_attention_sdpa` (without them the other paths run). Returns (B*nW, n, C)."""
         bias = self.position_bias(x.shape[1])
         if use_flex(x):
             return self._attend(x, bias, labels, window_attention_flex)
+        if grid is not None and use_sdpa(x):
+            sdpa = functools.partial(
+                window_attention_sdpa, grid=grid, shifted_axes=shifted_axes, explicit=self._explicit_chunks
+            )
+            return self._attend(x, bias, labels, sdpa)
         bw = x.shape[0]
         if labels is not None and bw > labels.shape[0]:
             labels = labels.repeat(bw // labels.shape[0], 1)
@@ -193,9 +250,31 @@ class WindowAttention(nn.Module):
         ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
+    def _explicit_chunks(
+        self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, labels: Optional[Tensor], scale: float
+    ) -> Tensor:
+        """:func:`window_attention_ref` on (w, heads, n, d) q, k, v, max_windows at a time; labels (L, n), window i
+        using labels[i % L]."""
+        if labels is not None and q.shape[0] > labels.shape[0]:
+            labels = labels.repeat(q.shape[0] // labels.shape[0], 1)
+        step = self.max_windows
+        parts = [
+            window_attention_ref(
+                q[s : s + step],
+                k[s : s + step],
+                v[s : s + step],
+                bias,
+                None if labels is None else labels[s : s + step],
+                scale,
+            )
+            for s in range(0, q.shape[0], step)
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
     def _attend(self, x: Tensor, bias: Tensor, labels: Optional[Tensor], core: Callable[..., Tensor]) -> Tensor:
-        """x: (w, n, C) -> (w, n, C): qkv projection, ``core`` (:func:`window_attention_ref` or
-        :func:`window_attention_flex`) over the heads, output projection."""
+        """x: (w, n, C) -> (w, n, C): qkv projection, ``core`` (:func:`window_attention_ref`,
+        :func:`window_attention_flex`, or :func:`window_attention_sdpa` bound to its windows) over the heads, output
+        projection."""
         bw, n, c = x.shape
         if core is window_attention_flex:
             # q, k, v straight from three GEMMs (strided views, no pointwise op between) so that Inductor does not
@@ -259,7 +338,9 @@ class SWSABlock(nn.Module):
         shifted = any(s > 0 for s in ss)
         if shifted:
             u = torch.roll(u, shifts=tuple(-s for s in ss), dims=(1, 2, 3))
-        o = self.attn(window_partition(u, ws), labels if shifted else None)
+        grid = (b, dp // ws[0], hp // ws[1], wp // ws[2])
+        axes = tuple(i for i in range(3) if ss[i] > 0)
+        o = self.attn(window_partition(u, ws), labels if shifted else None, grid, axes)
         u = window_merge(o, ws, b, dp, hp, wp)
         if shifted:
             u = torch.roll(u, shifts=ss, dims=(1, 2, 3))

@@ -1,0 +1,84 @@
+"""SWSA window attention through SDPA (swsa.window_attention_sdpa) against the explicit reference, on CPU.
+
+SDPA runs its math path on CPU, the same values as its fused CUDA kernel up to rounding, so these tests check the
+part that is ours: the bias as a mask broadcast over the windows, and the windows that hold several shift regions
+(the last along each shifted axis) redone with their region masks. Sizes cover padding, all three axes shifted,
+an axis no longer than the window (not shifted), batch 2, and fewer windows than max_windows and more.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from gsmsr.archs import swsa
+from gsmsr.archs.swsa import SWSAGroup
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _group(seed: int = 0) -> SWSAGroup:
+    torch.manual_seed(seed)
+    group = SWSAGroup(48, depth=2, num_heads=2).eval()  # unshifted then shifted; head dim 24 as released
+    with torch.no_grad():
+        for p in group.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        for blk in group.blocks:
+            blk.attn.relative_position_bias_table.normal_(0, 1.0)  # a bias that matters
+    return group
+
+
+@pytest.mark.parametrize('size', [(5, 18, 20), (2, 19, 21), (4, 9, 30)])
+@pytest.mark.parametrize('max_windows', [1024, 5])
+def test_sdpa_swsa_group_matches_explicit(monkeypatch, size, max_windows):
+    group = _group()
+    x = torch.randn(2, 48, *size, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(swsa.WindowAttention, 'max_windows', max_windows)
+    calls = []
+    sdpa = swsa.window_attention_sdpa
+    monkeypatch.setattr(swsa, 'window_attention_sdpa', lambda *a, **k: calls.append(k['shifted_axes']) or sdpa(*a, **k))
+    monkeypatch.setattr(swsa, 'use_sdpa', lambda x: True)
+    with torch.no_grad():
+        got = group(x)
+        monkeypatch.setattr(swsa, 'use_sdpa', lambda x: False)
+        want = group(x)
+    assert len(calls) == 2 and calls[0] == () and len(calls[1]) == sum(n > w for n, w in zip(size, swsa.WINDOW))
+    assert rel_err(got, want) < 2e-6
+
+
+def test_mixed_windows_are_the_last_along_each_shifted_axis():
+    """The premise of window_attention_sdpa: a window holds tokens of several regions only where it is the last
+    along an axis with a shift."""
+    size = (6, 24, 40)
+    ws, ss = swsa.effective_window(size, swsa.WINDOW, swsa.SHIFT)
+    grid = tuple(n // w for n, w in zip(size, ws))
+    labels = swsa.shift_labels(size, ws, ss, 'cpu').view(*grid, -1)
+    mixed = (labels != labels[..., :1]).any(-1)
+    last = torch.zeros(grid, dtype=torch.bool)
+    last[-1], last[:, -1], last[:, :, -1] = True, True, True
+    assert torch.equal(mixed, last)
+
+
+def test_compiled_block_traces_sdpa_in_one_graph(monkeypatch):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    group = _group()
+    x = torch.randn(1, 48, 5, 18, 20, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(swsa, 'use_sdpa', lambda x: True)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend('aot_eager')
+    blk = group.blocks[1]
+    t = x.permute(0, 2, 3, 4, 1).contiguous()
+    ws, ss = swsa.effective_window((5, 18, 20), swsa.WINDOW, swsa.SHIFT)
+    labels = swsa.shift_labels((6, 24, 24), ws, ss, 'cpu')
+    with torch.no_grad():
+        got = torch.compile(blk, backend=counter, fullgraph=True)(t.clone(), labels)
+        monkeypatch.setattr(swsa, 'use_sdpa', lambda x: False)
+        want = blk(t.clone(), labels)
+    assert counter.frame_count == 1
+    nodes = [n for gm in counter.graphs for n in gm.graph.nodes]
+    assert any('scaled_dot_product_attention' in str(n.target) for n in nodes)
+    assert rel_err(got, want) < 2e-6
