@@ -182,10 +182,11 @@ class BiMamba(nn.Module):
         a_log: Tensor,
         d: Tensor,
         reverse: bool = False,
+        add: Optional[Tensor] = None,
     ) -> Tensor:
         """:meth:`_branch` after its conv, in the token-major layout: u (the conv's output), gate (B, L, Di) ->
-        (B, L, Di). The scan gets its operands as (B, Di, L) views with unit stride along the channels, which it
-        loads a token at a time, coalesced."""
+        (B, L, Di), plus ``add`` (B, L, Di) if given (summed in the scan's store). The scan gets its operands as
+        (B, Di, L) views with unit stride along the channels, which it loads a token at a time, coalesced."""
         dbl = F.linear(u, x_proj.weight)  # (B, L, R + 2N): B and C are token-major rows, as the scan packs them
         delta, b, c = dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(delta, dt_proj.weight)  # (B, L, Di); dt bias goes into the scan
@@ -202,6 +203,7 @@ class BiMamba(nn.Module):
             delta_softplus=True,
             backend=self.scan_backend,
             reverse=reverse,
+            add=None if add is None else add.transpose(1, 2),
         )
         return y.transpose(1, 2)
 
@@ -226,7 +228,7 @@ class BiMamba(nn.Module):
                 u, u_b = (causal_conv_silu_tokens(x, w, b, reverse) for w, b, reverse in
                           ((convs[0], convs[1], False), (convs[2], convs[3], True)))  # fmt: skip
             y = self._branch_tokens(u, gate, self.x_proj, self.dt_proj, self.A_log, self.D)
-            y = y + self._branch_tokens(u_b, gate, *backward[1:], reverse=True)
+            y = self._branch_tokens(u_b, gate, *backward[1:], reverse=True, add=y)  # the sum in the scan's store
             return self.out_proj(y)
         if flip_free:
             # a bmm writes (B, 2Di, L) itself, so under torch.compile both scans take the gate straight from the GEMM's

@@ -146,6 +146,7 @@ def _walk(
     dt_row,
     z_row,
     o_row,
+    a_row,
     bc_row,
     lo,
     hi,
@@ -156,6 +157,7 @@ def _walk(
     s_tl: tl.constexpr,
     s_zl: tl.constexpr,
     s_ol: tl.constexpr,
+    s_al: tl.constexpr,
     N: tl.constexpr,
     NP: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -167,13 +169,15 @@ def _walk(
     SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
     TOKEN_MAJOR: tl.constexpr,
+    HAS_ADD: tl.constexpr,
 ):
     """Walk tokens [lo, hi) (both multiples of TILE) from the states h (tuple of N (BLOCK_D,) fp32), from hi - 1
     down to lo when REVERSE. Summary: also sums dt into dsum, writes nothing. Otherwise stores out. Returns
     (h, dsum). u_row, dt_row, z_row, o_row: (BLOCK_D,) pointers at token 0 of each channel; bc_row: scalar pointer
     at token 0 of this batch's packed B|C rows (2 NP fp32 per token, B in the first NP).
     TOKEN_MAJOR: u, delta, z and out are read and written a token at a time, at L strides s_ul, s_tl, s_zl, s_ol
-    (unit L stride otherwise, the s_*l unused)."""
+    (unit L stride otherwise, the s_*l unused). HAS_ADD: a_row's values (laid out as out) are added to the output
+    before its rounding."""
     offs = tl.arange(0, TILE)[None, :]
     mask = md[:, None]
     # over the tile index: t0 = i * TILE is a multiple of TILE the compiler sees, so the tile loads are vectors
@@ -228,12 +232,17 @@ def _walk(
                 # after the tile, as the tile store: a store between tokens would hold the next token's B|C loads
                 # behind it (the compiler cannot tell that out and bc do not overlap)
                 o_t = o_row + tl.cast(t0, tl.int64) * s_ol
-                for j in tl.static_range(TILE):
-                    tl.store(o_t, ys[j].to(o_row.dtype.element_ty), mask=md)
-                    o_t += s_ol  # a chain, as in _tokens
+                a_t = a_row + tl.cast(t0, tl.int64) * s_al
+                for j in tl.static_range(TILE):  # constexpr strides: immediate offsets from one base each
+                    y = ys[j]
+                    if HAS_ADD:
+                        y = y + tl.load(a_t + j * s_al, mask=md, other=0.0).to(tl.float32)
+                    tl.store(o_t + j * s_ol, y.to(o_row.dtype.element_ty), mask=md)
             else:
-                out = _tile(ys, BLOCK_D, TILE).to(o_row.dtype.element_ty)
-                tl.store(o_row[:, None] + t0 + offs, out, mask=mask)
+                out = _tile(ys, BLOCK_D, TILE)
+                if HAS_ADD:
+                    out = out + tl.load(a_row[:, None] + t0 + offs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(o_row[:, None] + t0 + offs, out.to(o_row.dtype.element_ty), mask=mask)
     return h, dsum
 
 
@@ -242,6 +251,7 @@ def _scan_kernel(
     dt_ptr,
     z_ptr,
     o_ptr,
+    a_ptr,
     bc_ptr,
     A_ptr,
     D_ptr,
@@ -264,6 +274,9 @@ def _scan_kernel(
     s_ob,
     s_od,
     s_ol: tl.constexpr,
+    s_xb,
+    s_xd,
+    s_xl: tl.constexpr,
     s_ad,
     s_an,
     N: tl.constexpr,
@@ -277,6 +290,7 @@ def _scan_kernel(
     SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
     TOKEN_MAJOR: tl.constexpr,
+    HAS_ADD: tl.constexpr,
 ):
     """Program (channel block, segment s, batch). SUMMARY: segment s (< S-1) from h = 0, stores hs[b, s] (D, N)
     and dsum[b, s] (D,). Otherwise: starts from hs[b, s-1] (the carried state; zero for s = 0) and stores out
@@ -314,21 +328,22 @@ def _scan_kernel(
     dt_row = dt_ptr + b * s_tb + d64 * s_td
     z_row = z_ptr + b * s_zb + d64 * s_zd
     o_row = o_ptr + b * s_ob + d64 * s_od
+    a_row = a_ptr + b * s_xb + d64 * s_xd  # the addend (HAS_ADD), strides s_x*
     bc_row = bc_ptr + b * L * (2 * NP)
     dsum = tl.full([BLOCK_D], 0.0, tl.float32)
     if REVERSE and TILE > 1:  # ragged end first (the last segment only: segment lengths are multiples of TILE)
         h, dsum = _walk(
-            h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md, s_ul, s_tl, s_zl, s_ol,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, TOKEN_MAJOR,
+            h, dsum, A2, u_row, dt_row, z_row, o_row, a_row, bc_row, full, hi, bias, d_skip, md, s_ul, s_tl, s_zl, s_ol,
+            s_xl, N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, TOKEN_MAJOR, HAS_ADD,
         )  # fmt: skip
     h, dsum = _walk(
-        h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, lo, full, bias, d_skip, md, s_ul, s_tl, s_zl, s_ol,
-        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, TOKEN_MAJOR,
+        h, dsum, A2, u_row, dt_row, z_row, o_row, a_row, bc_row, lo, full, bias, d_skip, md, s_ul, s_tl, s_zl,
+        s_ol, s_xl, N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, TOKEN_MAJOR, HAS_ADD,
     )  # fmt: skip
     if not REVERSE and TILE > 1:  # ragged end (the last segment only, as segment lengths are multiples of TILE)
         h, dsum = _walk(
-            h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md, s_ul, s_tl, s_zl, s_ol,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, TOKEN_MAJOR,
+            h, dsum, A2, u_row, dt_row, z_row, o_row, a_row, bc_row, full, hi, bias, d_skip, md, s_ul, s_tl, s_zl, s_ol,
+            s_xl, N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, TOKEN_MAJOR, HAS_ADD,
         )  # fmt: skip
     if SUMMARY:
         base = (b * n_carry + s) * Dm + d64
@@ -479,6 +494,7 @@ def selective_scan_fwd_triton(
     out_warps: Optional[int] = None,
     sum_maxnreg: Optional[int] = 128,
     reverse: bool = False,
+    add: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, int]]:
     """Selective scan forward, no autograd; semantics and shapes of
     :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
@@ -513,6 +529,9 @@ def selective_scan_fwd_triton(
     multiple of the segment length (one segment included), else to float rounding (the flipped sequence is cut at
     other tokens, so its carried states sum other groups). With return_states, ``states[:, s - 1]`` enters the
     s-th segment walked (S - 1 - s in the sequence).
+
+    add: a tensor of u's shape added to the result before its rounding to u's dtype (read in u's layout, copied to it
+    when not in it): BiMamba's sum of its two branches without a pass of its own.
     """
     out_tile = token_tile if out_tile is None else out_tile
     out_block_d, out_warps = (block_d, num_warps) if out_warps is None else (32 * out_warps, out_warps)
@@ -529,12 +548,14 @@ def selective_scan_fwd_triton(
     elif out.shape != u.shape or out.dtype != u.dtype:
         raise ValueError("selective_scan_fwd_triton: out must have u's shape and dtype")
     token_major = u.stride(1) == 1 and u.stride(2) != 1 and dim > 1 and length > 1
-    if token_major:  # stores take out's strides as they are; delta and z brought to u's layout
-        delta, z = (t if t is None or t.stride(1) == 1 else t.transpose(1, 2).contiguous().transpose(1, 2)
-                    for t in (delta, z))  # fmt: skip
+    if add is not None and add.shape != u.shape:
+        raise ValueError(f"selective_scan_fwd_triton: add must have u's shape {tuple(u.shape)}, got {tuple(add.shape)}")
+    if token_major:  # stores take out's strides as they are; delta, z and add brought to u's layout
+        delta, z, add = (t if t is None or t.stride(1) == 1 else t.transpose(1, 2).contiguous().transpose(1, 2)
+                         for t in (delta, z, add))  # fmt: skip
         res = out
     else:  # the tile loads and store need unit L stride
-        u, delta, z = (unit_stride(t) for t in (u, delta, z))
+        u, delta, z, add = (unit_stride(t) for t in (u, delta, z, add))
         res = out if out.stride(2) == 1 else torch.empty_like(out, memory_format=torch.contiguous_format)
     A = A.float()
     D = D.float().contiguous() if D is not None else None
@@ -559,6 +580,7 @@ def selective_scan_fwd_triton(
     interpret = interpret_for(u)
     k = _KERNELS(interpret)
     zz = z if z is not None else u  # placeholders for absent operands: never read (constexpr flags)
+    aa = add if add is not None else u
     common = (
         hs,
         dsum,
@@ -570,9 +592,10 @@ def selective_scan_fwd_triton(
         *delta.stride(),
         *zz.stride(),
         *res.stride(),
+        *aa.stride(),
         *A.stride(),
     )
-    ptrs = (u, delta, zz, res, bc, A, D if D is not None else A, delta_bias if delta_bias is not None else A)
+    ptrs = (u, delta, zz, res, aa, bc, A, D if D is not None else A, delta_bias if delta_bias is not None else A)
     flags = dict(
         N=n_state,
         NP=n_pad,
@@ -582,6 +605,7 @@ def selective_scan_fwd_triton(
         SOFTPLUS=bool(delta_softplus),
         REVERSE=bool(reverse),
         TOKEN_MAJOR=token_major,
+        HAS_ADD=add is not None,
     )
     summary_flags = dict(BLOCK_D=block_d, TILE=token_tile, num_warps=num_warps)
     out_flags = dict(BLOCK_D=out_block_d, TILE=out_tile, num_warps=out_warps)

@@ -146,7 +146,9 @@ def test_compiled_bimamba_traces_the_flip_free_branch(token_major, monkeypatch):
     assert not any('flip' in str(n.target) for n in nodes)
     assert any(n.target is torch.bmm for n in nodes) != token_major
     scans = [n for n in nodes if n.target is torch.ops.gsmsr.scan_infer.default]
-    assert [n.args[-1] for n in scans] == [False, True]  # reverse
+    assert [n.args[10] for n in scans] == [False, True]  # reverse
+    # token-major: the reverse scan adds the forward one's output in its store
+    assert [n.args[11] is not None for n in scans] == [False, token_major]
     gates = [n.args[6] for n in scans]
     if token_major:  # (B, Di, L) views of token-major tensors, the gates two views of one
         assert gates[0].args[0] is gates[1].args[0]

@@ -275,6 +275,29 @@ def test_token_major_changes_no_result_bit(reverse, dtype):
     assert torch.equal(states, states_tm)
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('reverse', [False, True])
+def test_add_is_summed_before_the_rounding(reverse, dtype):
+    """``add`` (BiMamba's other branch) joins the result in the store, in fp32 before the one rounding: in fp32 the
+    scan plus add to rounding, in bf16 within one rounding of it; the same in both layouts, with add in either."""
+    inp = _inputs(2, 40, 4, 37, 'slow', dtype, 'cpu')
+    add = torch.randn(inp['u'].shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    opts = dict(delta_softplus=True, segments=3, token_tile=4, out_tile=2, block_d=32, reverse=reverse)
+    ref = selective_scan_ref(**{k: v.double() for k, v in inp.items()}, delta_softplus=True, reverse=reverse)
+    want = ref + add.double()
+    as_tm = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
+    results = [
+        selective_scan_fwd_triton(**inp, **opts, add=add),
+        selective_scan_fwd_triton(**_as_token_major(inp), **opts, add=as_tm(add)),
+        selective_scan_fwd_triton(**_as_token_major(inp), **opts, add=add),  # add in the other layout: copied
+    ]
+    for y in results:
+        assert torch.equal(y, results[0])
+        assert ((y.double() - want).abs().max() / want.abs().max().clamp_min(1.0)).item() <= TOL[dtype]
+    with pytest.raises(ValueError, match="add must have u's shape"):
+        selective_scan_fwd_triton(**inp, **opts, add=add[:, :3])
+
+
 def test_output_layouts():
     """Without out the result has exactly ``torch.empty_like(u)``'s strides (those of the custom op's fake result,
     which torch.compile takes as the real ones); an out of another layout than u's is written as given."""
