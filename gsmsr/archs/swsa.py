@@ -134,6 +134,9 @@ def window_attention_flex(
     return flex_attention(q, k, v, score_mod=score_mod, scale=scale, kernel_options=kernel_options)
 
 
+SDPA_MAX_WINDOWS = 32768  # windows a call of window_attention_sdpa's SDPA
+
+
 def window_attention_sdpa(
     q: Tensor,
     k: Tensor,
@@ -151,7 +154,12 @@ def window_attention_sdpa(
     region ids of shifted windows, or None. Only the last window along a shifted axis holds tokens of more than one
     region (the cyclic shift's wrap-around: :func:`shift_labels`), so SDPA's mask is the bias alone everywhere and
     those windows are redone by ``explicit`` (q, k, v, bias, labels, scale) with their region masks."""
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0).to(q.dtype), scale=scale)
+    mask = bias.unsqueeze(0).to(q.dtype)
+    # the fused kernels put the batch in a grid dimension of at most 65,535 blocks (1080p frames have more windows)
+    step = SDPA_MAX_WINDOWS
+    parts = [F.scaled_dot_product_attention(*(t[i : i + step] for t in (q, k, v)), attn_mask=mask, scale=scale)
+             for i in range(0, q.shape[0], step)]  # fmt: skip
+    o = parts[0] if len(parts) == 1 else torch.cat(parts)
     if labels is None or not shifted_axes:
         return o
     tail = q.shape[1:]

@@ -3,7 +3,8 @@
 SDPA runs its math path on CPU, the same values as its fused CUDA kernel up to rounding, so these tests check the
 part that is ours: the bias as a mask broadcast over the windows, and the windows that hold several shift regions
 (the last along each shifted axis) redone with their region masks. Sizes cover padding, all three axes shifted,
-an axis no longer than the window (not shifted), batch 2, and fewer windows than max_windows and more.
+an axis no longer than the window (not shifted), batch 2, and fewer windows than max_windows (and SDPA's
+SDPA_MAX_WINDOWS) and more.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def test_sdpa_swsa_group_matches_explicit(monkeypatch, size, max_windows):
     group = _group()
     x = torch.randn(2, 48, *size, generator=torch.Generator().manual_seed(1))
     monkeypatch.setattr(swsa.WindowAttention, 'max_windows', max_windows)
+    monkeypatch.setattr(swsa, 'SDPA_MAX_WINDOWS', max_windows)  # SDPA in slices of windows too
     calls = []
     sdpa = swsa.window_attention_sdpa
     monkeypatch.setattr(swsa, 'window_attention_sdpa', lambda *a, **k: calls.append(k['shifted_axes']) or sdpa(*a, **k))
