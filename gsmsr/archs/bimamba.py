@@ -221,12 +221,13 @@ class BiMamba(nn.Module):
             # stores coalesced (L1-bound channels-first: benchmarks/NOTES.md). Compiled only, since Inductor fuses
             # the shifted-sum conv in either layout but causal-conv1d's eager kernel wants channels first.
             x, gate = F.linear(z, self.in_proj.weight).chunk(2, dim=-1)  # (B, L, Di) views
-            convs = (self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias)
             if conv_tokens.runs_fused(x):  # both convs in one kernel of ours (Inductor's: conv_tokens docstring)
-                u, u_b = conv_tokens.conv_silu_pair(x, *convs)
+                u, u_b = conv_tokens.conv_silu_pair(
+                    x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias
+                )
             else:
-                u, u_b = (causal_conv_silu_tokens(x, w, b, reverse) for w, b, reverse in
-                          ((convs[0], convs[1], False), (convs[2], convs[3], True)))  # fmt: skip
+                u = causal_conv_silu_tokens(x, self.conv1d.weight, self.conv1d.bias)
+                u_b = causal_conv_silu_tokens(x, self.conv1d_b.weight, self.conv1d_b.bias, reverse=True)
             y = self._branch_tokens(u, gate, self.x_proj, self.dt_proj, self.A_log, self.D)
             y = self._branch_tokens(u_b, gate, *backward[1:], reverse=True, add=y)  # the sum in the scan's store
             return self.out_proj(y)
