@@ -79,6 +79,11 @@ def call_bytes(pixels: int, frames: int, precision: str = 'bf16', compiled: bool
     return NET_FIXED_BYTES + int(factor * pixels * (NET_BYTES_PER_PIXEL + frames * NET_BYTES_PER_PIXEL_FRAME))
 
 
+def _call_pixels(tile: Tuple[int, int], tile_batch: int, height: int, width: int) -> int:
+    """LR pixels of one network call: ``tile_batch`` tiles, each side at most the frame's."""
+    return tile_batch * min(tile[0], height) * min(tile[1], width)
+
+
 def estimate_peak_bytes(
     tile: Tuple[int, int],
     tile_batch: int,
@@ -90,7 +95,7 @@ def estimate_peak_bytes(
     compiled: bool = True,
 ) -> int:
     """Estimated peak device bytes of streaming ``frames``-frame chunks of ``height x width`` in ``tile`` tiles."""
-    pixels = tile_batch * min(tile[0], height) * min(tile[1], width)
+    pixels = _call_pixels(tile, tile_batch, height, width)
     return chunk_bytes(height, width, frames, scale) + call_bytes(pixels, frames, precision, compiled)
 
 
@@ -143,7 +148,7 @@ def whole_chunk_swsa_fits(
     to the chunk) with the estimated peak still under ``HEADROOM`` of the free memory. Slabs recompute a halo on
     each side (16 frames for every 8 kept), so a whole chunk saves SWSA work at the cost of its frames' transients."""
     factor = _path_factor(precision, compiled)
-    pixels = tile_batch * min(tile[0], height) * min(tile[1], width)
+    pixels = _call_pixels(tile, tile_batch, height, width)
     extra = int(factor * pixels * max(0, frames - SLAB_FRAMES) * SWSA_BYTES_PER_PIXEL_FRAME)
     peak = estimate_peak_bytes(tile, tile_batch, height, width, frames, scale, precision, compiled) + extra
     return peak <= HEADROOM * free_bytes

@@ -111,8 +111,8 @@ class GSMBlock(nn.Module):
     def scatter(m: Tensor, flows: List[Optional[Tensor]]) -> Tensor:
         """Warp each slot of m (B, C, K, H, W) back to its own grid (one batched warp); the anchor is not warped."""
         b, c, k, h, w = m.shape
-        anchor = slot_warp.single_anchor(flows)
-        if FUSED_SCATTER and anchor >= 0 and not torch.is_grad_enabled() and slot_warp.runs_fused(m):
+        anchor = slot_warp.single_anchor(flows) if FUSED_SCATTER else -1
+        if anchor >= 0 and not torch.is_grad_enabled() and slot_warp.runs_fused(m):
             psi = torch.stack([f for f in flows if f is not None], dim=1)
             warped = iter(slot_warp.slot_warp(m, psi, anchor).unbind(2))
             return torch.stack([m[:, :, i] if i == anchor else next(warped) for i in range(k)], dim=2)

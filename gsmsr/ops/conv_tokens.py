@@ -20,7 +20,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from gsmsr.ops.triton_jit import LazyKernels, interpret_for, triton_available
+from gsmsr.ops.triton_jit import LazyKernels, interpret_for, runs_fused  # noqa: F401  (re-exported)
 
 try:
     import triton.language as tl
@@ -119,8 +119,3 @@ def conv_silu_pair(
 @conv_silu_pair.register_fake
 def _(x: Tensor, weight_f: Tensor, bias_f: Tensor, weight_b: Tensor, bias_b: Tensor) -> Tuple[Tensor, Tensor]:
     return x.new_empty(x.shape), x.new_empty(x.shape)
-
-
-def runs_fused(x: Tensor) -> bool:
-    """The compiled kernel applies to x: a CUDA tensor and Triton importable."""
-    return x.is_cuda and triton_available()

@@ -36,7 +36,7 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
-from gsmsr.ops.triton_jit import LazyKernels, interpret_for, triton, triton_available
+from gsmsr.ops.triton_jit import LazyKernels, interpret_for, runs_fused, triton
 
 try:
     import triton.language as tl
@@ -390,11 +390,6 @@ def query_input(target: Tensor, scaled: Tensor) -> Tensor:
 def _(target: Tensor, scaled: Tensor) -> Tensor:
     b, c, h, w = target.shape
     return target.new_empty(b, h * w, c)
-
-
-def runs_fused(x: Tensor) -> bool:
-    """The compiled kernels apply to x: a CUDA tensor and Triton importable."""
-    return x.is_cuda and triton_available()
 
 
 __all__ = [

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from gsmsr.ops.triton_jit import LazyKernels, interpret_for, triton_available
+from gsmsr.ops.triton_jit import LazyKernels, interpret_for, runs_fused  # noqa: F401  (re-exported)
 
 try:
     import triton.language as tl
@@ -152,8 +152,3 @@ def single_anchor(flows: Sequence[object]) -> int:
     """The index of the one slot without a flow (the anchor), or -1 when there is not exactly one."""
     missing = [i for i, f in enumerate(flows) if f is None]
     return missing[0] if len(missing) == 1 else -1
-
-
-def runs_fused(x: Tensor) -> bool:
-    """The compiled kernel applies to x: a CUDA tensor and Triton importable."""
-    return x.is_cuda and triton_available()

@@ -35,6 +35,12 @@ def triton_available() -> bool:
     return triton is not None and torch.cuda.is_available()
 
 
+def runs_fused(x: Tensor) -> bool:
+    """gsmsr's fused Triton kernels apply to x compiled: a CUDA tensor and Triton importable (modules re-export this
+    under their own name, so a test can route one of them through the interpreter)."""
+    return x.is_cuda and triton_available()
+
+
 def interpret_for(t: Tensor) -> bool:
     """Interpret on CPU tensors, and everywhere when TRITON_INTERPRET was set (then Triton's own library
     functions are interpreted ones and cannot be compiled)."""

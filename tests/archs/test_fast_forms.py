@@ -124,12 +124,9 @@ def test_bimamba_without_autograd_runs_the_backward_branch_flip_free(monkeypatch
     assert calls == [False, False] * 2
 
 
-@pytest.mark.parametrize('token_major', [True, False])
-def test_compiled_bimamba_traces_the_flip_free_branch(token_major, monkeypatch):
-    """Traced as the compiled window step traces it (aot_eager backend: the graph without Inductor's code
-    generation): no flips, both scans as gsmsr::scan_infer (the second reverse) reading one gate, the shifted-sum
-    convs; the output is the eager flipped form's. Token-major: every scan operand and output has unit stride along
-    the channels (the in-projection a linear, no bmm); else channels-first on the in-projection's bmm output."""
+def _traced_flip_free(monkeypatch, token_major: bool) -> tuple:
+    """BiMamba (Triton scan, flip-free on) compiled with the aot_eager backend on a 37-token input: the traced graphs'
+    nodes, the compiled output, and the eager flipped form's output."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
@@ -142,7 +139,16 @@ def test_compiled_bimamba_traces_the_flip_free_branch(token_major, monkeypatch):
         y = torch.compile(m, backend=counter, fullgraph=True)(z)
         monkeypatch.setattr(bimamba, 'reverses_natively', lambda *args: False)
         flipped = m(z)
-    nodes = [n for gm in counter.graphs for n in gm.graph.nodes]
+    return [n for gm in counter.graphs for n in gm.graph.nodes], y, flipped
+
+
+@pytest.mark.parametrize('token_major', [True, False])
+def test_compiled_bimamba_traces_the_flip_free_branch(token_major, monkeypatch):
+    """Traced as the compiled window step traces it (aot_eager backend: the graph without Inductor's code
+    generation): no flips, both scans as gsmsr::scan_infer (the second reverse) reading one gate, the shifted-sum
+    convs; the output is the eager flipped form's. Token-major: every scan operand and output has unit stride along
+    the channels (the in-projection a linear, no bmm); else channels-first on the in-projection's bmm output."""
+    nodes, y, flipped = _traced_flip_free(monkeypatch, token_major)
     assert not any('flip' in str(n.target) for n in nodes)
     assert any(n.target is torch.bmm for n in nodes) != token_major
     scans = [n for n in nodes if n.target is torch.ops.gsmsr.scan_infer.default]
@@ -162,22 +168,10 @@ def test_compiled_bimamba_traces_the_flip_free_branch(token_major, monkeypatch):
 def test_compiled_token_major_bimamba_runs_both_convs_in_one_kernel(monkeypatch):
     """Token-major and compiled where the conv-pair kernel applies (forced on CPU: interpreted): one
     gsmsr::conv_silu_pair node feeds both scans, and the output is the eager flipped form's."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
     from gsmsr.ops import conv_tokens
 
-    torch._dynamo.reset()
-    monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
-    monkeypatch.setattr(bimamba, 'TOKEN_MAJOR', True)
     monkeypatch.setattr(conv_tokens, 'runs_fused', lambda x: True)
-    m = _bimamba('triton')
-    z = torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2))
-    counter = CompileCounterWithBackend('aot_eager')
-    with torch.no_grad():
-        y = torch.compile(m, backend=counter, fullgraph=True)(z)
-        monkeypatch.setattr(bimamba, 'reverses_natively', lambda *args: False)
-        flipped = m(z)
-    nodes = [n for gm in counter.graphs for n in gm.graph.nodes]
+    nodes, y, flipped = _traced_flip_free(monkeypatch, token_major=True)
     assert sum(n.target is torch.ops.gsmsr.conv_silu_pair.default for n in nodes) == 1
     assert sum(n.target is torch.ops.gsmsr.scan_infer.default for n in nodes) == 2
     torch.testing.assert_close(y, flipped, rtol=1e-5, atol=1e-6)
