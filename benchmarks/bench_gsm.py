@@ -14,8 +14,9 @@ with --variants one compiled bf16 row per variant: ``slab=N`` sets ``GSMNet.stre
 that ``DWConvConfig`` field of the MLP stencil (``dwconv3d.OP_CONFIG``), ``flipfree=1`` runs BiMamba's backward branch
 without flips (``bimamba.FLIP_FREE``; 0 for the flipped form), ``tokmajor=1`` its branches token-major
 (``bimamba.TOKEN_MAJOR``), ``iwarp=0`` the implicit warp's PyTorch ops instead of its fused kernels
-(``implicit_warp.FUSED_ATTENTION``), ``fscatter=1`` the GSM block's scatter warps as one kernel
-(``gsm_block.FUSED_SCATTER``), ``sdpa=1`` SWSA's attention through SDPA (``swsa.SDPA_ATTENTION``), ``buffers=0``
+(``implicit_warp.FUSED_ATTENTION``), ``fscatter=0`` the GSM block's scatter warps through cuDNN's sampler instead of
+one kernel (``gsm_block.FUSED_SCATTER``), ``sdpa=0`` SWSA's explicit softmax instead of SDPA
+(``swsa.SDPA_ATTENTION``), ``buffers=0``
 the streaming sweep's stacked windows instead of window buffers (``GSMNet.stream_buffers``; these switches compile
 the window step again), other keys go to the Triton scan
 (``selective_scan.INFER_TRITON_CONFIG``: out_tile, out_warps, out_maxnreg, token_tile, warps_per_sm, ...; 0 for a

@@ -22,8 +22,8 @@ from gsmsr.ops.dwconv3d import dwconv3d_gelu
 Aligner = Callable[[Tensor, Tensor, Tensor], Tensor]
 # Without autograd on CUDA: the scatter's warps as one Triton kernel reading the Mamba output where it is
 # (gsmsr.ops.slot_warp) instead of a channels-first fp32 copy through cuDNN's sampler and back. Same values up to
-# float rounding. Off until timed in the network; bench_gsm's ``--variants fscatter=1`` times it.
-FUSED_SCATTER = False
+# float rounding. Measured in the network: -2.5 ms/frame (benchmarks/NOTES.md); ``--variants fscatter=0`` times it off.
+FUSED_SCATTER = True
 
 
 class DWConv3d(nn.Module):

@@ -180,9 +180,9 @@ def window_attention_sdpa(
 FLEX_ATTENTION = False
 
 
-# SDPA (window_attention_sdpa) for the bf16 SWSA blocks without autograd. Off until timed in the network (bench_gsm's
-# ``--variants sdpa=1``); alone, SDPA with a materialised mask beat the explicit form 1.3-1.5x (bench_attn.py).
-SDPA_ATTENTION = False
+# SDPA (window_attention_sdpa) for the bf16 SWSA blocks without autograd: -4.7 ms/frame in the network
+# (benchmarks/NOTES.md; bench_gsm's ``--variants sdpa=0`` times it off).
+SDPA_ATTENTION = True
 
 
 def use_sdpa(x: Tensor) -> bool:

@@ -16,7 +16,9 @@ from gsmsr.ops.slot_warp import slot_warp
 from gsmsr.ops.triton_jit import triton_available
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not triton_available(), reason='needs CUDA and Triton')]
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2**-8}  # relative to max(1, max |reference|); bf16: its rounding
+# relative to max(1, max |reference|). bf16: its rounding. fp32: sample positions near x = 320 carry ~3e-5 px of
+# rounding (both paths), times the randn slopes; the bar is the replaced path's own gap to float64, with slack.
+TOL = {torch.float32: 2e-4, torch.bfloat16: 2**-8}
 
 
 def _err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -34,5 +36,8 @@ def test_slot_warp_at_network_shape(dtype):
     want = torch.stack([warp(m[:, :, i], psi[:, j]).to(dtype) for j, i in enumerate(slots)], dim=2)
     want64 = torch.stack([warp(m[:, :, i].double(), psi[:, j].double()) for j, i in enumerate(slots)], dim=2)
     errs = _err(got, want), _err(got, want64)
-    print(dtype, f'against the replaced path {errs[0]:.1e}, against float64 {errs[1]:.1e}')
+    own = _err(want, want64)
+    print(dtype, f'against the replaced path {errs[0]:.1e}, against float64 {errs[1]:.1e} (replaced path: {own:.1e})')
     assert max(errs) <= TOL[dtype]
+    if dtype == torch.float32:
+        assert errs[1] <= 2 * own + 1e-6
