@@ -281,6 +281,7 @@ def main() -> int:
                 seconds = stats['seconds']
                 first = stats.get('first_frame_since_launch')
                 busy = stats.get('gpu_busy_steady')
+                aot = stats.get('precompiled_s')
                 row = {
                     'input': f'{h}x{w}',
                     'frames': str(n),
@@ -295,6 +296,8 @@ def main() -> int:
                     'peak_GPU_GiB': f'{stats["peak_device_bytes"] / 2**30:.2f}' if stats['peak_device_bytes'] else '',
                     'peak_host_GiB': f'{stats["peak_host_bytes"] / 2**30:.2f}',
                     'GPU_busy': f'{100 * busy:.1f}%' if busy is not None else '',
+                    'aot_load_s': f'{aot["load"]:.1f}' if aot else '',
+                    'aot_compile_s': f'{aot["compile"]:.1f}' if aot else '',
                 }
                 if reference is not None:
                     net_s = reference['us_per_pixel_frame'] * 1e-6 * n * h * w
@@ -313,7 +316,7 @@ def main() -> int:
             f'{reference["us_per_pixel_frame"]:.2f} us per LR pixel-frame'
         )
     cols = ['input', 'frames', 'cache', 'tile', 'batch', 'SWSA', 'frames/s', 'stream_s', 'wall_s', 'first_frame_s']
-    cols += ['peak_GPU_GiB', 'peak_host_GiB', 'GPU_busy', 'net_s', 'vs_net']
+    cols += ['peak_GPU_GiB', 'peak_host_GiB', 'GPU_busy', 'aot_load_s', 'aot_compile_s', 'net_s', 'vs_net']
     print_table(rows, cols)
     return 0
 

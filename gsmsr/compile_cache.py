@@ -346,6 +346,7 @@ class PrecompiledFunction:
         self._fallback: Optional[Callable] = None
         self.events: List[str] = []  # what happened, in order ('loaded X in 0.1 s', 'compiled in ...', 'saved X',
         # 'fallback: why'): for logs and tests
+        self.seconds = {'load': 0.0, 'compile': 0.0}  # spent loading files / compiling, in total (start-up reports)
 
     def __call__(self, *args, **kwargs):
         if self._fallback is not None:
@@ -430,7 +431,9 @@ class PrecompiledFunction:
         except Exception as e:  # corrupt, another torch, unloadable: compile again and replace it
             _warn_once(str(path), f'precompiled function {path} not used ({one_line(e, 200)}); compiling it again')
             return None
-        self.events.append(f'loaded {path.name} in {time.perf_counter() - start:.2f} s')
+        seconds = time.perf_counter() - start
+        self.seconds['load'] += seconds
+        self.events.append(f'loaded {path.name} in {seconds:.2f} s')
         return fn
 
     def _compile(self, args: tuple, kwargs: dict) -> Callable:
@@ -443,7 +446,9 @@ class PrecompiledFunction:
                 fn = compiled.aot_compile((args, kwargs))
         except Exception as e:
             raise _Fallback(f'ahead-of-time compilation failed: {one_line(e, 300)}') from None
-        self.events.append(f'compiled in {time.perf_counter() - start:.2f} s')
+        seconds = time.perf_counter() - start
+        self.seconds['compile'] += seconds
+        self.events.append(f'compiled in {seconds:.2f} s')
         return fn
 
     def _save(self, fn: Callable, path: Path, key: Dict[str, object]) -> None:

@@ -164,6 +164,9 @@ class InferenceStats:
     # None on CPU or with a single chunk.
     gpu_busy_steady: Optional[float] = None
     steady_chunks: Optional[int] = None  # the chunks it was measured over (None: not measured)
+    # Seconds the network's precompiled functions (GSMSR_AOT=1) spent loading files and compiling, all of them
+    # together, during the run: the part of the first chunk that is start-up rather than frames. None without them.
+    precompiled_s: Optional[Dict[str, float]] = None
     # Unix times of the start-up phases, in order (TIMELINE; the CLI's runs have all of them, upscale_video alone
     # the ones from caches_ready on), and where process_start comes from (gsmsr.launch.process_start).
     timeline: Dict[str, float] = dataclasses.field(default_factory=dict)
@@ -715,6 +718,7 @@ def upscale_video(
         sink = None
         seconds = time.perf_counter() - started
         busy = meter.busy() if meter is not None else None  # every frame is on the host: nothing left to wait for
+        precompiled = _precompiled_seconds(net) if compiled else None
         if first_written:
             timeline['first_frame_written'] = first_written[0][1]
     finally:  # threads stop before the source closes and the sink is aborted
@@ -745,8 +749,17 @@ def upscale_video(
         swsa_whole_chunk=whole_swsa,
         gpu_busy_steady=busy,
         steady_chunks=meter.steady_chunks if meter is not None else None,
+        precompiled_s=precompiled,
         timeline=timeline,
     )
+
+
+def _precompiled_seconds(net: nn.Module) -> Optional[Dict[str, float]]:
+    """Load and compile seconds of ``net.precompiled`` (GSMNet's PrecompiledFunctions) summed, or None."""
+    fns = [fn for fn in getattr(net, 'precompiled', ()) if hasattr(fn, 'seconds')]
+    if not fns:
+        return None
+    return {k: round(sum(fn.seconds[k] for fn in fns), 3) for k in ('load', 'compile')}
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -286,6 +286,7 @@ def test_stats_json_and_auto_tile_on_cpu(tmp_path, capsys, test_net_files):  # n
     assert stats['frames'] == 3 and stats['tile'] == [36, 256] and stats['tile_batch'] == 1  # CPU: today's default
     assert stats['first_frame_seconds'] <= stats['seconds'] and stats['peak_device_bytes'] is None
     assert stats['gpu_busy_steady'] is None and stats['steady_chunks'] is None  # measured on CUDA only
+    assert stats['precompiled_s'] is None  # compiled blocks run on CUDA only
     assert len(read_video_or_folder(tmp_path / 'out')) == 3
     # the launch timeline: every phase, in order, from the process start (the OS's record on Linux) on
     timeline = stats['timeline']
