@@ -303,8 +303,9 @@ for fn in net.precompiled:
 
 
 def test_gsmnet_precompiled_blocks_equal_eager_and_load_in_a_fresh_process(tmp_path, aot):
-    """GSMNet routes its window steps and SWSA blocks (2 layers, shifted and unshifted) through one precompiled
-    function per block kind; a new process loads them all (no compilation) and gives the same output."""
+    """GSMNet routes its window steps and SWSA blocks (2 layers, shifted and unshifted; attention and per-token
+    branch) through one precompiled function per kind; a new process loads them all (no compilation) and gives the
+    same output."""
     from gsmsr.archs import GSMNet
 
     torch.manual_seed(0)
@@ -315,8 +316,9 @@ def test_gsmnet_precompiled_blocks_equal_eager_and_load_in_a_fresh_process(tmp_p
         net.precompile_dir = str(tmp_path / 'aot')
         net._compile()
         torch.testing.assert_close(net(lq), ref, rtol=1e-5, atol=1e-5)
-    step, attn = net.precompiled
-    assert len(step.entries) == 1 and len(attn.entries) == 2  # all layers share them; SWSA: unshifted, shifted
+    step, attn, ffn = net.precompiled
+    # all layers share them; SWSA attention: unshifted, shifted; the per-token branch: one for every block
+    assert len(step.entries) == 1 and len(attn.entries) == 2 and len(ffn.entries) == 1
     assert sorted(net.state_dict()) == sorted(GSMNet(**NET).state_dict())  # keys unchanged
     torch.save(net.state_dict(), tmp_path / 'w.pth')
     torch.save(lq, tmp_path / 'lq.pt')
@@ -326,5 +328,5 @@ def test_gsmnet_precompiled_blocks_equal_eager_and_load_in_a_fresh_process(tmp_p
     proc = subprocess.run([sys.executable, '-c', script, *args], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('gsmsr.archs')]
-    assert len(lines) == 2 and all(e.startswith('loaded') for ln in lines for e in ln.split(' ', 1)[1].split('|'))
+    assert len(lines) == 3 and all(e.startswith('loaded') for ln in lines for e in ln.split(' ', 1)[1].split('|'))
     torch.testing.assert_close(torch.load(tmp_path / 'out.pt'), ref, rtol=1e-5, atol=1e-5)

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from gsmsr.archs.flow import adjacent_flows, gather_scatter_flows, load_spynet_weights, warp, window_link_flows
 from gsmsr.archs.gsm_block import GSMBlock
 from gsmsr.archs.implicit_warp import ImplicitWarp
-from gsmsr.archs.swsa import SWSABlock, SWSAGroup
+from gsmsr.archs.swsa import SWSABlock, SWSAGroup, compile_swsa_blocks, ffn_branch
 from gsmsr.ops.matmul3x import TF32x3Mode
 
 MIN_SIZE = 33  # SpyNet's coarsest level vanishes below this (§1)
@@ -462,22 +462,28 @@ class GSMNet(nn.Module):
             return
         for layer in self.prop_layers:
             layer.stage.mamba_block.compile(dynamic=False)
-            for blk in layer.stage.attn_blocks.blocks:
-                blk.compile()
+        compile_swsa_blocks(self.swsa_blocks())
         self._compiled = True
 
+    def swsa_blocks(self) -> List[SWSABlock]:
+        """Every SWSA block of the propagation layers, in order."""
+        return [blk for layer in self.prop_layers for blk in layer.stage.attn_blocks.blocks]
+
     def _precompile(self, folder: str) -> None:
-        """Route every window step and SWSA block through one :class:`PrecompiledFunction` per block kind (the module
-        is its first argument, so the layers share the compiled functions); keys stay the same."""
+        """Route every window step, SWSA attention residual and SWSA per-token branch through one
+        :class:`PrecompiledFunction` per kind (the modules are arguments, so the layers share the compiled functions);
+        keys stay the same."""
         from gsmsr.compile_cache import PrecompiledFunction
 
         step = PrecompiledFunction(GSMBlock.forward, folder, traced_switches)
-        attn = PrecompiledFunction(SWSABlock.forward, folder, traced_switches)
+        attn = PrecompiledFunction(SWSABlock.attend, folder, traced_switches)
+        ffn = PrecompiledFunction(ffn_branch, folder, traced_switches)
         for layer in self.prop_layers:
             layer.stage.mamba_block.forward = functools.partial(step, layer.stage.mamba_block)
-            for blk in layer.stage.attn_blocks.blocks:
-                blk.forward = functools.partial(attn, blk)
-        self.precompiled = (step, attn)
+        for blk in self.swsa_blocks():
+            blk.attend = functools.partial(attn, blk)
+            blk.ffn = ffn
+        self.precompiled = (step, attn, ffn)
         self._compiled = True
 
     def _gemm_mode(self) -> ContextManager:

@@ -316,6 +316,22 @@ class GEGLU(nn.Module):
         return self.fc2(F.gelu(self.fc11(x)) * self.fc12(x))
 
 
+def ffn_branch(norm: nn.LayerNorm, mlp: GEGLU, x: Tensor) -> Tensor:
+    """The GEGLU branch of a normalised x (..., C). A function of the two modules rather than a block method, so that
+    one compiled graph serves every SWSA block, shifted or not."""
+    return mlp(norm(x))
+
+
+FFN_TOKENS = 65536  # tokens of the no-grad per-token branch at a time: bounds its two (tokens, 2C) hidden tensors
+
+
+def ffn_frames(frames: int, pixels: int) -> int:
+    """Frames a slice of the no-grad per-token branch: the largest divisor of ``frames`` holding at most FFN_TOKENS
+    tokens (at least 1), so that the slices have one shape and a compiled branch one graph."""
+    cap = max(1, FFN_TOKENS // pixels)
+    return max(d for d in range(1, min(cap, frames) + 1) if frames % d == 0)
+
+
 class SWSABlock(nn.Module):
     """Pre-norm block: x + attention branch, then x + GEGLU branch. Input/output (B, D, H, W, C)."""
 
@@ -355,24 +371,45 @@ class SWSABlock(nn.Module):
         return u[:, :d, :h, :w]
 
     def _ffn_branch(self, x: Tensor) -> Tensor:
-        return self.mlp(self.norm2(x))
+        return ffn_branch(self.norm2, self.mlp, x)
+
+    def attend(self, x: Tensor, labels: Optional[Tensor]) -> Tensor:
+        """x + the attention branch, without autograd: what :func:`compile_swsa_blocks` compiles per block."""
+        return x + self._attn_branch(x, labels)
+
+    ffn = staticmethod(ffn_branch)  # the no-grad per-token branch; compile_swsa_blocks puts one compiled copy here
 
     def forward(self, x: Tensor, labels: Optional[Tensor]) -> Tensor:
         """x: (B, D, H, W, C); labels: (nW, n) shift-region ids of the padded volume (used by shifted blocks)."""
-        ckpt = self.training and torch.is_grad_enabled()
-        if ckpt and self.use_checkpoint_attn:
-            x = x + checkpoint(self._attn_branch, x, labels, use_reentrant=False)
-        else:
-            x = x + self._attn_branch(x, labels)
-        if ckpt and self.use_checkpoint_ffn:
-            x = x + checkpoint(self._ffn_branch, x, use_reentrant=False)
-        elif torch.is_grad_enabled():
-            x = x + self._ffn_branch(x)
-        else:  # per-token branch, in place, a few frames at a time: its 2C-wide hidden never spans the clip
-            step = max(1, 65536 // (x.shape[2] * x.shape[3]))
-            for s in range(0, x.shape[1], step):
-                x[:, s : s + step] += self._ffn_branch(x[:, s : s + step])
+        if torch.is_grad_enabled():
+            ckpt = self.training
+            if ckpt and self.use_checkpoint_attn:
+                x = x + checkpoint(self._attn_branch, x, labels, use_reentrant=False)
+            else:
+                x = x + self._attn_branch(x, labels)
+            if ckpt and self.use_checkpoint_ffn:
+                return x + checkpoint(self._ffn_branch, x, use_reentrant=False)
+            return x + self._ffn_branch(x)
+        x = self.attend(x, labels)
+        # per-token branch, in place, a few frames at a time: its 2C-wide hidden never spans the clip
+        step = ffn_frames(x.shape[1], x.shape[2] * x.shape[3])
+        for s in range(0, x.shape[1], step):
+            xs = x[:, s : s + step]
+            xs += self.ffn(self.norm2, self.mlp, xs)
         return x
+
+
+def compile_swsa_blocks(blocks: Sequence[SWSABlock], **kwargs: Any) -> None:
+    """``torch.compile(**kwargs)`` what the blocks' no-grad forward runs, in place: each block's attention residual
+    (:meth:`SWSABlock.attend`) and one per-token branch shared by all of them (:func:`ffn_branch`), both with
+    automatic dynamic shapes unless kwargs say otherwise. The branch runs a few frames at a time; compiling the whole
+    forward unrolled that loop into the graph, one copy per slice, so compile time grew with the clip length.
+    Parameters stay where they are: state-dict keys do not change. With autograd the blocks run eagerly
+    (``compile_blocks`` is for evaluation)."""
+    ffn = torch.compile(ffn_branch, **kwargs)
+    for blk in blocks:
+        blk.attend = torch.compile(blk.attend, **kwargs)
+        blk.ffn = ffn
 
 
 class SWSAGroup(nn.Module):

@@ -9,6 +9,7 @@ The kernels are wrapped as ``torch.library`` custom ops (``gsmsr::scan_fwd`` / `
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -44,7 +45,11 @@ def _cuda_module():
             kernel_import_error = 'disabled by GSMSR_DISABLE_MAMBA_KERNEL=1'
         else:
             try:
-                import mamba_ssm  # noqa: F401  (the extension ships with it; fail the same way without it)
+                # The extension is a top-level module of the mamba-ssm wheel. Its package is not imported: the
+                # package's __init__ loads mamba-ssm's model code and transformers, seconds of start-up for nothing
+                # used here.
+                if importlib.util.find_spec('mamba_ssm') is None:
+                    raise ModuleNotFoundError("No module named 'mamba_ssm'")
                 import selective_scan_cuda  # noqa: F401  (needs torch loaded first, as here)
 
                 _module = selective_scan_cuda

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gsmsr import GSMNet
 from gsmsr.archs.gsm_block import GSMBlock
-from gsmsr.archs.swsa import SWSABlock
+from gsmsr.archs.swsa import SWSABlock, compile_swsa_blocks
 
 CFG = dict(upscale=4, prop_depth=3, attn_depth=2, pa_frame=2, embed_dims=16, num_heads=4)
 
@@ -160,8 +160,8 @@ def test_streaming_copies_about_one_frame_per_window(layer_counter, amp):
 def test_window_buffers_keep_the_compiled_graphs(amp):
     """Compiled as ``compile_blocks`` compiles them (Dynamo + AOTAutograd, ``aot_eager``: the out argument is an
     input mutation): as many graphs with window buffers as with stacked windows (window step: one, also under
-    autocast, where every window is in the step's fp32 result dtype; SWSA: unshifted, shifted), no graph break, the
-    same output."""
+    autocast, where every window is in the step's fp32 result dtype; SWSA: attention unshifted and shifted, one
+    per-token branch), no graph break, the same output."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -178,13 +178,12 @@ def test_window_buffers_keep_the_compiled_graphs(amp):
             step, attn = CompileCounterWithBackend('aot_eager'), CompileCounterWithBackend('aot_eager')
             for layer in net.prop_layers:
                 layer.stage.mamba_block.compile(backend=step, dynamic=False)
-                for blk in layer.stage.attn_blocks.blocks:
-                    blk.compile(backend=attn)
+            compile_swsa_blocks(net.swsa_blocks(), backend=attn)
             out = _run(net, lq, amp)
             assert torch.equal(_run(net, lq, amp), out)  # a second clip: no new graph
             assert not torch._dynamo.utils.counters['graph_break']
             seen[buffers] = (step.frame_count, attn.frame_count, out)
     finally:
         torch._dynamo.reset()
-    assert seen[True][:2] == seen[False][:2] == (1, 2)
+    assert seen[True][:2] == seen[False][:2] == (1, 3)  # SWSA: two attention graphs, one per-token branch
     assert torch.equal(seen[True][2], seen[False][2])

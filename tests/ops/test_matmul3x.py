@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gsmsr import GSMNet
 from gsmsr.archs import gsmnet_arch
+from gsmsr.archs.swsa import compile_swsa_blocks
 from gsmsr.ops import matmul3x
 from gsmsr.ops.matmul3x import (
     TF32x3Mode,
@@ -326,8 +327,7 @@ def test_compiled_blocks_route_their_gemms_without_graph_breaks(monkeypatch):
     torch._dynamo.utils.counters.clear()
     for layer in net.prop_layers:
         layer.stage.mamba_block.compile(backend=record, dynamic=False)
-        for blk in layer.stage.attn_blocks.blocks:
-            blk.compile(backend=record)
+    compile_swsa_blocks(net.swsa_blocks(), backend=record)
     net._compiled = True
     try:
         with torch.no_grad():
@@ -337,10 +337,10 @@ def test_compiled_blocks_route_their_gemms_without_graph_breaks(monkeypatch):
         torch._dynamo.reset()
     assert not breaks
     ops = sorted(Counter(str(n.target) for g in graphs for n in g.graph.nodes if 'gsmsr.tf32' in str(n.target)).items())
-    # two SWSA graphs (unshifted, shifted) with qkv, proj, fc11, fc12 each; one window step with implicit-warp q and
-    # k|v, in_proj (channel-first matmul), MLP fc1
-    assert len(graphs) == 3
-    assert ops == [('gsmsr.tf32_linear.default', 11), ('gsmsr.tf32_matmul.default', 1)]
+    # two SWSA attention graphs (unshifted, shifted) with qkv, proj each; one per-token branch graph for all SWSA
+    # blocks with fc11, fc12; one window step with implicit-warp q and k|v, in_proj (channel-first matmul), MLP fc1
+    assert len(graphs) == 4
+    assert ops == [('gsmsr.tf32_linear.default', 9), ('gsmsr.tf32_matmul.default', 1)]
     assert (got - want).abs().max().item() <= 1e-5
 
 

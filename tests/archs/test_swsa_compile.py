@@ -1,0 +1,65 @@
+"""How ``compile_blocks`` compiles the SWSA blocks (swsa.compile_swsa_blocks), on CPU with the aot_eager backend.
+
+Without autograd the per-token branch runs a few frames at a time. Compiled as part of the whole block forward, that
+loop was unrolled into the graph, one copy per slice, so compile time grew with the clip (on CPU 26 s at 4 slices,
+68 s at 16; on an H200 ~44 s per SWSA graph for 28-frame chunks). Now the attention residual is one graph per block
+kind and the branch one graph for every block (dynamic once a second clip length comes), whatever the clip length;
+the values are the eager ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from gsmsr.archs import swsa
+from gsmsr.archs.swsa import SWSAGroup, compile_swsa_blocks, ffn_frames
+
+
+@pytest.mark.parametrize(
+    'frames,pixels,want',
+    [(28, 360 * 640, 1), (20, 180 * 320, 1), (20, 64 * 64, 10), (17, 64 * 64, 1), (6, 100, 6), (1, 10**6, 1)],
+)
+def test_ffn_frames_divides_the_clip_within_the_token_budget(frames, pixels, want):
+    step = ffn_frames(frames, pixels)
+    assert step == want and frames % step == 0
+    assert step == 1 or step * pixels <= swsa.FFN_TOKENS
+
+
+def _graphs_with(counter, name: str) -> int:
+    return sum(any(name in str(n.target) for n in gm.graph.nodes) for gm in counter.graphs)
+
+
+def test_compiled_blocks_compile_the_branch_once_for_any_clip_length(monkeypatch):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    eager = SWSAGroup(16, depth=2, num_heads=2).eval()  # unshifted then shifted
+    fast = SWSAGroup(16, depth=2, num_heads=2).eval()
+    fast.load_state_dict(eager.state_dict())
+    h, w = 9, 12
+    monkeypatch.setattr(swsa, 'FFN_TOKENS', h * w)  # one frame a slice, as for real frame sizes
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend('aot_eager')
+    compile_swsa_blocks(fast.blocks, backend=counter)
+    try:
+        for t in (6, 10, 14):  # 6, 10, then 14 slices a block
+            x = torch.randn(1, 16, t, h, w, generator=torch.Generator().manual_seed(t))
+            with torch.no_grad():
+                got, want = fast(x.clone()), eager(x.clone())
+            assert rel_err(got, want) < 1e-6
+        breaks = dict(torch._dynamo.utils.counters['graph_break'])
+    finally:
+        torch._dynamo.reset()
+    assert not breaks
+    # the branch: static, then dynamic at the second length (the slices' strides follow the clip's layout); 2 blocks
+    # and 30 slices, at most 2 graphs
+    assert _graphs_with(counter, 'gelu') <= 2
+    for gm in counter.graphs:  # not unrolled: each graph holds its block's linears once
+        linears = sum('function linear' in str(n.target) for n in gm.graph.nodes)
+        assert linears == (3 if any('gelu' in str(n.target) for n in gm.graph.nodes) else 2)
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
