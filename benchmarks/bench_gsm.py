@@ -12,13 +12,11 @@ network with cuBLAS's fp32 GEMMs (``fp32_matmul='ieee'``) and with its larger GE
 blocks, and with --mamba-scan the compiled bf16 network with mamba-ssm's scan instead of gsmsr's Triton scan, and
 with --variants one compiled bf16 row per variant: ``slab=N`` sets ``GSMNet.stream_slab``, ``dwconv_<field>=N`` sets
 that ``DWConvConfig`` field of the MLP stencil (``dwconv3d.OP_CONFIG``), ``flipfree=1`` runs BiMamba's backward branch
-without flips (``bimamba.FLIP_FREE``; 0 for the flipped form), ``tokmajor=1`` its branches token-major
-(``bimamba.TOKEN_MAJOR``), ``iwarp=0`` the implicit warp's PyTorch ops instead of its fused kernels
-(``implicit_warp.FUSED_ATTENTION``), ``fscatter=0`` the GSM block's scatter warps through cuDNN's sampler instead of
-one kernel (``gsm_block.FUSED_SCATTER``), ``sdpa=0`` SWSA's explicit softmax instead of SDPA
-(``swsa.SDPA_ATTENTION``), ``buffers=0``
-the streaming sweep's stacked windows instead of window buffers (``GSMNet.stream_buffers``; these switches compile
-the window step again), other keys go to the Triton scan
+without flips (``bimamba.FLIP_FREE``; 0 for the flipped form), ``iwarp=0`` the implicit warp's PyTorch ops instead
+of its fused kernels (``implicit_warp.FUSED_ATTENTION``), ``fscatter=0`` the GSM block's scatter warps through
+cuDNN's sampler instead of one kernel (``gsm_block.FUSED_SCATTER``), ``sdpa=0`` SWSA's explicit softmax instead of
+SDPA (``swsa.SDPA_ATTENTION``), ``buffers=0`` the streaming sweep's stacked windows instead of window buffers
+(``GSMNet.stream_buffers``; these switches compile the window step again), other keys go to the Triton scan
 (``selective_scan.INFER_TRITON_CONFIG``: out_tile, out_warps, out_maxnreg, token_tile, warps_per_sm, ...; 0 for a
 register cap turns it off), e.g. ``--variants 'slab=12;dwconv_block_c=64,dwconv_num_warps=4;flipfree=0;out_tile=4'``.
 Prints one table: median ms per clip and per frame (CUDA events), the first call's seconds (compilation included),
@@ -125,13 +123,13 @@ def main() -> int:
     # the faithful row runs mamba-ssm's kernel whatever the no-grad scan default is
     gsm_faithful = variant(scan_backend='kernel') if SCAN.cuda_kernel() else gsm
 
-    flip_free_default, token_major_default = BIMAMBA.FLIP_FREE, BIMAMBA.TOKEN_MAJOR
+    flip_free_default = BIMAMBA.FLIP_FREE
     fused_warp_default, fused_scatter_default = IWARP.FUSED_ATTENTION, GSM_BLOCK.FUSED_SCATTER
     sdpa_default = SWSA.SDPA_ATTENTION
 
     def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm, variant: Dict[str, int] = {}):  # noqa: B006
         dwconv = {k.removeprefix('dwconv_'): v for k, v in variant.items() if k.startswith('dwconv_')}
-        switches = ('slab', 'flipfree', 'tokmajor', 'buffers', 'iwarp', 'fscatter', 'sdpa')
+        switches = ('slab', 'flipfree', 'buffers', 'iwarp', 'fscatter', 'sdpa')
         scan = {k: v for k, v in variant.items() if k not in switches and not k.startswith('dwconv_')}
         stencil = dataclasses.replace(DWCONV.DEFAULT_CONFIG, **dwconv)
 
@@ -142,7 +140,6 @@ def main() -> int:
             SCAN.INFER_TRITON_CONFIG.update(scan)
             DWCONV.OP_CONFIG = stencil
             BIMAMBA.FLIP_FREE = bool(variant.get('flipfree', BIMAMBA.FLIP_FREE))
-            BIMAMBA.TOKEN_MAJOR = bool(variant.get('tokmajor', BIMAMBA.TOKEN_MAJOR))
             IWARP.FUSED_ATTENTION = bool(variant.get('iwarp', IWARP.FUSED_ATTENTION))
             GSM_BLOCK.FUSED_SCATTER = bool(variant.get('fscatter', GSM_BLOCK.FUSED_SCATTER))
             SWSA.SDPA_ATTENTION = bool(variant.get('sdpa', SWSA.SDPA_ATTENTION))
@@ -153,7 +150,6 @@ def main() -> int:
                 SCAN.INFER_TRITON_CONFIG.clear()
                 DWCONV.OP_CONFIG = DWCONV.DEFAULT_CONFIG
                 BIMAMBA.FLIP_FREE = flip_free_default
-                BIMAMBA.TOKEN_MAJOR = token_major_default
                 IWARP.FUSED_ATTENTION = fused_warp_default
                 GSM_BLOCK.FUSED_SCATTER = fused_scatter_default
                 SWSA.SDPA_ATTENTION = sdpa_default

@@ -7,9 +7,7 @@ issues per token: registers, spills, tile-load layouts, SASS instructions by kin
 A VARIANT is ``out<TILE>`` (output pass) or ``sum<TILE>`` (summary pass), optionally followed by ``r<maxnreg>``
 (none: the compiler's choice) and ``w<num_warps>`` (32 * num_warps channels per program), e.g. ``out8r128 sum8r128``
 (the default call's two passes), ``out8`` (uncapped), ``out4r128w2``; a leading ``rev`` compiles the reverse scan
-(time walked from the end), e.g. ``revout8r128``; a trailing ``t`` takes u, delta, z and out token-major (unit
-stride along D; z a slice of a (L, 2D) tensor, as BiMamba passes them), e.g. ``out8r128t``; then ``a`` adds an addend
-laid out as out (``add=``, BiMamba's other branch), e.g. ``revout8r128ta``.
+(time walked from the end), e.g. ``revout8r128``.
 The other parameters are the real call's: N = NP = 16; D, z, delta_bias and softplus on; u, delta, z and out in
 ``--dtype``; A, D, bias and the packed B|C in fp32. The kernel is specialised as Triton's launcher would specialise it
 (16-byte aligned pointers; integers divisible by 16, or equal to 1, marked so), with the segment length the host code
@@ -67,7 +65,7 @@ TARGET = GPUTarget('cuda', 90, 32)
 SM_COUNT = 132
 BIN = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin'
 TORCH_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
-VARIANT = re.compile(r'(rev)?(out|sum)(\d+)((?:[rw]\d+)*)(t)?(a)?$')
+VARIANT = re.compile(r'(rev)?(out|sum)(\d+)((?:[rw]\d+)*)$')
 Instr = Tuple[int, str, str, str]  # address, predicate guard, opcode, operands
 
 # (table row, pipe, SASS opcodes before the first dot). Pipes: mufu, fma (FP32), fmah (IMAD), alu, lsu, ctrl;
@@ -111,7 +109,7 @@ def load_module(name: str):
 def parse_variant(text: str) -> Dict[str, int]:
     m = VARIANT.match(text)
     if not m:
-        expected = '[rev]out<TILE> or [rev]sum<TILE>, then r<maxnreg> w<warps>, then t, then a'
+        expected = '[rev]out<TILE> or [rev]sum<TILE>, then r<maxnreg> w<warps>'
         raise SystemExit(f'bad variant {text!r}: expected {expected}')
     extra = {k: int(v) for k, v in re.findall(r'([rw])(\d+)', m.group(4))}
     return dict(
@@ -120,8 +118,6 @@ def parse_variant(text: str) -> Dict[str, int]:
         tile=int(m.group(3)),
         maxnreg=extra.get('r', 0),
         warps=extra.get('w', 1),
-        token_major=bool(m.group(5)),
-        add=bool(m.group(6)),
     )
 
 
@@ -138,15 +134,10 @@ def compile_variant(mod, v: Dict[str, int], args):
     L, D = args.length, args.dim
     act = lambda: torch.empty(16, dtype=TORCH_DTYPES[args.dtype])  # noqa: E731  (placeholders: dtype, alignment)
     f32 = lambda: torch.empty(16, dtype=torch.float32)  # noqa: E731
-    call = (act(), act(), act(), act(), act(), f32(), f32(), f32(), f32(), f32(), f32(), D, L, seg_len,
-            -(-L // seg_len) - 1)  # fmt: skip
-    if v['token_major']:  # u, delta, z, out, add strides (batch, channel, token); A (D, N) contiguous
-        call += (D * L, 1, D) * 2 + (2 * D * L, 1, 2 * D) + (D * L, 1, D) * 2 + (16, 1)
-    else:
-        call += (D * L, L, 1) * 5 + (16, 1)
+    call = (act(), act(), act(), act(), f32(), f32(), f32(), f32(), f32(), f32(), D, L, seg_len, -(-L // seg_len) - 1)
+    call += (D * L, L) * 4 + (16, 1)  # u, delta, z, out strides (batch, channel); A (D, N) contiguous
     kwargs = dict(N=16, NP=16, BLOCK_D=32 * v['warps'], TILE=v['tile'], SUMMARY=v['summary'], HAS_D=True,
-                  HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=v['reverse'], TOKEN_MAJOR=v['token_major'],
-                  HAS_ADD=v['add'], num_warps=v['warps'])  # fmt: skip
+                  HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=v['reverse'], num_warps=v['warps'])  # fmt: skip
     if v['maxnreg']:
         kwargs['maxnreg'] = v['maxnreg']
     bound, specialization, options = binder(*call, **kwargs)
@@ -329,9 +320,7 @@ def analyse(name: str, mod, args) -> Dict[str, object]:
     lay = ttgir_layouts(asm['ttgir'])
     rows_per = lambda key: lay[key][1][0] if lay[key] else 32  # noqa: E731  (rows a tile instruction touches)
     bc_loads = (1 if v['summary'] else 2) * 16 // 4  # 16-byte broadcast loads of the B (and C) row a token
-    if rows['LDG'] and v['token_major']:  # a warp's token of 32 channels: one line
-        l1 = rows['LDG'] + rows['STG'] + rows[_SH] + rows['LDL/STL (spills)'] + rows['SHFL']
-    elif rows['LDG']:
+    if rows['LDG']:
         l1 = max(rows['LDG'] - bc_loads, 0) * rows_per('load') + rows['STG'] * rows_per('store') + bc_loads
         l1 += rows[_SH] + rows['LDL/STL (spills)'] + rows['SHFL']
     else:

@@ -20,7 +20,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from gsmsr.ops import conv_tokens
 from gsmsr.ops.selective_scan import reverses_natively, selective_scan
 
 D_STATE = 16
@@ -29,11 +28,6 @@ EXPAND = 2
 # The flip-free backward branch without autograd (see the module docstring): -1.3 ms/frame on an H200 at 20x180x320
 # (benchmarks/NOTES.md); False keeps the flipped form everywhere, and bench_gsm's ``--variants flipfree=0`` times it.
 FLIP_FREE = True
-# The flip-free branches token-major when compiled (see BiMamba.forward). Off: on an H200 its scans were 0.9 ms/frame
-# faster, but Inductor's kernel for its convs took 3.9 ms/frame against the channels-first one's 1.45, so the network
-# was 2.0 ms/frame slower (benchmarks/NOTES.md). The convs now run in a kernel of ours (gsmsr.ops.conv_tokens), not yet
-# timed; bench_gsm's ``--variants tokmajor=1`` times it.
-TOKEN_MAJOR = False
 
 
 @cache
@@ -59,20 +53,6 @@ def causal_conv_silu_shifted(x: Tensor, weight: Tensor, bias: Tensor, reverse: b
     for i in range(k):
         start = k - 1 - i if reverse else i  # tap i weighs x[t - (k-1) + i], reversed x[t + (k-1) - i]
         out = out + xp[..., start : start + length] * w[:, i : i + 1]
-    return F.silu(out)
-
-
-def causal_conv_silu_tokens(x: Tensor, weight: Tensor, bias: Tensor, reverse: bool = False) -> Tensor:
-    """:func:`causal_conv_silu_shifted` on token-major x (B, L, D) -> (B, L, D): the same products and sums in the
-    same order, so the same values bit for bit."""
-    k = weight.shape[-1]
-    length = x.shape[1]
-    xp = F.pad(x, (0, 0, 0, k - 1) if reverse else (0, 0, k - 1, 0))
-    w = weight.squeeze(1).to(x.dtype)
-    out = bias.to(x.dtype)
-    for i in range(k):
-        start = k - 1 - i if reverse else i
-        out = out + xp[:, start : start + length] * w[:, i]
     return F.silu(out)
 
 
@@ -173,40 +153,6 @@ class BiMamba(nn.Module):
             reverse=reverse,
         )
 
-    def _branch_tokens(
-        self,
-        u: Tensor,
-        gate: Tensor,
-        x_proj: nn.Linear,
-        dt_proj: nn.Linear,
-        a_log: Tensor,
-        d: Tensor,
-        reverse: bool = False,
-        add: Optional[Tensor] = None,
-    ) -> Tensor:
-        """:meth:`_branch` after its conv, in the token-major layout: u (the conv's output), gate (B, L, Di) ->
-        (B, L, Di), plus ``add`` (B, L, Di) if given (summed in the scan's store). The scan gets its operands as
-        (B, Di, L) views with unit stride along the channels, which it loads a token at a time, coalesced."""
-        dbl = F.linear(u, x_proj.weight)  # (B, L, R + 2N): B and C are token-major rows, as the scan packs them
-        delta, b, c = dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(delta, dt_proj.weight)  # (B, L, Di); dt bias goes into the scan
-        A = -torch.exp(_at_least_fp32(a_log))
-        y = selective_scan(
-            u.transpose(1, 2),
-            delta.transpose(1, 2),
-            A,
-            b.transpose(1, 2),
-            c.transpose(1, 2),
-            _at_least_fp32(d),
-            gate.transpose(1, 2),
-            _at_least_fp32(dt_proj.bias),
-            delta_softplus=True,
-            backend=self.scan_backend,
-            reverse=reverse,
-            add=None if add is None else add.transpose(1, 2),
-        )
-        return y.transpose(1, 2)
-
     def forward(self, z: Tensor, directions: int = 2) -> Tensor:
         """z: (B, L, C) -> (B, L, C)."""
         # Without autograd, where the scan walks backwards itself, the backward branch runs on the sequence as it is:
@@ -215,22 +161,6 @@ class BiMamba(nn.Module):
         flip_free = (
             FLIP_FREE and directions == 2 and not torch.is_grad_enabled() and reverses_natively(z, self.scan_backend)
         )
-        backward = (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)
-        if flip_free and TOKEN_MAJOR and torch.compiler.is_compiling():
-            # Token-major from the in-projection to the out-projection: no transposes, and the scans' loads and
-            # stores coalesced (L1-bound channels-first: benchmarks/NOTES.md). Compiled only, since Inductor fuses
-            # the shifted-sum conv in either layout but causal-conv1d's eager kernel wants channels first.
-            x, gate = F.linear(z, self.in_proj.weight).chunk(2, dim=-1)  # (B, L, Di) views
-            if conv_tokens.runs_fused(x):  # both convs in one kernel of ours (Inductor's: conv_tokens docstring)
-                u, u_b = conv_tokens.conv_silu_pair(
-                    x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias
-                )
-            else:
-                u = causal_conv_silu_tokens(x, self.conv1d.weight, self.conv1d.bias)
-                u_b = causal_conv_silu_tokens(x, self.conv1d_b.weight, self.conv1d_b.bias, reverse=True)
-            y = self._branch_tokens(u, gate, self.x_proj, self.dt_proj, self.A_log, self.D)
-            y = self._branch_tokens(u_b, gate, *backward[1:], reverse=True, add=y)  # the sum in the scan's store
-            return self.out_proj(y)
         if flip_free:
             # a bmm writes (B, 2Di, L) itself, so under torch.compile both scans take the gate straight from the GEMM's
             # output; Inductor computes the matmul below as (B*L, 2Di) and copies the gate into this layout for
@@ -240,6 +170,7 @@ class BiMamba(nn.Module):
             xz = torch.matmul(self.in_proj.weight, z.transpose(1, 2))  # (B, 2Di, L), contiguous along L
         x, gate = xz.chunk(2, dim=1)
         y = self._branch(x, gate, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
+        backward = (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)
         if flip_free:
             y = y + self._branch(x, gate, *backward, reverse=True)
         elif directions == 2:

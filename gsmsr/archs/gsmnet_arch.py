@@ -102,7 +102,7 @@ def traced_switches() -> Tuple[object, ...]:
         ('scan_infer', scan.INFER_IMPL),
         ('mamba_kernel', cuda_kernel()),
         ('triton', triton_available()),
-        ('bimamba', bimamba.FLIP_FREE, bimamba.TOKEN_MAJOR),
+        ('bimamba', bimamba.FLIP_FREE),
         ('implicit_attn', implicit_warp.FUSED_ATTENTION),
         ('slot_warp', gsm_block.FUSED_SCATTER),
     )

@@ -204,27 +204,23 @@ def scan_infer(
     delta_softplus: bool,
     impl: str,
     reverse: bool = False,
-    add: Optional[Tensor] = None,
 ) -> Tensor:
     """Forward without autograd state: impl 'triton' (:func:`gsmsr.ops.seq_scan_triton.selective_scan_fwd_triton`)
     or 'mamba' (mamba-ssm's kernel). reverse: time from the end, natively in Triton, by flipping around mamba-ssm
-    (the copies stay inside the op, where the compiler cannot fuse them anyway). add: added to the result (in the
-    Triton kernel's store, before the rounding)."""
+    (the copies stay inside the op, where the compiler cannot fuse them anyway)."""
     if impl == 'triton':
         return selective_scan_fwd_triton(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=reverse, add=add, **INFER_TRITON_CONFIG
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=reverse, **INFER_TRITON_CONFIG
         )
     if impl != 'mamba':
         raise ValueError(f'scan_infer: impl must be "mamba" or "triton", got {impl!r}')
     if reverse:
-        out = flipped_scan(scan_fwd, u, delta, A, B, C, D, z, delta_bias, delta_softplus, index=0)
-    else:
-        out = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0]
-    return out if add is None else out + add
+        return flipped_scan(scan_fwd, u, delta, A, B, C, D, z, delta_bias, delta_softplus, index=0)
+    return scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0]
 
 
 @scan_infer.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl, reverse=False, add=None):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl, reverse=False):
     return torch.empty_like(u)
 
 
@@ -377,10 +373,8 @@ def selective_scan(
     delta_softplus: bool = False,
     backend: str = 'auto',
     reverse: bool = False,
-    add: Optional[Tensor] = None,
 ) -> Tensor:
-    """Selective scan; shapes as in :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`, plus ``add`` (u's shape)
-    added to the result: inside the no-grad Triton kernel's store, elsewhere after the scan.
+    """Selective scan; shapes as in :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
 
     reverse: time runs from the end (``scan(flip(inputs)).flip(-1)``). The no-grad Triton kernel walks backwards
     itself; every other path (autograd, mamba-ssm, the PyTorch scan) flips around its kernel.
@@ -392,17 +386,16 @@ def selective_scan(
     ``gsmsr::scan_infer``; interpreted, slowly, on CPU tensors) or 'ref'.
     """
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, add)
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias)
     )
-    plus = (lambda y: y) if add is None else (lambda y: y + add)  # where scan_infer does not add it itself
     if needs_grad and reverse:  # the autograd kernels walk forwards only
-        return plus(flipped_scan(selective_scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend))
+        return flipped_scan(selective_scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend)
     if backend == 'triton' or (
         backend == 'auto' and not needs_grad and u.is_cuda and not cuda_kernel() and _triton_ready(u)
     ):
         if needs_grad:
-            return plus(tscan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, triton_train_segments(u))[0])
-        return scan_infer(u, delta, A, B, C, D, z, delta_bias, delta_softplus, 'triton', reverse, add)
+            return tscan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, triton_train_segments(u))[0]
+        return scan_infer(u, delta, A, B, C, D, z, delta_bias, delta_softplus, 'triton', reverse)
     use_kernel = (
         backend != 'ref' and cuda_kernel() and u.is_cuda and u.dtype.is_floating_point and u.dtype.itemsize <= 4
     )
@@ -411,11 +404,11 @@ def selective_scan(
             'selective_scan backend "kernel" needs CUDA tensors and mamba-ssm (pip install "gsmsr[cuda]")'
         )
     if not use_kernel:
-        return plus(selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=reverse))
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=reverse)
     impl = 'mamba' if backend == 'kernel' else INFER_IMPL
-    if needs_grad or impl == 'mamba':  # mamba-ssm's kernel needs unit stride along L; the Triton one takes both layouts
+    if needs_grad or impl == 'mamba':  # mamba-ssm's kernel needs unit stride along L; the Triton op copies itself
         u, delta, B, C, z = (unit_stride(t) for t in (u, delta, B, C, z))
     D = D.contiguous() if D is not None else None
     if needs_grad:
-        return plus(scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0])
-    return scan_infer(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl, reverse, add)
+        return scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0]
+    return scan_infer(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl, reverse)

@@ -36,14 +36,6 @@ a loop counter, and then loads the tiles as 2-byte scalars transposed through sh
 holds more registers than the summary); segment lengths are multiples of both tiles, and the last segment's
 ragged end is walked with a tile of one token.
 
-That is for channel-major operands (unit stride along L). A channel-major tile load touches one cache line per
-thread, 32 a warp instruction: they and the out store are 16 of the output pass's 24 L1 wavefronts a token, and
-that pass is bound by L1 (Nsight Compute, H200). So u, delta, z and out may also be token-major, (batch, D, L)
-views of (batch, L, D) tensors (unit stride along D): then each token is one [BLOCK_D] load, a warp's 32 channels
-in one or two lines, laid out as the states (no splitting); a tile's loads are still all issued ahead of its
-arithmetic, and its outputs stored a token at a time after it. Measured alone on an H200: 5-8 % faster than
-channel-major (L = 288k, bf16; benchmarks/NOTES.md), less than the halved L1 wavefronts promised.
-
 All arithmetic is float32 whatever the input dtype; the output has u's dtype. Decays are ``exp2(dt * A log2 e)``
 (log2 e folded into A once). No autograd here; with ``return_states=True`` the forward also returns the state
 entering each segment (the carries above), from which the backward (:mod:`gsmsr.ops.seq_scan_triton_bwd`) restarts
@@ -125,19 +117,6 @@ def _row(ptr, BLOCK_D: tl.constexpr, NP: tl.constexpr):
     return vals
 
 
-def _tokens(ptr, stride, md, TILE: tl.constexpr):
-    """TILE token-major (BLOCK_D,) vectors at ptr, ptr + stride, ...: a warp's load is 32 adjacent channels, laid
-    out as the states. The pointer is advanced in a chain: with ``ptr + j * stride`` and a runtime stride the
-    compiler kept one pointer per token and tensor live across the tile loop (spilling at 128 registers). The L
-    strides are constexprs, which folds the offsets (sm_90a, ``benchmarks/sass_scan.py``, bf16 output pass: 153
-    instructions a token against 161 with runtime strides and 148 channel-major)."""
-    vals = ()
-    for _ in tl.static_range(TILE):
-        vals = vals + (tl.load(ptr, mask=md, other=0.0),)
-        ptr += stride
-    return vals
-
-
 def _walk(
     h,
     dsum,
@@ -146,18 +125,12 @@ def _walk(
     dt_row,
     z_row,
     o_row,
-    a_row,
     bc_row,
     lo,
     hi,
     bias,
     d_skip,
     md,
-    s_ul: tl.constexpr,
-    s_tl: tl.constexpr,
-    s_zl: tl.constexpr,
-    s_ol: tl.constexpr,
-    s_al: tl.constexpr,
     N: tl.constexpr,
     NP: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -168,16 +141,11 @@ def _walk(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
-    TOKEN_MAJOR: tl.constexpr,
-    HAS_ADD: tl.constexpr,
 ):
     """Walk tokens [lo, hi) (both multiples of TILE) from the states h (tuple of N (BLOCK_D,) fp32), from hi - 1
     down to lo when REVERSE. Summary: also sums dt into dsum, writes nothing. Otherwise stores out. Returns
     (h, dsum). u_row, dt_row, z_row, o_row: (BLOCK_D,) pointers at token 0 of each channel; bc_row: scalar pointer
-    at token 0 of this batch's packed B|C rows (2 NP fp32 per token, B in the first NP).
-    TOKEN_MAJOR: u, delta, z and out are read and written a token at a time, at L strides s_ul, s_tl, s_zl, s_ol
-    (unit L stride otherwise, the s_*l unused). HAS_ADD: a_row's values (laid out as out) are added to the output
-    before its rounding."""
+    at token 0 of this batch's packed B|C rows (2 NP fp32 per token, B in the first NP)."""
     offs = tl.arange(0, TILE)[None, :]
     mask = md[:, None]
     # over the tile index: t0 = i * TILE is a multiple of TILE the compiler sees, so the tile loads are vectors
@@ -186,17 +154,10 @@ def _walk(
         if REVERSE:  # the same tiles, last first
             i = (lo + hi) // TILE - 1 - k
         t0 = i * TILE
-        if TOKEN_MAJOR:  # int64 offsets: L * D passes 2^31 on long sequences
-            t64 = tl.cast(t0, tl.int64)
-            us = _tokens(u_row + t64 * s_ul, s_ul, md, TILE)
-            ds = _tokens(dt_row + t64 * s_tl, s_tl, md, TILE)
-            if HAS_Z and not SUMMARY:
-                zs = _tokens(z_row + t64 * s_zl, s_zl, md, TILE)
-        else:
-            us = _columns(tl.load(u_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
-            ds = _columns(tl.load(dt_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
-            if HAS_Z and not SUMMARY:
-                zs = _columns(tl.load(z_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
+        us = _columns(tl.load(u_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
+        ds = _columns(tl.load(dt_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
+        if HAS_Z and not SUMMARY:
+            zs = _columns(tl.load(z_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
         ys = ()
         # tokens of the tile in walking order: 0 .. TILE-1, or TILE-1 .. 0 in reverse
         for j in tl.static_range(REVERSE * (TILE - 1), TILE - REVERSE * (TILE + 1), 1 - 2 * REVERSE):
@@ -228,21 +189,8 @@ def _walk(
                     y = y * (z / (1.0 + tl.exp(-z)))
                 ys = (y,) + ys if REVERSE else ys + (y,)  # ys[j] is token t0 + j either way
         if not SUMMARY:
-            if TOKEN_MAJOR:
-                # after the tile, as the tile store: a store between tokens would hold the next token's B|C loads
-                # behind it (the compiler cannot tell that out and bc do not overlap)
-                o_t = o_row + tl.cast(t0, tl.int64) * s_ol
-                a_t = a_row + tl.cast(t0, tl.int64) * s_al
-                for j in tl.static_range(TILE):  # constexpr strides: immediate offsets from one base each
-                    y = ys[j]
-                    if HAS_ADD:
-                        y = y + tl.load(a_t + j * s_al, mask=md, other=0.0).to(tl.float32)
-                    tl.store(o_t + j * s_ol, y.to(o_row.dtype.element_ty), mask=md)
-            else:
-                out = _tile(ys, BLOCK_D, TILE)
-                if HAS_ADD:
-                    out = out + tl.load(a_row[:, None] + t0 + offs, mask=mask, other=0.0).to(tl.float32)
-                tl.store(o_row[:, None] + t0 + offs, out.to(o_row.dtype.element_ty), mask=mask)
+            out = _tile(ys, BLOCK_D, TILE).to(o_row.dtype.element_ty)
+            tl.store(o_row[:, None] + t0 + offs, out, mask=mask)
     return h, dsum
 
 
@@ -251,7 +199,6 @@ def _scan_kernel(
     dt_ptr,
     z_ptr,
     o_ptr,
-    a_ptr,
     bc_ptr,
     A_ptr,
     D_ptr,
@@ -264,19 +211,12 @@ def _scan_kernel(
     n_carry,
     s_ub,
     s_ud,
-    s_ul: tl.constexpr,
     s_tb,
     s_td,
-    s_tl: tl.constexpr,
     s_zb,
     s_zd,
-    s_zl: tl.constexpr,
     s_ob,
     s_od,
-    s_ol: tl.constexpr,
-    s_xb,
-    s_xd,
-    s_xl: tl.constexpr,
     s_ad,
     s_an,
     N: tl.constexpr,
@@ -289,8 +229,6 @@ def _scan_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
-    TOKEN_MAJOR: tl.constexpr,
-    HAS_ADD: tl.constexpr,
 ):
     """Program (channel block, segment s, batch). SUMMARY: segment s (< S-1) from h = 0, stores hs[b, s] (D, N)
     and dsum[b, s] (D,). Otherwise: starts from hs[b, s-1] (the carried state; zero for s = 0) and stores out
@@ -328,22 +266,21 @@ def _scan_kernel(
     dt_row = dt_ptr + b * s_tb + d64 * s_td
     z_row = z_ptr + b * s_zb + d64 * s_zd
     o_row = o_ptr + b * s_ob + d64 * s_od
-    a_row = a_ptr + b * s_xb + d64 * s_xd  # the addend (HAS_ADD), strides s_x*
     bc_row = bc_ptr + b * L * (2 * NP)
     dsum = tl.full([BLOCK_D], 0.0, tl.float32)
     if REVERSE and TILE > 1:  # ragged end first (the last segment only: segment lengths are multiples of TILE)
         h, dsum = _walk(
-            h, dsum, A2, u_row, dt_row, z_row, o_row, a_row, bc_row, full, hi, bias, d_skip, md, s_ul, s_tl, s_zl, s_ol,
-            s_xl, N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, TOKEN_MAJOR, HAS_ADD,
+            h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE,
         )  # fmt: skip
     h, dsum = _walk(
-        h, dsum, A2, u_row, dt_row, z_row, o_row, a_row, bc_row, lo, full, bias, d_skip, md, s_ul, s_tl, s_zl,
-        s_ol, s_xl, N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, TOKEN_MAJOR, HAS_ADD,
+        h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, lo, full, bias, d_skip, md,
+        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE,
     )  # fmt: skip
     if not REVERSE and TILE > 1:  # ragged end (the last segment only, as segment lengths are multiples of TILE)
         h, dsum = _walk(
-            h, dsum, A2, u_row, dt_row, z_row, o_row, a_row, bc_row, full, hi, bias, d_skip, md, s_ul, s_tl, s_zl, s_ol,
-            s_xl, N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, TOKEN_MAJOR, HAS_ADD,
+            h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE,
         )  # fmt: skip
     if SUMMARY:
         base = (b * n_carry + s) * Dm + d64
@@ -387,7 +324,7 @@ def _carry_kernel(
             tl.store(hs_ptr + (b * n_carry + s0 + j) * Dm * N + lanes, h, mask=ml & (s0 + j < n_carry))
 
 
-_KERNELS = LazyKernels(__name__, [_softplus, _columns, _tile, _row, _tokens, _walk, _scan_kernel, _carry_kernel])
+_KERNELS = LazyKernels(__name__, [_softplus, _columns, _tile, _row, _walk, _scan_kernel, _carry_kernel])
 
 # ---------------------------------------------------------------------------------------------------------------
 # Host side
@@ -494,17 +431,14 @@ def selective_scan_fwd_triton(
     out_warps: Optional[int] = None,
     sum_maxnreg: Optional[int] = 128,
     reverse: bool = False,
-    add: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, int]]:
     """Selective scan forward, no autograd; semantics and shapes of
     :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
 
-    u, delta, z: (batch, D, L), any float dtype, channel-major (unit stride along L) or, for coalesced loads,
-    token-major (unit stride along D, e.g. ``x.transpose(1, 2)`` of a (batch, L, D) ``x``): u's layout is used, delta
-    and z copied to it when not in it (u copied to channel-major when it is neither); B, C: (batch, N, L), any
+    u, delta, z: (batch, D, L), any float dtype, unit stride along L (else copied); B, C: (batch, N, L), any
     strides; A: (D, N), D, delta_bias: (D,), used as float32. Returns (batch, D, L) in u's dtype with
     ``torch.empty_like(u)``'s strides (those of the custom op's fake result), or written into ``out`` if given (u's
-    shape and dtype, any strides; through a copy when channel-major and out's L stride is not 1).
+    shape and dtype, any strides; through a copy when out's L stride is not 1).
 
     segments: pieces each sequence is cut into (None: enough for about ``warps_per_sm`` warps per SM in the output
     launch, at least MIN_SEGMENT tokens each; 1 on CPU tensors). block_d: channels per program (a power of two;
@@ -529,9 +463,6 @@ def selective_scan_fwd_triton(
     multiple of the segment length (one segment included), else to float rounding (the flipped sequence is cut at
     other tokens, so its carried states sum other groups). With return_states, ``states[:, s - 1]`` enters the
     s-th segment walked (S - 1 - s in the sequence).
-
-    add: a tensor of u's shape added to the result before its rounding to u's dtype (read in u's layout, copied to it
-    when not in it): BiMamba's sum of its two branches without a pass of its own.
     """
     out_tile = token_tile if out_tile is None else out_tile
     out_block_d, out_warps = (block_d, num_warps) if out_warps is None else (32 * out_warps, out_warps)
@@ -547,16 +478,9 @@ def selective_scan_fwd_triton(
         out = torch.empty_like(u)
     elif out.shape != u.shape or out.dtype != u.dtype:
         raise ValueError("selective_scan_fwd_triton: out must have u's shape and dtype")
-    token_major = u.stride(1) == 1 and u.stride(2) != 1 and dim > 1 and length > 1
-    if add is not None and add.shape != u.shape:
-        raise ValueError(f"selective_scan_fwd_triton: add must have u's shape {tuple(u.shape)}, got {tuple(add.shape)}")
-    if token_major:  # stores take out's strides as they are; delta, z and add brought to u's layout
-        delta, z, add = (t if t is None or t.stride(1) == 1 else t.transpose(1, 2).contiguous().transpose(1, 2)
-                         for t in (delta, z, add))  # fmt: skip
-        res = out
-    else:  # the tile loads and store need unit L stride
-        u, delta, z, add = (unit_stride(t) for t in (u, delta, z, add))
-        res = out if out.stride(2) == 1 else torch.empty_like(out, memory_format=torch.contiguous_format)
+    # the tile loads and store need unit L stride
+    u, delta, z = (unit_stride(t) for t in (u, delta, z))
+    res = out if out.stride(2) == 1 else torch.empty_like(out, memory_format=torch.contiguous_format)
     A = A.float()
     D = D.float().contiguous() if D is not None else None
     delta_bias = delta_bias.float().contiguous() if delta_bias is not None else None
@@ -580,7 +504,6 @@ def selective_scan_fwd_triton(
     interpret = interpret_for(u)
     k = _KERNELS(interpret)
     zz = z if z is not None else u  # placeholders for absent operands: never read (constexpr flags)
-    aa = add if add is not None else u
     common = (
         hs,
         dsum,
@@ -588,14 +511,13 @@ def selective_scan_fwd_triton(
         length,
         seg_len,
         n_carry,
-        *u.stride(),
-        *delta.stride(),
-        *zz.stride(),
-        *res.stride(),
-        *aa.stride(),
+        *u.stride()[:2],
+        *delta.stride()[:2],
+        *zz.stride()[:2],
+        *res.stride()[:2],
         *A.stride(),
     )
-    ptrs = (u, delta, zz, res, aa, bc, A, D if D is not None else A, delta_bias if delta_bias is not None else A)
+    ptrs = (u, delta, zz, res, bc, A, D if D is not None else A, delta_bias if delta_bias is not None else A)
     flags = dict(
         N=n_state,
         NP=n_pad,
@@ -604,8 +526,6 @@ def selective_scan_fwd_triton(
         HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus),
         REVERSE=bool(reverse),
-        TOKEN_MAJOR=token_major,
-        HAS_ADD=add is not None,
     )
     summary_flags = dict(BLOCK_D=block_d, TILE=token_tile, num_warps=num_warps)
     out_flags = dict(BLOCK_D=out_block_d, TILE=out_tile, num_warps=out_warps)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gsmsr.archs import bimamba
-from gsmsr.archs.bimamba import BiMamba, causal_conv_silu, causal_conv_silu_shifted, causal_conv_silu_tokens
+from gsmsr.archs.bimamba import BiMamba, causal_conv_silu, causal_conv_silu_shifted
 
 
 def _grads(fn, *xs):
@@ -50,18 +50,6 @@ def test_anticausal_shifted_sum_is_the_flipped_causal_one(dtype, monkeypatch):
     monkeypatch.setattr(bimamba.F, 'silu', lambda t: t)
     flipped = causal_conv_silu_shifted(x.flip(-1), w, b).flip(-1)
     torch.testing.assert_close(causal_conv_silu_shifted(x, w, b, reverse=True), flipped, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize('reverse', [False, True])
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_token_major_shifted_sum_is_the_channels_first_one(dtype, reverse, monkeypatch):
-    """The token-major conv: the same products added in the same order as the channels-first one, bit for bit (SiLU
-    left out, as above)."""
-    x, w, b = _conv_operands(dtype)
-    monkeypatch.setattr(bimamba.F, 'silu', lambda t: t)
-    got = causal_conv_silu_tokens(x.transpose(1, 2).contiguous(), w, b, reverse)
-    want = causal_conv_silu_shifted(x, w, b, reverse)
-    torch.testing.assert_close(got.transpose(1, 2), want, rtol=0, atol=0)
 
 
 def test_anticausal_conv_matches_shifted_sum_and_flipped_conv1d():
@@ -124,14 +112,14 @@ def test_bimamba_without_autograd_runs_the_backward_branch_flip_free(monkeypatch
     assert calls == [False, False] * 2
 
 
-def _traced_flip_free(monkeypatch, token_major: bool) -> tuple:
-    """BiMamba (Triton scan, flip-free on) compiled with the aot_eager backend on a 37-token input: the traced graphs'
-    nodes, the compiled output, and the eager flipped form's output."""
+def test_compiled_bimamba_traces_the_flip_free_branch(monkeypatch):
+    """Traced as the compiled window step traces it (aot_eager backend: the graph without Inductor's code
+    generation): no flips, both scans as gsmsr::scan_infer (the second reverse) on the in-projection's bmm output,
+    the shifted-sum convs; the output is the eager flipped form's."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
-    monkeypatch.setattr(bimamba, 'TOKEN_MAJOR', token_major)
     m = _bimamba('triton')
     z = torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2))
     counter = CompileCounterWithBackend('aot_eager')
@@ -139,39 +127,10 @@ def _traced_flip_free(monkeypatch, token_major: bool) -> tuple:
         y = torch.compile(m, backend=counter, fullgraph=True)(z)
         monkeypatch.setattr(bimamba, 'reverses_natively', lambda *args: False)
         flipped = m(z)
-    return [n for gm in counter.graphs for n in gm.graph.nodes], y, flipped
-
-
-@pytest.mark.parametrize('token_major', [True, False])
-def test_compiled_bimamba_traces_the_flip_free_branch(token_major, monkeypatch):
-    """Traced as the compiled window step traces it (aot_eager backend: the graph without Inductor's code
-    generation): no flips, both scans as gsmsr::scan_infer (the second reverse) reading one gate, the shifted-sum
-    convs; the output is the eager flipped form's. Token-major: every scan operand and output has unit stride along
-    the channels (the in-projection a linear, no bmm); else channels-first on the in-projection's bmm output."""
-    nodes, y, flipped = _traced_flip_free(monkeypatch, token_major)
+    nodes = [n for gm in counter.graphs for n in gm.graph.nodes]
     assert not any('flip' in str(n.target) for n in nodes)
-    assert any(n.target is torch.bmm for n in nodes) != token_major
+    assert any(n.target is torch.bmm for n in nodes)
     scans = [n for n in nodes if n.target is torch.ops.gsmsr.scan_infer.default]
-    assert [n.args[10] for n in scans] == [False, True]  # reverse
-    # token-major: the reverse scan adds the forward one's output in its store
-    assert [n.args[11] is not None for n in scans] == [False, token_major]
-    gates = [n.args[6] for n in scans]
-    if token_major:  # (B, Di, L) views of token-major tensors, the gates two views of one
-        assert gates[0].args[0] is gates[1].args[0]
-        for scan in scans:
-            assert all(arg.meta['example_value'].stride(1) == 1 for arg in (scan, *scan.args[:2], scan.args[6]))
-    else:
-        assert gates[0] is gates[1]
-    torch.testing.assert_close(y, flipped, rtol=1e-5, atol=1e-6)
-
-
-def test_compiled_token_major_bimamba_runs_both_convs_in_one_kernel(monkeypatch):
-    """Token-major and compiled where the conv-pair kernel applies (forced on CPU: interpreted): one
-    gsmsr::conv_silu_pair node feeds both scans, and the output is the eager flipped form's."""
-    from gsmsr.ops import conv_tokens
-
-    monkeypatch.setattr(conv_tokens, 'runs_fused', lambda x: True)
-    nodes, y, flipped = _traced_flip_free(monkeypatch, token_major=True)
-    assert sum(n.target is torch.ops.gsmsr.conv_silu_pair.default for n in nodes) == 1
-    assert sum(n.target is torch.ops.gsmsr.scan_infer.default for n in nodes) == 2
+    assert [n.args[-1] for n in scans] == [False, True]  # reverse
+    assert scans[0].args[6] is scans[1].args[6]  # one gate
     torch.testing.assert_close(y, flipped, rtol=1e-5, atol=1e-6)

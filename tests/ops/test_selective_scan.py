@@ -66,19 +66,3 @@ def test_dispatch_uses_reference_on_cpu():
     assert reverses_natively(inp['u'], 'triton')
     with pytest.raises(RuntimeError, match='kernel'):
         selective_scan(**inp, backend='kernel')
-
-
-@pytest.mark.parametrize('backend', ['auto', 'ref', 'triton'])
-@pytest.mark.parametrize('grad', [False, True])
-def test_add_on_every_path(backend, grad):
-    """``add`` joins the result on every path: after the scan (the PyTorch scan, autograd), or in the no-grad Triton
-    kernel's store (interpreted here); with autograd its gradient is the output's."""
-    inp = _inputs(1, 5, 4, 19, torch.float32)
-    add = torch.randn(1, 5, 19, generator=torch.Generator().manual_seed(7)).requires_grad_()
-    with torch.set_grad_enabled(grad):
-        y = selective_scan(**inp, delta_softplus=True, backend=backend, reverse=True, add=add)
-        want = selective_scan_ref(**inp, delta_softplus=True, reverse=True) + add
-    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
-    if grad:
-        (g,) = torch.autograd.grad(y.sum(), add)
-        torch.testing.assert_close(g, torch.ones_like(add))

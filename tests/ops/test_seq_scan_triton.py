@@ -3,8 +3,7 @@
 On CPU tensors the kernels run through Triton's interpreter in this process (gsmsr.ops.triton_jit), which is slow
 per token, so shapes are small; they still cover several channel blocks with a partial one (D = 40 with
 block_d = 16), segment counts that do not divide L (ragged last segment, tile tail), N = 4 and 16, batch 2, and
-every optional operand, and both operand layouts (channel-major: unit stride along L; token-major: unit stride
-along D). The output is NaN-filled first, so every element must be written.
+every optional operand. The output is NaN-filled first, so every element must be written.
 
 Tolerances, on the max abs error relative to max(1, max |reference|):
 * float32 inputs: 1e-5 (the kernel differs from the float64 reference only by float32 rounding; with segments the
@@ -216,116 +215,40 @@ def test_strided_views_and_segment_count_invariance():
         assert ((y.double() - ref).abs().max() / ref.abs().max()).item() <= TOL[torch.float32]
 
 
-def _token_major(t: torch.Tensor) -> torch.Tensor:
+def _unit_d_stride(t: torch.Tensor) -> torch.Tensor:
     """The same values as a (batch, D, L) view of a contiguous (batch, L, D) tensor: unit stride along D."""
     return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _as_token_major(inp: Dict[str, torch.Tensor], wide_z: bool = False) -> Dict[str, torch.Tensor]:
-    """u, delta, z token-major; with wide_z, z the second half of a (batch, L, 2D) tensor (L stride 2D), as a
-    projection that gives x and z together would."""
-    out = {k: _token_major(v) if k in ('u', 'delta', 'z') and v is not None else v for k, v in inp.items()}
-    if wide_z and inp['z'] is not None:
-        dim = inp['z'].shape[1]
-        wide = torch.cat([inp['u'], inp['z']], dim=1).transpose(1, 2).contiguous()  # (batch, L, 2D)
-        out['z'] = wide[:, :, dim:].transpose(1, 2)
-        assert out['z'].stride(1) == 1 and out['z'].stride(2) == 2 * dim
-    assert out['u'].stride(1) == 1 and out['u'].stride(2) == inp['u'].shape[1]
-    return out
-
-
-# (case of CASES, reverse, z a slice of a wider tensor): ragged tile tail, N = 16, batch 2, a partial channel block
-# (block_d = 16), the 'none' and 'no_z' operand sets
-TOKEN_MAJOR_CASES = [
-    ('L7_seg2_tile4', False, True),
-    ('L7_seg2_tile4', True, False),
-    ('L100_seg3_N16', False, False),
-    ('L100_seg4_fast', True, True),
-    ('L100_bare', False, False),
-    ('L100_wide_delta', True, False),
-    ('L257_seg5_slow', True, True),
-]
-
-
-@pytest.mark.parametrize('name,reverse,wide_z', TOKEN_MAJOR_CASES)
-def test_token_major_matches_reference(name, reverse, wide_z):
-    """u, delta, z (and the NaN-filled out) token-major: loaded and stored a token at a time."""
-    batch, dim, state, length, decay, segments, tile, block_d, operands = CASES[name]
-    inp = _inputs(batch, dim, state, length, decay, torch.float32, 'cpu')
-    if operands == 'none':
-        inp.update(D=None, z=None, delta_bias=None)
-    elif operands == 'no_z':
-        inp['z'] = None
-    inp = _as_token_major(inp, wide_z)
-    err = _check(inp, True, segments=segments, token_tile=tile, block_d=block_d, reverse=reverse)
-    assert err <= TOL[torch.float32], f'{name}: {err:.2e}'
-
-
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize('reverse', [False, True])
-def test_token_major_changes_no_result_bit(reverse, dtype):
-    """Both layouts load the same values into the same float operations: output and carried states are bit for bit
-    equal. 37 tokens in 3 segments of 16 (ragged tail of tile 4), batch 2, two channel blocks, the second partial;
-    the output pass with its own tile."""
-    inp = _inputs(2, 40, 4, 37, 'slow', dtype, 'cpu')
-    opts = dict(delta_softplus=True, segments=3, token_tile=4, out_tile=2, block_d=32, reverse=reverse)
-    y, states, _ = selective_scan_fwd_triton(**inp, **opts, return_states=True)
-    y_tm, states_tm, _ = selective_scan_fwd_triton(**_as_token_major(inp, wide_z=True), **opts, return_states=True)
-    assert torch.equal(y, y_tm)
-    assert torch.equal(states, states_tm)
-
-
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize('reverse', [False, True])
-def test_add_is_summed_before_the_rounding(reverse, dtype):
-    """``add`` (BiMamba's other branch) joins the result in the store, in fp32 before the one rounding: in fp32 the
-    scan plus add to rounding, in bf16 within one rounding of it; the same in both layouts, with add in either."""
-    inp = _inputs(2, 40, 4, 37, 'slow', dtype, 'cpu')
-    add = torch.randn(inp['u'].shape, generator=torch.Generator().manual_seed(3)).to(dtype)
-    opts = dict(delta_softplus=True, segments=3, token_tile=4, out_tile=2, block_d=32, reverse=reverse)
-    ref = selective_scan_ref(**{k: v.double() for k, v in inp.items()}, delta_softplus=True, reverse=reverse)
-    want = ref + add.double()
-    as_tm = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
-    results = [
-        selective_scan_fwd_triton(**inp, **opts, add=add),
-        selective_scan_fwd_triton(**_as_token_major(inp), **opts, add=as_tm(add)),
-        selective_scan_fwd_triton(**_as_token_major(inp), **opts, add=add),  # add in the other layout: copied
-    ]
-    for y in results:
-        assert torch.equal(y, results[0])
-        assert ((y.double() - want).abs().max() / want.abs().max().clamp_min(1.0)).item() <= TOL[dtype]
-    with pytest.raises(ValueError, match="add must have u's shape"):
-        selective_scan_fwd_triton(**inp, **opts, add=add[:, :3])
-
-
 def test_output_layouts():
     """Without out the result has exactly ``torch.empty_like(u)``'s strides (those of the custom op's fake result,
-    which torch.compile takes as the real ones); an out of another layout than u's is written as given."""
+    which torch.compile takes as the real ones), also for a u without unit L stride (copied for the kernel); an out
+    of another layout than u's is written as given (through a copy when its L stride is not 1)."""
     from gsmsr.ops.selective_scan import scan_infer
 
     inp = _inputs(1, 6, 4, 24, 'slow', torch.float32, 'cpu')
     opts = dict(delta_softplus=True, segments=2, token_tile=4)
-    tm = _as_token_major(inp)
+    transposed = {**inp, 'u': _unit_d_stride(inp['u'])}  # dense: empty_like keeps its strides
     wide = torch.cat([inp['u'], inp['z']], dim=1)
-    sliced = {**inp, 'u': wide[:, :6]}  # channel-major, not dense: empty_like is contiguous
+    sliced = {**inp, 'u': wide[:, :6]}  # unit L stride, not dense: empty_like is contiguous
     expected = selective_scan_fwd_triton(**inp, **opts)
-    for operands in (inp, tm, sliced):
+    for operands in (inp, transposed, sliced):
         y = selective_scan_fwd_triton(**operands, **opts)
         assert y.stride() == torch.empty_like(operands['u']).stride()
         assert torch.equal(y, expected)
-    # channel-major out with token-major u (strided stores); token-major out with channel-major u (through a copy)
-    for operands, out in ((tm, torch.full_like(inp['u'], float('nan'))), (inp, torch.full_like(tm['u'], float('nan')))):
+    nan = torch.full_like(inp['u'], float('nan'))
+    for operands, out in ((transposed, nan.clone()), (inp, _unit_d_stride(nan))):
         stride = out.stride()
         y = selective_scan_fwd_triton(**operands, **opts, out=out)
         assert y is out and y.stride() == stride
         assert torch.equal(y, expected)
-    args = [tm[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')] + [True, 'triton', False]
+    args = [transposed[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')] + [True, 'triton', False]
     torch.library.opcheck(scan_infer, args, test_utils=('test_faketensor',))
 
 
 def test_strided_b_and_c():
     """B and C as strided views, (batch, N, L) views of slices of one (batch, L, R + 2N) projection output, need no
-    unit stride (packed anyway): the same output as contiguous ones, in both layouts."""
+    unit stride (packed anyway): the same output as contiguous ones."""
     inp = _inputs(1, 6, 4, 24, 'slow', torch.float32, 'cpu')
     dt_rank = 3
     proj = torch.cat([torch.zeros(1, 24, dt_rank), inp['B'].transpose(1, 2), inp['C'].transpose(1, 2)], dim=2)
@@ -336,10 +259,7 @@ def test_strided_b_and_c():
     }
     assert views['B'].stride() == (24 * (dt_rank + 8), 1, dt_rank + 8)
     opts = dict(delta_softplus=True, segments=2, token_tile=4)
-    for make in (dict, _as_token_major):
-        assert torch.equal(
-            selective_scan_fwd_triton(**make(views), **opts), selective_scan_fwd_triton(**make(inp), **opts)
-        )
+    assert torch.equal(selective_scan_fwd_triton(**views, **opts), selective_scan_fwd_triton(**inp, **opts))
 
 
 def test_segment_split_rules():
