@@ -401,14 +401,15 @@ class SWSABlock(nn.Module):
 
 def compile_swsa_blocks(blocks: Sequence[SWSABlock], **kwargs: Any) -> None:
     """``torch.compile(**kwargs)`` what the blocks' no-grad forward runs, in place: each block's attention residual
-    (:meth:`SWSABlock.attend`) and one per-token branch shared by all of them (:func:`ffn_branch`), both with
-    automatic dynamic shapes unless kwargs say otherwise. The branch runs a few frames at a time; compiling the whole
-    forward unrolled that loop into the graph, one copy per slice, so compile time grew with the clip length.
-    Parameters stay where they are: state-dict keys do not change. With autograd the blocks run eagerly
-    (``compile_blocks`` is for evaluation)."""
+    (:meth:`SWSABlock.attend`, static shapes: its window-chunk loops specialise a dynamic graph on the window count
+    anyway, so automatic dynamic shapes only added a compilation at the second size) and one per-token branch shared
+    by all of them (:func:`ffn_branch`, automatic dynamic shapes: at most two graphs). The branch runs a few frames at
+    a time; compiling the whole forward unrolled that loop into the graph, one copy per slice, so compile time grew
+    with the clip length. Parameters stay where they are: state-dict keys do not change. With autograd the blocks run
+    eagerly (``compile_blocks`` is for evaluation)."""
     ffn = torch.compile(ffn_branch, **kwargs)
     for blk in blocks:
-        blk.attend = torch.compile(blk.attend, **kwargs)
+        blk.attend = torch.compile(blk.attend, **{'dynamic': False, **kwargs})
         blk.ffn = ffn
 
 

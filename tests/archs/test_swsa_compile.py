@@ -56,6 +56,7 @@ def test_compiled_blocks_compile_the_branch_once_for_any_clip_length(monkeypatch
     # the branch: static, then dynamic at the second length (the slices' strides follow the clip's layout); 2 blocks
     # and 30 slices, at most 2 graphs
     assert _graphs_with(counter, 'gelu') <= 2
+    assert counter.frame_count - _graphs_with(counter, 'gelu') == 2 * 3  # attention: static, per shift and length
     for gm in counter.graphs:  # not unrolled: each graph holds its block's linears once
         linears = sum('function linear' in str(n.target) for n in gm.graph.nodes)
         assert linears == (3 if any('gelu' in str(n.target) for n in gm.graph.nodes) else 2)
