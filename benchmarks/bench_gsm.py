@@ -8,9 +8,9 @@ GSMNet rows: the whole-clip schedule in fp32 with mamba-ssm's scan (every layer 
 code runs it), the streaming schedule (``streaming_eval``, the default without autograd) in fp32 and under bf16
 autocast, the compiled network (``compile_blocks``, the default GPU path in bf16) in fp32 and bf16, the compiled fp32
 network with cuBLAS's fp32 GEMMs (``fp32_matmul='ieee'``) and with its larger GEMMs as three TF32 products each
-(the default ``fp32_matmul='3xtf32'``, gsmsr.ops.matmul3x), the compiled bf16 network with FlexAttention in the SWSA
-blocks, and with --mamba-scan the compiled bf16 network with mamba-ssm's scan instead of gsmsr's Triton scan, and
-with --variants one compiled bf16 row per variant: ``slab=N`` sets ``GSMNet.stream_slab``, ``dwconv_<field>=N`` sets
+(the default ``fp32_matmul='3xtf32'``, gsmsr.ops.matmul3x), and with --mamba-scan the compiled bf16 network with
+mamba-ssm's scan instead of gsmsr's Triton scan, and with --variants one compiled bf16 row per variant: ``slab=N`` sets
+``GSMNet.stream_slab``, ``dwconv_<field>=N`` sets
 that ``DWConvConfig`` field of the MLP stencil (``dwconv3d.OP_CONFIG``), ``flipfree=1`` runs BiMamba's backward branch
 without flips (``bimamba.FLIP_FREE``; 0 for the flipped form), ``iwarp=0`` the implicit warp's PyTorch ops instead
 of its fused kernels (``implicit_warp.FUSED_ATTENTION``), ``fscatter=0`` the GSM block's scatter warps through
@@ -156,18 +156,6 @@ def main() -> int:
 
         return run
 
-    def flex_run(net: GSMNet):
-        inner = gsm_run(True, torch.bfloat16, net=net)
-
-        def run(x):
-            SWSA.FLEX_ATTENTION = True
-            try:
-                return inner(x)
-            finally:
-                SWSA.FLEX_ATTENTION = False
-
-        return run
-
     models: Dict[str, Callable] = {
         'GSMNet fp32 whole-clip': gsm_run(False, net=gsm_faithful),
         'GSMNet fp32 streaming': gsm_run(True),
@@ -175,7 +163,6 @@ def main() -> int:
         'GSMNet fp32 compiled': gsm_run(True, net=variant(compile_blocks=True, fp32_matmul='ieee')),
         'GSMNet fp32 compiled 3xtf32': gsm_run(True, net=gsm_compiled),
         'GSMNet bf16 compiled': gsm_run(True, torch.bfloat16, net=gsm_compiled),
-        'GSMNet bf16 compiled+flex attention': flex_run(variant(compile_blocks=True)),
     }
     for spec in (v.strip() for v in args.variants.split(';') if v.strip()):
         variant = {k.strip(): int(v) for k, v in (kv.split('=') for kv in spec.split(','))}

@@ -96,7 +96,6 @@ def traced_switches() -> Tuple[object, ...]:
 
     scan = importlib.import_module('gsmsr.ops.selective_scan')  # the module; gsmsr.ops exports a function of that name
     return (
-        ('flex_attention', swsa.FLEX_ATTENTION, swsa.flex_attention is not None),
         ('sdpa_attention', swsa.SDPA_ATTENTION),
         ('max_windows', swsa.WindowAttention.max_windows),
         ('scan_infer', scan.INFER_IMPL),

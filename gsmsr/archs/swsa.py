@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import functools
 from functools import lru_cache
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
-
-try:
-    from torch.nn.attention.flex_attention import flex_attention
-except ImportError:  # torch < 2.5: the explicit path only
-    flex_attention = None
 
 Size3 = Tuple[int, int, int]
 
@@ -107,33 +102,6 @@ def window_attention_ref(
     return attn.softmax(dim=-1) @ v
 
 
-def window_attention_flex(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    bias: Tensor,
-    labels: Optional[Tensor],
-    scale: float,
-    kernel_options: Optional[Dict[str, Any]] = None,
-) -> Tensor:
-    """:func:`window_attention_ref` through FlexAttention, same arguments and values: the bias and the shift mask
-    are added to each score inside the fused kernel, so no (w, heads, n, n) tensor exists. Each window is one batch
-    element of at most 128 tokens (one kernel tile), so no block mask is needed. Fused only when compiled."""
-    if labels is None:
-
-        def score_mod(score: Tensor, b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
-            return score + bias[h, i, j]
-
-    else:
-        nl = labels.shape[0]
-
-        def score_mod(score: Tensor, b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
-            w = b % nl
-            return score + bias[h, i, j] + torch.where(labels[w, i] == labels[w, j], 0.0, -100.0)
-
-    return flex_attention(q, k, v, score_mod=score_mod, scale=scale, kernel_options=kernel_options)
-
-
 SDPA_MAX_WINDOWS = 32768  # windows a call of window_attention_sdpa's SDPA
 
 
@@ -174,12 +142,6 @@ def window_attention_sdpa(
     return o.view(-1, *tail)
 
 
-# FlexAttention for the compiled bf16 SWSA blocks. Off: alone it beat the explicit form 1.7-2.5x (bench_attn.py), but
-# inside the compiled network its kernels took 9.4 ms a call (22 ms per frame against ~10 for the explicit form;
-# benchmarks/NOTES.md). The flex row of bench_gsm.py turns it on to re-measure.
-FLEX_ATTENTION = False
-
-
 # SDPA (window_attention_sdpa) for the bf16 SWSA blocks without autograd: -4.7 ms/frame in the network
 # (benchmarks/NOTES.md; bench_gsm's ``--variants sdpa=0`` times it off).
 SDPA_ATTENTION = True
@@ -190,21 +152,6 @@ def use_sdpa(x: Tensor) -> bool:
     autograd. In fp32 SDPA's kernel lost to the explicit form (bench_attn.py)."""
     half = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else x.dtype
     return SDPA_ATTENTION and x.is_cuda and half.itemsize == 2 and not torch.is_grad_enabled()
-
-
-def use_flex(x: Tensor) -> bool:
-    """Whether window attention takes the fused FlexAttention path: only on CUDA inside a compiled graph (the
-    ``compile_blocks`` path) and in half precision (bf16 autocast). Eagerly, flex runs an unfused reference slower
-    than the explicit form, and it has no CPU backward. In fp32 its full-precision dots lost to the explicit form
-    on an H200 (forward 4.3 against 3.6 ms, forward + backward 46 against 10 ms; benchmarks/NOTES.md)."""
-    half = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else x.dtype
-    return (
-        FLEX_ATTENTION
-        and flex_attention is not None
-        and x.is_cuda
-        and half.itemsize == 2
-        and torch.compiler.is_compiling()
-    )
 
 
 class WindowAttention(nn.Module):
@@ -238,10 +185,8 @@ class WindowAttention(nn.Module):
     ) -> Tensor:
         """x: (B*nW, n, C); labels: (nW, n) shift-region ids (:func:`shift_labels`), or None for unshifted windows;
         window i of the batch uses labels[i % nW]. grid, shifted_axes: the windows' (B, Dw, Hw, Ww) and the shifted
-        axes (0-2), for :func:`window_attention_sdpa` (without them the other paths run). Returns (B*nW, n, C)."""
+        axes (0-2), for :func:`window_attention_sdpa` (without them the explicit path runs). Returns (B*nW, n, C)."""
         bias = self.position_bias(x.shape[1])
-        if use_flex(x):
-            return self._attend(x, bias, labels, window_attention_flex)
         if grid is not None and use_sdpa(x):
             sdpa = functools.partial(
                 window_attention_sdpa, grid=grid, shifted_axes=shifted_axes, explicit=self._explicit_chunks
@@ -280,19 +225,10 @@ class WindowAttention(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     def _attend(self, x: Tensor, bias: Tensor, labels: Optional[Tensor], core: Callable[..., Tensor]) -> Tensor:
-        """x: (w, n, C) -> (w, n, C): qkv projection, ``core`` (:func:`window_attention_ref`,
-        :func:`window_attention_flex`, or :func:`window_attention_sdpa` bound to its windows) over the heads, output
-        projection."""
+        """x: (w, n, C) -> (w, n, C): qkv projection, ``core`` (:func:`window_attention_ref`, or
+        :func:`window_attention_sdpa` bound to its windows) over the heads, output projection."""
         bw, n, c = x.shape
-        if core is window_attention_flex:
-            # q, k, v straight from three GEMMs (strided views, no pointwise op between) so that Inductor does not
-            # fuse their extraction from one qkv tensor into the flex kernel's loads
-            q, k, v = (
-                F.linear(x, wi).view(bw, n, self.num_heads, c // self.num_heads).transpose(1, 2)
-                for wi in self.qkv_self.weight.chunk(3)
-            )
-        else:
-            q, k, v = self.qkv_self(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv_self(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         o = core(q, k, v, bias, labels, self.scale)
         return self.proj(o.transpose(1, 2).reshape(bw, n, c))
 

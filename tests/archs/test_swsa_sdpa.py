@@ -4,17 +4,20 @@ SDPA runs its math path on CPU, the same values as its fused CUDA kernel up to r
 part that is ours: the bias as a mask broadcast over the windows, and the windows that hold several shift regions
 (the last along each shifted axis) redone with their region masks. Sizes cover padding, all three axes shifted,
 an axis no longer than the window (not shifted), batch 2, and fewer windows than max_windows (and SDPA's
-SDPA_MAX_WINDOWS) and more.
+SDPA_MAX_WINDOWS) and more. Also here: the shift mask built from region labels against the official construction,
+and its finite -100.0 value kept by the explicit path and SDPA.
 """
 
 from __future__ import annotations
+
+from typing import Tuple
 
 import pytest
 import torch
 from torch import Tensor
 
 from gsmsr.archs import swsa
-from gsmsr.archs.swsa import SWSAGroup
+from gsmsr.archs.swsa import SHIFT, WINDOW, SWSAGroup, WindowAttention, effective_window, label_mask, shift_labels
 
 
 def rel_err(a: Tensor, b: Tensor) -> float:
@@ -84,3 +87,55 @@ def test_compiled_block_traces_sdpa_in_one_graph(monkeypatch):
     nodes = [n for gm in counter.graphs for n in gm.graph.nodes]
     assert any('scaled_dot_product_attention' in str(n.target) for n in nodes)
     assert rel_err(got, want) < 2e-6
+
+
+def _official_mask(padded: Tuple[int, int, int], ws, ss) -> Tensor:
+    """The official construction: a float region map, windowed, -100.0 where two tokens' regions differ."""
+    img = torch.zeros(1, *padded, 1)
+    cnt = 0
+    for d in (slice(-ws[0]), slice(-ws[0], -ss[0]), slice(-ss[0], None)) if ss[0] else (slice(None),):
+        for h in (slice(-ws[1]), slice(-ws[1], -ss[1]), slice(-ss[1], None)) if ss[1] else (slice(None),):
+            for w in (slice(-ws[2]), slice(-ws[2], -ss[2]), slice(-ss[2], None)) if ss[2] else (slice(None),):
+                img[:, d, h, w, :] = cnt
+                cnt += 1
+    win = swsa.window_partition(img, ws).squeeze(-1)
+    diff = win.unsqueeze(1) - win.unsqueeze(2)
+    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+
+
+@pytest.mark.parametrize('size', [(3, 19, 21), (1, 16, 24), (2, 5, 12), (6, 32, 32)])
+def test_labels_give_the_official_shift_mask(size):
+    ws, ss = effective_window(size, WINDOW, SHIFT)
+    padded = tuple(-(-n // s) * s for n, s in zip(size, ws))
+    got = label_mask(shift_labels(padded, ws, ss, 'cpu'), torch.float32)
+    assert torch.equal(got, _official_mask(padded, ws, ss))
+
+
+def test_shift_mask_keeps_the_finite_value(monkeypatch):
+    """-100.0, not -inf: with scores spanning hundreds, masked pairs still carry weight. The explicit path keeps that
+    value, and so does SDPA (its windows of several regions are redone by the explicit form)."""
+    torch.manual_seed(0)
+    attn = WindowAttention(48, 2).double()
+    size = (3, 19, 21)  # padding, all three axes shifted
+    ws, ss = effective_window(size, WINDOW, SHIFT)
+    padded = tuple(-(-n // s) * s for n, s in zip(size, ws))
+    labels = shift_labels(padded, ws, ss, 'cpu')
+    nw, n = labels.shape
+    grid = (2, *(p // w for p, w in zip(padded, ws)))  # batch 2: window i uses labels[i % nW]
+    x = 40.0 * torch.randn(2 * nw, n, 48, dtype=torch.float64)
+    with torch.no_grad():
+        monkeypatch.setattr(swsa, 'use_sdpa', lambda x: True)
+        got = attn(x, labels, grid, (0, 1, 2))
+        monkeypatch.setattr(swsa, 'use_sdpa', lambda x: False)
+        ref = attn(x, labels, grid, (0, 1, 2))
+
+        # the same attention with an infinite mask: far from ref, so this input tells the mask values apart
+        def hard_core(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, labels: Tensor, scale: float) -> Tensor:
+            s = (q * scale) @ k.transpose(-2, -1) + bias
+            return s.masked_fill(label_mask(labels, s.dtype).unsqueeze(1) != 0, float('-inf')).softmax(-1) @ v
+
+        hard = attn._attend(x, attn.position_bias(n), labels.repeat(2, 1), hard_core)
+        plain = attn._attend(x, attn.position_bias(n), None, swsa.window_attention_ref)  # no shift mask at all
+    assert rel_err(hard, ref) > 1e-3
+    assert rel_err(plain, ref) > 1e-3
+    assert rel_err(got, ref) < 1e-12
