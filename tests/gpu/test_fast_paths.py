@@ -146,6 +146,6 @@ def test_precompiled_blocks_match_compiled_and_load_in_a_fresh_process(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stdout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('gsmsr.archs')]
-    assert len(lines) == 2, proc.stdout
+    assert len(lines) == 3, proc.stdout  # window step, SWSA attention, SWSA per-token branch
     assert all(e.startswith('loaded') for ln in lines for e in ln.split(' ', 1)[1].split('|')), proc.stdout
     torch.testing.assert_close(torch.load(tmp_path / 'out.pt'), got, rtol=1e-3, atol=1e-3)
