@@ -625,6 +625,7 @@ def upscale_video(
             if os.environ.get(AOT_ENV) == '1' and hasattr(net, 'precompile_dir'):  # experimental, off by default
                 net.precompile_dir = str(root / 'aot')
         timeline['caches_ready'] = time.time()
+        precompiled_before = _precompiled_seconds(net) if compiled else None  # a network reused across runs
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
         # frames per network call, as _stream will choose them (an unknown count with chunk 0: planned for the default)
@@ -719,6 +720,8 @@ def upscale_video(
         seconds = time.perf_counter() - started
         busy = meter.busy() if meter is not None else None  # every frame is on the host: nothing left to wait for
         precompiled = _precompiled_seconds(net) if compiled else None
+        if precompiled is not None and precompiled_before is not None:
+            precompiled = {k: round(v - precompiled_before[k], 3) for k, v in precompiled.items()}
         if first_written:
             timeline['first_frame_written'] = first_written[0][1]
     finally:  # threads stop before the source closes and the sink is aborted
