@@ -164,8 +164,9 @@ class InferenceStats:
     # None on CPU or with a single chunk.
     gpu_busy_steady: Optional[float] = None
     steady_chunks: Optional[int] = None  # the chunks it was measured over (None: not measured)
-    # Seconds the network's precompiled functions (GSMSR_AOT=1) spent loading files and compiling, all of them
-    # together, during the run: the part of the first chunk that is start-up rather than frames. None without them.
+    # Seconds the network's precompiled functions (GSMSR_AOT=1) spent loading files, compiling, and in the first call
+    # of each (host time), all of them together, during the run: the part of the first chunk that is start-up rather
+    # than frames. None without them.
     precompiled_s: Optional[Dict[str, float]] = None
     # Unix times of the start-up phases, in order (TIMELINE; the CLI's runs have all of them, upscale_video alone
     # the ones from caches_ready on), and where process_start comes from (gsmsr.launch.process_start).
@@ -758,11 +759,11 @@ def upscale_video(
 
 
 def _precompiled_seconds(net: nn.Module) -> Optional[Dict[str, float]]:
-    """Load and compile seconds of ``net.precompiled`` (GSMNet's PrecompiledFunctions) summed, or None."""
+    """Load, compile and first-call seconds of ``net.precompiled`` (GSMNet's PrecompiledFunctions) summed, or None."""
     fns = [fn for fn in getattr(net, 'precompiled', ()) if hasattr(fn, 'seconds')]
     if not fns:
         return None
-    return {k: round(sum(fn.seconds[k] for fn in fns), 3) for k in ('load', 'compile')}
+    return {k: round(sum(fn.seconds[k] for fn in fns), 3) for k in fns[0].seconds}
 
 
 # ----------------------------------------------------------------------------------------------- CLI

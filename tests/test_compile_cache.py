@@ -179,24 +179,25 @@ def test_precompiled_equals_eager_and_one_function_serves_all_modules(tmp_path, 
             torch.testing.assert_close(fn(m, x), Tiny.forward(m, x), rtol=0, atol=0)
     assert len(fn.entries) == 1 and len(files(tmp_path)) == 1
     assert [e.split()[0] for e in fn.events] == ['compiled', 'saved']
-    assert fn.seconds['compile'] > 0 and fn.seconds['load'] == 0
+    assert fn.seconds['compile'] > 0 and fn.seconds['load'] == 0 and fn.seconds['first_call'] > 0
     assert files(tmp_path)[0].startswith('Tiny.forward-cpu-torch')
     again = PrecompiledFunction(Tiny.forward, tmp_path)  # a new instance reads the file
     with torch.no_grad():
         torch.testing.assert_close(again(b, x), Tiny.forward(b, x), rtol=0, atol=0)
     assert [e.split()[0] for e in again.events] == ['loaded']
-    assert again.seconds['load'] > 0 and again.seconds['compile'] == 0
+    assert again.seconds['load'] > 0 and again.seconds['compile'] == 0 and again.seconds['first_call'] > 0
 
 
 def test_precompiled_seconds_summed_for_the_run_stats(tmp_path, aot):
     from gsmsr.inference import _precompiled_seconds
 
     a, b = PrecompiledFunction(Tiny.forward, tmp_path), PrecompiledFunction(Tiny.forward, tmp_path)
-    a.seconds, b.seconds = {'load': 0.5, 'compile': 2.0}, {'load': 0.25, 'compile': 0.0}
+    a.seconds = {'load': 0.5, 'compile': 2.0, 'first_call': 1.0}
+    b.seconds = {'load': 0.25, 'compile': 0.0, 'first_call': 0.5}
     assert _precompiled_seconds(nn.Module()) is None  # not precompiled: nothing to report
     net = nn.Module()
     net.precompiled = (a, b)
-    assert _precompiled_seconds(net) == {'load': 0.75, 'compile': 2.0}
+    assert _precompiled_seconds(net) == {'load': 0.75, 'compile': 2.0, 'first_call': 1.5}
 
 
 def test_precompiled_keys_inputs_state_switches_and_config(tmp_path, aot):
