@@ -82,10 +82,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gsmsr.compile_cache import AOT_ENV, MegaCache, enable_persistent_caches
-from gsmsr.faults import InputError, check_free_space, one_line, run_reporting_errors
+from gsmsr.faults import FaultError, InputError, check_free_space, one_line, run_reporting_errors
 from gsmsr.io_threads import FrameWriter, ReadAhead
 from gsmsr.launch import launch_timeline
-from gsmsr.memory_plan import choose_tiling, free_device_bytes, whole_chunk_swsa_fits
+from gsmsr.memory_plan import choose_tiling, estimate_peak_bytes, free_device_bytes, whole_chunk_swsa_fits
 from gsmsr.tiling import Tile, accumulate_tiles, chunk_length, tile_sides, tile_weight_map
 from gsmsr.utils import atomic_write_text, resolve_device
 from gsmsr.video_io import check_output, estimated_output_bytes, open_sink, open_source, output_kind
@@ -96,6 +96,7 @@ __all__ = [
     'DEFAULT_NETWORK',
     'MIN_SIZE',
     'InputError',
+    'DeviceMemoryError',
     'InferenceStats',
     'load_network',
     'upscale_frames',
@@ -143,6 +144,11 @@ TIMELINE = (
     'first_chunk_queued',  # the first chunk's network calls made (compilation, loading precompiled blocks included)
     'first_frame_written',  # the first output frame written (= first_frame_at)
 )
+
+
+class DeviceMemoryError(FaultError):
+    """The GPU ran out of memory in :func:`upscale_video`; the message names the planned calls and what to lower.
+    Its ``__cause__`` is PyTorch's own error."""
 
 
 @dataclass
@@ -545,6 +551,32 @@ def _plan_tiling(
     )
 
 
+def _describe_plan(
+    sides: Tuple[int, int],
+    tile_batch: int,
+    info,
+    length: int,
+    scale: int,
+    precision: str,
+    compiled: bool,
+    whole_swsa: bool,
+    device: torch.device,
+) -> str:
+    """The network calls' shape and, on CUDA, the planned peak against the free memory (for the out-of-memory
+    message: a plan that did not fit is what a user or a bug report needs to see)."""
+    text = (
+        f'{info.height}x{info.width} frames in tiles of {sides[0]}x{sides[1]}, {tile_batch} a call, '
+        f'chunks of {length} frames, {precision}, SWSA over {"whole chunks" if whole_swsa else "slabs"}'
+    )
+    free = free_device_bytes(device)
+    if free is None:
+        return text
+    peak = estimate_peak_bytes(
+        sides, tile_batch, info.height, info.width, length, scale, precision, compiled, whole_swsa
+    )
+    return f'{text}; planned peak {peak / 2**30:.1f} GiB of {free / 2**30:.1f} GiB free'
+
+
 def _whole_chunk_swsa(
     net: nn.Module,
     sides: Tuple[int, int],
@@ -610,6 +642,7 @@ def upscale_video(
     source = open_source(input_path)
     reader = writer = sink = None
     whole_swsa, own_stream_whole = False, None
+    plan = 'before the tiling was planned'
     try:
         info = source.info
         scale = scale or getattr(net, 'upscale', None)
@@ -641,6 +674,7 @@ def upscale_video(
         if whole_swsa:  # the caller's setting comes back at the end
             own_stream_whole = net.__dict__.get('stream_whole')
             net.stream_whole = length
+        plan = _describe_plan(sides, tile_batch, info, length, scale, precision, compiled, whole_swsa, device)
         sink = open_sink(
             output_path,
             scale * info.width,
@@ -725,6 +759,10 @@ def upscale_video(
             precompiled = {k: round(v - precompiled_before[k], 3) for k, v in precompiled.items()}
         if first_written:
             timeline['first_frame_written'] = first_written[0][1]
+    except torch.cuda.OutOfMemoryError as err:
+        raise DeviceMemoryError(
+            f'out of GPU memory ({plan}); lower --chunk and/or --tile. PyTorch: {one_line(err, 300)}'
+        ) from err
     finally:  # threads stop before the source closes and the sink is aborted
         if whole_swsa:
             if own_stream_whole is None:
@@ -888,30 +926,22 @@ def _run(args: argparse.Namespace) -> int:
     net = load_network(args.weights, args.opt, device, timeline)
     if hasattr(net, 'compile_blocks'):
         net.compile_blocks = device.type == 'cuda' if args.compile is None else args.compile
-    try:
-        stats = upscale_video(
-            args.input,
-            args.output,
-            net,
-            chunk=args.chunk,
-            overlap=args.overlap,
-            tile=args.tile,
-            tile_overlap=args.tile_overlap,
-            precision=args.precision,
-            device=device,
-            tile_batch=args.tile_batch,
-            force=args.force,
-            fps=args.fps,
-            progress=args.progress,
-            timeline=timeline,
-        )
-    except torch.cuda.OutOfMemoryError:
-        print(
-            f'{PROG}: error: out of GPU memory; lower --chunk and/or --tile '
-            f'(now {args.chunk}, {"auto" if args.tile is None else args.tile})',
-            file=sys.stderr,
-        )
-        return 1
+    stats = upscale_video(
+        args.input,
+        args.output,
+        net,
+        chunk=args.chunk,
+        overlap=args.overlap,
+        tile=args.tile,
+        tile_overlap=args.tile_overlap,
+        precision=args.precision,
+        device=device,
+        tile_batch=args.tile_batch,
+        force=args.force,
+        fps=args.fps,
+        progress=args.progress,
+        timeline=timeline,
+    )
     stats.process_start_source = process_start_source
     print(f'{PROG}: {stats.summary()}', file=sys.stderr)
     if args.stats_json:

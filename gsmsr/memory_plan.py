@@ -9,7 +9,7 @@ per network call, scale ``s``:
   T * NET_BYTES_PER_PIXEL_FRAME)``. The per-pixel term is what the streaming schedule holds whatever ``T`` is
   (an SWSA slab of ``stream_slab + 2*halo`` frames, or a whole chunk of up to ``stream_whole``; the K-frame window
   step); the per-pixel-frame term grows with the chunk (features, flows, the HR output of the call and its weighted
-  copy).
+  copy). SWSA over more frames than a slab adds ``SWSA_BYTES_PER_PIXEL_FRAME`` for each frame beyond it.
 
 The constants are for the compiled bf16 path (the GPU default); fp32 and the eager path scale them.
 :func:`choose_tiling` takes the largest tile under ``HEADROOM`` of the free memory that computes the fewest
@@ -32,6 +32,9 @@ __all__ = [
     'NET_BYTES_PER_PIXEL',
     'NET_BYTES_PER_PIXEL_FRAME',
     'FILL_PIXELS',
+    'SLAB_FRAMES',
+    'STREAM_WHOLE',
+    'SWSA_BYTES_PER_PIXEL_FRAME',
     'chunk_bytes',
     'call_bytes',
     'estimate_peak_bytes',
@@ -51,11 +54,14 @@ NET_FIXED_BYTES = 5 * GiB // 2  # weights, workspaces, the allocator's share tha
 NET_BYTES_PER_PIXEL = 40 * KiB  # per LR pixel of a call, independent of T: SWSA slab and window step
 NET_BYTES_PER_PIXEL_FRAME = 448  # per LR pixel and frame of a call: bf16 features, flows, fp32 HR output
 FILL_PIXELS = 180 * 320  # LR pixels per call from which the GPU is busy; smaller tiles are batched to this
-# SWSA over a whole chunk instead of slabs (whole_chunk_swsa_fits): per LR pixel and frame beyond a slab's frames.
-# From bench_gsm at 20 x 180 x 320, bf16 compiled, H200: whole clip 5.05 against slabs 4.23 GiB, i.e. 0.82 GiB for 4
-# frames more than a slab's 16 (3.7 KiB a pixel-frame), rounded up.
-SWSA_BYTES_PER_PIXEL_FRAME = 4 * KiB
+# SWSA over more frames than a slab (a chunk of at most STREAM_WHOLE frames is one slab; whole_chunk_swsa_fits
+# raises that to the chunk): per LR pixel and frame beyond a slab's. Fitted with gsmsr infer on an H200 (NOTES,
+# 2026-12-03): whole 360 x 640 chunks of 28 peaked at 18.39 GiB (slab model 15.24), whole 1080 x 1920 frames in one
+# chunk of 20 at 113.46 (slab model 107.02): 1.2 and 0.8 KiB a pixel-frame beyond 16; rounded up, the model
+# over-estimates both by 4-5 %.
+SWSA_BYTES_PER_PIXEL_FRAME = 3 * KiB // 2
 SLAB_FRAMES = 16  # frames an SWSA slab spans with the release config (GSMNet.stream_slab + 2 * halo)
+STREAM_WHOLE = 20  # GSMNet.stream_whole: chunks of at most this many frames run SWSA once over the whole chunk
 # Multipliers of the two per-pixel terms for the other paths: fp32 from bench_gsm's compiled fp32 row (9.01 against
 # 5.05 GiB at 20 x 180 x 320, H200); the eager one a placeholder, not measured yet.
 FP32_FACTOR = 2.6  # fp32 features and activations
@@ -73,10 +79,15 @@ def _path_factor(precision: str, compiled: bool) -> float:
     return (FP32_FACTOR if precision == 'fp32' else 1.0) * (1.0 if compiled else EAGER_FACTOR)
 
 
-def call_bytes(pixels: int, frames: int, precision: str = 'bf16', compiled: bool = True) -> int:
-    """Peak bytes of one network call on ``pixels`` LR pixels (all tiles of the call) of ``frames`` frames."""
+def call_bytes(
+    pixels: int, frames: int, precision: str = 'bf16', compiled: bool = True, whole_swsa: bool = False
+) -> int:
+    """Peak bytes of one network call on ``pixels`` LR pixels (all tiles of the call) of ``frames`` frames; SWSA
+    spans the whole call with ``whole_swsa``, else slabs (one, for at most ``STREAM_WHOLE`` frames)."""
     factor = _path_factor(precision, compiled)
-    return NET_FIXED_BYTES + int(factor * pixels * (NET_BYTES_PER_PIXEL + frames * NET_BYTES_PER_PIXEL_FRAME))
+    swsa = frames if whole_swsa or frames <= STREAM_WHOLE else SLAB_FRAMES
+    per_frame = frames * NET_BYTES_PER_PIXEL_FRAME + max(0, swsa - SLAB_FRAMES) * SWSA_BYTES_PER_PIXEL_FRAME
+    return NET_FIXED_BYTES + int(factor * pixels * (NET_BYTES_PER_PIXEL + per_frame))
 
 
 def _call_pixels(tile: Tuple[int, int], tile_batch: int, height: int, width: int) -> int:
@@ -93,10 +104,11 @@ def estimate_peak_bytes(
     scale: int,
     precision: str = 'bf16',
     compiled: bool = True,
+    whole_swsa: bool = False,
 ) -> int:
     """Estimated peak device bytes of streaming ``frames``-frame chunks of ``height x width`` in ``tile`` tiles."""
     pixels = _call_pixels(tile, tile_batch, height, width)
-    return chunk_bytes(height, width, frames, scale) + call_bytes(pixels, frames, precision, compiled)
+    return chunk_bytes(height, width, frames, scale) + call_bytes(pixels, frames, precision, compiled, whole_swsa)
 
 
 def choose_tiling(
@@ -147,10 +159,7 @@ def whole_chunk_swsa_fits(
     """Whether the SWSA groups can run once over each whole ``frames``-frame chunk (``GSMNet.stream_whole`` raised
     to the chunk) with the estimated peak still under ``HEADROOM`` of the free memory. Slabs recompute a halo on
     each side (16 frames for every 8 kept), so a whole chunk saves SWSA work at the cost of its frames' transients."""
-    factor = _path_factor(precision, compiled)
-    pixels = _call_pixels(tile, tile_batch, height, width)
-    extra = int(factor * pixels * max(0, frames - SLAB_FRAMES) * SWSA_BYTES_PER_PIXEL_FRAME)
-    peak = estimate_peak_bytes(tile, tile_batch, height, width, frames, scale, precision, compiled) + extra
+    peak = estimate_peak_bytes(tile, tile_batch, height, width, frames, scale, precision, compiled, whole_swsa=True)
     return peak <= HEADROOM * free_bytes
 
 

@@ -206,6 +206,46 @@ def test_full_disk_video_is_one_line_and_leaves_nothing(tmp_path, capsys, tiny_n
     assert os.listdir(tmp_path) == ['in']
 
 
+def test_out_of_gpu_memory_names_the_plan_and_leaves_nothing(tmp_path, capsys, tiny_net, monkeypatch):
+    src = write_folder(tmp_path / 'in', make_frames(4, 36, 36))
+    real_call = inference._network_call
+
+    def oom_call(*args, **kwargs):
+        call = real_call(*args, **kwargs)
+
+        def second_chunk_fails(lq, *rest, **kw):  # the first chunk's frames are written, then the device is full
+            if second_chunk_fails.calls:
+                raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 4.00 GiB')
+            second_chunk_fails.calls += 1
+            return call(lq, *rest, **kw)
+
+        second_chunk_fails.calls = 0
+        return second_chunk_fails
+
+    monkeypatch.setattr(inference, '_network_call', oom_call)
+    code, err = infer(capsys, tiny_net, src, tmp_path / 'out', '--chunk', '2', '--overlap', '0', '--tile', '32', '--tile-overlap', '8')
+    assert code == 1, err
+    line = one_line(err)
+    assert line.startswith('gsmsr infer: error: out of GPU memory (36x36 frames in tiles of 32x32, 1 a call, ')
+    assert 'chunks of 2 frames, fp32, SWSA over slabs); lower --chunk and/or --tile.' in line, line
+    assert line.endswith('PyTorch: CUDA out of memory. Tried to allocate 4.00 GiB'), line
+    assert os.listdir(tmp_path) == ['in']
+
+
+def test_infer_asks_for_expandable_segments_unless_the_user_set_the_allocator(monkeypatch, capsys):
+    for name in cli.ALLOC_CONF_VARS:
+        monkeypatch.setenv(name, '')  # unset, and restored after the test
+    with pytest.raises(SystemExit):
+        cli.main(['infer', '--help'])
+    assert os.environ['PYTORCH_CUDA_ALLOC_CONF'] == 'expandable_segments:True'
+    monkeypatch.setenv('PYTORCH_CUDA_ALLOC_CONF', '')
+    monkeypatch.setenv('PYTORCH_ALLOC_CONF', 'max_split_size_mb:512')
+    with pytest.raises(SystemExit):
+        cli.main(['infer', '--help'])
+    assert os.environ['PYTORCH_CUDA_ALLOC_CONF'] == '' and os.environ['PYTORCH_ALLOC_CONF'] == 'max_split_size_mb:512'
+    capsys.readouterr()
+
+
 def test_free_space_is_checked_before_the_network_loads(tmp_path, capsys, tiny_net, monkeypatch):
     src = write_folder(tmp_path / 'in', make_frames(3, 36, 36))
     usage = faults.shutil.disk_usage(tmp_path)

@@ -13,12 +13,17 @@ import torch.nn.functional as F
 from test_inference import TINY_GSM, InferTestNet, make_frames, quantise, to_lq
 
 from gsmsr.archs import GSMNet
-from gsmsr.inference import _network_call, _stream, upscale_frames
+from gsmsr.inference import DEFAULT_NETWORK, _network_call, _stream, upscale_frames
 from gsmsr.memory_plan import (
     HEADROOM,
+    NET_BYTES_PER_PIXEL,
+    NET_BYTES_PER_PIXEL_FRAME,
+    NET_FIXED_BYTES,
     SLAB_FRAMES,
+    STREAM_WHOLE,
     SWSA_BYTES_PER_PIXEL_FRAME,
     choose_tiling,
+    chunk_bytes,
     estimate_peak_bytes,
     whole_chunk_swsa_fits,
 )
@@ -84,7 +89,7 @@ def test_choose_tiling_whole_frame_when_it_fits_and_under_headroom():
             n = len(tile_regions(h, w, tile, 32))
             assert n % batch == 0 and choose_tiling(free, h, w, frames, 4, 32) == (tile, batch)  # pure
     assert choose_tiling(139 * GiB, 360, 640, 32, 4, 32) == ((360, 640), 1)
-    assert choose_tiling(139 * GiB, 1080, 1920, 32, 4, 32) == ((1080, 1920), 1)  # ~121 of 125 GiB allowed
+    assert choose_tiling(139 * GiB, 1080, 1920, 32, 4, 32) == ((1080, 1920), 1)  # ~122 of 125 GiB allowed
     assert choose_tiling(22 * GiB, 1080, 1920, 32, 4, 32)[0] != (1080, 1920)
 
 
@@ -111,9 +116,24 @@ def test_whole_chunk_swsa_needs_its_frames_transients_under_the_headroom():
         assert not whole_chunk_swsa_fits(int((fp32 + extra) / HEADROOM), (h, w), 1, h, w, frames, 4, 'fp32')
     assert whole_chunk_swsa_fits(139 * GiB, (360, 640), 1, 360, 640, 28, 4)
     assert not whole_chunk_swsa_fits(139 * GiB, (1080, 1920), 1, 1080, 1920, 28, 4)
+    # A chunk of at most STREAM_WHOLE frames is one SWSA slab of all its frames: counted with or without whole_swsa.
+    for frames in (SLAB_FRAMES + 1, STREAM_WHOLE):
+        peak = estimate_peak_bytes((360, 640), 1, 360, 640, frames, 4)
+        assert peak == estimate_peak_bytes((360, 640), 1, 360, 640, frames, 4, whole_swsa=True)
+        slab = estimate_peak_bytes((360, 640), 1, 360, 640, frames, 4) - chunk_bytes(360, 640, frames, 4)
+        plain = NET_FIXED_BYTES + 360 * 640 * (NET_BYTES_PER_PIXEL + frames * NET_BYTES_PER_PIXEL_FRAME)
+        assert slab - plain == 360 * 640 * (frames - SLAB_FRAMES) * SWSA_BYTES_PER_PIXEL_FRAME
     # no more frames than a slab: nothing beyond the tiling's own estimate
     peak = estimate_peak_bytes((360, 640), 1, 360, 640, SLAB_FRAMES, 4)
     assert whole_chunk_swsa_fits(int(peak / HEADROOM) + 1024, (360, 640), 1, 360, 640, SLAB_FRAMES, 4)
+
+
+def test_memory_model_frames_follow_the_release_network():
+    """The model's SWSA frame counts are the release GSMNet's streaming schedule (slab plus a halo each side)."""
+    net = GSMNet(**{k: v for k, v in DEFAULT_NETWORK.items() if k != 'type'})
+    depth = len(net.prop_layers[0].stage.attn_blocks.blocks)
+    assert SLAB_FRAMES == net.stream_slab + 2 * (depth + depth % 2)
+    assert STREAM_WHOLE == net.stream_whole
 
 
 def test_choose_tiling_batches_small_tiles():
