@@ -8,6 +8,7 @@ the nominal relative-position index.
 from __future__ import annotations
 
 import functools
+import itertools
 from functools import lru_cache
 from typing import Any, Callable, Optional, Sequence, Tuple
 
@@ -102,7 +103,15 @@ def window_attention_ref(
     return attn.softmax(dim=-1) @ v
 
 
-SDPA_MAX_WINDOWS = 32768  # windows a call of window_attention_sdpa's SDPA
+SDPA_MAX_WINDOWS = 32768  # windows a call of SDPA: its fused kernels put the batch in a grid dimension of <= 65,535
+
+
+def _sdpa_windows(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """SDPA over (w, heads, n, d) windows with one (1, heads, n, n) additive mask, SDPA_MAX_WINDOWS at a time."""
+    step = SDPA_MAX_WINDOWS
+    parts = [F.scaled_dot_product_attention(*(t[i : i + step] for t in (q, k, v)), attn_mask=mask, scale=scale)
+             for i in range(0, q.shape[0], step)]  # fmt: skip
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def window_attention_sdpa(
@@ -114,31 +123,29 @@ def window_attention_sdpa(
     scale: float,
     grid: Tuple[int, int, int, int],
     shifted_axes: Sequence[int],
-    explicit: Callable[..., Tensor],
 ) -> Tensor:
     """:func:`window_attention_ref`'s values through ``F.scaled_dot_product_attention`` (its fused kernel: no
-    (w, heads, n, n) scores in memory) with the bias as a mask broadcast over the windows. grid: (B, Dw, Hw, Ww), the
-    windows' layout (w = B * Dw * Hw * Ww, row-major as :func:`window_partition` orders them); labels: (Dw*Hw*Ww, n)
-    region ids of shifted windows, or None. Only the last window along a shifted axis holds tokens of more than one
-    region (the cyclic shift's wrap-around: :func:`shift_labels`), so SDPA's mask is the bias alone everywhere and
-    those windows are redone by ``explicit`` (q, k, v, bias, labels, scale) with their region masks."""
-    mask = bias.unsqueeze(0).to(q.dtype)
-    # the fused kernels put the batch in a grid dimension of at most 65,535 blocks (1080p frames have more windows)
-    step = SDPA_MAX_WINDOWS
-    parts = [F.scaled_dot_product_attention(*(t[i : i + step] for t in (q, k, v)), attn_mask=mask, scale=scale)
-             for i in range(0, q.shape[0], step)]  # fmt: skip
-    o = parts[0] if len(parts) == 1 else torch.cat(parts)
+    (w, heads, n, n) scores in memory), each mask broadcast over the windows that share it. grid: (B, Dw, Hw, Ww),
+    the windows' layout (w = B * Dw * Hw * Ww, row-major as :func:`window_partition` orders them); labels:
+    (Dw*Hw*Ww, n) region ids of shifted windows, or None. A window holds tokens of several regions only where it is
+    the last along a shifted axis (the cyclic shift's wrap-around: :func:`shift_labels`), and the windows that are
+    last along the same set of shifted axes hold the same regions. So all windows run with the bias alone as the
+    mask, then each such set (at most 7) is redone with the bias plus its one region mask."""
+    o = _sdpa_windows(q, k, v, bias.unsqueeze(0).to(q.dtype), scale)
     if labels is None or not shifted_axes:
         return o
     tail = q.shape[1:]
     q, k, v, o = (t.view(*grid, *tail) for t in (q, k, v, o))
     lab = labels.view(*grid[1:], labels.shape[-1])
-    for axis in shifted_axes:  # windows on two such faces are redone twice, to the same values
-        sel = (slice(None),) * (axis + 1) + (-1,)
-        part = explicit(
-            *(t[sel].reshape(-1, *tail) for t in (q, k, v)), bias, lab[sel[1:]].reshape(-1, lab.shape[-1]), scale
-        )
-        o[sel] = part.view(o[sel].shape)
+    for last in itertools.product((False, True), repeat=len(shifted_axes)):
+        at = dict(zip(shifted_axes, last))  # axis -> last window (True) or all others (False)
+        if not any(last) or any(not end and grid[1 + a] == 1 for a, end in at.items()):  # done above / no windows
+            continue
+        sel = tuple(slice(None) if a not in at else (-1 if at[a] else slice(0, -1)) for a in range(3))
+        one = lab[tuple(-1 if at.get(a) else 0 for a in range(3))]  # (n,) the regions of every window of the set
+        mask = (bias + label_mask(one.unsqueeze(0), bias.dtype)).to(q.dtype)
+        part = _sdpa_windows(*(t[(slice(None), *sel)].reshape(-1, *tail) for t in (q, k, v)), mask, scale)
+        o[(slice(None), *sel)] = part.view(o[(slice(None), *sel)].shape)
     return o.view(-1, *tail)
 
 
@@ -188,10 +195,7 @@ class WindowAttention(nn.Module):
         axes (0-2), for :func:`window_attention_sdpa` (without them the explicit path runs). Returns (B*nW, n, C)."""
         bias = self.position_bias(x.shape[1])
         if grid is not None and use_sdpa(x):
-            sdpa = functools.partial(
-                window_attention_sdpa, grid=grid, shifted_axes=shifted_axes, explicit=self._explicit_chunks
-            )
-            return self._attend(x, bias, labels, sdpa)
+            return self._attend_sdpa(x, bias, labels, grid, shifted_axes)
         bw = x.shape[0]
         if labels is not None and bw > labels.shape[0]:
             labels = labels.repeat(bw // labels.shape[0], 1)
@@ -203,26 +207,31 @@ class WindowAttention(nn.Module):
         ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
-    def _explicit_chunks(
-        self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, labels: Optional[Tensor], scale: float
+    # windows a part of the SDPA path (projections and attention): bounds its q, k, v (~9 GiB at 65,536 windows of
+    # 128 tokens, C = 192, bf16), e.g. 20 frames of 1080p hold 324,000 windows
+    sdpa_part_windows = 65536
+
+    def _attend_sdpa(
+        self, x: Tensor, bias: Tensor, labels: Optional[Tensor], grid: Tuple[int, int, int, int], axes: Sequence[int]
     ) -> Tensor:
-        """:func:`window_attention_ref` on (w, heads, n, d) q, k, v, max_windows at a time; labels (L, n), window i
-        using labels[i % L]."""
-        if labels is not None and q.shape[0] > labels.shape[0]:
-            labels = labels.repeat(q.shape[0] // labels.shape[0], 1)
-        step = self.max_windows
-        parts = [
-            window_attention_ref(
-                q[s : s + step],
-                k[s : s + step],
-                v[s : s + step],
-                bias,
-                None if labels is None else labels[s : s + step],
-                scale,
-            )
-            for s in range(0, q.shape[0], step)
-        ]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        """:meth:`_attend` through :func:`window_attention_sdpa`, in parts of whole planes of windows (one window
+        along the frames, all along H and W) of at most ``sdpa_part_windows`` windows where a plane is smaller. A
+        part that does not end the volume has no last window along the frames: that axis counts as unshifted there."""
+        b, dw, hw, ww = grid
+        plane = hw * ww
+        step = max(1, self.sdpa_part_windows // plane)  # planes a part
+        if b * dw <= step:
+            sdpa = functools.partial(window_attention_sdpa, grid=grid, shifted_axes=axes)
+            return self._attend(x, bias, labels, sdpa)
+        parts = []
+        for i in range(b):
+            for d0 in range(0, dw, step):
+                d1 = min(dw, d0 + step)
+                part_axes = tuple(a for a in axes if a != 0 or d1 == dw)
+                sdpa = functools.partial(window_attention_sdpa, grid=(1, d1 - d0, hw, ww), shifted_axes=part_axes)
+                lab = None if labels is None else labels[d0 * plane : d1 * plane]
+                parts.append(self._attend(x[(i * dw + d0) * plane : (i * dw + d1) * plane], bias, lab, sdpa))
+        return torch.cat(parts)
 
     def _attend(self, x: Tensor, bias: Tensor, labels: Optional[Tensor], core: Callable[..., Tensor]) -> Tensor:
         """x: (w, n, C) -> (w, n, C): qkv projection, ``core`` (:func:`window_attention_ref`, or
