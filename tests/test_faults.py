@@ -223,7 +223,9 @@ def test_out_of_gpu_memory_names_the_plan_and_leaves_nothing(tmp_path, capsys, t
         return second_chunk_fails
 
     monkeypatch.setattr(inference, '_network_call', oom_call)
-    code, err = infer(capsys, tiny_net, src, tmp_path / 'out', '--chunk', '2', '--overlap', '0', '--tile', '32', '--tile-overlap', '8')
+    code, err = infer(
+        capsys, tiny_net, src, tmp_path / 'out', '--chunk', '2', '--overlap', '0', '--tile', '32', '--tile-overlap', '8'
+    )
     assert code == 1, err
     line = one_line(err)
     assert line.startswith('gsmsr infer: error: out of GPU memory (36x36 frames in tiles of 32x32, 1 a call, ')

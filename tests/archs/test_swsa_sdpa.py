@@ -4,8 +4,8 @@ SDPA runs its math path on CPU, the same values as its fused CUDA kernel up to r
 part that is ours: the bias as a mask broadcast over the windows, and the windows that hold several shift regions
 (the last along each shifted axis) redone with their region masks. Sizes cover padding, all three axes shifted,
 an axis no longer than the window (not shifted), batch 2, and fewer windows than max_windows (and SDPA's
-SDPA_MAX_WINDOWS, and the parts of sdpa_part_windows) and more. Also here: the shift mask built from region labels against the official construction,
-and its finite -100.0 value kept by the explicit path and SDPA.
+SDPA_MAX_WINDOWS, and the parts of sdpa_part_windows) and more. Also here: the shift mask built from region labels
+against the official construction, and its finite -100.0 value kept by the explicit path and SDPA.
 """
 
 from __future__ import annotations
