@@ -67,3 +67,22 @@ def test_a_failing_run_says_why_from_its_streamed_log(tmp_path, monkeypatch):
     assert info.value.wall is None  # it exited by itself
     text = log.read_text()
     assert text.startswith(sys.executable) and 'gsmsr infer: error:' in text
+
+
+def test_inductor_settings_reach_the_child(tmp_path):
+    """--inductor KEY=VALUE: set in each gsmsr infer child before gsmsr loads (a wrong key fails that child)."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(REPO_ROOT))
+    cmd = [sys.executable, str(SCRIPT), '--cases', '36x40x2', '--config', 'tiny', '--cache', 'fresh', '--no-reference']
+    proc = subprocess.run(
+        cmd + ['--inductor', 'triton.autotune_pointwise=False'], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert 'Inductor triton.autotune_pointwise=False' in proc.stdout
+    log = (tmp_path / 'bench_infer' / '36x40x2-fresh.log').read_text()
+    assert '{"triton.autotune_pointwise": false} infer' in log.splitlines()[0] and '2 frames 36x40' in log
+    proc = subprocess.run(cmd + ['--inductor', 'triton.no_such_setting=1'], env=env, capture_output=True, text=True)
+    rows = json.loads((tmp_path / 'bench_infer' / 'rows.json').read_text())
+    assert proc.returncode == 0 and 'gsmsr infer failed' in rows[0]['frames/s']
+    assert 'no_such_setting' in (tmp_path / 'bench_infer' / '36x40x2-fresh.log').read_text()
+    proc = subprocess.run(cmd + ['--inductor', 'oops'], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "--inductor 'oops': expected KEY=VALUE" in proc.stderr
