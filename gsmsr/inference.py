@@ -65,6 +65,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
+import gc
 import json
 import math
 import os
@@ -127,6 +129,8 @@ PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 READ_AHEAD = 8  # decoded LR frames queued beyond the streamer's own buffer
 WRITE_AHEAD_BYTES = 2 * 2**30  # host memory for finished frames waiting for the encoder
 WRITER_THREADS = min(4, os.cpu_count() or 1)  # PNG writers (OpenCV releases the GIL); a video has one, in order
+MEMORY_RETRIES = 2  # an automatic tiling that ran out of GPU memory is planned again for half the memory, this often
+PLAN_PENDING = 'before the tiling was planned'
 # The launch timeline (InferenceStats.timeline): the Unix times (time.time()) at which a run reached each phase, in
 # this order. Reading them adds no GPU synchronisation: on CUDA, first_chunk_queued is when the host has queued the
 # first chunk's work, which the GPU may still be running; first_frame_written is when its first frame was written.
@@ -148,7 +152,13 @@ TIMELINE = (
 
 class DeviceMemoryError(FaultError):
     """The GPU ran out of memory in :func:`upscale_video`; the message names the planned calls and what to lower.
-    Its ``__cause__`` is PyTorch's own error."""
+    Its ``__cause__`` is PyTorch's own error. ``plan``: the planned calls; ``retry``: whether a smaller memory
+    budget could help (the tiling was planned from the free memory and no frame was written yet)."""
+
+    def __init__(self, plan: str, cause: str, retry: bool = False) -> None:
+        super().__init__(f'out of GPU memory ({plan}); lower --chunk and/or --tile. PyTorch: {cause}')
+        self.plan = plan
+        self.retry = retry
 
 
 @dataclass
@@ -541,14 +551,22 @@ def _plan_tiling(
     precision: str,
     compiled: bool,
     device: torch.device,
+    memory_share: float = 1.0,
 ) -> Tuple[Tile, int]:
-    """Fill in a tile / tile batch left to choose (None): from the free memory on CUDA, else the fixed defaults."""
-    free = free_device_bytes(device) if tile is None else None
+    """Fill in a tile / tile batch left to choose (None): from ``memory_share`` of the free memory on CUDA, else
+    the fixed defaults."""
+    free = _free_bytes(device, memory_share) if tile is None else None
     if free is None:
         return (DEFAULT_TILE if tile is None else tile), tile_batch or 1
     return choose_tiling(
         free, height, width, frames, scale, tile_overlap, precision, compiled=compiled, tile_batch=tile_batch
     )
+
+
+def _free_bytes(device: torch.device, memory_share: float) -> Optional[int]:
+    """``memory_share`` of the device memory this process can still allocate; None off CUDA."""
+    free = free_device_bytes(device)
+    return None if free is None else int(free * memory_share)
 
 
 def _describe_plan(
@@ -561,6 +579,7 @@ def _describe_plan(
     compiled: bool,
     whole_swsa: bool,
     device: torch.device,
+    memory_share: float = 1.0,
 ) -> str:
     """The network calls' shape and, on CUDA, the planned peak against the free memory (for the out-of-memory
     message: a plan that did not fit is what a user or a bug report needs to see)."""
@@ -568,13 +587,14 @@ def _describe_plan(
         f'{info.height}x{info.width} frames in tiles of {sides[0]}x{sides[1]}, {tile_batch} a call, '
         f'chunks of {length} frames, {precision}, SWSA over {"whole chunks" if whole_swsa else "slabs"}'
     )
-    free = free_device_bytes(device)
+    free = _free_bytes(device, memory_share)
     if free is None:
         return text
     peak = estimate_peak_bytes(
         sides, tile_batch, info.height, info.width, length, scale, precision, compiled, whole_swsa
     )
-    return f'{text}; planned peak {peak / 2**30:.1f} GiB of {free / 2**30:.1f} GiB free'
+    of = 'free' if memory_share == 1 else f'planned ({memory_share:.0%} of the free memory)'
+    return f'{text}; estimated peak {peak / 2**30:.1f} GiB of {free / 2**30:.1f} GiB {of}'
 
 
 def _whole_chunk_swsa(
@@ -588,6 +608,7 @@ def _whole_chunk_swsa(
     precision: str,
     compiled: bool,
     device: torch.device,
+    memory_share: float = 1.0,
 ) -> bool:
     """Whether to run the SWSA groups once over each whole chunk (``net.stream_whole`` raised to the chunk length):
     on CUDA, for whole frames (no tiling, so the memory a tile could use is not taken) and where the estimated peak
@@ -597,7 +618,7 @@ def _whole_chunk_swsa(
     stream_whole = getattr(net, 'stream_whole', None)
     if stream_whole is None or length <= stream_whole or sides != (height, width):
         return False
-    free = free_device_bytes(device)
+    free = _free_bytes(device, memory_share)
     return free is not None and whole_chunk_swsa_fits(
         free, sides, tile_batch, height, width, length, scale, precision, compiled
     )
@@ -624,25 +645,70 @@ def upscale_video(
     """Upscale a video file or folder of frames into a video file (codec by extension, same frame rate,
     audio copied) or a PNG folder (extension-less path). The network is moved to ``device``.
 
-    ``tile`` / ``tile_batch`` None: chosen from the free memory on CUDA (:mod:`gsmsr.memory_plan`), else 256 / 1.
+    ``tile`` / ``tile_batch`` None: chosen from the free memory on CUDA (:mod:`gsmsr.memory_plan`), else 256 / 1;
+    if that plan runs out of GPU memory before the first frame is written, the run starts again planned for half
+    the memory (at most ``MEMORY_RETRIES`` times; new tile shapes compile anew), else :class:`DeviceMemoryError`.
     With ``net.compile_blocks`` on CUDA the compile caches persist (:mod:`gsmsr.compile_cache`).
     The output is written under a hidden temporary name and renamed at the end; on any error it is
     removed. An existing output is replaced only with ``force``. ``fps`` sets the rate of a video made from
     a folder (default 25). Raises :class:`InputError` for bad input. ``timeline``: the launch timeline so far (the
     CLI's); the run adds its phases from ``caches_ready`` on (:data:`TIMELINE`) to a copy, ``stats.timeline``.
     """
-    from tqdm import tqdm
-
-    timeline = dict(timeline or {})
     _check_settings(chunk, overlap, tile, tile_overlap, precision)
     if tile_batch is not None and tile_batch < 1:
         raise InputError(f'--tile-batch {tile_batch}: must be >= 1')
     device = resolve_device(device)
+    run = functools.partial(
+        _upscale_video_once, input_path, output_path, net, scale=scale, chunk=chunk, overlap=overlap, tile=tile,
+        tile_overlap=tile_overlap, precision=precision, device=device, force=force, fps=fps, progress=progress,
+        tile_batch=tile_batch, timeline=timeline,
+    )  # fmt: skip
+    share = 1.0
+    for retries_left in range(MEMORY_RETRIES, -1, -1):
+        try:
+            return run(memory_share=share)
+        except DeviceMemoryError as err:
+            if not (err.retry and retries_left):
+                raise
+            plan = err.plan
+        # out of the except block: the failed attempt's tensors are no longer referenced from its traceback
+        gc.collect()
+        torch.cuda.empty_cache()
+        share /= 2
+        print(f'{PROG}: out of GPU memory ({plan}); starting again, tiled for {share:.0%} of it', file=sys.stderr)
+    raise AssertionError('unreachable')
+
+
+def _upscale_video_once(
+    input_path: str,
+    output_path: str,
+    net: nn.Module,
+    *,
+    scale: Optional[int],
+    chunk: int,
+    overlap: int,
+    tile: Optional[Tile],
+    tile_overlap: int,
+    precision: str,
+    device: torch.device,
+    force: bool,
+    fps: Optional[float],
+    progress: bool,
+    tile_batch: Optional[int],
+    timeline: Optional[Dict[str, float]],
+    memory_share: float,
+) -> InferenceStats:
+    """One attempt of :func:`upscale_video`, its automatic tiling planned for ``memory_share`` of the free memory."""
+    from tqdm import tqdm
+
+    timeline = dict(timeline or {})
+    planned = tile is None and _free_bytes(device, memory_share) is not None  # tiled from the free memory
     check_output(output_path, input_path, force)
     source = open_source(input_path)
     reader = writer = sink = None
+    count = 0
     whole_swsa, own_stream_whole = False, None
-    plan = 'before the tiling was planned'
+    plan = PLAN_PENDING
     try:
         info = source.info
         scale = scale or getattr(net, 'upscale', None)
@@ -665,16 +731,19 @@ def upscale_video(
         # frames per network call, as _stream will choose them (an unknown count with chunk 0: planned for the default)
         length = chunk_length(info.frames, chunk, overlap) or info.frames or DEFAULT_CHUNK
         tile, tile_batch = _plan_tiling(
-            tile, tile_batch, info.height, info.width, length, scale, tile_overlap, precision, compiled, device
-        )
+            tile, tile_batch, info.height, info.width, length, scale, tile_overlap, precision, compiled, device,
+            memory_share,
+        )  # fmt: skip
         sides = tuple(min(t, n) if t else n for t, n in zip(tile_sides(tile), (info.height, info.width)))
         whole_swsa = _whole_chunk_swsa(
-            net, sides, tile_batch, info.height, info.width, length, scale, precision, compiled, device
+            net, sides, tile_batch, info.height, info.width, length, scale, precision, compiled, device, memory_share
         )
         if whole_swsa:  # the caller's setting comes back at the end
             own_stream_whole = net.__dict__.get('stream_whole')
             net.stream_whole = length
-        plan = _describe_plan(sides, tile_batch, info, length, scale, precision, compiled, whole_swsa, device)
+        plan = _describe_plan(
+            sides, tile_batch, info, length, scale, precision, compiled, whole_swsa, device, memory_share
+        )
         sink = open_sink(
             output_path,
             scale * info.width,
@@ -716,7 +785,6 @@ def upscale_video(
             if meter is not None:
                 meter.chunk_done()
 
-        count = 0
         with tqdm(
             total=info.frames,
             unit='frame',
@@ -760,9 +828,8 @@ def upscale_video(
         if first_written:
             timeline['first_frame_written'] = first_written[0][1]
     except torch.cuda.OutOfMemoryError as err:
-        raise DeviceMemoryError(
-            f'out of GPU memory ({plan}); lower --chunk and/or --tile. PyTorch: {one_line(err, 300)}'
-        ) from err
+        retry = planned and count == 0 and plan != PLAN_PENDING
+        raise DeviceMemoryError(plan, one_line(err, 300), retry) from err
     finally:  # threads stop before the source closes and the sink is aborted
         if whole_swsa:
             if own_stream_whole is None:

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -25,7 +26,7 @@ import yaml
 import gsmsr  # noqa: F401  (compat before BasicSR)
 
 # isort: split
-from gsmsr import cli, compat, faults, inference, video_io
+from gsmsr import cli, compat, faults, inference, memory_plan, video_io
 from gsmsr.archs import GSMNet
 from gsmsr.option_keys import check_option_keys, unknown_option_keys
 
@@ -231,6 +232,67 @@ def test_out_of_gpu_memory_names_the_plan_and_leaves_nothing(tmp_path, capsys, t
     assert line.startswith('gsmsr infer: error: out of GPU memory (36x36 frames in tiles of 32x32, 1 a call, ')
     assert 'chunks of 2 frames, fp32, SWSA over slabs); lower --chunk and/or --tile.' in line, line
     assert line.endswith('PyTorch: CUDA out of memory. Tried to allocate 4.00 GiB'), line
+    assert os.listdir(tmp_path) == ['in']
+
+
+def test_out_of_gpu_memory_with_a_planned_tiling_starts_again_with_smaller_tiles(
+    tmp_path, capsys, tiny_net, monkeypatch
+):
+    """A tiling planned from the free memory that runs out of it before the first frame: planned again for half the
+    memory, and the output is what that tiling gives when asked for."""
+    src = write_folder(tmp_path / 'in', make_frames(2, 40, 100))
+    whole = memory_plan.estimate_peak_bytes((40, 100), 1, 40, 100, 2, 4, 'fp32', compiled=False)
+    free = int(whole / memory_plan.HEADROOM) + 1  # the whole frame just fits; with half of it, tiles
+    small, _ = memory_plan.choose_tiling(free // 2, 40, 100, 2, 4, 32, 'fp32', compiled=False)
+    assert memory_plan.choose_tiling(free, 40, 100, 2, 4, 32, 'fp32', compiled=False)[0] == (40, 100)
+    assert small == (40, 64)
+    monkeypatch.setattr(inference, 'free_device_bytes', lambda device: free)
+    real_call, sides = inference._network_call, []
+
+    def whole_frames_fail(*args, **kwargs):
+        call = real_call(*args, **kwargs)
+
+        def run(lq):
+            sides.append(tuple(lq.shape[-2:]))
+            if lq.shape[-1] == 100:
+                raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+            return call(lq)
+
+        return run
+
+    monkeypatch.setattr(inference, '_network_call', whole_frames_fail)
+    code, err = infer(capsys, tiny_net, src, tmp_path / 'out')
+    assert code == 0, err
+    retry = err.splitlines()[0]
+    assert retry.startswith('gsmsr infer: out of GPU memory (40x100 frames in tiles of 40x100, 1 a call, chunks of 2')
+    assert retry.endswith('; starting again, tiled for 50% of it'), retry
+    assert sides[0] == (40, 100) and set(sides[1:]) == {small}
+    monkeypatch.setattr(inference, '_network_call', real_call)
+    code, err = infer(capsys, tiny_net, src, tmp_path / 'want', '--tile', '64')
+    assert code == 0, err
+    assert all(np.array_equal(a, b) for a, b in zip(read_folder(tmp_path / 'out'), read_folder(tmp_path / 'want')))
+    assert len(read_folder(tmp_path / 'out')) == 2
+
+
+def test_out_of_gpu_memory_with_a_given_tile_is_not_retried(tmp_path, capsys, tiny_net, monkeypatch):
+    src = write_folder(tmp_path / 'in', make_frames(2, 36, 36))
+    monkeypatch.setattr(inference, 'free_device_bytes', lambda device: 2**40)
+    calls = []
+
+    def always_fails(*args, **kwargs):
+        def run(lq):
+            calls.append(1)
+            raise torch.cuda.OutOfMemoryError('CUDA out of memory.')
+
+        return run
+
+    monkeypatch.setattr(inference, '_network_call', always_fails)
+    code, err = infer(capsys, tiny_net, src, tmp_path / 'out', '--tile', '64')
+    assert code == 1 and len(calls) == 1 and 'lower --chunk and/or --tile' in one_line(err)
+    calls.clear()  # planned, but it keeps failing: the first plan and MEMORY_RETRIES more, then the error
+    code, err = infer(capsys, tiny_net, src, tmp_path / 'out')
+    assert code == 1 and len(calls) == 1 + inference.MEMORY_RETRIES, err
+    assert err.strip().splitlines()[-1].startswith('gsmsr infer: error: out of GPU memory (36x36 frames')
     assert os.listdir(tmp_path) == ['in']
 
 
