@@ -11,8 +11,6 @@ import os
 import time
 from typing import Dict, Optional, Tuple
 
-GSMSR_IMPORT_START = time.time()
-
 
 def _proc_start() -> Optional[float]:
     """Linux: the start time in ``/proc/self/stat`` (clock ticks since boot, 10 ms steps) as Unix time.
@@ -28,6 +26,12 @@ def _proc_start() -> Optional[float]:
     except (OSError, ValueError, IndexError, AttributeError):  # no /proc, or no CLOCK_BOOTTIME (not Linux)
         return None
     return time.time() - since_start
+
+
+GSMSR_IMPORT_START = time.time()
+# Read now, next to GSMSR_IMPORT_START: the wall clock and the boot clock drift apart over a long-lived process (a
+# test runner: minutes later, the start computed through them came out after the import).
+_PROC_START = _proc_start()
 
 
 def _psutil_start() -> Optional[float]:
@@ -47,7 +51,7 @@ def process_start() -> Tuple[float, str]:
     ``'proc'`` (Linux), ``'psutil'`` (elsewhere, if installed), else ``'gsmsr_import'``: the best gsmsr can see,
     :data:`GSMSR_IMPORT_START`, which misses the interpreter's start-up (tens of milliseconds).
     """
-    for source, read in (('proc', _proc_start), ('psutil', _psutil_start)):
+    for source, read in (('proc', lambda: _PROC_START), ('psutil', _psutil_start)):
         start = read()
         if start is not None and start <= GSMSR_IMPORT_START:
             return start, source

@@ -31,8 +31,18 @@ def test_timeline_starts_with_the_process_then_the_gsmsr_import():
     assert source in ('proc', 'psutil', 'gsmsr_import')
 
 
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='/proc is Linux')
+def test_process_start_is_read_with_the_gsmsr_import(monkeypatch):
+    """Read at import, next to GSMSR_IMPORT_START: a long-lived process (this test runner) whose wall and boot
+    clocks drift apart later still reports the start it saw then."""
+    start = launch._PROC_START
+    assert start is not None and start <= launch.GSMSR_IMPORT_START
+    monkeypatch.setattr(launch, '_proc_start', lambda: launch.GSMSR_IMPORT_START + 60.0)  # a later, drifted reading
+    assert launch.process_start() == (start, 'proc')
+
+
 def test_falls_back_to_psutil_then_to_the_gsmsr_import(monkeypatch):
-    monkeypatch.setattr(launch, '_proc_start', lambda: None)
+    monkeypatch.setattr(launch, '_PROC_START', None)
     monkeypatch.setattr(launch, '_psutil_start', lambda: launch.GSMSR_IMPORT_START - 1.5)
     assert launch.process_start() == (launch.GSMSR_IMPORT_START - 1.5, 'psutil')
     monkeypatch.setattr(launch, '_psutil_start', lambda: None)
