@@ -16,9 +16,11 @@ without flips (``bimamba.FLIP_FREE``; 0 for the flipped form), ``iwarp=0`` the i
 of its fused kernels (``implicit_warp.FUSED_ATTENTION``), ``fscatter=0`` the GSM block's scatter warps through
 cuDNN's sampler instead of one kernel (``gsm_block.FUSED_SCATTER``), ``sdpa=0`` SWSA's explicit softmax instead of
 SDPA (``swsa.SDPA_ATTENTION``), ``buffers=0`` the streaming sweep's stacked windows instead of window buffers
-(``GSMNet.stream_buffers``; these switches compile the window step again), other keys go to the Triton scan
-(``selective_scan.INFER_TRITON_CONFIG``: out_tile, out_warps, out_maxnreg, token_tile, warps_per_sm, ...; 0 for a
-register cap turns it off), e.g. ``--variants 'slab=12;dwconv_block_c=64,dwconv_num_warps=4;flipfree=0;out_tile=4'``.
+(``GSMNet.stream_buffers``; these switches compile the window step again), ``swsac=0`` SWSA's attention residual
+eager (``swsa.COMPILE_ATTENTION``; a network of its own, compiled at that row's first call), other keys go to the
+Triton scan (``selective_scan.INFER_TRITON_CONFIG``: out_tile, out_warps, out_maxnreg, token_tile, warps_per_sm,
+...; 0 for a register cap turns it off), e.g.
+``--variants 'slab=12;dwconv_block_c=64,dwconv_num_warps=4;flipfree=0;out_tile=4'``.
 Prints one table: median ms per clip and per frame (CUDA events), the first call's seconds (compilation included),
 peak memory, and the max abs / PSNR difference of each GSMNet row against the first one that ran. --train adds
 training steps (16x64x64, batch 1, checkpointing on), eager and compiled, fp32 and bf16, and the fast step
@@ -114,22 +116,22 @@ def main() -> int:
     gsm = GSMNet().to(dev).eval()
     rows: List[Dict[str, str]] = []
 
-    def variant(**kwargs) -> GSMNet:
+    def variant_net(**kwargs) -> GSMNet:
         net = GSMNet(**kwargs).to(dev).eval()
         net.load_state_dict(gsm.state_dict())
         return net
 
-    gsm_compiled = variant(compile_blocks=True)
+    gsm_compiled = variant_net(compile_blocks=True)
     # the faithful row runs mamba-ssm's kernel whatever the no-grad scan default is
-    gsm_faithful = variant(scan_backend='kernel') if SCAN.cuda_kernel() else gsm
+    gsm_faithful = variant_net(scan_backend='kernel') if SCAN.cuda_kernel() else gsm
 
     flip_free_default = BIMAMBA.FLIP_FREE
     fused_warp_default, fused_scatter_default = IWARP.FUSED_ATTENTION, GSM_BLOCK.FUSED_SCATTER
-    sdpa_default = SWSA.SDPA_ATTENTION
+    sdpa_default, swsa_compile_default = SWSA.SDPA_ATTENTION, SWSA.COMPILE_ATTENTION
 
     def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm, variant: Dict[str, int] = {}):  # noqa: B006
         dwconv = {k.removeprefix('dwconv_'): v for k, v in variant.items() if k.startswith('dwconv_')}
-        switches = ('slab', 'flipfree', 'buffers', 'iwarp', 'fscatter', 'sdpa')
+        switches = ('slab', 'flipfree', 'buffers', 'iwarp', 'fscatter', 'sdpa', 'swsac')
         scan = {k: v for k, v in variant.items() if k not in switches and not k.startswith('dwconv_')}
         stencil = dataclasses.replace(DWCONV.DEFAULT_CONFIG, **dwconv)
 
@@ -143,6 +145,7 @@ def main() -> int:
             IWARP.FUSED_ATTENTION = bool(variant.get('iwarp', IWARP.FUSED_ATTENTION))
             GSM_BLOCK.FUSED_SCATTER = bool(variant.get('fscatter', GSM_BLOCK.FUSED_SCATTER))
             SWSA.SDPA_ATTENTION = bool(variant.get('sdpa', SWSA.SDPA_ATTENTION))
+            SWSA.COMPILE_ATTENTION = bool(variant.get('swsac', SWSA.COMPILE_ATTENTION))
             try:
                 with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None):
                     return net(x).float()
@@ -153,6 +156,7 @@ def main() -> int:
                 IWARP.FUSED_ATTENTION = fused_warp_default
                 GSM_BLOCK.FUSED_SCATTER = fused_scatter_default
                 SWSA.SDPA_ATTENTION = sdpa_default
+                SWSA.COMPILE_ATTENTION = swsa_compile_default
 
         return run
 
@@ -160,15 +164,16 @@ def main() -> int:
         'GSMNet fp32 whole-clip': gsm_run(False, net=gsm_faithful),
         'GSMNet fp32 streaming': gsm_run(True),
         'GSMNet bf16 streaming': gsm_run(True, torch.bfloat16),
-        'GSMNet fp32 compiled': gsm_run(True, net=variant(compile_blocks=True, fp32_matmul='ieee')),
+        'GSMNet fp32 compiled': gsm_run(True, net=variant_net(compile_blocks=True, fp32_matmul='ieee')),
         'GSMNet fp32 compiled 3xtf32': gsm_run(True, net=gsm_compiled),
         'GSMNet bf16 compiled': gsm_run(True, torch.bfloat16, net=gsm_compiled),
     }
     for spec in (v.strip() for v in args.variants.split(';') if v.strip()):
         variant = {k.strip(): int(v) for k, v in (kv.split('=') for kv in spec.split(','))}
-        models[f'GSMNet bf16 compiled [{spec}]'] = gsm_run(True, torch.bfloat16, net=gsm_compiled, variant=variant)
+        net = variant_net(compile_blocks=True) if 'swsac' in variant else gsm_compiled  # read when it compiles
+        models[f'GSMNet bf16 compiled [{spec}]'] = gsm_run(True, torch.bfloat16, net=net, variant=variant)
     if args.mamba_scan:
-        mamba_net = variant(scan_backend='kernel', compile_blocks=True)
+        mamba_net = variant_net(scan_backend='kernel', compile_blocks=True)
         models['GSMNet bf16 compiled+mamba-ssm scan'] = gsm_run(True, torch.bfloat16, net=mamba_net)
     if not args.no_basicvsrpp:
         from basicsr.archs.basicvsrpp_arch import BasicVSRPlusPlus

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_infer.py [--cases 360x640x100,1080x1920x40,1080x1920x20] [--cache fresh,warm]
                                      [--cache-dir DIR] [--precision bf16] [--config release|tiny]
-                                     [--no-reference] [--run-timeout SECONDS] [--inductor KEY=VALUE]
+                                     [--no-reference] [--run-timeout SECONDS] [--set MODULE.NAME=VALUE]
                                      [-- EXTRA ARGS]
 
 For each case (LR HxWxFRAMES) the frames are a synthetic moving texture written as PNGs, the network the released
@@ -30,8 +30,9 @@ Logs go to ``$OUT/bench_infer`` when ``OUT`` is set: each run's stdout and stder
 while it runs (the warm-up run's into ``<case>-warmup.log``), its stats JSON beside it, and ``rows.json`` is
 rewritten after every row, so a benchmark stopped from outside keeps what it had. ``--run-timeout SECONDS`` stops a
 run that takes longer (SIGTERM, then SIGKILL 10 s later) and reports a row saying so; its log is kept.
-``--inductor KEY=VALUE`` makes an Inductor setting in every ``gsmsr infer`` child before gsmsr loads (experiments on
-compile time, e.g. ``triton.autotune_pointwise=False``: kernels tuned at their first call).
+``--set MODULE.NAME=VALUE`` sets a module attribute in every ``gsmsr infer`` child before its command runs: an
+Inductor setting (``torch._inductor.config.triton.autotune_pointwise=False``: no pointwise kernel tuned at its
+first call) or one of gsmsr's switches (``gsmsr.archs.swsa.COMPILE_ATTENTION=False``).
 """
 
 from __future__ import annotations
@@ -57,12 +58,23 @@ from bench_utils import print_table  # noqa: E402  (this folder is on sys.path)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(type='GSMNet', upscale=4, prop_depth=1, attn_depth=1, pa_frame=1, embed_dims=16, num_heads=4)
 REFERENCE_SIZE = (20, 180, 320)  # bench_gsm's default row
-# `python -c` body of a child with Inductor settings (--inductor): argv[1] is the settings as JSON, the rest gsmsr's.
-INDUCTOR_PRELUDE = """import functools, json, sys
-import torch._inductor.config as config
+# `python -c` body of a child with settings (--set): argv[1] is {dotted name: value} as JSON, the rest gsmsr's. The
+# longest importable prefix of a name is its module; an attribute it does not already have is an error.
+SET_PRELUDE = """import functools, importlib, json, sys
 for key, value in json.loads(sys.argv[1]).items():
-    *path, name = key.split('.')
-    setattr(functools.reduce(getattr, path, config), name, value)
+    parts = key.split('.')
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            module = importlib.import_module('.'.join(parts[:i]))
+            break
+        except ImportError:
+            pass
+    else:
+        sys.exit(f'--set {key}: no importable module in it')
+    *path, name = parts[i:]
+    owner = functools.reduce(getattr, path, module)
+    getattr(owner, name)
+    setattr(owner, name, value)
 from gsmsr.cli import main
 sys.exit(main(sys.argv[2:]))"""
 STOP_GRACE_S = 10.0  # after SIGTERM, a run over --run-timeout gets this long to clean up before SIGKILL
@@ -129,10 +141,10 @@ def run_infer(
     cache_home: Path,
     log: Path,
     timeout: Optional[float] = None,
-    inductor: Optional[Dict[str, object]] = None,
+    settings: Optional[Dict[str, object]] = None,
 ) -> Tuple[dict, float]:
-    """One ``gsmsr infer`` process; returns (stats dict, wall seconds). ``inductor``: Inductor settings made in the
-    child before gsmsr loads (``--inductor``).
+    """One ``gsmsr infer`` process; returns (stats dict, wall seconds). ``settings``: module attributes set in the
+    child before its command runs (``--set``).
 
     Its stdout and stderr stream into ``log`` while it runs; its stats are saved beside it (``.json``) and gain
     ``launched_at`` (Unix time of the launch here) and ``first_frame_since_launch``. Raises :class:`RunFailed` when
@@ -140,11 +152,11 @@ def run_infer(
     """
     stats_file = out.parent / (out.name + '.json')
     stats_file.unlink(missing_ok=True)
-    launcher = ['-m', 'gsmsr'] if not inductor else ['-c', INDUCTOR_PRELUDE, json.dumps(inductor)]
+    launcher = ['-m', 'gsmsr'] if not settings else ['-c', SET_PRELUDE, json.dumps(settings)]
     cmd = [sys.executable, *launcher, 'infer', str(src), '-o', str(out), '--force', '--no-progress']
     cmd += [*net_args, '--stats-json', str(stats_file), *extra]
     with open(log, 'w', encoding='utf-8') as f:
-        f.write(' '.join(c if c != INDUCTOR_PRELUDE else '<INDUCTOR_PRELUDE>' for c in cmd) + '\n')
+        f.write(' '.join(c if c != SET_PRELUDE else '<SET_PRELUDE>' for c in cmd) + '\n')
         f.flush()
         launched = time.time()  # the child reports its phases as Unix times
         start = time.perf_counter()
@@ -231,11 +243,11 @@ def parse_settings(items: List[str]) -> Dict[str, object]:
     for item in items:
         key, sep, value = item.partition('=')
         if not sep or not key:
-            raise SystemExit(f'--inductor {item!r}: expected KEY=VALUE')
+            raise SystemExit(f'--set {item!r}: expected MODULE.NAME=VALUE')
         try:
             settings[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            raise SystemExit(f'--inductor {item!r}: VALUE must be a Python literal') from None
+            raise SystemExit(f'--set {item!r}: VALUE must be a Python literal') from None
     return settings
 
 
@@ -255,12 +267,12 @@ def main() -> int:
         help='stop a gsmsr infer run that takes longer and report it in its row, log kept (default: no limit)',
     )
     p.add_argument(
-        '--inductor',
+        '--set',
         action='append',
         default=[],
-        metavar='KEY=VALUE',
-        help='an Inductor setting for the gsmsr infer runs, e.g. triton.autotune_pointwise=False (repeatable; '
-        'VALUE a Python literal)',
+        metavar='MODULE.NAME=VALUE',
+        help='a module attribute set in the gsmsr infer runs, e.g. '
+        'torch._inductor.config.triton.autotune_pointwise=False (repeatable; VALUE a Python literal)',
     )
     p.add_argument('--reference-only', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('extra', nargs='*', help='after --: more gsmsr infer arguments, e.g. -- --tile 256')
@@ -268,7 +280,7 @@ def main() -> int:
     if args.reference_only:
         print(json.dumps(network_reference(args.repeats)), flush=True)
         return 0
-    inductor = parse_settings(args.inductor)
+    settings = parse_settings(args.set)
     import torch
 
     out_root = Path(os.environ['OUT']) / 'bench_infer' if os.environ.get('OUT') else None
@@ -300,7 +312,7 @@ def main() -> int:
                     shutil.rmtree(cache_home, ignore_errors=True)
                 dest, log = tmp / f'out-{name}', log_root / f'{name}.log'
                 try:
-                    stats, wall = run_infer(src, dest, net_args, extra, cache_home, log, args.run_timeout, inductor)
+                    stats, wall = run_infer(src, dest, net_args, extra, cache_home, log, args.run_timeout, settings)
                 except RunFailed as err:
                     row = {'input': f'{h}x{w}', 'frames': str(n), 'cache': mode, 'frames/s': str(err)[:80]}
                     if err.wall is not None:
@@ -348,9 +360,9 @@ def main() -> int:
                 if out.is_dir():
                     shutil.rmtree(out, ignore_errors=True)
     device = torch.cuda.get_device_name() if cuda else 'CPU'
-    settings = ''.join(f', Inductor {k}={v!r}' for k, v in inductor.items())
+    changed = ''.join(f', {k}={v!r}' for k, v in settings.items())
     defaults = ' '.join(extra)
-    print(f'\n# {device}, torch {torch.__version__}, {args.config} config{settings}, gsmsr infer defaults {defaults}')
+    print(f'\n# {device}, torch {torch.__version__}, {args.config} config{changed}, gsmsr infer defaults {defaults}')
     if reference is not None:
         print(
             f'# network only (compiled bf16, {"x".join(map(str, REFERENCE_SIZE))}): '

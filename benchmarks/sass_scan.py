@@ -125,7 +125,7 @@ def parse_variant(text: str) -> Dict[str, int]:
 
 def compile_variant(mod, v: Dict[str, int], args):
     """(compiled kernel, segment length used), specialised through Triton's own launcher code."""
-    fn = mod._KERNELS(False).scan_kernel
+    fn = mod._KERNELS(False).scan_kernel.jit
     backend = make_backend(TARGET)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     out_tile, warps = (8, 1) if v['summary'] else (v['tile'], v['warps'])  # the summary runs at the default output

@@ -109,7 +109,7 @@ def parse_variant(text: str, mod) -> Tuple[str, object]:
 def compile_stencil(mod, cfg, shape: Sequence[int], mode: int, dtype: torch.dtype):
     """(compiled kernel, grid, integer arguments by name) for the real call, specialised by Triton's own launcher."""
     name, grid, ints, kwargs = mod.stencil_launch(tuple(shape), dtype, mode, True, cfg)
-    fn = getattr(mod._KERNELS(False), name)
+    fn = getattr(mod._KERNELS(False), name).jit
     backend = make_backend(scan.TARGET)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     act = lambda: torch.empty(16, dtype=dtype)  # noqa: E731  (placeholders: dtype and alignment only)

@@ -296,6 +296,21 @@ def _network_call(
     return call
 
 
+def _compile_kernels_ahead(
+    net: nn.Module, shape: Tuple[int, int, int, int, int], precision: str, device: torch.device
+) -> None:
+    """Start compiling the network's kernels for calls of ``shape`` (B, T, C, h, w), as :func:`_network_call` makes
+    them, where it can (:meth:`GSMNet.compile_kernels_ahead`): before the first chunk, so that on an empty kernel
+    cache they compile side by side instead of one at each first launch."""
+    ahead = getattr(net, 'compile_kernels_ahead', None)
+    if ahead is None or device.type != 'cuda':
+        return
+    b, t, c, h, w = shape
+    dtype = PRECISIONS[precision]
+    with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+        ahead((b, t, c, max(h, MIN_SIZE), max(w, MIN_SIZE)))
+
+
 class _BusyMeter:
     """How busy the GPU is in the steady state, from events on the compute stream around each network call.
 
@@ -753,6 +768,7 @@ def _upscale_video_once(
         )
         started = time.perf_counter()
         timeline['stream_start'] = time.time()
+        _compile_kernels_ahead(net, (tile_batch, length, 3, *sides), precision, device)
         first_written: List[Tuple[float, float]] = []  # (seconds since started, Unix time)
 
         def write(rgb: np.ndarray, tag) -> None:  # in a writer thread

@@ -69,20 +69,22 @@ def test_a_failing_run_says_why_from_its_streamed_log(tmp_path, monkeypatch):
     assert text.startswith(sys.executable) and 'gsmsr infer: error:' in text
 
 
-def test_inductor_settings_reach_the_child(tmp_path):
-    """--inductor KEY=VALUE: set in each gsmsr infer child before gsmsr loads (a wrong key fails that child)."""
+def test_settings_reach_the_child(tmp_path):
+    """--set MODULE.NAME=VALUE: set in each gsmsr infer child before its command runs, Inductor's settings and gsmsr's
+    switches alike (a name the module lacks fails that child)."""
     env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(REPO_ROOT))
     cmd = [sys.executable, str(SCRIPT), '--cases', '36x40x2', '--config', 'tiny', '--cache', 'fresh', '--no-reference']
-    proc = subprocess.run(
-        cmd + ['--inductor', 'triton.autotune_pointwise=False'], env=env, capture_output=True, text=True
-    )
+    settings = ['torch._inductor.config.triton.autotune_pointwise=False', 'gsmsr.archs.swsa.COMPILE_ATTENTION=False']
+    proc = subprocess.run(cmd + [f'--set={s}' for s in settings], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert 'Inductor triton.autotune_pointwise=False' in proc.stdout
+    assert ', '.join(settings) in proc.stdout
     log = (tmp_path / 'bench_infer' / '36x40x2-fresh.log').read_text()
-    assert '{"triton.autotune_pointwise": false} infer' in log.splitlines()[0] and '2 frames 36x40' in log
-    proc = subprocess.run(cmd + ['--inductor', 'triton.no_such_setting=1'], env=env, capture_output=True, text=True)
-    rows = json.loads((tmp_path / 'bench_infer' / 'rows.json').read_text())
-    assert proc.returncode == 0 and 'gsmsr infer failed' in rows[0]['frames/s']
-    assert 'no_such_setting' in (tmp_path / 'bench_infer' / '36x40x2-fresh.log').read_text()
-    proc = subprocess.run(cmd + ['--inductor', 'oops'], env=env, capture_output=True, text=True)
-    assert proc.returncode != 0 and "--inductor 'oops': expected KEY=VALUE" in proc.stderr
+    first = '{"torch._inductor.config.triton.autotune_pointwise": false, "gsmsr.archs.swsa.COMPILE_ATTENTION": false}'
+    assert f'{first} infer' in log.splitlines()[0] and '2 frames 36x40' in log
+    for wrong in ('torch._inductor.config.triton.no_such_setting=1', 'gsmsr.archs.swsa.NO_SUCH_SWITCH=1'):
+        proc = subprocess.run(cmd + ['--set', wrong], env=env, capture_output=True, text=True)
+        rows = json.loads((tmp_path / 'bench_infer' / 'rows.json').read_text())
+        assert proc.returncode == 0 and 'gsmsr infer failed' in rows[0]['frames/s']
+        assert wrong.split('.')[-1].split('=')[0] in (tmp_path / 'bench_infer' / '36x40x2-fresh.log').read_text()
+    proc = subprocess.run(cmd + ['--set', 'oops'], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "--set 'oops': expected MODULE.NAME=VALUE" in proc.stderr

@@ -19,6 +19,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from gsmsr.archs import swsa
 from gsmsr.archs.flow import adjacent_flows, gather_scatter_flows, load_spynet_weights, warp, window_link_flows
 from gsmsr.archs.gsm_block import GSMBlock
 from gsmsr.archs.implicit_warp import ImplicitWarp
@@ -90,7 +91,7 @@ def make_upsampler(scale: int, feat: int = RECON_FEAT) -> nn.Sequential:
 def traced_switches() -> Tuple[object, ...]:
     """Module-level settings that the compiled blocks read while they are traced. ``torch.compile`` guards on them;
     a precompiled function's saved guards leave globals out, so they are part of its key instead."""
-    from gsmsr.archs import bimamba, gsm_block, implicit_warp, swsa
+    from gsmsr.archs import bimamba, gsm_block, implicit_warp
     from gsmsr.ops import cuda_kernel
     from gsmsr.ops.triton_jit import triton_available
 
@@ -464,6 +465,38 @@ class GSMNet(nn.Module):
         compile_swsa_blocks(self.swsa_blocks())
         self._compiled = True
 
+    def compile_kernels_ahead(self, shape: Sequence[int]) -> bool:
+        """Start compiling, in threads, the Triton kernels that window steps on clips of ``shape`` (B, T, C, H, W)
+        launch under the caller's autocast, without running them. On an empty kernel cache the first window step
+        would compile each kernel at its first launch, one after another (about 40 s on an H200's host for the
+        release network); started here, they compile side by side while the first chunk's SWSA runs or compiles.
+        What runs is :meth:`window_step_once`, its kernel launches only compiling
+        (:func:`gsmsr.ops.triton_jit.compile_ahead`: its outputs are garbage). Returns whether the compilations were
+        started (CUDA, Triton with asynchronous compilation)."""
+        from gsmsr.ops.triton_jit import compile_ahead, triton_available
+
+        if self.conv_first.weight.device.type != 'cuda' or not triton_available():
+            return False
+        with compile_ahead() as started:
+            if started:
+                self.window_step_once(shape)
+        return started
+
+    def window_step_once(self, shape: Sequence[int]) -> Tensor:
+        """One eager window step of the first layer, without autograd, on K zero frames of clips of ``shape``
+        (B, T, C, H, W), laid out as the streaming sweep lays it out (a window is slots 1..K of a buffer, written
+        into slots 0..K-1 of another). Returns the (B, C, K, H, W) result."""
+        b, _, c, h, w = shape
+        k, a = 2 * self.pa_frame + 1, self.anchor_slot()
+        with torch.no_grad():
+            lq = torch.zeros(b, k, c, h, w, device=self.conv_first.weight.device)
+            flows = self.window_flows(*self.get_flows(lq))
+            block = self.prop_layers[0].stage.mamba_block
+            x0 = self.conv_first(lq.transpose(1, 2))
+            buffer = x0.new_zeros(b, x0.shape[1], k + 1, h, w, dtype=block.result_dtype(x0.dtype))
+            out = torch.empty_like(buffer)[:, :, :k]
+            return GSMBlock.forward(block, buffer[:, :, 1:], *flows[a], self._aligner(), out=out)
+
     def swsa_blocks(self) -> List[SWSABlock]:
         """Every SWSA block of the propagation layers, in order."""
         return [blk for layer in self.prop_layers for blk in layer.stage.attn_blocks.blocks]
@@ -475,14 +508,15 @@ class GSMNet(nn.Module):
         from gsmsr.compile_cache import PrecompiledFunction
 
         step = PrecompiledFunction(GSMBlock.forward, folder, traced_switches)
-        attn = PrecompiledFunction(SWSABlock.attend, folder, traced_switches)
+        attn = PrecompiledFunction(SWSABlock.attend, folder, traced_switches) if swsa.COMPILE_ATTENTION else None
         ffn = PrecompiledFunction(ffn_branch, folder, traced_switches)
         for layer in self.prop_layers:
             layer.stage.mamba_block.forward = functools.partial(step, layer.stage.mamba_block)
         for blk in self.swsa_blocks():
-            blk.attend = functools.partial(attn, blk)
+            if attn is not None:
+                blk.attend = functools.partial(attn, blk)
             blk.ffn = ffn
-        self.precompiled = (step, attn, ffn)
+        self.precompiled = tuple(f for f in (step, attn, ffn) if f is not None)
         self._compiled = True
 
     def _gemm_mode(self) -> ContextManager:

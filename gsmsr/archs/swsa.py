@@ -344,6 +344,12 @@ class SWSABlock(nn.Module):
         return x
 
 
+# compile_blocks compiles each SWSA block's attention residual (one graph per shift and size); False leaves it eager:
+# SDPA, two GEMMs and a few copies, for the compile and load time of the two largest graphs (an experiment:
+# benchmarks/NOTES.md; bench_gsm's ``--variants swsac=0``, bench_infer's ``--set``)
+COMPILE_ATTENTION = True
+
+
 def compile_swsa_blocks(blocks: Sequence[SWSABlock], **kwargs: Any) -> None:
     """``torch.compile(**kwargs)`` what the blocks' no-grad forward runs, in place: each block's attention residual
     (:meth:`SWSABlock.attend`, static shapes: its window-chunk loops specialise a dynamic graph on the window count
@@ -354,7 +360,8 @@ def compile_swsa_blocks(blocks: Sequence[SWSABlock], **kwargs: Any) -> None:
     eagerly (``compile_blocks`` is for evaluation)."""
     ffn = torch.compile(ffn_branch, **kwargs)
     for blk in blocks:
-        blk.attend = torch.compile(blk.attend, **{'dynamic': False, **kwargs})
+        if COMPILE_ATTENTION:
+            blk.attend = torch.compile(blk.attend, **{'dynamic': False, **kwargs})
         blk.ffn = ffn
 
 

@@ -11,13 +11,20 @@ so an interpreted kernel cannot call them; kernels reduce with ``tl.reduce(x, ax
 ``SUM_OP`` (put in every namespace) is Triton's own add combine: the same IR as ``tl.sum`` when compiled, and the
 interpreter recognises it and uses numpy's sum.
 
+Launches go through :class:`Kernel`, so that :func:`compile_ahead` can turn them into compilations started in
+threads (a first run's kernels compiled side by side instead of one at each first launch).
+
 Importing this module does not need Triton.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 import types
-from typing import Callable, Dict, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -51,8 +58,56 @@ def _add_combine(a, b):  # fallback for SUM_OP if a Triton version lacks tl.stan
     return a + b
 
 
+_ahead = False  # inside compile_ahead: launches only compile
+_executor: Optional[ThreadPoolExecutor] = None
+
+
+class Kernel:
+    """A JIT function as the host code launches it, ``kernel[grid](*args, **kwargs)``; inside :func:`compile_ahead`
+    that launch only starts the compilation (``JITFunction.warmup``, the same specialisation). ``jit`` is the JIT
+    function itself (for Triton's compiler APIs); other attributes are its own."""
+
+    __slots__ = ('jit',)
+
+    def __init__(self, jit: Any) -> None:
+        self.jit = jit
+
+    def __getitem__(self, grid: Any) -> Callable[..., Any]:
+        if _ahead:
+            return functools.partial(self.jit.warmup, grid=grid)
+        return self.jit[grid]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.jit, name)
+
+
+@contextlib.contextmanager
+def compile_ahead() -> Iterator[bool]:
+    """Within it, every launch of gsmsr's kernels (CUDA, this thread) starts compiling that kernel in a thread
+    pool and returns without running it, so their outputs hold garbage; yields whether that is on (it needs Triton's
+    asynchronous compilation, ``triton.runtime._async_compile``, Triton >= 3.4). The compilations go on after the
+    block; a later launch of the same specialisation waits for its compilation, then runs. Triton's compiler
+    releases the GIL for most of its work, so the kernels compile side by side (and beside the caller's work)."""
+    global _ahead, _executor
+    try:
+        from triton.runtime import _async_compile
+
+        mode = _async_compile.AsyncCompileMode(_executor or ThreadPoolExecutor(min(8, os.cpu_count() or 1)))
+    except (ImportError, AttributeError, TypeError):
+        yield False
+        return
+    _executor = mode.executor
+    token = _async_compile.active_mode.set(mode)
+    _ahead = True
+    try:
+        yield True
+    finally:
+        _ahead = False
+        _async_compile.active_mode.reset(token)
+
+
 class LazyKernels:
-    """``LazyKernels(module_name, [fn, ...])(interpret)`` -> namespace of JIT functions, by name without the
+    """``LazyKernels(module_name, [fn, ...])(interpret)`` -> namespace of :class:`Kernel`, by name without the
     leading underscore. Functions later in the list may call earlier ones by their own names.
 
     ``interpreted``: stand-ins that replace the functions of the same name when interpreting, for compiled-only
@@ -81,7 +136,8 @@ class LazyKernels:
                     copy.__annotations__ = dict(fn.__annotations__)
                     copy.__doc__ = fn.__doc__
                     copy.__qualname__ = fn.__qualname__
-                    namespace[name] = jitted[name.lstrip('_')] = triton.jit(copy)
+                    namespace[name] = triton.jit(copy)
+                    jitted[name.lstrip('_')] = Kernel(namespace[name])
             namespace['SUM_OP'] = getattr(tl.standard, '_sum_combine', None) or namespace['_add_combine']
             self._built[interpret] = types.SimpleNamespace(**jitted)
         return self._built[interpret]

@@ -224,7 +224,7 @@ def _compile_sm90(kernel, consts: Dict[str, object], ptr_dtype: str):
             signature[p] = 'i32'
             if value % 16 == 0:
                 attrs[(i,)] = [['tt.divisibility', 16]]
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    src = ASTSource(fn=kernel.jit, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=1)).asm['ptx']
 
 

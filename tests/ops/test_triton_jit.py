@@ -1,0 +1,95 @@
+"""gsmsr.ops.triton_jit's launch wrapper and compile-ahead mode, and the window step it runs ahead (CPU).
+
+The compilations themselves need a GPU: tests/gpu/test_compile_ahead_gpu.py checks that a window step after
+``GSMNet.compile_kernels_ahead`` compiles no kernel of its own and gives the same output.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gsmsr import GSMNet
+from gsmsr.archs.gsm_block import GSMBlock
+from gsmsr.ops import triton_jit
+from gsmsr.ops.triton_jit import Kernel, compile_ahead
+
+
+class _FakeJit:
+    """Records launches and warm-ups the way a JIT function receives them."""
+
+    def __init__(self) -> None:
+        self.calls = []
+        self.signature = 'sig'
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append(('launch', grid, args, kwargs))
+
+    def warmup(self, *args, grid, **kwargs):
+        self.calls.append(('warmup', grid, args, kwargs))
+
+
+def test_kernel_launches_and_delegates():
+    jit = _FakeJit()
+    kernel = Kernel(jit)
+    kernel[(2, 1)](1, 'x', BLOCK=4)
+    assert jit.calls == [('launch', (2, 1), (1, 'x'), {'BLOCK': 4})]
+    assert kernel.signature == 'sig' and kernel.jit is jit
+
+
+def test_launches_inside_compile_ahead_only_compile(monkeypatch):
+    """Inside the block a launch is a warm-up of the same specialisation (same arguments and grid); after it, a
+    launch again. Without Triton's asynchronous compilation the block says so and launches stay launches."""
+    pytest.importorskip('triton')
+    jit = _FakeJit()
+    kernel = Kernel(jit)
+    with compile_ahead() as started:
+        kernel[(3,)](7, BLOCK=8)
+    if started:
+        assert jit.calls == [('warmup', (3,), (7,), {'BLOCK': 8})]
+    else:  # Triton without triton.runtime._async_compile
+        assert jit.calls == [('launch', (3,), (7,), {'BLOCK': 8})]
+    kernel[(3,)](7, BLOCK=8)
+    assert jit.calls[-1][0] == 'launch' and not triton_jit._ahead
+
+    from triton.runtime import _async_compile
+
+    with compile_ahead() as started:
+        assert not started or _async_compile.active_mode.get() is not None
+    assert _async_compile.active_mode.get() is None  # nothing left on: later compilations are Triton's usual ones
+    monkeypatch.delattr(_async_compile, 'AsyncCompileMode')
+    with compile_ahead() as started:
+        kernel[(1,)](0)
+    assert not started and jit.calls[-1][0] == 'launch'
+
+
+def test_compile_kernels_ahead_is_off_on_cpu():
+    net = GSMNet(prop_depth=1, attn_depth=1, pa_frame=1, embed_dims=16, num_heads=4)
+    assert net.compile_kernels_ahead((1, 4, 3, 40, 48)) is False
+
+
+def test_window_step_once_is_the_streaming_step(monkeypatch):
+    """What compile_kernels_ahead runs: one eager window step of the first layer, on a window laid out as the
+    streaming sweep lays it out (slots 1..K of a buffer, the result written into another), in the window dtype of
+    the streaming sweep; its result equals the same step on a plain copy of that window."""
+    torch.manual_seed(0)
+    net = GSMNet(prop_depth=2, attn_depth=1, pa_frame=1, embed_dims=16, num_heads=4).eval()
+    seen = []
+    forward = GSMBlock.forward
+
+    def spy(self, x, gather, scatter, align, out=None):
+        seen.append((self, x.shape, x.dtype, x.stride(), out is not None and out.shape == x.shape))
+        return forward(self, x, gather, scatter, align, out=out)
+
+    monkeypatch.setattr(GSMBlock, 'forward', spy)
+    got = net.window_step_once((2, 6, 3, 40, 48))
+    assert len(seen) == 1
+    block, shape, dtype, stride, wrote_out = seen[0]
+    assert block is net.prop_layers[0].stage.mamba_block and shape == (2, 16, 3, 40, 48) and dtype == torch.float32
+    assert stride == (16 * 4 * 40 * 48, 4 * 40 * 48, 40 * 48, 48, 1) and wrote_out  # a slot view of a K+1 buffer
+    monkeypatch.setattr(GSMBlock, 'forward', forward)
+    lq = torch.zeros(2, 3, 3, 40, 48)
+    with torch.no_grad():
+        flows = net.window_flows(*net.get_flows(lq))
+        want = block(torch.zeros(2, 16, 3, 40, 48), *flows[1], net._aligner())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
