@@ -331,3 +331,21 @@ def test_gsmnet_precompiled_blocks_equal_eager_and_load_in_a_fresh_process(tmp_p
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('gsmsr.archs')]
     assert len(lines) == 3 and all(e.startswith('loaded') for ln in lines for e in ln.split(' ', 1)[1].split('|'))
     torch.testing.assert_close(torch.load(tmp_path / 'out.pt'), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gsmnet_precompiled_without_swsa_attention(tmp_path, aot, monkeypatch):
+    """swsa.COMPILE_ATTENTION = False: the window step and the per-token branch are precompiled, each SWSA block's
+    attention residual stays its eager method; the output is the eager network's."""
+    from gsmsr.archs import GSMNet, swsa
+
+    monkeypatch.setattr(swsa, 'COMPILE_ATTENTION', False)
+    torch.manual_seed(0)
+    net = GSMNet(**NET).eval()
+    lq = torch.rand(1, 5, 3, 36, 36)
+    with torch.no_grad():
+        ref = net(lq)
+        net.precompile_dir = str(tmp_path / 'aot')
+        net._compile()
+        torch.testing.assert_close(net(lq), ref, rtol=1e-5, atol=1e-5)
+    assert [fn.name.rsplit('.', 1)[-1] for fn in net.precompiled] == ['forward', 'ffn_branch']
+    assert all(blk.attend.__func__ is swsa.SWSABlock.attend for blk in net.swsa_blocks())
