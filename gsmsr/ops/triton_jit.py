@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence
@@ -81,6 +82,19 @@ class Kernel:
         return getattr(self.jit, name)
 
 
+def compile_pool() -> ThreadPoolExecutor:
+    """The threads :func:`compile_ahead` compiles in (made at first use). At interpreter exit the compilations not
+    yet started are dropped, so that an interrupted run waits for the running ones only (a thread pool's own exit
+    handler would first run everything queued)."""
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix='gsmsr-compile')
+        register = getattr(threading, '_register_atexit', None)  # runs before the pool's own exit handler
+        if register is not None:
+            register(functools.partial(_executor.shutdown, wait=False, cancel_futures=True))
+    return _executor
+
+
 @contextlib.contextmanager
 def compile_ahead() -> Iterator[bool]:
     """Within it, every launch of gsmsr's kernels (CUDA, this thread) starts compiling that kernel in a thread
@@ -88,15 +102,14 @@ def compile_ahead() -> Iterator[bool]:
     asynchronous compilation, ``triton.runtime._async_compile``, Triton >= 3.4). The compilations go on after the
     block; a later launch of the same specialisation waits for its compilation, then runs. Triton's compiler
     releases the GIL for most of its work, so the kernels compile side by side (and beside the caller's work)."""
-    global _ahead, _executor
+    global _ahead
     try:
         from triton.runtime import _async_compile
 
-        mode = _async_compile.AsyncCompileMode(_executor or ThreadPoolExecutor(min(8, os.cpu_count() or 1)))
+        mode = _async_compile.AsyncCompileMode(compile_pool())
     except (ImportError, AttributeError, TypeError):
         yield False
         return
-    _executor = mode.executor
     token = _async_compile.active_mode.set(mode)
     _ahead = True
     try:

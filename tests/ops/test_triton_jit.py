@@ -93,3 +93,37 @@ def test_window_step_once_is_the_streaming_step(monkeypatch):
         flows = net.window_flows(*net.get_flows(lq))
         want = block(torch.zeros(2, 16, 3, 40, 48), *flows[1], net._aligner())
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+EXIT_CHILD = """
+import sys, time
+from gsmsr.ops.triton_jit import compile_pool
+
+log = open(sys.argv[1], 'a', buffering=1)
+
+def task(i):
+    time.sleep(0.2)
+    log.write(f'{i}\\n')
+
+pool = compile_pool()
+for i in range(4 * pool._max_workers):
+    pool.submit(task, i)
+"""
+
+
+def test_exit_drops_compilations_not_yet_started(tmp_path):
+    """At interpreter exit (an interrupted run) the compile pool runs only what its threads already started, not
+    everything queued: four tasks a thread were queued, at most one a thread ran."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get('PYTHONPATH')])))
+    log = tmp_path / 'ran.txt'
+    proc = subprocess.run([sys.executable, '-c', EXIT_CHILD, str(log)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    workers = triton_jit.compile_pool()._max_workers
+    ran = log.read_text().split() if log.exists() else []
+    assert len(ran) <= workers < 4 * workers
