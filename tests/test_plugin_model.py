@@ -93,9 +93,14 @@ def test_flow_lr_mul_fix_flow_and_ema(tmp_path):
         torch.testing.assert_close(p.detach(), 0.5 * ema_1[n] + 0.5 * raw[n].detach(), rtol=0, atol=1e-7)
     assert any(not torch.equal(p, raw[n]) for n, p in model.net_g_ema.named_parameters())
 
-    # validation uses the EMA network
+    # validation uses the EMA network, and starts its kernels' compilation once per clip size
+    ahead = []
+    model.net_g_ema.compile_kernels_ahead = lambda shape: ahead.append(tuple(shape))
     model.lq = batch(2)['lq']
     model.test()
+    model.test()
+    assert ahead == [tuple(model.lq.shape)]
+    del model.net_g_ema.compile_kernels_ahead
     with torch.no_grad():
         expected_ema = model.net_g_ema(model.lq)
         raw_output = net.eval()(model.lq)

@@ -125,6 +125,7 @@ class GSMModel(VideoRecurrentModel):
         super().__init__(opt)
         self._megacache: Optional[MegaCache] = None
         self._megacache_saved = set()
+        self._kernels_ahead = set()  # clip sizes (B, C, H, W) whose kernels test() started compiling ahead
         if self.device.type == 'cuda':  # before the first compilation, which reads the cache folders
             enable_persistent_caches()
             self._megacache = MegaCache.for_device(self.device)
@@ -334,6 +335,7 @@ class GSMModel(VideoRecurrentModel):
                     tile_overlap=int(val_opt.get('tile_overlap', 50)),
                 )
             else:
+                self._compile_kernels_ahead(net, lq)
                 out = net(lq)
         out = out.float()
         if val_opt.get('flip_seq', False):
@@ -341,6 +343,14 @@ class GSMModel(VideoRecurrentModel):
         self.output = out
         net.train(was_training)
         self._save_compile_cache('test')
+
+    def _compile_kernels_ahead(self, net: torch.nn.Module, lq: torch.Tensor) -> None:
+        """Once per clip size: :meth:`GSMNet.compile_kernels_ahead`, so that on an empty kernel cache the first clip's
+        kernels compile side by side (while its SWSA runs) instead of one at each first launch."""
+        size = (lq.shape[0], *lq.shape[2:])
+        if hasattr(net, 'compile_kernels_ahead') and size not in self._kernels_ahead:
+            self._kernels_ahead.add(size)
+            net.compile_kernels_ahead(lq.shape)
 
     def dist_validation(self, dataloader, current_iter, tb_logger, save_img: bool) -> None:
         self._validate(dataloader.dataset, current_iter, tb_logger, save_img)
