@@ -2,7 +2,7 @@
 
     python benchmarks/bench_gsm.py [--sizes 20x180x320,100x180x320,7x64x112] [--repeats 5] [--train]
                                    [--only SUBSTR,...] [--mamba-scan] [--variants 'slab=12;out_tile=4']
-                                   [--no-basicvsrpp] [--compile-cache FILE]
+                                   [--no-basicvsrpp] [--compile-cache FILE] [--set MODULE.NAME=VALUE]
 
 GSMNet rows: the whole-clip schedule in fp32 with mamba-ssm's scan (every layer on the whole clip, as the official
 code runs it), the streaming schedule (``streaming_eval``, the default without autograd) in fp32 and under bf16
@@ -27,6 +27,8 @@ training steps (16x64x64, batch 1, checkpointing on), eager and compiled, fp32 a
 (compiled, CUDA graphs, MLP checkpointing). A case that runs out of memory or fails says so. --memory-peak runs
 each inference row once more after its timing, with CUDA's allocation history recorded, and prints what was alive at
 that call's peak, grouped by the line that allocated it (a compiled graph's lines are in its generated code).
+``--set MODULE.NAME=VALUE`` sets a module attribute before anything runs: an Inductor setting
+(``torch._inductor.config.triton.autotune_pointwise=False``) or one of gsmsr's switches, for every row.
 """
 
 from __future__ import annotations
@@ -47,8 +49,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import (  # noqa: E402  (this folder is on sys.path)
     BenchCompileCache,
     add_compile_cache_option,
+    add_set_option,
+    apply_settings,
     cuda_time,
     live_at_peak,
+    parse_settings,
     print_table,
     train_step,
 )
@@ -99,7 +104,9 @@ def main() -> int:
         '--memory-peak', action='store_true', help="after each inference row's timing: what its peak holds, by line"
     )
     add_compile_cache_option(parser)
+    add_set_option(parser, 'before anything runs')
     args = parser.parse_args()
+    apply_settings(parse_settings(args.set))
 
     def selected(name: str) -> bool:
         keys = [k for k in args.only.split(',') if k]

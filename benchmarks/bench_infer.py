@@ -38,7 +38,6 @@ first call) or one of gsmsr's switches (``gsmsr.archs.swsa.COMPILE_ATTENTION=Fal
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import shutil
@@ -53,30 +52,19 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import print_table  # noqa: E402  (this folder is on sys.path)
+from bench_utils import add_set_option, parse_settings, print_table  # noqa: E402  (this folder is on sys.path)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(type='GSMNet', upscale=4, prop_depth=1, attn_depth=1, pa_frame=1, embed_dims=16, num_heads=4)
 REFERENCE_SIZE = (20, 180, 320)  # bench_gsm's default row
-# `python -c` body of a child with settings (--set): argv[1] is {dotted name: value} as JSON, the rest gsmsr's. The
-# longest importable prefix of a name is its module; an attribute it does not already have is an error.
-SET_PRELUDE = """import functools, importlib, json, sys
-for key, value in json.loads(sys.argv[1]).items():
-    parts = key.split('.')
-    for i in range(len(parts) - 1, 0, -1):
-        try:
-            module = importlib.import_module('.'.join(parts[:i]))
-            break
-        except ImportError:
-            pass
-    else:
-        sys.exit(f'--set {key}: no importable module in it')
-    *path, name = parts[i:]
-    owner = functools.reduce(getattr, path, module)
-    getattr(owner, name)
-    setattr(owner, name, value)
+# `python -c` body of a child with settings (--set): argv[1] is this folder, argv[2] {dotted name: value} as JSON, the
+# rest gsmsr's
+SET_PRELUDE = """import json, sys
+sys.path.insert(0, sys.argv[1])
+from bench_utils import apply_settings
+apply_settings(json.loads(sys.argv[2]))
 from gsmsr.cli import main
-sys.exit(main(sys.argv[2:]))"""
+sys.exit(main(sys.argv[3:]))"""
 STOP_GRACE_S = 10.0  # after SIGTERM, a run over --run-timeout gets this long to clean up before SIGKILL
 
 
@@ -152,7 +140,8 @@ def run_infer(
     """
     stats_file = out.parent / (out.name + '.json')
     stats_file.unlink(missing_ok=True)
-    launcher = ['-m', 'gsmsr'] if not settings else ['-c', SET_PRELUDE, json.dumps(settings)]
+    here = str(Path(__file__).resolve().parent)
+    launcher = ['-m', 'gsmsr'] if not settings else ['-c', SET_PRELUDE, here, json.dumps(settings)]
     cmd = [sys.executable, *launcher, 'infer', str(src), '-o', str(out), '--force', '--no-progress']
     cmd += [*net_args, '--stats-json', str(stats_file), *extra]
     with open(log, 'w', encoding='utf-8') as f:
@@ -237,20 +226,6 @@ def reference_in_subprocess(cache_home: Path, repeats: int) -> Optional[Dict[str
     return json.loads(lines[-1])
 
 
-def parse_settings(items: List[str]) -> Dict[str, object]:
-    """``KEY=VALUE`` strings -> {key: value}, each value a Python literal (``False``, ``4``, ``'x'``)."""
-    settings = {}
-    for item in items:
-        key, sep, value = item.partition('=')
-        if not sep or not key:
-            raise SystemExit(f'--set {item!r}: expected MODULE.NAME=VALUE')
-        try:
-            settings[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            raise SystemExit(f'--set {item!r}: VALUE must be a Python literal') from None
-    return settings
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--cases', default='360x640x100,1080x1920x40,1080x1920x20', help='comma list of HxWxFRAMES (LR)')
@@ -266,14 +241,7 @@ def main() -> int:
         metavar='SECONDS',
         help='stop a gsmsr infer run that takes longer and report it in its row, log kept (default: no limit)',
     )
-    p.add_argument(
-        '--set',
-        action='append',
-        default=[],
-        metavar='MODULE.NAME=VALUE',
-        help='a module attribute set in the gsmsr infer runs, e.g. '
-        'torch._inductor.config.triton.autotune_pointwise=False (repeatable; VALUE a Python literal)',
-    )
+    add_set_option(p, 'in every gsmsr infer child before its command runs')
     p.add_argument('--reference-only', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('extra', nargs='*', help='after --: more gsmsr infer arguments, e.g. -- --tile 256')
     args = p.parse_args()

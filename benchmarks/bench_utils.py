@@ -1,13 +1,17 @@
-"""Shared by the benchmark scripts: timing (CUDA events, or the host clock on CPU), the training step and the table."""
+"""Shared by the benchmark scripts: timing (CUDA events, or the host clock on CPU), the training step, the table and
+module settings (``--set``)."""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
+import importlib
 import os
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
@@ -153,3 +157,48 @@ class BenchCompileCache:
         """Write what this process compiled so far (a run cut short by a time limit keeps what it had)."""
         if self._out is not None and self._out.save():
             print(f'# compile cache saved: {self._out.path.stat().st_size / 2**20:.1f} MiB', flush=True)
+
+
+def add_set_option(parser: argparse.ArgumentParser, where: str) -> None:
+    """``--set MODULE.NAME=VALUE`` (repeatable): see :func:`apply_settings`; ``where`` says which runs get them."""
+    parser.add_argument(
+        '--set',
+        action='append',
+        default=[],
+        metavar='MODULE.NAME=VALUE',
+        help=f'a module attribute set {where}, e.g. torch._inductor.config.triton.autotune_pointwise=False or '
+        'gsmsr.archs.swsa.COMPILE_ATTENTION=False (repeatable; VALUE a Python literal)',
+    )
+
+
+def parse_settings(items: List[str]) -> Dict[str, Any]:
+    """``MODULE.NAME=VALUE`` strings -> {dotted name: value}, each value a Python literal (``False``, ``4``)."""
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep or not key:
+            raise SystemExit(f'--set {item!r}: expected MODULE.NAME=VALUE')
+        try:
+            settings[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise SystemExit(f'--set {item!r}: VALUE must be a Python literal') from None
+    return settings
+
+
+def apply_settings(settings: Dict[str, Any]) -> None:
+    """Set each dotted name: its longest importable prefix is the module, the rest attributes below it. A name the
+    module does not already have is an error (AttributeError), not a new attribute."""
+    for key, value in settings.items():
+        parts = key.split('.')
+        for i in range(len(parts) - 1, 0, -1):
+            try:
+                module = importlib.import_module('.'.join(parts[:i]))
+                break
+            except ImportError:
+                pass
+        else:
+            raise SystemExit(f'--set {key}: no importable module in it')
+        *path, name = parts[i:]
+        owner = functools.reduce(getattr, path, module)
+        getattr(owner, name)
+        setattr(owner, name, value)

@@ -1,15 +1,16 @@
-"""benchmarks/bench_utils.py: the --compile-cache file of the benchmark scripts (load, then save to $OUT or back), and
-the reading of a CUDA allocation trace at its peak (--memory-peak)."""
+"""benchmarks/bench_utils.py: the --compile-cache file of the benchmark scripts (load, then save to $OUT or back), the
+reading of a CUDA allocation trace at its peak (--memory-peak), and module settings (--set)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
-from bench_utils import BenchCompileCache, live_at_peak  # noqa: E402
+from bench_utils import BenchCompileCache, apply_settings, live_at_peak, parse_settings  # noqa: E402
 
 
 def fake_artifacts(monkeypatch, produced: bytes) -> list:
@@ -71,3 +72,27 @@ def test_live_at_peak_groups_what_the_peak_holds_by_line():
         {'GiB': f'{300 / 1024:.3f}', 'count': '2', 'made at': 'a.py:10 f'},
         {'GiB': f'{250 / 1024:.3f}', 'count': '1', 'made at': 'torch internals'},
     ]
+
+
+def test_settings_reach_modules_and_attributes_below_them(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from gsmsr.archs import swsa
+
+    monkeypatch.setattr(swsa, 'COMPILE_ATTENTION', swsa.COMPILE_ATTENTION)
+    monkeypatch.setattr(inductor_config.triton, 'autotune_pointwise', inductor_config.triton.autotune_pointwise)
+    settings = parse_settings(
+        ['gsmsr.archs.swsa.COMPILE_ATTENTION=False', 'torch._inductor.config.triton.autotune_pointwise=0']
+    )
+    assert settings == {
+        'gsmsr.archs.swsa.COMPILE_ATTENTION': False,
+        'torch._inductor.config.triton.autotune_pointwise': 0,
+    }
+    apply_settings(settings)
+    assert swsa.COMPILE_ATTENTION is False and inductor_config.triton.autotune_pointwise == 0
+    with pytest.raises(AttributeError, match='NO_SUCH'):
+        apply_settings({'gsmsr.archs.swsa.NO_SUCH': 1})
+    assert not hasattr(swsa, 'NO_SUCH')
+    for bad, why in (('oops', 'expected MODULE.NAME=VALUE'), ('a.b=not python', 'must be a Python literal')):
+        with pytest.raises(SystemExit, match=why):
+            parse_settings([bad])
