@@ -24,7 +24,8 @@ LR pixel-frames. The ``vs net`` column is streaming seconds over that (issue 16 
 After each run a second table gives its launch timeline (the stats' ``timeline``, see ``gsmsr.inference.TIMELINE``):
 seconds from this script's launch of the process to each start-up phase (imports, device, network built, weights
 loaded, on the device, compile caches, streaming, first chunk queued, first frame written), with the step from the
-phase before, then the end of streaming and the process's exit.
+phase before, then the end of streaming and the process's exit; and the peak host memory so far at the phases
+where the run records it (``host_peak_at``).
 
 Logs go to ``$OUT/bench_infer`` when ``OUT`` is set: each run's stdout and stderr stream into ``<case>-<cache>.log``
 while it runs (the warm-up run's into ``<case>-warmup.log``), its stats JSON beside it, and ``rows.json`` is
@@ -170,15 +171,20 @@ def run_infer(
 
 def phase_rows(stats: dict, wall: float) -> List[Dict[str, str]]:
     """The run's launch timeline: seconds from the launch to each phase and from the phase before, then the end
-    of streaming (``stream_start`` + ``seconds``) and the process's exit (launch + wall time)."""
+    of streaming (``stream_start`` + ``seconds``) and the process's exit (launch + wall time); and the process's
+    peak host memory so far at the phases that have it (the stats' ``host_peak_at``)."""
     launched = stats['launched_at']
     phases = list((stats.get('timeline') or {}).items())
     if 'stream_start' in dict(phases):
         phases.append(('stream_end', dict(phases)['stream_start'] + stats['seconds']))
     phases.append(('process_exit', launched + wall))
+    host = stats.get('host_peak_at') or {}
     rows, before = [], launched
     for phase, at in phases:
-        rows.append({'phase': phase, 'from_launch_s': f'{at - launched:.2f}', 'step_s': f'{at - before:.2f}'})
+        row = {'phase': phase, 'from_launch_s': f'{at - launched:.2f}', 'step_s': f'{at - before:.2f}'}
+        if phase in host:
+            row['host_peak_GiB'] = f'{host[phase] / 2**30:.2f}'
+        rows.append(row)
         before = at
     return rows
 
@@ -292,7 +298,7 @@ def main() -> int:
                         break
                     continue
                 print(f'\n# launch timeline of {name} (seconds from launch)', end='')
-                print_table(phase_rows(stats, wall), ['phase', 'from_launch_s', 'step_s'])
+                print_table(phase_rows(stats, wall), ['phase', 'from_launch_s', 'step_s', 'host_peak_GiB'])
                 sys.stdout.flush()
                 if mode == 'warmup':
                     continue

@@ -188,6 +188,9 @@ class InferenceStats:
     # the ones from caches_ready on), and where process_start comes from (gsmsr.launch.process_start).
     timeline: Dict[str, float] = dataclasses.field(default_factory=dict)
     process_start_source: Optional[str] = None
+    # The process's peak resident set size so far (bytes) when the run reached caches_ready, stream_start,
+    # first_chunk_queued and the end of streaming (stream_end): the phase in which the host peak grew.
+    host_peak_at: Dict[str, int] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
@@ -740,6 +743,7 @@ def _upscale_video_once(
             if os.environ.get(AOT_ENV) == '1' and hasattr(net, 'precompile_dir'):  # experimental, off by default
                 net.precompile_dir = str(root / 'aot')
         timeline['caches_ready'] = time.time()
+        host_peak_at = {'caches_ready': _host_peak()}
         precompiled_before = _precompiled_seconds(net) if compiled else None  # a network reused across runs
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
@@ -768,6 +772,7 @@ def _upscale_video_once(
         )
         started = time.perf_counter()
         timeline['stream_start'] = time.time()
+        host_peak_at['stream_start'] = _host_peak()
         _compile_kernels_ahead(net, (tile_batch, length, 3, *sides), precision, device)
         first_written: List[Tuple[float, float]] = []  # (seconds since started, Unix time)
 
@@ -797,7 +802,9 @@ def _upscale_video_once(
             call = meter.wrap(call)
 
         def chunk_done() -> None:  # the chunk's network calls are made (queued on CUDA)
-            timeline.setdefault('first_chunk_queued', time.time())
+            if 'first_chunk_queued' not in timeline:
+                timeline['first_chunk_queued'] = time.time()
+                host_peak_at['first_chunk_queued'] = _host_peak()
             if meter is not None:
                 meter.chunk_done()
 
@@ -837,6 +844,7 @@ def _upscale_video_once(
         sink.commit()
         sink = None
         seconds = time.perf_counter() - started
+        host_peak_at['stream_end'] = _host_peak()
         busy = meter.busy() if meter is not None else None  # every frame is on the host: nothing left to wait for
         precompiled = _precompiled_seconds(net) if compiled else None
         if precompiled is not None and precompiled_before is not None:
@@ -865,7 +873,7 @@ def _upscale_video_once(
         in_size=(info.height, info.width),
         out_size=(scale * info.height, scale * info.width),
         seconds=seconds,
-        peak_host_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_host_bytes=host_peak_at['stream_end'],
         peak_device_bytes=torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None,
         first_frame_seconds=first_written[0][0] if first_written else None,
         first_frame_at=first_written[0][1] if first_written else None,
@@ -876,7 +884,13 @@ def _upscale_video_once(
         steady_chunks=meter.steady_chunks if meter is not None else None,
         precompiled_s=precompiled,
         timeline=timeline,
+        host_peak_at=host_peak_at,
     )
+
+
+def _host_peak() -> int:
+    """The process's peak resident set size so far, in bytes (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _precompiled_seconds(net: nn.Module) -> Optional[Dict[str, float]]:

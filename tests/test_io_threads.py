@@ -299,6 +299,10 @@ def test_stats_json_and_auto_tile_on_cpu(tmp_path, capsys, test_net_files):  # n
     assert stats['process_start_source'] in ('proc', 'psutil', 'gsmsr_import')
     if sys.platform.startswith('linux'):
         assert stats['process_start_source'] == 'proc'
+    # the host peak so far at four phases: never falling, the last one the run's peak
+    host = stats['host_peak_at']
+    assert list(host) == ['caches_ready', 'stream_start', 'first_chunk_queued', 'stream_end'], host
+    assert list(host.values()) == sorted(host.values()) and host['stream_end'] == stats['peak_host_bytes']
 
 
 def read_video_or_folder(path: Path):
