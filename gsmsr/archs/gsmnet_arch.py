@@ -478,9 +478,15 @@ class GSMNet(nn.Module):
         if self.conv_first.weight.device.type != 'cuda' or not triton_available():
             return False
         with compile_ahead() as started:
-            if started:
+            if not started:
+                return False
+            try:
                 self.window_step_once(shape)
-        return started
+            except torch.cuda.OutOfMemoryError:  # the eager step can need more than the planned compiled one
+                return False  # its kernels then compile at their first launch
+            finally:  # its blocks were laid out for one eager step, not for what the run allocates next
+                torch.cuda.empty_cache()
+        return True
 
     def window_step_once(self, shape: Sequence[int]) -> Tensor:
         """One eager window step of the first layer, without autograd, on K zero frames of clips of ``shape``

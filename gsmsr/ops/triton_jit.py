@@ -25,6 +25,7 @@ import os
 import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 import torch
@@ -59,7 +60,7 @@ def _add_combine(a, b):  # fallback for SUM_OP if a Triton version lacks tl.stan
     return a + b
 
 
-_ahead = False  # inside compile_ahead: launches only compile
+_AHEAD: ContextVar[bool] = ContextVar('gsmsr_compile_ahead', default=False)  # inside compile_ahead, this thread
 _executor: Optional[ThreadPoolExecutor] = None
 
 
@@ -74,11 +75,13 @@ class Kernel:
         self.jit = jit
 
     def __getitem__(self, grid: Any) -> Callable[..., Any]:
-        if _ahead:
+        if _AHEAD.get():
             return functools.partial(self.jit.warmup, grid=grid)
         return self.jit[grid]
 
     def __getattr__(self, name: str) -> Any:
+        if name == 'jit':  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
         return getattr(self.jit, name)
 
 
@@ -102,7 +105,6 @@ def compile_ahead() -> Iterator[bool]:
     asynchronous compilation, ``triton.runtime._async_compile``, Triton >= 3.4). The compilations go on after the
     block; a later launch of the same specialisation waits for its compilation, then runs. Triton's compiler
     releases the GIL for most of its work, so the kernels compile side by side (and beside the caller's work)."""
-    global _ahead
     try:
         from triton.runtime import _async_compile
 
@@ -110,12 +112,11 @@ def compile_ahead() -> Iterator[bool]:
     except (ImportError, AttributeError, TypeError):
         yield False
         return
-    token = _async_compile.active_mode.set(mode)
-    _ahead = True
+    token, ahead = _async_compile.active_mode.set(mode), _AHEAD.set(True)
     try:
         yield True
     finally:
-        _ahead = False
+        _AHEAD.reset(ahead)
         _async_compile.active_mode.reset(token)
 
 

@@ -6,6 +6,8 @@ The compilations themselves need a GPU: tests/gpu/test_compile_ahead_gpu.py chec
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -35,6 +37,9 @@ def test_kernel_launches_and_delegates():
     kernel[(2, 1)](1, 'x', BLOCK=4)
     assert jit.calls == [('launch', (2, 1), (1, 'x'), {'BLOCK': 4})]
     assert kernel.signature == 'sig' and kernel.jit is jit
+    import copy
+
+    assert copy.copy(kernel).jit is jit  # made without __init__: no recursion through __getattr__
 
 
 def test_launches_inside_compile_ahead_only_compile(monkeypatch):
@@ -50,12 +55,17 @@ def test_launches_inside_compile_ahead_only_compile(monkeypatch):
     else:  # Triton without triton.runtime._async_compile
         assert jit.calls == [('launch', (3,), (7,), {'BLOCK': 8})]
     kernel[(3,)](7, BLOCK=8)
-    assert jit.calls[-1][0] == 'launch' and not triton_jit._ahead
+    assert jit.calls[-1][0] == 'launch' and not triton_jit._AHEAD.get()
 
     from triton.runtime import _async_compile
 
     with compile_ahead() as started:
         assert not started or _async_compile.active_mode.get() is not None
+        other = []  # another thread's launches run: the mode is this thread's
+        thread = threading.Thread(target=lambda: other.append(kernel[(5,)](1)))
+        thread.start()
+        thread.join()
+        assert jit.calls[-1] == ('launch', (5,), (1,), {})
     assert _async_compile.active_mode.get() is None  # nothing left on: later compilations are Triton's usual ones
     monkeypatch.delattr(_async_compile, 'AsyncCompileMode')
     with compile_ahead() as started:
