@@ -116,8 +116,10 @@ for fn in net.precompiled:
 
 
 def test_precompiled_blocks_match_compiled_and_load_in_a_fresh_process(tmp_path):
-    """GSMNet.precompile_dir on CUDA (bf16): the precompiled blocks give the compiled network's output, and a new
-    process loads every one of them (prints its load times and first-forward time with -s)."""
+    """GSMNet.precompile_dir on CUDA (bf16): the precompiled blocks give the eager network's output within bf16
+    rounding (the bar of test_compiled_inference_matches_eager; not against torch.compile's network, which would
+    compile everything once more), and a new process loads every one of them and gives the same output (prints its
+    load times and first-forward time with -s)."""
     import os
     import subprocess
     import sys
@@ -127,14 +129,13 @@ def test_precompiled_blocks_match_compiled_and_load_in_a_fresh_process(tmp_path)
     lq = torch.rand(1, 7, 3, 64, 72, device='cuda')
     fast.precompile_dir = str(tmp_path / 'aot')
     with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
-        ref.compile_blocks = True
         want = ref.eval()(lq).float()
         got = fast.eval()(lq).float()
     events = '\n'.join(f'{fn.name}: {"; ".join(fn.events)}' for fn in fast.precompiled)
     print(events)
     assert all(not e.startswith('fallback') for fn in fast.precompiled for e in fn.events), events
     err = (got - want).abs().max().item()
-    assert err <= 1e-2, f'max abs {err:.2e} against the compiled network'
+    assert err <= 2e-2, f'max abs {err:.2e} against the eager network'
     torch.save(fast.state_dict(), tmp_path / 'w.pth')
     torch.save(lq, tmp_path / 'lq.pt')
     root = str(Path(__file__).resolve().parents[2])
