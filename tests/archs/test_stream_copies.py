@@ -49,11 +49,11 @@ CASES = [
 ]
 
 
-# bf16 for the two schedules (one slab, slabs with halos): the other cases vary the structure, not the dtypes
-# (bf16 on the CPU is slow: ~1 min a case).
+# bf16 for the two schedules (one slab, slabs with halos), with two layers (one natural, one reversed): the other
+# cases vary the structure, not the dtypes (bf16 on the CPU is slow: ~1 min a case with three layers).
 @pytest.mark.parametrize(
     'kwargs, t, slab, amp',
-    [(*case, False) for case in CASES] + [(*case, True) for case in CASES[:2]],
+    [(*case, False) for case in CASES] + [({**kw, 'prop_depth': 2}, t, sl, True) for kw, t, sl in CASES[:2]],
     ids=[f'{i}-fp32' for i in range(len(CASES))] + ['0-bf16', '1-bf16'],
 )
 def test_window_buffers_equal_stacked_windows(kwargs, t, slab, amp):
@@ -166,7 +166,8 @@ def test_window_buffers_keep_the_compiled_graphs(amp):
     """Compiled as ``compile_blocks`` compiles them (Dynamo + AOTAutograd, ``aot_eager``: the out argument is an
     input mutation): as many graphs with window buffers as with stacked windows (window step: one, also under
     autocast, where every window is in the step's fp32 result dtype; SWSA: attention unshifted and shifted, one
-    per-token branch), no graph break, the same output."""
+    per-token branch), no graph break, the same output. Under bf16 only the window buffers are compiled (the slow
+    case on the CPU): their outputs equal the stacked windows' in test_window_buffers_equal_stacked_windows."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -175,7 +176,7 @@ def test_window_buffers_keep_the_compiled_graphs(amp):
     cuda_kernel()  # as GSMNet._compile: the kernel import resolved outside any traced frame
     lq, seen = _clip(5), {}
     try:
-        for buffers in (False, True):
+        for buffers in (True,) if amp else (False, True):
             torch._dynamo.reset()
             torch._dynamo.utils.counters.clear()
             net = _net(prop_depth=2)
@@ -190,5 +191,6 @@ def test_window_buffers_keep_the_compiled_graphs(amp):
             seen[buffers] = (step.frame_count, attn.frame_count, out)
     finally:
         torch._dynamo.reset()
-    assert seen[True][:2] == seen[False][:2] == (1, 3)  # SWSA: two attention graphs, one per-token branch
-    assert torch.equal(seen[True][2], seen[False][2])
+    assert all(counts[:2] == (1, 3) for counts in seen.values())  # SWSA: two attention graphs, one per-token branch
+    if not amp:
+        assert torch.equal(seen[True][2], seen[False][2])
