@@ -303,10 +303,9 @@ for fn in net.precompiled:
 """
 
 
-def test_gsmnet_precompiled_blocks_equal_eager_and_load_in_a_fresh_process(tmp_path, aot):
-    """GSMNet routes its window steps and SWSA blocks (2 layers, shifted and unshifted; attention and per-token
-    branch) through one precompiled function per kind; a new process loads them all (no compilation) and gives the
-    same output."""
+def _precompiled_net(folder) -> tuple:
+    """A seeded tiny GSMNet routed through precompiled functions in ``folder``, checked against its eager output on
+    a random clip: (net, lq, eager output)."""
     from gsmsr.archs import GSMNet
 
     torch.manual_seed(0)
@@ -314,9 +313,19 @@ def test_gsmnet_precompiled_blocks_equal_eager_and_load_in_a_fresh_process(tmp_p
     lq = torch.rand(1, 5, 3, 36, 36)
     with torch.no_grad():
         ref = net(lq)
-        net.precompile_dir = str(tmp_path / 'aot')
+        net.precompile_dir = str(folder)
         net._compile()
         torch.testing.assert_close(net(lq), ref, rtol=1e-5, atol=1e-5)
+    return net, lq, ref
+
+
+def test_gsmnet_precompiled_blocks_equal_eager_and_load_in_a_fresh_process(tmp_path, aot):
+    """GSMNet routes its window steps and SWSA blocks (2 layers, shifted and unshifted; attention and per-token
+    branch) through one precompiled function per kind; a new process loads them all (no compilation) and gives the
+    same output."""
+    from gsmsr.archs import GSMNet
+
+    net, lq, ref = _precompiled_net(tmp_path / 'aot')
     step, attn, ffn = net.precompiled
     # all layers share them; SWSA attention: unshifted, shifted; the per-token branch: one for every block
     assert len(step.entries) == 1 and len(attn.entries) == 2 and len(ffn.entries) == 1
@@ -336,16 +345,9 @@ def test_gsmnet_precompiled_blocks_equal_eager_and_load_in_a_fresh_process(tmp_p
 def test_gsmnet_precompiled_without_swsa_attention(tmp_path, aot, monkeypatch):
     """swsa.COMPILE_ATTENTION = False: the window step and the per-token branch are precompiled, each SWSA block's
     attention residual stays its eager method; the output is the eager network's."""
-    from gsmsr.archs import GSMNet, swsa
+    from gsmsr.archs import swsa
 
     monkeypatch.setattr(swsa, 'COMPILE_ATTENTION', False)
-    torch.manual_seed(0)
-    net = GSMNet(**NET).eval()
-    lq = torch.rand(1, 5, 3, 36, 36)
-    with torch.no_grad():
-        ref = net(lq)
-        net.precompile_dir = str(tmp_path / 'aot')
-        net._compile()
-        torch.testing.assert_close(net(lq), ref, rtol=1e-5, atol=1e-5)
+    net, _, _ = _precompiled_net(tmp_path / 'aot')
     assert [fn.name.rsplit('.', 1)[-1] for fn in net.precompiled] == ['forward', 'ffn_branch']
     assert all(blk.attend.__func__ is swsa.SWSABlock.attend for blk in net.swsa_blocks())
