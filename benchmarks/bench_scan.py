@@ -77,13 +77,16 @@ class SeqConfig(NamedTuple):
 # 1.97), so that the sweep fits one device call.
 SEQ_SWEEP = [
     SeqConfig(),  # the default: 128 registers, 16 one-warp programs per SM, one wave
-    # the output pass's own tile and warps, untimed since the loop over the tile index made its tile loads vectors
-    SeqConfig(out_tile=4),
+    # programs of several warps (one channel a thread): the warps of a program share an SM, so its L1 serves their
+    # common B|C rows once (out(w2) 1.80 against 1.99 ms, 2026-12-03; two channels a thread lost: 2.21 uncapped,
+    # 3.43 capped at 128 registers)
     SeqConfig(out_warps=2),
-    # two channels a thread: each B|C broadcast load serves both (the output pass waits on L1TEX, NOTES), at the cost
-    # of twice the states and decays in registers: capped (spills) and uncapped (fewer programs per SM)
-    SeqConfig(block_d=64),
-    SeqConfig(block_d=64, out_maxnreg=0, sum_maxnreg=0),
+    SeqConfig(out_warps=4),
+    SeqConfig(out_warps=8),
+    SeqConfig(block_d=64, num_warps=2, out_warps=2),
+    SeqConfig(block_d=64, num_warps=2, out_warps=4),
+    SeqConfig(block_d=128, num_warps=4, out_warps=4),
+    SeqConfig(out_tile=4, out_warps=2),
 ]
 
 # (token_tile, maxnreg (0: the compiler's choice), lane_sum, stages, segments (0: the training choice)) of --bwd-sweep
