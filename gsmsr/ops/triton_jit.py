@@ -26,7 +26,7 @@ import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -67,22 +67,52 @@ _executor: Optional[ThreadPoolExecutor] = None
 class Kernel:
     """A JIT function as the host code launches it, ``kernel[grid](*args, **kwargs)``; inside :func:`compile_ahead`
     that launch only starts the compilation (``JITFunction.warmup``, the same specialisation). ``jit`` is the JIT
-    function itself (for Triton's compiler APIs); other attributes are its own."""
+    function itself (for Triton's compiler APIs); other attributes are its own.
 
-    __slots__ = ('jit',)
+    A launch after compilations started ahead first waits for them (all of this kernel's) and puts them in the JIT
+    function's cache: Triton 3.6 (unlike 3.8) stores an asynchronous compilation there only once its result is
+    asked for, so without this the launch compiled the kernel again (tests/gpu/test_compile_ahead_gpu.py)."""
+
+    __slots__ = ('jit', '_pending')
 
     def __init__(self, jit: Any) -> None:
         self.jit = jit
+        self._pending: List[Any] = []  # FutureKernels started ahead and not yet waited for
 
     def __getitem__(self, grid: Any) -> Callable[..., Any]:
         if _AHEAD.get():
-            return functools.partial(self.jit.warmup, grid=grid)
+            return functools.partial(self._start, grid)
+        if self._pending:
+            self._finish_pending()
         return self.jit[grid]
 
+    def _start(self, grid: Any, *args: Any, **kwargs: Any) -> Any:
+        kernel = self.jit.warmup(*args, grid=grid, **kwargs)
+        if _is_future(kernel):
+            self._pending.append(kernel)
+        return kernel
+
+    def _finish_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            try:
+                future.result()  # waits, then stores the compiled kernel under its specialisation
+            except Exception:  # the launch compiles it again and reports the error where it belongs
+                pass
+
     def __getattr__(self, name: str) -> Any:
-        if name == 'jit':  # not set yet (a copy being made): no recursion
+        if name in Kernel.__slots__:  # not set yet (a copy being made): no recursion
             raise AttributeError(name)
         return getattr(self.jit, name)
+
+
+def _is_future(kernel: Any) -> bool:
+    """Whether ``warmup`` returned an asynchronous compilation (Triton's FutureKernel) rather than a kernel."""
+    try:
+        from triton.runtime._async_compile import FutureKernel
+    except ImportError:
+        return False
+    return isinstance(kernel, FutureKernel)
 
 
 def compile_pool() -> ThreadPoolExecutor:
@@ -103,7 +133,7 @@ def compile_ahead() -> Iterator[bool]:
     """Within it, every launch of gsmsr's kernels (CUDA, this thread) starts compiling that kernel in a thread
     pool and returns without running it, so their outputs hold garbage; yields whether that is on (it needs Triton's
     asynchronous compilation, ``triton.runtime._async_compile``, Triton >= 3.4). The compilations go on after the
-    block; a later launch of the same specialisation waits for its compilation, then runs. Triton's compiler
+    block; a later launch of the kernel waits for them (:class:`Kernel`), then runs. Triton's compiler
     releases the GIL for most of its work, so the kernels compile side by side (and beside the caller's work)."""
     try:
         from triton.runtime import _async_compile

@@ -73,6 +73,36 @@ def test_launches_inside_compile_ahead_only_compile(monkeypatch):
     assert not started and jit.calls[-1][0] == 'launch'
 
 
+def test_launch_after_compile_ahead_waits_for_its_compilations():
+    """A launch after the block first waits for the compilations the block started and finalises them (Triton 3.6
+    puts an asynchronous compilation in the JIT function's cache only then); a failed one is left to the launch."""
+    pytest.importorskip('triton')
+    from concurrent.futures import Future
+
+    from triton.runtime._async_compile import FutureKernel
+
+    cache = {}
+    futures = [Future(), Future()]
+
+    class _AsyncJit(_FakeJit):
+        def warmup(self, *args, grid, **kwargs):
+            super().warmup(*args, grid=grid, **kwargs)
+            return FutureKernel(lambda kernel: cache.__setitem__(grid, kernel), futures[len(self.calls) - 1])
+
+    jit = _AsyncJit()
+    kernel = Kernel(jit)
+    with compile_ahead() as started:
+        if not started:
+            pytest.skip('Triton without asynchronous compilation')
+        kernel[(1,)](0)
+        kernel[(2,)](1)
+    assert cache == {} and len(kernel._pending) == 2
+    futures[0].set_result('compiled')
+    futures[1].set_exception(RuntimeError('bad kernel'))
+    kernel[(1,)](0)
+    assert cache == {(1,): 'compiled'} and kernel._pending == [] and jit.calls[-1][0] == 'launch'
+
+
 def test_compile_kernels_ahead_is_off_on_cpu():
     net = GSMNet(prop_depth=1, attn_depth=1, pa_frame=1, embed_dims=16, num_heads=4)
     assert net.compile_kernels_ahead((1, 4, 3, 40, 48)) is False
