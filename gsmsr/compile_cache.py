@@ -193,6 +193,10 @@ class MegaCache:
 AOT_MAGIC = b'gsmsr-aot 1\n'
 AOT_ENV = 'GSMSR_AOT'  # '1': gsmsr infer keeps GSMNet's compiled blocks as precompiled functions (experimental)
 AOT_BACKEND = 'inductor'  # torch.compile backend of precompiled functions (tests use 'aot_eager', which is faster)
+# Inductor's options for GSMNet's compiled blocks. Pointwise autotuning off: it cost nothing warm (bench_gsm, 20 x 180
+# x 320, bf16: 41.0 against 41.1 ms/frame, H200, 2026-12-03) and took 4.9 s of an empty cache's first calls at 360 x
+# 640 (gsmsr infer), more on larger frames, where each candidate configuration is timed on larger tensors.
+INDUCTOR_OPTIONS: Dict[str, object] = {'triton.autotune_pointwise': False}
 _warned: set = set()
 
 
@@ -339,6 +343,7 @@ class PrecompiledFunction:
     ) -> None:
         self.fn = fn
         self.backend = backend or AOT_BACKEND
+        self.options = INDUCTOR_OPTIONS if self.backend == 'inductor' else None  # only Inductor takes them
         self.name = f'{fn.__module__}.{fn.__qualname__}'
         self.folder = Path(folder)
         self.switches = switches or (lambda: None)
@@ -361,7 +366,7 @@ class PrecompiledFunction:
         except _Fallback as e:
             _warn_once(f'{self.name}: {e}', f'{self.name}: {e}; using torch.compile')
             self.events.append(f'fallback: {e}')
-            self._fallback = torch.compile(self.fn, dynamic=False, backend=self.backend)
+            self._fallback = torch.compile(self.fn, dynamic=False, backend=self.backend, options=self.options)
             return self._fallback(*args, **kwargs)
         self.entries.append(entry)
         # The first call of a compiled or loaded function may still build or load its kernels (host time: the GPU
@@ -387,6 +392,7 @@ class PrecompiledFunction:
             'format': 1,
             'function': self.name,
             'backend': self.backend,
+            'options': self.options,
             'software': {
                 **cache_key(device),
                 'python': sys.version.split()[0],
@@ -448,7 +454,9 @@ class PrecompiledFunction:
         start = time.perf_counter()
         try:
             with torch._dynamo.config.patch(enable_aot_compile=True):  # off by default in torch 2.9 to 2.11
-                compiled = torch.compile(self.fn, fullgraph=True, dynamic=False, backend=self.backend)
+                compiled = torch.compile(
+                    self.fn, fullgraph=True, dynamic=False, backend=self.backend, options=self.options
+                )
                 fn = compiled.aot_compile((args, kwargs))
         except Exception as e:
             raise _Fallback(f'ahead-of-time compilation failed: {one_line(e, 300)}') from None

@@ -285,6 +285,25 @@ def test_precompiled_inductor_round_trip(tmp_path, monkeypatch):
     assert [e.split()[0] for e in second.events] == ['loaded']
 
 
+def test_gsmnet_blocks_compile_with_gsmsr_inductor_options(monkeypatch, tmp_path):
+    """Every torch.compile of GSMNet's blocks gets INDUCTOR_OPTIONS (pointwise autotuning off), and a precompiled
+    function keys its files on them (other options, another file)."""
+    from gsmsr.archs import GSMNet
+
+    calls = []
+    real = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda *a, **kw: calls.append(kw) or real(*a, **{**kw, 'backend': 'eager'}))
+    GSMNet(**NET)._compile()
+    assert len(calls) == 2 + 1 + 2 * 2  # a window step per layer, the per-token branch, an attention residual a block
+    assert all(kw.get('options') == compile_cache.INDUCTOR_OPTIONS for kw in calls)
+    assert compile_cache.INDUCTOR_OPTIONS == {'triton.autotune_pointwise': False}
+    fn = PrecompiledFunction(Tiny.forward, tmp_path, backend='inductor')
+    key = fn.key((Tiny(), torch.randn(2, 8)), {}, None)
+    assert key['options'] == compile_cache.INDUCTOR_OPTIONS
+    monkeypatch.setattr(fn, 'options', {})
+    assert fn.path(fn.key((Tiny(), torch.randn(2, 8)), {}, None)) != fn.path(key)
+
+
 NET = dict(upscale=4, prop_depth=2, attn_depth=2, pa_frame=1, embed_dims=16, num_heads=4)
 CHILD = """
 import sys, torch

@@ -24,6 +24,7 @@ from gsmsr.archs.flow import adjacent_flows, gather_scatter_flows, load_spynet_w
 from gsmsr.archs.gsm_block import GSMBlock
 from gsmsr.archs.implicit_warp import ImplicitWarp
 from gsmsr.archs.swsa import SWSABlock, SWSAGroup, compile_swsa_blocks, ffn_branch
+from gsmsr.compile_cache import INDUCTOR_OPTIONS
 from gsmsr.ops.matmul3x import TF32x3Mode
 
 MIN_SIZE = 33  # SpyNet's coarsest level vanishes below this (§1)
@@ -461,8 +462,8 @@ class GSMNet(nn.Module):
             self._precompile(self.precompile_dir)
             return
         for layer in self.prop_layers:
-            layer.stage.mamba_block.compile(dynamic=False)
-        compile_swsa_blocks(self.swsa_blocks())
+            layer.stage.mamba_block.compile(dynamic=False, options=INDUCTOR_OPTIONS)
+        compile_swsa_blocks(self.swsa_blocks(), options=INDUCTOR_OPTIONS)
         self._compiled = True
 
     def compile_kernels_ahead(self, shape: Sequence[int]) -> bool:
