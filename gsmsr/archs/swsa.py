@@ -179,9 +179,13 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    # windows attended per step by the explicit path: bounds its (windows, heads, n, n) score tensor (about 0.5 GB
-    # at 8 heads, fp32); the fused path never holds the scores
-    max_windows = 1024
+    # windows attended per step by the explicit path without autograd (fp32): bounds its (windows, heads, n, n)
+    # scores and their softmax, both held at once (2 x 268 MB at 8 heads and 128 tokens, fp32); the SDPA path never
+    # holds them. 512: the fp32 network's peak at 100 x 180 x 320 is an SWSA slab's (10.50 GiB on an H200, the
+    # window steps' 8.32), and 1024 windows held ~0.7 GiB more in scores, softmax and q|k|v
+    max_windows = 512
+    # the same with autograd (training): the value the training step was measured with
+    max_windows_grad = 1024
 
     def forward(
         self,
@@ -200,7 +204,7 @@ class WindowAttention(nn.Module):
         if labels is not None and bw > labels.shape[0]:
             labels = labels.repeat(bw // labels.shape[0], 1)
         # windows are independent: slices give the same values in bounded memory
-        step = self.max_windows
+        step = self.max_windows_grad if torch.is_grad_enabled() else self.max_windows
         parts = [
             self._attend(x[s : s + step], bias, None if labels is None else labels[s : s + step], window_attention_ref)
             for s in range(0, bw, step)

@@ -204,8 +204,9 @@ def test_official_compose_order_is_reversed():
     assert torch.equal(geo[0], compose(lf[1], lf[0]))
 
 
-def test_window_attention_slicing_is_exact():
-    """Attending windows in slices (memory bound) gives the same values as all windows at once."""
+def test_window_attention_slicing_is_exact(monkeypatch):
+    """Attending windows in slices (memory bound) gives the same values as all windows at once; without autograd
+    the slices hold max_windows windows, with autograd max_windows_grad."""
     from gsmsr.archs.swsa import SWSAGroup, WindowAttention
 
     torch.manual_seed(0)
@@ -213,12 +214,19 @@ def test_window_attention_slicing_is_exact():
     x = torch.randn(2, 8, 3, 19, 21, dtype=torch.float64)  # padded, shifted, masked, batch 2
     with torch.no_grad():
         whole = group(x)
-        WindowAttention.max_windows = 5
-        try:
-            sliced = group(x)
-        finally:
-            WindowAttention.max_windows = 1024
+    slices = []
+    attend = WindowAttention._attend
+    monkeypatch.setattr(WindowAttention, '_attend', lambda self, x, *a: slices.append(len(x)) or attend(self, x, *a))
+    monkeypatch.setattr(WindowAttention, 'max_windows', 5)
+    with torch.no_grad():
+        sliced = group(x)
+    assert max(slices) == 5
     assert torch.equal(whole, sliced) or (whole - sliced).abs().max() < 1e-14
+    slices.clear()
+    monkeypatch.setattr(WindowAttention, 'max_windows_grad', 7)
+    sliced = group(x)  # autograd on (the parameters require it)
+    assert max(slices) == 7 and sliced.requires_grad
+    assert (whole - sliced.detach()).abs().max() < 1e-14
 
 
 def test_bf16_autocast_keeps_warp_geometry_exact():
