@@ -294,7 +294,8 @@ def test_gsmnet_blocks_compile_with_gsmsr_inductor_options(monkeypatch, tmp_path
     real = torch.compile
     monkeypatch.setattr(torch, 'compile', lambda *a, **kw: calls.append(kw) or real(*a, **{**kw, 'backend': 'eager'}))
     GSMNet(**NET)._compile()
-    assert len(calls) == 2 + 1 + 2 * 2  # a window step per layer, the per-token branch, an attention residual a block
+    # a window step per layer, the per-token branch, a block's attention residual and its three pieces
+    assert len(calls) == 2 + 1 + 2 * 2 * 4
     assert all(kw.get('options') == compile_cache.INDUCTOR_OPTIONS for kw in calls)
     assert compile_cache.INDUCTOR_OPTIONS == {'triton.autotune_pointwise': False}
     fn = PrecompiledFunction(Tiny.forward, tmp_path, backend='inductor')
@@ -318,7 +319,8 @@ net._compile()
 with torch.no_grad():
     torch.save(net(torch.load(lq)), out)
 for fn in net.precompiled:
-    print(fn.name, '|'.join(fn.events))
+    if fn.events:
+        print(fn.name, '|'.join(fn.events))
 """
 
 
@@ -345,9 +347,15 @@ def test_gsmnet_precompiled_blocks_equal_eager_and_load_in_a_fresh_process(tmp_p
     from gsmsr.archs import GSMNet
 
     net, lq, ref = _precompiled_net(tmp_path / 'aot')
-    step, attn, ffn = net.precompiled
-    # all layers share them; SWSA attention: unshifted, shifted; the per-token branch: one for every block
+    step, attn, *pieces, ffn = net.precompiled
+    # all layers share them; SWSA attention: unshifted, shifted (no SDPA on CPU: no pieces); the per-token branch:
+    # one for every block
+    assert [fn.name.rsplit('.', 2)[-2:] for fn in (attn, *pieces)] == [
+        ['SWSABlock', 'attend'], ['SWSABlock', 'attention_windows'], ['SWSABlock', 'attention_merge'],
+        ['WindowAttention', 'attend_part'],
+    ]  # fmt: skip
     assert len(step.entries) == 1 and len(attn.entries) == 2 and len(ffn.entries) == 1
+    assert not any(fn.entries for fn in pieces)
     assert sorted(net.state_dict()) == sorted(GSMNet(**NET).state_dict())  # keys unchanged
     torch.save(net.state_dict(), tmp_path / 'w.pth')
     torch.save(lq, tmp_path / 'lq.pt')

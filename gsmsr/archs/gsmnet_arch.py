@@ -515,15 +515,18 @@ class GSMNet(nn.Module):
         from gsmsr.compile_cache import PrecompiledFunction
 
         step = PrecompiledFunction(GSMBlock.forward, folder, traced_switches)
-        attn = PrecompiledFunction(SWSABlock.attend, folder, traced_switches) if swsa.COMPILE_ATTENTION else None
         ffn = PrecompiledFunction(ffn_branch, folder, traced_switches)
+        attn: Dict[Tuple[type, str], PrecompiledFunction] = {}  # one per attention piece, shared by the blocks
         for layer in self.prop_layers:
             layer.stage.mamba_block.forward = functools.partial(step, layer.stage.mamba_block)
         for blk in self.swsa_blocks():
-            if attn is not None:
-                blk.attend = functools.partial(attn, blk)
+            for owner, name in swsa.attention_pieces(blk) if swsa.COMPILE_ATTENTION else ():
+                key = (type(owner), name)
+                if key not in attn:
+                    attn[key] = PrecompiledFunction(getattr(type(owner), name), folder, traced_switches)
+                setattr(owner, name, functools.partial(attn[key], owner))
             blk.ffn = ffn
-        self.precompiled = tuple(f for f in (step, attn, ffn) if f is not None)
+        self.precompiled = (step, *attn.values(), ffn)
         self._compiled = True
 
     def _gemm_mode(self) -> ContextManager:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 from functools import lru_cache
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -196,10 +196,11 @@ class WindowAttention(nn.Module):
     ) -> Tensor:
         """x: (B*nW, n, C); labels: (nW, n) shift-region ids (:func:`shift_labels`), or None for unshifted windows;
         window i of the batch uses labels[i % nW]. grid, shifted_axes: the windows' (B, Dw, Hw, Ww) and the shifted
-        axes (0-2), for :func:`window_attention_sdpa` (without them the explicit path runs). Returns (B*nW, n, C)."""
-        bias = self.position_bias(x.shape[1])
+        axes (0-2), for :func:`window_attention_sdpa` (without them the explicit path runs; with them SDPA attends all
+        windows in one part: :meth:`SWSABlock.sdpa_parts` cuts large volumes). Returns (B*nW, n, C)."""
         if grid is not None and use_sdpa(x):
-            return self._attend_sdpa(x, bias, labels, grid, shifted_axes)
+            return self._sdpa(x, labels, grid, shifted_axes)
+        bias = self.position_bias(x.shape[1])
         bw = x.shape[0]
         if labels is not None and bw > labels.shape[0]:
             labels = labels.repeat(bw // labels.shape[0], 1)
@@ -211,31 +212,24 @@ class WindowAttention(nn.Module):
         ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
-    # windows a part of the SDPA path (projections and attention): bounds its q, k, v (~9 GiB at 65,536 windows of
-    # 128 tokens, C = 192, bf16), e.g. 20 frames of 1080p hold 324,000 windows
+    # windows a part of the SDPA path (projections and attention) at most, where a window plane is smaller: bounds
+    # its q, k, v (~9 GiB at 65,536 windows of 128 tokens, C = 192, bf16), e.g. 20 frames of 1080p hold 324,000
+    # windows (SWSABlock.sdpa_parts)
     sdpa_part_windows = 65536
 
-    def _attend_sdpa(
-        self, x: Tensor, bias: Tensor, labels: Optional[Tensor], grid: Tuple[int, int, int, int], axes: Sequence[int]
+    def attend_part(
+        self, x: Tensor, labels: Optional[Tensor], grid: Tuple[int, int, int, int], shifted_axes: Sequence[int]
     ) -> Tensor:
-        """:meth:`_attend` through :func:`window_attention_sdpa`, in parts of whole planes of windows (one window
-        along the frames, all along H and W) of at most ``sdpa_part_windows`` windows where a plane is smaller. A
-        part that does not end the volume has no last window along the frames: that axis counts as unshifted there."""
-        b, dw, hw, ww = grid
-        plane = hw * ww
-        step = max(1, self.sdpa_part_windows // plane)  # planes a part
-        if b * dw <= step:
-            sdpa = functools.partial(window_attention_sdpa, grid=grid, shifted_axes=axes)
-            return self._attend(x, bias, labels, sdpa)
-        parts = []
-        for i in range(b):
-            for d0 in range(0, dw, step):
-                d1 = min(dw, d0 + step)
-                part_axes = tuple(a for a in axes if a != 0 or d1 == dw)
-                sdpa = functools.partial(window_attention_sdpa, grid=(1, d1 - d0, hw, ww), shifted_axes=part_axes)
-                lab = None if labels is None else labels[d0 * plane : d1 * plane]
-                parts.append(self._attend(x[(i * dw + d0) * plane : (i * dw + d1) * plane], bias, lab, sdpa))
-        return torch.cat(parts)
+        """One part of a large volume (:meth:`SWSABlock.attend_in_parts`), compiled on its own: :meth:`_sdpa`.
+        (Compiling replaces this method on the instance; the code traced for the whole residual calls :meth:`_sdpa`.)"""
+        return self._sdpa(x, labels, grid, shifted_axes)
+
+    def _sdpa(
+        self, x: Tensor, labels: Optional[Tensor], grid: Tuple[int, int, int, int], shifted_axes: Sequence[int]
+    ) -> Tensor:
+        """:meth:`_attend` through :func:`window_attention_sdpa` over windows laid out as ``grid``; x: (w, n, C)."""
+        sdpa = functools.partial(window_attention_sdpa, grid=grid, shifted_axes=shifted_axes)
+        return self._attend(x, self.position_bias(x.shape[1]), labels, sdpa)
 
     def _attend(self, x: Tensor, bias: Tensor, labels: Optional[Tensor], core: Callable[..., Tensor]) -> Tensor:
         """x: (w, n, C) -> (w, n, C): qkv projection, ``core`` (:func:`window_attention_ref`, or
@@ -301,29 +295,90 @@ class SWSABlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = GEGLU(dim, 2 * dim)
 
-    def _attn_branch(self, x: Tensor, labels: Optional[Tensor]) -> Tensor:
-        b, d, h, w, c = x.shape
+    def _geometry(self, size: Sequence[int]) -> Tuple[Size3, Size3, Size3, Tuple[int, int, int, int], Tuple[int, ...]]:
+        """(B, D, H, W) -> window, shift, padded (D, H, W), the windows' grid (B, Dw, Hw, Ww) and the shifted axes."""
+        b, d, h, w = size
         ws, ss = effective_window((d, h, w), WINDOW, self.shift)
+        padded = tuple(-(-n // s) * s for n, s in zip((d, h, w), ws))
+        grid = (b, *(n // s for n, s in zip(padded, ws)))
+        return ws, ss, padded, grid, tuple(i for i in range(3) if ss[i] > 0)
+
+    def attention_windows(self, x: Tensor) -> Tensor:
+        """:meth:`_windows`, as a piece of :meth:`attend_in_parts` compiled on its own (compiling replaces this method
+        on the instance; the code traced for the whole residual calls :meth:`_windows`)."""
+        return self._windows(x)
+
+    def _windows(self, x: Tensor) -> Tensor:
+        """The windows the attention branch attends: norm1, zero padding (after the norm), the cyclic shift and the
+        partition, (B, D, H, W, C) -> (B*nW, n, C); in the autocast dtype under autocast, which the qkv projection,
+        their only reader, would cast them to anyway."""
+        b, d, h, w, _ = x.shape
+        ws, ss, padded, _, axes = self._geometry((b, d, h, w))
         u = self.norm1(x)
-        pad = [(s - n % s) % s for n, s in zip((d, h, w), ws)]
-        u = F.pad(u, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))  # zeros AFTER the norm
-        dp, hp, wp = d + pad[0], h + pad[1], w + pad[2]
-        shifted = any(s > 0 for s in ss)
-        if shifted:
+        if torch.is_autocast_enabled(u.device.type):
+            u = u.to(torch.get_autocast_dtype(u.device.type))
+        u = F.pad(u, (0, 0, 0, padded[2] - w, 0, padded[1] - h, 0, padded[0] - d))
+        if axes:
             u = torch.roll(u, shifts=tuple(-s for s in ss), dims=(1, 2, 3))
-        grid = (b, dp // ws[0], hp // ws[1], wp // ws[2])
-        axes = tuple(i for i in range(3) if ss[i] > 0)
-        o = self.attn(window_partition(u, ws), labels if shifted else None, grid, axes)
-        u = window_merge(o, ws, b, dp, hp, wp)
-        if shifted:
+        return window_partition(u, ws)
+
+    def _merged(self, o: Tensor, size: Sequence[int]) -> Tensor:
+        """Attended windows (B*nW, n, C) -> the attention branch (B, D, H, W, C): merged, shifted back, cropped."""
+        b, d, h, w = size
+        ws, ss, padded, _, axes = self._geometry(size)
+        u = window_merge(o, ws, b, *padded)
+        if axes:
             u = torch.roll(u, shifts=ss, dims=(1, 2, 3))
         return u[:, :d, :h, :w]
+
+    def attention_merge(self, x: Tensor, o: Tensor) -> Tensor:
+        """x + the attention branch from its attended windows ``o`` (B*nW, n, C)."""
+        return x + self._merged(o, x.shape[:4])
+
+    def _attn_branch(self, x: Tensor, labels: Optional[Tensor]) -> Tensor:
+        _, _, _, grid, axes = self._geometry(x.shape[:4])
+        o = self.attn(self._windows(x), labels if axes else None, grid, axes)
+        return self._merged(o, x.shape[:4])
+
+    def sdpa_parts(self, x: Tensor) -> List[Tuple[int, int, int]]:
+        """The parts (batch index, first and end window plane along the frames) in which SDPA attends x's windows
+        when it applies (:func:`use_sdpa`) and they do not fit one part of ``attn.sdpa_part_windows``; else []. Parts
+        are whole planes (one window along the frames, all along H and W), as many planes each as divides the planes
+        evenly (one compiled shape), and each batch item is cut on its own."""
+        if not use_sdpa(x):
+            return []
+        _, _, _, (b, dw, hw, ww), _ = self._geometry(x.shape[:4])
+        cap = max(1, self.attn.sdpa_part_windows // (hw * ww))
+        if b * dw <= cap:
+            return []
+        step = max(k for k in range(1, min(cap, dw) + 1) if dw % k == 0)
+        return [(i, d0, d0 + step) for i in range(b) for d0 in range(0, dw, step)]
+
+    def attend_in_parts(self, x: Tensor, labels: Optional[Tensor], parts: List[Tuple[int, int, int]]) -> Tensor:
+        """:meth:`attend` over a large volume, without autograd: :meth:`attention_windows` over the volume, then
+        :meth:`WindowAttention.attend_part` part by part (:meth:`sdpa_parts`) into one tensor, then
+        :meth:`attention_merge`: three functions that compile on their own (a part's graph does not grow with the
+        frame, where one graph of the whole residual held every part: 25-28 s to compile at 20 frames of 1080p,
+        H200). A part that does not end the volume has no last window along the frames: that axis counts as
+        unshifted there."""
+        _, _, _, (_, dw, hw, ww), axes = self._geometry(x.shape[:4])
+        plane = hw * ww
+        u = self.attention_windows(x)
+        o = torch.empty_like(u)
+        for i, d0, d1 in parts:
+            rows = slice((i * dw + d0) * plane, (i * dw + d1) * plane)
+            lab = labels[d0 * plane : d1 * plane] if axes else None
+            part_axes = tuple(a for a in axes if a != 0 or d1 == dw)
+            o[rows] = self.attn.attend_part(u[rows], lab, (1, d1 - d0, hw, ww), part_axes)
+        del u
+        return self.attention_merge(x, o)
 
     def _ffn_branch(self, x: Tensor) -> Tensor:
         return ffn_branch(self.norm2, self.mlp, x)
 
     def attend(self, x: Tensor, labels: Optional[Tensor]) -> Tensor:
-        """x + the attention branch, without autograd: what :func:`compile_swsa_blocks` compiles per block."""
+        """x + the attention branch, without autograd, where SDPA attends its windows in one part (or does not
+        apply): what :func:`compile_swsa_blocks` compiles per block (larger volumes: :meth:`attend_in_parts`)."""
         return x + self._attn_branch(x, labels)
 
     ffn = staticmethod(ffn_branch)  # the no-grad per-token branch; compile_swsa_blocks puts one compiled copy here
@@ -339,7 +394,8 @@ class SWSABlock(nn.Module):
             if ckpt and self.use_checkpoint_ffn:
                 return x + checkpoint(self._ffn_branch, x, use_reentrant=False)
             return x + self._ffn_branch(x)
-        x = self.attend(x, labels)
+        parts = self.sdpa_parts(x)
+        x = self.attend_in_parts(x, labels, parts) if parts else self.attend(x, labels)
         # per-token branch, in place, a few frames at a time: its 2C-wide hidden never spans the clip
         step = ffn_frames(x.shape[1], x.shape[2] * x.shape[3])
         for s in range(0, x.shape[1], step):
@@ -354,18 +410,27 @@ class SWSABlock(nn.Module):
 COMPILE_ATTENTION = True
 
 
+def attention_pieces(blk: SWSABlock) -> List[Tuple[nn.Module, str]]:
+    """(owner, method name) of what is compiled of a block's attention residual: the whole (:meth:`SWSABlock.attend`)
+    and the three pieces that :meth:`SWSABlock.attend_in_parts` runs over volumes SDPA attends in parts."""
+    return [(blk, 'attend'), (blk, 'attention_windows'), (blk, 'attention_merge'), (blk.attn, 'attend_part')]
+
+
 def compile_swsa_blocks(blocks: Sequence[SWSABlock], **kwargs: Any) -> None:
     """``torch.compile(**kwargs)`` what the blocks' no-grad forward runs, in place: each block's attention residual
-    (:meth:`SWSABlock.attend`, static shapes: its window-chunk loops specialise a dynamic graph on the window count
-    anyway, so automatic dynamic shapes only added a compilation at the second size) and one per-token branch shared
-    by all of them (:func:`ffn_branch`, automatic dynamic shapes: at most two graphs). The branch runs a few frames at
-    a time; compiling the whole forward unrolled that loop into the graph, one copy per slice, so compile time grew
-    with the clip length. Parameters stay where they are: state-dict keys do not change. With autograd the blocks run
-    eagerly (``compile_blocks`` is for evaluation)."""
+    (:meth:`SWSABlock.attend`, or over large volumes its three pieces, :meth:`SWSABlock.attend_in_parts`; static
+    shapes: the window-chunk loops specialise a dynamic graph on the window count anyway, so automatic dynamic shapes
+    only added a compilation at the second size) and one per-token branch shared by all of them (:func:`ffn_branch`,
+    automatic dynamic shapes: at most two graphs). The branch runs a few frames at a time; compiling the whole
+    forward unrolled that loop into the graph, one copy per slice, so compile time grew with the clip length.
+    Compilation happens at a function's first call, so pieces a run does not use cost nothing. Parameters stay where
+    they are: state-dict keys do not change. With autograd the blocks run eagerly (``compile_blocks`` is for
+    evaluation)."""
     ffn = torch.compile(ffn_branch, **kwargs)
     for blk in blocks:
         if COMPILE_ATTENTION:
-            blk.attend = torch.compile(blk.attend, **{'dynamic': False, **kwargs})
+            for owner, name in attention_pieces(blk):
+                setattr(owner, name, torch.compile(getattr(owner, name), **{'dynamic': False, **kwargs}))
         blk.ffn = ffn
 
 
