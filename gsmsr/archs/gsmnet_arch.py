@@ -369,7 +369,8 @@ class GSMNet(nn.Module):
                 # a slab's frames are exact up to a halo from each cut; a clip end is no cut, so the first slab
                 # keeps slab + halo frames and a clip no longer than one slab is done in one go
                 q = t_len if hi == t_len else hi - halo
-                out = stage.attn_blocks(self.slab_of(x, [order[s] for s in range(lo, hi)], depth > 0))
+                # the slab copy is freed after the first SWSA block (consume): the group's peak is at a later one
+                out = stage.attn_blocks.consume([self.slab_of(x, [order[s] for s in range(lo, hi)], depth > 0)])
                 for s in range(p, q):
                     # a whole clip keeps every frame: views (its window copies them); else a copy, so the halo is
                     # freed now

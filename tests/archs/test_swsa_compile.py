@@ -64,3 +64,22 @@ def test_compiled_blocks_compile_the_branch_once_for_any_clip_length(monkeypatch
 
 def rel_err(a: Tensor, b: Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def test_group_consume_frees_its_input_after_the_first_block(monkeypatch):
+    """SWSAGroup.consume (the streaming sweep's SWSA call): the input, held by nobody else, is freed before the second
+    block runs (the group's peak then holds one volume less); the output is forward's."""
+    import weakref
+
+    torch.manual_seed(0)
+    group = SWSAGroup(16, depth=2, num_heads=4).eval()
+    x = torch.randn(1, 16, 4, 16, 16)
+    seen = []
+    with torch.no_grad():
+        want = group(x)
+        held = [x.clone()]
+        alive = weakref.ref(held[0])
+        second = group.blocks[1].forward
+        monkeypatch.setattr(group.blocks[1], 'forward', lambda t, lab: seen.append(alive() is None) or second(t, lab))
+        got = group.consume(held)
+    assert held == [] and seen == [True] and torch.equal(got, want)
