@@ -77,9 +77,9 @@ class SeqConfig(NamedTuple):
 # 1.97), so that the sweep fits one device call.
 SEQ_SWEEP = [
     SeqConfig(),  # the default: 128 registers, 16 one-warp programs per SM, one wave
-    # programs of several warps (one channel a thread): the warps of a program share an SM, so its L1 serves their
-    # common B|C rows once (out(w2) 1.80 against 1.99 ms, 2026-12-03; two channels a thread lost: 2.21 uncapped,
-    # 3.43 capped at 128 registers)
+    # programs of several warps (one channel a thread), so that warps sharing B|C rows share an SM and its L1 (the
+    # idea; not profiled): out(w2) 1.80 / 1.85 against 1.99 / 1.91 ms in two calls, nothing in the network
+    # (2026-12-03); two channels a thread lost: 2.21 uncapped, 3.43 capped at 128 registers
     SeqConfig(out_warps=2),
     SeqConfig(out_warps=4),
     SeqConfig(out_warps=8),
