@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from functools import lru_cache
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -224,6 +225,11 @@ class WindowAttention(nn.Module):
         (Compiling replaces this method on the instance; the code traced for the whole residual calls :meth:`_sdpa`.)"""
         return self._sdpa(x, labels, grid, shifted_axes)
 
+    def attend_chunk(self, x: Tensor, labels: Optional[Tensor]) -> Tensor:
+        """One step of the explicit path (at most :attr:`max_windows` windows), compiled on its own: x (w, n, C),
+        labels (w, n) or None -> (w, n, C) (:meth:`SWSABlock.attend_in_chunks`)."""
+        return self._attend(x, self.position_bias(x.shape[1]), labels, window_attention_ref)
+
     def _sdpa(
         self, x: Tensor, labels: Optional[Tensor], grid: Tuple[int, int, int, int], shifted_axes: Sequence[int]
     ) -> Tensor:
@@ -373,12 +379,42 @@ class SWSABlock(nn.Module):
         del u
         return self.attention_merge(x, o)
 
+    def window_chunks(self, x: Tensor) -> List[Tuple[int, int]]:
+        """The steps (first and end window) in which the explicit path attends x's windows without autograd, where
+        SDPA does not apply and they are more than one step (``attn.max_windows``); else []. Steps are equal where a
+        divisor of the window count lies in (max_windows / 2, max_windows] (one compiled shape), else full steps and a
+        shorter last one."""
+        if use_sdpa(x):
+            return []
+        _, _, _, grid, _ = self._geometry(x.shape[:4])
+        windows, cap = math.prod(grid), self.attn.max_windows
+        if windows <= cap:
+            return []
+        step = next((k for k in range(cap, cap // 2, -1) if windows % k == 0), cap)
+        return [(s, min(s + step, windows)) for s in range(0, windows, step)]
+
+    def attend_in_chunks(self, x: Tensor, labels: Optional[Tensor], chunks: List[Tuple[int, int]]) -> Tensor:
+        """:meth:`attend` through the explicit path, without autograd, one step of windows after the other from eager
+        code (:meth:`window_chunks`): :meth:`attention_windows`, :meth:`WindowAttention.attend_chunk` per step into one
+        tensor, :meth:`attention_merge`, each compiled on its own. Traced as one graph, the steps bounded nothing:
+        Inductor computed every step's scores before the first softmax (it fuses the steps' softmaxes, which read the
+        same bias), all (windows, heads, n, n) of them alive at once."""
+        _, _, _, grid, axes = self._geometry(x.shape[:4])
+        u = self.attention_windows(x)
+        lab = labels.repeat(grid[0], 1) if axes else None  # window i of the batch uses labels[i % nW]
+        o = torch.empty_like(u)
+        for s, e in chunks:
+            o[s:e] = self.attn.attend_chunk(u[s:e], None if lab is None else lab[s:e])
+        del u
+        return self.attention_merge(x, o)
+
     def _ffn_branch(self, x: Tensor) -> Tensor:
         return ffn_branch(self.norm2, self.mlp, x)
 
     def attend(self, x: Tensor, labels: Optional[Tensor]) -> Tensor:
-        """x + the attention branch, without autograd, where SDPA attends its windows in one part (or does not
-        apply): what :func:`compile_swsa_blocks` compiles per block (larger volumes: :meth:`attend_in_parts`)."""
+        """x + the attention branch, without autograd, where its windows are one SDPA part or one step of the explicit
+        path: what :func:`compile_swsa_blocks` compiles per block (larger volumes: :meth:`attend_in_parts`,
+        :meth:`attend_in_chunks`)."""
         return x + self._attn_branch(x, labels)
 
     ffn = staticmethod(ffn_branch)  # the no-grad per-token branch; compile_swsa_blocks puts one compiled copy here
@@ -394,8 +430,13 @@ class SWSABlock(nn.Module):
             if ckpt and self.use_checkpoint_ffn:
                 return x + checkpoint(self._ffn_branch, x, use_reentrant=False)
             return x + self._ffn_branch(x)
-        parts = self.sdpa_parts(x)
-        x = self.attend_in_parts(x, labels, parts) if parts else self.attend(x, labels)
+        parts, chunks = self.sdpa_parts(x), self.window_chunks(x)
+        if parts:
+            x = self.attend_in_parts(x, labels, parts)
+        elif chunks:
+            x = self.attend_in_chunks(x, labels, chunks)
+        else:
+            x = self.attend(x, labels)
         # per-token branch, in place, a few frames at a time: its 2C-wide hidden never spans the clip
         step = ffn_frames(x.shape[1], x.shape[2] * x.shape[3])
         for s in range(0, x.shape[1], step):
@@ -412,13 +453,17 @@ COMPILE_ATTENTION = True
 
 def attention_pieces(blk: SWSABlock) -> List[Tuple[nn.Module, str]]:
     """(owner, method name) of what is compiled of a block's attention residual: the whole (:meth:`SWSABlock.attend`)
-    and the three pieces that :meth:`SWSABlock.attend_in_parts` runs over volumes SDPA attends in parts."""
-    return [(blk, 'attend'), (blk, 'attention_windows'), (blk, 'attention_merge'), (blk.attn, 'attend_part')]
+    and the pieces that :meth:`SWSABlock.attend_in_parts` (SDPA) and :meth:`SWSABlock.attend_in_chunks` (explicit
+    path) run over volumes larger than one part or step."""
+    return [
+        (blk, 'attend'), (blk, 'attention_windows'), (blk, 'attention_merge'), (blk.attn, 'attend_part'),
+        (blk.attn, 'attend_chunk'),
+    ]  # fmt: skip
 
 
 def compile_swsa_blocks(blocks: Sequence[SWSABlock], **kwargs: Any) -> None:
     """``torch.compile(**kwargs)`` what the blocks' no-grad forward runs, in place: each block's attention residual
-    (:meth:`SWSABlock.attend`, or over large volumes its three pieces, :meth:`SWSABlock.attend_in_parts`; static
+    (:meth:`SWSABlock.attend`, or over large volumes its pieces, :func:`attention_pieces`; static
     shapes: the window-chunk loops specialise a dynamic graph on the window count anyway, so automatic dynamic shapes
     only added a compilation at the second size) and one per-token branch shared by all of them (:func:`ffn_branch`,
     automatic dynamic shapes: at most two graphs). The branch runs a few frames at a time; compiling the whole

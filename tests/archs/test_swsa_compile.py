@@ -83,3 +83,35 @@ def test_group_consume_frees_its_input_after_the_first_block(monkeypatch):
         monkeypatch.setattr(group.blocks[1], 'forward', lambda t, lab: seen.append(alive() is None) or second(t, lab))
         got = group.consume(held)
     assert held == [] and seen == [True] and torch.equal(got, want)
+
+
+@pytest.mark.parametrize('width,max_windows,steps', [(48, 8, [6] * 15), (56, 2, [2] * 52 + [1])])
+def test_explicit_steps_run_from_eager_code_each_compiled_on_its_own(monkeypatch, width, max_windows, steps):
+    """Without autograd and SDPA, a volume of more windows than one step of the explicit path runs as pieces
+    (windows, one step after the other, merge), each compiled on its own: traced as one graph, Inductor computed every
+    step's scores before the first softmax. Steps are equal where a divisor of the window count allows (one graph a
+    kind), else a shorter last one adds one. Same values as the eager blocks in one step."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    group = SWSAGroup(16, depth=2, num_heads=2).eval()
+    x = torch.randn(1, 16, 6, 40, width, generator=torch.Generator().manual_seed(1))  # 3 x 5 x 6 or 7 windows
+    with torch.no_grad():
+        want = group(x)  # one step: 512 windows
+        monkeypatch.setattr(swsa.WindowAttention, 'max_windows', max_windows)
+        chunks = group.blocks[1].window_chunks(x.permute(0, 2, 3, 4, 1))
+        assert [e - s for s, e in chunks] == steps and chunks[-1][1] == sum(steps)
+        eager = group(x)
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend('aot_eager')
+        try:
+            compile_swsa_blocks(group.blocks, backend=counter)
+            for blk in group.blocks:
+                monkeypatch.setattr(blk, 'attend', lambda *a: pytest.fail('the whole residual was called'))
+            got = group(x)
+        finally:
+            torch._dynamo.reset()
+    # unshifted: windows, step(s), merge; shifted: the same with labels; one per-token branch
+    kinds = len(set(steps))
+    assert counter.frame_count == 2 * (2 + kinds) + 1
+    assert rel_err(eager, want) < 1e-6 and rel_err(got, want) < 1e-6
