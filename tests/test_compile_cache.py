@@ -294,8 +294,8 @@ def test_gsmnet_blocks_compile_with_gsmsr_inductor_options(monkeypatch, tmp_path
     real = torch.compile
     monkeypatch.setattr(torch, 'compile', lambda *a, **kw: calls.append(kw) or real(*a, **{**kw, 'backend': 'eager'}))
     GSMNet(**NET)._compile()
-    # a window step per layer, the per-token branch, a block's attention residual and its three pieces
-    assert len(calls) == 2 + 1 + 2 * 2 * 4
+    # a window step per layer, the per-token branch, a block's attention residual and its four pieces
+    assert len(calls) == 2 + 1 + 2 * 2 * 5
     assert all(kw.get('options') == compile_cache.INDUCTOR_OPTIONS for kw in calls)
     assert compile_cache.INDUCTOR_OPTIONS == {'triton.autotune_pointwise': False}
     fn = PrecompiledFunction(Tiny.forward, tmp_path, backend='inductor')
