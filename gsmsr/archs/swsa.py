@@ -362,7 +362,7 @@ class SWSABlock(nn.Module):
 
     def attend_in_parts(self, x: Tensor, labels: Optional[Tensor], parts: List[Tuple[int, int, int]]) -> Tensor:
         """:meth:`attend` over a large volume, without autograd: :meth:`attention_windows` over the volume, then
-        :meth:`WindowAttention.attend_part` part by part (:meth:`sdpa_parts`) into one tensor, then
+        :meth:`WindowAttention.attend_part` part by part (:meth:`sdpa_parts`) over the windows in place, then
         :meth:`attention_merge`: three functions that compile on their own (a part's graph does not grow with the
         frame, where one graph of the whole residual held every part: 25-28 s to compile at 20 frames of 1080p,
         H200). A part that does not end the volume has no last window along the frames: that axis counts as
@@ -370,14 +370,12 @@ class SWSABlock(nn.Module):
         _, _, _, (_, dw, hw, ww), axes = self._geometry(x.shape[:4])
         plane = hw * ww
         u = self.attention_windows(x)
-        o = torch.empty_like(u)
-        for i, d0, d1 in parts:
+        for i, d0, d1 in parts:  # each part's output replaces its windows: one volume of windows, not two
             rows = slice((i * dw + d0) * plane, (i * dw + d1) * plane)
             lab = labels[d0 * plane : d1 * plane] if axes else None
             part_axes = tuple(a for a in axes if a != 0 or d1 == dw)
-            o[rows] = self.attn.attend_part(u[rows], lab, (1, d1 - d0, hw, ww), part_axes)
-        del u
-        return self.attention_merge(x, o)
+            u[rows] = self.attn.attend_part(u[rows], lab, (1, d1 - d0, hw, ww), part_axes)
+        return self.attention_merge(x, u)
 
     def window_chunks(self, x: Tensor) -> List[Tuple[int, int]]:
         """The steps (first and end window) in which the explicit path attends x's windows without autograd, where
@@ -395,18 +393,16 @@ class SWSABlock(nn.Module):
 
     def attend_in_chunks(self, x: Tensor, labels: Optional[Tensor], chunks: List[Tuple[int, int]]) -> Tensor:
         """:meth:`attend` through the explicit path, without autograd, one step of windows after the other from eager
-        code (:meth:`window_chunks`): :meth:`attention_windows`, :meth:`WindowAttention.attend_chunk` per step into one
-        tensor, :meth:`attention_merge`, each compiled on its own. Traced as one graph, the steps bounded nothing:
-        Inductor computed every step's scores before the first softmax (it fuses the steps' softmaxes, which read the
-        same bias), all (windows, heads, n, n) of them alive at once."""
+        code (:meth:`window_chunks`): :meth:`attention_windows`, :meth:`WindowAttention.attend_chunk` per step over
+        the windows in place, :meth:`attention_merge`, each compiled on its own. Traced as one graph, the steps bounded
+        nothing: Inductor computed every step's scores before the first softmax (it fuses the steps' softmaxes, which
+        read the same bias), all (windows, heads, n, n) of them alive at once."""
         _, _, _, grid, axes = self._geometry(x.shape[:4])
         u = self.attention_windows(x)
         lab = labels.repeat(grid[0], 1) if axes else None  # window i of the batch uses labels[i % nW]
-        o = torch.empty_like(u)
-        for s, e in chunks:
-            o[s:e] = self.attn.attend_chunk(u[s:e], None if lab is None else lab[s:e])
-        del u
-        return self.attention_merge(x, o)
+        for s, e in chunks:  # in place, as in attend_in_parts
+            u[s:e] = self.attn.attend_chunk(u[s:e], None if lab is None else lab[s:e])
+        return self.attention_merge(x, u)
 
     def _ffn_branch(self, x: Tensor) -> Tensor:
         return ffn_branch(self.norm2, self.mlp, x)

@@ -86,7 +86,9 @@ def test_group_consume_frees_its_input_after_the_first_block(monkeypatch):
 
 
 @pytest.mark.parametrize('width,max_windows,steps', [(48, 8, [6] * 15), (56, 2, [2] * 52 + [1])])
-def test_explicit_steps_run_from_eager_code_each_compiled_on_its_own(monkeypatch, width, max_windows, steps):
+def test_explicit_steps_run_from_eager_code_each_compiled_on_its_own(
+    monkeypatch, windows_and_merged, width, max_windows, steps
+):
     """Without autograd and SDPA, a volume of more windows than one step of the explicit path runs as pieces
     (windows, one step after the other, merge), each compiled on its own: traced as one graph, Inductor computed every
     step's scores before the first softmax. Steps are equal where a divisor of the window count allows (one graph a
@@ -101,7 +103,9 @@ def test_explicit_steps_run_from_eager_code_each_compiled_on_its_own(monkeypatch
         monkeypatch.setattr(swsa.WindowAttention, 'max_windows', max_windows)
         chunks = group.blocks[1].window_chunks(x.permute(0, 2, 3, 4, 1))
         assert [e - s for s, e in chunks] == steps and chunks[-1][1] == sum(steps)
-        eager = group(x)
+        with windows_and_merged() as held:
+            eager = group(x)
+        assert len(held) == 4 and held[0] is held[1] and held[2] is held[3]  # steps over the windows: one volume
         torch._dynamo.reset()
         counter = CompileCounterWithBackend('aot_eager')
         try:

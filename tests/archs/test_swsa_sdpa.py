@@ -98,7 +98,7 @@ def test_compiled_block_traces_sdpa_in_one_graph(monkeypatch):
     assert rel_err(got, want) < 2e-6
 
 
-def test_large_volumes_attend_in_parts_compiled_piece_by_piece(monkeypatch):
+def test_large_volumes_attend_in_parts_compiled_piece_by_piece(monkeypatch, windows_and_merged):
     """A volume that SDPA attends in parts runs as three pieces (windows, parts, merge), each compiled on its own:
     a part's graph serves every part of its kind (two in a shifted block: the last part along the frames is shifted
     there), and the whole residual is never compiled. Same values as the explicit path and the eager pieces."""
@@ -114,7 +114,9 @@ def test_large_volumes_attend_in_parts_compiled_piece_by_piece(monkeypatch):
         want = group(x)
         monkeypatch.setattr(swsa, 'use_sdpa', lambda x: True)
         assert group.blocks[1].sdpa_parts(x.permute(0, 2, 3, 4, 1)) == [(0, 0, 2), (0, 2, 4), (0, 4, 6)]
-        eager = group(x)
+        with windows_and_merged() as held:
+            eager = group(x)
+        assert len(held) == 4 and held[0] is held[1] and held[2] is held[3]  # outputs over the windows: one volume
         torch._dynamo.reset()
         counter = CompileCounterWithBackend('aot_eager')
         compile_swsa_blocks(group.blocks, backend=counter)
