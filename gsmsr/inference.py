@@ -128,7 +128,10 @@ DEFAULT_CHUNK, DEFAULT_OVERLAP, DEFAULT_TILE, DEFAULT_TILE_OVERLAP = 32, 4, 256,
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 READ_AHEAD = 8  # decoded LR frames queued beyond the streamer's own buffer
 WRITE_AHEAD_BYTES = 2 * 2**30  # host memory for finished frames waiting for the encoder
-WRITER_THREADS = min(4, os.cpu_count() or 1)  # PNG writers (OpenCV releases the GIL); a video has one, in order
+# PNG writers (OpenCV releases the GIL); a video has one, in order. A chunk's frames reach them together, and a
+# 7680 x 4320 PNG takes over a second to encode: with 4 writers the 20 frames of 1080p x 4 were the run's last 7.5 s
+# (16-core H200 machine, 2026-12-04). A few cores stay for the reader, the main thread and the compile workers.
+WRITER_THREADS = min(12, max(2, (os.cpu_count() or 1) - 4))
 MEMORY_RETRIES = 2  # an automatic tiling that ran out of GPU memory is planned again for half the memory, this often
 PLAN_PENDING = 'before the tiling was planned'
 # The launch timeline (InferenceStats.timeline): the Unix times (time.time()) at which a run reached each phase, in
