@@ -337,9 +337,9 @@ class SWSABlock(nn.Module):
             u = torch.roll(u, shifts=ss, dims=(1, 2, 3))
         return u[:, :d, :h, :w]
 
-    def attention_merge(self, x: Tensor, o: Tensor) -> Tensor:
-        """x + the attention branch from its attended windows ``o`` (B*nW, n, C)."""
-        return x + self._merged(o, x.shape[:4])
+    def attention_merge(self, x: Tensor, o: Tensor) -> None:
+        """Adds the attention branch, from its attended windows ``o`` (B*nW, n, C), to x in place."""
+        x += self._merged(o, x.shape[:4])
 
     def _attn_branch(self, x: Tensor, labels: Optional[Tensor]) -> Tensor:
         _, _, _, grid, axes = self._geometry(x.shape[:4])
@@ -360,7 +360,9 @@ class SWSABlock(nn.Module):
         step = max(k for k in range(1, min(cap, dw) + 1) if dw % k == 0)
         return [(i, d0, d0 + step) for i in range(b) for d0 in range(0, dw, step)]
 
-    def attend_in_parts(self, x: Tensor, labels: Optional[Tensor], parts: List[Tuple[int, int, int]]) -> Tensor:
+    def attend_in_parts(
+        self, x: Tensor, labels: Optional[Tensor], parts: List[Tuple[int, int, int]], own: bool = False
+    ) -> Tensor:
         """:meth:`attend` over a large volume, without autograd: :meth:`attention_windows` over the volume, then
         :meth:`WindowAttention.attend_part` part by part (:meth:`sdpa_parts`) over the windows in place, then
         :meth:`attention_merge`: three functions that compile on their own (a part's graph does not grow with the
@@ -368,7 +370,8 @@ class SWSABlock(nn.Module):
         H200). A part that does not end the volume has no last window along the frames: that axis counts as
         unshifted there. The part that ends a volume shifted along the frames runs eagerly (:meth:`_sdpa`): it comes
         once a call, and its graph, the largest of the three kinds (seven masked window sets), took 7.0 s of an empty
-        cache's compilation at 20 frames of 1080p (H200; the other kinds 1.3 and 3.7 s)."""
+        cache's compilation at 20 frames of 1080p (H200; the other kinds 1.3 and 3.7 s). ``own``: see
+        :meth:`_merge_into`."""
         _, _, _, (_, dw, hw, ww), axes = self._geometry(x.shape[:4])
         plane = hw * ww
         u = self.attention_windows(x)
@@ -378,7 +381,7 @@ class SWSABlock(nn.Module):
             part_axes = tuple(a for a in axes if a != 0 or d1 == dw)
             attend = self.attn._sdpa if 0 in part_axes else self.attn.attend_part
             u[rows] = attend(u[rows], lab, (1, d1 - d0, hw, ww), part_axes)
-        return self.attention_merge(x, u)
+        return self._merge_into(x, u, own)
 
     def window_chunks(self, x: Tensor) -> List[Tuple[int, int]]:
         """The steps (first and end window) in which the explicit path attends x's windows without autograd, where
@@ -394,18 +397,30 @@ class SWSABlock(nn.Module):
         step = next((k for k in range(cap, cap // 2, -1) if windows % k == 0), cap)
         return [(s, min(s + step, windows)) for s in range(0, windows, step)]
 
-    def attend_in_chunks(self, x: Tensor, labels: Optional[Tensor], chunks: List[Tuple[int, int]]) -> Tensor:
+    def attend_in_chunks(
+        self, x: Tensor, labels: Optional[Tensor], chunks: List[Tuple[int, int]], own: bool = False
+    ) -> Tensor:
         """:meth:`attend` through the explicit path, without autograd, one step of windows after the other from eager
         code (:meth:`window_chunks`): :meth:`attention_windows`, :meth:`WindowAttention.attend_chunk` per step over
         the windows in place, :meth:`attention_merge`, each compiled on its own. Traced as one graph, the steps bounded
         nothing: Inductor computed every step's scores before the first softmax (it fuses the steps' softmaxes, which
-        read the same bias), all (windows, heads, n, n) of them alive at once."""
+        read the same bias), all (windows, heads, n, n) of them alive at once. ``own``: see :meth:`_merge_into`."""
         _, _, _, grid, axes = self._geometry(x.shape[:4])
         u = self.attention_windows(x)
         lab = labels.repeat(grid[0], 1) if axes else None  # window i of the batch uses labels[i % nW]
         for s, e in chunks:  # in place, as in attend_in_parts
             u[s:e] = self.attn.attend_chunk(u[s:e], None if lab is None else lab[s:e])
-        return self.attention_merge(x, u)
+        return self._merge_into(x, u, own)
+
+    def _merge_into(self, x: Tensor, o: Tensor, own: bool) -> Tensor:
+        """x + the attention branch (:meth:`attention_merge`), written over x where the caller gives it up (``own``)
+        and it is contiguous; else over a contiguous copy of x. In place, the merge holds x and the windows, not a
+        third volume for its result: with the parts and steps written over the windows too, a block over a large
+        volume holds two volumes (x and its windows) where it held four."""
+        if not (own and x.is_contiguous()):
+            x = x.clone(memory_format=torch.contiguous_format)
+        self.attention_merge(x, o)
+        return x
 
     def _ffn_branch(self, x: Tensor) -> Tensor:
         return ffn_branch(self.norm2, self.mlp, x)
@@ -418,8 +433,9 @@ class SWSABlock(nn.Module):
 
     ffn = staticmethod(ffn_branch)  # the no-grad per-token branch; compile_swsa_blocks puts one compiled copy here
 
-    def forward(self, x: Tensor, labels: Optional[Tensor]) -> Tensor:
-        """x: (B, D, H, W, C); labels: (nW, n) shift-region ids of the padded volume (used by shifted blocks)."""
+    def forward(self, x: Tensor, labels: Optional[Tensor], own: bool = False) -> Tensor:
+        """x: (B, D, H, W, C); labels: (nW, n) shift-region ids of the padded volume (used by shifted blocks). own:
+        without autograd, the caller gives x up: over large volumes the block may return it, written over."""
         if torch.is_grad_enabled():
             ckpt = self.training
             if ckpt and self.use_checkpoint_attn:
@@ -431,9 +447,9 @@ class SWSABlock(nn.Module):
             return x + self._ffn_branch(x)
         parts, chunks = self.sdpa_parts(x), self.window_chunks(x)
         if parts:
-            x = self.attend_in_parts(x, labels, parts)
+            x = self.attend_in_parts(x, labels, parts, own)
         elif chunks:
-            x = self.attend_in_chunks(x, labels, chunks)
+            x = self.attend_in_chunks(x, labels, chunks, own)
         else:
             x = self.attend(x, labels)
         # per-token branch, in place, a few frames at a time: its 2C-wide hidden never spans the clip
@@ -495,10 +511,11 @@ class SWSAGroup(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.consume([x])
 
-    def consume(self, held: List[Tensor]) -> Tensor:
+    def consume(self, held: List[Tensor], own: bool = False) -> Tensor:
         """``forward(held.pop())``, holding that input no longer than the first block needs it: where the caller
         keeps no other reference (the streaming sweep's slab copies, 0.69 GiB for 16 frames of 180 x 320 in fp32),
-        it is freed before the second block runs, whose peak is the group's."""
+        it is freed before the second block runs. Each block after the first gets its input to write over
+        (``SWSABlock.forward``'s ``own``); the first where ``own`` says that the caller gives the input up."""
         x = held.pop()
         _, _, d, h, w = x.shape
         ws, ss = effective_window((d, h, w), WINDOW, SHIFT)
@@ -506,6 +523,6 @@ class SWSAGroup(nn.Module):
         labels = shift_labels(padded, ws, ss, x.device)
         t = x.permute(0, 2, 3, 4, 1)
         del x
-        for blk in self.blocks:
-            t = blk(t, labels)
+        for i, blk in enumerate(self.blocks):
+            t = blk(t, labels, own or i > 0)
         return t.permute(0, 4, 1, 2, 3)

@@ -68,7 +68,8 @@ def rel_err(a: Tensor, b: Tensor) -> float:
 
 def test_group_consume_frees_its_input_after_the_first_block(monkeypatch):
     """SWSAGroup.consume (the streaming sweep's SWSA call): the input, held by nobody else, is freed before the second
-    block runs (the group's peak then holds one volume less); the output is forward's."""
+    block runs (the group's peak then holds one volume less), which gets its input to write over; the output is
+    forward's."""
     import weakref
 
     torch.manual_seed(0)
@@ -80,9 +81,11 @@ def test_group_consume_frees_its_input_after_the_first_block(monkeypatch):
         held = [x.clone()]
         alive = weakref.ref(held[0])
         second = group.blocks[1].forward
-        monkeypatch.setattr(group.blocks[1], 'forward', lambda t, lab: seen.append(alive() is None) or second(t, lab))
+        monkeypatch.setattr(
+            group.blocks[1], 'forward', lambda t, lab, own: seen.append((alive() is None, own)) or second(t, lab, own)
+        )
         got = group.consume(held)
-    assert held == [] and seen == [True] and torch.equal(got, want)
+    assert held == [] and seen == [(True, True)] and torch.equal(got, want)
 
 
 @pytest.mark.parametrize('width,max_windows,steps', [(48, 8, [6] * 15), (56, 2, [2] * 52 + [1])])
@@ -119,3 +122,28 @@ def test_explicit_steps_run_from_eager_code_each_compiled_on_its_own(
     kinds = len(set(steps))
     assert counter.frame_count == 2 * (2 + kinds) + 1
     assert rel_err(eager, want) < 1e-6 and rel_err(got, want) < 1e-6
+
+
+@pytest.mark.parametrize('sdpa', [False, True])
+def test_block_writes_over_an_input_it_is_given(monkeypatch, sdpa):
+    """Over a volume of several SDPA parts or explicit steps, a block given its input (``own``) returns that tensor,
+    written over (the merge holds no third volume for its result); not given it, the block leaves it as it was.
+    Same values either way."""
+    from gsmsr.archs.swsa import SHIFT, WINDOW, SWSABlock, effective_window, shift_labels
+
+    torch.manual_seed(0)
+    blk = SWSABlock(16, 2, SHIFT).eval()
+    monkeypatch.setattr(swsa, 'use_sdpa', lambda x: sdpa)
+    monkeypatch.setattr(swsa.WindowAttention, 'sdpa_part_windows', 20)  # 3 parts of 2 x 3 x 3 windows
+    monkeypatch.setattr(swsa.WindowAttention, 'max_windows', 8)  # 9 steps of 6 windows
+    x = torch.randn(1, 12, 18, 20, 16)  # (B, D, H, W, C), padded
+    ws, ss = effective_window(x.shape[1:4], WINDOW, SHIFT)
+    labels = shift_labels(tuple(-(-n // s) * s for n, s in zip(x.shape[1:4], ws)), ws, ss, x.device)
+    assert len(blk.sdpa_parts(x) if sdpa else blk.window_chunks(x)) == (3 if sdpa else 9)
+    with torch.no_grad():
+        kept = x.clone()
+        want = blk(kept, labels)
+        given = x.clone()
+        got = blk(given, labels, own=True)
+    assert torch.equal(kept, x) and want is not kept
+    assert got is given and torch.equal(got, want)
