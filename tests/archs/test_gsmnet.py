@@ -283,6 +283,34 @@ def test_streaming_eval_equals_whole_clip_schedule(kwargs: dict, t: int, slab: i
     assert (out - ref).abs().max() <= 1e-10
 
 
+def test_streaming_slabs_are_written_over_by_their_blocks(monkeypatch):
+    """Over volumes of several explicit steps, the streaming schedule gives each SWSA group a channels-last slab copy
+    and every block of it its input to write over (own, contiguous: no volume for the merge's result), and still
+    computes the whole-clip layers' values (float64)."""
+    from gsmsr.archs.swsa import SWSABlock, WindowAttention
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(WindowAttention, 'max_windows', 8)  # a 6-frame slab holds 3 x 5 x 6 windows
+    net = _perturbed(GSMNet(**TINY)).double().eval()
+    net.stream_slab, net.stream_whole = 2, 0
+    lq = _clip(t=9, h=35, w=41)
+    given = []
+    forward = SWSABlock.forward
+    monkeypatch.setattr(
+        SWSABlock,
+        'forward',
+        lambda blk, x, lab, own=False: given.append(own and x.is_contiguous()) or forward(blk, x, lab, own),
+    )
+    with torch.no_grad():
+        net.streaming_eval = False
+        ref = net(lq)
+        given.clear()
+        net.streaming_eval = True
+        out = net(lq)
+    assert len(given) > 4 and all(given)
+    assert (out - ref).abs().max() <= 1e-10
+
+
 def test_window_flows_have_one_layout():
     """Every window's flows have the same strides whatever the window's position and the clip's length: compiled
     window steps guard on strides, so one layout is one graph (views into the clip's flows gave three per clip, and
