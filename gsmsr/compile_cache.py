@@ -5,7 +5,6 @@
   temporary folder, which is emptied at reboot or per container; and turns the FX-graph and AOTAutograd caches on.
   Variables the user set are left alone. Dynamo still traces in every process; what the caches save is
   Inductor's code generation, Triton compilation and autotuning (FAST_KERNELS.md §D).
-* :func:`start_compile_workers` starts Inductor's compile workers ahead of the first compilation.
 * :class:`MegaCache` saves ``torch.compiler.save_cache_artifacts()`` to one file per software and GPU
   combination (:func:`cache_key`: torch, Triton, CUDA, GPU name and compute capability, gsmsr), written
   atomically, and loads it into the caches at start. Those artifacts are portable between machines of the same
@@ -39,15 +38,7 @@ import torch
 from gsmsr.faults import one_line
 from gsmsr.utils import atomic_write_bytes
 
-__all__ = [
-    'cache_root',
-    'enable_persistent_caches',
-    'start_compile_workers',
-    'cache_key',
-    'MegaCache',
-    'PrecompiledFunction',
-    'aot_supported',
-]
+__all__ = ['cache_root', 'enable_persistent_caches', 'cache_key', 'MegaCache', 'PrecompiledFunction', 'aot_supported']
 
 # environment variable -> sub-folder of the cache root
 _CACHE_DIRS = {'TORCHINDUCTOR_CACHE_DIR': 'inductor', 'TRITON_CACHE_DIR': 'triton'}
@@ -88,29 +79,6 @@ def enable_persistent_caches(root: Optional[Path] = None) -> Path:
     if os.environ.get('TORCHINDUCTOR_AUTOGRAD_CACHE') is None:
         functorch_config.enable_autograd_cache = True
     return root
-
-
-def start_compile_workers() -> bool:
-    """Start Inductor's compile worker processes now instead of at the first compilation; False where that failed.
-
-    Inductor hands a graph's Triton kernels to its workers only once the pool has answered; until then it compiles
-    them one after another in the calling process. Started at the first compilation (Inductor's default), the pool
-    is not ready for the first graph: the first SWSA graph of a 1080p run on an empty cache took 7.5 s to compile,
-    its shifted twin 1.8 s (H200, 2026-12-04). Call it after :func:`enable_persistent_caches`: the workers take the
-    cache folders from the environment as they start. Starting them twice starts them once."""
-    try:
-        from torch._inductor import async_compile
-
-        warm = getattr(async_compile, 'maybe_warm_pool', None)  # honours TORCH_WARM_POOL=0
-        if warm is not None:
-            warm()
-        else:
-            async_compile.AsyncCompile.warm_pool()
-            getattr(async_compile.AsyncCompile, 'wakeup', lambda: None)()
-    except Exception as e:  # a torch without the pool, a process that may not start others
-        _warn_once('compile workers', f'Inductor compile workers not started ahead: {one_line(e)}')
-        return False
-    return True
 
 
 def _inductor_dir_is_torch_default() -> bool:

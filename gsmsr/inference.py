@@ -83,7 +83,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gsmsr.compile_cache import AOT_ENV, MegaCache, enable_persistent_caches, start_compile_workers
+from gsmsr.compile_cache import AOT_ENV, MegaCache, enable_persistent_caches
 from gsmsr.faults import FaultError, InputError, check_free_space, one_line, run_reporting_errors
 from gsmsr.io_threads import FrameWriter, ReadAhead
 from gsmsr.launch import launch_timeline
@@ -741,7 +741,6 @@ def _upscale_video_once(
         mega = None
         if compiled:  # before the first compilation: it reads the cache folders then
             root = enable_persistent_caches()
-            start_compile_workers()  # where _run has not already
             mega = MegaCache.for_device(device)
             mega.load()
             if os.environ.get(AOT_ENV) == '1' and hasattr(net, 'precompile_dir'):  # experimental, off by default
@@ -1024,9 +1023,6 @@ def _run(args: argparse.Namespace) -> int:
     source.close()
     _check_output_space(args.output, source.info, args.chunk, _planned_scale(args.opt))
     timeline['input_probed'] = time.time()
-    if device.type == 'cuda' and args.compile is not False:  # the compile workers start while the network loads
-        enable_persistent_caches()
-        start_compile_workers()
     net = load_network(args.weights, args.opt, device, timeline)
     if hasattr(net, 'compile_blocks'):
         net.compile_blocks = device.type == 'cuda' if args.compile is None else args.compile

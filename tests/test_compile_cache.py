@@ -75,21 +75,6 @@ def test_user_settings_are_kept(clean_env, monkeypatch):
     assert os.environ['TORCHINDUCTOR_CACHE_DIR'] == str(clean_env / 'elsewhere' / 'inductor')
 
 
-def test_compile_workers_start_with_the_cache_folders_in_their_environment(clean_env, monkeypatch, capsys):
-    """start_compile_workers starts Inductor's pool (here a stand-in that records the environment the workers would
-    inherit) after enable_persistent_caches; a pool that cannot start costs a warning, not the run."""
-    from torch._inductor import async_compile
-
-    seen = []
-    monkeypatch.setattr(async_compile, 'maybe_warm_pool', lambda: seen.append(os.environ.get('TRITON_CACHE_DIR')))
-    monkeypatch.setattr(compile_cache, '_warned', set())
-    root = enable_persistent_caches()
-    assert compile_cache.start_compile_workers() and seen == [str(root / 'triton')]
-    monkeypatch.setattr(async_compile, 'maybe_warm_pool', lambda: 1 / 0)
-    assert not compile_cache.start_compile_workers()
-    assert 'compile workers not started ahead: division by zero' in capsys.readouterr().err
-
-
 def test_key_names_everything_compiled_code_depends_on(monkeypatch):
     key = cache_key(torch.device('cpu'))
     assert set(key) == {'torch', 'triton', 'cuda', 'gpu', 'capability', 'gsmsr'}
