@@ -189,6 +189,21 @@ def phase_rows(stats: dict, wall: float) -> List[Dict[str, str]]:
     return rows
 
 
+def compile_phase_rows(stats: dict, top: int = 14) -> List[Dict[str, str]]:
+    """The run's costliest compile phases (the stats' ``compile_phases``): calls, total seconds and the seconds of
+    the first calls in order (graph by graph: which graph paid for what)."""
+    phases = sorted((stats.get('compile_phases') or {}).items(), key=lambda kv: -sum(kv[1]))[:top]
+    return [
+        {
+            'phase': name,
+            'calls': str(len(t)),
+            'total_s': f'{sum(t):.2f}',
+            'first_calls_s': ' '.join(f'{x:.2f}' for x in t[:8]),
+        }
+        for name, t in phases
+    ]
+
+
 def save_rows(out_root: Optional[Path], rows: List[Dict[str, str]]) -> None:
     """``rows.json`` as it stands (replaced whole, so a benchmark stopped from outside leaves a readable file)."""
     if out_root is None:
@@ -299,6 +314,9 @@ def main() -> int:
                     continue
                 print(f'\n# launch timeline of {name} (seconds from launch)', end='')
                 print_table(phase_rows(stats, wall), ['phase', 'from_launch_s', 'step_s', 'host_peak_GiB'])
+                if stats.get('compile_phases'):
+                    print(f'\n# compile phases of {name}', end='')
+                    print_table(compile_phase_rows(stats), ['phase', 'calls', 'total_s', 'first_calls_s'])
                 sys.stdout.flush()
                 if mode == 'warmup':
                     continue

@@ -194,6 +194,10 @@ class InferenceStats:
     # The process's peak resident set size so far (bytes) when the run reached caches_ready, stream_start,
     # first_chunk_queued and the end of streaming (stream_end): the phase in which the host peak grew.
     host_peak_at: Dict[str, int] = dataclasses.field(default_factory=dict)
+    # Seconds of each call of Dynamo's and Inductor's timed compile phases during the run (name -> one entry per
+    # call, in order), the phases that took at least COMPILE_PHASE_MIN_S in all: where an empty cache's compilation
+    # goes, graph by graph. Empty without compilation.
+    compile_phases: Dict[str, List[float]] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
@@ -748,6 +752,7 @@ def _upscale_video_once(
         timeline['caches_ready'] = time.time()
         host_peak_at = {'caches_ready': _host_peak()}
         precompiled_before = _precompiled_seconds(net) if compiled else None  # a network reused across runs
+        phases_before = _compile_phases() if compiled else {}
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
         # frames per network call, as _stream will choose them (an unknown count with chunk 0: planned for the default)
@@ -852,6 +857,7 @@ def _upscale_video_once(
         precompiled = _precompiled_seconds(net) if compiled else None
         if precompiled is not None and precompiled_before is not None:
             precompiled = {k: round(v - precompiled_before[k], 3) for k, v in precompiled.items()}
+        phases = _compile_phases_since(phases_before) if compiled else {}
         if first_written:
             timeline['first_frame_written'] = first_written[0][1]
     except torch.cuda.OutOfMemoryError as err:
@@ -888,12 +894,33 @@ def _upscale_video_once(
         precompiled_s=precompiled,
         timeline=timeline,
         host_peak_at=host_peak_at,
+        compile_phases=phases,
     )
 
 
 def _host_peak() -> int:
     """The process's peak resident set size so far, in bytes (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+COMPILE_PHASE_MIN_S = 0.5
+
+
+def _compile_phases() -> Dict[str, List[float]]:
+    """Dynamo's and Inductor's timed compile phases so far: name -> seconds of each call
+    (``torch._dynamo.utils.compilation_time_metrics``; empty where this torch has none)."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return {}
+    return {name: list(times) for name, times in compilation_time_metrics.items()}
+
+
+def _compile_phases_since(before: Dict[str, List[float]]) -> Dict[str, List[float]]:
+    """The calls of each phase after ``before`` (:func:`_compile_phases`), for the phases that took at least
+    COMPILE_PHASE_MIN_S in them."""
+    calls = {name: times[len(before.get(name, ())) :] for name, times in _compile_phases().items()}
+    return {name: [round(t, 3) for t in times] for name, times in calls.items() if sum(times) >= COMPILE_PHASE_MIN_S}
 
 
 def _precompiled_seconds(net: nn.Module) -> Optional[Dict[str, float]]:

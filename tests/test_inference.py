@@ -747,3 +747,31 @@ def test_gsmnet_chunked_stays_close(tiny_gsm, gsm_clip):
     diff = np.abs(out.astype(int) - quantise(gsm_clip['direct']).astype(int))
     # Measured: mean 0.21, max 2 (the random residual itself is about 7 levels from bilinear).
     assert diff.mean() < 1.0 and diff.max() <= 8, (diff.mean(), diff.max())
+
+
+def test_compile_phases_keep_the_runs_calls_of_costly_phases(monkeypatch):
+    """The stats' compile_phases: each phase's calls made after the run started, for the phases that took at least
+    COMPILE_PHASE_MIN_S in them; bench_infer lists the costliest first."""
+    import sys
+
+    import torch._dynamo.utils as dynamo_utils
+
+    from gsmsr import inference
+
+    metrics = {'inductor_compile': [3.0], 'tiny': [0.1]}
+    monkeypatch.setattr(dynamo_utils, 'compilation_time_metrics', metrics)
+    before = inference._compile_phases()
+    metrics['inductor_compile'] += [1.25, 0.5]
+    metrics['tiny'].append(0.2)
+    metrics['new_phase'] = [0.6]
+    phases = inference._compile_phases_since(before)
+    assert phases == {'inductor_compile': [1.25, 0.5], 'new_phase': [0.6]}
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+    monkeypatch.delitem(sys.modules, 'bench_infer', raising=False)
+    from bench_infer import compile_phase_rows
+
+    rows = compile_phase_rows({'compile_phases': phases})
+    assert [(r['phase'], r['calls'], r['total_s'], r['first_calls_s']) for r in rows] == [
+        ('inductor_compile', '2', '1.75', '1.25 0.50'),
+        ('new_phase', '1', '0.60', '0.60'),
+    ]
