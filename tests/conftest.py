@@ -6,10 +6,11 @@ smallest GSMNet accepts (LR 36x36 >= 33), so a training step of the tiny network
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional
 
 import cv2
 import numpy as np
@@ -260,3 +261,22 @@ def _no_tf32_on_gpu_tests(request):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.fixture
+def windows_and_merged() -> Callable[[], ContextManager[List[torch.Tensor]]]:
+    """A context manager that records, block by block, the windows ``SWSABlock.attention_windows`` returns and the
+    attended windows ``SWSABlock.attention_merge`` receives (the class's own methods again on exit, before anything
+    compiles them)."""
+    from gsmsr.archs.swsa import SWSABlock
+
+    @contextlib.contextmanager
+    def record() -> Iterator[List[torch.Tensor]]:
+        held: List[torch.Tensor] = []
+        windows, merge = SWSABlock.attention_windows, SWSABlock.attention_merge
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(SWSABlock, 'attention_windows', lambda self, x: held.append(windows(self, x)) or held[-1])
+            m.setattr(SWSABlock, 'attention_merge', lambda self, x, o: held.append(o) or merge(self, x, o))
+            yield held
+
+    return record
