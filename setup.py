@@ -27,7 +27,9 @@ setup(
     ],
     extras_require={
         'cuda': ['mamba-ssm>=2.2', 'causal-conv1d>=1.4'],
-        'test': ['pytest', 'ruff>=0.17,<0.18'],  # ruff: minor releases add rules, so one minor is pinned
+        # pytest-xdist: the suite runs one worker a CPU core (pytest.ini); ruff: minor releases add rules, so one
+        # minor is pinned
+        'test': ['pytest', 'pytest-xdist', 'ruff>=0.17,<0.18'],
     },
     entry_points={'console_scripts': ['gsmsr=gsmsr.cli:main', 'basicsr=gsmsr.cli:basicsr_main']},
 )

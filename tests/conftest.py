@@ -28,6 +28,25 @@ TINY_NET = dict(
 )
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# pytest-xdist (``-n auto`` in pytest.ini): each worker computes with one thread, and so do the processes its tests
+# start (OMP_NUM_THREADS). Two workers of two threads each on two cores are far slower than one thread each: an
+# OpenMP thread that waits for a core holds up every parallel op of its process (a tiny GSMNet forward took 5x
+# longer with two threads while another process kept one core busy).
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    torch.set_num_threads(1)
+    os.environ['OMP_NUM_THREADS'] = '1'
+
+
+def pytest_xdist_auto_num_workers(config) -> Optional[int]:
+    """Workers for ``-n auto``: none (one process, as without xdist) on a machine with CUDA, whose tests share the
+    GPU and print timings, or with ``-s``, whose output workers would swallow; else xdist's default, one a CPU core
+    (``PYTEST_XDIST_AUTO_NUM_WORKERS`` sets the number). ``-n 0`` or ``-n N`` on the command line decide instead."""
+    if os.environ.get('PYTEST_XDIST_AUTO_NUM_WORKERS'):
+        return None
+    if config.option.capture == 'no' or torch.cuda.is_available():
+        return 0
+    return None
+
 
 def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Smooth random BGR texture, float in [0, 1], (h, w, 3)."""

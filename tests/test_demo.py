@@ -28,6 +28,8 @@ QUICK_CLIPS = (
     ClipSpec('carphone', 'carphone_pristine.mp4', 'test', 0, 4, 1, (144, 144)),
 )
 TINY = ['--embed-dims', '8', '--prop-depth', '1', '--attn-depth', '0', '--num-heads', '4', '--pa-frame', '1']
+# the module-scoped demo run is computed once, in one xdist worker
+pytestmark = pytest.mark.xdist_group('demo')
 
 
 @pytest.fixture(scope='module')

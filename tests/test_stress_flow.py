@@ -33,6 +33,8 @@ from gsmsr.stress_flow import REPORT_NAMES, FlowPerturbation, add_arguments, fin
 TINY = dict(upscale=4, prop_depth=2, attn_depth=1, pa_frame=1, embed_dims=8, num_heads=2)
 CLIPS = ('000', '001')
 FRAMES = [f'{i:08d}' for i in range(3)]
+# the module-scoped fixtures (the report: a forward per clip and level) are computed once, in one xdist worker
+pytestmark = pytest.mark.xdist_group('stress_flow')
 
 
 def _parse(argv: List[str]) -> argparse.Namespace:
