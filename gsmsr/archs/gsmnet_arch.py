@@ -370,7 +370,7 @@ class GSMNet(nn.Module):
                 # keeps slab + halo frames and a clip no longer than one slab is done in one go
                 q = t_len if hi == t_len else hi - halo
                 # a slab copy is given to the SWSA group (consume): its blocks write over it
-                held = [self.slab_of(x, [order[s] for s in range(lo, hi)], depth > 0)]
+                held = [self.slab_of(x, [order[s] for s in range(lo, hi)], depth > 0, t_len > self.stream_whole)]
                 own = held[0].untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
                 out = stage.attn_blocks.consume(held, own)
                 for s in range(p, q):
@@ -405,26 +405,28 @@ class GSMNet(nn.Module):
             x[:, :, order[s]].add_(v)
 
     @staticmethod
-    def slab_of(x: Tensor, stored: List[int], read_only: bool) -> Tensor:
-        """``torch.stack([x[:, :, i] for i in stored], 2)``. A whole clip comes in x's layout, in either time order
-        (one compiled SWSA graph for both): ``x``'s own frames where they are that tensor and ``read_only`` (the caller
-        never writes the result), else a contiguous copy. Part of a clip (a slab) is a copy laid out channels-last
-        (``torch.channels_last_3d``), the layout SWSA's blocks work in, so that the first block can write over it.
+    def slab_of(x: Tensor, stored: List[int], read_only: bool, channels_last: bool) -> Tensor:
+        """``torch.stack([x[:, :, i] for i in stored], 2)``. With ``channels_last`` (the streaming schedule's slabs) a
+        copy laid out channels-last (``torch.channels_last_3d``), the layout SWSA's blocks work in, so that the first
+        block can write over it; otherwise in x's layout (a whole clip, in either time order: one compiled graph for
+        both), ``x``'s own frames where they are that tensor and ``read_only`` (the caller never writes the result).
         Copied in one go where ``stored`` is a run of frames (the streaming schedule's slabs are, in either time
         order)."""
         lo, hi = min(stored), max(stored) + 1
         run = x[:, :, lo:hi]
         natural, flipped = stored == list(range(lo, hi)), stored == list(range(hi - 1, lo - 1, -1))
-        if len(stored) == x.shape[2] and (natural or flipped):
+        if not channels_last:
+            if natural:
+                return run if read_only and run.is_contiguous() else run.clone(memory_format=torch.contiguous_format)
             if flipped:
                 return run.flip(2).contiguous()
-            return run if read_only and run.is_contiguous() else run.clone(memory_format=torch.contiguous_format)
+            return torch.stack([x[:, :, i] for i in stored], dim=2)  # not a list index: a host-to-device copy
         b, c, _, h, w = x.shape
         cl = torch.channels_last_3d
         slab = torch.empty((b, c, len(stored), h, w), dtype=x.dtype, device=x.device, memory_format=cl)
         if natural:
             return slab.copy_(run)
-        for j, i in enumerate(stored):  # not a list index: a host-to-device copy
+        for j, i in enumerate(stored):
             slab[:, :, j] = x[:, :, i]
         return slab
 

@@ -79,15 +79,16 @@ def test_whole_clip_streaming_equals_whole_clip_schedule_bit_for_bit():
 
 
 def test_slab_of_is_the_stack():
+    """In x's layout for a whole clip (x's own frames where they can be), channels-last copies for slabs."""
     x = torch.randn(1, 3, 6, 4, 5)
     for stored in (list(range(6)), list(range(5, -1, -1)), [1, 2, 3], [4, 3, 2], [0, 2, 1]):
         for read_only in (True, False):
-            slab = GSMNet.slab_of(x, stored, read_only)
-            assert torch.equal(slab, torch.stack([x[:, :, i] for i in stored], dim=2))
-            view = slab.data_ptr() == x.data_ptr()
-            assert view == (read_only and stored == list(range(6)))
-            whole = len(stored) == 6  # in x's layout; slabs channels-last, the layout SWSA's blocks work in
-            assert slab.is_contiguous() if whole else slab.permute(0, 2, 3, 4, 1).is_contiguous()
+            for channels_last in (False, True):
+                slab = GSMNet.slab_of(x, stored, read_only, channels_last)
+                assert torch.equal(slab, torch.stack([x[:, :, i] for i in stored], dim=2))
+                view = slab.data_ptr() == x.data_ptr()
+                assert view == (read_only and stored == list(range(6)) and not channels_last)
+                assert slab.permute(0, 2, 3, 4, 1).is_contiguous() if channels_last else slab.is_contiguous()
 
 
 class OpCounter(TorchDispatchMode):
