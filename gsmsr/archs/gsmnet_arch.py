@@ -454,6 +454,21 @@ class GSMNet(nn.Module):
             return self.implicit_align
         return lambda source, target, flow: warp(source, flow)
 
+    def shallow_features(self, lq: Tensor, step: int) -> Tensor:
+        """``conv_first`` of lq (B, T, c, H, W) -> (B, C, T, H, W), ``step`` frames a call (a per-frame conv: the same
+        values). Over a whole long clip at once, cuDNN's autotuner (``cudnn.benchmark``, as BasicSR's test script sets
+        it) tried algorithms with workspaces of several GiB in its first call: the fp32 peak at 100 x 180 x 320 (H200)."""
+        t = lq.shape[1]
+        if step >= t:
+            return self.conv_first(lq.transpose(1, 2))
+        x0 = None
+        for s in range(0, t, step):
+            y = self.conv_first(lq[:, s : s + step].transpose(1, 2))
+            if x0 is None:
+                x0 = y.new_empty(y.shape[:2] + (t,) + y.shape[3:])
+            x0[:, :, s : s + step] = y
+        return x0
+
     def reconstruct(self, x: Tensor, x0: Tensor, lq: Tensor) -> Tensor:
         """Features (B, C, T, H, W), shallow features x0, input lq (B, T, c, H, W) -> (B, T, out, sH, sW)."""
         b, t, c, h, w = lq.shape
@@ -560,7 +575,8 @@ class GSMNet(nn.Module):
         b, t, c, h, w = lq.shape
         streaming = self.streaming_eval and not torch.is_grad_enabled()
         fb, ff = self.get_flows(lq)
-        x0 = self.conv_first(lq.transpose(1, 2))  # (B, C, T, H, W)
+        step = max(1, 65536 // (h * w))  # frames a call of the streaming path's per-frame convs (see below)
+        x0 = self.shallow_features(lq, step if streaming else t)  # (B, C, T, H, W)
         natural = self.window_flows(fb, ff)
         flipped: Optional[WindowFlows] = None
         x = x0
@@ -589,7 +605,6 @@ class GSMNet(nn.Module):
         # x0 was updated in place: recompute it per chunk (a cheap conv); reconstruct a few frames at a time,
         # since the x4 upsampler's 64-channel maps are ~20x larger than the features
         out = lq.new_empty(b, t, self.out_chans, h * self.upscale, w * self.upscale)
-        step = max(1, 65536 // (h * w))
         for s in range(0, t, step):
             sl = slice(s, min(s + step, t))
             out[:, sl] = self.reconstruct(x[:, :, sl], self.conv_first(lq[:, sl].transpose(1, 2)), lq[:, sl])

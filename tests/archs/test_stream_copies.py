@@ -91,6 +91,24 @@ def test_slab_of_is_the_stack():
                 assert slab.permute(0, 2, 3, 4, 1).is_contiguous() if channels_last else slab.is_contiguous()
 
 
+def test_shallow_features_a_few_frames_a_call_are_the_whole_conv():
+    """conv_first over a clip in steps of frames (the streaming path's, which bounds cuDNN's autotuning workspace)
+    gives the one call's values, with a shorter last step, in float64 and under bf16 autocast."""
+    net = _net().double()
+    lq = _clip(7).double()
+    with torch.no_grad():
+        whole = net.conv_first(lq.transpose(1, 2))
+        for step in (1, 3, 7, 9):
+            parts = net.shallow_features(lq, step)
+            assert parts.shape == whole.shape and parts.is_contiguous()
+            torch.testing.assert_close(parts, whole, rtol=1e-12, atol=1e-12)
+        net.float()
+        with torch.autocast('cpu', torch.bfloat16):
+            whole, parts = net.conv_first(lq.float().transpose(1, 2)), net.shallow_features(lq.float(), 2)
+        assert parts.dtype == whole.dtype == torch.bfloat16
+        torch.testing.assert_close(parts, whole)  # bf16 tolerances: the kernel may differ by shape
+
+
 class OpCounter(TorchDispatchMode):
     """Counts aten ops on tensors of at least ``numel`` elements inside ``GSMNet.stream_layer`` (or everywhere, when
     ``depth`` starts at 0) and outside ``GSMBlock`` and ``SWSABlock`` calls (the blocks that ``compile_blocks``
