@@ -56,10 +56,10 @@ NET_BYTES_PER_PIXEL_FRAME = 448  # per LR pixel and frame of a call: bf16 featur
 FILL_PIXELS = 180 * 320  # LR pixels per call from which the GPU is busy; smaller tiles are batched to this
 # SWSA over more frames than a slab (a chunk of at most STREAM_WHOLE frames is one slab; whole_chunk_swsa_fits
 # raises that to the chunk): per LR pixel and frame beyond a slab's. Fitted with gsmsr infer on an H200 (NOTES,
-# 2026-12-03): whole 360 x 640 chunks of 28 peaked at 18.39 GiB (slab model 15.24), whole 1080 x 1920 frames in one
-# chunk of 20 at 113.46 (slab model 107.02): 1.2 and 0.8 KiB a pixel-frame beyond 16; rounded up, the model
-# over-estimates both by 4-5 %.
-SWSA_BYTES_PER_PIXEL_FRAME = 3 * KiB // 2
+# 2026-12-04), since SWSA writes its windows and its merge over its input: whole 360 x 640 chunks of 28 peaked at
+# 16.07 GiB (slab model 15.24: 0.32 KiB a pixel-frame beyond 16), whole 1080 x 1920 frames in one chunk of 20 at
+# 99.03 (the model with this constant 111.0) and two chunks of 22 in slabs at 103.17 (model 109.6). Rounded up.
+SWSA_BYTES_PER_PIXEL_FRAME = KiB // 2
 SLAB_FRAMES = 16  # frames an SWSA slab spans with the release config (GSMNet.stream_slab + 2 * halo)
 STREAM_WHOLE = 20  # GSMNet.stream_whole: chunks of at most this many frames run SWSA once over the whole chunk
 # Multipliers of the two per-pixel terms for the other paths: fp32 from bench_gsm's compiled fp32 row (9.01 against
