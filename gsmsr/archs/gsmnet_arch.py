@@ -457,7 +457,8 @@ class GSMNet(nn.Module):
     def shallow_features(self, lq: Tensor, step: int) -> Tensor:
         """``conv_first`` of lq (B, T, c, H, W) -> (B, C, T, H, W), ``step`` frames a call (a per-frame conv: the same
         values). Over a whole long clip at once, cuDNN's autotuner (``cudnn.benchmark``, as BasicSR's test script sets
-        it) tried algorithms with workspaces of several GiB in its first call: the fp32 peak at 100 x 180 x 320 (H200)."""
+        it) tried algorithms with workspaces of several GiB in its first call: the fp32 peak at 100 x 180 x 320
+        (H200)."""
         t = lq.shape[1]
         if step >= t:
             return self.conv_first(lq.transpose(1, 2))
