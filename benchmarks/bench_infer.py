@@ -3,7 +3,7 @@
     python benchmarks/bench_infer.py [--cases 360x640x100,1080x1920x40,1080x1920x20] [--cache fresh,warm]
                                      [--cache-dir DIR] [--precision bf16] [--config release|tiny]
                                      [--no-reference] [--run-timeout SECONDS] [--set MODULE.NAME=VALUE]
-                                     [-- EXTRA ARGS]
+                                     [--profile] [-- EXTRA ARGS]
 
 For each case (LR HxWxFRAMES) the frames are a synthetic moving texture written as PNGs, the network the released
 configuration with random weights (speed and memory do not depend on the weights), the output a PNG folder.
@@ -33,7 +33,10 @@ rewritten after every row, so a benchmark stopped from outside keeps what it had
 run that takes longer (SIGTERM, then SIGKILL 10 s later) and reports a row saying so; its log is kept.
 ``--set MODULE.NAME=VALUE`` sets a module attribute in every ``gsmsr infer`` child before its command runs: an
 Inductor setting (``torch._inductor.config.triton.autotune_pointwise=False``: no pointwise kernel tuned at its
-first call) or one of gsmsr's switches (``gsmsr.archs.swsa.COMPILE_ATTENTION=False``).
+first call) or one of gsmsr's switches (``gsmsr.archs.swsa.COMPILE_ATTENTION=False``). ``--profile`` runs each child's
+main thread under cProfile (``<case>-<cache>.prof`` beside its log) and prints its costliest functions, by cumulative
+and by self time: where a phase of the timeline goes in Python (the first compiled graph's one-off seconds, say).
+Profiling slows Python-heavy phases, so a profiled run's times compare only with other profiled runs.
 """
 
 from __future__ import annotations
@@ -58,14 +61,22 @@ from bench_utils import add_set_option, parse_settings, print_table  # noqa: E40
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(type='GSMNet', upscale=4, prop_depth=1, attn_depth=1, pa_frame=1, embed_dims=16, num_heads=4)
 REFERENCE_SIZE = (20, 180, 320)  # bench_gsm's default row
-# `python -c` body of a child with settings (--set): argv[1] is this folder, argv[2] {dotted name: value} as JSON, the
-# rest gsmsr's
+# `python -c` body of a child with settings (--set) or a profile (--profile): argv[1] is this folder, argv[2]
+# {dotted name: value} as JSON, argv[3] where to write the main thread's cProfile stats ('' for none), the rest gsmsr's
 SET_PRELUDE = """import json, sys
 sys.path.insert(0, sys.argv[1])
 from bench_utils import apply_settings
 apply_settings(json.loads(sys.argv[2]))
 from gsmsr.cli import main
-sys.exit(main(sys.argv[3:]))"""
+if not sys.argv[3]:
+    sys.exit(main(sys.argv[4:]))
+import cProfile
+prof = cProfile.Profile()
+try:
+    code = prof.runcall(main, sys.argv[4:])
+finally:
+    prof.dump_stats(sys.argv[3])
+sys.exit(code)"""
 STOP_GRACE_S = 10.0  # after SIGTERM, a run over --run-timeout gets this long to clean up before SIGKILL
 
 
@@ -131,9 +142,10 @@ def run_infer(
     log: Path,
     timeout: Optional[float] = None,
     settings: Optional[Dict[str, object]] = None,
+    profile: Optional[Path] = None,
 ) -> Tuple[dict, float]:
     """One ``gsmsr infer`` process; returns (stats dict, wall seconds). ``settings``: module attributes set in the
-    child before its command runs (``--set``).
+    child before its command runs (``--set``); ``profile``: where the child writes its main thread's cProfile stats.
 
     Its stdout and stderr stream into ``log`` while it runs; its stats are saved beside it (``.json``) and gain
     ``launched_at`` (Unix time of the launch here) and ``first_frame_since_launch``. Raises :class:`RunFailed` when
@@ -142,7 +154,9 @@ def run_infer(
     stats_file = out.parent / (out.name + '.json')
     stats_file.unlink(missing_ok=True)
     here = str(Path(__file__).resolve().parent)
-    launcher = ['-m', 'gsmsr'] if not settings else ['-c', SET_PRELUDE, here, json.dumps(settings)]
+    launcher = ['-m', 'gsmsr']
+    if settings or profile:
+        launcher = ['-c', SET_PRELUDE, here, json.dumps(settings or {}), str(profile or '')]
     cmd = [sys.executable, *launcher, 'infer', str(src), '-o', str(out), '--force', '--no-progress']
     cmd += [*net_args, '--stats-json', str(stats_file), *extra]
     with open(log, 'w', encoding='utf-8') as f:
@@ -186,6 +200,22 @@ def phase_rows(stats: dict, wall: float) -> List[Dict[str, str]]:
             row['host_peak_GiB'] = f'{host[phase] / 2**30:.2f}'
         rows.append(row)
         before = at
+    return rows
+
+
+def profile_rows(path: Path, key: str, top: int) -> List[Dict[str, str]]:
+    """The ``top`` functions of a cProfile stats file by ``key`` ('cumulative': time in the function and what it
+    called; 'self': in the function alone), with their calls and both times; file paths from the package folder on."""
+    import pstats
+
+    entries = pstats.Stats(str(path)).stats  # (file, line, name) -> (primitive calls, calls, self s, cumulative s, _)
+    order = 3 if key == 'cumulative' else 2
+    rows = []
+    for (file, line, name), v in sorted(entries.items(), key=lambda kv: -kv[1][order])[:top]:
+        for marker in ('site-packages/', 'dist-packages/', f'{REPO_ROOT}/'):
+            file = file.split(marker, 1)[-1]
+        where = name if file == '~' else f'{file}:{line} {name}'
+        rows.append({'cumulative_s': f'{v[3]:.2f}', 'self_s': f'{v[2]:.2f}', 'calls': str(v[1]), 'function': where})
     return rows
 
 
@@ -263,6 +293,12 @@ def main() -> int:
         help='stop a gsmsr infer run that takes longer and report it in its row, log kept (default: no limit)',
     )
     add_set_option(p, 'in every gsmsr infer child before its command runs')
+    p.add_argument(
+        '--profile',
+        action='store_true',
+        help="cProfile each run's main thread: <case>-<cache>.prof beside its log, and its costliest functions printed "
+        '(profiled runs are slower: compare their timings only with each other)',
+    )
     p.add_argument('--reference-only', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('extra', nargs='*', help='after --: more gsmsr infer arguments, e.g. -- --tile 256')
     args = p.parse_args()
@@ -301,7 +337,10 @@ def main() -> int:
                     shutil.rmtree(cache_home, ignore_errors=True)
                 dest, log = tmp / f'out-{name}', log_root / f'{name}.log'
                 try:
-                    stats, wall = run_infer(src, dest, net_args, extra, cache_home, log, args.run_timeout, settings)
+                    prof = log.with_suffix('.prof') if args.profile else None
+                    stats, wall = run_infer(
+                        src, dest, net_args, extra, cache_home, log, args.run_timeout, settings, prof
+                    )
                 except RunFailed as err:
                     row = {'input': f'{h}x{w}', 'frames': str(n), 'cache': mode, 'frames/s': str(err)[:80]}
                     if err.wall is not None:
@@ -317,6 +356,10 @@ def main() -> int:
                 if stats.get('compile_phases'):
                     print(f'\n# compile phases of {name}', end='')
                     print_table(compile_phase_rows(stats), ['phase', 'calls', 'total_s', 'first_calls_s'])
+                if prof is not None:
+                    for key, top in (('cumulative', 30), ('self', 20)):
+                        print(f'\n# {name}, main thread (cProfile, {prof.name}): by {key} time', end='')
+                        print_table(profile_rows(prof, key, top), ['cumulative_s', 'self_s', 'calls', 'function'])
                 sys.stdout.flush()
                 if mode == 'warmup':
                     continue

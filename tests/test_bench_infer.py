@@ -69,18 +69,33 @@ def test_a_failing_run_says_why_from_its_streamed_log(tmp_path, monkeypatch):
     assert text.startswith(sys.executable) and 'gsmsr infer: error:' in text
 
 
-def test_settings_reach_the_child(tmp_path):
+def test_settings_and_the_profile_reach_the_child(tmp_path):
     """--set MODULE.NAME=VALUE: set in each gsmsr infer child before its command runs, Inductor's settings and gsmsr's
-    switches alike (a name the module lacks fails that child)."""
+    switches alike (a name the module lacks fails that child). --profile: the child's main thread under cProfile,
+    its stats beside the log and its costliest functions printed."""
+    import pstats
+
     env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(REPO_ROOT))
     cmd = [sys.executable, str(SCRIPT), '--cases', '36x40x2', '--config', 'tiny', '--cache', 'fresh', '--no-reference']
     settings = ['torch._inductor.config.triton.autotune_pointwise=False', 'gsmsr.archs.swsa.COMPILE_ATTENTION=False']
-    proc = subprocess.run(cmd + [f'--set={s}' for s in settings], env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd + [f'--set={s}' for s in settings] + ['--profile'], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert ', '.join(settings) in proc.stdout
-    log = (tmp_path / 'bench_infer' / '36x40x2-fresh.log').read_text()
+    folder = tmp_path / 'bench_infer'
+    log = (folder / '36x40x2-fresh.log').read_text()
     first = '{"torch._inductor.config.triton.autotune_pointwise": false, "gsmsr.archs.swsa.COMPILE_ATTENTION": false}'
-    assert f'{first} infer' in log.splitlines()[0] and '2 frames 36x40' in log
+    assert f'{first} {folder / "36x40x2-fresh.prof"} infer' in log.splitlines()[0] and '2 frames 36x40' in log
+    # the profile holds the run: upscale_video below the CLI's main, which took (nearly) all of the main thread's time
+    stats = pstats.Stats(str(folder / '36x40x2-fresh.prof')).stats
+    entries = {(Path(file).name, name): v for (file, _, name), v in stats.items()}
+    run, cli = entries[('inference.py', 'upscale_video')], entries[('cli.py', 'main')]
+    assert run[1] == 1 and 0 < run[3] <= cli[3]
+    for key in ('cumulative', 'self'):
+        assert f'# 36x40x2-fresh, main thread (cProfile, 36x40x2-fresh.prof): by {key} time' in proc.stdout
+    assert 'gsmsr/inference.py:' in proc.stdout and 'upscale_video' in proc.stdout
+    proc = subprocess.run(cmd + [f'--set={s}' for s in settings], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and 'cProfile' not in proc.stdout  # no profile unless asked
+    assert f'{first}  infer' in (folder / '36x40x2-fresh.log').read_text().splitlines()[0]
     for wrong in ('torch._inductor.config.triton.no_such_setting=1', 'gsmsr.archs.swsa.NO_SUCH_SWITCH=1'):
         proc = subprocess.run(cmd + ['--set', wrong], env=env, capture_output=True, text=True)
         rows = json.loads((tmp_path / 'bench_infer' / 'rows.json').read_text())
