@@ -77,6 +77,51 @@ def test_read_ahead_close_joins_a_blocked_producer():
     assert worker_threads() == []
 
 
+# ----------------------------------------------------------------------------------------------- FolderSource
+def test_folder_frames_are_decoded_side_by_side_and_yielded_in_order(tmp_path, monkeypatch):
+    """DECODE_THREADS files decode at once; frames and tags come in file order, the same bytes as one imread after
+    the other; a file that fails raises at its place after the frames before it; closing early joins the threads."""
+    import cv2
+
+    from gsmsr import video_io
+
+    frames = make_frames(9, 36, 40)
+    src = write_folder(tmp_path / 'in', frames)
+    state = dict(now=0, most=0)
+    lock = threading.Lock()
+    imread = cv2.imread
+
+    def slow_imread(*args):
+        with lock:
+            state['now'] += 1
+            state['most'] = max(state['most'], state['now'])
+        time.sleep(0.05)
+        with lock:
+            state['now'] -= 1
+        return imread(*args)
+
+    monkeypatch.setattr(video_io.cv2, 'imread', slow_imread)
+    got = list(open_source(str(src)))
+    assert [tag.index for _, tag in got] == list(range(9)) and [tag.name for _, tag in got] == [
+        f'{i:05d}' for i in range(9)
+    ]
+    assert all(np.array_equal(rgb, f) for (rgb, _), f in zip(got, frames))
+    assert state['most'] == video_io.DECODE_THREADS and worker_threads() == []
+
+    good = (src / '00005.png').read_bytes()
+    (src / '00005.png').write_bytes(good[: len(good) // 2])  # header intact, data cut
+    seen = []
+    with pytest.raises(video_io.InputError, match='00005.png: cannot decode image'):
+        for _, tag in open_source(str(src)):
+            seen.append(tag.index)
+    assert seen == [0, 1, 2, 3, 4] and worker_threads() == []
+
+    it = iter(open_source(str(src)))
+    next(it)
+    it.close()  # a consumer that stops early (an aborted run)
+    assert worker_threads() == []
+
+
 # ----------------------------------------------------------------------------------------------- FrameWriter
 def frames_u8(n: int, h: int = 5, w: int = 6) -> List[torch.Tensor]:
     return [torch.full((h, w, 3), i, dtype=torch.uint8) for i in range(n)]
