@@ -78,7 +78,9 @@ def test_settings_and_the_profile_reach_the_child(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(REPO_ROOT))
     cmd = [sys.executable, str(SCRIPT), '--cases', '36x40x2', '--config', 'tiny', '--cache', 'fresh', '--no-reference']
     settings = ['torch._inductor.config.triton.autotune_pointwise=False', 'gsmsr.archs.swsa.COMPILE_ATTENTION=False']
-    proc = subprocess.run(cmd + [f'--set={s}' for s in settings] + ['--profile'], env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        cmd + [f'--set={s}' for s in settings] + ['--profile'], env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     assert ', '.join(settings) in proc.stdout
     folder = tmp_path / 'bench_infer'
