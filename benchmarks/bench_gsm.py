@@ -27,6 +27,9 @@ training steps (16x64x64, batch 1, checkpointing on), eager and compiled, fp32 a
 (compiled, CUDA graphs, MLP checkpointing). A case that runs out of memory or fails says so. --memory-peak runs
 each inference row once more after its timing, with CUDA's allocation history recorded, and prints what was alive at
 that call's peak, grouped by the line that allocated it (a compiled graph's lines are in its generated code).
+--phase-peaks runs each GSMNet row once more and prints the peak memory of each phase of the call (the forward, flows,
+conv_first, propagation layers, SWSA slabs, groups, blocks and their attention and merge, window steps, the
+reconstruction; every call synchronised), with what was allocated when the call with that peak began.
 ``--set MODULE.NAME=VALUE`` sets a module attribute before anything runs: an Inductor setting
 (``torch._inductor.config.triton.autotune_pointwise=False``) or one of gsmsr's switches, for every row.
 """
@@ -48,6 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import (  # noqa: E402  (this folder is on sys.path)
     BenchCompileCache,
+    PhasePeaks,
     add_compile_cache_option,
     add_set_option,
     apply_settings,
@@ -67,6 +71,29 @@ DWCONV = importlib.import_module('gsmsr.ops.dwconv3d')
 BIMAMBA = importlib.import_module('gsmsr.archs.bimamba')
 IWARP = importlib.import_module('gsmsr.archs.implicit_warp')
 GSM_BLOCK = importlib.import_module('gsmsr.archs.gsm_block')
+
+
+def phase_targets() -> List[tuple]:
+    """What ``--phase-peaks`` watches: GSMNet's stages, the streaming schedule's copies, the SWSA group, block and its
+    large-volume paths, and the window step (the compiled pieces run inside these)."""
+    swsa_block, group = SWSA.SWSABlock, SWSA.SWSAGroup
+    return [
+        (GSMNet, 'forward', 'forward'), (GSMNet, 'get_flows', 'flows (SpyNet)'),
+        (GSMNet, 'shallow_features', 'conv_first'), (GSMNet, 'stream_layer', 'propagation layer'),
+        (GSMNet, 'slab_of', 'SWSA slab copy'), (GSMNet, 'window_buffer', 'window buffer'),
+        (GSMNet, 'reconstruct', 'reconstruction'), (group, 'consume', 'SWSA group'),
+        (swsa_block, 'forward', 'SWSA block'), (swsa_block, 'attend_in_parts', 'SWSA attention in parts'),
+        (swsa_block, 'attend_in_chunks', 'SWSA attention in steps'), (swsa_block, '_merge_into', 'SWSA merge'),
+        (GSM_BLOCK.GSMBlock, '__call__', 'window step'),
+    ]  # fmt: skip
+
+
+def print_phase_peaks(name: str, call: Callable[[], object]) -> None:
+    """One more (warm) call with the peak memory of each phase recorded (:class:`bench_utils.PhasePeaks`)."""
+    with PhasePeaks(phase_targets()) as peaks:
+        call()
+    print(f'\n# {name}: peak memory by phase (one more call; a forward peak above every phase lies between them)')
+    print_table(peaks.rows(), ['phase', 'calls', 'peak_GiB', 'at_start_GiB', 'largest_rise_GiB'])
 
 
 def print_memory_peak(name: str, call: Callable[[], object]) -> None:
@@ -105,6 +132,9 @@ def main() -> int:
     )
     parser.add_argument(
         '--memory-peak', action='store_true', help="after each inference row's timing: what its peak holds, by line"
+    )
+    parser.add_argument(
+        '--phase-peaks', action='store_true', help="after each inference row's timing: its peak memory by phase"
     )
     add_compile_cache_option(parser)
     add_set_option(parser, 'before anything runs')
@@ -215,6 +245,8 @@ def main() -> int:
                 )
                 if args.memory_peak:
                     print_memory_peak(name, lambda: fn(lq))
+                if args.phase_peaks and name.startswith('GSMNet'):
+                    print_phase_peaks(name, lambda: fn(lq))
                 if name.startswith('GSMNet') and ref is None:
                     ref = out
                 elif name.startswith('GSMNet'):

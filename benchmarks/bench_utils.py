@@ -121,6 +121,78 @@ def live_at_peak(events: List[dict], rows: int = 15) -> Tuple[int, List[Dict[str
     return peak, table
 
 
+class PhasePeaks:
+    """Peak CUDA memory by phase of a call: within the ``with`` block, each method named in ``targets`` (owner, name,
+    label) records, per label, its calls, the highest peak reached during one of them (what was allocated when it
+    began, at that call) and its largest rise over its start. A call's peak includes those of the calls it makes
+    (they are carried to the caller), and the label of the whole call (e.g. ``forward``) shows a peak that no
+    other phase contains as a peak above every phase. Each wrapped call synchronises and resets the device's peak
+    statistic, so times measured inside the block mean nothing. ``memory``: the device memory statistics (default
+    ``torch.cuda``; a stand-in for tests): ``synchronize``, ``memory_allocated``, ``max_memory_allocated`` and
+    ``reset_peak_memory_stats``."""
+
+    def __init__(self, targets: Sequence[Tuple[object, str, str]], memory: Any = None) -> None:
+        self.targets = list(targets)
+        self.memory = memory if memory is not None else torch.cuda
+        self.stats: Dict[str, List[float]] = {}  # label -> [calls, peak, allocated at that call's start, largest rise]
+        self._stack: List[int] = []  # the peak so far of each call in progress, innermost last
+        self._saved: List[Tuple[object, str, Any]] = []
+
+    def _wrap(self, fn: Callable[..., T], label: str) -> Callable[..., T]:
+        mem = self.memory
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> T:
+            mem.synchronize()
+            if self._stack:  # what the caller reached before this call
+                self._stack[-1] = max(self._stack[-1], mem.max_memory_allocated())
+            start = mem.memory_allocated()
+            mem.reset_peak_memory_stats()
+            self._stack.append(start)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                mem.synchronize()
+                peak = max(self._stack.pop(), mem.max_memory_allocated())
+                row = self.stats.setdefault(label, [0, 0, 0, 0])
+                row[0] += 1
+                if peak > row[1]:
+                    row[1], row[2] = peak, start
+                row[3] = max(row[3], peak - start)
+                if self._stack:
+                    self._stack[-1] = max(self._stack[-1], peak)
+                mem.reset_peak_memory_stats()
+
+        return call
+
+    _ABSENT = object()
+
+    def __enter__(self) -> PhasePeaks:
+        for owner, name, label in self.targets:
+            own = vars(owner).get(name, self._ABSENT)  # the owner's own attribute (a staticmethod stays one)
+            self._saved.append((owner, name, own))
+            wrapped = self._wrap(getattr(owner, name), label)
+            setattr(owner, name, staticmethod(wrapped) if isinstance(own, staticmethod) else wrapped)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, name, own in reversed(self._saved):
+            if own is self._ABSENT:
+                delattr(owner, name)  # inherited (or a class method seen from an instance): found there again
+            else:
+                setattr(owner, name, own)
+        self._saved.clear()
+
+    def rows(self) -> List[Dict[str, str]]:
+        """One row per label, highest peak first: calls, peak GiB, GiB allocated at that call's start, largest rise."""
+        g = 2**30
+        return [
+            {'phase': label, 'calls': str(n), 'peak_GiB': f'{peak / g:.2f}', 'at_start_GiB': f'{start / g:.2f}',
+             'largest_rise_GiB': f'{rise / g:.2f}'}
+            for label, (n, peak, start, rise) in sorted(self.stats.items(), key=lambda kv: -kv[1][1])
+        ]  # fmt: skip
+
+
 def print_table(rows: List[Dict[str, str]], cols: Sequence[str]) -> None:
     """One column per key in ``cols``, padded; a missing value prints empty."""
     widths = {c: max(len(c), *(len(r.get(c, '')) for r in rows)) for c in cols}

@@ -1,5 +1,6 @@
 """benchmarks/bench_utils.py: the --compile-cache file of the benchmark scripts (load, then save to $OUT or back), the
-reading of a CUDA allocation trace at its peak (--memory-peak), and module settings (--set)."""
+reading of a CUDA allocation trace at its peak (--memory-peak), peaks by phase (--phase-peaks) and module settings
+(--set)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
-from bench_utils import BenchCompileCache, apply_settings, live_at_peak, parse_settings  # noqa: E402
+from bench_utils import BenchCompileCache, PhasePeaks, apply_settings, live_at_peak, parse_settings  # noqa: E402
 
 
 def fake_artifacts(monkeypatch, produced: bytes) -> list:
@@ -96,3 +97,100 @@ def test_settings_reach_modules_and_attributes_below_them(monkeypatch):
     for bad, why in (('oops', 'expected MODULE.NAME=VALUE'), ('a.b=not python', 'must be a Python literal')):
         with pytest.raises(SystemExit, match=why):
             parse_settings([bad])
+
+
+class FakeMemory:
+    """torch.cuda's memory statistics over a counter that the fake network below moves."""
+
+    def __init__(self) -> None:
+        self.allocated = self.peak = 0
+
+    def synchronize(self) -> None:
+        pass
+
+    def memory_allocated(self) -> int:
+        return self.allocated
+
+    def max_memory_allocated(self) -> int:
+        return self.peak
+
+    def reset_peak_memory_stats(self) -> None:
+        self.peak = self.allocated
+
+    def alloc(self, n: int) -> None:
+        self.allocated += n
+        self.peak = max(self.peak, self.allocated)
+
+
+MEM = FakeMemory()
+
+
+class Base:
+    def __call__(self) -> str:
+        MEM.alloc(30)  # a leaf: peaks 30 over its start
+        MEM.alloc(-30)
+        return 'called'
+
+
+class Net(Base):
+    def forward(self) -> None:
+        MEM.alloc(100)  # held through the call
+        self.inner()
+        MEM.alloc(200)  # the call's peak, outside every other phase
+        MEM.alloc(-200)
+        self.inner()
+        MEM.alloc(-100)
+
+    def inner(self) -> None:
+        MEM.alloc(50)
+        self.leaf()
+        self()
+        MEM.alloc(-50)
+
+    @staticmethod
+    def leaf() -> None:
+        MEM.alloc(10)
+        MEM.alloc(-10)
+
+
+def test_phase_peaks_by_label_carried_to_callers_and_restored():
+    net = Net()
+    originals = (Net.__dict__['forward'], Net.__dict__['leaf'])
+    targets = [(Net, 'forward', 'forward'), (Net, 'leaf', 'leaf'), (Net, '__call__', 'call'), (net, 'inner', 'inner')]
+    with PhasePeaks(targets, memory=MEM) as peaks:
+        assert isinstance(Net.__dict__['leaf'], staticmethod) and net() == 'called'  # wrapped, same results
+        MEM.allocated = MEM.peak = 7  # held before the call
+        net.forward()
+    rows = {r['phase']: r for r in peaks.rows()}
+    assert [r['phase'] for r in peaks.rows()] == ['forward', 'call', 'inner', 'leaf']  # highest peak first
+    assert peaks.stats['forward'] == [1, 307, 7, 300]  # its own peak, above every phase it called
+    assert peaks.stats['inner'] == [2, 187, 107, 80]  # the peak of the calls it made (its leaf and call) included
+    assert peaks.stats['leaf'] == [2, 167, 157, 10]
+    assert peaks.stats['call'] == [3, 187, 157, 30]  # also called once outside forward, from 0 (a lower peak)
+    assert rows['forward']['peak_GiB'] == f'{307 / 2**30:.2f}' and rows['inner']['calls'] == '2'
+    # everything as it was: the class's own methods (a staticmethod stays one), the inherited __call__, the instance
+    assert (Net.__dict__['forward'], Net.__dict__['leaf']) == originals
+    assert '__call__' not in Net.__dict__ and 'inner' not in vars(net) and net.inner.__func__ is Net.inner
+
+
+def test_bench_gsm_phase_targets_are_reached_by_a_streaming_forward():
+    """bench_gsm's --phase-peaks watches methods that exist and that a streaming forward calls (a small network on the
+    CPU, a clip longer than one SWSA slab), with the same output as without the watch."""
+    import bench_gsm
+
+    from gsmsr import GSMNet
+
+    torch.manual_seed(0)
+    net = GSMNet(upscale=2, prop_depth=2, attn_depth=2, pa_frame=1, embed_dims=16, num_heads=4).eval()
+    net.stream_whole, net.stream_slab = 4, 2  # slabs at this length: the slab copies run too
+    lq = torch.rand(1, 7, 3, 36, 40)
+    with torch.no_grad():
+        want = net(lq)
+        MEM.allocated = MEM.peak = 0
+        with PhasePeaks(bench_gsm.phase_targets(), memory=MEM) as peaks:
+            got = net(lq)
+    assert torch.equal(got, want)
+    missed = {label for _, _, label in bench_gsm.phase_targets()} - set(peaks.stats)
+    # the large-volume attention paths run only where SDPA (CUDA, bf16) or the explicit steps would cut the volume
+    assert missed == {'SWSA attention in parts', 'SWSA attention in steps', 'SWSA merge'}, missed
+    assert peaks.stats['forward'][0] == 1 and peaks.stats['window step'][0] == 2 * 7
