@@ -369,7 +369,8 @@ class GSMNet(nn.Module):
                 # a slab's frames are exact up to a halo from each cut; a clip end is no cut, so the first slab
                 # keeps slab + halo frames and a clip no longer than one slab is done in one go
                 q = t_len if hi == t_len else hi - halo
-                # a slab copy is given to the SWSA group (consume): its blocks write over it
+                # the slab goes to the SWSA group (consume): a copy is the group's to write over (own); a whole
+                # clip in stored order is x itself, read only
                 held = [self.slab_of(x, [order[s] for s in range(lo, hi)], depth > 0, t_len > self.stream_whole)]
                 own = held[0].untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
                 out = stage.attn_blocks.consume(held, own)
