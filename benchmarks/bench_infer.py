@@ -15,9 +15,10 @@ cases can be split over several invocations).
 
 Reported: frames/s of the streaming part, the process's wall time, time from launch to the first output frame
 written, peak GPU memory (``torch.cuda.max_memory_allocated`` in the infer process) and peak host RSS, the tile
-and tiles per call chosen, ``SWSA`` (over whole chunks or in slabs), ``GPU_busy`` (the stats' ``gpu_busy_steady``:
-the share of the time after the first chunk in which the GPU runs the network, from CUDA events around each network
-call; empty on CPU or with one chunk; issue 16 target: >= 90 %), and the network-only time for the same LR pixels:
+and tiles per call chosen, ``chunk`` (frames per network call), ``SWSA`` (over whole chunks or in slabs),
+``GPU_busy`` (the stats' ``gpu_busy_steady``: the share of the time after the first chunk in which the GPU runs the
+network, from CUDA events around each network call; empty on CPU or with one chunk; issue 16 target: >= 90 %), and
+the network-only time for the same LR pixels:
 bench_gsm's default row (compiled bf16 streaming, T x 180 x 320) timed in its own process in the same run, scaled by
 LR pixel-frames. The ``vs net`` column is streaming seconds over that (issue 16 target: <= 1.25 on long clips).
 
@@ -373,6 +374,7 @@ def main() -> int:
                     'cache': mode,
                     'tile': 'x'.join(map(str, stats['tile'])),
                     'batch': str(stats['tile_batch']),
+                    'chunk': str(stats.get('chunk', '')),
                     'SWSA': 'chunk' if stats.get('swsa_whole_chunk') else 'slabs',
                     'frames/s': f'{n / seconds:.3f}',
                     'stream_s': f'{seconds:.1f}',
@@ -403,9 +405,9 @@ def main() -> int:
             f'# network only (compiled bf16, {"x".join(map(str, REFERENCE_SIZE))}): '
             f'{reference["us_per_pixel_frame"]:.2f} us per LR pixel-frame'
         )
-    cols = ['input', 'frames', 'cache', 'tile', 'batch', 'SWSA', 'frames/s', 'stream_s', 'wall_s', 'first_frame_s']
-    cols += ['peak_GPU_GiB', 'peak_host_GiB', 'GPU_busy', 'aot_load_s', 'aot_compile_s', 'aot_first_call_s', 'net_s']
-    cols += ['vs_net']
+    cols = ['input', 'frames', 'cache', 'tile', 'batch', 'chunk', 'SWSA', 'frames/s', 'stream_s', 'wall_s']
+    cols += ['first_frame_s', 'peak_GPU_GiB', 'peak_host_GiB', 'GPU_busy', 'aot_load_s', 'aot_compile_s']
+    cols += ['aot_first_call_s', 'net_s', 'vs_net']
     print_table(rows, cols)
     return 0
 

@@ -25,6 +25,10 @@ that up. With one chunk and one tile covering the video the output is exactly th
 Defaults: chunk 32, overlap 4, LR tile overlap 32. The tile: on CUDA (:func:`upscale_video`, ``gsmsr infer``)
 the tile that computes the fewest pixels within 90 % of the free GPU memory, up to the whole frame
 (:mod:`gsmsr.memory_plan`); elsewhere 256 (about one 180x320 REDS frame per tile; smaller frames are one tile).
+Where whole frames fit, the chunk too is chosen on CUDA: the fewest balanced chunks of up to 64 frames whose
+whole frames fit (and at most 64 frames of 360x640 in LR pixels, which bounds the wait for the first frame), since
+each chunk after the first recomputes the shared frames: 100 frames of 360x640 run as 2 chunks of 52 (1.04x
+the frames in network work), not 4 of 28 (1.12x). Longer chunks are also closer to the single forward pass.
 
 Fixed shapes, so compiled blocks compile once. All tiles of a frame have one size (the last row and column
 are moved inward, overlapping more), every network call of a video gets the same number of tiles (a short
@@ -34,8 +38,8 @@ different sizes share tile shapes. The compile caches persist across processes (
 with ``GSMSR_AOT=1`` (experimental) the compiled blocks are also kept as precompiled functions, which a later process
 loads without tracing them (``GSMNet.precompile_dir``).
 GSMNet's compiled blocks see K-frame windows and SWSA slabs of 16 frames whatever the chunk length, as long as it
-is even and longer than ``GSMNet.stream_whole`` (20): balanced chunks are rounded up to even, and with the defaults
-a video longer than one chunk gets chunks of 20 to 32 frames. Exceptions: a clip shorter than a chunk with an odd
+is even and longer than ``GSMNet.stream_whole`` (20): balanced chunks are rounded up to even, and with a maximum
+of 32 a video longer than one chunk gets chunks of 20 to 32 frames. Exceptions: a clip shorter than a chunk with an odd
 frame count gives the last slab one frame more (slabs start on even frames), i.e. a second SWSA shape; a chunk of
 at most 20 frames (a short clip, a balanced chunk of 20, or a maximum below 24 with overlap 4) runs SWSA once over
 its whole length, a shape of its own. So do longer chunks of whole frames on CUDA where the memory plan says the
@@ -87,8 +91,14 @@ from gsmsr.compile_cache import AOT_ENV, MegaCache, enable_persistent_caches
 from gsmsr.faults import FaultError, InputError, check_free_space, one_line, run_reporting_errors
 from gsmsr.io_threads import FrameWriter, ReadAhead
 from gsmsr.launch import launch_timeline
-from gsmsr.memory_plan import choose_tiling, estimate_peak_bytes, free_device_bytes, whole_chunk_swsa_fits
-from gsmsr.tiling import Tile, accumulate_tiles, chunk_length, tile_sides, tile_weight_map
+from gsmsr.memory_plan import (
+    HEADROOM,
+    choose_tiling,
+    estimate_peak_bytes,
+    free_device_bytes,
+    whole_chunk_swsa_fits,
+)
+from gsmsr.tiling import Tile, accumulate_tiles, chunk_count, chunk_length, tile_sides, tile_weight_map
 from gsmsr.utils import atomic_write_text, resolve_device
 from gsmsr.video_io import check_output, estimated_output_bytes, open_sink, open_source, output_kind
 
@@ -125,6 +135,12 @@ DEFAULT_NETWORK = dict(
 MIN_SIZE = 33  # GSMNet needs H, W > 32 (ARCHITECTURE.md §1)
 MIN_FRAMES = 2
 DEFAULT_CHUNK, DEFAULT_OVERLAP, DEFAULT_TILE, DEFAULT_TILE_OVERLAP = 32, 4, 256, 32
+# --chunk left to choose on CUDA: chunks up to this long where whole frames of them fit in memory, since every chunk
+# after the first recomputes `overlap` frames (100 frames of 360 x 640: 2 chunks of 52, 104 frames of work, instead
+# of 4 of 28, 112). The first frame waits for the whole first chunk, so a chunk also stays within AUTO_CHUNK_PIXELS
+# LR pixel-frames (64 frames of 360 x 640, ~9 s of the network on an H200), and never below DEFAULT_CHUNK.
+AUTO_CHUNK_MAX = 64
+AUTO_CHUNK_PIXELS = 64 * 360 * 640
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 READ_AHEAD = 8  # decoded LR frames queued beyond the streamer's own buffer
 WRITE_AHEAD_BYTES = 2 * 2**30  # host memory for finished frames waiting for the encoder
@@ -177,6 +193,7 @@ class InferenceStats:
     first_frame_at: Optional[float] = None  # Unix time of that write: with the launch time, the start-up it waited for
     tile: Tuple[int, int] = (0, 0)  # LR tile (height, width) used; 0 = the whole side
     tile_batch: int = 1
+    chunk: int = 0  # frames per network call (every chunk has this length); 0 before the first chunk
     swsa_whole_chunk: bool = False  # SWSA ran once over each whole chunk rather than in slabs (memory allowing)
     # Share of the steady state (after the first chunk, which compiles) in which the GPU runs the network: the
     # network calls' GPU spans over the time from the first chunk's end to the last chunk's end (_BusyMeter).
@@ -549,8 +566,11 @@ def _stream(
             prev_end, start = start + length, next_start
 
 
-def _check_settings(chunk: int, overlap: int, tile: Optional[Tile], tile_overlap: int, precision: str) -> None:
-    """``tile`` None: chosen later (:func:`upscale_video`); the overlap must then fit the fallback tile."""
+def _check_settings(
+    chunk: Optional[int], overlap: int, tile: Optional[Tile], tile_overlap: int, precision: str
+) -> None:
+    """``tile`` / ``chunk`` None: chosen later (:func:`upscale_video`); the overlaps must then fit the fallbacks."""
+    chunk = DEFAULT_CHUNK if chunk is None else chunk
     if chunk < 0 or chunk == 1:
         raise InputError(f'--chunk {chunk}: must be 0 (whole video) or at least {MIN_FRAMES}')
     if overlap < 0 or (chunk and overlap >= chunk):
@@ -586,6 +606,49 @@ def _plan_tiling(
     return choose_tiling(
         free, height, width, frames, scale, tile_overlap, precision, compiled=compiled, tile_batch=tile_batch
     )
+
+
+def _plan_chunk(
+    chunk: Optional[int],
+    tile: Optional[Tile],
+    frames: Optional[int],
+    height: int,
+    width: int,
+    overlap: int,
+    scale: int,
+    precision: str,
+    compiled: bool,
+    device: torch.device,
+    memory_share: float = 1.0,
+) -> int:
+    """The maximum chunk length: ``chunk`` when given; left to choose (None), DEFAULT_CHUNK, or on CUDA with the
+    tiling left to choose and the frame count known, the maximum up to AUTO_CHUNK_MAX frames and AUTO_CHUNK_PIXELS
+    that gives the fewest balanced chunks of whole frames with the estimated peak (SWSA over each whole chunk) under
+    the headroom (:mod:`gsmsr.memory_plan`), the shortest such maximum (it is then the chunks' length). Only where
+    whole frames already fit at DEFAULT_CHUNK: otherwise the frame is tiled for DEFAULT_CHUNK as before (a second
+    spatial tile costs less than shorter chunks' shared frames)."""
+    if chunk is not None:
+        return chunk
+    free = _free_bytes(device, memory_share) if tile is None and frames else None
+    if free is None:
+        return DEFAULT_CHUNK
+    longest = min(AUTO_CHUNK_MAX, max(DEFAULT_CHUNK, AUTO_CHUNK_PIXELS // (height * width)))
+
+    def fits(limit: int) -> bool:
+        length = chunk_length(frames, limit, overlap)
+        peak = estimate_peak_bytes(
+            (height, width), 1, height, width, length, scale, precision, compiled, whole_swsa=True
+        )
+        return peak <= HEADROOM * free
+
+    if not fits(DEFAULT_CHUNK):
+        return DEFAULT_CHUNK
+    # a longer maximum with as many chunks only makes them longer, not fewer: the first frame would wait longer
+    best = DEFAULT_CHUNK
+    for limit in range(DEFAULT_CHUNK + 1, longest + 1):
+        if chunk_count(frames, limit, overlap) < chunk_count(frames, best, overlap) and fits(limit):
+            best = limit
+    return best
 
 
 def _free_bytes(device: torch.device, memory_share: float) -> Optional[int]:
@@ -655,7 +718,7 @@ def upscale_video(
     net: nn.Module,
     *,
     scale: Optional[int] = None,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: Optional[int] = None,
     overlap: int = DEFAULT_OVERLAP,
     tile: Optional[Tile] = None,
     tile_overlap: int = DEFAULT_TILE_OVERLAP,
@@ -670,6 +733,7 @@ def upscale_video(
     """Upscale a video file or folder of frames into a video file (codec by extension, same frame rate,
     audio copied) or a PNG folder (extension-less path). The network is moved to ``device``.
 
+    ``chunk`` None: DEFAULT_CHUNK, or longer on CUDA where whole frames of longer chunks fit (:func:`_plan_chunk`).
     ``tile`` / ``tile_batch`` None: chosen from the free memory on CUDA (:mod:`gsmsr.memory_plan`), else 256 / 1;
     if that plan runs out of GPU memory before the first frame is written, the run starts again planned for half
     the memory (at most ``MEMORY_RETRIES`` times; new tile shapes compile anew), else :class:`DeviceMemoryError`.
@@ -710,7 +774,7 @@ def _upscale_video_once(
     net: nn.Module,
     *,
     scale: Optional[int],
-    chunk: int,
+    chunk: Optional[int],
     overlap: int,
     tile: Optional[Tile],
     tile_overlap: int,
@@ -755,6 +819,10 @@ def _upscale_video_once(
         phases_before = _compile_phases() if compiled else {}
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
+        chunk = _plan_chunk(
+            chunk, tile, info.frames, info.height, info.width, overlap, scale, precision, compiled, device,
+            memory_share,
+        )  # fmt: skip
         # frames per network call, as _stream will choose them (an unknown count with chunk 0: planned for the default)
         length = chunk_length(info.frames, chunk, overlap) or info.frames or DEFAULT_CHUNK
         tile, tile_batch = _plan_tiling(
@@ -888,6 +956,7 @@ def _upscale_video_once(
         first_frame_at=first_written[0][1] if first_written else None,
         tile=sides,
         tile_batch=tile_batch,
+        chunk=length,
         swsa_whole_chunk=whole_swsa,
         gpu_busy_steady=busy,
         steady_chunks=meter.steady_chunks if meter is not None else None,
@@ -952,9 +1021,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         '--chunk',
         type=int,
-        default=DEFAULT_CHUNK,
         help='maximum frames per temporal chunk; chunks are balanced to the same length when the frame count '
-        f'is known; 0 = whole video in one (default {DEFAULT_CHUNK})',
+        f'is known; 0 = whole video in one (default: {DEFAULT_CHUNK}, or on CUDA up to {AUTO_CHUNK_MAX} where '
+        'whole frames of longer chunks fit in 90%% of the free GPU memory: fewer frames shared by chunks)',
     )
     parser.add_argument(
         '--overlap',
@@ -1025,9 +1094,11 @@ def _planned_scale(opt: Optional[str]) -> int:
     return scale if isinstance(scale, int) and scale > 0 else DEFAULT_NETWORK['upscale']
 
 
-def _check_output_space(output: str, info, chunk: int, scale: int) -> None:
-    """The first chunk's frames must fit on the output's file system (checked before the network loads)."""
-    frames = min(f for f in (chunk or None, info.frames, DEFAULT_CHUNK) if f)
+def _check_output_space(output: str, info, chunk: Optional[int], scale: int) -> None:
+    """The first chunk's frames must fit on the output's file system (checked before the network loads; a
+    whole-video chunk, 0, is checked for its first DEFAULT_CHUNK frames, one left to choose for its longest)."""
+    first = AUTO_CHUNK_MAX if chunk is None else chunk or DEFAULT_CHUNK
+    frames = min(f for f in (first, info.frames) if f)
     needed = estimated_output_bytes(output, scale * info.width, scale * info.height, frames)
     check_free_space(os.path.dirname(os.path.abspath(output)), needed, output)
 

@@ -25,6 +25,7 @@ from torch import Tensor
 __all__ = [
     'window_starts',
     'chunk_length',
+    'chunk_count',
     'TileRegion',
     'Tile',
     'tile_sides',
@@ -75,9 +76,15 @@ def chunk_length(frames: Optional[int], chunk: int, overlap: int) -> int:
         return chunk
     if frames <= chunk:
         return frames
-    n = -(-(frames - overlap) // (chunk - overlap))  # ceil: the fewest chunks of at most `chunk`
+    n = chunk_count(frames, chunk, overlap)
     length = -(-(frames - overlap) // n) + overlap
     return length + length % 2 if length < chunk else length  # frames > chunk >= length + 1 when it is odd
+
+
+def chunk_count(frames: int, chunk: int, overlap: int) -> int:
+    """The fewest chunks of at most ``chunk`` frames, overlapping by ``overlap``, that cover ``frames`` frames
+    (``chunk`` > ``overlap`` >= 0): ``ceil((frames - overlap) / (chunk - overlap))``, 1 when ``frames <= chunk``."""
+    return 1 if frames <= chunk else -(-(frames - overlap) // (chunk - overlap))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ field (so chunking and tiling change its output); a few use a tiny random GSMNet
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tracemalloc
 from fractions import Fraction
@@ -207,6 +208,7 @@ class ChunkCodeNet(nn.Module):
     """Returns, for a whole call, the index of the call's first frame (frames carry 10*index as pixel value)."""
 
     upscale = 2
+    step = 10  # the pixel value of frame i is step * i (coded_frames)
 
     def __init__(self):
         super().__init__()
@@ -214,13 +216,13 @@ class ChunkCodeNet(nn.Module):
 
     def forward(self, lq):
         b, t, c, h, w = lq.shape
-        first = round(lq[0, 0, 0, 0, 0].item() * 255 / 10)
+        first = round(lq[0, 0, 0, 0, 0].item() * 255 / self.step)
         self.calls.append((first, t, h, w))
         return torch.full((b, t, c, 2 * h, 2 * w), float(first))
 
 
-def coded_frames(n: int, h: int = 6, w: int = 7) -> List[np.ndarray]:
-    return [np.full((h, w, 3), 10 * i, np.uint8) for i in range(n)]
+def coded_frames(n: int, h: int = 6, w: int = 7, step: int = 10) -> List[np.ndarray]:
+    return [np.full((h, w, 3), step * i, np.uint8) for i in range(n)]
 
 
 @pytest.mark.parametrize('chunk,overlap', [(2, 0), (2, 1), (3, 1), (4, 2), (5, 3), (4, 0)])
@@ -562,6 +564,54 @@ def test_upscale_video_runs_swsa_over_whole_chunks_where_memory_allows(tmp_path,
     assert stats.frames == 24 and stats.swsa_whole_chunk is whole
     assert net.seen == [24 if whole else 20] * len(net.calls)
     assert 'stream_whole' not in net.__dict__ and net.stream_whole == 20
+
+
+@pytest.mark.parametrize(
+    'free_gib, frames, size, tile, expected',
+    [
+        (139, 100, (360, 640), None, 52),  # 2 chunks of 52 instead of 4 of 28
+        (139, 60, (360, 640), None, 60),  # one chunk: the single forward pass
+        (139, 100, (720, 1280), None, 32),  # 64 frames would wait too long for the first frame
+        (139, 40, (1080, 1920), None, 32),  # 40 whole frames do not fit: two chunks either way
+        (16, 100, (360, 640), None, 32),  # a small card: whole frames fit at 32, not at 52
+        (139, 100, (360, 640), 256, 32),  # a tile given: the chunk stays as it was
+        (None, 100, (360, 640), None, 32),  # no free-memory figure (the CPU)
+    ],
+)
+def test_plan_chunk_takes_longer_chunks_of_whole_frames_where_memory_allows(
+    monkeypatch, free_gib, frames, size, tile, expected
+):
+    """--chunk left to choose: the shortest maximum up to AUTO_CHUNK_MAX that makes the fewest balanced chunks of
+    whole frames fitting the memory plan, within the first-frame pixel bound (it is then the chunks' length);
+    otherwise DEFAULT_CHUNK. A given --chunk is kept. (The free memory is faked: on the CPU there is none to read.)"""
+    from gsmsr import inference
+    from gsmsr.tiling import chunk_count
+
+    monkeypatch.setattr(inference, 'free_device_bytes', lambda device: None if free_gib is None else free_gib << 30)
+    plan = functools.partial(inference._plan_chunk, overlap=4, scale=4, precision='bf16', compiled=True, device=CPU)
+    got = plan(None, tile, frames, *size)
+    assert got == expected
+    if expected > inference.DEFAULT_CHUNK:
+        assert chunk_count(frames, got, 4) < chunk_count(frames, inference.DEFAULT_CHUNK, 4)
+        assert chunk_count(frames, got - 1, 4) > chunk_count(frames, got, 4) or got == frames
+    assert plan(24, tile, frames, *size) == 24
+
+
+def test_upscale_video_chooses_the_chunk_from_memory(tmp_path, monkeypatch):
+    """100 frames, --chunk left to choose, whole frames and a large card: 2 balanced chunks of 52 (at 0 and 48);
+    without a free-memory figure (the CPU), DEFAULT_CHUNK's 4 chunks of 28. Every frame written once."""
+    from gsmsr import inference
+
+    src = write_folder(tmp_path / 'in', coded_frames(100, 8, 8, step=1))
+    for free_gib, calls in ((139, [(0, 52), (48, 52)]), (None, [(0, 28), (24, 28), (48, 28), (72, 28)])):
+        free = None if free_gib is None else free_gib << 30
+        monkeypatch.setattr(inference, 'free_device_bytes', lambda device, free=free: free)
+        net = ChunkCodeNet()
+        net.step = 1
+        out = tmp_path / f'out-{free_gib}'
+        stats = upscale_video(str(src), str(out), net, overlap=4, tile=None, tile_overlap=1, progress=False)
+        assert [(c[0], c[1]) for c in net.calls] == calls
+        assert stats.frames == 100 and len(os.listdir(out)) == 100 and stats.chunk == calls[0][1]
 
 
 def test_cli_balanced_chunks_equal_the_same_layout(tmp_path, capsys, test_net_files):
