@@ -54,6 +54,8 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from gsmsr.ops.triton_jit import LazyKernels, interpret_for, tl
+
 _LOW_BITS = 13  # fp32 keeps 23 explicit mantissa bits, TF32 10
 _HI_MASK = -(1 << _LOW_BITS)  # int32 0xFFFFE000: sign, exponent and the top 10 mantissa bits
 
@@ -166,6 +168,88 @@ def worth_splitting(m: int, n: int, k: int) -> bool:
     4x narrowing fc2, out_proj (K = 384 -> 192), x_proj (44 outputs), dt_proj (K = 12) and the window
     attention products (K = 24, or 24 outputs) do not."""
     return k >= MIN_K and min(m, n) >= k
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The split inside the GEMM: Triton's tl.dot(input_precision='tf32x3') splits each operand tile into hi and lo in
+# registers and issues the three TF32 products there, so the operands are read once, as fp32, and nothing is
+# concatenated. Not routed yet (tests/gpu/test_matmul3x_gpu.py, benchmarks/bench_matmul3x.py decide).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _linear_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    o_ptr,
+    M,
+    N,
+    K,
+    s_xm,
+    s_xk,
+    s_wn,
+    s_wk,
+    s_om,
+    s_on,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Program (column block, row block): o[rows, cols] = x[rows] @ w[cols].T (+ bias[cols]), fp32 accumulation.
+    The column blocks of one row block are consecutive programs, so x's rows are read from L2 after the first."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    mm = rm < M
+    mn = rn < N
+    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mk = k0 + rk < K
+        a = tl.load(x_ptr + rm[:, None] * s_xm + (k0 + rk)[None, :] * s_xk, mask=mm[:, None] & mk[None, :], other=0.0)
+        b = tl.load(w_ptr + (k0 + rk)[:, None] * s_wk + rn[None, :] * s_wn, mask=mk[:, None] & mn[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=mn, other=0.0)[None, :]
+    tl.store(o_ptr + rm[:, None] * s_om + rn[None, :] * s_on, acc, mask=mm[:, None] & mn[None, :])
+
+
+_KERNELS = LazyKernels(__name__, [_linear_kernel])
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of linear_triton; benchmarks/bench_matmul3x.py sweeps others
+LINEAR_CONFIG = (128, 64, 32, 4, 3)
+
+
+def linear_triton(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    precision: str = 'tf32x3',
+    config: Tuple[int, int, int, int, int] = LINEAR_CONFIG,
+) -> Tensor:
+    """``F.linear(x, weight, bias)`` for fp32 x (..., K), weight (N, K), bias (N,) -> (..., N) fp32, as one Triton
+    GEMM whose dot products use ``precision`` ('tf32x3': hi/lo split in registers, about fp32's accuracy; 'tf32';
+    'ieee'). CUDA tensors run compiled, CPU tensors interpreted (where the interpreter multiplies in fp32)."""
+    k = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != k or (bias is not None and bias.shape != (weight.shape[0],)):
+        raise ValueError(
+            f'linear_triton: x {tuple(x.shape)}, weight {tuple(weight.shape)}, bias '
+            f'{None if bias is None else tuple(bias.shape)}: need weight (N, K) and bias (N,) with K = x.shape[-1]'
+        )
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        raise ValueError(f'linear_triton: fp32 operands only, got {x.dtype} and {weight.dtype}')
+    rows = x.reshape(-1, k)
+    n = weight.shape[0]
+    out = torch.empty(rows.shape[0], n, device=x.device, dtype=torch.float32)
+    block_m, block_n, block_k, warps, stages = config
+    if out.numel():
+        grid = (-(-n // block_n), -(-rows.shape[0] // block_m))
+        _KERNELS(interpret_for(x)).linear_kernel[grid](
+            rows, weight, bias if bias is not None else out, out, rows.shape[0], n, k, *rows.stride(),
+            *weight.stride(), *out.stride(), HAS_BIAS=bias is not None, PRECISION=precision,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+    return out.view(*x.shape[:-1], n)
 
 
 _MATMULS = (

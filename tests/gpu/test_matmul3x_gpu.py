@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from gsmsr import GSMNet
 from gsmsr.ops import cuda_kernel, kernel_status, matmul3x
-from gsmsr.ops.matmul3x import linear3x, mm3x, tf32_linear, tf32_matmul
+from gsmsr.ops.matmul3x import linear3x, linear_triton, mm3x, tf32_linear, tf32_matmul
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')]
 needs_kernel = pytest.mark.skipif(not cuda_kernel(), reason=f'needs mamba-ssm: {kernel_status()}')
@@ -59,6 +59,26 @@ def test_3xtf32_on_tensor_cores_matches_float64(name, kind, operands):
     print(f'{name}: 3xtf32 {e3:.1e}, fp32 {e32:.1e}, tf32 {e1:.1e}')
     assert e3 <= 1e-5 and e32 <= 2e-6 and e1 >= 1e-4
     assert not torch.backends.cuda.matmul.allow_tf32
+
+
+# the narrowing GEMMs that run in fp32 today (K > N), then the widening ones
+TRITON_GEMMS = [('gsm fc2', 192, 768), ('out_proj', 192, 384), ('gsm fc1', 768, 192), ('swsa qkv', 576, 192)]
+
+
+@pytest.mark.parametrize('name, n, k', TRITON_GEMMS, ids=[g[0] for g in TRITON_GEMMS])
+def test_triton_tf32x3_linear_matches_float64(name, n, k):
+    """linear_triton's in-register split (``tl.dot(input_precision='tf32x3')``) within 1e-5 of float64 relative to
+    max |reference|, like the concatenated split; its one-product 'tf32' mode ~3e-4 (so the split really ran on
+    tensor cores)."""
+    x, w, bias = _randn(57_600, k), _randn(n, k, std=0.02, seed=1), _randn(n, std=0.02, seed=2)
+    ref = F.linear(x.double(), w.double(), bias.double())
+
+    def err(out: Tensor) -> float:
+        return float((out.double() - ref).abs().max() / ref.abs().max())
+
+    e3, e1 = err(linear_triton(x, w, bias)), err(linear_triton(x, w, bias, precision='tf32'))
+    print(f'{name}: triton tf32x3 {e3:.1e}, tf32 {e1:.1e}')
+    assert e3 <= 1e-5 and e1 >= 1e-4
 
 
 def test_tf32_flag_is_restored_when_it_was_on():

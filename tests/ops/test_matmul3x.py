@@ -25,6 +25,7 @@ from gsmsr.ops import matmul3x
 from gsmsr.ops.matmul3x import (
     TF32x3Mode,
     linear3x,
+    linear_triton,
     mm3x,
     split_tf32,
     tf32_linear,
@@ -355,3 +356,29 @@ def test_gsmnet_fp32_matmul_option():
     ieee = GSMNet(**TINY, fp32_matmul='ieee')
     ieee._compiled = True
     assert GSMNet(**TINY).fp32_matmul == '3xtf32' and not isinstance(ieee._gemm_mode(), TF32x3Mode)
+
+
+@pytest.mark.parametrize('rows, n, k, bias', [(70, 40, 96, True), (129, 64, 33, False), (1, 3, 5, True)])
+def test_linear_triton_interpreted_matches_float64(rows, n, k, bias):
+    """The Triton GEMM (interpreted on CPU, where products are fp32 whatever the precision) against float64: ragged
+    blocks in every dimension, with and without bias, leading dimensions and a transposed (strided) input."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(2, rows, k, generator=g)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    b = torch.randn(n, generator=g) if bias else None
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    out = linear_triton(x, w, b)
+    assert out.shape == (2, rows, n) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    strided = x.transpose(0, 1)  # (rows, 2, k): not contiguous
+    torch.testing.assert_close(linear_triton(strided, w, b).double(), ref.transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_triton_names_bad_operands():
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    with pytest.raises(ValueError, match=r'weight \(3, 7\)'):
+        linear_triton(x, torch.randn(3, 7))
+    with pytest.raises(ValueError, match=r'bias \(4,\)'):
+        linear_triton(x, w, torch.randn(4))
+    with pytest.raises(ValueError, match='fp32 operands only'):
+        linear_triton(x.double(), w.double())
