@@ -93,7 +93,7 @@ def traced_switches() -> Tuple[object, ...]:
     """Module-level settings that the compiled blocks read while they are traced. ``torch.compile`` guards on them;
     a precompiled function's saved guards leave globals out, so they are part of its key instead."""
     from gsmsr.archs import bimamba, gsm_block, implicit_warp
-    from gsmsr.ops import cuda_kernel
+    from gsmsr.ops import cuda_kernel, matmul3x
     from gsmsr.ops.triton_jit import triton_available
 
     scan = importlib.import_module('gsmsr.ops.selective_scan')  # the module; gsmsr.ops exports a function of that name
@@ -106,6 +106,7 @@ def traced_switches() -> Tuple[object, ...]:
         ('bimamba', bimamba.FLIP_FREE),
         ('implicit_attn', implicit_warp.FUSED_ATTENTION),
         ('slot_warp', gsm_block.FUSED_SCATTER),
+        ('split_in_registers', matmul3x.SPLIT_IN_REGISTERS),
     )
 
 

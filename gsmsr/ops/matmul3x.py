@@ -173,8 +173,12 @@ def worth_splitting(m: int, n: int, k: int) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # The split inside the GEMM: Triton's tl.dot(input_precision='tf32x3') splits each operand tile into hi and lo in
 # registers and issues the three TF32 products there, so the operands are read once, as fp32, and nothing is
-# concatenated. Not routed yet (tests/gpu/test_matmul3x_gpu.py, benchmarks/bench_matmul3x.py decide).
+# concatenated: no 3x operand traffic, so the narrowing GEMMs (fc2, out_proj: K > N), which the concatenated split
+# does not pay for (worth_splitting), qualify too. Opt-in (SPLIT_IN_REGISTERS) until measured in the network.
 # ---------------------------------------------------------------------------------------------------------------
+
+# TF32x3Mode sends fp32 F.linear calls with K >= MIN_K on CUDA to linear_tf32x3 (any N) instead of linear3x
+SPLIT_IN_REGISTERS = False
 
 
 def _linear_kernel(
@@ -252,6 +256,17 @@ def linear_triton(
     return out.view(*x.shape[:-1], n)
 
 
+@torch.library.custom_op('gsmsr::linear_tf32x3', mutates_args=())
+def linear_tf32x3(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """:func:`linear_triton` with the in-register 3xTF32 split, as one opaque node for ``torch.compile``."""
+    return linear_triton(x, weight, bias)
+
+
+@linear_tf32x3.register_fake
+def _(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 _MATMULS = (
     torch.matmul,
     torch.Tensor.matmul,
@@ -309,14 +324,11 @@ class TF32x3Mode(TorchFunctionMode):
         if func is F.linear and len(args) >= 2:
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get('bias')
-            if (
-                len(args) + len(kwargs) <= 3
-                and self._takes(x, weight, bias)
-                and weight.dim() == 2
-                and x.dim() >= 1
-                and self.route(x.numel() // max(x.shape[-1], 1), weight.shape[0], weight.shape[1])
-            ):
-                return linear3x(x, weight, bias)
+            if len(args) + len(kwargs) <= 3 and self._takes(x, weight, bias) and weight.dim() == 2 and x.dim() >= 1:
+                if SPLIT_IN_REGISTERS and weight.shape[1] >= MIN_K:
+                    return linear_tf32x3(x, weight, bias)
+                if self.route(x.numel() // max(x.shape[-1], 1), weight.shape[0], weight.shape[1]):
+                    return linear3x(x, weight, bias)
         elif func in _MATMULS and len(args) == 2 and not kwargs:
             a, b = args
             if (

@@ -25,6 +25,7 @@ from gsmsr.ops import matmul3x
 from gsmsr.ops.matmul3x import (
     TF32x3Mode,
     linear3x,
+    linear_tf32x3,
     linear_triton,
     mm3x,
     split_tf32,
@@ -158,6 +159,8 @@ def test_mm3x_keeps_the_operand_layout():
         (tf32_linear, (_randn(10, 48), _randn(20, 48, seed=1))),
         (tf32_matmul, (_randn(30, 48), _randn(2, 50, 48, seed=1).mT)),
         (tf32_matmul, (_randn(3, 4, 5, 6), _randn(3, 4, 6, 7, seed=1))),
+        (linear_tf32x3, (_randn(2, 10, 48), _randn(20, 48, seed=1), _randn(20, seed=2))),
+        (linear_tf32x3, (_randn(10, 48), _randn(20, 48, seed=1))),
     ],
 )
 def test_ops_schema_and_fake_implementation(op, args):
@@ -342,6 +345,61 @@ def test_compiled_blocks_route_their_gemms_without_graph_breaks(monkeypatch):
     # blocks with fc11, fc12; one window step with implicit-warp q and k|v, in_proj (channel-first matmul), MLP fc1
     assert len(graphs) == 4
     assert ops == [('gsmsr.tf32_linear.default', 9), ('gsmsr.tf32_matmul.default', 1)]
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_split_in_registers_routes_every_linear_with_a_long_reduction(monkeypatch):
+    """SPLIT_IN_REGISTERS: fp32 F.linear with K >= MIN_K goes to the in-register split whatever N (the narrowing fc2
+    too, which the concatenated split leaves alone), shorter reductions to the usual route; matmuls are unchanged."""
+    monkeypatch.setattr(matmul3x, 'SPLIT_IN_REGISTERS', True)
+    x, x_short = _randn(300, 256), _randn(300, 32, seed=3)
+    narrow, wide, short = _randn(64, 256, seed=1), _randn(512, 256, seed=2), _randn(64, 32, seed=4)
+    counter = OpCounter()
+    with TF32x3Mode(devices=('cpu',), compiled_only=False), counter:
+        outs = [F.linear(x, narrow), F.linear(x, wide, _randn(512, seed=5)), F.linear(x_short, short), x @ wide.mT]
+    assert counter.counts['gsmsr.linear_tf32x3'] == 2 and 'gsmsr.tf32_linear' not in counter.counts
+    assert counter.counts['gsmsr.tf32_matmul'] == 1  # the matmul: worth_splitting as before
+    assert torch.equal(outs[2], F.linear(x_short, short))  # K = 32: left to cuBLAS's fp32
+    want = F.linear(x, narrow)
+    assert (outs[0] - want).abs().max() <= 1e-6 * want.abs().max()  # fp32 summation order
+
+
+def test_compiled_blocks_split_in_registers_without_graph_breaks(monkeypatch):
+    """The compiled blocks (Dynamo only, CPU, C = 64) with SPLIT_IN_REGISTERS: no graph break, every linear with
+    K >= 64 is one linear_tf32x3 node (the narrowing fc2 / out_proj among them), none is left to the concatenated
+    split, and the output (interpreted Triton GEMMs) equals the eager fp32 network's up to rounding."""
+    import torch._dynamo
+
+    graphs: List[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: List[Tensor]) -> Callable:
+        graphs.append(gm)
+        return gm.forward
+
+    ref = _tiny_net(embed_dims=64)
+    net = _tiny_net(embed_dims=64, fp32_matmul='3xtf32')
+    lq = torch.rand(1, 3, 3, 36, 36, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(lq)
+    monkeypatch.setattr(matmul3x, 'SPLIT_IN_REGISTERS', True)
+    monkeypatch.setattr(gsmnet_arch, 'TF32x3Mode', functools.partial(TF32x3Mode, devices=('cpu',)))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for layer in net.prop_layers:
+        layer.stage.mamba_block.compile(backend=record, dynamic=False)
+    compile_swsa_blocks(net.swsa_blocks(), backend=record)
+    net._compiled = True
+    try:
+        with torch.no_grad():
+            got = net(lq)
+        breaks = dict(torch._dynamo.utils.counters['graph_break'])
+    finally:
+        torch._dynamo.reset()
+    assert not breaks
+    ops = Counter(str(n.target) for g in graphs for n in g.graph.nodes if 'gsmsr.' in str(n.target))
+    linears = [n for g in graphs for n in g.graph.nodes if n.target is F.linear or 'linear' in str(n.target)]
+    assert ops['gsmsr.linear_tf32x3.default'] > 9 and 'gsmsr.tf32_linear.default' not in ops
+    assert all('tf32x3' in str(n.target) or n.args[1].meta['example_value'].shape[1] < 64 for n in linears)
     assert (got - want).abs().max().item() <= 1e-5
 
 
