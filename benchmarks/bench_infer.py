@@ -38,6 +38,11 @@ first call) or one of gsmsr's switches (``gsmsr.archs.swsa.COMPILE_ATTENTION=Fal
 main thread under cProfile (``<case>-<cache>.prof`` beside its log) and prints its costliest functions, by cumulative
 and by self time: where a phase of the timeline goes in Python (the first compiled graph's one-off seconds, say).
 Profiling slows Python-heavy phases, so a profiled run's times compare only with other profiled runs.
+
+Start-up depends on the Python installation: where torch has no compiled bytecode and the environment forbids writing
+it (``PYTHONDONTWRITEBYTECODE``), every child compiles torch's sources again, seconds of imports and of loading the
+first compiled function that no pip-installed system pays; the table's header says when that is the case (run
+``python -m compileall`` over site-packages first).
 """
 
 from __future__ import annotations
@@ -278,6 +283,18 @@ def reference_in_subprocess(cache_home: Path, repeats: int) -> Optional[Dict[str
     return json.loads(lines[-1])
 
 
+def torch_bytecode_cached() -> bool:
+    """Whether a child's imports of torch's compiler stack find compiled bytecode (already there, or written by an
+    earlier child): the cached file of one large Inductor module stands for the rest."""
+    import importlib.util
+
+    spec = importlib.util.find_spec('torch._inductor.scheduler')
+    if spec is None or not spec.origin or not spec.cached:
+        return True  # nothing to tell (a frozen or zipped installation)
+    forbidden = sys.flags.dont_write_bytecode or bool(os.environ.get('PYTHONDONTWRITEBYTECODE'))
+    return Path(spec.cached).exists() or not forbidden
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--cases', default='360x640x100,1080x1920x40,1080x1920x20', help='comma list of HxWxFRAMES (LR)')
@@ -400,6 +417,8 @@ def main() -> int:
     changed = ''.join(f', {k}={v!r}' for k, v in settings.items())
     defaults = ' '.join(extra)
     print(f'\n# {device}, torch {torch.__version__}, {args.config} config{changed}, gsmsr infer defaults {defaults}')
+    if not torch_bytecode_cached():
+        print('# torch has no compiled bytecode here and none is written: each run compiled its sources at start-up')
     if reference is not None:
         print(
             f'# network only (compiled bf16, {"x".join(map(str, REFERENCE_SIZE))}): '

@@ -105,3 +105,30 @@ def test_settings_and_the_profile_reach_the_child(tmp_path):
         assert wrong.split('.')[-1].split('=')[0] in (tmp_path / 'bench_infer' / '36x40x2-fresh.log').read_text()
     proc = subprocess.run(cmd + ['--set', 'oops'], env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "--set 'oops': expected MODULE.NAME=VALUE" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    'cached, forbidden, expected', [(False, True, False), (True, True, True), (False, False, True)]
+)
+def test_bytecode_check(tmp_path, monkeypatch, cached, forbidden, expected):
+    """The header's warning: torch's bytecode is missing and the environment forbids writing it (the children then
+    compile torch's sources at every start), and only then."""
+    import importlib.util
+    import types
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_infer
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    pyc = tmp_path / 'scheduler.cpython.pyc'
+    if cached:
+        pyc.write_bytes(b'')
+    spec = types.SimpleNamespace(origin=str(tmp_path / 'scheduler.py'), cached=str(pyc))
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name: spec)
+    monkeypatch.setattr(sys, 'flags', types.SimpleNamespace(dont_write_bytecode=False))
+    if forbidden:
+        monkeypatch.setenv('PYTHONDONTWRITEBYTECODE', '1')
+    else:
+        monkeypatch.delenv('PYTHONDONTWRITEBYTECODE', raising=False)
+    assert bench_infer.torch_bytecode_cached() is expected
