@@ -308,11 +308,10 @@ def test_mode_routes_every_gemm_of_a_tiny_network(monkeypatch):
     assert e3 <= 1e-5 and e1 >= 10 * e3
 
 
-def test_compiled_blocks_route_their_gemms_without_graph_breaks(monkeypatch):
-    """GSMNet(fp32_matmul='3xtf32') with its blocks compiled (Dynamo only, on CPU with the mode's device list
-    widened): Dynamo traces through the mode with no graph break (one graph per compiled block kind), the graphs hold
-    the split GEMMs :func:`worth_splitting` picks at C = 64, and the output equals the eager fp32 network's up to
-    rounding."""
+def _traced_tiny_blocks(monkeypatch) -> Tuple[List[torch.fx.GraphModule], Dict[str, int], float]:
+    """A C = 64 tiny GSMNet(fp32_matmul='3xtf32') with its blocks compiled by Dynamo only (graphs recorded, run
+    eagerly; the mode's device list widened to the CPU), run once: (graphs, graph breaks, max abs difference from
+    the eager fp32 network)."""
     import torch._dynamo
 
     graphs: List[torch.fx.GraphModule] = []
@@ -339,13 +338,22 @@ def test_compiled_blocks_route_their_gemms_without_graph_breaks(monkeypatch):
         breaks = dict(torch._dynamo.utils.counters['graph_break'])
     finally:
         torch._dynamo.reset()
+    return graphs, breaks, (got - want).abs().max().item()
+
+
+def test_compiled_blocks_route_their_gemms_without_graph_breaks(monkeypatch):
+    """GSMNet(fp32_matmul='3xtf32') with its blocks compiled (Dynamo only, on CPU with the mode's device list
+    widened): Dynamo traces through the mode with no graph break (one graph per compiled block kind), the graphs hold
+    the split GEMMs :func:`worth_splitting` picks at C = 64, and the output equals the eager fp32 network's up to
+    rounding."""
+    graphs, breaks, error = _traced_tiny_blocks(monkeypatch)
     assert not breaks
     ops = sorted(Counter(str(n.target) for g in graphs for n in g.graph.nodes if 'gsmsr.tf32' in str(n.target)).items())
     # two SWSA attention graphs (unshifted, shifted) with qkv, proj each; one per-token branch graph for all SWSA
     # blocks with fc11, fc12; one window step with implicit-warp q and k|v, in_proj (channel-first matmul), MLP fc1
     assert len(graphs) == 4
     assert ops == [('gsmsr.tf32_linear.default', 9), ('gsmsr.tf32_matmul.default', 1)]
-    assert (got - want).abs().max().item() <= 1e-5
+    assert error <= 1e-5
 
 
 def test_split_in_registers_routes_every_linear_with_a_long_reduction(monkeypatch):
@@ -368,39 +376,14 @@ def test_compiled_blocks_split_in_registers_without_graph_breaks(monkeypatch):
     """The compiled blocks (Dynamo only, CPU, C = 64) with SPLIT_IN_REGISTERS: no graph break, every linear with
     K >= 64 is one linear_tf32x3 node (the narrowing fc2 / out_proj among them), none is left to the concatenated
     split, and the output (interpreted Triton GEMMs) equals the eager fp32 network's up to rounding."""
-    import torch._dynamo
-
-    graphs: List[torch.fx.GraphModule] = []
-
-    def record(gm: torch.fx.GraphModule, example_inputs: List[Tensor]) -> Callable:
-        graphs.append(gm)
-        return gm.forward
-
-    ref = _tiny_net(embed_dims=64)
-    net = _tiny_net(embed_dims=64, fp32_matmul='3xtf32')
-    lq = torch.rand(1, 3, 3, 36, 36, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = ref(lq)
     monkeypatch.setattr(matmul3x, 'SPLIT_IN_REGISTERS', True)
-    monkeypatch.setattr(gsmnet_arch, 'TF32x3Mode', functools.partial(TF32x3Mode, devices=('cpu',)))
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    for layer in net.prop_layers:
-        layer.stage.mamba_block.compile(backend=record, dynamic=False)
-    compile_swsa_blocks(net.swsa_blocks(), backend=record)
-    net._compiled = True
-    try:
-        with torch.no_grad():
-            got = net(lq)
-        breaks = dict(torch._dynamo.utils.counters['graph_break'])
-    finally:
-        torch._dynamo.reset()
+    graphs, breaks, error = _traced_tiny_blocks(monkeypatch)
     assert not breaks
     ops = Counter(str(n.target) for g in graphs for n in g.graph.nodes if 'gsmsr.' in str(n.target))
     linears = [n for g in graphs for n in g.graph.nodes if n.target is F.linear or 'linear' in str(n.target)]
     assert ops['gsmsr.linear_tf32x3.default'] > 9 and 'gsmsr.tf32_linear.default' not in ops
     assert all('tf32x3' in str(n.target) or n.args[1].meta['example_value'].shape[1] < 64 for n in linears)
-    assert (got - want).abs().max().item() <= 1e-5
+    assert error <= 1e-5
 
 
 def test_gsmnet_fp32_matmul_option():
