@@ -193,7 +193,7 @@ class InferenceStats:
     first_frame_at: Optional[float] = None  # Unix time of that write: with the launch time, the start-up it waited for
     tile: Tuple[int, int] = (0, 0)  # LR tile (height, width) used; 0 = the whole side
     tile_batch: int = 1
-    chunk: int = 0  # frames per network call (every chunk has this length); 0 before the first chunk
+    chunk: int = 0  # frames per network call (every chunk of the run has this length)
     swsa_whole_chunk: bool = False  # SWSA ran once over each whole chunk rather than in slabs (memory allowing)
     # Share of the steady state (after the first chunk, which compiles) in which the GPU runs the network: the
     # network calls' GPU spans over the time from the first chunk's end to the last chunk's end (_BusyMeter).

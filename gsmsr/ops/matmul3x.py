@@ -24,8 +24,8 @@ custom ops, :func:`tf32_linear` and :func:`tf32_matmul`, opaque to Inductor, who
 around their one cuBLAS call and restore it (the legacy setter, which keeps the legacy and the new
 ``fp32_precision`` state in step; the flag is per process, so a matmul of another thread during that call would
 also run in TF32). Inside CUDA graphs the flag is read at capture, which is when the kernel is chosen. Triton's
-``tl.dot(input_precision='tf32x3')`` would split in registers without the 3x operand traffic, but needs an own GEMM
-kernel; Inductor's templates only know 'ieee' and 'tf32'.
+``tl.dot(input_precision='tf32x3')`` splits in registers without the 3x operand traffic, but needs an own GEMM
+kernel (Inductor's templates only know 'ieee' and 'tf32'): :func:`linear_triton`, opt-in (``SPLIT_IN_REGISTERS``).
 
 How the network switches it on: :class:`TF32x3Mode`, a ``TorchFunctionMode`` that, while active, sends fp32
 ``F.linear``, ``torch.matmul`` / ``@``, ``torch.bmm`` and ``torch.mm`` calls to :func:`linear3x` / :func:`mm3x`.
@@ -287,7 +287,8 @@ class TF32x3Mode(TorchFunctionMode):
     * ``compiled_only`` is False or the call is being traced by ``torch.compile`` (where the split is fused),
     * ``route(m, n, k)`` (default :func:`worth_splitting`) says so.
 
-    Every other call runs unchanged. Enter it around calls of compiled modules (Dynamo traces it, see the module
+    With ``SPLIT_IN_REGISTERS``, such ``F.linear`` calls with K >= ``MIN_K`` run as :func:`linear_tf32x3` instead,
+    whatever the route says. Every other call runs unchanged. Enter it around calls of compiled modules (Dynamo traces it, see the module
     docstring) or, with ``compiled_only=False``, around eager code.
     """
 
