@@ -288,8 +288,8 @@ class TF32x3Mode(TorchFunctionMode):
     * ``route(m, n, k)`` (default :func:`worth_splitting`) says so.
 
     With ``SPLIT_IN_REGISTERS``, such ``F.linear`` calls with K >= ``MIN_K`` run as :func:`linear_tf32x3` instead,
-    whatever the route says. Every other call runs unchanged. Enter it around calls of compiled modules (Dynamo traces it, see the module
-    docstring) or, with ``compiled_only=False``, around eager code.
+    whatever the route says. Every other call runs unchanged. Enter it around calls of compiled modules (Dynamo traces
+    it, see the module docstring) or, with ``compiled_only=False``, around eager code.
     """
 
     def __init__(
