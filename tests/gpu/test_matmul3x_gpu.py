@@ -125,3 +125,34 @@ def test_compiled_3xtf32_network_matches_the_faithful_one(monkeypatch):
         assert not routed
     print(f'compiled fp32 max abs {e32:.1e}, compiled fp32 3xtf32 max abs {e3:.1e}')
     assert e3 <= 1e-4 and e32 <= 1e-4
+
+
+@needs_kernel
+def test_compiled_network_splitting_in_registers_matches_the_faithful_one(monkeypatch):
+    """``SPLIT_IN_REGISTERS``: the fp32 compiled network (C = 64) with every linear of K >= 64 on the Triton GEMM
+    (``gsmsr::linear_tf32x3``) against the eager faithful network: max abs within 1e-4, the GEMM ran, and none went
+    to the concatenated split's linear."""
+    calls: List[str] = []
+    for name in ('linear_triton', 'linear3x'):
+        inner = getattr(matmul3x, name)
+
+        def spy(*args, _inner=inner, _name=name, **kwargs):
+            calls.append(_name)
+            return _inner(*args, **kwargs)
+
+        monkeypatch.setattr(matmul3x, name, spy)
+    monkeypatch.setattr(matmul3x, 'SPLIT_IN_REGISTERS', True)
+    torch.manual_seed(0)
+    cfg = dict(prop_depth=2, attn_depth=2, embed_dims=64, num_heads=4)
+    ref = GSMNet(**cfg).to(CUDA).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    net = GSMNet(**cfg, compile_blocks=True, fp32_matmul='3xtf32').to(CUDA).eval()
+    net.load_state_dict(ref.state_dict())
+    lq = torch.rand(1, 7, 3, 64, 72, device=CUDA)
+    with torch.no_grad():
+        err = (net(lq) - ref(lq)).abs().max().item()
+    print(f'compiled fp32, split in registers: max abs {err:.1e}')
+    assert 'linear_triton' in calls and 'linear3x' not in calls
+    assert err <= 1e-4
