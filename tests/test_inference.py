@@ -205,7 +205,7 @@ def test_one_chunk_one_tile_equals_forward(chunk, tile):
 
 
 class ChunkCodeNet(nn.Module):
-    """Returns, for a whole call, the index of the call's first frame (frames carry 10*index as pixel value)."""
+    """Returns, for a whole call, the index of the call's first frame (frames carry step * index as pixel value)."""
 
     upscale = 2
     step = 10  # the pixel value of frame i is step * i (coded_frames)
