@@ -88,30 +88,47 @@ def test_tf32_flag_is_restored_when_it_was_on():
     assert torch.backends.cuda.matmul.allow_tf32
 
 
+NET = dict(prop_depth=2, attn_depth=2, embed_dims=64, num_heads=4)  # C = 64: worth_splitting picks GEMMs
+
+
+def _spy(monkeypatch, names: tuple) -> List[str]:
+    """Replace matmul3x's functions ``names`` by wrappers that log their name on each call; returns the log."""
+    calls: List[str] = []
+    for name in names:
+        inner = getattr(matmul3x, name)
+
+        def spy(*args, _inner=inner, _name=name, **kwargs):
+            calls.append(_name)
+            return _inner(*args, **kwargs)
+
+        monkeypatch.setattr(matmul3x, name, spy)
+    return calls
+
+
+def _faithful_net() -> GSMNet:
+    """The eager fp32 reference network (NET), weights perturbed so no branch is an exact identity."""
+    torch.manual_seed(0)
+    ref = GSMNet(**NET).to(CUDA).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return ref
+
+
+def _compiled_copy(ref: GSMNet, fp32_matmul: str) -> GSMNet:
+    net = GSMNet(**NET, compile_blocks=True, fp32_matmul=fp32_matmul).to(CUDA).eval()
+    net.load_state_dict(ref.state_dict())
+    return net
+
+
 @needs_kernel
 def test_compiled_3xtf32_network_matches_the_faithful_one(monkeypatch):
     """The fp32 compiled network with 3xTF32 GEMMs against the eager faithful network: max abs within 1e-4, as the
     compiled fp32 network (C = 64, so that :func:`worth_splitting` picks GEMMs); the split ran inside the compiled
     blocks; under bf16 autocast nothing is split."""
-    routed: List[str] = []
-    for name in ('linear3x', 'mm3x'):
-        inner = getattr(matmul3x, name)
-
-        def spy(*args, _inner=inner, _name=name):
-            routed.append(_name)
-            return _inner(*args)
-
-        monkeypatch.setattr(matmul3x, name, spy)
-    torch.manual_seed(0)
-    cfg = dict(prop_depth=2, attn_depth=2, embed_dims=64, num_heads=4)
-    ref = GSMNet(**cfg).to(CUDA).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    nets = {}
-    for mode in ('ieee', '3xtf32'):
-        nets[mode] = GSMNet(**cfg, compile_blocks=True, fp32_matmul=mode).to(CUDA).eval()
-        nets[mode].load_state_dict(ref.state_dict())
+    routed = _spy(monkeypatch, ('linear3x', 'mm3x'))
+    ref = _faithful_net()
+    nets = {mode: _compiled_copy(ref, mode) for mode in ('ieee', '3xtf32')}
     lq = torch.rand(1, 7, 3, 64, 72, device=CUDA)
     with torch.no_grad():
         want = ref(lq)
@@ -132,24 +149,10 @@ def test_compiled_network_splitting_in_registers_matches_the_faithful_one(monkey
     """``SPLIT_IN_REGISTERS``: the fp32 compiled network (C = 64) with every linear of K >= 64 on the Triton GEMM
     (``gsmsr::linear_tf32x3``) against the eager faithful network: max abs within 1e-4, the GEMM ran, and none went
     to the concatenated split's linear."""
-    calls: List[str] = []
-    for name in ('linear_triton', 'linear3x'):
-        inner = getattr(matmul3x, name)
-
-        def spy(*args, _inner=inner, _name=name, **kwargs):
-            calls.append(_name)
-            return _inner(*args, **kwargs)
-
-        monkeypatch.setattr(matmul3x, name, spy)
+    calls = _spy(monkeypatch, ('linear_triton', 'linear3x'))
     monkeypatch.setattr(matmul3x, 'SPLIT_IN_REGISTERS', True)
-    torch.manual_seed(0)
-    cfg = dict(prop_depth=2, attn_depth=2, embed_dims=64, num_heads=4)
-    ref = GSMNet(**cfg).to(CUDA).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    net = GSMNet(**cfg, compile_blocks=True, fp32_matmul='3xtf32').to(CUDA).eval()
-    net.load_state_dict(ref.state_dict())
+    ref = _faithful_net()
+    net = _compiled_copy(ref, '3xtf32')
     lq = torch.rand(1, 7, 3, 64, 72, device=CUDA)
     with torch.no_grad():
         err = (net(lq) - ref(lq)).abs().max().item()
