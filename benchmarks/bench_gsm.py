@@ -9,13 +9,14 @@ code runs it), the streaming schedule (``streaming_eval``, the default without a
 autocast, the compiled network (``compile_blocks``, the default GPU path in bf16) in fp32 and bf16, the compiled fp32
 network with cuBLAS's fp32 GEMMs (``fp32_matmul='ieee'``) and with its larger GEMMs as three TF32 products each
 (the default ``fp32_matmul='3xtf32'``, gsmsr.ops.matmul3x), and with --mamba-scan the compiled bf16 network with
-mamba-ssm's scan instead of gsmsr's Triton scan, and with --variants one compiled bf16 row per variant: ``slab=N`` sets
-``GSMNet.stream_slab``, ``dwconv_<field>=N`` sets
-that ``DWConvConfig`` field of the MLP stencil (``dwconv3d.OP_CONFIG``), ``flipfree=1`` runs BiMamba's backward branch
-without flips (``bimamba.FLIP_FREE``; 0 for the flipped form), ``iwarp=0`` the implicit warp's PyTorch ops instead
-of its fused kernels (``implicit_warp.FUSED_ATTENTION``), ``fscatter=0`` the GSM block's scatter warps through
-cuDNN's sampler instead of one kernel (``gsm_block.FUSED_SCATTER``), ``sdpa=0`` SWSA's explicit softmax instead of
-SDPA (``swsa.SDPA_ATTENTION``), ``buffers=0`` the streaming sweep's stacked windows instead of window buffers
+mamba-ssm's scan instead of gsmsr's Triton scan, and with --variants one compiled row per variant (bf16 unless
+``fp32=1``, which runs it in fp32 with the default ``fp32_matmul``): ``slab=N`` sets ``GSMNet.stream_slab``,
+``dwconv_<field>=N`` sets that ``DWConvConfig`` field of the MLP stencil (``dwconv3d.OP_CONFIG``), ``flipfree=1``
+runs BiMamba's backward branch without flips (``bimamba.FLIP_FREE``; 0 for the flipped form), ``iwarp=0`` the
+implicit warp's PyTorch ops instead of its fused kernels (``implicit_warp.FUSED_ATTENTION``), ``fscatter=0`` the GSM
+block's scatter warps through cuDNN's sampler instead of one kernel (``gsm_block.FUSED_SCATTER``), ``sdpa=0`` SWSA's
+explicit softmax instead of SDPA (``swsa.SDPA_ATTENTION``), ``split=1`` fp32 GEMMs split in registers
+(``matmul3x.SPLIT_IN_REGISTERS``), ``buffers=0`` the streaming sweep's stacked windows instead of window buffers
 (``GSMNet.stream_buffers``; these switches compile the window step again), ``swsac=0`` SWSA's attention residual
 eager (``swsa.COMPILE_ATTENTION``; a network of its own, compiled at that row's first call), other keys go to the
 Triton scan (``selective_scan.INFER_TRITON_CONFIG``: out_tile, out_warps, out_maxnreg, token_tile, warps_per_sm,
@@ -71,6 +72,7 @@ DWCONV = importlib.import_module('gsmsr.ops.dwconv3d')
 BIMAMBA = importlib.import_module('gsmsr.archs.bimamba')
 IWARP = importlib.import_module('gsmsr.archs.implicit_warp')
 GSM_BLOCK = importlib.import_module('gsmsr.archs.gsm_block')
+MATMUL3X = importlib.import_module('gsmsr.ops.matmul3x')
 
 
 def phase_targets() -> List[tuple]:
@@ -126,7 +128,7 @@ def main() -> int:
     parser.add_argument('--train', action='store_true', help='also time a training step (16x64x64, batch 1)')
     parser.add_argument('--no-basicvsrpp', action='store_true')
     parser.add_argument('--mamba-scan', action='store_true', help="also the compiled bf16 row on mamba-ssm's scan")
-    parser.add_argument('--variants', default='', help="';' list of 'key=int,...': compiled bf16 rows (see above)")
+    parser.add_argument('--variants', default='', help="';' list of 'key=int,...': compiled rows (see above)")
     parser.add_argument(
         '--only', default='', help='comma list of substrings: run only rows whose name has one ("$" ends a name)'
     )
@@ -168,10 +170,11 @@ def main() -> int:
     flip_free_default = BIMAMBA.FLIP_FREE
     fused_warp_default, fused_scatter_default = IWARP.FUSED_ATTENTION, GSM_BLOCK.FUSED_SCATTER
     sdpa_default, swsa_compile_default = SWSA.SDPA_ATTENTION, SWSA.COMPILE_ATTENTION
+    split_default = MATMUL3X.SPLIT_IN_REGISTERS
 
     def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm, variant: Dict[str, int] = {}):  # noqa: B006
         dwconv = {k.removeprefix('dwconv_'): v for k, v in variant.items() if k.startswith('dwconv_')}
-        switches = ('slab', 'flipfree', 'buffers', 'iwarp', 'fscatter', 'sdpa', 'swsac')
+        switches = ('slab', 'flipfree', 'buffers', 'iwarp', 'fscatter', 'sdpa', 'swsac', 'split', 'fp32')
         scan = {k: v for k, v in variant.items() if k not in switches and not k.startswith('dwconv_')}
         stencil = dataclasses.replace(DWCONV.DEFAULT_CONFIG, **dwconv)
 
@@ -186,6 +189,7 @@ def main() -> int:
             GSM_BLOCK.FUSED_SCATTER = bool(variant.get('fscatter', GSM_BLOCK.FUSED_SCATTER))
             SWSA.SDPA_ATTENTION = bool(variant.get('sdpa', SWSA.SDPA_ATTENTION))
             SWSA.COMPILE_ATTENTION = bool(variant.get('swsac', SWSA.COMPILE_ATTENTION))
+            MATMUL3X.SPLIT_IN_REGISTERS = bool(variant.get('split', MATMUL3X.SPLIT_IN_REGISTERS))
             try:
                 with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None):
                     return net(x).float()
@@ -197,6 +201,7 @@ def main() -> int:
                 GSM_BLOCK.FUSED_SCATTER = fused_scatter_default
                 SWSA.SDPA_ATTENTION = sdpa_default
                 SWSA.COMPILE_ATTENTION = swsa_compile_default
+                MATMUL3X.SPLIT_IN_REGISTERS = split_default
 
         return run
 
@@ -211,7 +216,8 @@ def main() -> int:
     for spec in (v.strip() for v in args.variants.split(';') if v.strip()):
         variant = {k.strip(): int(v) for k, v in (kv.split('=') for kv in spec.split(','))}
         net = variant_net(compile_blocks=True) if 'swsac' in variant else gsm_compiled  # read when it compiles
-        models[f'GSMNet bf16 compiled [{spec}]'] = gsm_run(True, torch.bfloat16, net=net, variant=variant)
+        dtype, label = (None, 'fp32') if variant.get('fp32') else (torch.bfloat16, 'bf16')
+        models[f'GSMNet {label} compiled [{spec}]'] = gsm_run(True, dtype, net=net, variant=variant)
     if args.mamba_scan:
         mamba_net = variant_net(scan_backend='kernel', compile_blocks=True)
         models['GSMNet bf16 compiled+mamba-ssm scan'] = gsm_run(True, torch.bfloat16, net=mamba_net)
