@@ -25,7 +25,8 @@ around their one cuBLAS call and restore it (the legacy setter, which keeps the 
 ``fp32_precision`` state in step; the flag is per process, so a matmul of another thread during that call would
 also run in TF32). Inside CUDA graphs the flag is read at capture, which is when the kernel is chosen. Triton's
 ``tl.dot(input_precision='tf32x3')`` splits in registers without the 3x operand traffic, but needs an own GEMM
-kernel (Inductor's templates only know 'ieee' and 'tf32'): :func:`linear_triton`, opt-in (``SPLIT_IN_REGISTERS``).
+kernel (Inductor's templates only know 'ieee' and 'tf32'): :func:`linear_triton`, for the linears the concatenated
+split does not pay for (``SPLIT_IN_REGISTERS``).
 
 How the network switches it on: :class:`TF32x3Mode`, a ``TorchFunctionMode`` that, while active, sends fp32
 ``F.linear``, ``torch.matmul`` / ``@``, ``torch.bmm`` and ``torch.mm`` calls to :func:`linear3x` / :func:`mm3x`.
@@ -174,10 +175,12 @@ def worth_splitting(m: int, n: int, k: int) -> bool:
 # The split inside the GEMM: Triton's tl.dot(input_precision='tf32x3') splits each operand tile into hi and lo in
 # registers and issues the three TF32 products there, so the operands are read once, as fp32, and nothing is
 # concatenated: no 3x operand traffic, so the narrowing GEMMs (fc2, out_proj: K > N), which the concatenated split
-# does not pay for (worth_splitting), qualify too. Opt-in (SPLIT_IN_REGISTERS) until measured in the network.
+# does not pay for (worth_splitting), qualify too. Per GEMM alone at 288k rows (H200) it beat cuBLAS's fp32 where the
+# concatenated split is not used (fc2 1.21 against 1.75 ms, out_proj 0.72 against 1.02) and lost to that split where
+# it is (fc1 1.45 against 0.99 with the producer's extra writes, in_proj 0.78 against 0.61), so it takes only the rest.
 # ---------------------------------------------------------------------------------------------------------------
 
-# TF32x3Mode sends fp32 F.linear calls with K >= MIN_K on CUDA to linear_tf32x3 (any N) instead of linear3x
+# TF32x3Mode sends fp32 F.linear calls with K >= MIN_K that its route leaves alone to linear_tf32x3
 SPLIT_IN_REGISTERS = False
 
 
@@ -287,9 +290,9 @@ class TF32x3Mode(TorchFunctionMode):
     * ``compiled_only`` is False or the call is being traced by ``torch.compile`` (where the split is fused),
     * ``route(m, n, k)`` (default :func:`worth_splitting`) says so.
 
-    With ``SPLIT_IN_REGISTERS``, such ``F.linear`` calls with K >= ``MIN_K`` run as :func:`linear_tf32x3` instead,
-    whatever the route says. Every other call runs unchanged. Enter it around calls of compiled modules (Dynamo traces
-    it, see the module docstring) or, with ``compiled_only=False``, around eager code.
+    With ``SPLIT_IN_REGISTERS``, such ``F.linear`` calls that the route leaves alone run as :func:`linear_tf32x3`
+    when K >= ``MIN_K`` (the narrowing ones). Every other call runs unchanged. Enter it around calls of compiled
+    modules (Dynamo traces it, see the module docstring) or, with ``compiled_only=False``, around eager code.
     """
 
     def __init__(
@@ -326,10 +329,10 @@ class TF32x3Mode(TorchFunctionMode):
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get('bias')
             if len(args) + len(kwargs) <= 3 and self._takes(x, weight, bias) and weight.dim() == 2 and x.dim() >= 1:
-                if SPLIT_IN_REGISTERS and weight.shape[1] >= MIN_K:
-                    return linear_tf32x3(x, weight, bias)
                 if self.route(x.numel() // max(x.shape[-1], 1), weight.shape[0], weight.shape[1]):
                     return linear3x(x, weight, bias)
+                if SPLIT_IN_REGISTERS and weight.shape[1] >= MIN_K:
+                    return linear_tf32x3(x, weight, bias)
         elif func in _MATMULS and len(args) == 2 and not kwargs:
             a, b = args
             if (
