@@ -145,10 +145,10 @@ class GSMNet(nn.Module):
             state-dict keys do not change) at the first forward; the selective scan stays one custom op inside
             the compiled graph. Costs a compilation per new input size.
         fp32_matmul: '3xtf32' (default) | 'ieee': with ``compile_blocks``, in fp32 on CUDA (no autocast, no
-            autograd), the compiled blocks run their larger GEMMs as three TF32 tensor-core products each
+            autograd), the compiled blocks run their GEMMs with K >= 64 as three TF32 tensor-core products each
             (:mod:`gsmsr.ops.matmul3x`; about 1e-6 relative per GEMM, like fp32; on an H200 the whole fp32 network
-            1.14x faster at fp32's max abs error against the faithful path, benchmarks/NOTES.md); 'ieee' keeps
-            cuBLAS's fp32 FMA GEMMs. No effect otherwise.
+            1.2x faster than with 'ieee' at fp32's max abs error against the faithful path, benchmarks/NOTES.md);
+            'ieee' keeps cuBLAS's fp32 FMA GEMMs. No effect otherwise.
     Attribute, not an argument: ``precompile_dir`` (default None), with ``compile_blocks``, keeps the window step and
     the SWSA block as ahead-of-time compiled functions in that folder (:class:`gsmsr.compile_cache.PrecompiledFunction`,
     one per block kind, shared by all layers), so that a later process loads them instead of tracing them again.

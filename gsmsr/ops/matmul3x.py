@@ -25,8 +25,8 @@ around their one cuBLAS call and restore it (the legacy setter, which keeps the 
 ``fp32_precision`` state in step; the flag is per process, so a matmul of another thread during that call would
 also run in TF32). Inside CUDA graphs the flag is read at capture, which is when the kernel is chosen. Triton's
 ``tl.dot(input_precision='tf32x3')`` splits in registers without the 3x operand traffic, but needs an own GEMM
-kernel (Inductor's templates only know 'ieee' and 'tf32'): :func:`linear_triton`, for the linears the concatenated
-split does not pay for (``SPLIT_IN_REGISTERS``).
+kernel (Inductor's templates only know 'ieee' and 'tf32'): :func:`linear_triton`, which runs the linears the
+concatenated split does not pay for (``SPLIT_IN_REGISTERS``, on by default).
 
 How the network switches it on: :class:`TF32x3Mode`, a ``TorchFunctionMode`` that, while active, sends fp32
 ``F.linear``, ``torch.matmul`` / ``@``, ``torch.bmm`` and ``torch.mm`` calls to :func:`linear3x` / :func:`mm3x`.
@@ -177,11 +177,12 @@ def worth_splitting(m: int, n: int, k: int) -> bool:
 # concatenated: no 3x operand traffic, so the narrowing GEMMs (fc2, out_proj: K > N), which the concatenated split
 # does not pay for (worth_splitting), qualify too. Per GEMM alone at 288k rows (H200) it beat cuBLAS's fp32 where the
 # concatenated split is not used (fc2 1.21 against 1.75 ms, out_proj 0.72 against 1.02) and lost to that split where
-# it is (fc1 1.45 against 0.99 with the producer's extra writes, in_proj 0.78 against 0.61), so it takes only the rest.
+# it is (fc1 1.45 against 0.99 with the producer's extra writes, in_proj 0.78 against 0.61), so it takes only the rest:
+# the compiled fp32 network 95.9 -> 87.5 ms/frame at 20x180x320 (benchmarks/NOTES.md).
 # ---------------------------------------------------------------------------------------------------------------
 
-# TF32x3Mode sends fp32 F.linear calls with K >= MIN_K that its route leaves alone to linear_tf32x3
-SPLIT_IN_REGISTERS = False
+# TF32x3Mode sends fp32 F.linear calls with K >= MIN_K that its route leaves alone to linear_tf32x3 (False: to cuBLAS)
+SPLIT_IN_REGISTERS = True
 
 
 def _linear_kernel(

@@ -344,8 +344,9 @@ def _traced_tiny_blocks(monkeypatch) -> Tuple[List[torch.fx.GraphModule], Dict[s
 def test_compiled_blocks_route_their_gemms_without_graph_breaks(monkeypatch):
     """GSMNet(fp32_matmul='3xtf32') with its blocks compiled (Dynamo only, on CPU with the mode's device list
     widened): Dynamo traces through the mode with no graph break (one graph per compiled block kind), the graphs hold
-    the split GEMMs :func:`worth_splitting` picks at C = 64, and the output equals the eager fp32 network's up to
-    rounding."""
+    the split GEMMs :func:`worth_splitting` picks at C = 64 (the concatenated split alone: ``SPLIT_IN_REGISTERS``
+    off), and the output equals the eager fp32 network's up to rounding."""
+    monkeypatch.setattr(matmul3x, 'SPLIT_IN_REGISTERS', False)
     graphs, breaks, error = _traced_tiny_blocks(monkeypatch)
     assert not breaks
     ops = sorted(Counter(str(n.target) for g in graphs for n in g.graph.nodes if 'gsmsr.tf32' in str(n.target)).items())
@@ -374,9 +375,9 @@ def test_split_in_registers_takes_the_long_reductions_the_route_leaves(monkeypat
 
 
 def test_compiled_blocks_split_in_registers_without_graph_breaks(monkeypatch):
-    """The compiled blocks (Dynamo only, CPU, C = 64) with SPLIT_IN_REGISTERS: no graph break, every linear with
-    K >= 64 is a linear_tf32x3 node (the narrowing fc2 / out_proj) or a concatenated split (where worth_splitting),
-    and the output (interpreted Triton GEMMs) equals the eager fp32 network's up to rounding."""
+    """The compiled blocks (Dynamo only, CPU, C = 64) with SPLIT_IN_REGISTERS (the default): no graph break, every
+    linear with K >= 64 is a linear_tf32x3 node (the narrowing fc2 / out_proj) or a concatenated split (where
+    worth_splitting), and the output (interpreted Triton GEMMs) equals the eager fp32 network's up to rounding."""
     monkeypatch.setattr(matmul3x, 'SPLIT_IN_REGISTERS', True)
     graphs, breaks, error = _traced_tiny_blocks(monkeypatch)
     assert not breaks
