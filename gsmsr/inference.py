@@ -18,7 +18,9 @@ chunk depends on whether the video ends soon, the reader stays one stride ahead.
 tiles with the official tile blending (:mod:`gsmsr.tiling`). Overlapping chunks are cross-faded with linear
 weights ``(k+1)/(n+1)`` over their ``n`` shared frames instead of the official flat average, so chunk borders do
 not flicker: every frame's weights sum to one and change smoothly. A frame is quantised and handed to the
-encoder as soon as no later chunk can touch it. Memory therefore holds at most ``2*chunk - overlap`` LR frames
+encoder as soon as no later chunk can touch it and the network has reconstructed it: GSMNet gives its output a
+frame at a time (``GSMNet.forward_frames``), so the encoding of a chunk's first frames overlaps the reconstruction of
+its last ones, and the last chunk's frames do not all wait for its end. Memory therefore holds at most ``2*chunk - overlap`` LR frames
 and one chunk of HR output (on the compute device), whatever the video length; ``chunk=0`` (one chunk) gives
 that up. With one chunk and one tile covering the video the output is exactly the single forward pass.
 
@@ -98,7 +100,16 @@ from gsmsr.memory_plan import (
     free_device_bytes,
     whole_chunk_swsa_fits,
 )
-from gsmsr.tiling import Tile, accumulate_tiles, chunk_count, chunk_length, tile_sides, tile_weight_map
+from gsmsr.tiling import (
+    FrameCall,
+    Tile,
+    chunk_count,
+    chunk_length,
+    tile_frames,
+    tile_sides,
+    tile_weight_map,
+    whole_call,
+)
 from gsmsr.utils import atomic_write_text, resolve_device
 from gsmsr.video_io import check_output, estimated_output_bytes, open_sink, open_source, output_kind
 
@@ -305,20 +316,27 @@ def load_network(
 
 
 # ----------------------------------------------------------------------------------------------- streaming
-def _network_call(
-    net: Callable[[Tensor], Tensor], scale: int, precision: str, device: torch.device
-) -> Callable[[Tensor], Tensor]:
-    """net with autocast, and with replicate-padding of sides < MIN_SIZE (output cropped back); fp32 out."""
+def _network_call(net: Callable[[Tensor], Tensor], scale: int, precision: str, device: torch.device) -> FrameCall:
+    """net as a :data:`~gsmsr.tiling.FrameCall` (in pieces where it has ``forward_frames``, as GSMNet, else one),
+    with autocast around each piece's work (not around the caller's, between pieces), and with replicate-padding of
+    sides < MIN_SIZE (output cropped back); fp32 out."""
     dtype = PRECISIONS[precision]
+    frames = getattr(net, 'forward_frames', None) or whole_call(net)
 
-    def call(x: Tensor) -> Tensor:  # (B, T, C, h, w) -> (B, T, C, s*h, s*w) float32
+    def call(x: Tensor) -> Iterator[Tuple[slice, Tensor]]:  # (B, T, C, h, w) -> pieces (B, n, C, s*h, s*w) float32
         b, t, c, h, w = x.shape
         if h < MIN_SIZE or w < MIN_SIZE:
             pad = (0, max(0, MIN_SIZE - w), 0, max(0, MIN_SIZE - h))
             x = F.pad(x.reshape(b * t, c, h, w), pad, mode='replicate').view(b, t, c, h + pad[3], w + pad[1])
-        with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
-            y = net(x)
-        return y[..., : scale * h, : scale * w].float()
+        autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype is not None)
+        with autocast():
+            pieces = iter(frames(x))
+        while True:
+            with autocast():
+                piece = next(pieces, None)
+            if piece is None:
+                return
+            yield piece[0], piece[1][..., : scale * h, : scale * w].float()
 
     return call
 
@@ -372,14 +390,15 @@ class _BusyMeter:
 
         return cls(mark)
 
-    def wrap(self, call: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-        def timed(x: Tensor) -> Tensor:
+    def wrap(self, call: FrameCall) -> FrameCall:
+        """``call`` with events before its first piece is computed and after its last."""
+
+        def timed(x: Tensor) -> Iterator[Tuple[slice, Tensor]]:
             start = self._mark()
-            y = call(x)
+            yield from call(x)
             self._last_end = self._mark()
             if self._window_start is not None:
                 self._pending.append((start, self._last_end))
-            return y
 
         return timed
 
@@ -471,7 +490,7 @@ def upscale_frames(
 
 def _stream(
     frames: Iterable[np.ndarray],
-    call: Callable[[Tensor], Tensor],
+    call: FrameCall,
     scale: int,
     chunk: int,
     overlap: int,
@@ -487,7 +506,9 @@ def _stream(
 
     ``chunk`` is the maximum chunk length; with ``frame_count`` given the chunks are balanced
     (:func:`gsmsr.tiling.chunk_length`). Chunk starts follow the official rule over the frames actually read, so
-    a wrong count only unbalances the chunks. ``on_chunk`` is called once a chunk's network calls are made.
+    a wrong count only unbalances the chunks. ``call`` is the network in pieces of frames (:func:`_network_call`): a
+    frame is yielded as soon as no later piece or chunk changes it. ``on_chunk`` is called once a chunk's network
+    calls are made.
     """
     source = iter(frames)
     buffer: deque = deque()  # LR frames [base, base + len(buffer))
@@ -537,23 +558,18 @@ def _stream(
             clip = np.stack([buffer[i] for i in range(start - base, start - base + length)])
             lq = torch.from_numpy(clip).to(device).permute(0, 3, 1, 2).unsqueeze(0).contiguous().float().div_(255)
             del clip
-            acc = accumulate_tiles(
-                call,
-                lq,
-                scale,
-                tile,
-                tile_overlap,
-                acc=acc,
-                frame_weight=torch.tensor(fw, dtype=torch.float32),
-                tile_batch=tile_batch,
-            )
+            wsum += torch.tensor(fw, dtype=torch.float64)
+            done = length if next_start is None else next_start - start  # frames no later chunk touches
+            weight = torch.tensor(fw, dtype=torch.float32)
+            # each finished frame leaves as soon as its last piece is added: its copy to the host and encoding
+            # overlap the network's work on the later frames of the chunk
+            frames_done = tile_frames(call, lq, scale, tile, tile_overlap, acc, weight, tile_batch)
+            for i, acc in frames_done:
+                if i < done:
+                    yield acc[0, i] / weight_map / float(wsum[i])
             del lq
             if on_chunk is not None:
                 on_chunk()
-            wsum += torch.tensor(fw, dtype=torch.float64)
-            done = length if next_start is None else next_start - start
-            for i in range(done):
-                yield acc[0, i] / weight_map / float(wsum[i])
             if next_start is None:
                 return
             for i in range(length - done):  # shift the unfinished frames to the front (forward copy is safe)

@@ -2,7 +2,8 @@
 
 ``forward_chunked`` is the official test-time protocol (ARCHITECTURE.md §9), used for validation and
 testing. ``tile_regions`` / ``accumulate_tiles`` / ``tile_weight_map`` are its spatial half, shared with the
-streaming inference in :mod:`gsmsr.inference`, which blends chunks with its own temporal weights.
+streaming inference in :mod:`gsmsr.inference`, which blends chunks with its own temporal weights and takes each
+frame as soon as its last tile is added (``tile_frames``, on a network that returns its output in pieces of frames).
 
 Blending rule (§9): each tile is an independent network call. For every tile edge that is not an image
 border, the outermost ``tile_overlap // 2`` *output* (HR) pixels are dropped, both from the accumulated
@@ -16,8 +17,9 @@ frame (or clip) unpadded. The official script reflect-pads that path to multiple
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -32,6 +34,9 @@ __all__ = [
     'tile_regions',
     'tile_weight_map',
     'accumulate_tiles',
+    'FrameCall',
+    'whole_call',
+    'tile_frames',
     'forward_chunked',
     'TILE_STEP',
     'plan_tiles',
@@ -165,6 +170,76 @@ def tile_weight_map(
     return weight
 
 
+# A network in pieces: x (B, T, C, h, w) -> (frames, out) pairs, out (B, n, C_out, s*h, s*w) the output for
+# x[:, frames], the slices consecutive, in order, and covering all T frames (GSMNet.forward_frames).
+FrameCall = Callable[[Tensor], Iterable[Tuple[slice, Tensor]]]
+
+
+def whole_call(net: Callable[[Tensor], Tensor]) -> FrameCall:
+    """``net`` (x -> (B, T, C_out, s*h, s*w)) as a :data:`FrameCall` of one piece, computed when it is taken."""
+
+    def pieces(x: Tensor) -> Iterator[Tuple[slice, Tensor]]:
+        yield slice(0, x.shape[1]), net(x)
+
+    return pieces
+
+
+def tile_frames(
+    net: FrameCall,
+    lq: Tensor,
+    scale: int,
+    tile: Tile,
+    tile_overlap: int,
+    acc: Optional[Tensor] = None,
+    frame_weight: Optional[Tensor] = None,
+    tile_batch: int = 1,
+) -> Iterator[Tuple[int, Tensor]]:
+    """:func:`accumulate_tiles` for a network in pieces (:data:`FrameCall`), as a generator: yields ``(t, acc)`` as
+    soon as the last tile's output for frame t has been added into ``acc`` (frames in order; ``acc`` is the same
+    tensor each time). A caller can thus take frame t while the network is still computing later frames of the
+    last tile call. Arguments as for :func:`accumulate_tiles`."""
+    b, t, _, h, w = lq.shape
+    regions = tile_regions(h, w, tile, tile_overlap)
+    per_call = max(1, min(tile_batch, len(regions)))
+    weight = None if frame_weight is None else frame_weight.view(1, t, 1, 1, 1)
+    for i in range(0, len(regions), per_call):
+        group = regions[i : i + per_call]
+        filler = regions[i - (per_call - len(group)) : i]  # the tiles just before: their outputs are discarded
+        th, tw = group[0].h, group[0].w
+        done = 0  # frames covered by the pieces so far
+        for frames, out in net(torch.cat([lq[..., r.y0 : r.y0 + r.h, r.x0 : r.x0 + r.w] for r in group + filler])):
+            n = frames.stop - frames.start
+            if (
+                out.dim() != 5
+                or frames.start != done
+                or not 0 < n <= t - done
+                or out.shape[:2] != (b * per_call, n)
+                or out.shape[-2:] != (scale * th, scale * tw)
+            ):
+                raise RuntimeError(
+                    f'network returned shape {tuple(out.shape)} for frames {frames.start}:{frames.stop} of tiles of '
+                    f'shape {(b * per_call, t, lq.shape[2], th, tw)}; expected (B, T, C, {scale}*H, {scale}*W) over '
+                    f'the frames in order from {done}'
+                )
+            if acc is None:
+                dtype = torch.promote_types(lq.dtype, torch.float32)
+                acc = torch.zeros(b, t, out.shape[2], scale * h, scale * w, device=lq.device, dtype=dtype)
+            for j, r in enumerate(group):
+                (fy, fx), (iy, ix) = _hr_slices(r, scale)
+                part = out[j * b : (j + 1) * b, ..., iy, ix].to(device=acc.device, dtype=acc.dtype)
+                if weight is not None:
+                    part = part * weight[:, frames].to(device=acc.device, dtype=acc.dtype)
+                acc[:, frames, ..., fy, fx] += part
+                del part
+            del out
+            done = frames.stop
+            if i + per_call >= len(regions):  # the last tile call: these frames are complete
+                for k in range(frames.start, frames.stop):
+                    yield k, acc
+        if done != t:
+            raise RuntimeError(f'network returned frames 0:{done} of {t}')
+
+
 def accumulate_tiles(
     net: Callable[[Tensor], Tensor],
     lq: Tensor,
@@ -185,31 +260,8 @@ def accumulate_tiles(
     tiles, so a compiled network sees one batch size: a short last group is filled up with repeats of tiles
     already computed, whose outputs are dropped. The result does not depend on it. Returns ``acc``.
     """
-    b, t, _, h, w = lq.shape
-    regions = tile_regions(h, w, tile, tile_overlap)
-    per_call = max(1, min(tile_batch, len(regions)))
-    for i in range(0, len(regions), per_call):
-        group = regions[i : i + per_call]
-        filler = regions[i - (per_call - len(group)) : i]  # the tiles just before: their outputs are discarded
-        out = net(torch.cat([lq[..., r.y0 : r.y0 + r.h, r.x0 : r.x0 + r.w] for r in group + filler]))
-        th, tw = group[0].h, group[0].w
-        if out.dim() != 5 or out.shape[:2] != (b * per_call, t) or out.shape[-2:] != (scale * th, scale * tw):
-            raise RuntimeError(
-                f'network returned shape {tuple(out.shape)} for tiles of shape '
-                f'{(b * per_call, t, lq.shape[2], th, tw)}; expected (B, T, C, {scale}*H, {scale}*W)'
-            )
-        if acc is None:
-            dtype = torch.promote_types(lq.dtype, torch.float32)
-            acc = torch.zeros(b, t, out.shape[2], scale * h, scale * w, device=lq.device, dtype=dtype)
-        for j, r in enumerate(group):
-            (fy, fx), (iy, ix) = _hr_slices(r, scale)
-            part = out[j * b : (j + 1) * b, ..., iy, ix].to(device=acc.device, dtype=acc.dtype)
-            if frame_weight is not None:
-                part = part * frame_weight.to(device=acc.device, dtype=acc.dtype).view(1, t, 1, 1, 1)
-            acc[..., fy, fx] += part
-            del part
-        del out
-    return acc
+    frames = tile_frames(whole_call(net), lq, scale, tile, tile_overlap, acc, frame_weight, tile_batch)
+    return deque(frames, maxlen=1)[0][1]  # runs every tile call; acc comes with each frame
 
 
 def forward_chunked(

@@ -318,9 +318,14 @@ def test_gpu_busy_needs_a_steady_chunk():
     assert _BusyMeter.for_device(CPU) is None  # off CUDA: no number
 
 
-def crossfade_reference(net, lq, scale, chunk, overlap, tile, tile_overlap):
+def crossfade_reference(call, lq, scale, chunk, overlap, tile, tile_overlap):
     """Literal streaming reference with T known: each chunk tiled officially, then a linear cross-fade over
-    the frames that consecutive chunks share (configurations where at most two chunks cover a frame)."""
+    the frames that consecutive chunks share (configurations where at most two chunks cover a frame). ``call``: the
+    network in pieces of frames (``_network_call``), joined here into whole outputs."""
+
+    def net(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([piece for _, piece in call(x)], 1)
+
     t = lq.shape[1]
     starts = window_starts(t, chunk, overlap)
     length = min(chunk, t)
@@ -376,6 +381,31 @@ def test_tile_batch_gives_the_same_frames(tiny_gsm):
     assert np.abs(batched.astype(int) - one).max() <= 1  # float rounding of a batched matmul, then quantised
     with pytest.raises(InputError, match='tile-batch 0'):
         list(upscale_frames(frames, tiny_gsm['net'], tile_batch=0, **kw))
+
+
+def test_frames_taken_as_the_network_reconstructs_them(tiny_gsm, monkeypatch):
+    """The real (tiny) GSMNet reconstructing a frame at a time (forward_frames in one-frame pieces): each finished
+    frame comes out before the next piece is computed, and the frames equal those of whole-chunk outputs, over two
+    chunks (5 frames, chunk 3, overlap 1: chunks at 0 and 2; frame 2 waits for the second chunk)."""
+    frames = make_frames(5, 34, 44, seed=8)
+    net = tiny_gsm['net']
+    kw = dict(scale=4, chunk=3, overlap=1, tile=0, tile_overlap=0, device=CPU, name='x')
+    whole = torch.stack(list(_stream(frames, _network_call(net, 4, 'fp32', CPU), **kw)))
+    monkeypatch.setattr(net, 'stream_frame_pixels', 1)
+    pieces = _network_call(net, 4, 'fp32', CPU)
+    log: List[str] = []
+
+    def logged(x: torch.Tensor):
+        for frames_done, out in pieces(x):
+            log.append(f'piece {frames_done.stop - frames_done.start}')
+            yield frames_done, out
+
+    got = []
+    for frame in _stream(frames, logged, **kw):
+        log.append('frame')
+        got.append(frame)
+    assert log == ['piece 1', 'frame'] * 2 + ['piece 1'] + ['piece 1', 'frame'] * 3
+    torch.testing.assert_close(torch.stack(got), whole, rtol=0, atol=1e-5)
 
 
 def test_host_memory_does_not_grow_with_length():

@@ -8,6 +8,7 @@ from gsmsr.tiling import (
     accumulate_tiles,
     chunk_length,
     forward_chunked,
+    tile_frames,
     tile_regions,
     tile_weight_map,
     window_starts,
@@ -279,3 +280,38 @@ def test_rejects_wrong_output_shape():
     lq = torch.rand(1, 2, 3, 20, 20)
     with pytest.raises(RuntimeError, match='expected'):
         forward_chunked(lambda x: x, lq, 4, chunk=0, tile=0)
+
+
+def test_tile_frames_gives_each_frame_once_its_last_tile_piece_is_added():
+    """A network in pieces of frames (2, 2, 1 of 5): tile_frames adds what accumulate_tiles adds, and yields frame t
+    right after the last tile call's piece holding t, before the next piece is computed; nothing before that call.
+    Pieces out of order are refused."""
+    torch.manual_seed(4)
+    lq = torch.rand(1, 5, 3, 30, 40, dtype=torch.float64)
+    net = context_net(2)
+    fw = torch.linspace(0.5, 1.5, 5, dtype=torch.float64)
+    log = []
+
+    def pieces(x):
+        out = net(x)
+        for s in (slice(0, 2), slice(2, 4), slice(4, 5)):
+            log.append(('piece', s.start))
+            yield s, out[:, s]
+
+    tiles = len(tile_regions(30, 40, 16, 6))
+    got = None
+    for t, acc in tile_frames(pieces, lq, 2, 16, 6, frame_weight=fw, tile_batch=2):
+        log.append(('frame', t))
+        got = acc
+    torch.testing.assert_close(got, accumulate_tiles(net, lq, 2, 16, 6, frame_weight=fw), rtol=0, atol=1e-14)
+    last_call = [('piece', 0), ('frame', 0), ('frame', 1), ('piece', 2), ('frame', 2), ('frame', 3)]
+    last_call += [('piece', 4), ('frame', 4)]
+    assert log == [('piece', s) for _ in range(-(-tiles // 2) - 1) for s in (0, 2, 4)] + last_call
+
+    def shuffled(x):
+        out = net(x)
+        yield slice(2, 5), out[:, 2:]
+        yield slice(0, 2), out[:, :2]
+
+    with pytest.raises(RuntimeError, match='frames 2:5'):
+        list(tile_frames(shuffled, lq, 2, 16, 6))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 from contextlib import nullcontext
-from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from basicsr.archs.spynet_arch import SpyNet
@@ -328,6 +328,9 @@ class GSMNet(nn.Module):
     # step wrote (``GSMBlock.forward(out=)``), so that only the new frame is copied in; False stacks each window
     # (five frame copies, the explicit form). Same values either way (:meth:`window_buffer`).
     stream_buffers = True
+    # LR pixels per call of the streaming schedule's per-frame convs (shallow features, reconstruction: at least a
+    # frame); the reconstruction's steps are forward_frames' pieces
+    stream_frame_pixels = 65536
 
     def stream_layer(self, stage: Stage, x: Tensor, flows: WindowFlows, order: Sequence[int]) -> None:
         """``x <- x + sweep(SWSA(x))`` in place, holding a few frames beyond ``x`` itself (no autograd).
@@ -572,13 +575,37 @@ class GSMNet(nn.Module):
         return TF32x3Mode()
 
     def forward(self, lq: Tensor) -> Tensor:
+        streaming = self._streams()
+        pieces = self.forward_frames(lq)
+        if not streaming:
+            return next(pieces)[1]
+        out: Optional[Tensor] = None
+        for frames, piece in pieces:
+            if out is None:
+                out = lq.new_empty(lq.shape[:2] + piece.shape[2:])
+            out[:, frames] = piece
+        return out
+
+    def _streams(self) -> bool:
+        """Whether a forward now runs the streaming schedule (``streaming_eval``, without autograd)."""
+        return self.streaming_eval and not torch.is_grad_enabled()
+
+    def forward_frames(self, lq: Tensor) -> Iterator[Tuple[slice, Tensor]]:
+        """:meth:`forward` in pieces of consecutive frames, in order: yields ``(frames, out)``, out (B, n, out, sH, sW)
+        the output for ``lq[:, frames]``. On the streaming schedule the pieces are the reconstruction's steps (a frame
+        at a time from 256x256 up), each yielded once its kernels are queued, so that a caller can take finished
+        frames off the device while the later ones are still being reconstructed, and no whole-clip output is
+        allocated; otherwise one piece, the whole clip. The input is checked at the call; the work is done as the
+        pieces are taken."""
         self.check_input(lq)
         if self.compile_blocks and not self._compiled and lq.is_cuda:
             self._compile()
+        return self._pieces(lq, self._streams())
+
+    def _pieces(self, lq: Tensor, streaming: bool) -> Iterator[Tuple[slice, Tensor]]:
         b, t, c, h, w = lq.shape
-        streaming = self.streaming_eval and not torch.is_grad_enabled()
         fb, ff = self.get_flows(lq)
-        step = max(1, 65536 // (h * w))  # frames a call of the streaming path's per-frame convs (see below)
+        step = max(1, self.stream_frame_pixels // (h * w))  # frames a call of the per-frame convs (see below)
         x0 = self.shallow_features(lq, step if streaming else t)  # (B, C, T, H, W)
         natural = self.window_flows(fb, ff)
         flipped: Optional[WindowFlows] = None
@@ -604,11 +631,10 @@ class GSMNet(nn.Module):
         if not streaming:
             if reversed_time:
                 x = x.flip(2)
-            return self.reconstruct(x, x0, lq)
+            yield slice(0, t), self.reconstruct(x, x0, lq)
+            return
         # x0 was updated in place: recompute it per chunk (a cheap conv); reconstruct a few frames at a time,
         # since the x4 upsampler's 64-channel maps are ~20x larger than the features
-        out = lq.new_empty(b, t, self.out_chans, h * self.upscale, w * self.upscale)
         for s in range(0, t, step):
             sl = slice(s, min(s + step, t))
-            out[:, sl] = self.reconstruct(x[:, :, sl], self.conv_first(lq[:, sl].transpose(1, 2)), lq[:, sl])
-        return out
+            yield sl, self.reconstruct(x[:, :, sl], self.conv_first(lq[:, sl].transpose(1, 2)), lq[:, sl])

@@ -330,3 +330,21 @@ def test_window_flows_have_one_layout():
             for gather, scatter in flows[:t]:
                 layouts.add(tuple(None if f is None else (tuple(f.shape), f.stride()) for f in (*gather, *scatter)))
     assert len(layouts) == 1, layouts
+
+
+def test_forward_frames_are_the_forward_in_pieces():
+    """forward_frames: on the streaming schedule one piece per reconstruction step (``stream_frame_pixels``: two
+    frames here), in order, together the forward's output bit for bit; with autograd one piece, the whole clip. The
+    input is checked at the call, before any piece is taken."""
+    net = _perturbed(GSMNet(**{**TINY, 'upscale': 2, 'prop_depth': 1})).eval()
+    net.stream_frame_pixels = 2 * 33 * 33
+    lq = _clip(t=5, h=33, w=33).float()
+    with torch.no_grad():
+        want = net(lq)
+        pieces = list(net.forward_frames(lq))
+    assert [frames for frames, _ in pieces] == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert torch.equal(torch.cat([out for _, out in pieces], 1), want)
+    whole = list(net.forward_frames(lq))
+    assert len(whole) == 1 and whole[0][0] == slice(0, 5) and whole[0][1].requires_grad
+    with pytest.raises(ValueError, match='channels'):
+        net.forward_frames(lq[:, :, :2])
