@@ -7,21 +7,21 @@ Python API (used by the CLI):
 * :func:`upscale_frames` turns any iterable of RGB uint8 frames into a generator of upscaled frames.
 * :func:`upscale_video` streams a file or folder through it into a video file or a PNG folder.
 
-Streaming. Frames are decoded one at a time into a small buffer of LR frames. The video is cut into
-temporal chunks of at most ``chunk`` frames overlapping by ``overlap`` with the official chunk rule
-(:func:`gsmsr.tiling.window_starts`: the last chunk is moved back to end on the last frame, so every chunk
-has full length and context). When the frame count is known beforehand (a folder, or a video whose container
-declares it) the chunks are balanced: the fewest chunks of at most ``chunk`` frames, all of one length, even where
-possible (:func:`gsmsr.tiling.chunk_length`; 100 frames, chunk 32, overlap 4: 4 chunks of 28, 1.12x the frames
-in network work, instead of 4 of 32, 1.28x); otherwise chunks have ``chunk`` frames. Since the start of the next
-chunk depends on whether the video ends soon, the reader stays one stride ahead. Each chunk is run in spatial
-tiles with the official tile blending (:mod:`gsmsr.tiling`). Overlapping chunks are cross-faded with linear
-weights ``(k+1)/(n+1)`` over their ``n`` shared frames instead of the official flat average, so chunk borders do
-not flicker: every frame's weights sum to one and change smoothly. A frame is quantised and handed to the
-encoder as soon as no later chunk can touch it and the network has reconstructed it: GSMNet gives its output a
-frame at a time (``GSMNet.forward_frames``), so the encoding of a chunk's first frames overlaps the reconstruction of
-its last ones, and the last chunk's frames do not all wait for its end. Memory therefore holds at most ``2*chunk - overlap`` LR frames
-and one chunk of HR output (on the compute device), whatever the video length; ``chunk=0`` (one chunk) gives
+Streaming. Frames are decoded one at a time into a small buffer of LR frames. The video is cut into temporal chunks
+of at most ``chunk`` frames overlapping by ``overlap`` with the official chunk rule
+(:func:`gsmsr.tiling.window_starts`: the last chunk is moved back to end on the last frame, so every chunk has full
+length and context). When the frame count is known beforehand (a folder, or a video whose container declares it) the
+chunks are balanced: the fewest chunks of at most ``chunk`` frames, all of one length, even where possible
+(:func:`gsmsr.tiling.chunk_length`; 100 frames, chunk 32, overlap 4: 4 chunks of 28, 1.12x the frames in network
+work, instead of 4 of 32, 1.28x); otherwise chunks have ``chunk`` frames. Since the start of the next chunk depends
+on whether the video ends soon, the reader stays one stride ahead. Each chunk is run in spatial tiles with the
+official tile blending (:mod:`gsmsr.tiling`). Overlapping chunks are cross-faded with linear weights ``(k+1)/(n+1)``
+over their ``n`` shared frames instead of the official flat average, so chunk borders do not flicker: every frame's
+weights sum to one and change smoothly. A frame is quantised and handed to the encoder as soon as no later chunk can
+touch it and the network has reconstructed it: GSMNet gives its output a frame at a time
+(``GSMNet.forward_frames``), so the encoding of a chunk's first frames overlaps the reconstruction of its last ones,
+and the last chunk's frames do not all wait for its end. Memory therefore holds at most ``2*chunk - overlap`` LR
+frames and one chunk of HR output (on the compute device), whatever the video length; ``chunk=0`` (one chunk) gives
 that up. With one chunk and one tile covering the video the output is exactly the single forward pass.
 
 Defaults: chunk 32, overlap 4, LR tile overlap 32. The tile: on CUDA (:func:`upscale_video`, ``gsmsr infer``)
@@ -176,7 +176,9 @@ TIMELINE = (
     'caches_ready',  # compile caches set up and loaded (compiled CUDA runs; otherwise nothing to do)
     'stream_start',  # tiling planned, output opened, threads started: frames start to flow
     'first_chunk_queued',  # the first chunk's network calls made (compilation, loading precompiled blocks included)
-    'first_frame_written',  # the first output frame written (= first_frame_at)
+    # the first output frame written (= first_frame_at); frames leave as the network reconstructs them, so this may
+    # come before first_chunk_queued (the chunk's last reconstruction steps queued)
+    'first_frame_written',
 )
 
 
