@@ -39,7 +39,7 @@ def test_bench_infer_cpu_smoke(tmp_path):
     assert 'process_exit' in proc.stdout and stats['process_start_source'] == 'proc'
     times = [v for k, v in timeline.items() if k != 'first_frame_written']  # the one phase that may come earlier
     assert times == sorted(times) and timeline['first_frame_written'] == stats['first_frame_at']
-    assert timeline['stream_start'] < timeline['first_frame_written'] < timeline['process_exit']
+    assert timeline['stream_start'] < timeline['first_frame_written']
     # the kernel's start time is in 10 ms ticks, rounded down
     assert stats['launched_at'] - 0.02 <= timeline['process_start'] <= timeline['gsmsr_import_start']
 
