@@ -106,7 +106,9 @@ def _spy(monkeypatch, names: tuple) -> List[str]:
 
 
 def _faithful_net() -> GSMNet:
-    """The eager fp32 reference network (NET), weights perturbed so no branch is an exact identity."""
+    """The eager fp32 reference network (NET), weights perturbed so no branch is an exact identity. Dynamo's caches
+    are emptied first: a test's compiled copies then trace again, through that test's spies."""
+    torch._dynamo.reset()
     torch.manual_seed(0)
     ref = GSMNet(**NET).to(CUDA).eval()
     with torch.no_grad():
