@@ -490,6 +490,9 @@ def upscale_frames(
         yield _to_uint8(frame)
 
 
+# autograd off while the streamer runs, not in its caller between frames: a no_grad block around the yields would
+# leave it off in the caller, for good where a caller that stops early keeps the generator alive (a traceback)
+@torch.no_grad()
 def _stream(
     frames: Iterable[np.ndarray],
     call: FrameCall,
@@ -548,40 +551,39 @@ def _stream(
     weight_map = tile_weight_map(h, w, scale, tile, tile_overlap, device=device)
     acc, wsum = None, torch.zeros(length, dtype=torch.float64)
     start, prev_end = 0, None
-    with torch.no_grad():
-        while True:
-            fill(start + length + stride)  # one stride ahead: tells where the next chunk starts
-            total = base + len(buffer)
-            if eof and total == start + length:
-                next_start = None
-            else:  # the official rule: the next stride, but never past the last full chunk
-                next_start = min(start + stride, total - length) if eof else start + stride
-            fw = _crossfade(start, length, prev_end, next_start)
-            clip = np.stack([buffer[i] for i in range(start - base, start - base + length)])
-            lq = torch.from_numpy(clip).to(device).permute(0, 3, 1, 2).unsqueeze(0).contiguous().float().div_(255)
-            del clip
-            wsum += torch.tensor(fw, dtype=torch.float64)
-            done = length if next_start is None else next_start - start  # frames no later chunk touches
-            weight = torch.tensor(fw, dtype=torch.float32)
-            # each finished frame leaves as soon as its last piece is added: its copy to the host and encoding
-            # overlap the network's work on the later frames of the chunk
-            frames_done = tile_frames(call, lq, scale, tile, tile_overlap, acc, weight, tile_batch)
-            for i, acc in frames_done:
-                if i < done:
-                    yield acc[0, i] / weight_map / float(wsum[i])
-            del lq
-            if on_chunk is not None:
-                on_chunk()
-            if next_start is None:
-                return
-            for i in range(length - done):  # shift the unfinished frames to the front (forward copy is safe)
-                acc[:, i].copy_(acc[:, i + done])
-            acc[:, length - done :].zero_()
-            wsum = torch.cat([wsum[done:], torch.zeros(done, dtype=torch.float64)])
-            for _ in range(next_start - base):  # LR frames before the next chunk are no longer needed
-                buffer.popleft()
-            base = next_start
-            prev_end, start = start + length, next_start
+    while True:
+        fill(start + length + stride)  # one stride ahead: tells where the next chunk starts
+        total = base + len(buffer)
+        if eof and total == start + length:
+            next_start = None
+        else:  # the official rule: the next stride, but never past the last full chunk
+            next_start = min(start + stride, total - length) if eof else start + stride
+        fw = _crossfade(start, length, prev_end, next_start)
+        clip = np.stack([buffer[i] for i in range(start - base, start - base + length)])
+        lq = torch.from_numpy(clip).to(device).permute(0, 3, 1, 2).unsqueeze(0).contiguous().float().div_(255)
+        del clip
+        wsum += torch.tensor(fw, dtype=torch.float64)
+        done = length if next_start is None else next_start - start  # frames no later chunk touches
+        weight = torch.tensor(fw, dtype=torch.float32)
+        # each finished frame leaves as soon as its last piece is added: its copy to the host and encoding
+        # overlap the network's work on the later frames of the chunk
+        frames_done = tile_frames(call, lq, scale, tile, tile_overlap, acc, weight, tile_batch)
+        for i, acc in frames_done:
+            if i < done:
+                yield acc[0, i] / weight_map / float(wsum[i])
+        del lq
+        if on_chunk is not None:
+            on_chunk()
+        if next_start is None:
+            return
+        for i in range(length - done):  # shift the unfinished frames to the front (forward copy is safe)
+            acc[:, i].copy_(acc[:, i + done])
+        acc[:, length - done :].zero_()
+        wsum = torch.cat([wsum[done:], torch.zeros(done, dtype=torch.float64)])
+        for _ in range(next_start - base):  # LR frames before the next chunk are no longer needed
+            buffer.popleft()
+        base = next_start
+        prev_end, start = start + length, next_start
 
 
 def _check_settings(

@@ -408,6 +408,22 @@ def test_frames_taken_as_the_network_reconstructs_them(tiny_gsm, monkeypatch):
     torch.testing.assert_close(torch.stack(got), whole, rtol=0, atol=1e-5)
 
 
+def test_stream_keeps_autograd_off_only_while_it_runs():
+    """Between frames the caller's autograd state holds, also while a stream stopped early is still alive (a
+    traceback can keep it so after a writer error); the network still runs without autograd."""
+    net = InferTestNet(upscale=2).eval()
+    grad_seen: List[bool] = []
+    call = _network_call(net, 2, 'fp32', CPU)
+
+    def recorded(x: torch.Tensor):
+        grad_seen.append(torch.is_grad_enabled())
+        yield from call(x)
+
+    stream = _stream(make_frames(4, 8, 10), recorded, 2, 0, 0, 0, 0, CPU, 'x')
+    frame = next(stream)
+    assert torch.is_grad_enabled() and not frame.requires_grad and grad_seen == [False]
+
+
 def test_host_memory_does_not_grow_with_length():
     """Frames held by the streamer (read but not yet returned) and traced numpy memory: N vs 2N frames."""
     torch.manual_seed(4)
