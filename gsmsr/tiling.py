@@ -201,7 +201,10 @@ def tile_frames(
     b, t, _, h, w = lq.shape
     regions = tile_regions(h, w, tile, tile_overlap)
     per_call = max(1, min(tile_batch, len(regions)))
-    weight = None if frame_weight is None else frame_weight.view(1, t, 1, 1, 1)
+    device = lq.device if acc is None else acc.device
+    dtype = torch.promote_types(lq.dtype, torch.float32) if acc is None else acc.dtype
+    # moved to the device once: a copy from pageable host memory waits for the device's queue to drain
+    weight = None if frame_weight is None else frame_weight.to(device=device, dtype=dtype).view(1, t, 1, 1, 1)
     for i in range(0, len(regions), per_call):
         group = regions[i : i + per_call]
         filler = regions[i - (per_call - len(group)) : i]  # the tiles just before: their outputs are discarded
@@ -222,13 +225,12 @@ def tile_frames(
                     f'the frames in order from {done}'
                 )
             if acc is None:
-                dtype = torch.promote_types(lq.dtype, torch.float32)
-                acc = torch.zeros(b, t, out.shape[2], scale * h, scale * w, device=lq.device, dtype=dtype)
+                acc = torch.zeros(b, t, out.shape[2], scale * h, scale * w, device=device, dtype=dtype)
             for j, r in enumerate(group):
                 (fy, fx), (iy, ix) = _hr_slices(r, scale)
-                part = out[j * b : (j + 1) * b, ..., iy, ix].to(device=acc.device, dtype=acc.dtype)
+                part = out[j * b : (j + 1) * b, ..., iy, ix].to(device=device, dtype=dtype)
                 if weight is not None:
-                    part = part * weight[:, frames].to(device=acc.device, dtype=acc.dtype)
+                    part = part * weight[:, frames]
                 acc[:, frames, ..., fy, fx] += part
                 del part
             del out
