@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import print_table  # noqa: E402  (this folder is on sys.path)
+from bench_utils import cuda_time, print_table  # noqa: E402  (this folder is on sys.path)
 
 from gsmsr.ops.matmul3x import LINEAR_CONFIG, linear_triton, split_tf32, tf32_linear  # noqa: E402
 
@@ -43,20 +43,6 @@ SHAPES = [  # (name, N, K)
 ]
 CONFIGS = [LINEAR_CONFIG, (128, 64, 32, 8, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4), (256, 64, 32, 8, 3)]
 CHECK_ROWS = 4096
-
-
-def time_ms(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -74,10 +60,10 @@ def bench_shape(name: str, n: int, k: int, count: int, repeats: int, configs: Li
     rows = []
 
     def row(label: str, fn: Callable[[], torch.Tensor], note: str = '') -> float:
-        ms = time_ms(fn, repeats)
+        ms, y = cuda_time(fn, repeats, warmup=3)
         rows.append(
             dict(shape=f'{name} {n}x{k}', path=label, ms=f'{ms:.3f}', TFLOPs=f'{flop / ms / 1e9:.0f}',
-                 rel_err=f'{rel_error(fn(), ref):.1e}', note=note)
+                 rel_err=f'{rel_error(y, ref):.1e}', note=note)
         )  # fmt: skip
         return ms
 
@@ -86,7 +72,7 @@ def bench_shape(name: str, n: int, k: int, count: int, repeats: int, configs: Li
     w_hi, w_lo = split_tf32(w)
     x3, w3 = torch.cat((x_hi, x_hi, x_lo), -1), torch.cat((w_hi, w_lo, w_hi), -1)
     producer = torch.empty(count, 2 * k, device='cuda')
-    fill = time_ms(lambda: producer.fill_(1.0), repeats)
+    fill, _ = cuda_time(lambda: producer.fill_(1.0), repeats, warmup=3)
     gemm = row('cuBLAS 3xTF32 GEMM', lambda: tf32_linear(x3, w3, b))
     rows[-1]['note'] = f'+ producer {gemm + fill:.3f} ms'
     for config in configs:
