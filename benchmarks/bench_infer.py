@@ -3,7 +3,7 @@
     python benchmarks/bench_infer.py [--cases 360x640x100,1080x1920x40,1080x1920x20] [--cache fresh,warm]
                                      [--cache-dir DIR] [--precision bf16] [--config release|tiny]
                                      [--no-reference] [--run-timeout SECONDS] [--set MODULE.NAME=VALUE]
-                                     [--profile] [-- EXTRA ARGS]
+                                     [--profile] [--gpu-waits] [-- EXTRA ARGS]
 
 For each case (LR HxWxFRAMES) the frames are a synthetic moving texture written as PNGs, the network the released
 configuration with random weights (speed and memory do not depend on the weights), the output a PNG folder.
@@ -38,6 +38,9 @@ first call) or one of gsmsr's switches (``gsmsr.archs.swsa.COMPILE_ATTENTION=Fal
 main thread under cProfile (``<case>-<cache>.prof`` beside its log) and prints its costliest functions, by cumulative
 and by self time: where a phase of the timeline goes in Python (the first compiled graph's one-off seconds, say).
 Profiling slows Python-heavy phases, so a profiled run's times compare only with other profiled runs.
+``--gpu-waits`` samples each child's main thread and the GPU's queue every 5 ms (``gpu_waits.py``) and prints the
+seconds in which the GPU had nothing queued, in the first chunk and after it, by what the host's main thread was
+doing then, and the first chunk's timeline (``<case>-<cache>.waits.json`` beside the log).
 
 Start-up depends on the Python installation: where torch has no compiled bytecode and the environment forbids writing
 it (``PYTHONDONTWRITEBYTECODE``), every child compiles torch's sources again, seconds of imports and of loading the
@@ -67,21 +70,30 @@ from bench_utils import add_set_option, parse_settings, print_table  # noqa: E40
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(type='GSMNet', upscale=4, prop_depth=1, attn_depth=1, pa_frame=1, embed_dims=16, num_heads=4)
 REFERENCE_SIZE = (20, 180, 320)  # bench_gsm's default row
-# `python -c` body of a child with settings (--set) or a profile (--profile): argv[1] is this folder, argv[2]
-# {dotted name: value} as JSON, argv[3] where to write the main thread's cProfile stats ('' for none), the rest gsmsr's
+# `python -c` body of a child with settings (--set), a profile (--profile) or GPU-wait samples (--gpu-waits): argv[1]
+# is this folder, argv[2] {dotted name: value} as JSON, argv[3] where to write the main thread's cProfile stats and
+# argv[4] the samples of gpu_waits.Sampler ('' for none), the rest gsmsr's
 SET_PRELUDE = """import json, sys
 sys.path.insert(0, sys.argv[1])
 from bench_utils import apply_settings
 apply_settings(json.loads(sys.argv[2]))
 from gsmsr.cli import main
-if not sys.argv[3]:
-    sys.exit(main(sys.argv[4:]))
-import cProfile
-prof = cProfile.Profile()
+sampler = None
+if sys.argv[4]:
+    from gpu_waits import Sampler
+    sampler = Sampler(sys.argv[4])
+    sampler.start()
+prof = None
+if sys.argv[3]:
+    import cProfile
+    prof = cProfile.Profile()
 try:
-    code = prof.runcall(main, sys.argv[4:])
+    code = prof.runcall(main, sys.argv[5:]) if prof else main(sys.argv[5:])
 finally:
-    prof.dump_stats(sys.argv[3])
+    if prof:
+        prof.dump_stats(sys.argv[3])
+    if sampler:
+        sampler.stop()
 sys.exit(code)"""
 STOP_GRACE_S = 10.0  # after SIGTERM, a run over --run-timeout gets this long to clean up before SIGKILL
 
@@ -149,9 +161,11 @@ def run_infer(
     timeout: Optional[float] = None,
     settings: Optional[Dict[str, object]] = None,
     profile: Optional[Path] = None,
+    waits: Optional[Path] = None,
 ) -> Tuple[dict, float]:
     """One ``gsmsr infer`` process; returns (stats dict, wall seconds). ``settings``: module attributes set in the
-    child before its command runs (``--set``); ``profile``: where the child writes its main thread's cProfile stats.
+    child before its command runs (``--set``); ``profile``: where the child writes its main thread's cProfile stats;
+    ``waits``: where it writes its :class:`gpu_waits.Sampler` samples.
 
     Its stdout and stderr stream into ``log`` while it runs; its stats are saved beside it (``.json``) and gain
     ``launched_at`` (Unix time of the launch here) and ``first_frame_since_launch``. Raises :class:`RunFailed` when
@@ -161,8 +175,8 @@ def run_infer(
     stats_file.unlink(missing_ok=True)
     here = str(Path(__file__).resolve().parent)
     launcher = ['-m', 'gsmsr']
-    if settings or profile:
-        launcher = ['-c', SET_PRELUDE, here, json.dumps(settings or {}), str(profile or '')]
+    if settings or profile or waits:
+        launcher = ['-c', SET_PRELUDE, here, json.dumps(settings or {}), str(profile or ''), str(waits or '')]
     cmd = [sys.executable, *launcher, 'infer', str(src), '-o', str(out), '--force', '--no-progress']
     cmd += [*net_args, '--stats-json', str(stats_file), *extra]
     with open(log, 'w', encoding='utf-8') as f:
@@ -238,6 +252,33 @@ def compile_phase_rows(stats: dict, top: int = 14) -> List[Dict[str, str]]:
         }
         for name, t in phases
     ]
+
+
+def print_waits(name: str, stats: dict, path: Path) -> None:
+    """The GPU's waits for the host in a run (``--gpu-waits``): in the first chunk and after it, by the host's stack,
+    and the first chunk's timeline."""
+    import gpu_waits
+
+    samples = gpu_waits.load(str(path))
+    phases = stats.get('timeline') or {}
+    start = phases.get('stream_start')
+    if start is None or not samples:
+        return
+    queued = phases.get('first_chunk_queued', start)
+    end = start + stats['seconds']
+    for label, t0, t1 in (('in the first chunk', start, queued), ('after the first chunk', queued, end)):
+        idle, rows = gpu_waits.idle_by_stack(samples, t0, t1)
+        print(
+            f"\n# {name}: GPU idle {idle:.2f} s of {t1 - t0:.2f} s {label}, by the host main thread's stack",
+            end='',
+        )
+        if rows:
+            print_table(rows, ['idle_s', 'gsmsr_frame', 'innermost_frame'])
+    steps = gpu_waits.timeline(samples, start, queued)
+    if steps:
+        print(f'\n# {name}: the first chunk, per 0.5 s from the start of streaming', end='')
+        print_table(steps, ['from_s', 'gpu_idle', 'max_lag_ms', 'host_mostly_in'])
+    print()
 
 
 def save_rows(out_root: Optional[Path], rows: List[Dict[str, str]]) -> None:
@@ -317,6 +358,12 @@ def main() -> int:
         help="cProfile each run's main thread: <case>-<cache>.prof beside its log, and its costliest functions printed "
         '(profiled runs are slower: compare their timings only with each other)',
     )
+    p.add_argument(
+        '--gpu-waits',
+        action='store_true',
+        help="sample each run's main thread and the GPU's queue (gpu_waits.py): the seconds the GPU waited for the "
+        'host in its first chunk and after it, by what the host was doing, and a timeline of the first chunk',
+    )
     p.add_argument('--reference-only', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('extra', nargs='*', help='after --: more gsmsr infer arguments, e.g. -- --tile 256')
     args = p.parse_args()
@@ -356,8 +403,9 @@ def main() -> int:
                 dest, log = tmp / f'out-{name}', log_root / f'{name}.log'
                 try:
                     prof = log.with_suffix('.prof') if args.profile else None
+                    waits = log.with_suffix('.waits.json') if args.gpu_waits else None
                     stats, wall = run_infer(
-                        src, dest, net_args, extra, cache_home, log, args.run_timeout, settings, prof
+                        src, dest, net_args, extra, cache_home, log, args.run_timeout, settings, prof, waits
                     )
                 except RunFailed as err:
                     row = {'input': f'{h}x{w}', 'frames': str(n), 'cache': mode, 'frames/s': str(err)[:80]}
@@ -378,6 +426,8 @@ def main() -> int:
                     for key, top in (('cumulative', 30), ('self', 20)):
                         print(f'\n# {name}, main thread (cProfile, {prof.name}): by {key} time', end='')
                         print_table(profile_rows(prof, key, top), ['cumulative_s', 'self_s', 'calls', 'function'])
+                if waits is not None:
+                    print_waits(name, stats, waits)
                 sys.stdout.flush()
                 if mode == 'warmup':
                     continue
