@@ -1,12 +1,13 @@
 """Where the GPU waits for the host: sample the main thread's Python stack and the GPU's queue together.
 
 A sampler thread wakes every ``interval`` seconds. Each time it records the main thread's stack and, once CUDA is
-initialised, a timing event on the device's default stream (gsmsr runs the network there). An event completes when
-the GPU has finished everything queued before it, so ``lag`` = (its completion) - (its recording) is how far the GPU
-trails the host at that moment; a lag of about zero means the GPU had run out of queued work: it was idle, waiting
-for whatever the host was doing. The completions are on the GPU's clock, the recordings on the host's; the offset
-between them is taken from the sample with the least lag, which is assumed idle (the first samples, before the
-network runs, are).
+initialised, a timing event on the device's default stream (gsmsr runs the network there), with the host time just
+before the record (a record that took longer than MAX_RECORD_S keeps no event: its time is unknown). An event
+completes when the GPU has finished everything queued before it, so ``lag`` = (its completion) - (its recording) is
+how far the GPU trails the host at that moment; a lag of about zero means the GPU had run out of queued work: it
+was idle, waiting for whatever the host was doing. The completions are on the GPU's clock, the recordings on the
+host's; the offset between them is taken from the sample with the least lag, which is assumed idle (the first
+samples, before the network runs, are).
 
     sampler = Sampler(path); sampler.start()   # in the measured process, before its work
     ...; sampler.stop()                        # writes ``path`` (JSON): [unix time, gpu ms or null, stack] rows
@@ -25,16 +26,22 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-IDLE_LAG_MS = 0.5  # a sample whose event completed within this of its recording finds the GPU idle
+IDLE_LAG_MS = 2.0  # a sample whose event completed within this of its recording finds the GPU idle
+MAX_RECORD_S = 0.0005  # a record that took longer (blocked behind the main thread's launch) has no usable time
 PACKAGE = 'gsmsr/'  # the innermost frame in this package names what the host was doing in gsmsr's terms
+
+
+REPO = str(Path(__file__).resolve().parents[1]) + '/'
 
 
 def _where(frame) -> str:
     path = frame.f_code.co_filename
-    for marker in ('site-packages/', 'dist-packages/', '/gsmsr/', '/benchmarks/'):
-        if marker in path:
-            path = (marker.strip('/') + '/' if marker.startswith('/') else '') + path.split(marker, 1)[1]
-            break
+    if path.startswith(REPO):
+        path = path[len(REPO) :]
+    elif 'site-packages/' in path or 'dist-packages/' in path:
+        path = path.split('-packages/', 1)[1]
+    elif '/inductor/' in path:  # a module Inductor generated (its cache may live in a folder named gsmsr)
+        path = 'inductor-generated/' + path.rsplit('/', 1)[1]
     return f'{path}:{frame.f_lineno} {frame.f_code.co_name}'
 
 
@@ -66,11 +73,13 @@ class Sampler:
         import torch
 
         while not self._stop.wait(self.interval):
-            event = None
+            event, before = None, time.time()
             if torch.cuda.is_initialized():
                 event = torch.cuda.Event(enable_timing=True)
                 event.record(torch.cuda.default_stream())
-            self.samples.append((time.time(), event, stack_of(self.main)))
+                if time.time() - before > MAX_RECORD_S:  # blocked (a driver lock): the lag would be unknown
+                    event = None
+            self.samples.append((before, event, stack_of(self.main)))
 
     def stop(self) -> None:
         """Stop sampling, wait for the GPU, and write the samples (events as ms since the first one)."""
