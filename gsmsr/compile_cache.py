@@ -10,6 +10,9 @@
   atomically, and loads it into the caches at start. Those artifacts are portable between machines of the same
   combination, so the file can be copied along with the weights.
 
+* :class:`DoneMarker` remembers that a one-off step, such as compiling the kernels of one input shape ahead of the
+  first chunk, was done on this machine, so that later processes skip it.
+
 * :class:`PrecompiledFunction` (experimental, ``GSMSR_AOT=1`` in ``gsmsr infer``) goes further: it keeps a function
   compiled ahead of time (``torch.compile(fn, fullgraph=True).aot_compile``, torch >= 2.10) in a file keyed by the
   software, gsmsr's sources and the inputs, so that a later process loads it instead of tracing it: it skips Dynamo
@@ -38,7 +41,15 @@ import torch
 from gsmsr.faults import one_line
 from gsmsr.utils import atomic_write_bytes
 
-__all__ = ['cache_root', 'enable_persistent_caches', 'cache_key', 'MegaCache', 'PrecompiledFunction', 'aot_supported']
+__all__ = [
+    'cache_root',
+    'enable_persistent_caches',
+    'cache_key',
+    'MegaCache',
+    'DoneMarker',
+    'PrecompiledFunction',
+    'aot_supported',
+]
 
 # environment variable -> sub-folder of the cache root
 _CACHE_DIRS = {'TORCHINDUCTOR_CACHE_DIR': 'inductor', 'TRITON_CACHE_DIR': 'triton'}
@@ -186,6 +197,37 @@ class MegaCache:
             return False
         self._digest = digest
         return True
+
+
+class DoneMarker:
+    """An empty file under the cache root that says a process on this machine finished a one-off step (compiling
+    the kernels of one input shape, say) for ``key``, together with this software, gsmsr's sources and the compile
+    cache folders in use, so that later processes may skip the step. Only a hint: where the caches were emptied since,
+    the work skipped is done later anyway (a kernel compiles at its first launch), so a wrong marker costs time, never
+    a result. Writing is atomic; a folder that cannot be written only leaves the step to be done again."""
+
+    def __init__(self, name: str, key: Dict[str, object], device: torch.device, root: Optional[Path] = None) -> None:
+        full = {
+            'marker': name,
+            'key': key,
+            'software': cache_key(device),
+            'sources': source_digest(),
+            'caches': {var: os.environ.get(var) for var in _CACHE_DIRS},
+        }
+        root = Path(root) if root is not None else cache_root()
+        self.path = root / 'done' / f'{name}-{_key_file_stem(full)}'
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def set(self) -> None:
+        if self.exists():
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.path, b'')
+        except OSError:
+            pass
 
 
 # -- ahead-of-time compiled functions ------------------------------------------------------------------------------

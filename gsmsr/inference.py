@@ -89,7 +89,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gsmsr.compile_cache import AOT_ENV, MegaCache, enable_persistent_caches
+from gsmsr.compile_cache import AOT_ENV, DoneMarker, MegaCache, enable_persistent_caches
 from gsmsr.faults import FaultError, InputError, check_free_space, one_line, run_reporting_errors
 from gsmsr.io_threads import FrameWriter, ReadAhead
 from gsmsr.launch import launch_timeline
@@ -343,19 +343,34 @@ def _network_call(net: Callable[[Tensor], Tensor], scale: int, precision: str, d
     return call
 
 
+def _kernels_done(shape: Tuple[int, int, int, int, int], precision: str, device: torch.device) -> DoneMarker:
+    """The marker of a run whose first chunk launched every kernel of calls of ``shape`` at ``precision``: the
+    kernel caches hold them from then on."""
+    from gsmsr.archs.gsmnet_arch import traced_switches
+
+    key = {'shape': list(shape), 'precision': precision, 'switches': repr(traced_switches())}
+    return DoneMarker('kernels', key, device)
+
+
 def _compile_kernels_ahead(
-    net: nn.Module, shape: Tuple[int, int, int, int, int], precision: str, device: torch.device
-) -> None:
+    net: nn.Module,
+    shape: Tuple[int, int, int, int, int],
+    precision: str,
+    device: torch.device,
+    done: Optional[DoneMarker] = None,
+) -> bool:
     """Start compiling the network's kernels for calls of ``shape`` (B, T, C, h, w), as :func:`_network_call` makes
     them, where it can (:meth:`GSMNet.compile_kernels_ahead`): before the first chunk, so that on an empty kernel
-    cache they compile side by side instead of one at each first launch."""
+    cache they compile side by side instead of one at each first launch. Skipped where ``done`` says an earlier
+    run compiled them: the eager window step it takes costs ~1.2 s of the first chunk at 360x640 (H200) and
+    would only load what the first launches load anyway. Returns whether compilations were started."""
     ahead = getattr(net, 'compile_kernels_ahead', None)
-    if ahead is None or device.type != 'cuda':
-        return
+    if ahead is None or device.type != 'cuda' or (done is not None and done.exists()):
+        return False
     b, t, c, h, w = shape
     dtype = PRECISIONS[precision]
     with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
-        ahead((b, t, c, max(h, MIN_SIZE), max(w, MIN_SIZE)))
+        return bool(ahead((b, t, c, max(h, MIN_SIZE), max(w, MIN_SIZE))))
 
 
 class _BusyMeter:
@@ -869,7 +884,9 @@ def _upscale_video_once(
         started = time.perf_counter()
         timeline['stream_start'] = time.time()
         host_peak_at['stream_start'] = _host_peak()
-        _compile_kernels_ahead(net, (tile_batch, length, 3, *sides), precision, device)
+        call_shape = (tile_batch, length, 3, *sides)
+        kernels_done = _kernels_done(call_shape, precision, device) if device.type == 'cuda' else None
+        _compile_kernels_ahead(net, call_shape, precision, device, kernels_done)
         first_written: List[Tuple[float, float]] = []  # (seconds since started, Unix time)
 
         def write(rgb: np.ndarray, tag) -> None:  # in a writer thread
@@ -930,10 +947,13 @@ def _upscale_video_once(
                 writer.submit(_quantise(out), tags.popleft())
                 del out
                 count += 1
-                if count == 1 and mega is not None:  # the first chunk compiled everything there is
-                    mega.save()
-                    for fn in getattr(net, 'precompiled', ()):
-                        print(f'{PROG}: {fn.name}: {"; ".join(fn.events)}', file=sys.stderr)
+                if count == 1:  # the first chunk compiled everything there is
+                    if mega is not None:
+                        mega.save()
+                        for fn in getattr(net, 'precompiled', ()):
+                            print(f'{PROG}: {fn.name}: {"; ".join(fn.events)}', file=sys.stderr)
+                    if kernels_done is not None:
+                        kernels_done.set()
                 bar.update(1)
         writer.finish()
         writer = None

@@ -21,6 +21,7 @@ import gsmsr
 from gsmsr import compile_cache
 from gsmsr.compile_cache import (
     AOT_MAGIC,
+    DoneMarker,
     MegaCache,
     PrecompiledFunction,
     cache_key,
@@ -133,6 +134,27 @@ def test_save_is_atomic_and_bad_files_are_ignored(tmp_path, monkeypatch, capsys)
     assert not cache.save()  # warns, inference goes on
     assert 'compile cache not saved' in capsys.readouterr().err
     assert path.read_bytes() == b'bad old file' and sorted(p.name for p in tmp_path.iterdir()) == ['x.megacache']
+
+
+def test_done_marker_is_keyed_set_atomically_and_never_fails(clean_env, monkeypatch):
+    cpu = torch.device('cpu')
+    done = DoneMarker('kernels', {'shape': [1, 52, 3, 360, 640]}, cpu)
+    assert done.path.parent == cache_root() / 'done' and not done.exists()
+    done.set()
+    assert done.exists() and done.path.read_bytes() == b''
+    assert DoneMarker('kernels', {'shape': [1, 52, 3, 360, 640]}, cpu).exists()  # a later process sees it
+    # another shape, other cache folders or other sources: not done
+    assert not DoneMarker('kernels', {'shape': [1, 52, 3, 360, 641]}, cpu).exists()
+    monkeypatch.setenv('TRITON_CACHE_DIR', str(clean_env / 'elsewhere'))
+    assert not DoneMarker('kernels', {'shape': [1, 52, 3, 360, 640]}, cpu).exists()
+    monkeypatch.delenv('TRITON_CACHE_DIR')
+    monkeypatch.setattr(compile_cache, '_SOURCE_DIGEST', 'edited')
+    assert not DoneMarker('kernels', {'shape': [1, 52, 3, 360, 640]}, cpu).exists()
+    # an unwritable cache root only leaves the step to be done again
+    blocked = DoneMarker('kernels', {}, cpu, root=done.path)  # a file where its folder would be
+    blocked.set()
+    assert not blocked.exists()
+    assert sorted(p.name for p in done.path.parent.iterdir()) == [done.path.name]  # no temporaries left
 
 
 def test_torch_default_inductor_folder_is_replaced(clean_env, monkeypatch):

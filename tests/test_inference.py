@@ -871,3 +871,25 @@ def test_compile_phases_keep_the_runs_calls_of_costly_phases(monkeypatch):
         ('inductor_compile', '2', '1.75', '1.25 0.50'),
         ('new_phase', '1', '0.60', '0.60'),
     ]
+
+
+def test_kernels_are_compiled_ahead_until_a_run_has_done_it(tmp_path, monkeypatch):
+    """On CUDA the first chunk's kernels are compiled ahead (in threads) unless the marker of an earlier run with the
+    same call shape, precision, switches and caches is there; the marker is per call shape."""
+    from gsmsr import compile_cache, inference
+
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+    monkeypatch.setattr(compile_cache, 'cache_key', lambda device: {'gpu': 'a GPU'})  # no CUDA here to ask
+    asked: List[tuple] = []
+    net = SimpleNamespace(compile_kernels_ahead=lambda shape: asked.append(tuple(shape)) or True)
+    cuda = torch.device('cuda')  # only its type is read
+    shape = (1, 52, 3, 360, 640)
+    done = inference._kernels_done(shape, 'fp32', cuda)
+    assert inference._compile_kernels_ahead(net, shape, 'fp32', cuda, done)
+    done.set()
+    again = inference._kernels_done(shape, 'fp32', cuda)  # a later run's
+    assert again.path == done.path and not inference._compile_kernels_ahead(net, shape, 'fp32', cuda, again)
+    other = (1, 52, 3, 360, 648)
+    assert inference._compile_kernels_ahead(net, other, 'fp32', cuda, inference._kernels_done(other, 'fp32', cuda))
+    assert not inference._compile_kernels_ahead(net, shape, 'fp32', CPU, None)  # CUDA only
+    assert asked == [shape, other]
