@@ -78,6 +78,7 @@ import math
 import os
 import resource
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -1143,11 +1144,35 @@ def _check_output_space(output: str, info, chunk: Optional[int], scale: int) -> 
     check_free_space(os.path.dirname(os.path.abspath(output)), needed, output)
 
 
+def _hash_triton_in_background() -> Optional[threading.Thread]:
+    """Start computing, in a daemon thread, the digest of Triton's own files: part of the key of every Triton cache
+    entry, computed once a process at the first kernel looked up (~0.5 s of the H200 machine's host, inside the first
+    chunk's start-up while the GPU waits: ``bench_infer.py --gpu-waits``). Hashing releases the GIL, so started
+    before the network is built it overlaps the weights' load, the device's start and the first frames' decoding.
+    Nothing is imported here that the main thread may be importing at the same time (a partly imported module could
+    reach it); a failure only leaves the digest to its first use."""
+    try:
+        from triton.runtime.cache import triton_key
+    except ImportError:  # no Triton, or another layout of it
+        return None
+    def digest() -> None:
+        try:
+            triton_key()
+        except Exception:  # computed again, and reported, where Triton needs it
+            pass
+
+    thread = threading.Thread(target=digest, name='gsmsr-triton-key', daemon=True)
+    thread.start()
+    return thread
+
+
 def _run(args: argparse.Namespace) -> int:
     timeline, process_start_source = launch_timeline()
     timeline['imports_done'] = IMPORTS_DONE
     device = resolve_device(args.device)
     timeline['device_chosen'] = time.time()
+    if device.type == 'cuda':
+        _hash_triton_in_background()
     if args.precision == 'auto':  # the fast default on GPUs: bf16 (PSNR ~75 dB against fp32, benchmarks/NOTES.md)
         args.precision = 'bf16' if device.type == 'cuda' else 'fp32'
     _check_settings(args.chunk, args.overlap, args.tile, args.tile_overlap, args.precision)

@@ -893,3 +893,18 @@ def test_kernels_are_compiled_ahead_until_a_run_has_done_it(tmp_path, monkeypatc
     assert inference._compile_kernels_ahead(net, other, 'fp32', cuda, inference._kernels_done(other, 'fp32', cuda))
     assert not inference._compile_kernels_ahead(net, shape, 'fp32', CPU, None)  # CUDA only
     assert asked == [shape, other]
+
+
+def test_triton_digest_is_computed_in_the_background():
+    """The first Triton kernel of a CUDA run needs the digest of Triton's files; `gsmsr infer` starts it early in a
+    thread, and Triton's own cached function then returns it."""
+    triton_cache = pytest.importorskip('triton.runtime.cache')
+    from gsmsr import inference
+
+    triton_cache.triton_key.cache_clear()
+    thread = inference._hash_triton_in_background()
+    thread.join(120)
+    assert not thread.is_alive() and triton_cache.triton_key.cache_info().currsize == 1
+    assert triton_cache.triton_key.cache_info().misses == 1
+    triton_cache.triton_key()
+    assert triton_cache.triton_key.cache_info().hits == 1
