@@ -13,12 +13,13 @@
 * :class:`DoneMarker` remembers that a one-off step, such as compiling the kernels of one input shape ahead of the
   first chunk, was done on this machine, so that later processes skip it.
 
-* :class:`PrecompiledFunction` (experimental, ``GSMSR_AOT=1`` in ``gsmsr infer``) goes further: it keeps a function
-  compiled ahead of time (``torch.compile(fn, fullgraph=True).aot_compile``, torch >= 2.10) in a file keyed by the
-  software, gsmsr's sources and the inputs, so that a later process loads it instead of tracing it: it skips Dynamo
-  and AOTAutograd as well. On CUDA the file should carry the Triton kernels' binaries (Inductor bundles them into
-  the cache entry it serialises; not yet seen on a GPU); on CPU it carries only the C++ kernels' source, so a load
-  there compiles them again unless Inductor's cache still holds them.
+* :class:`PrecompiledFunction` (``gsmsr infer``'s compiled blocks, unless ``GSMSR_AOT=0``) goes further: it keeps a
+  function compiled ahead of time (``torch.compile(fn, fullgraph=True).aot_compile``, torch >= 2.10) in a file keyed
+  by the software, gsmsr's sources and the inputs, so that a later process loads it instead of tracing it: it skips
+  Dynamo and AOTAutograd as well. On CUDA the Triton kernels' binaries come from Triton's cache (an H200 process loads
+  the release network's blocks in ~2.5 s; one kernel was seen compiling again there, ~0.5 s); on CPU the file
+  carries only the C++ kernels' source, so a load there compiles them again unless Inductor's cache still holds
+  them.
 
 Used by ``gsmsr infer``; the functions are independent of it (tests and training can call them too).
 """
@@ -233,7 +234,7 @@ class DoneMarker:
 # -- ahead-of-time compiled functions ------------------------------------------------------------------------------
 
 AOT_MAGIC = b'gsmsr-aot 1\n'
-AOT_ENV = 'GSMSR_AOT'  # '1': gsmsr infer keeps GSMNet's compiled blocks as precompiled functions (experimental)
+AOT_ENV = 'GSMSR_AOT'  # '0': gsmsr infer does not keep GSMNet's compiled blocks as precompiled functions
 AOT_BACKEND = 'inductor'  # torch.compile backend of precompiled functions (tests use 'aot_eager', which is faster)
 # Inductor's options for GSMNet's compiled blocks. Pointwise autotuning off: it cost nothing warm (bench_gsm, 20 x 180
 # x 320, bf16: 41.0 against 41.1 ms/frame, H200, 2026-12-03) and took 4.9 s of an empty cache's first calls at 360 x

@@ -37,8 +37,8 @@ are moved inward, overlapping more), every network call of a video gets the same
 last group is filled up with repeats whose outputs are dropped), and every chunk has the same length. Planned
 tile sides are the whole frame side or multiples of 64 (:func:`gsmsr.tiling.plan_tiles`), so videos of
 different sizes share tile shapes. The compile caches persist across processes (:mod:`gsmsr.compile_cache`);
-with ``GSMSR_AOT=1`` (experimental) the compiled blocks are also kept as precompiled functions, which a later process
-loads without tracing them (``GSMNet.precompile_dir``).
+the compiled blocks are also kept as precompiled functions, which a later process loads without tracing them
+(``GSMNet.precompile_dir``; ``GSMSR_AOT=0`` turns that off).
 GSMNet's compiled blocks see K-frame windows and SWSA slabs of 16 frames whatever the chunk length, as long as it
 is even and longer than ``GSMNet.stream_whole`` (20): balanced chunks are rounded up to even, and with a maximum
 of 32 a video longer than one chunk gets chunks of 20 to 32 frames. Exceptions: a clip shorter than a chunk with an odd
@@ -214,9 +214,9 @@ class InferenceStats:
     # None on CPU or with a single chunk.
     gpu_busy_steady: Optional[float] = None
     steady_chunks: Optional[int] = None  # the chunks it was measured over (None: not measured)
-    # Seconds the network's precompiled functions (GSMSR_AOT=1) spent loading files, compiling, and in the first call
-    # of each (host time), all of them together, during the run: the part of the first chunk that is start-up rather
-    # than frames. None without them.
+    # Seconds the network's precompiled functions (unless GSMSR_AOT=0) spent loading files, compiling, and in the first
+    # call of each (host time), all of them together, during the run: the part of the first chunk that is start-up
+    # rather than frames. None without them.
     precompiled_s: Optional[Dict[str, float]] = None
     # Unix times of the start-up phases, in order (TIMELINE; the CLI's runs have all of them, upscale_video alone
     # the ones from caches_ready on), and where process_start comes from (gsmsr.launch.process_start).
@@ -847,7 +847,7 @@ def _upscale_video_once(
             root = enable_persistent_caches()
             mega = MegaCache.for_device(device)
             mega.load()
-            if os.environ.get(AOT_ENV) == '1' and hasattr(net, 'precompile_dir'):  # experimental, off by default
+            if os.environ.get(AOT_ENV, '1') != '0' and hasattr(net, 'precompile_dir'):
                 net.precompile_dir = str(root / 'aot')
         timeline['caches_ready'] = time.time()
         host_peak_at = {'caches_ready': _host_peak()}
@@ -1155,6 +1155,7 @@ def _hash_triton_in_background() -> Optional[threading.Thread]:
         from triton.runtime.cache import triton_key
     except ImportError:  # no Triton, or another layout of it
         return None
+
     def digest() -> None:
         try:
             triton_key()

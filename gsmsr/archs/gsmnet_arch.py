@@ -152,7 +152,7 @@ class GSMNet(nn.Module):
     Attribute, not an argument: ``precompile_dir`` (default None), with ``compile_blocks``, keeps the window step and
     the SWSA block as ahead-of-time compiled functions in that folder (:class:`gsmsr.compile_cache.PrecompiledFunction`,
     one per block kind, shared by all layers), so that a later process loads them instead of tracing them again.
-    Experimental: ``gsmsr infer`` sets it only under ``GSMSR_AOT=1``.
+    ``gsmsr infer`` sets it (a folder of its compile cache) unless ``GSMSR_AOT=0``.
 
     Shapes: forward(lq (B, T, in_chans, H, W)) -> (B, T, out_chans, s*H, s*W), not clamped.
     Requires T >= 2 and H, W >= 33.

@@ -153,4 +153,6 @@ def test_precompiled_blocks_match_compiled_and_load_in_a_fresh_process(tmp_path)
     assert {'gsmsr.archs.gsm_block.GSMBlock.forward', 'gsmsr.archs.swsa.ffn_branch'} <= names, proc.stdout
     assert any('swsa.SWSABlock' in n or 'WindowAttention' in n for n in names), proc.stdout
     assert all(e.startswith('loaded') for _, events in used for e in events.split('|')), proc.stdout
-    torch.testing.assert_close(torch.load(tmp_path / 'out.pt'), got, rtol=1e-3, atol=1e-3)
+    # the same compiled code, up to one bf16 rounding step: the eager convolutions around the blocks may pick other
+    # cuDNN algorithms in another process (H200: 0.4 % of the values one step of 2^-9 apart)
+    torch.testing.assert_close(torch.load(tmp_path / 'out.pt'), got, rtol=0, atol=2**-8)
