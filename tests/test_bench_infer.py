@@ -73,21 +73,27 @@ def test_a_failing_run_says_why_from_its_streamed_log(tmp_path, monkeypatch):
 def test_settings_and_the_profile_reach_the_child(tmp_path):
     """--set MODULE.NAME=VALUE: set in each gsmsr infer child before its command runs, Inductor's settings and gsmsr's
     switches alike (a name the module lacks fails that child). --profile: the child's main thread under cProfile,
-    its stats beside the log and its costliest functions printed."""
+    its stats beside the log and its costliest functions printed. --gpu-waits: the child's samples beside the log
+    (stacks; no GPU events on the CPU) and the report."""
     import pstats
 
     env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(REPO_ROOT))
     cmd = [sys.executable, str(SCRIPT), '--cases', '36x40x2', '--config', 'tiny', '--cache', 'fresh', '--no-reference']
     settings = ['torch._inductor.config.triton.autotune_pointwise=False', 'gsmsr.archs.swsa.COMPILE_ATTENTION=False']
     proc = subprocess.run(
-        cmd + [f'--set={s}' for s in settings] + ['--profile'], env=env, capture_output=True, text=True
+        cmd + [f'--set={s}' for s in settings] + ['--profile', '--gpu-waits'], env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
     assert ', '.join(settings) in proc.stdout
     folder = tmp_path / 'bench_infer'
     log = (folder / '36x40x2-fresh.log').read_text()
     first = '{"torch._inductor.config.triton.autotune_pointwise": false, "gsmsr.archs.swsa.COMPILE_ATTENTION": false}'
-    assert f'{first} {folder / "36x40x2-fresh.prof"} infer' in log.splitlines()[0] and '2 frames 36x40' in log
+    # the prelude's arguments: settings, profile file, GPU-wait samples file ('' for none), then gsmsr's
+    files = f'{folder / "36x40x2-fresh.prof"} {folder / "36x40x2-fresh.waits.json"}'
+    assert f'{first} {files} infer' in log.splitlines()[0] and '2 frames 36x40' in log
+    samples = json.loads((folder / '36x40x2-fresh.waits.json').read_text())
+    assert samples and all(gpu is None and stack for _, gpu, stack in samples)
+    assert '36x40x2-fresh: GPU idle 0.00 s' in proc.stdout
     # the profile holds the run: upscale_video below the CLI's main, which took (nearly) all of the main thread's time
     stats = pstats.Stats(str(folder / '36x40x2-fresh.prof')).stats
     entries = {(Path(file).name, name): v for (file, _, name), v in stats.items()}
@@ -98,7 +104,7 @@ def test_settings_and_the_profile_reach_the_child(tmp_path):
     assert 'gsmsr/inference.py:' in proc.stdout and 'upscale_video' in proc.stdout
     proc = subprocess.run(cmd + [f'--set={s}' for s in settings], env=env, capture_output=True, text=True)
     assert proc.returncode == 0 and 'cProfile' not in proc.stdout  # no profile unless asked
-    assert f'{first}  infer' in (folder / '36x40x2-fresh.log').read_text().splitlines()[0]
+    assert f'{first}   infer' in (folder / '36x40x2-fresh.log').read_text().splitlines()[0]
     for wrong in ('torch._inductor.config.triton.no_such_setting=1', 'gsmsr.archs.swsa.NO_SUCH_SWITCH=1'):
         proc = subprocess.run(cmd + ['--set', wrong], env=env, capture_output=True, text=True)
         rows = json.loads((tmp_path / 'bench_infer' / 'rows.json').read_text())
