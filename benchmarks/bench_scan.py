@@ -3,7 +3,8 @@
     python benchmarks/bench_scan.py [--lengths 288000,20480] [--dtypes fp32,bf16] [--repeats 10]
         [--seq-sweep] [--modes fwd,fwd+bwd,bwd] [--bwd-sweep] [--batch 1]
 
-``seq-triton`` rows are gsmsr.ops.seq_scan_triton called directly (forward only, so no fwd+bwd rows); ``gsmsr
+``seq-triton`` rows are gsmsr.ops.seq_scan_triton called directly (forward only, so no fwd+bwd rows), ``pointwise
+outside`` with dt's softplus and the gate as eager ops around the kernel (as BiMamba's flip-free path calls it); ``gsmsr
 triton op`` rows are ``selective_scan(backend='triton')``: forward through gsmsr::scan_infer, fwd+bwd through
 gsmsr::tscan_fwd / tscan_bwd (gsmsr.ops.seq_scan_triton_bwd, training segments); ``--seq-sweep`` adds its
 configurations in SEQ_SWEEP, labelled ``d<block_d> w<num_warps> t<token_tile> seg<segments>|wpsm<warps per SM>``,
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import cuda_time, print_table  # noqa: E402  (this folder is on sys.path)
@@ -132,6 +134,15 @@ def make_inputs(
         z=r(batch, dim, length).to(dtype),
         delta_bias=dt + torch.log(-torch.expm1(-dt)),
     )
+
+
+def pointwise_outside(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """The Triton forward as BiMamba's flip-free path calls it (``bimamba.POINTWISE_OUTSIDE``): dt's softplus before
+    the kernel, in float32, and the gate after it, here as eager ops (in the network Inductor fuses both into the
+    ops beside the scan, so the row's time over the kernel's is a bound)."""
+    dt = F.softplus(delta.float() + delta_bias[:, None]) if delta_softplus else delta.float() + delta_bias[:, None]
+    y = selective_scan_fwd_triton(u, dt, A, B, C, D)
+    return (y.float() * F.silu(z.float())).to(u.dtype)
 
 
 def run_once(
@@ -244,6 +255,8 @@ def main() -> int:
     for name, kw in seq_configs:
         scans[name] = lambda *a, kw=kw, **k: selective_scan_fwd_triton(*a, **k, **kw)
         forward_only.add(name)
+    scans['seq-triton pointwise outside'] = pointwise_outside
+    forward_only.add('seq-triton pointwise outside')
 
     rows: List[Dict[str, str]] = []
     for length in (int(v) for v in args.lengths.split(',')):

@@ -56,3 +56,24 @@ def test_first_seq_sweep_row_is_the_default():
     defaults = inspect.signature(selective_scan_fwd_triton).parameters
     for key, value in bench.SEQ_SWEEP[0].kwargs().items():
         assert defaults[key].default == value, key
+
+
+def test_pointwise_outside_row_is_the_gated_scan():
+    """The row's softplus before and gate after the kernel give the scan with both inside (the PyTorch reference)."""
+    from gsmsr.ops.selective_scan_ref import selective_scan_ref
+
+    bench = _load()
+    g = torch.Generator().manual_seed(1)
+    dim, state, length = 8, 4, 20
+    inp = dict(
+        u=torch.randn(1, dim, length, generator=g),
+        delta=0.5 * torch.randn(1, dim, length, generator=g),
+        A=-torch.arange(1, state + 1, dtype=torch.float32).repeat(dim, 1),
+        B=torch.randn(1, state, length, generator=g),
+        C=torch.randn(1, state, length, generator=g),
+        D=torch.ones(dim),
+        z=torch.randn(1, dim, length, generator=g),
+        delta_bias=torch.randn(dim, generator=g),
+    )
+    y = bench.pointwise_outside(**inp, delta_softplus=True)
+    torch.testing.assert_close(y, selective_scan_ref(**inp, delta_softplus=True), rtol=1e-5, atol=1e-5)

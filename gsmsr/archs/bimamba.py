@@ -28,6 +28,12 @@ EXPAND = 2
 # The flip-free backward branch without autograd (see the module docstring): -1.3 ms/frame on an H200 at 20x180x320
 # (benchmarks/NOTES.md); False keeps the flipped form everywhere, and bench_gsm's ``--variants flipfree=0`` times it.
 FLIP_FREE = True
+# On the flip-free path, dt = softplus(delta + dt bias) and the output gate y * silu(z) are computed by the graph
+# around the scans (Inductor fuses them into the ops beside them), not inside the scan kernel. Why: the Triton scan
+# spends 4 of its 19 special-function ops a token and state-loop on them, in both of its passes for the softplus;
+# without them a call at L = 288k bf16 ran 1.64 against 1.98 ms on an H200 (benchmarks/NOTES.md). The gate is
+# applied once to the two branches' sum, and dt enters the scan in float32, as the kernel computed it.
+POINTWISE_OUTSIDE = True
 
 
 @cache
@@ -131,7 +137,8 @@ class BiMamba(nn.Module):
         reverse: bool = False,
     ) -> Tensor:
         """x, gate: (B, Di, L) -> (B, Di, L). reverse: conv and scan run time backwards (anti-causal conv, reverse
-        scan), i.e. the branch on the flipped x and gate, flipped back."""
+        scan), i.e. the branch on the flipped x and gate, flipped back. gate None: the ungated output, with dt's
+        softplus computed here (POINTWISE_OUTSIDE)."""
         # projections in the channels-first layout: every scan operand has unit stride along L (B and C are views of
         # x_proj's output; eagerly no copies, under torch.compile Inductor copies delta, B and C into this layout)
         u = causal_conv_silu(x, conv.weight, conv.bias, reverse)
@@ -139,6 +146,9 @@ class BiMamba(nn.Module):
         delta, b, c = dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
         delta = torch.matmul(dt_proj.weight, delta)  # (B, Di, L); dt bias goes into the scan
         A = -torch.exp(_at_least_fp32(a_log))
+        bias = _at_least_fp32(dt_proj.bias)
+        if gate is None:
+            delta, bias = F.softplus(delta.float() + bias[:, None]), None
         return selective_scan(
             u,
             delta,
@@ -147,8 +157,8 @@ class BiMamba(nn.Module):
             c,
             _at_least_fp32(d),
             gate,
-            _at_least_fp32(dt_proj.bias),
-            delta_softplus=True,
+            bias,
+            delta_softplus=bias is not None,
             backend=self.scan_backend,
             reverse=reverse,
         )
@@ -169,9 +179,13 @@ class BiMamba(nn.Module):
         else:
             xz = torch.matmul(self.in_proj.weight, z.transpose(1, 2))  # (B, 2Di, L), contiguous along L
         x, gate = xz.chunk(2, dim=1)
-        y = self._branch(x, gate, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
+        outside = flip_free and POINTWISE_OUTSIDE
+        y = self._branch(x, None if outside else gate, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
         backward = (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)
-        if flip_free:
+        if outside:
+            y_b = self._branch(x, None, *backward, reverse=True)
+            y = ((y.float() + y_b.float()) * F.silu(gate.float())).to(y.dtype)
+        elif flip_free:
             y = y + self._branch(x, gate, *backward, reverse=True)
         elif directions == 2:
             y = y + self._branch(x.flip(-1), gate.flip(-1), *backward).flip(-1)

@@ -115,7 +115,8 @@ def test_bimamba_without_autograd_runs_the_backward_branch_flip_free(monkeypatch
 def test_compiled_bimamba_traces_the_flip_free_branch(monkeypatch):
     """Traced as the compiled window step traces it (aot_eager backend: the graph without Inductor's code
     generation): no flips, both scans as gsmsr::scan_infer (the second reverse) on the in-projection's bmm output,
-    the shifted-sum convs; the output is the eager flipped form's."""
+    the shifted-sum convs; dt's softplus and the gate in the graph, not in the scans (POINTWISE_OUTSIDE); the
+    output is the eager flipped form's."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
@@ -132,5 +133,7 @@ def test_compiled_bimamba_traces_the_flip_free_branch(monkeypatch):
     assert any(n.target is torch.bmm for n in nodes)
     scans = [n for n in nodes if n.target is torch.ops.gsmsr.scan_infer.default]
     assert [n.args[-1] for n in scans] == [False, True]  # reverse
-    assert scans[0].args[6] is scans[1].args[6]  # one gate
+    assert all(n.args[6] is None and n.args[7] is None and n.args[8] is False for n in scans)  # z, bias, softplus
+    assert sum('softplus' in str(n.target) for n in nodes) == 2  # one a branch
+    assert sum('silu' in str(n.target) for n in nodes) == 3  # the two convs' and the gate's
     torch.testing.assert_close(y, flipped, rtol=1e-5, atol=1e-6)
