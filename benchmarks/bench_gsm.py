@@ -12,8 +12,8 @@ network with cuBLAS's fp32 GEMMs (``fp32_matmul='ieee'``) and with its larger GE
 mamba-ssm's scan instead of gsmsr's Triton scan, and with --variants one compiled row per variant (bf16 unless
 ``fp32=1``, which runs it in fp32 with the default ``fp32_matmul``): ``slab=N`` sets ``GSMNet.stream_slab``,
 ``dwconv_<field>=N`` sets that ``DWConvConfig`` field of the MLP stencil (``dwconv3d.OP_CONFIG``), ``flipfree=1``
-runs BiMamba's backward branch without flips (``bimamba.FLIP_FREE``; 0 for the flipped form), ``pwout=0`` dt's
-softplus and the gate inside the scan kernel (``bimamba.POINTWISE_OUTSIDE``), ``iwarp=0`` the
+runs BiMamba's backward branch without flips (``bimamba.FLIP_FREE``; 0 for the flipped form), ``pwout=1`` dt's
+softplus and the gate outside the scan kernel (``bimamba.POINTWISE_OUTSIDE``), ``iwarp=0`` the
 implicit warp's PyTorch ops instead of its fused kernels (``implicit_warp.FUSED_ATTENTION``), ``fscatter=0`` the GSM
 block's scatter warps through cuDNN's sampler instead of one kernel (``gsm_block.FUSED_SCATTER``), ``sdpa=0`` SWSA's
 explicit softmax instead of SDPA (``swsa.SDPA_ATTENTION``), ``split=1`` fp32 GEMMs split in registers

@@ -28,12 +28,13 @@ EXPAND = 2
 # The flip-free backward branch without autograd (see the module docstring): -1.3 ms/frame on an H200 at 20x180x320
 # (benchmarks/NOTES.md); False keeps the flipped form everywhere, and bench_gsm's ``--variants flipfree=0`` times it.
 FLIP_FREE = True
-# On the flip-free path, dt = softplus(delta + dt bias) and the output gate y * silu(z) are computed by the graph
-# around the scans (Inductor fuses them into the ops beside them), not inside the scan kernel. Why: the Triton scan
-# spends 4 of its 19 special-function ops a token and state-loop on them, in both of its passes for the softplus;
-# without them a call at L = 288k bf16 ran 1.64 against 1.98 ms on an H200 (benchmarks/NOTES.md). The gate is
-# applied once to the two branches' sum, and dt enters the scan in float32, as the kernel computed it.
-POINTWISE_OUTSIDE = True
+# On the flip-free path, dt = softplus(delta + dt bias) and the output gate y * silu(z) computed by the graph around
+# the scans instead of inside the scan kernel: the gate once on the two branches' sum, dt in float32 (as the kernel
+# computed it). The Triton scan spends 4 of its 19 special-function ops a token on them (the softplus in both of its
+# passes): without them one call at L = 288k bf16 ran 1.64 against 1.98 ms on an H200 (benchmarks/NOTES.md). Off
+# until timed in the network: the float32 dt is a transient twice delta's size (bf16), which the memory plan of
+# `gsmsr infer` has not measured; ``bench_gsm.py --variants pwout=1`` times it.
+POINTWISE_OUTSIDE = False
 
 
 @cache

@@ -85,14 +85,17 @@ def _scan_calls(monkeypatch):
     return calls
 
 
-def test_bimamba_without_autograd_runs_the_backward_branch_flip_free(monkeypatch):
+@pytest.mark.parametrize('outside', [False, True])
+def test_bimamba_without_autograd_runs_the_backward_branch_flip_free(monkeypatch, outside):
     """Without autograd and with a scan that reverses natively (the Triton forward; interpreted here), the backward
     branch is an anti-causal conv and a reverse scan on the unflipped sequence: the flipped form's output to float32
-    rounding (the projections see the tokens in the other order). With autograd, or where the scan would flip
-    around its kernel (the PyTorch scan here), the flipped form runs as before."""
+    rounding (the projections see the tokens in the other order; with POINTWISE_OUTSIDE also dt's softplus and the
+    gate computed outside the scans). With autograd, or where the scan would flip around its kernel (the PyTorch
+    scan here), the flipped form runs as before."""
     z = torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2))
     calls = _scan_calls(monkeypatch)
     monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
+    monkeypatch.setattr(bimamba, 'POINTWISE_OUTSIDE', outside)
     m = _bimamba('triton')
     with torch.no_grad():
         y = m(z)
@@ -112,15 +115,17 @@ def test_bimamba_without_autograd_runs_the_backward_branch_flip_free(monkeypatch
     assert calls == [False, False] * 2
 
 
-def test_compiled_bimamba_traces_the_flip_free_branch(monkeypatch):
+@pytest.mark.parametrize('outside', [False, True])
+def test_compiled_bimamba_traces_the_flip_free_branch(monkeypatch, outside):
     """Traced as the compiled window step traces it (aot_eager backend: the graph without Inductor's code
     generation): no flips, both scans as gsmsr::scan_infer (the second reverse) on the in-projection's bmm output,
-    the shifted-sum convs; dt's softplus and the gate in the graph, not in the scans (POINTWISE_OUTSIDE); the
+    the shifted-sum convs; with POINTWISE_OUTSIDE dt's softplus and the gate in the graph, not in the scans. The
     output is the eager flipped form's."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
+    monkeypatch.setattr(bimamba, 'POINTWISE_OUTSIDE', outside)
     m = _bimamba('triton')
     z = torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2))
     counter = CompileCounterWithBackend('aot_eager')
@@ -133,7 +138,10 @@ def test_compiled_bimamba_traces_the_flip_free_branch(monkeypatch):
     assert any(n.target is torch.bmm for n in nodes)
     scans = [n for n in nodes if n.target is torch.ops.gsmsr.scan_infer.default]
     assert [n.args[-1] for n in scans] == [False, True]  # reverse
-    assert all(n.args[6] is None and n.args[7] is None and n.args[8] is False for n in scans)  # z, bias, softplus
-    assert sum('softplus' in str(n.target) for n in nodes) == 2  # one a branch
-    assert sum('silu' in str(n.target) for n in nodes) == 3  # the two convs' and the gate's
+    if outside:
+        assert all(n.args[6] is None and n.args[7] is None and n.args[8] is False for n in scans)  # z, bias, softplus
+        assert sum('softplus' in str(n.target) for n in nodes) == 2  # one a branch
+        assert sum('silu' in str(n.target) for n in nodes) == 3  # the two convs' and the gate's
+    else:
+        assert scans[0].args[6] is scans[1].args[6]  # one gate
     torch.testing.assert_close(y, flipped, rtol=1e-5, atol=1e-6)

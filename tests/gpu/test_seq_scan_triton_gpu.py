@@ -129,14 +129,17 @@ def test_reverse_equals_flipped_scan_at_gsm_shape(dtype, segments):
         assert _err(mamba, flipped) <= 2 * TOL[dtype]
 
 
-def test_bimamba_flip_free_inference_matches_flipped_form(monkeypatch):
+@pytest.mark.parametrize('outside', [False, True])
+def test_bimamba_flip_free_inference_matches_flipped_form(monkeypatch, outside):
     """BiMamba at GSM's width under bf16 autocast, without autograd: the flip-free backward branch (in-projection as a
-    bmm, anti-causal conv through causal-conv1d flipped around or conv1d, reverse Triton scan) against the flipped
-    form. (Compiled: tests/gpu/test_fast_paths.py, the network against the eager one.)"""
+    bmm, anti-causal conv through causal-conv1d flipped around or conv1d, reverse Triton scan; with POINTWISE_OUTSIDE
+    dt's softplus and the gate outside the scans) against the flipped form. (Compiled: tests/gpu/test_fast_paths.py,
+    the network against the eager one.)"""
     from gsmsr.archs import bimamba
 
     torch.manual_seed(0)
     monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
+    monkeypatch.setattr(bimamba, 'POINTWISE_OUTSIDE', outside)
     m = bimamba.BiMamba(192).cuda().eval()
     z = torch.randn(1, 5 * 64 * 64, 192, device='cuda')
     assert bimamba.reverses_natively(z)  # the default CUDA scan: the flip-free form runs
