@@ -4,7 +4,8 @@
         [--seq-sweep] [--modes fwd,fwd+bwd,bwd] [--bwd-sweep] [--batch 1]
 
 ``seq-triton`` rows are gsmsr.ops.seq_scan_triton called directly (forward only, so no fwd+bwd rows), ``pointwise
-outside`` with dt's softplus and the gate as eager ops around the kernel (as BiMamba's flip-free path calls it); ``gsmsr
+outside`` with dt's softplus and the gate as eager ops around the kernel (as BiMamba's flip-free path calls it; with
+--seq-sweep also in the configs of POINTWISE_SWEEP); ``gsmsr
 triton op`` rows are ``selective_scan(backend='triton')``: forward through gsmsr::scan_infer, fwd+bwd through
 gsmsr::tscan_fwd / tscan_bwd (gsmsr.ops.seq_scan_triton_bwd, training segments); ``--seq-sweep`` adds its
 configurations in SEQ_SWEEP, labelled ``d<block_d> w<num_warps> t<token_tile> seg<segments>|wpsm<warps per SM>``,
@@ -29,6 +30,7 @@ gradient's max |value|). A configuration that fails or runs out of memory is lis
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import traceback
@@ -136,12 +138,23 @@ def make_inputs(
     )
 
 
-def pointwise_outside(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+# --seq-sweep rows of the pointwise-outside call (the first is the default config). Without the softplus and the gate
+# the offline SASS (Triton 3.8) needs fewer registers: at a 96-register cap the summary pass does not spill and the
+# output pass spills 12 bytes, so an SM could hold 21 one-warp programs instead of 16 (more loads in flight).
+POINTWISE_SWEEP = [
+    SeqConfig(),
+    SeqConfig(warps_per_sm=20, sum_maxnreg=96, out_maxnreg=96),
+    SeqConfig(warps_per_sm=20, sum_maxnreg=96),
+]
+
+
+def pointwise_outside(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **config):
     """The Triton forward as BiMamba's flip-free path calls it (``bimamba.POINTWISE_OUTSIDE``): dt's softplus before
     the kernel, in float32, and the gate after it, here as eager ops (in the network Inductor fuses both into the
-    ops beside the scan, so the row's time over the kernel's is a bound)."""
+    ops beside the scan, so the row's time over the kernel's is a bound). config: selective_scan_fwd_triton's
+    keywords."""
     dt = F.softplus(delta.float() + delta_bias[:, None]) if delta_softplus else delta.float() + delta_bias[:, None]
-    y = selective_scan_fwd_triton(u, dt, A, B, C, D)
+    y = selective_scan_fwd_triton(u, dt, A, B, C, D, **config)
     return (y.float() * F.silu(z.float())).to(u.dtype)
 
 
@@ -255,8 +268,10 @@ def main() -> int:
     for name, kw in seq_configs:
         scans[name] = lambda *a, kw=kw, **k: selective_scan_fwd_triton(*a, **k, **kw)
         forward_only.add(name)
-    scans['seq-triton pointwise outside'] = pointwise_outside
-    forward_only.add('seq-triton pointwise outside')
+    for config in POINTWISE_SWEEP[: len(POINTWISE_SWEEP) if args.seq_sweep else 1]:
+        name = 'seq-triton pointwise outside' + (f' {config.label()[11:]}' if config != SeqConfig() else '')
+        scans[name] = functools.partial(pointwise_outside, **config.kwargs())
+        forward_only.add(name)
 
     rows: List[Dict[str, str]] = []
     for length in (int(v) for v in args.lengths.split(',')):

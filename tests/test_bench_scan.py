@@ -75,5 +75,8 @@ def test_pointwise_outside_row_is_the_gated_scan():
         z=torch.randn(1, dim, length, generator=g),
         delta_bias=torch.randn(dim, generator=g),
     )
-    y = bench.pointwise_outside(**inp, delta_softplus=True)
-    torch.testing.assert_close(y, selective_scan_ref(**inp, delta_softplus=True), rtol=1e-5, atol=1e-5)
+    ref = selective_scan_ref(**inp, delta_softplus=True)
+    for config in bench.POINTWISE_SWEEP:
+        kwargs = dict(config.kwargs(), segments=3)  # the CPU path would run one segment
+        y = bench.pointwise_outside(**inp, delta_softplus=True, **kwargs)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5, msg=config.label())
