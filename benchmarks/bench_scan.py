@@ -140,11 +140,14 @@ def make_inputs(
 
 # --seq-sweep rows of the pointwise-outside call (the first is the default config). Without the softplus and the gate
 # the offline SASS (Triton 3.8) needs fewer registers: at a 96-register cap the summary pass does not spill and the
-# output pass spills 12 bytes, so an SM could hold 21 one-warp programs instead of 16 (more loads in flight).
+# output pass spills 12 bytes, so an SM could hold 21 one-warp programs instead of 16 (more loads in flight). Programs
+# of 4 warps put 4 channel blocks of a segment, which read the same B|C rows, on one SM.
 POINTWISE_SWEEP = [
     SeqConfig(),
     SeqConfig(warps_per_sm=20, sum_maxnreg=96, out_maxnreg=96),
     SeqConfig(warps_per_sm=20, sum_maxnreg=96),
+    SeqConfig(out_warps=4),
+    SeqConfig(block_d=128, num_warps=4, out_warps=4),
 ]
 
 
