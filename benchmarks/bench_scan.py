@@ -141,13 +141,18 @@ def make_inputs(
 # --seq-sweep rows of the pointwise-outside call (the first is the default config). Without the softplus and the gate
 # the offline SASS (Triton 3.8) needs fewer registers: at a 96-register cap the summary pass does not spill and the
 # output pass spills 12 bytes, so an SM could hold 21 one-warp programs instead of 16 (more loads in flight). Programs
-# of 4 warps put 4 channel blocks of a segment, which read the same B|C rows, on one SM.
+# of 4 warps put 4 channel blocks of a segment, which read the same B|C rows, on one SM. Two channels a thread
+# (block_d=64 in one warp) halve the B|C loads a channel: offline 184 instructions and 8.75 B|C loads a token for 64
+# channels in the output pass (168 registers with 8 bytes of spills, or 138 uncapped), 144 and 4.75 in the summary
+# (128 registers, no spills), against 191 and 16.75, 148 and 8.75 for two one-channel warps.
 POINTWISE_SWEEP = [
     SeqConfig(),
     SeqConfig(warps_per_sm=20, sum_maxnreg=96, out_maxnreg=96),
     SeqConfig(warps_per_sm=20, sum_maxnreg=96),
     SeqConfig(out_warps=4),
     SeqConfig(block_d=128, num_warps=4, out_warps=4),
+    SeqConfig(block_d=64, warps_per_sm=12, out_maxnreg=168),
+    SeqConfig(block_d=64, warps_per_sm=14, out_maxnreg=0),
 ]
 
 
