@@ -1,6 +1,6 @@
 """benchmarks/bench_scan.py on CPU: every --seq-sweep configuration is a valid call of the Triton scan forward
 (interpreted here, tiny shape) with a distinct label, and gives the default's output to the fp32 tolerance of the
-reference tests (1e-5); the first is the function's default."""
+reference tests (1e-5); the first is the function's default. The pointwise-outside rows give the reference scan."""
 
 from __future__ import annotations
 
@@ -27,14 +27,11 @@ def _load():
         sys.path.remove(str(SCRIPT.parent))
 
 
-def test_seq_sweep_configs_run_and_are_labelled_apart():
-    bench = _load()
-    labels = [c.label() for c in bench.SEQ_SWEEP]
-    assert len(set(labels)) == len(labels), labels
-    g = torch.Generator().manual_seed(0)
-    # fewer channels than one 64-channel program of out_warps=2
+def _operands(seed: int):
+    """Scan operands with fewer channels (40) than one 64-channel program, 8 states, 24 tokens."""
+    g = torch.Generator().manual_seed(seed)
     dim, state, length = 40, 8, 24
-    inp = dict(
+    return dict(
         u=torch.randn(1, dim, length, generator=g),
         delta=0.5 * torch.randn(1, dim, length, generator=g),
         A=-torch.arange(1, state + 1, dtype=torch.float32).repeat(dim, 1),
@@ -42,7 +39,15 @@ def test_seq_sweep_configs_run_and_are_labelled_apart():
         C=torch.randn(1, state, length, generator=g),
         D=torch.ones(dim),
         z=torch.randn(1, dim, length, generator=g),
+        delta_bias=torch.randn(dim, generator=g),
     )
+
+
+def test_seq_sweep_configs_run_and_are_labelled_apart():
+    bench = _load()
+    labels = [c.label() for c in bench.SEQ_SWEEP]
+    assert len(set(labels)) == len(labels), labels
+    inp = _operands(0)
     default = selective_scan_fwd_triton(**inp, delta_softplus=True)
     for config in bench.SEQ_SWEEP:
         kwargs = config.kwargs()
@@ -63,18 +68,7 @@ def test_pointwise_outside_row_is_the_gated_scan():
     from gsmsr.ops.selective_scan_ref import selective_scan_ref
 
     bench = _load()
-    g = torch.Generator().manual_seed(1)
-    dim, state, length = 8, 4, 20
-    inp = dict(
-        u=torch.randn(1, dim, length, generator=g),
-        delta=0.5 * torch.randn(1, dim, length, generator=g),
-        A=-torch.arange(1, state + 1, dtype=torch.float32).repeat(dim, 1),
-        B=torch.randn(1, state, length, generator=g),
-        C=torch.randn(1, state, length, generator=g),
-        D=torch.ones(dim),
-        z=torch.randn(1, dim, length, generator=g),
-        delta_bias=torch.randn(dim, generator=g),
-    )
+    inp = _operands(1)
     ref = selective_scan_ref(**inp, delta_softplus=True)
     for config in bench.POINTWISE_SWEEP:
         kwargs = dict(config.kwargs(), segments=3)  # the CPU path would run one segment
