@@ -30,8 +30,8 @@ EXPAND = 2
 FLIP_FREE = True
 # On the flip-free path, dt = softplus(delta + dt bias) and the output gate y * silu(z) computed by the graph around
 # the scans instead of inside the scan kernel: the gate once on the two branches' sum, dt in float32 (as the kernel
-# computed it). The Triton scan spends 4 of its 19 special-function ops a token on them (the softplus in both of its
-# passes): without them one call at L = 288k bf16 ran 1.64 against 1.98 ms on an H200 (benchmarks/NOTES.md). Off
+# computed it). The Triton scan spends 3 of its 19 special-function ops a token on them (the softplus also in its
+# summary pass): without them one call at L = 288k bf16 ran 1.64 against 1.98 ms on an H200 (benchmarks/NOTES.md). Off
 # until timed in the network: the float32 dt is a transient twice delta's size (bf16), which the memory plan of
 # `gsmsr infer` has not measured; ``bench_gsm.py --variants pwout=1`` times it.
 POINTWISE_OUTSIDE = False
