@@ -8,7 +8,8 @@ A VARIANT is ``out<TILE>`` (output pass) or ``sum<TILE>`` (summary pass), option
 (none: the compiler's choice), ``w<num_warps>`` and ``c<channels per thread>`` (32 * num_warps * c channels per
 program), e.g. ``out8r128 sum8r128`` (the default call's two passes), ``out8`` (uncapped), ``out4r128w2``,
 ``out8c2`` (64 channels in one warp); a leading ``rev`` compiles the reverse scan (time walked from the end), e.g.
-``revout8r128``.
+``revout8r128``; a trailing ``p1`` the call of BiMamba's flip-free path with ``POINTWISE_OUTSIDE`` (dt in fp32, no
+bias, softplus or gate), e.g. ``out8r128p1``.
 The other parameters are the real call's: N = NP = 16; D, z, delta_bias and softplus on; u, delta, z and out in
 ``--dtype``; A, D, bias and the packed B|C in fp32. The kernel is specialised as Triton's launcher would specialise it
 (16-byte aligned pointers; integers divisible by 16, or equal to 1, marked so), with the segment length the host code
@@ -66,7 +67,7 @@ TARGET = GPUTarget('cuda', 90, 32)
 SM_COUNT = 132
 BIN = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin'
 TORCH_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
-VARIANT = re.compile(r'(rev)?(out|sum)(\d+)((?:[rwc]\d+)*)$')
+VARIANT = re.compile(r'(rev)?(out|sum)(\d+)((?:[rwcp]\d+)*)$')
 Instr = Tuple[int, str, str, str]  # address, predicate guard, opcode, operands
 
 # (table row, pipe, SASS opcodes before the first dot). Pipes: mufu, fma (FP32), fmah (IMAD), alu, lsu, ctrl;
@@ -110,9 +111,9 @@ def load_module(name: str):
 def parse_variant(text: str) -> Dict[str, int]:
     m = VARIANT.match(text)
     if not m:
-        expected = '[rev]out<TILE> or [rev]sum<TILE>, then r<maxnreg> w<warps> c<channels per thread>'
+        expected = '[rev]out<TILE> or [rev]sum<TILE>, then r<maxnreg> w<warps> c<channels per thread> p1'
         raise SystemExit(f'bad variant {text!r}: expected {expected}')
-    extra = {k: int(v) for k, v in re.findall(r'([rwc])(\d+)', m.group(4))}
+    extra = {k: int(v) for k, v in re.findall(r'([rwcp])(\d+)', m.group(4))}
     return dict(
         reverse=bool(m.group(1)),
         summary=m.group(2) == 'sum',
@@ -120,6 +121,7 @@ def parse_variant(text: str) -> Dict[str, int]:
         maxnreg=extra.get('r', 0),
         warps=extra.get('w', 1),
         channels=extra.get('c', 1),
+        pointwise_outside=bool(extra.get('p', 0)),
     )
 
 
@@ -138,10 +140,13 @@ def compile_variant(mod, v: Dict[str, int], args):
     L, D = args.length, args.dim
     act = lambda: torch.empty(16, dtype=TORCH_DTYPES[args.dtype])  # noqa: E731  (placeholders: dtype, alignment)
     f32 = lambda: torch.empty(16, dtype=torch.float32)  # noqa: E731
-    call = (act(), act(), act(), act(), f32(), f32(), f32(), f32(), f32(), f32(), D, L, seg_len, -(-L // seg_len) - 1)
+    # pointwise outside: dt arrives in float32, softplus, bias and gate are off (bimamba.POINTWISE_OUTSIDE)
+    inside = not v['pointwise_outside']
+    dt = act() if inside else f32()
+    call = (act(), dt, act(), act(), f32(), f32(), f32(), f32(), f32(), f32(), D, L, seg_len, -(-L // seg_len) - 1)
     call += (D * L, L) * 4 + (16, 1)  # u, delta, z, out strides (batch, channel); A (D, N) contiguous
-    kwargs = dict(N=16, NP=16, BLOCK_D=block_d, TILE=v['tile'], SUMMARY=v['summary'], HAS_D=True,
-                  HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=v['reverse'], num_warps=v['warps'])  # fmt: skip
+    kwargs = dict(N=16, NP=16, BLOCK_D=block_d, TILE=v['tile'], SUMMARY=v['summary'], HAS_D=True, HAS_Z=inside,
+                  HAS_BIAS=inside, SOFTPLUS=inside, REVERSE=v['reverse'], num_warps=v['warps'])  # fmt: skip
     if v['maxnreg']:
         kwargs['maxnreg'] = v['maxnreg']
     bound, specialization, options = binder(*call, **kwargs)

@@ -40,3 +40,15 @@ def test_output_pass_loads_vector_tiles_ahead_of_use():
     assert free['info']['regs'] < 128  # the cap is room the compiler fills with loads in flight, not a squeeze
     ahead = lambda r: int(r['dist_wide'].split()[0])  # noqa: E731  (median load-to-use distance, instructions)
     assert ahead(capped) > 2 * ahead(free)
+
+
+def test_pointwise_outside_leaves_the_decays_alone():
+    """With dt's softplus and the gate outside the kernel (bimamba.POINTWISE_OUTSIDE) the output pass's special-
+    function ops are the 16 decays alone, and a third of its instructions go (benchmarks/NOTES.md)."""
+    sass = _load()
+    mod = sass.load_module('gsmsr.ops.seq_scan_triton')
+    args = argparse.Namespace(length=288000, dim=384, dtype='bf16', warps_per_sm=16, seg_len=0, keep='')
+    r = sass.analyse('out8r128p1', mod, args)
+    mufu = {k: v for k, v in r['rows'].items() if k.startswith('MUFU') and v}
+    assert mufu == {'MUFU.EX2': 16}, mufu
+    assert r['rows']['total'] < 110  # 148 with them inside
