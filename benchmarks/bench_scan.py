@@ -4,8 +4,9 @@
         [--seq-sweep] [--modes fwd,fwd+bwd,bwd] [--bwd-sweep] [--batch 1]
 
 ``seq-triton`` rows are gsmsr.ops.seq_scan_triton called directly (forward only, so no fwd+bwd rows), ``pointwise
-outside`` with dt's softplus and the gate as eager ops around the kernel (as BiMamba's flip-free path calls it; with
---seq-sweep also in the configs of POINTWISE_SWEEP); ``gsmsr
+outside`` with dt's softplus and the gate as eager ops around the kernel (as BiMamba's flip-free path calls it; ``dt
+tokens``: dt token-major, as with its token-major projections; with --seq-sweep also in the configs of
+POINTWISE_SWEEP); ``gsmsr
 triton op`` rows are ``selective_scan(backend='triton')``: forward through gsmsr::scan_infer, fwd+bwd through
 gsmsr::tscan_fwd / tscan_bwd (gsmsr.ops.seq_scan_triton_bwd, training segments); ``--seq-sweep`` adds its
 configurations in SEQ_SWEEP, labelled ``d<block_d> w<num_warps> t<token_tile> seg<segments>|wpsm<warps per SM>``,
@@ -156,12 +157,30 @@ POINTWISE_SWEEP = [
 ]
 
 
-def pointwise_outside(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **config):
+_TOKEN_MAJOR: Dict[Tuple[Any, ...], torch.Tensor] = {}
+
+
+def token_major(t: torch.Tensor) -> torch.Tensor:
+    """The values of a (batch, D, L) operand in a (batch, L, D) tensor, copied once per operand (untimed after the
+    warm-up: in the network the dt projection writes this layout)."""
+    key = (t.data_ptr(), t.shape, t.dtype, t.device)
+    if key not in _TOKEN_MAJOR:
+        _TOKEN_MAJOR.clear()
+        _TOKEN_MAJOR[key] = t.transpose(1, 2).contiguous()
+    return _TOKEN_MAJOR[key]
+
+
+def pointwise_outside(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dt_tokens=False, **config):
     """The Triton forward as BiMamba's flip-free path calls it (``bimamba.POINTWISE_OUTSIDE``): dt's softplus before
     the kernel, in float32, and the gate after it, here as eager ops (in the network Inductor fuses both into the
-    ops beside the scan, so the row's time over the kernel's is a bound). config: selective_scan_fwd_triton's
-    keywords."""
-    dt = F.softplus(delta.float() + delta_bias[:, None]) if delta_softplus else delta.float() + delta_bias[:, None]
+    ops beside the scan, so the row's time over the kernel's is a bound). dt_tokens: dt token-major, from delta's
+    (batch, L, D) copy (``bimamba.DT_TOKENS``). config: selective_scan_fwd_triton's keywords."""
+    if dt_tokens:  # (batch, L, D), the kernel gets its (batch, D, L) view
+        dt = token_major(delta).float() + delta_bias
+        dt = (F.softplus(dt) if delta_softplus else dt).transpose(1, 2)
+    else:
+        dt = delta.float() + delta_bias[:, None]
+        dt = F.softplus(dt) if delta_softplus else dt
     y = selective_scan_fwd_triton(u, dt, A, B, C, D, **config)
     return (y.float() * F.silu(z.float())).to(u.dtype)
 
@@ -277,9 +296,11 @@ def main() -> int:
         scans[name] = lambda *a, kw=kw, **k: selective_scan_fwd_triton(*a, **k, **kw)
         forward_only.add(name)
     for config in POINTWISE_SWEEP[: len(POINTWISE_SWEEP) if args.seq_sweep else 1]:
-        name = 'seq-triton pointwise outside' + (f' {config.label()[11:]}' if config != SeqConfig() else '')
-        scans[name] = functools.partial(pointwise_outside, **config.kwargs())
-        forward_only.add(name)
+        for dt_tokens in (False, True):
+            name = 'seq-triton pointwise outside' + (' dt tokens' if dt_tokens else '')
+            name += f' {config.label()[11:]}' if config != SeqConfig() else ''
+            scans[name] = functools.partial(pointwise_outside, dt_tokens=dt_tokens, **config.kwargs())
+            forward_only.add(name)
 
     rows: List[Dict[str, str]] = []
     for length in (int(v) for v in args.lengths.split(',')):

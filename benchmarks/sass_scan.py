@@ -9,7 +9,8 @@ A VARIANT is ``out<TILE>`` (output pass) or ``sum<TILE>`` (summary pass), option
 program), e.g. ``out8r128 sum8r128`` (the default call's two passes), ``out8`` (uncapped), ``out4r128w2``,
 ``out8c2`` (64 channels in one warp); a leading ``rev`` compiles the reverse scan (time walked from the end), e.g.
 ``revout8r128``; a trailing ``p1`` the call of BiMamba's flip-free path with ``POINTWISE_OUTSIDE`` (dt in fp32, no
-bias, softplus or gate), e.g. ``out8r128p1``.
+bias, softplus or gate), e.g. ``out8r128p1``; ``t1`` delta token-major (a (1, D, L) view of (1, L, D), read a
+token at a time), e.g. ``out8r128p1t1``.
 The other parameters are the real call's: N = NP = 16; D, z, delta_bias and softplus on; u, delta, z and out in
 ``--dtype``; A, D, bias and the packed B|C in fp32. The kernel is specialised as Triton's launcher would specialise it
 (16-byte aligned pointers; integers divisible by 16, or equal to 1, marked so), with the segment length the host code
@@ -67,7 +68,7 @@ TARGET = GPUTarget('cuda', 90, 32)
 SM_COUNT = 132
 BIN = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin'
 TORCH_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
-VARIANT = re.compile(r'(rev)?(out|sum)(\d+)((?:[rwcp]\d+)*)$')
+VARIANT = re.compile(r'(rev)?(out|sum)(\d+)((?:[rwcpt]\d+)*)$')
 Instr = Tuple[int, str, str, str]  # address, predicate guard, opcode, operands
 
 # (table row, pipe, SASS opcodes before the first dot). Pipes: mufu, fma (FP32), fmah (IMAD), alu, lsu, ctrl;
@@ -111,9 +112,9 @@ def load_module(name: str):
 def parse_variant(text: str) -> Dict[str, int]:
     m = VARIANT.match(text)
     if not m:
-        expected = '[rev]out<TILE> or [rev]sum<TILE>, then r<maxnreg> w<warps> c<channels per thread> p1'
+        expected = '[rev]out<TILE> or [rev]sum<TILE>, then r<maxnreg> w<warps> c<channels per thread> p1 t1'
         raise SystemExit(f'bad variant {text!r}: expected {expected}')
-    extra = {k: int(v) for k, v in re.findall(r'([rwcp])(\d+)', m.group(4))}
+    extra = {k: int(v) for k, v in re.findall(r'([rwcpt])(\d+)', m.group(4))}
     return dict(
         reverse=bool(m.group(1)),
         summary=m.group(2) == 'sum',
@@ -122,6 +123,7 @@ def parse_variant(text: str) -> Dict[str, int]:
         warps=extra.get('w', 1),
         channels=extra.get('c', 1),
         pointwise_outside=bool(extra.get('p', 0)),
+        dt_tokens=bool(extra.get('t', 0)),
     )
 
 
@@ -144,9 +146,11 @@ def compile_variant(mod, v: Dict[str, int], args):
     inside = not v['pointwise_outside']
     dt = act() if inside else f32()
     call = (act(), dt, act(), act(), f32(), f32(), f32(), f32(), f32(), f32(), D, L, seg_len, -(-L // seg_len) - 1)
-    call += (D * L, L) * 4 + (16, 1)  # u, delta, z, out strides (batch, channel); A (D, N) contiguous
+    # strides (batch, channel) of u, then delta's (batch, channel, token: a constexpr), z's, out's; A (D, N) contiguous
+    call += (D * L, L) + ((D * L, 1, D) if v['dt_tokens'] else (D * L, L, 1)) + (D * L, L) * 2 + (16, 1)
     kwargs = dict(N=16, NP=16, BLOCK_D=block_d, TILE=v['tile'], SUMMARY=v['summary'], HAS_D=True, HAS_Z=inside,
-                  HAS_BIAS=inside, SOFTPLUS=inside, REVERSE=v['reverse'], num_warps=v['warps'])  # fmt: skip
+                  HAS_BIAS=inside, SOFTPLUS=inside, REVERSE=v['reverse'], DT_TOKENS=v['dt_tokens'],
+                  num_warps=v['warps'])  # fmt: skip
     if v['maxnreg']:
         kwargs['maxnreg'] = v['maxnreg']
     bound, specialization, options = binder(*call, **kwargs)
@@ -330,7 +334,11 @@ def analyse(name: str, mod, args) -> Dict[str, object]:
     rows_per = lambda key: lay[key][1][0] if lay[key] else 32  # noqa: E731  (rows a tile instruction touches)
     bc_loads = (1 if v['summary'] else 2) * 16 // 4  # 16-byte broadcast loads of the B (and C) row a token
     if rows['LDG']:
-        l1 = max(rows['LDG'] - bc_loads, 0) * rows_per('load') + rows['STG'] * rows_per('store') + bc_loads
+        # 16-byte tile loads touch a line per row of the layout; narrower ones are token-major (a warp's channels in
+        # one line)
+        narrow = rows['LDG'] - widths['LDG.128']
+        l1 = max(widths['LDG.128'] - bc_loads, 0) * rows_per('load') + narrow + rows['STG'] * rows_per('store')
+        l1 += bc_loads
         l1 += rows[_SH] + rows['LDL/STL (spills)'] + rows['SHFL']
     else:
         l1 = None  # loads went through shared memory (cp.async): not modelled

@@ -64,13 +64,15 @@ def test_first_seq_sweep_row_is_the_default():
 
 
 def test_pointwise_outside_row_is_the_gated_scan():
-    """The row's softplus before and gate after the kernel give the scan with both inside (the PyTorch reference)."""
+    """The row's softplus before and gate after the kernel give the scan with both inside (the PyTorch reference),
+    with dt channel- or token-major."""
     from gsmsr.ops.selective_scan_ref import selective_scan_ref
 
     bench = _load()
     inp = _operands(1)
     ref = selective_scan_ref(**inp, delta_softplus=True)
     for config in bench.POINTWISE_SWEEP:
-        kwargs = dict(config.kwargs(), segments=3)  # the CPU path would run one segment
-        y = bench.pointwise_outside(**inp, delta_softplus=True, **kwargs)
-        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5, msg=config.label())
+        for dt_tokens in (False, True):
+            kwargs = dict(config.kwargs(), segments=3)  # the CPU path would run one segment
+            y = bench.pointwise_outside(**inp, delta_softplus=True, dt_tokens=dt_tokens, **kwargs)
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5, msg=f'{config.label()} dt tokens {dt_tokens}')

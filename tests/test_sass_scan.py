@@ -52,3 +52,18 @@ def test_pointwise_outside_leaves_the_decays_alone():
     mufu = {k: v for k, v in r['rows'].items() if k.startswith('MUFU') and v}
     assert mufu == {'MUFU.EX2': 16}, mufu
     assert r['rows']['total'] < 110  # 148 with them inside
+
+
+def test_token_major_dt_is_one_line_a_token():
+    """With dt token-major (bimamba.DT_TOKENS) each token's dt is one 4-byte load a thread, a warp's 32 channels in
+    one line, instead of a share of two 16-byte tile loads touching a line a thread: in both passes one LDG.32 a token
+    and 7 fewer L1 wavefronts, for about one instruction more and no spills (benchmarks/NOTES.md)."""
+    sass = _load()
+    mod = sass.load_module('gsmsr.ops.seq_scan_triton')
+    args = argparse.Namespace(length=288000, dim=384, dtype='bf16', warps_per_sm=16, seg_len=0, keep='')
+    for name in ('out8r128p1', 'sum8r128p1', 'revout8r128p1'):
+        channels, tokens = sass.analyse(name, mod, args), sass.analyse(name + 't1', mod, args)
+        assert tokens['widths']['LDG.32'] == 1 and channels['widths']['LDG.32'] == 0, name
+        assert tokens['l1'] == channels['l1'] - 7, name
+        assert tokens['rows']['total'] <= channels['rows']['total'] + 2, name
+        assert tokens['info']['spill_st'] == 0 and tokens['info']['regs'] <= 128, name

@@ -35,6 +35,12 @@ FLIP_FREE = True
 # until timed in the network: the float32 dt is a transient twice delta's size (bf16), which the memory plan of
 # `gsmsr infer` has not measured; ``bench_gsm.py --variants pwout=1`` times it.
 POINTWISE_OUTSIDE = False
+# With POINTWISE_OUTSIDE, the x and dt projections run token-major ((B, L, .) outputs, as the GEMMs write them): dt
+# reaches the scan without a transposing copy and is read a token at a time (a warp's 32 channels in one line: the
+# output pass's L1 wavefronts a token 24 -> 17 in the offline SASS), B and C are strided views of the x projection's
+# rows (the scan packs them anyway). False keeps the channels-first projections; ``bench_gsm.py --variants
+# 'pwout=1,dttok=0'`` times them.
+DT_TOKENS = True
 
 
 @cache
@@ -139,17 +145,22 @@ class BiMamba(nn.Module):
     ) -> Tensor:
         """x, gate: (B, Di, L) -> (B, Di, L). reverse: conv and scan run time backwards (anti-causal conv, reverse
         scan), i.e. the branch on the flipped x and gate, flipped back. gate None: the ungated output, with dt's
-        softplus computed here (POINTWISE_OUTSIDE)."""
-        # projections in the channels-first layout: every scan operand has unit stride along L (B and C are views of
-        # x_proj's output; eagerly no copies, under torch.compile Inductor copies delta, B and C into this layout)
+        softplus computed here (POINTWISE_OUTSIDE), by token-major projections with DT_TOKENS."""
         u = causal_conv_silu(x, conv.weight, conv.bias, reverse)
-        dbl = torch.matmul(x_proj.weight, u)  # (B, R + 2N, L)
-        delta, b, c = dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
-        delta = torch.matmul(dt_proj.weight, delta)  # (B, Di, L); dt bias goes into the scan
         A = -torch.exp(_at_least_fp32(a_log))
         bias = _at_least_fp32(dt_proj.bias)
-        if gate is None:
-            delta, bias = F.softplus(delta.float() + bias[:, None]), None
+        split = [self.dt_rank, self.d_state, self.d_state]
+        if gate is None and DT_TOKENS:  # token-major: (B, L, .) outputs; the scan gets (B, ., L) views of them
+            delta, b, c = F.linear(u.transpose(1, 2), x_proj.weight).split(split, dim=2)
+            delta = F.softplus(F.linear(delta, dt_proj.weight).float() + bias)
+            delta, b, c, bias = delta.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), None
+        else:
+            # channels-first: every scan operand has unit stride along L (B and C are views of x_proj's output;
+            # eagerly no copies, under torch.compile Inductor copies delta, B and C into this layout)
+            delta, b, c = torch.matmul(x_proj.weight, u).split(split, dim=1)  # (B, R + 2N, L)
+            delta = torch.matmul(dt_proj.weight, delta)  # (B, Di, L); dt bias goes into the scan
+            if gate is None:
+                delta, bias = F.softplus(delta.float() + bias[:, None]), None
         return selective_scan(
             u,
             delta,

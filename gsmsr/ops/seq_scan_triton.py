@@ -36,6 +36,11 @@ a loop counter, and then loads the tiles as 2-byte scalars transposed through sh
 holds more registers than the summary); segment lengths are multiples of both tiles, and the last segment's
 ragged end is walked with a tile of one token.
 
+A channel-major tile load touches one cache line per thread, 32 a warp instruction. delta may instead be token-major
+(a (batch, D, L) view of a (batch, L, D) tensor, as the dt projection writes it): each token is then one [BLOCK_D]
+load, a warp's 32 channels in one line, laid out as the states; a tile's loads are still all issued ahead of its
+arithmetic. With dt computed outside the kernel in float32 (BiMamba's ``POINTWISE_OUTSIDE``) it is the widest operand.
+
 All arithmetic is float32 whatever the input dtype; the output has u's dtype. Decays are ``exp2(dt * A log2 e)``
 (log2 e folded into A once). No autograd here; with ``return_states=True`` the forward also returns the state
 entering each segment (the carries above), from which the backward (:mod:`gsmsr.ops.seq_scan_triton_bwd`) restarts
@@ -117,6 +122,17 @@ def _row(ptr, BLOCK_D: tl.constexpr, NP: tl.constexpr):
     return vals
 
 
+def _tokens(ptr, stride, md, TILE: tl.constexpr):
+    """TILE token-major (BLOCK_D,) vectors at ptr, ptr + stride, ...: a warp's load is 32 adjacent channels in one
+    line, laid out as the states. The pointer advances in a chain, one 64-bit add a token (``ptr + j * stride``
+    would keep a pointer per token live across the tile)."""
+    vals = ()
+    for _ in tl.static_range(TILE):
+        vals = vals + (tl.load(ptr, mask=md, other=0.0),)
+        ptr += stride
+    return vals
+
+
 def _walk(
     h,
     dsum,
@@ -131,6 +147,7 @@ def _walk(
     bias,
     d_skip,
     md,
+    s_tl: tl.constexpr,
     N: tl.constexpr,
     NP: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -141,11 +158,13 @@ def _walk(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
+    DT_TOKENS: tl.constexpr,
 ):
     """Walk tokens [lo, hi) (both multiples of TILE) from the states h (tuple of N (BLOCK_D,) fp32), from hi - 1
     down to lo when REVERSE. Summary: also sums dt into dsum, writes nothing. Otherwise stores out. Returns
     (h, dsum). u_row, dt_row, z_row, o_row: (BLOCK_D,) pointers at token 0 of each channel; bc_row: scalar pointer
-    at token 0 of this batch's packed B|C rows (2 NP fp32 per token, B in the first NP)."""
+    at token 0 of this batch's packed B|C rows (2 NP fp32 per token, B in the first NP). DT_TOKENS: delta is
+    token-major, read a token at a time at L stride s_tl (unused otherwise)."""
     offs = tl.arange(0, TILE)[None, :]
     mask = md[:, None]
     # over the tile index: t0 = i * TILE is a multiple of TILE the compiler sees, so the tile loads are vectors
@@ -155,7 +174,10 @@ def _walk(
             i = (lo + hi) // TILE - 1 - k
         t0 = i * TILE
         us = _columns(tl.load(u_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
-        ds = _columns(tl.load(dt_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
+        if DT_TOKENS:  # int64 offsets: L * D passes 2^31 on long sequences
+            ds = _tokens(dt_row + tl.cast(t0, tl.int64) * s_tl, s_tl, md, TILE)
+        else:
+            ds = _columns(tl.load(dt_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
         if HAS_Z and not SUMMARY:
             zs = _columns(tl.load(z_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
         ys = ()
@@ -213,6 +235,7 @@ def _scan_kernel(
     s_ud,
     s_tb,
     s_td,
+    s_tl: tl.constexpr,
     s_zb,
     s_zd,
     s_ob,
@@ -229,6 +252,7 @@ def _scan_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
+    DT_TOKENS: tl.constexpr,
 ):
     """Program (channel block, segment s, batch). SUMMARY: segment s (< S-1) from h = 0, stores hs[b, s] (D, N)
     and dsum[b, s] (D,). Otherwise: starts from hs[b, s-1] (the carried state; zero for s = 0) and stores out
@@ -270,17 +294,17 @@ def _scan_kernel(
     dsum = tl.full([BLOCK_D], 0.0, tl.float32)
     if REVERSE and TILE > 1:  # ragged end first (the last segment only: segment lengths are multiples of TILE)
         h, dsum = _walk(
-            h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE,
+            h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md, s_tl,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, DT_TOKENS,
         )  # fmt: skip
     h, dsum = _walk(
-        h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, lo, full, bias, d_skip, md,
-        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE,
+        h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, lo, full, bias, d_skip, md, s_tl,
+        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, DT_TOKENS,
     )  # fmt: skip
     if not REVERSE and TILE > 1:  # ragged end (the last segment only, as segment lengths are multiples of TILE)
         h, dsum = _walk(
-            h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE,
+            h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md, s_tl,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, DT_TOKENS,
         )  # fmt: skip
     if SUMMARY:
         base = (b * n_carry + s) * Dm + d64
@@ -324,7 +348,7 @@ def _carry_kernel(
             tl.store(hs_ptr + (b * n_carry + s0 + j) * Dm * N + lanes, h, mask=ml & (s0 + j < n_carry))
 
 
-_KERNELS = LazyKernels(__name__, [_softplus, _columns, _tile, _row, _walk, _scan_kernel, _carry_kernel])
+_KERNELS = LazyKernels(__name__, [_softplus, _columns, _tile, _row, _tokens, _walk, _scan_kernel, _carry_kernel])
 
 # ---------------------------------------------------------------------------------------------------------------
 # Host side
@@ -435,10 +459,11 @@ def selective_scan_fwd_triton(
     """Selective scan forward, no autograd; semantics and shapes of
     :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
 
-    u, delta, z: (batch, D, L), any float dtype, unit stride along L (else copied); B, C: (batch, N, L), any
-    strides; A: (D, N), D, delta_bias: (D,), used as float32. Returns (batch, D, L) in u's dtype with
-    ``torch.empty_like(u)``'s strides (those of the custom op's fake result), or written into ``out`` if given (u's
-    shape and dtype, any strides; through a copy when out's L stride is not 1).
+    u, delta, z: (batch, D, L), any float dtype, unit stride along L (else copied), delta also token-major (unit
+    stride along D, e.g. ``x.transpose(1, 2)`` of a (batch, L, D) ``x``: read a token at a time, 32 channels a warp
+    in one line); B, C: (batch, N, L), any strides; A: (D, N), D, delta_bias: (D,), used as float32. Returns (batch,
+    D, L) in u's dtype with ``torch.empty_like(u)``'s strides (those of the custom op's fake result), or written into
+    ``out`` if given (u's shape and dtype, any strides; through a copy when out's L stride is not 1).
 
     segments: pieces each sequence is cut into (None: enough for about ``warps_per_sm`` warps per SM in the output
     launch, at least MIN_SEGMENT tokens each; 1 on CPU tensors). block_d: channels per program (a power of two;
@@ -478,8 +503,11 @@ def selective_scan_fwd_triton(
         out = torch.empty_like(u)
     elif out.shape != u.shape or out.dtype != u.dtype:
         raise ValueError("selective_scan_fwd_triton: out must have u's shape and dtype")
-    # the tile loads and store need unit L stride
-    u, delta, z = (unit_stride(t) for t in (u, delta, z))
+    # the tile loads and store need unit L stride; delta may instead be token-major (unit stride along D), read a
+    # token at a time
+    dt_tokens = delta.stride(1) == 1 and delta.stride(2) != 1 and dim > 1 and length > 1
+    u, z = unit_stride(u), unit_stride(z)
+    delta = delta if dt_tokens else unit_stride(delta)
     res = out if out.stride(2) == 1 else torch.empty_like(out, memory_format=torch.contiguous_format)
     A = A.float()
     D = D.float().contiguous() if D is not None else None
@@ -512,7 +540,7 @@ def selective_scan_fwd_triton(
         seg_len,
         n_carry,
         *u.stride()[:2],
-        *delta.stride()[:2],
+        *delta.stride(),
         *zz.stride()[:2],
         *res.stride()[:2],
         *A.stride(),
@@ -526,6 +554,7 @@ def selective_scan_fwd_triton(
         HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus),
         REVERSE=bool(reverse),
+        DT_TOKENS=dt_tokens,
     )
     summary_flags = dict(BLOCK_D=block_d, TILE=token_tile, num_warps=num_warps)
     out_flags = dict(BLOCK_D=out_block_d, TILE=out_tile, num_warps=out_warps)

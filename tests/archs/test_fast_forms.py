@@ -85,17 +85,21 @@ def _scan_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize('outside', [False, True])
-def test_bimamba_without_autograd_runs_the_backward_branch_flip_free(monkeypatch, outside):
+POINTWISE_FORMS = [(False, False), (True, False), (True, True)]  # (POINTWISE_OUTSIDE, DT_TOKENS)
+
+
+@pytest.mark.parametrize('outside,tokens', POINTWISE_FORMS)
+def test_bimamba_without_autograd_runs_the_backward_branch_flip_free(monkeypatch, outside, tokens):
     """Without autograd and with a scan that reverses natively (the Triton forward; interpreted here), the backward
     branch is an anti-causal conv and a reverse scan on the unflipped sequence: the flipped form's output to float32
     rounding (the projections see the tokens in the other order; with POINTWISE_OUTSIDE also dt's softplus and the
-    gate computed outside the scans). With autograd, or where the scan would flip around its kernel (the PyTorch
-    scan here), the flipped form runs as before."""
+    gate computed outside the scans, with DT_TOKENS by token-major projections). With autograd, or where the scan
+    would flip around its kernel (the PyTorch scan here), the flipped form runs as before."""
     z = torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2))
     calls = _scan_calls(monkeypatch)
     monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
     monkeypatch.setattr(bimamba, 'POINTWISE_OUTSIDE', outside)
+    monkeypatch.setattr(bimamba, 'DT_TOKENS', tokens)
     m = _bimamba('triton')
     with torch.no_grad():
         y = m(z)
@@ -115,17 +119,19 @@ def test_bimamba_without_autograd_runs_the_backward_branch_flip_free(monkeypatch
     assert calls == [False, False] * 2
 
 
-@pytest.mark.parametrize('outside', [False, True])
-def test_compiled_bimamba_traces_the_flip_free_branch(monkeypatch, outside):
+@pytest.mark.parametrize('outside,tokens', POINTWISE_FORMS)
+def test_compiled_bimamba_traces_the_flip_free_branch(monkeypatch, outside, tokens):
     """Traced as the compiled window step traces it (aot_eager backend: the graph without Inductor's code
     generation): no flips, both scans as gsmsr::scan_infer (the second reverse) on the in-projection's bmm output,
-    the shifted-sum convs; with POINTWISE_OUTSIDE dt's softplus and the gate in the graph, not in the scans. The
-    output is the eager flipped form's."""
+    the shifted-sum convs; with POINTWISE_OUTSIDE dt's softplus and the gate in the graph, not in the scans, and with
+    DT_TOKENS dt, B and C token-major views (unit stride along their channels). The output is the eager flipped
+    form's."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
     monkeypatch.setattr(bimamba, 'POINTWISE_OUTSIDE', outside)
+    monkeypatch.setattr(bimamba, 'DT_TOKENS', tokens)
     m = _bimamba('triton')
     z = torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2))
     counter = CompileCounterWithBackend('aot_eager')
@@ -142,6 +148,9 @@ def test_compiled_bimamba_traces_the_flip_free_branch(monkeypatch, outside):
         assert all(n.args[6] is None and n.args[7] is None and n.args[8] is False for n in scans)  # z, bias, softplus
         assert sum('softplus' in str(n.target) for n in nodes) == 2  # one a branch
         assert sum('silu' in str(n.target) for n in nodes) == 3  # the two convs' and the gate's
+        # delta, B, C: channel stride 1 token-major, else L stride 1
+        strides = [[n.args[i].meta['example_value'].stride() for i in (1, 3, 4)] for n in scans]
+        assert all(s[1 if tokens else 2] == 1 for branch in strides for s in branch), strides
     else:
         assert scans[0].args[6] is scans[1].args[6]  # one gate
     torch.testing.assert_close(y, flipped, rtol=1e-5, atol=1e-6)

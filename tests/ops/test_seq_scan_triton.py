@@ -246,6 +246,38 @@ def test_output_layouts():
     torch.library.opcheck(scan_infer, args, test_utils=('test_faketensor',))
 
 
+@pytest.mark.parametrize(
+    'case,dtype,softplus,reverse',
+    [
+        ('L7_seg2_tile4', torch.float32, True, False),  # 3 channel blocks, the last partial
+        ('L257_seg5_slow', torch.bfloat16, False, False),  # ragged tile tail, walked a token at a time
+        ('L257_seg5_slow', torch.float32, False, True),
+        ('L100_seg4_fast', torch.float32, True, True),
+    ],
+)
+def test_token_major_delta_is_read_as_is(case, dtype, softplus, reverse, monkeypatch):
+    """delta as a (batch, D, L) view of a (batch, L, D) tensor (dt as BiMamba's token-major projections give it, in
+    float32 whatever u's dtype; without softplus, dt itself, as ``POINTWISE_OUTSIDE`` passes it) is read a token at a
+    time, not copied: the same float operations, so the output equals that of the channel-major delta bit for bit."""
+    import gsmsr.ops.seq_scan_triton as sst
+
+    batch, dim, state, length, decay, segments, tile, block_d, _ = CASES[case]
+    inp = _inputs(batch, dim, state, length, decay, dtype, 'cpu', seed=5)
+    inp['delta'] = inp['delta'].float()
+    if not softplus:
+        inp['delta'] = torch.nn.functional.softplus(inp['delta'] + inp.pop('delta_bias')[:, None])
+    opts = dict(delta_softplus=softplus, segments=segments, token_tile=tile, block_d=block_d, reverse=reverse)
+    expected = selective_scan_fwd_triton(**inp, **opts)
+    copied = []
+    unit_stride = sst.unit_stride
+    monkeypatch.setattr(sst, 'unit_stride', lambda t: copied.append(t) or unit_stride(t))
+    tokens = _unit_d_stride(inp['delta'])
+    y = selective_scan_fwd_triton(**{**inp, 'delta': tokens}, **opts)
+    assert not any(t is tokens for t in copied), 'token-major delta was copied'
+    assert torch.isfinite(expected).all()
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
 def test_strided_b_and_c():
     """B and C as strided views, (batch, N, L) views of slices of one (batch, L, R + 2N) projection output, need no
     unit stride (packed anyway): the same output as contiguous ones."""
