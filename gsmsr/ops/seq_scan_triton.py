@@ -40,6 +40,8 @@ A channel-major tile load touches one cache line per thread, 32 a warp instructi
 (a (batch, D, L) view of a (batch, L, D) tensor, as the dt projection writes it): each token is then one [BLOCK_D]
 load, a warp's 32 channels in one line, laid out as the states; a tile's loads are still all issued ahead of its
 arithmetic. With dt computed outside the kernel in float32 (BiMamba's ``POINTWISE_OUTSIDE``) it is the widest operand.
+(At one channel a thread: with two, the compiler loads each thread's two adjacent channels at once, laid out unlike
+the states, which hold channels c and c + 32, and converts with shuffles, 36 a token; sm_90a SASS.)
 
 All arithmetic is float32 whatever the input dtype; the output has u's dtype. Decays are ``exp2(dt * A log2 e)``
 (log2 e folded into A once). No autograd here; with ``return_states=True`` the forward also returns the state
