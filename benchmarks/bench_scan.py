@@ -296,8 +296,7 @@ def main() -> int:
         scans[name] = lambda *a, kw=kw, **k: selective_scan_fwd_triton(*a, **k, **kw)
         forward_only.add(name)
     for config in POINTWISE_SWEEP[: len(POINTWISE_SWEEP) if args.seq_sweep else 1]:
-        # token-major dt with two channels a thread compiles to a layout conversion (36 shuffles a token, offline)
-        for dt_tokens in (False, True) if config.block_d == 32 * config.num_warps else (False,):
+        for dt_tokens in (False, True):
             name = 'seq-triton pointwise outside' + (' dt tokens' if dt_tokens else '')
             name += f' {config.label()[11:]}' if config != SeqConfig() else ''
             scans[name] = functools.partial(pointwise_outside, dt_tokens=dt_tokens, **config.kwargs())

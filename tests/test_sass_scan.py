@@ -57,7 +57,8 @@ def test_pointwise_outside_leaves_the_decays_alone():
 def test_token_major_dt_is_one_line_a_token():
     """With dt token-major (bimamba.DT_TOKENS) each token's dt is one 4-byte load a thread, a warp's 32 channels in
     one line, instead of a share of two 16-byte tile loads touching a line a thread: in both passes one LDG.32 a token
-    and 7 fewer L1 wavefronts, for about one instruction more and no spills (benchmarks/NOTES.md)."""
+    and 7 fewer L1 wavefronts, for about one instruction more and no spills; with two channels a thread, two loads
+    (benchmarks/NOTES.md)."""
     sass = _load()
     mod = sass.load_module('gsmsr.ops.seq_scan_triton')
     args = argparse.Namespace(length=288000, dim=384, dtype='bf16', warps_per_sm=16, seg_len=0, keep='')
@@ -67,3 +68,8 @@ def test_token_major_dt_is_one_line_a_token():
         assert tokens['l1'] == channels['l1'] - 7, name
         assert tokens['rows']['total'] <= channels['rows']['total'] + 2, name
         assert tokens['info']['spill_st'] == 0 and tokens['info']['regs'] <= 128, name
+    # two channels a thread: the token's two halves, no layout conversion (shuffles) and no spills
+    channels, tokens = sass.analyse('out8r168p1c2', mod, args), sass.analyse('out8r168p1t1c2', mod, args)
+    assert tokens['widths']['LDG.32'] == 2 and tokens['rows']['SHFL'] == 0
+    assert tokens['rows']['total'] <= channels['rows']['total'] + 2 and tokens['info']['spill_st'] == 0
+    assert tokens['l1'] == channels['l1'] - 14

@@ -40,8 +40,6 @@ A channel-major tile load touches one cache line per thread, 32 a warp instructi
 (a (batch, D, L) view of a (batch, L, D) tensor, as the dt projection writes it): each token is then one [BLOCK_D]
 load, a warp's 32 channels in one line, laid out as the states; a tile's loads are still all issued ahead of its
 arithmetic. With dt computed outside the kernel in float32 (BiMamba's ``POINTWISE_OUTSIDE``) it is the widest operand.
-(At one channel a thread: with two, the compiler loads each thread's two adjacent channels at once, laid out unlike
-the states, which hold channels c and c + 32, and converts with shuffles, 36 a token; sm_90a SASS.)
 
 All arithmetic is float32 whatever the input dtype; the output has u's dtype. Decays are ``exp2(dt * A log2 e)``
 (log2 e folded into A once). No autograd here; with ``return_states=True`` the forward also returns the state
@@ -124,14 +122,29 @@ def _row(ptr, BLOCK_D: tl.constexpr, NP: tl.constexpr):
     return vals
 
 
-def _tokens(ptr, stride, md, TILE: tl.constexpr):
+def _tokens(ptr, stride, md, BLOCK_D: tl.constexpr, TILE: tl.constexpr, CPT: tl.constexpr):
     """TILE token-major (BLOCK_D,) vectors at ptr, ptr + stride, ...: a warp's load is 32 adjacent channels in one
     line, laid out as the states. The pointer advances in a chain, one 64-bit add a token (``ptr + j * stride``
-    would keep a pointer per token live across the tile)."""
+    would keep a pointer per token live across the tile).
+
+    CPT = 2 (two channels a thread, c and c + BLOCK_D / 2 as the states hold them): loaded as the two halves and
+    interleaved back by join / trans / reshape, register renames. Loaded whole, the compiler reads each thread's two
+    adjacent channels as one vector and converts to the states' layout with shuffles (sm_90a SASS: 291 instructions
+    a token in the output pass against 185)."""
     vals = ()
-    for _ in tl.static_range(TILE):
-        vals = vals + (tl.load(ptr, mask=md, other=0.0),)
-        ptr += stride
+    if CPT == 2:
+        lo, hi = tl.split(tl.trans(tl.reshape(ptr, (2, BLOCK_D // 2))))
+        m_lo, m_hi = tl.split(tl.trans(tl.reshape(md, (2, BLOCK_D // 2))))
+        for _ in tl.static_range(TILE):
+            a = tl.load(lo, mask=m_lo, other=0.0)
+            b = tl.load(hi, mask=m_hi, other=0.0)
+            vals = vals + (tl.reshape(tl.trans(tl.join(a, b)), (BLOCK_D,)),)
+            lo += stride
+            hi += stride
+    else:
+        for _ in tl.static_range(TILE):
+            vals = vals + (tl.load(ptr, mask=md, other=0.0),)
+            ptr += stride
     return vals
 
 
@@ -161,12 +174,13 @@ def _walk(
     SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
     DT_TOKENS: tl.constexpr,
+    CPT: tl.constexpr,
 ):
     """Walk tokens [lo, hi) (both multiples of TILE) from the states h (tuple of N (BLOCK_D,) fp32), from hi - 1
     down to lo when REVERSE. Summary: also sums dt into dsum, writes nothing. Otherwise stores out. Returns
     (h, dsum). u_row, dt_row, z_row, o_row: (BLOCK_D,) pointers at token 0 of each channel; bc_row: scalar pointer
     at token 0 of this batch's packed B|C rows (2 NP fp32 per token, B in the first NP). DT_TOKENS: delta is
-    token-major, read a token at a time at L stride s_tl (unused otherwise)."""
+    token-major, read a token at a time at L stride s_tl (unused otherwise). CPT: channels a thread."""
     offs = tl.arange(0, TILE)[None, :]
     mask = md[:, None]
     # over the tile index: t0 = i * TILE is a multiple of TILE the compiler sees, so the tile loads are vectors
@@ -177,7 +191,7 @@ def _walk(
         t0 = i * TILE
         us = _columns(tl.load(u_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
         if DT_TOKENS:  # int64 offsets: L * D passes 2^31 on long sequences
-            ds = _tokens(dt_row + tl.cast(t0, tl.int64) * s_tl, s_tl, md, TILE)
+            ds = _tokens(dt_row + tl.cast(t0, tl.int64) * s_tl, s_tl, md, BLOCK_D, TILE, CPT)
         else:
             ds = _columns(tl.load(dt_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
         if HAS_Z and not SUMMARY:
@@ -255,6 +269,7 @@ def _scan_kernel(
     SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
     DT_TOKENS: tl.constexpr,
+    CPT: tl.constexpr,
 ):
     """Program (channel block, segment s, batch). SUMMARY: segment s (< S-1) from h = 0, stores hs[b, s] (D, N)
     and dsum[b, s] (D,). Otherwise: starts from hs[b, s-1] (the carried state; zero for s = 0) and stores out
@@ -297,16 +312,16 @@ def _scan_kernel(
     if REVERSE and TILE > 1:  # ragged end first (the last segment only: segment lengths are multiples of TILE)
         h, dsum = _walk(
             h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md, s_tl,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, DT_TOKENS,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, DT_TOKENS, CPT,
         )  # fmt: skip
     h, dsum = _walk(
         h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, lo, full, bias, d_skip, md, s_tl,
-        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, DT_TOKENS,
+        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, DT_TOKENS, CPT,
     )  # fmt: skip
     if not REVERSE and TILE > 1:  # ragged end (the last segment only, as segment lengths are multiples of TILE)
         h, dsum = _walk(
             h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md, s_tl,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, DT_TOKENS,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, DT_TOKENS, CPT,
         )  # fmt: skip
     if SUMMARY:
         base = (b * n_carry + s) * Dm + d64
@@ -558,8 +573,10 @@ def selective_scan_fwd_triton(
         REVERSE=bool(reverse),
         DT_TOKENS=dt_tokens,
     )
-    summary_flags = dict(BLOCK_D=block_d, TILE=token_tile, num_warps=num_warps)
-    out_flags = dict(BLOCK_D=out_block_d, TILE=out_tile, num_warps=out_warps)
+    summary_flags = dict(BLOCK_D=block_d, TILE=token_tile, num_warps=num_warps, CPT=max(1, block_d // (32 * num_warps)))
+    out_flags = dict(
+        BLOCK_D=out_block_d, TILE=out_tile, num_warps=out_warps, CPT=max(1, out_block_d // (32 * out_warps))
+    )
     for launch, cap in ((summary_flags, sum_maxnreg), (out_flags, out_maxnreg)):
         if cap and not interpret:
             launch['maxnreg'] = cap

@@ -130,17 +130,19 @@ def test_reverse_equals_flipped_scan_at_gsm_shape(dtype, segments):
 
 
 @pytest.mark.parametrize('reverse', [False, True])
-def test_token_major_dt_is_bit_identical_at_gsm_shape(reverse):
+@pytest.mark.parametrize('launch', [{}, dict(block_d=64, warps_per_sm=12, out_maxnreg=168)])
+def test_token_major_dt_is_bit_identical_at_gsm_shape(reverse, launch):
     """dt in float32 as BiMamba's ``POINTWISE_OUTSIDE`` path gives it (softplus applied, no bias), token-major (a view
     of a (1, L, D) tensor, read a token at a time) against the same values channel-major, compiled at a window step's
-    length with the default launch (bf16 u, no gate): the same float operations, bit for bit."""
+    length (bf16 u, no gate), with the default launch and with two channels a thread: the same float operations, bit
+    for bit."""
     inp = _inputs(1, 384, 16, 288_000, torch.bfloat16)
     dt = torch.nn.functional.softplus(inp.pop('delta').float() + inp.pop('delta_bias')[:, None])
     inp.pop('z')
     tokens = dt.transpose(1, 2).contiguous().transpose(1, 2)
     with torch.no_grad():
-        y = selective_scan_fwd_triton(**inp, delta=tokens, reverse=reverse)
-        expected = selective_scan_fwd_triton(**inp, delta=dt, reverse=reverse)
+        y = selective_scan_fwd_triton(**inp, delta=tokens, reverse=reverse, **launch)
+        expected = selective_scan_fwd_triton(**inp, delta=dt, reverse=reverse, **launch)
     assert torch.isfinite(expected).all()
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
 

@@ -247,18 +247,21 @@ def test_output_layouts():
 
 
 @pytest.mark.parametrize(
-    'case,dtype,softplus,reverse',
+    'case,dtype,softplus,reverse,channels',
     [
-        ('L7_seg2_tile4', torch.float32, True, False),  # 3 channel blocks, the last partial
-        ('L257_seg5_slow', torch.bfloat16, False, False),  # ragged tile tail, walked a token at a time
-        ('L257_seg5_slow', torch.float32, False, True),
-        ('L100_seg4_fast', torch.float32, True, True),
+        ('L7_seg2_tile4', torch.float32, True, False, 1),  # 3 channel blocks, the last partial
+        ('L257_seg5_slow', torch.bfloat16, False, False, 1),  # ragged tile tail, walked a token at a time
+        ('L257_seg5_slow', torch.float32, False, True, 1),
+        ('L100_seg4_fast', torch.float32, True, True, 1),
+        ('L7_seg2_tile4', torch.float32, False, False, 2),  # 40 channels in one 64-channel warp: two a thread
+        ('L257_seg5_slow', torch.bfloat16, False, True, 2),
     ],
 )
-def test_token_major_delta_is_read_as_is(case, dtype, softplus, reverse, monkeypatch):
+def test_token_major_delta_is_read_as_is(case, dtype, softplus, reverse, channels, monkeypatch):
     """delta as a (batch, D, L) view of a (batch, L, D) tensor (dt as BiMamba's token-major projections give it, in
     float32 whatever u's dtype; without softplus, dt itself, as ``POINTWISE_OUTSIDE`` passes it) is read a token at a
-    time, not copied: the same float operations, so the output equals that of the channel-major delta bit for bit."""
+    time, not copied: the same float operations, so the output equals that of the channel-major delta bit for bit.
+    channels: a thread's channels (2: block_d 64 in one warp, the token's two halves loaded apart)."""
     import gsmsr.ops.seq_scan_triton as sst
 
     batch, dim, state, length, decay, segments, tile, block_d, _ = CASES[case]
@@ -267,6 +270,8 @@ def test_token_major_delta_is_read_as_is(case, dtype, softplus, reverse, monkeyp
     if not softplus:
         inp['delta'] = torch.nn.functional.softplus(inp['delta'] + inp.pop('delta_bias')[:, None])
     opts = dict(delta_softplus=softplus, segments=segments, token_tile=tile, block_d=block_d, reverse=reverse)
+    if channels == 2:
+        opts.update(block_d=64, num_warps=1)
     expected = selective_scan_fwd_triton(**inp, **opts)
     copied = []
     unit_stride = sst.unit_stride
