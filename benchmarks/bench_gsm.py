@@ -62,6 +62,7 @@ from bench_utils import (  # noqa: E402  (this folder is on sys.path)
     live_at_peak,
     parse_settings,
     print_table,
+    selected,
     train_step,
 )
 
@@ -144,10 +145,6 @@ def main() -> int:
     add_set_option(parser, 'before anything runs')
     args = parser.parse_args()
     apply_settings(parse_settings(args.set))
-
-    def selected(name: str) -> bool:
-        keys = [k for k in args.only.split(',') if k]
-        return not keys or any(name.endswith(k[:-1]) if k.endswith('$') else k in name for k in keys)
 
     if not torch.cuda.is_available():
         print('bench_gsm: needs a CUDA GPU')
@@ -239,7 +236,7 @@ def main() -> int:
         lq = torch.rand(1, t, 3, h, w, device=dev)
         ref = None
         for name, fn in models.items():
-            if not selected(name):
+            if not selected(args.only, name):
                 continue
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -287,7 +284,7 @@ def main() -> int:
             ('train step bf16 compiled+graphs', torch.bfloat16, True, True),
             ('train step fp32 compiled+graphs', None, True, True),
         ):
-            if not selected(name):
+            if not selected(args.only, name):
                 continue
             torch.manual_seed(0)
             net = GSMNet(

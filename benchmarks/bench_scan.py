@@ -1,7 +1,7 @@
 """Selective scan at GSM's shapes: mamba-ssm's CUDA kernel, gsmsr's Triton kernel and (short L only) the PyTorch scan.
 
     python benchmarks/bench_scan.py [--lengths 288000,20480] [--dtypes fp32,bf16] [--repeats 10]
-        [--seq-sweep] [--modes fwd,fwd+bwd,bwd] [--bwd-sweep] [--batch 1]
+        [--seq-sweep] [--modes fwd,fwd+bwd,bwd] [--bwd-sweep] [--batch 1] [--only SUBSTR,...]
 
 ``seq-triton`` rows are gsmsr.ops.seq_scan_triton called directly (forward only, so no fwd+bwd rows), ``pointwise
 outside`` with dt's softplus and the gate as eager ops around the kernel (as BiMamba's flip-free path calls it; ``dt
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import cuda_time, print_table  # noqa: E402  (this folder is on sys.path)
+from bench_utils import cuda_time, print_table, selected  # noqa: E402  (this folder is on sys.path)
 
 from gsmsr.ops.selective_scan_ref import selective_scan_ref  # noqa: E402
 from gsmsr.ops.seq_scan_triton import selective_scan_fwd_triton  # noqa: E402
@@ -265,6 +265,9 @@ def main() -> int:
     parser.add_argument('--seq-sweep', action='store_true', help='also time the seq-triton configs in SEQ_SWEEP')
     parser.add_argument('--modes', default='fwd,fwd+bwd', help='comma list of passes: fwd, fwd+bwd, bwd')
     parser.add_argument('--bwd-sweep', action='store_true', help='mode bwd: also the Triton configs in BWD_SWEEP')
+    parser.add_argument(
+        '--only', default='', help='comma list of substrings: run only impls whose name has one ("$" ends a name)'
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print('bench_scan: needs a CUDA GPU (none found); nothing timed.')
@@ -313,6 +316,8 @@ def main() -> int:
             cases = dict(scans)
             if length <= args.ref_max_len:
                 cases['torch ref'] = selective_scan_ref
+            # mamba-ssm stays: the baseline of the differences
+            cases = {k: v for k, v in cases.items() if k == 'mamba-ssm' or selected(args.only, k)}
             for mode in args.modes.split(','):
                 if mode == 'bwd':
                     rows += bwd_rows(args, length, dname, inp, dout)

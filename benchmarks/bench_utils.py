@@ -193,6 +193,12 @@ class PhasePeaks:
         ]  # fmt: skip
 
 
+def selected(only: str, name: str) -> bool:
+    """Whether a row ``name`` is run under ``--only``: a comma list of substrings ("$" ends a name); empty: all."""
+    keys = [k for k in only.split(',') if k]
+    return not keys or any(name.endswith(k[:-1]) if k.endswith('$') else k in name for k in keys)
+
+
 def print_table(rows: List[Dict[str, str]], cols: Sequence[str]) -> None:
     """One column per key in ``cols``, padded; a missing value prints empty."""
     widths = {c: max(len(c), *(len(r.get(c, '')) for r in rows)) for c in cols}

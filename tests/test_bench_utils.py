@@ -1,6 +1,6 @@
 """benchmarks/bench_utils.py: the --compile-cache file of the benchmark scripts (load, then save to $OUT or back), the
-reading of a CUDA allocation trace at its peak (--memory-peak), peaks by phase (--phase-peaks) and module settings
-(--set)."""
+reading of a CUDA allocation trace at its peak (--memory-peak), peaks by phase (--phase-peaks), module settings
+(--set) and the rows --only selects."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
-from bench_utils import BenchCompileCache, PhasePeaks, apply_settings, live_at_peak, parse_settings  # noqa: E402
+from bench_utils import (  # noqa: E402
+    BenchCompileCache,
+    PhasePeaks,
+    apply_settings,
+    live_at_peak,
+    parse_settings,
+    selected,
+)
 
 
 def fake_artifacts(monkeypatch, produced: bytes) -> list:
@@ -194,3 +201,11 @@ def test_bench_gsm_phase_targets_are_reached_by_a_streaming_forward():
     # the large-volume attention paths run only where SDPA (CUDA, bf16) or the explicit steps would cut the volume
     assert missed == {'SWSA attention in parts', 'SWSA attention in steps', 'SWSA merge'}, missed
     assert peaks.stats['forward'][0] == 1 and peaks.stats['window step'][0] == 2 * 7
+
+
+def test_only_selects_rows_by_substring_or_name_end():
+    names = ['bf16 compiled', 'bf16 compiled [pwout=1]', 'seq-triton pointwise outside dt tokens']
+    assert [n for n in names if selected('', n)] == names
+    assert [n for n in names if selected('bf16 compiled$', n)] == ['bf16 compiled']
+    assert [n for n in names if selected('[,dt tokens', n)] == names[1:]
+    assert selected(',', 'bf16 compiled')  # empty keys are dropped: no key, every row
