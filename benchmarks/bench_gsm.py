@@ -13,8 +13,9 @@ mamba-ssm's scan instead of gsmsr's Triton scan, and with --variants one compile
 ``fp32=1``, which runs it in fp32 with the default ``fp32_matmul``): ``slab=N`` sets ``GSMNet.stream_slab``,
 ``dwconv_<field>=N`` sets that ``DWConvConfig`` field of the MLP stencil (``dwconv3d.OP_CONFIG``), ``flipfree=1``
 runs BiMamba's backward branch without flips (``bimamba.FLIP_FREE``; 0 for the flipped form), ``pwout=1`` dt's
-softplus and the gate outside the scan kernel (``bimamba.POINTWISE_OUTSIDE``; ``dttok=0`` with it: its projections
-channels-first instead of token-major, ``bimamba.DT_TOKENS``), ``iwarp=0`` the
+softplus and the gate outside the scan kernel (``bimamba.POINTWISE_OUTSIDE``; with it ``dttok=0``: its projections
+channels-first instead of token-major, ``bimamba.DT_TOKENS``, and ``dthalf=0``: dt in float32 under autocast instead of
+float16, ``bimamba.DT_HALF``), ``iwarp=0`` the
 implicit warp's PyTorch ops instead of its fused kernels (``implicit_warp.FUSED_ATTENTION``), ``fscatter=0`` the GSM
 block's scatter warps through cuDNN's sampler instead of one kernel (``gsm_block.FUSED_SCATTER``), ``sdpa=0`` SWSA's
 explicit softmax instead of SDPA (``swsa.SDPA_ATTENTION``), ``split=1`` fp32 GEMMs split in registers
@@ -167,14 +168,14 @@ def main() -> int:
     gsm_faithful = variant_net(scan_backend='kernel') if SCAN.cuda_kernel() else gsm
 
     flip_free_default = BIMAMBA.FLIP_FREE
-    pointwise_default, dt_tokens_default = BIMAMBA.POINTWISE_OUTSIDE, BIMAMBA.DT_TOKENS
+    pointwise_defaults = BIMAMBA.POINTWISE_OUTSIDE, BIMAMBA.DT_TOKENS, BIMAMBA.DT_HALF
     fused_warp_default, fused_scatter_default = IWARP.FUSED_ATTENTION, GSM_BLOCK.FUSED_SCATTER
     sdpa_default, swsa_compile_default = SWSA.SDPA_ATTENTION, SWSA.COMPILE_ATTENTION
     split_default = MATMUL3X.SPLIT_IN_REGISTERS
 
     def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm, variant: Dict[str, int] = {}):  # noqa: B006
         dwconv = {k.removeprefix('dwconv_'): v for k, v in variant.items() if k.startswith('dwconv_')}
-        switches = 'slab flipfree pwout dttok buffers iwarp fscatter sdpa swsac split fp32'.split()
+        switches = 'slab flipfree pwout dttok dthalf buffers iwarp fscatter sdpa swsac split fp32'.split()
         scan = {k: v for k, v in variant.items() if k not in switches and not k.startswith('dwconv_')}
         stencil = dataclasses.replace(DWCONV.DEFAULT_CONFIG, **dwconv)
 
@@ -187,6 +188,7 @@ def main() -> int:
             BIMAMBA.FLIP_FREE = bool(variant.get('flipfree', BIMAMBA.FLIP_FREE))
             BIMAMBA.POINTWISE_OUTSIDE = bool(variant.get('pwout', BIMAMBA.POINTWISE_OUTSIDE))
             BIMAMBA.DT_TOKENS = bool(variant.get('dttok', BIMAMBA.DT_TOKENS))
+            BIMAMBA.DT_HALF = bool(variant.get('dthalf', BIMAMBA.DT_HALF))
             IWARP.FUSED_ATTENTION = bool(variant.get('iwarp', IWARP.FUSED_ATTENTION))
             GSM_BLOCK.FUSED_SCATTER = bool(variant.get('fscatter', GSM_BLOCK.FUSED_SCATTER))
             SWSA.SDPA_ATTENTION = bool(variant.get('sdpa', SWSA.SDPA_ATTENTION))
@@ -199,8 +201,7 @@ def main() -> int:
                 SCAN.INFER_TRITON_CONFIG.clear()
                 DWCONV.OP_CONFIG = DWCONV.DEFAULT_CONFIG
                 BIMAMBA.FLIP_FREE = flip_free_default
-                BIMAMBA.POINTWISE_OUTSIDE = pointwise_default
-                BIMAMBA.DT_TOKENS = dt_tokens_default
+                BIMAMBA.POINTWISE_OUTSIDE, BIMAMBA.DT_TOKENS, BIMAMBA.DT_HALF = pointwise_defaults
                 IWARP.FUSED_ATTENTION = fused_warp_default
                 GSM_BLOCK.FUSED_SCATTER = fused_scatter_default
                 SWSA.SDPA_ATTENTION = sdpa_default

@@ -4,9 +4,9 @@
         [--seq-sweep] [--modes fwd,fwd+bwd,bwd] [--bwd-sweep] [--batch 1] [--only SUBSTR,...]
 
 ``seq-triton`` rows are gsmsr.ops.seq_scan_triton called directly (forward only, so no fwd+bwd rows), ``pointwise
-outside`` with dt's softplus and the gate as eager ops around the kernel (as BiMamba's flip-free path calls it; ``dt
-tokens``: dt token-major, as with its token-major projections; with --seq-sweep also in the configs of
-POINTWISE_SWEEP); ``gsmsr
+outside`` with dt's softplus and the gate as eager ops around the kernel (as BiMamba's flip-free path calls it, dt
+in float16 from 16-bit inputs; ``dt tokens``: dt token-major, as with its token-major projections; ``fp32 dt``: dt
+kept in float32; with --seq-sweep also in the configs of POINTWISE_SWEEP); ``gsmsr
 triton op`` rows are ``selective_scan(backend='triton')``: forward through gsmsr::scan_infer, fwd+bwd through
 gsmsr::tscan_fwd / tscan_bwd (gsmsr.ops.seq_scan_triton_bwd, training segments); ``--seq-sweep`` adds its
 configurations in SEQ_SWEEP, labelled ``d<block_d> w<num_warps> t<token_tile> seg<segments>|wpsm<warps per SM>``,
@@ -170,17 +170,20 @@ def token_major(t: torch.Tensor) -> torch.Tensor:
     return _TOKEN_MAJOR[key]
 
 
-def pointwise_outside(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dt_tokens=False, **config):
+def pointwise_outside(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dt_tokens=False, dt_half=True, **config):
     """The Triton forward as BiMamba's flip-free path calls it (``bimamba.POINTWISE_OUTSIDE``): dt's softplus before
     the kernel, in float32, and the gate after it, here as eager ops (in the network Inductor fuses both into the
     ops beside the scan, so the row's time over the kernel's is a bound). dt_tokens: dt token-major, from delta's
-    (batch, L, D) copy (``bimamba.DT_TOKENS``). config: selective_scan_fwd_triton's keywords."""
+    (batch, L, D) copy (``bimamba.DT_TOKENS``); dt_half: dt stored in float16 when delta is 16-bit
+    (``bimamba.DT_HALF``). config: selective_scan_fwd_triton's keywords."""
     if dt_tokens:  # (batch, L, D), the kernel gets its (batch, D, L) view
         dt = token_major(delta).float() + delta_bias
         dt = (F.softplus(dt) if delta_softplus else dt).transpose(1, 2)
     else:
         dt = delta.float() + delta_bias[:, None]
         dt = F.softplus(dt) if delta_softplus else dt
+    if dt_half and delta.dtype.itemsize == 2:
+        dt = dt.half()
     y = selective_scan_fwd_triton(u, dt, A, B, C, D, **config)
     return (y.float() * F.silu(z.float())).to(u.dtype)
 
@@ -299,10 +302,13 @@ def main() -> int:
         scans[name] = lambda *a, kw=kw, **k: selective_scan_fwd_triton(*a, **k, **kw)
         forward_only.add(name)
     for config in POINTWISE_SWEEP[: len(POINTWISE_SWEEP) if args.seq_sweep else 1]:
-        for dt_tokens in (False, True):
-            name = 'seq-triton pointwise outside' + (' dt tokens' if dt_tokens else '')
+        forms = [(False, True), (True, True)]  # dt channel- / token-major, stored as the network stores it
+        if config == SeqConfig():
+            forms += [(False, False), (True, False)]  # and kept in float32
+        for dt_tokens, dt_half in forms:
+            name = 'seq-triton pointwise outside' + ' dt tokens' * dt_tokens + ' fp32 dt' * (not dt_half)
             name += f' {config.label()[11:]}' if config != SeqConfig() else ''
-            scans[name] = functools.partial(pointwise_outside, dt_tokens=dt_tokens, **config.kwargs())
+            scans[name] = functools.partial(pointwise_outside, dt_tokens=dt_tokens, dt_half=dt_half, **config.kwargs())
             forward_only.add(name)
 
     rows: List[Dict[str, str]] = []

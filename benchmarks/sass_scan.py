@@ -9,8 +9,8 @@ A VARIANT is ``out<TILE>`` (output pass) or ``sum<TILE>`` (summary pass), option
 program), e.g. ``out8r128 sum8r128`` (the default call's two passes), ``out8`` (uncapped), ``out4r128w2``,
 ``out8c2`` (64 channels in one warp); a leading ``rev`` compiles the reverse scan (time walked from the end), e.g.
 ``revout8r128``; a trailing ``p1`` the call of BiMamba's flip-free path with ``POINTWISE_OUTSIDE`` (dt in fp32, no
-bias, softplus or gate), e.g. ``out8r128p1``; ``t1`` delta token-major (a (1, D, L) view of (1, L, D), read a
-token at a time), e.g. ``out8r128p1t1``.
+bias, softplus or gate), e.g. ``out8r128p1``, ``p2`` the same with dt in fp16 (``DT_HALF``); ``t1`` delta token-major
+(a (1, D, L) view of (1, L, D), read a token at a time), e.g. ``out8r128p2t1``.
 The other parameters are the real call's: N = NP = 16; D, z, delta_bias and softplus on; u, delta, z and out in
 ``--dtype``; A, D, bias and the packed B|C in fp32. The kernel is specialised as Triton's launcher would specialise it
 (16-byte aligned pointers; integers divisible by 16, or equal to 1, marked so), with the segment length the host code
@@ -112,7 +112,7 @@ def load_module(name: str):
 def parse_variant(text: str) -> Dict[str, int]:
     m = VARIANT.match(text)
     if not m:
-        expected = '[rev]out<TILE> or [rev]sum<TILE>, then r<maxnreg> w<warps> c<channels per thread> p1 t1'
+        expected = '[rev]out<TILE> or [rev]sum<TILE>, then r<maxnreg> w<warps> c<channels per thread> p1|p2 t1'
         raise SystemExit(f'bad variant {text!r}: expected {expected}')
     extra = {k: int(v) for k, v in re.findall(r'([rwcpt])(\d+)', m.group(4))}
     return dict(
@@ -122,7 +122,7 @@ def parse_variant(text: str) -> Dict[str, int]:
         maxnreg=extra.get('r', 0),
         warps=extra.get('w', 1),
         channels=extra.get('c', 1),
-        pointwise_outside=bool(extra.get('p', 0)),
+        pointwise_outside=extra.get('p', 0),  # 1: dt in fp32, 2: in fp16
         dt_tokens=bool(extra.get('t', 0)),
     )
 
@@ -142,9 +142,10 @@ def compile_variant(mod, v: Dict[str, int], args):
     L, D = args.length, args.dim
     act = lambda: torch.empty(16, dtype=TORCH_DTYPES[args.dtype])  # noqa: E731  (placeholders: dtype, alignment)
     f32 = lambda: torch.empty(16, dtype=torch.float32)  # noqa: E731
-    # pointwise outside: dt arrives in float32, softplus, bias and gate are off (bimamba.POINTWISE_OUTSIDE)
+    # pointwise outside: dt arrives in float32 (p1) or float16 (p2), softplus, bias and gate are off
+    # (bimamba.POINTWISE_OUTSIDE)
     inside = not v['pointwise_outside']
-    dt = act() if inside else f32()
+    dt = act() if inside else f32() if v['pointwise_outside'] == 1 else torch.empty(16, dtype=torch.float16)
     call = (act(), dt, act(), act(), f32(), f32(), f32(), f32(), f32(), f32(), D, L, seg_len, -(-L // seg_len) - 1)
     # strides (batch, channel) of u, then delta's (batch, channel, token: a constexpr), z's, out's; A (D, N) contiguous
     call += (D * L, L) + ((D * L, 1, D) if v['dt_tokens'] else (D * L, L, 1)) + (D * L, L) * 2 + (16, 1)

@@ -65,7 +65,7 @@ def test_first_seq_sweep_row_is_the_default():
 
 def test_pointwise_outside_row_is_the_gated_scan():
     """The row's softplus before and gate after the kernel give the scan with both inside (the PyTorch reference),
-    with dt channel- or token-major."""
+    with dt channel- or token-major, and from bf16 operands in float16 or float32."""
     from gsmsr.ops.selective_scan_ref import selective_scan_ref
 
     bench = _load()
@@ -76,3 +76,9 @@ def test_pointwise_outside_row_is_the_gated_scan():
             kwargs = dict(config.kwargs(), segments=3)  # the CPU path would run one segment
             y = bench.pointwise_outside(**inp, delta_softplus=True, dt_tokens=dt_tokens, **kwargs)
             torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5, msg=f'{config.label()} dt tokens {dt_tokens}')
+    # bf16 operands: dt stored in float16 (the default) or kept in float32, both within bf16's rounding
+    inp = {k: v.bfloat16() if v.dim() == 3 else v for k, v in inp.items()}
+    ref = selective_scan_ref(**{k: v.double() for k, v in inp.items()}, delta_softplus=True)
+    for dt_half in (True, False):
+        y = bench.pointwise_outside(**inp, delta_softplus=True, dt_tokens=True, dt_half=dt_half, segments=3)
+        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() <= 1e-2

@@ -29,11 +29,10 @@ EXPAND = 2
 # (benchmarks/NOTES.md); False keeps the flipped form everywhere, and bench_gsm's ``--variants flipfree=0`` times it.
 FLIP_FREE = True
 # On the flip-free path, dt = softplus(delta + dt bias) and the output gate y * silu(z) computed by the graph around
-# the scans instead of inside the scan kernel: the gate once on the two branches' sum, dt in float32 (as the kernel
-# computed it). The Triton scan spends 3 of its 19 special-function ops a token on them (the softplus also in its
-# summary pass): without them one call at L = 288k bf16 ran 1.64 against 1.98 ms on an H200 (benchmarks/NOTES.md). Off
-# until timed in the network: the float32 dt is a transient twice delta's size (bf16), which the memory plan of
-# `gsmsr infer` has not measured; ``bench_gsm.py --variants pwout=1`` times it.
+# the scans instead of inside the scan kernel: the gate once on the two branches' sum, dt computed in float32 (as the
+# kernel computed it). The Triton scan spends 3 of its 19 special-function ops a token on them (the softplus also in
+# its summary pass): without them one call at L = 288k bf16 ran 1.64 against 1.98 ms on an H200 (benchmarks/NOTES.md).
+# Off until timed in the network; ``bench_gsm.py --variants pwout=1`` times it.
 POINTWISE_OUTSIDE = False
 # With POINTWISE_OUTSIDE, the x and dt projections run token-major ((B, L, .) outputs, as the GEMMs write them): dt
 # reaches the scan without a transposing copy and is read a token at a time (a warp's 32 channels in one line: the
@@ -41,6 +40,13 @@ POINTWISE_OUTSIDE = False
 # rows (the scan packs them anyway). False keeps the channels-first projections; ``bench_gsm.py --variants
 # 'pwout=1,dttok=0'`` times them.
 DT_TOKENS = True
+# With POINTWISE_OUTSIDE under 16-bit autocast (delta from a 16-bit GEMM), dt is stored in float16: the size of the
+# delta it replaces, so no larger transient than before, and half the scan's dt traffic of float32. float16's 11-bit
+# significand puts its error at 1.1e-4 of max |out| (float64 scans on the CPU, benchmarks/NOTES.md), under a ninth of
+# delta's own bf16 rounding (9.2e-4); bf16 dt would add 1.0e-3. Without autocast dt stays float32. False: float32
+# always; ``bench_gsm.py --variants 'pwout=1,dthalf=0'`` times it.
+DT_HALF = True
+FP16_MAX = 65504.0
 
 
 @cache
@@ -90,6 +96,13 @@ def causal_conv_silu(x: Tensor, weight: Tensor, bias: Tensor, reverse: bool = Fa
 
 def _at_least_fp32(t: Tensor) -> Tensor:
     return t.float() if t.dtype.itemsize < 4 else t
+
+
+def _dt(delta: Tensor, bias: Tensor) -> Tensor:
+    """dt = softplus(delta + bias) in float32, stored in float16 when delta is a 16-bit GEMM output (DT_HALF; clamped
+    to float16's range, beyond which dt's decay is 0 anyway)."""
+    dt = F.softplus(delta.float() + bias)
+    return dt.clamp(max=FP16_MAX).half() if DT_HALF and delta.dtype.itemsize == 2 else dt
 
 
 class BiMamba(nn.Module):
@@ -152,7 +165,7 @@ class BiMamba(nn.Module):
         split = [self.dt_rank, self.d_state, self.d_state]
         if gate is None and DT_TOKENS:  # token-major: (B, L, .) outputs; the scan gets (B, ., L) views of them
             delta, b, c = F.linear(u.transpose(1, 2), x_proj.weight).split(split, dim=2)
-            delta = F.softplus(F.linear(delta, dt_proj.weight).float() + bias)
+            delta = _dt(F.linear(delta, dt_proj.weight), bias)
             delta, b, c, bias = delta.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), None
         else:
             # channels-first: every scan operand has unit stride along L (B and C are views of x_proj's output;
@@ -160,7 +173,7 @@ class BiMamba(nn.Module):
             delta, b, c = torch.matmul(x_proj.weight, u).split(split, dim=1)  # (B, R + 2N, L)
             delta = torch.matmul(dt_proj.weight, delta)  # (B, Di, L); dt bias goes into the scan
             if gate is None:
-                delta, bias = F.softplus(delta.float() + bias[:, None]), None
+                delta, bias = _dt(delta, bias[:, None]), None
         return selective_scan(
             u,
             delta,

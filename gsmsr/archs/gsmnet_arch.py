@@ -106,6 +106,7 @@ def traced_switches() -> Tuple[object, ...]:
         ('bimamba', bimamba.FLIP_FREE),
         ('bimamba_pointwise', bimamba.POINTWISE_OUTSIDE),
         ('bimamba_dt_tokens', bimamba.DT_TOKENS),
+        ('bimamba_dt_half', bimamba.DT_HALF),
         ('implicit_attn', implicit_warp.FUSED_ATTENTION),
         ('slot_warp', gsm_block.FUSED_SCATTER),
         ('split_in_registers', matmul3x.SPLIT_IN_REGISTERS),

@@ -154,3 +154,33 @@ def test_compiled_bimamba_traces_the_flip_free_branch(monkeypatch, outside, toke
     else:
         assert scans[0].args[6] is scans[1].args[6]  # one gate
     torch.testing.assert_close(y, flipped, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('tokens', [False, True])
+def test_pointwise_outside_stores_dt_in_float16_under_16_bit_autocast(monkeypatch, tokens):
+    """Under bf16 autocast (the projections' GEMMs give bf16 delta) the pointwise-outside path hands the scans dt in
+    float16 (DT_HALF), computed in float32: the output is the float32-dt one's up to float16's rounding of dt, far
+    inside the bf16 path's own error. Without autocast dt stays float32."""
+    dtypes = []
+    scan = bimamba.selective_scan
+
+    def spy(u, delta, *args, **kwargs):
+        dtypes.append(delta.dtype)
+        return scan(u, delta, *args, **kwargs)
+
+    monkeypatch.setattr(bimamba, 'selective_scan', spy)
+    monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
+    monkeypatch.setattr(bimamba, 'POINTWISE_OUTSIDE', True)
+    monkeypatch.setattr(bimamba, 'DT_TOKENS', tokens)
+    m = _bimamba('triton')
+    z = torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        m(z)
+        assert dtypes == [torch.float32] * 2
+        with torch.autocast('cpu', torch.bfloat16):
+            half = m(z)
+            monkeypatch.setattr(bimamba, 'DT_HALF', False)
+            single = m(z)
+    assert dtypes[2:] == [torch.float16] * 2 + [torch.float32] * 2
+    err = ((half.float() - single.float()).abs().max() / single.float().abs().max()).item()
+    assert 0 < err <= 2e-3, err  # within half a bf16 step of the output (2^-8 relative)

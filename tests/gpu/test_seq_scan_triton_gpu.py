@@ -131,13 +131,14 @@ def test_reverse_equals_flipped_scan_at_gsm_shape(dtype, segments):
 
 @pytest.mark.parametrize('reverse', [False, True])
 @pytest.mark.parametrize('launch', [{}, dict(block_d=64, warps_per_sm=12, out_maxnreg=168)])
-def test_token_major_dt_is_bit_identical_at_gsm_shape(reverse, launch):
-    """dt in float32 as BiMamba's ``POINTWISE_OUTSIDE`` path gives it (softplus applied, no bias), token-major (a view
-    of a (1, L, D) tensor, read a token at a time) against the same values channel-major, compiled at a window step's
-    length (bf16 u, no gate), with the default launch and with two channels a thread: the same float operations, bit
-    for bit."""
+@pytest.mark.parametrize('dt_dtype', [torch.float32, torch.float16])
+def test_token_major_dt_is_bit_identical_at_gsm_shape(reverse, launch, dt_dtype):
+    """dt as BiMamba's ``POINTWISE_OUTSIDE`` path gives it (softplus applied, no bias; float32, or float16 under
+    autocast), token-major (a view of a (1, L, D) tensor, read a token at a time) against the same values
+    channel-major, compiled at a window step's length (bf16 u, no gate), with the default launch and with two
+    channels a thread: the same float operations, bit for bit."""
     inp = _inputs(1, 384, 16, 288_000, torch.bfloat16)
-    dt = torch.nn.functional.softplus(inp.pop('delta').float() + inp.pop('delta_bias')[:, None])
+    dt = torch.nn.functional.softplus(inp.pop('delta').float() + inp.pop('delta_bias')[:, None]).to(dt_dtype)
     inp.pop('z')
     tokens = dt.transpose(1, 2).contiguous().transpose(1, 2)
     with torch.no_grad():
@@ -147,18 +148,22 @@ def test_token_major_dt_is_bit_identical_at_gsm_shape(reverse, launch):
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize('outside,tokens', [(False, False), (True, False), (True, True)])
-def test_bimamba_flip_free_inference_matches_flipped_form(monkeypatch, outside, tokens):
+@pytest.mark.parametrize(
+    'outside,tokens,half', [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
+)
+def test_bimamba_flip_free_inference_matches_flipped_form(monkeypatch, outside, tokens, half):
     """BiMamba at GSM's width under bf16 autocast, without autograd: the flip-free backward branch (in-projection as a
     bmm, anti-causal conv through causal-conv1d flipped around or conv1d, reverse Triton scan; with POINTWISE_OUTSIDE
-    dt's softplus and the gate outside the scans, with DT_TOKENS by token-major projections) against the flipped
-    form. (Compiled: tests/gpu/test_fast_paths.py, the network against the eager one.)"""
+    dt's softplus and the gate outside the scans, with DT_TOKENS by token-major projections, with DT_HALF dt stored
+    in float16) against the flipped form. (Compiled: tests/gpu/test_fast_paths.py, the network against the eager
+    one.)"""
     from gsmsr.archs import bimamba
 
     torch.manual_seed(0)
     monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
     monkeypatch.setattr(bimamba, 'POINTWISE_OUTSIDE', outside)
     monkeypatch.setattr(bimamba, 'DT_TOKENS', tokens)
+    monkeypatch.setattr(bimamba, 'DT_HALF', half)
     m = bimamba.BiMamba(192).cuda().eval()
     z = torch.randn(1, 5 * 64 * 64, 192, device='cuda')
     assert bimamba.reverses_natively(z)  # the default CUDA scan: the flip-free form runs
