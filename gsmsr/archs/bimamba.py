@@ -46,7 +46,6 @@ DT_TOKENS = True
 # delta's own bf16 rounding (9.2e-4); bf16 dt would add 1.0e-3. Without autocast dt stays float32. False: float32
 # always; ``bench_gsm.py --variants 'pwout=1,dthalf=0'`` times it.
 DT_HALF = True
-FP16_MAX = 65504.0
 
 
 @cache
@@ -99,10 +98,10 @@ def _at_least_fp32(t: Tensor) -> Tensor:
 
 
 def _dt(delta: Tensor, bias: Tensor) -> Tensor:
-    """dt = softplus(delta + bias) in float32, stored in float16 when delta is a 16-bit GEMM output (DT_HALF; clamped
-    to float16's range, beyond which dt's decay is 0 anyway)."""
+    """dt = softplus(delta + bias) in float32, stored in float16 when delta is a 16-bit GEMM output (DT_HALF), clamped
+    to float16's range (65504: its decay is 0 in float32 too) rather than infinite."""
     dt = F.softplus(delta.float() + bias)
-    return dt.clamp(max=FP16_MAX).half() if DT_HALF and delta.dtype.itemsize == 2 else dt
+    return dt.clamp(max=torch.finfo(torch.float16).max).half() if DT_HALF and delta.dtype.itemsize == 2 else dt
 
 
 class BiMamba(nn.Module):
