@@ -172,6 +172,7 @@ def test_pointwise_outside_stores_dt_in_float16_under_16_bit_autocast(monkeypatc
     monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
     monkeypatch.setattr(bimamba, 'POINTWISE_OUTSIDE', True)
     monkeypatch.setattr(bimamba, 'DT_TOKENS', tokens)
+    monkeypatch.setattr(bimamba, 'DT_HALF', True)
     m = _bimamba('triton')
     z = torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
