@@ -79,6 +79,8 @@ def test_pointwise_outside_row_is_the_gated_scan():
     # bf16 operands: dt stored in float16 (the default) or kept in float32, both within bf16's rounding
     inp = {k: v.bfloat16() if v.dim() == 3 else v for k, v in inp.items()}
     ref = selective_scan_ref(**{k: v.double() for k, v in inp.items()}, delta_softplus=True)
-    for dt_half in (True, False):
-        y = bench.pointwise_outside(**inp, delta_softplus=True, dt_tokens=True, dt_half=dt_half, segments=3)
-        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() <= 1e-2
+    for config in bench.POINTWISE_SWEEP:
+        for dt_tokens, dt_half in ((False, True), (True, True), (True, False)):
+            kwargs = dict(config.kwargs(), segments=3)
+            y = bench.pointwise_outside(**inp, delta_softplus=True, dt_tokens=dt_tokens, dt_half=dt_half, **kwargs)
+            assert ((y.double() - ref).abs().max() / ref.abs().max()).item() <= 1e-2, config.label()
