@@ -172,9 +172,9 @@ def token_major(t: torch.Tensor) -> torch.Tensor:
 
 def pointwise_outside(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dt_tokens=False, dt_half=True, **config):
     """The Triton forward as BiMamba's flip-free path calls it (``bimamba.POINTWISE_OUTSIDE``): dt's softplus before
-    the kernel (computed in float32) and the gate after it, here as eager ops (in the network Inductor fuses both into the
-    ops beside the scan, so the row's time over the kernel's is a bound). dt_tokens: dt token-major, from delta's
-    (batch, L, D) copy (``bimamba.DT_TOKENS``); dt_half: dt stored in float16 when delta is 16-bit
+    the kernel (computed in float32) and the gate after it, here as eager ops (in the network Inductor fuses both
+    into the ops beside the scan, so the row's time over the kernel's is a bound). dt_tokens: dt token-major, from
+    delta's (batch, L, D) copy (``bimamba.DT_TOKENS``); dt_half: dt stored in float16 when delta is 16-bit
     (``bimamba.DT_HALF``). config: selective_scan_fwd_triton's keywords."""
     if dt_tokens:  # (batch, L, D), the kernel gets its (batch, D, L) view
         dt = token_major(delta).float() + delta_bias
