@@ -136,7 +136,8 @@ class GSMNet(nn.Module):
         flow_compose: 'official' | 'geometric' order of multi-hop flow composition.
         alternate_direction: alternate forward/backward sweeps between layers (True) or all forward.
         mamba_directions: 2 (bidirectional, official) or 1 (forward scan only).
-        scan_backend: 'auto' | 'kernel' | 'triton' (forward only) | 'ref' selective-scan implementation (gsmsr.ops).
+        scan_backend: 'auto' | 'kernel' | 'triton' (gsmsr's Triton scan, with autograd too) | 'ref' selective-scan
+            implementation (gsmsr.ops; 'auto': kernel_status() says what runs).
     Speed/memory switches (same values up to rounding):
         streaming_eval: without autograd, run each layer as a stream over time that holds one copy of the
             features plus a few frames, instead of several whole-clip copies, so memory hardly grows with T

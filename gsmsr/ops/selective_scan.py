@@ -64,8 +64,14 @@ def cuda_kernel() -> bool:
 
 
 def kernel_status() -> str:
-    """One line saying which scan runs on CUDA tensors, and why not the kernel when it is unavailable."""
-    return 'mamba-ssm kernel' if cuda_kernel() else f'PyTorch scan ({kernel_import_error})'
+    """One line saying which scan runs with autograd (training) and without (inference) on this machine's GPU (the
+    PyTorch scan everywhere without one), and why not mamba-ssm's kernel where it is unavailable."""
+    train = 'mamba-ssm kernel' if cuda_kernel() else f'PyTorch scan (mamba-ssm: {kernel_import_error})'
+    if triton is not None and torch.cuda.is_available() and (INFER_IMPL == 'triton' or not cuda_kernel()):
+        infer = 'gsmsr Triton scan'
+    else:
+        infer = 'mamba-ssm kernel' if cuda_kernel() else 'PyTorch scan'
+    return f'training: {train}; inference: {infer}'
 
 
 # -- custom ops around the kernel --------------------------------------------------------------------------------

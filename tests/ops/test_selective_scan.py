@@ -3,6 +3,8 @@ reverse in time."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -54,6 +56,30 @@ def test_chunking_is_invisible():
     whole = selective_scan_ref(**inp, delta_softplus=True, chunk_size=10_000)
     chunked = selective_scan_ref(**inp, delta_softplus=True, chunk_size=17)
     assert (whole - chunked).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize(
+    'mamba,has_triton,impl,expected',
+    [
+        (True, True, 'triton', 'training: mamba-ssm kernel; inference: gsmsr Triton scan'),
+        (True, True, 'mamba', 'training: mamba-ssm kernel; inference: mamba-ssm kernel'),
+        (False, True, 'triton', 'training: PyTorch scan (mamba-ssm: why); inference: gsmsr Triton scan'),
+        (False, False, 'triton', 'training: PyTorch scan (mamba-ssm: why); inference: PyTorch scan'),
+    ],
+)
+def test_kernel_status_names_what_each_path_runs(monkeypatch, mamba, has_triton, impl, expected):
+    """kernel_status() says what selective_scan dispatches CUDA tensors to with and without autograd: without mamba-ssm
+    inference still runs the Triton scan where Triton imports, only training falls back to PyTorch."""
+    module = importlib.import_module('gsmsr.ops.selective_scan')
+    monkeypatch.setattr(module, 'cuda_kernel', lambda: mamba)
+    monkeypatch.setattr(module, 'kernel_import_error', None if mamba else 'why')
+    monkeypatch.setattr(module, 'triton', object() if has_triton else None)
+    monkeypatch.setattr(module, 'INFER_IMPL', impl)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    assert module.kernel_status() == expected
+    if not mamba:  # without a GPU (hence without mamba-ssm) nothing but the PyTorch scan runs
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+        assert module.kernel_status() == 'training: PyTorch scan (mamba-ssm: why); inference: PyTorch scan'
 
 
 def test_dispatch_uses_reference_on_cpu():
