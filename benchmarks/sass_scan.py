@@ -150,8 +150,8 @@ def compile_variant(mod, v: Dict[str, int], args):
     # strides (batch, channel) of u, then delta's (batch, channel, token: a constexpr), z's, out's; A (D, N) contiguous
     call += (D * L, L) + ((D * L, 1, D) if v['dt_tokens'] else (D * L, L, 1)) + (D * L, L) * 2 + (16, 1)
     kwargs = dict(N=16, NP=16, BLOCK_D=block_d, TILE=v['tile'], SUMMARY=v['summary'], HAS_D=True, HAS_Z=inside,
-                  HAS_BIAS=inside, SOFTPLUS=inside, REVERSE=v['reverse'], DT_TOKENS=v['dt_tokens'],
-                  CPT=v['channels'], num_warps=v['warps'])  # fmt: skip
+                  HAS_BIAS=inside, SOFTPLUS=inside, REVERSE=v['reverse'], CPT=v['channels'],
+                  num_warps=v['warps'])  # fmt: skip
     if v['maxnreg']:
         kwargs['maxnreg'] = v['maxnreg']
     bound, specialization, options = binder(*call, **kwargs)

@@ -173,14 +173,13 @@ def _walk(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
-    DT_TOKENS: tl.constexpr,
     CPT: tl.constexpr,
 ):
     """Walk tokens [lo, hi) (both multiples of TILE) from the states h (tuple of N (BLOCK_D,) fp32), from hi - 1
     down to lo when REVERSE. Summary: also sums dt into dsum, writes nothing. Otherwise stores out. Returns
     (h, dsum). u_row, dt_row, z_row, o_row: (BLOCK_D,) pointers at token 0 of each channel; bc_row: scalar pointer
-    at token 0 of this batch's packed B|C rows (2 NP fp32 per token, B in the first NP). DT_TOKENS: delta is
-    token-major, read a token at a time at L stride s_tl (unused otherwise). CPT: channels a thread."""
+    at token 0 of this batch's packed B|C rows (2 NP fp32 per token, B in the first NP). s_tl: delta's L
+    stride, 1 (channel-major, read in tiles) or not (token-major, read a token at a time). CPT: channels a thread."""
     offs = tl.arange(0, TILE)[None, :]
     mask = md[:, None]
     # over the tile index: t0 = i * TILE is a multiple of TILE the compiler sees, so the tile loads are vectors
@@ -190,7 +189,7 @@ def _walk(
             i = (lo + hi) // TILE - 1 - k
         t0 = i * TILE
         us = _columns(tl.load(u_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
-        if DT_TOKENS:  # int64 offsets: L * D passes 2^31 on long sequences
+        if s_tl != 1:  # token-major; int64 offsets: L * D passes 2^31 on long sequences
             ds = _tokens(dt_row + tl.cast(t0, tl.int64) * s_tl, s_tl, md, BLOCK_D, TILE, CPT)
         else:
             ds = _columns(tl.load(dt_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
@@ -268,7 +267,6 @@ def _scan_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
-    DT_TOKENS: tl.constexpr,
     CPT: tl.constexpr,
 ):
     """Program (channel block, segment s, batch). SUMMARY: segment s (< S-1) from h = 0, stores hs[b, s] (D, N)
@@ -312,16 +310,16 @@ def _scan_kernel(
     if REVERSE and TILE > 1:  # ragged end first (the last segment only: segment lengths are multiples of TILE)
         h, dsum = _walk(
             h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md, s_tl,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, DT_TOKENS, CPT,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, CPT,
         )  # fmt: skip
     h, dsum = _walk(
         h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, lo, full, bias, d_skip, md, s_tl,
-        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, DT_TOKENS, CPT,
+        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, CPT,
     )  # fmt: skip
     if not REVERSE and TILE > 1:  # ragged end (the last segment only, as segment lengths are multiples of TILE)
         h, dsum = _walk(
             h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md, s_tl,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, DT_TOKENS, CPT,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, CPT,
         )  # fmt: skip
     if SUMMARY:
         base = (b * n_carry + s) * Dm + d64
@@ -571,7 +569,6 @@ def selective_scan_fwd_triton(
         HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus),
         REVERSE=bool(reverse),
-        DT_TOKENS=dt_tokens,
     )
     summary_flags = dict(BLOCK_D=block_d, TILE=token_tile, num_warps=num_warps, CPT=max(1, block_d // (32 * num_warps)))
     out_flags = dict(
