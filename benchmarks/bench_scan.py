@@ -64,13 +64,15 @@ class SeqConfig(NamedTuple):
     out_warps: int = 0  # 0: as the summary pass
     out_maxnreg: int = 128  # 0: no cap (the compiler's choice)
     sum_maxnreg: int = 128  # 0: no cap
+    stages: int = 1  # software pipelining of the tile loop (1: none)
 
     def label(self) -> str:
         name = f'seq-triton d{self.block_d} w{self.num_warps} t{self.token_tile} '
         name += f'seg{self.segments}' if self.segments else f'wpsm{self.warps_per_sm}'
         out = [f'{k}{v}' for k, v in (('t', self.out_tile), ('w', self.out_warps)) if v]
         name += f' out({" ".join(out)})' if out else ''
-        return name + f' maxnreg(sum {self.sum_maxnreg or "off"} out {self.out_maxnreg or "off"})'
+        name += f' maxnreg(sum {self.sum_maxnreg or "off"} out {self.out_maxnreg or "off"})'
+        return name + (f' stages{self.stages}' if self.stages > 1 else '')
 
     def kwargs(self) -> Dict[str, Any]:
         # 0 -> None: chosen automatically, as the summary pass, or no register cap
@@ -92,6 +94,7 @@ SEQ_SWEEP = [
     SeqConfig(block_d=64, num_warps=2, out_warps=4),
     SeqConfig(block_d=128, num_warps=4, out_warps=4),
     SeqConfig(out_tile=4, out_warps=2),
+    SeqConfig(stages=3),  # the loads as async copies two tiles ahead (offline SASS: "Scan forward: pipelined loads")
 ]
 
 # (token_tile, maxnreg (0: the compiler's choice), lane_sum, stages, segments (0: the training choice)) of --bwd-sweep
@@ -148,6 +151,11 @@ def make_inputs(
 # (128 registers, no spills), against 191 and 16.75, 148 and 8.75 for two one-channel warps.
 POINTWISE_SWEEP = [
     SeqConfig(),
+    # the tile loop software-pipelined: u, dt and the B|C rows as async copies into shared memory, 1 or 2 tiles ahead
+    # (offline SASS, Triton 3.6: no spills at 128 registers, 3 KB of shared memory a program at 3 stages; the
+    # in-order model's cycles a token 317 -> 204 when the tiles come from DRAM)
+    SeqConfig(stages=2),
+    SeqConfig(stages=3),
     SeqConfig(warps_per_sm=20, sum_maxnreg=96, out_maxnreg=96),
     SeqConfig(warps_per_sm=20, sum_maxnreg=96),
     SeqConfig(out_warps=4),

@@ -122,6 +122,14 @@ def _row(ptr, BLOCK_D: tl.constexpr, NP: tl.constexpr):
     return vals
 
 
+def _row_staged(ptr, BLOCK_D: tl.constexpr, NP: tl.constexpr):
+    """:func:`_row` for a pipelined loop (``tl.range(..., num_stages)``): one 1-D load, which the pipeliner turns
+    into an async copy of the row into shared memory, read back by broadcast shared loads where the values are used.
+    (Outside a pipelined loop the compiler would stage it through shared memory synchronously, with a barrier.)"""
+    row = tl.load(ptr + tl.arange(0, NP))
+    return _columns(tl.broadcast_to(row[None, :], (BLOCK_D, NP)), BLOCK_D, NP)
+
+
 def _tokens(ptr, stride, md, BLOCK_D: tl.constexpr, TILE: tl.constexpr, CPT: tl.constexpr):
     """TILE token-major (BLOCK_D,) vectors at ptr, ptr + stride, ...: a warp's load is 32 adjacent channels in one
     line, laid out as the states. The pointer advances in a chain, one 64-bit add a token (``ptr + j * stride``
@@ -174,6 +182,7 @@ def _walk(
     SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
     CPT: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Walk tokens [lo, hi) (both multiples of TILE) from the states h (tuple of N (BLOCK_D,) fp32), from hi - 1
     down to lo when REVERSE. Summary: also sums dt into dsum, writes nothing. Otherwise stores out. Returns
@@ -183,7 +192,7 @@ def _walk(
     offs = tl.arange(0, TILE)[None, :]
     mask = md[:, None]
     # over the tile index: t0 = i * TILE is a multiple of TILE the compiler sees, so the tile loads are vectors
-    for k in range(lo // TILE, hi // TILE):
+    for k in tl.range(lo // TILE, hi // TILE, num_stages=STAGES):
         i = k
         if REVERSE:  # the same tiles, last first
             i = (lo + hi) // TILE - 1 - k
@@ -198,9 +207,13 @@ def _walk(
         ys = ()
         # tokens of the tile in walking order: 0 .. TILE-1, or TILE-1 .. 0 in reverse
         for j in tl.static_range(REVERSE * (TILE - 1), TILE - REVERSE * (TILE + 1), 1 - 2 * REVERSE):
-            bs = _row(bc_row + (t0 + j) * (2 * NP), BLOCK_D, NP)
-            if not SUMMARY:
-                cs = _row(bc_row + (t0 + j) * (2 * NP) + NP, BLOCK_D, NP)
+            if STAGES > 1:  # B and C in one copy: 2 NP = 32 lanes (NP lanes would take branches around it)
+                bcs = _row_staged(bc_row + (t0 + j) * (2 * NP), BLOCK_D, 2 * NP)
+                bs, cs = bcs[:NP], bcs[NP:]
+            else:
+                bs = _row(bc_row + (t0 + j) * (2 * NP), BLOCK_D, NP)
+                if not SUMMARY:
+                    cs = _row(bc_row + (t0 + j) * (2 * NP) + NP, BLOCK_D, NP)
             u = us[j].to(tl.float32)
             dt = ds[j].to(tl.float32)
             if HAS_BIAS:
@@ -268,6 +281,7 @@ def _scan_kernel(
     SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
     CPT: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Program (channel block, segment s, batch). SUMMARY: segment s (< S-1) from h = 0, stores hs[b, s] (D, N)
     and dsum[b, s] (D,). Otherwise: starts from hs[b, s-1] (the carried state; zero for s = 0) and stores out
@@ -310,16 +324,16 @@ def _scan_kernel(
     if REVERSE and TILE > 1:  # ragged end first (the last segment only: segment lengths are multiples of TILE)
         h, dsum = _walk(
             h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md, s_tl,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, CPT,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, CPT, 1,
         )  # fmt: skip
     h, dsum = _walk(
         h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, lo, full, bias, d_skip, md, s_tl,
-        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, CPT,
+        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, CPT, STAGES,
     )  # fmt: skip
     if not REVERSE and TILE > 1:  # ragged end (the last segment only, as segment lengths are multiples of TILE)
         h, dsum = _walk(
             h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md, s_tl,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, CPT,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, CPT, 1,
         )  # fmt: skip
     if SUMMARY:
         base = (b * n_carry + s) * Dm + d64
@@ -363,7 +377,9 @@ def _carry_kernel(
             tl.store(hs_ptr + (b * n_carry + s0 + j) * Dm * N + lanes, h, mask=ml & (s0 + j < n_carry))
 
 
-_KERNELS = LazyKernels(__name__, [_softplus, _columns, _tile, _row, _tokens, _walk, _scan_kernel, _carry_kernel])
+_KERNELS = LazyKernels(
+    __name__, [_softplus, _columns, _tile, _row, _row_staged, _tokens, _walk, _scan_kernel, _carry_kernel]
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Host side
@@ -470,6 +486,7 @@ def selective_scan_fwd_triton(
     out_warps: Optional[int] = None,
     sum_maxnreg: Optional[int] = 128,
     reverse: bool = False,
+    stages: int = 1,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, int]]:
     """Selective scan forward, no autograd; semantics and shapes of
     :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
@@ -487,6 +504,12 @@ def selective_scan_fwd_triton(
 
     Output pass only (None: as the summary pass): out_tile, its token tile (a power of two); out_warps, its
     num_warps (a power of two), with ``32 * out_warps`` channels per program.
+
+    stages: software-pipelining depth of both passes' tile loop (1: none). At 2 or more, the compiler turns the u,
+    delta, z tile loads and the B|C rows into async copies into shared memory, issued ``stages - 1`` tiles ahead of
+    their use: the loads' latency leaves the token loop, which Nsight Compute found waiting on them (benchmarks/
+    NOTES.md), at ~1.5 KB of shared memory a stage and program. Same values: the same float operations in the same
+    order (only where the operands wait changes).
 
     out_maxnreg, sum_maxnreg: register caps of the output and summary launches on CUDA (None: the compiler's
     choice; ignored by the interpreter). They change no result (the same float instructions), only register
@@ -510,6 +533,8 @@ def selective_scan_fwd_triton(
         'selective_scan_fwd_triton', u, delta, A, B, C, D, z, delta_bias,
         block_d=block_d, token_tile=token_tile, num_warps=num_warps, out_tile=out_tile, out_warps=out_warps,
     )  # fmt: skip
+    if stages < 1:
+        raise ValueError(f'selective_scan_fwd_triton: stages must be at least 1, got {stages}')
     batch, dim, length = u.shape
     n_state = A.shape[1]
 
@@ -574,6 +599,7 @@ def selective_scan_fwd_triton(
     out_flags = dict(
         BLOCK_D=out_block_d, TILE=out_tile, num_warps=out_warps, CPT=max(1, out_block_d // (32 * out_warps))
     )
+    flags['STAGES'] = stages
     for launch, cap in ((summary_flags, sum_maxnreg), (out_flags, out_maxnreg)):
         if cap and not interpret:
             launch['maxnreg'] = cap

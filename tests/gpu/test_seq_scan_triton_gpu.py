@@ -148,6 +148,27 @@ def test_token_major_dt_is_bit_identical_at_gsm_shape(reverse, launch, dt_dtype)
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('stages', [2, 3])
+@pytest.mark.parametrize('reverse,pointwise_outside', [(False, False), (True, False), (False, True), (True, True)])
+def test_pipelined_loads_are_bit_identical_at_gsm_shape(stages, reverse, pointwise_outside):
+    """stages > 1 (the tile loop software-pipelined: async copies through shared memory, B|C one row a token) against
+    stages = 1, compiled at a window step's length in bf16: as the scan is called today (softplus and gate inside), and
+    as BiMamba's pointwise-outside path calls it (float16 dt token-major, no gate): bit for bit, carries included."""
+    inp = _inputs(1, 384, 16, 288_000, torch.bfloat16)
+    if pointwise_outside:
+        dt = torch.nn.functional.softplus(inp.pop('delta').float() + inp.pop('delta_bias')[:, None]).half()
+        inp.update(delta=dt.transpose(1, 2).contiguous().transpose(1, 2), delta_softplus=False)
+        inp.pop('z')
+    else:
+        inp['delta_softplus'] = True
+    with torch.no_grad():
+        expected, states, _ = selective_scan_fwd_triton(**inp, reverse=reverse, return_states=True)
+        y, s, _ = selective_scan_fwd_triton(**inp, reverse=reverse, return_states=True, stages=stages)
+    assert torch.isfinite(expected).all()
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.testing.assert_close(s, states, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     'outside,tokens,half', [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
 )

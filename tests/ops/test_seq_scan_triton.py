@@ -283,6 +283,38 @@ def test_token_major_delta_is_read_as_is(case, dtype, softplus, reverse, channel
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    'case,dtype,softplus,reverse,tokens',
+    [
+        ('L257_seg5_slow', torch.float32, True, False, False),  # ragged tile tail, z and softplus in the kernel
+        ('L257_seg5_slow', torch.bfloat16, False, True, True),  # BiMamba's pointwise-outside reverse call
+        ('L7_seg2_tile4', torch.float32, True, True, False),  # 3 channel blocks, the last partial
+        ('L100_bare', torch.float32, True, False, True),  # no D, z, delta_bias
+    ],
+)
+def test_pipelined_loads_give_the_same_output(case, dtype, softplus, reverse, tokens):
+    """stages > 1 (the tile loop software-pipelined: the loads become async copies through shared memory, B and C
+    one 2N-wide row a token) moves only where the operands wait: the output equals that of stages = 1 bit for bit,
+    with the carried states, and stays within the reference's tolerance."""
+    batch, dim, state, length, decay, segments, tile, block_d, operands = CASES[case]
+    inp = _inputs(batch, dim, state, length, decay, dtype, 'cpu', seed=7)
+    if operands == 'none':
+        inp.update(D=None, z=None, delta_bias=None)
+    if not softplus:  # dt itself, as BiMamba's pointwise-outside path passes it
+        inp['delta'] = torch.nn.functional.softplus(inp['delta'].float() + inp.pop('delta_bias')[:, None])
+    if tokens:
+        inp['delta'] = _unit_d_stride(inp['delta'].float())
+    opts = dict(segments=segments, token_tile=tile, block_d=block_d, reverse=reverse, return_states=True)
+    expected, states, _ = selective_scan_fwd_triton(**inp, delta_softplus=softplus, **opts)
+    assert torch.isfinite(expected).all()
+    for stages in (2, 3):
+        y, s, _ = selective_scan_fwd_triton(**inp, delta_softplus=softplus, stages=stages, **opts)
+        torch.testing.assert_close(y, expected, rtol=0, atol=0)
+        torch.testing.assert_close(s, states, rtol=0, atol=0)
+    assert _check(inp, softplus, segments=segments, token_tile=tile, block_d=block_d, reverse=reverse,
+                  stages=3) < TOL[dtype]  # fmt: skip
+
+
 def test_strided_b_and_c():
     """B and C as strided views, (batch, N, L) views of slices of one (batch, L, R + 2N) projection output, need no
     unit stride (packed anyway): the same output as contiguous ones."""
@@ -317,6 +349,8 @@ def test_rejects_bad_arguments():
         selective_scan_fwd_triton(**inp, out_tile=6)
     with pytest.raises(ValueError, match='out_warps must be a power of two'):
         selective_scan_fwd_triton(**inp, out_warps=3)
+    with pytest.raises(ValueError, match='stages must be at least 1'):
+        selective_scan_fwd_triton(**inp, stages=0)
     with pytest.raises(ValueError, match='B and C'):
         selective_scan_fwd_triton(**{**inp, 'B': inp['B'][:, :2]})
 
