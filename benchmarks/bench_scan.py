@@ -11,7 +11,8 @@ triton op`` rows are ``selective_scan(backend='triton')``: forward through gsmsr
 gsmsr::tscan_fwd / tscan_bwd (gsmsr.ops.seq_scan_triton_bwd, training segments); ``--seq-sweep`` adds its
 configurations in SEQ_SWEEP, labelled ``d<block_d> w<num_warps> t<token_tile> seg<segments>|wpsm<warps per SM>``,
 then ``out(t<tile> w<warps>)`` for the output pass's own options and ``maxnreg(sum <cap> out <cap>)``, the register
-caps of the two launches (``off``: the compiler's choice). ``out_rel`` is the max abs difference from mamba-ssm
+caps of the two launches (``off``: the compiler's choice), and ``stages<n>`` when the tile loop is software-pipelined
+(``stages``). ``out_rel`` is the max abs difference from mamba-ssm
 relative to its max |output|.
 
 Shapes: batch 1, D = 384 channels (d_inner of the release config, C = 192), N = 16 states, L = 5*180*320 = 288000
@@ -94,7 +95,9 @@ SEQ_SWEEP = [
     SeqConfig(block_d=64, num_warps=2, out_warps=4),
     SeqConfig(block_d=128, num_warps=4, out_warps=4),
     SeqConfig(out_tile=4, out_warps=2),
-    SeqConfig(stages=3),  # the loads as async copies two tiles ahead (offline SASS: "Scan forward: pipelined loads")
+    # the loads as async copies two tiles ahead (NOTES "Scan forward: pipelined loads"); at 96 registers, no spills
+    SeqConfig(stages=3),
+    SeqConfig(stages=3, warps_per_sm=20, sum_maxnreg=96, out_maxnreg=96),
 ]
 
 # (token_tile, maxnreg (0: the compiler's choice), lane_sum, stages, segments (0: the training choice)) of --bwd-sweep
@@ -152,10 +155,12 @@ def make_inputs(
 POINTWISE_SWEEP = [
     SeqConfig(),
     # the tile loop software-pipelined: u, dt and the B|C rows as async copies into shared memory, 1 or 2 tiles ahead
-    # (offline SASS, Triton 3.6: no spills at 128 registers, 3 KB of shared memory a program at 3 stages; the
-    # in-order model's cycles a token 317 -> 204 when the tiles come from DRAM)
+    # (offline SASS, Triton 3.6: 3 KB of shared memory a program at 3 stages, no spills at 128 registers nor at 96,
+    # which lets an SM hold 20 one-warp programs; the in-order model's cycles a token 317 -> 204 when the tiles come
+    # from DRAM)
     SeqConfig(stages=2),
     SeqConfig(stages=3),
+    SeqConfig(stages=3, warps_per_sm=20, sum_maxnreg=96, out_maxnreg=96),
     SeqConfig(warps_per_sm=20, sum_maxnreg=96, out_maxnreg=96),
     SeqConfig(warps_per_sm=20, sum_maxnreg=96),
     SeqConfig(out_warps=4),
