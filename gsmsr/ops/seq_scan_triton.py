@@ -41,6 +41,10 @@ A channel-major tile load touches one cache line per thread, 32 a warp instructi
 load, a warp's 32 channels in one line, laid out as the states; a tile's loads are still all issued ahead of its
 arithmetic. With dt computed outside the kernel in float32 (BiMamba's ``POINTWISE_OUTSIDE``) it is the widest operand.
 
+With ``stages`` > 1 the tile loop is software-pipelined (``tl.range(..., num_stages)``): every load becomes an async
+copy into shared memory issued tiles ahead, and the values are read from shared memory where they are used. Each
+token's B|C row is then one copy for the whole warp (:func:`_row_staged`), and a token-major delta a tile.
+
 All arithmetic is float32 whatever the input dtype; the output has u's dtype. Decays are ``exp2(dt * A log2 e)``
 (log2 e folded into A once). No autograd here; with ``return_states=True`` the forward also returns the state
 entering each segment (the carries above), from which the backward (:mod:`gsmsr.ops.seq_scan_triton_bwd`) restarts
@@ -188,7 +192,8 @@ def _walk(
     down to lo when REVERSE. Summary: also sums dt into dsum, writes nothing. Otherwise stores out. Returns
     (h, dsum). u_row, dt_row, z_row, o_row: (BLOCK_D,) pointers at token 0 of each channel; bc_row: scalar pointer
     at token 0 of this batch's packed B|C rows (2 NP fp32 per token, B in the first NP). s_tl: delta's L
-    stride, 1 (channel-major, read in tiles) or not (token-major, read a token at a time). CPT: channels a thread."""
+    stride, 1 (channel-major, read in tiles) or not (token-major: read a token at a time, or in pipelined loops with
+    one channel a thread as a tile). CPT: channels a thread. STAGES: software pipelining of the tile loop (1: none)."""
     offs = tl.arange(0, TILE)[None, :]
     mask = md[:, None]
     # over the tile index: t0 = i * TILE is a multiple of TILE the compiler sees, so the tile loads are vectors
@@ -198,7 +203,13 @@ def _walk(
             i = (lo + hi) // TILE - 1 - k
         t0 = i * TILE
         us = _columns(tl.load(u_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
-        if s_tl != 1:  # token-major; int64 offsets: L * D passes 2^31 on long sequences
+        # token-major, pipelined: a tile, one async copy, transposed by the shared-memory reads (with two channels a
+        # thread the reads would need a layout conversion: 300 instructions a token against 207)
+        if s_tl != 1 and STAGES > 1 and CPT == 1:
+            ds = _columns(
+                tl.load(dt_row[:, None] + (tl.cast(t0, tl.int64) + offs) * s_tl, mask=mask, other=0.0), BLOCK_D, TILE
+            )
+        elif s_tl != 1:  # token-major, a token at a time; int64 offsets: L * D passes 2^31 on long sequences
             ds = _tokens(dt_row + tl.cast(t0, tl.int64) * s_tl, s_tl, md, BLOCK_D, TILE, CPT)
         else:
             ds = _columns(tl.load(dt_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
@@ -508,7 +519,7 @@ def selective_scan_fwd_triton(
     stages: software-pipelining depth of both passes' tile loop (1: none). At 2 or more, the compiler turns the u,
     delta, z tile loads and the B|C rows into async copies into shared memory, issued ``stages - 1`` tiles ahead of
     their use: the loads' latency leaves the token loop, which Nsight Compute found waiting on them (benchmarks/
-    NOTES.md), at ~1.5 KB of shared memory a stage and program. Same values: the same float operations in the same
+    NOTES.md), at ~2 KB of shared memory a stage and program. Same values: the same float operations in the same
     order (only where the operands wait changes).
 
     out_maxnreg, sum_maxnreg: register caps of the output and summary launches on CUDA (None: the compiler's

@@ -284,18 +284,20 @@ def test_token_major_delta_is_read_as_is(case, dtype, softplus, reverse, channel
 
 
 @pytest.mark.parametrize(
-    'case,dtype,softplus,reverse,tokens',
+    'case,dtype,softplus,reverse,tokens,channels',
     [
-        ('L257_seg5_slow', torch.float32, True, False, False),  # ragged tile tail, z and softplus in the kernel
-        ('L257_seg5_slow', torch.bfloat16, False, True, True),  # BiMamba's pointwise-outside reverse call
-        ('L7_seg2_tile4', torch.float32, True, True, False),  # 3 channel blocks, the last partial
-        ('L100_bare', torch.float32, True, False, True),  # no D, z, delta_bias
+        ('L257_seg5_slow', torch.float32, True, False, False, 1),  # ragged tile tail, z and softplus in the kernel
+        ('L257_seg5_slow', torch.bfloat16, False, True, True, 1),  # BiMamba's pointwise-outside reverse call
+        ('L7_seg2_tile4', torch.float32, True, True, False, 1),  # 3 channel blocks, the last partial
+        ('L100_bare', torch.float32, True, False, True, 1),  # no D, z, delta_bias
+        ('L7_seg2_tile4', torch.float32, False, False, True, 2),  # two channels a thread: dt a token at a time
     ],
 )
-def test_pipelined_loads_give_the_same_output(case, dtype, softplus, reverse, tokens):
+def test_pipelined_loads_give_the_same_output(case, dtype, softplus, reverse, tokens, channels):
     """stages > 1 (the tile loop software-pipelined: the loads become async copies through shared memory, B and C
     one 2N-wide row a token) moves only where the operands wait: the output equals that of stages = 1 bit for bit,
-    with the carried states, and stays within the reference's tolerance."""
+    with the carried states, and stays within the reference's tolerance. Token-major dt is then read as a tile (one
+    channel a thread) or a token at a time (two)."""
     batch, dim, state, length, decay, segments, tile, block_d, operands = CASES[case]
     inp = _inputs(batch, dim, state, length, decay, dtype, 'cpu', seed=7)
     if operands == 'none':
@@ -305,14 +307,16 @@ def test_pipelined_loads_give_the_same_output(case, dtype, softplus, reverse, to
     if tokens:
         inp['delta'] = _unit_d_stride(inp['delta'].float())
     opts = dict(segments=segments, token_tile=tile, block_d=block_d, reverse=reverse, return_states=True)
+    if channels == 2:
+        opts.update(block_d=64, num_warps=1)
     expected, states, _ = selective_scan_fwd_triton(**inp, delta_softplus=softplus, **opts)
     assert torch.isfinite(expected).all()
     for stages in (2, 3):
         y, s, _ = selective_scan_fwd_triton(**inp, delta_softplus=softplus, stages=stages, **opts)
         torch.testing.assert_close(y, expected, rtol=0, atol=0)
         torch.testing.assert_close(s, states, rtol=0, atol=0)
-    assert _check(inp, softplus, segments=segments, token_tile=tile, block_d=block_d, reverse=reverse,
-                  stages=3) < TOL[dtype]  # fmt: skip
+    opts.pop('return_states')
+    assert _check(inp, softplus, stages=3, **opts) < TOL[dtype]
 
 
 def test_strided_b_and_c():
