@@ -23,7 +23,7 @@ explicit softmax instead of SDPA (``swsa.SDPA_ATTENTION``), ``split=1`` fp32 GEM
 (``GSMNet.stream_buffers``; these switches compile the window step again), ``swsac=0`` SWSA's attention residual
 eager (``swsa.COMPILE_ATTENTION``; a network of its own, compiled at that row's first call), other keys go to the
 Triton scan (``selective_scan.INFER_TRITON_CONFIG``: out_tile, out_warps, out_maxnreg, token_tile, warps_per_sm,
-...; 0 for a register cap turns it off), e.g.
+stages, ...; 0 for a register cap turns it off), e.g.
 ``--variants 'slab=12;dwconv_block_c=64,dwconv_num_warps=4;flipfree=0;out_tile=4'``.
 Prints one table: median ms per clip and per frame (CUDA events), the first call's seconds (compilation included),
 peak memory, and the max abs / PSNR difference of each GSMNet row against the first one that ran. --train adds
