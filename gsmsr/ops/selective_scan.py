@@ -63,11 +63,17 @@ def cuda_kernel() -> bool:
     return _cuda_module() is not None
 
 
+def _infer_runs_triton() -> bool:
+    """Whether ``backend='auto'`` without autograd sends Triton-ready CUDA tensors to the Triton forward: without
+    mamba-ssm, or with it when ``INFER_IMPL`` is 'triton' (the two ways :func:`selective_scan` reaches it)."""
+    return not cuda_kernel() or INFER_IMPL == 'triton'
+
+
 def kernel_status() -> str:
     """One line saying which scan runs with autograd (training) and without (inference) on this machine's GPU (the
     PyTorch scan everywhere without one), and why not mamba-ssm's kernel where it is unavailable."""
     train = 'mamba-ssm kernel' if cuda_kernel() else f'PyTorch scan (mamba-ssm: {kernel_import_error})'
-    if triton is not None and torch.cuda.is_available() and (INFER_IMPL == 'triton' or not cuda_kernel()):
+    if triton is not None and torch.cuda.is_available() and _infer_runs_triton():
         infer = 'gsmsr Triton scan'
     else:
         infer = 'mamba-ssm kernel' if cuda_kernel() else 'PyTorch scan'
@@ -364,7 +370,7 @@ def reverses_natively(u: Tensor, backend: str = 'auto') -> bool:
         return True
     if backend != 'auto' or not (u.is_cuda and _triton_ready(u)):
         return False
-    return not cuda_kernel() or INFER_IMPL == 'triton'  # the two ways selective_scan reaches scan_infer's Triton
+    return _infer_runs_triton()
 
 
 def selective_scan(

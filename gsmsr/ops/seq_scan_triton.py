@@ -605,12 +605,12 @@ def selective_scan_fwd_triton(
         HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus),
         REVERSE=bool(reverse),
+        STAGES=stages,
     )
     summary_flags = dict(BLOCK_D=block_d, TILE=token_tile, num_warps=num_warps, CPT=max(1, block_d // (32 * num_warps)))
     out_flags = dict(
         BLOCK_D=out_block_d, TILE=out_tile, num_warps=out_warps, CPT=max(1, out_block_d // (32 * out_warps))
     )
-    flags['STAGES'] = stages
     for launch, cap in ((summary_flags, sum_maxnreg), (out_flags, out_maxnreg)):
         if cap and not interpret:
             launch['maxnreg'] = cap
