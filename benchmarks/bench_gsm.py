@@ -23,7 +23,7 @@ explicit softmax instead of SDPA (``swsa.SDPA_ATTENTION``), ``split=1`` fp32 GEM
 (``GSMNet.stream_buffers``; these switches compile the window step again), ``swsac=0`` SWSA's attention residual
 eager (``swsa.COMPILE_ATTENTION``; a network of its own, compiled at that row's first call), other keys go to the
 Triton scan (``selective_scan.INFER_TRITON_CONFIG``: out_tile, out_warps, out_maxnreg, token_tile, warps_per_sm,
-stages, ...; 0 for a register cap turns it off), e.g.
+stages, ...; over its defaults, so ``stages=1`` is the unpipelined scan; 0 for a register cap turns it off), e.g.
 ``--variants 'slab=12;dwconv_block_c=64,dwconv_num_warps=4;flipfree=0;out_tile=4'``.
 Prints one table: median ms per clip and per frame (CUDA events), the first call's seconds (compilation included),
 peak memory, and the max abs / PSNR difference of each GSMNet row against the first one that ran. --train adds
@@ -169,6 +169,7 @@ def main() -> int:
 
     flip_free_default = BIMAMBA.FLIP_FREE
     pointwise_defaults = BIMAMBA.POINTWISE_OUTSIDE, BIMAMBA.DT_TOKENS, BIMAMBA.DT_HALF
+    infer_config_default = dict(SCAN.INFER_TRITON_CONFIG)
     fused_warp_default, fused_scatter_default = IWARP.FUSED_ATTENTION, GSM_BLOCK.FUSED_SCATTER
     sdpa_default, swsa_compile_default = SWSA.SDPA_ATTENTION, SWSA.COMPILE_ATTENTION
     split_default = MATMUL3X.SPLIT_IN_REGISTERS
@@ -183,7 +184,7 @@ def main() -> int:
             net.streaming_eval, net.stream_slab = streaming, variant.get('slab', GSMNet.stream_slab)
             net.stream_buffers = bool(variant.get('buffers', GSMNet.stream_buffers))
             SCAN.INFER_TRITON_CONFIG.clear()
-            SCAN.INFER_TRITON_CONFIG.update(scan)
+            SCAN.INFER_TRITON_CONFIG.update(infer_config_default, **scan)
             DWCONV.OP_CONFIG = stencil
             BIMAMBA.FLIP_FREE = bool(variant.get('flipfree', BIMAMBA.FLIP_FREE))
             BIMAMBA.POINTWISE_OUTSIDE = bool(variant.get('pwout', BIMAMBA.POINTWISE_OUTSIDE))
@@ -199,6 +200,7 @@ def main() -> int:
                     return net(x).float()
             finally:
                 SCAN.INFER_TRITON_CONFIG.clear()
+                SCAN.INFER_TRITON_CONFIG.update(infer_config_default)
                 DWCONV.OP_CONFIG = DWCONV.DEFAULT_CONFIG
                 BIMAMBA.FLIP_FREE = flip_free_default
                 BIMAMBA.POINTWISE_OUTSIDE, BIMAMBA.DT_TOKENS, BIMAMBA.DT_HALF = pointwise_defaults

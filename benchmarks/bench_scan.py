@@ -98,6 +98,12 @@ SEQ_SWEEP = [
     # the loads as async copies two tiles ahead (NOTES "Scan forward: pipelined loads"); at 96 registers, no spills
     SeqConfig(stages=3),
     SeqConfig(stages=3, warps_per_sm=20, sum_maxnreg=96, out_maxnreg=96),
+    SeqConfig(stages=4),
+    SeqConfig(stages=3, out_warps=2),
+    SeqConfig(stages=3, out_warps=4),
+    SeqConfig(stages=3, token_tile=16),
+    SeqConfig(stages=3, warps_per_sm=20, out_maxnreg=96),
+    SeqConfig(stages=3, warps_per_sm=24, sum_maxnreg=80, out_maxnreg=80),
 ]
 
 # (token_tile, maxnreg (0: the compiler's choice), lane_sum, stages, segments (0: the training choice)) of --bwd-sweep
