@@ -107,6 +107,12 @@ SEQ_SWEEP = [
     # pass spills 44 bytes, the summary none
     SeqConfig(stages=3, warps_per_sm=24, sum_maxnreg=80, out_maxnreg=80),
     SeqConfig(stages=3, warps_per_sm=24, sum_maxnreg=80, out_maxnreg=80, out_warps=2),
+    # whole extra waves of shorter segments: the hardware hands a finished program's slot to the next one, so SMs
+    # whose programs run fast take more of them (Nsight Compute, pipelined: 11.8 / 12.8 of 16 warps active on average
+    # in the summary / output pass, unpipelined 12.4 / 15.3: a tail of programs finishing late is one reading)
+    SeqConfig(stages=3, warps_per_sm=32),
+    SeqConfig(stages=3, warps_per_sm=48),  # 3 waves (64 would cut segments below MIN_SEGMENT: 3.2 waves)
+    SeqConfig(stages=3, warps_per_sm=48, sum_maxnreg=80, out_maxnreg=80),
 ]
 
 # (token_tile, maxnreg (0: the compiler's choice), lane_sum, stages, segments (0: the training choice)) of --bwd-sweep
