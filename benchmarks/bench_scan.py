@@ -98,15 +98,14 @@ SEQ_SWEEP = [
     # the loads as async copies two tiles ahead (NOTES "Scan forward: pipelined loads"); at 96 registers, no spills
     SeqConfig(stages=3),
     SeqConfig(stages=3, warps_per_sm=20, sum_maxnreg=96, out_maxnreg=96),
+    # (programs of 2 or 4 warps lose offline when pipelined: 198 instructions a token against 154 in the output pass,
+    # the B|C row spread over the program's warps and gathered again through 38 shared loads a token against 10)
     SeqConfig(stages=4),
-    SeqConfig(stages=3, out_warps=2),
-    SeqConfig(stages=3, out_warps=4),
     SeqConfig(stages=3, token_tile=16),
     SeqConfig(stages=3, warps_per_sm=20, out_maxnreg=96),
     # offline SASS (Triton 3.6): no spills at 80 registers in either pass (24 programs an SM); at 64 the output
     # pass spills 44 bytes, the summary none
     SeqConfig(stages=3, warps_per_sm=24, sum_maxnreg=80, out_maxnreg=80),
-    SeqConfig(stages=3, warps_per_sm=24, sum_maxnreg=80, out_maxnreg=80, out_warps=2),
     # whole extra waves of shorter segments: the hardware hands a finished program's slot to the next one, so SMs
     # whose programs run fast take more of them (Nsight Compute, pipelined: 11.8 / 12.8 of 16 warps active on average
     # in the summary / output pass, unpipelined 12.4 / 15.3: a tail of programs finishing late is one reading)
