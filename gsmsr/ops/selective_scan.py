@@ -33,9 +33,9 @@ INFER_IMPL = os.environ.get('GSMSR_SCAN_INFER', 'triton')
 # Keyword arguments of the Triton forward under ``gsmsr::scan_infer`` (block_d, token_tile, warps_per_sm, out_tile,
 # out_warps, out_maxnreg, stages, ...; the rest at its defaults). Read at every call (the op is opaque to
 # torch.compile), so benchmarks can try configurations in a compiled network without recompiling it. stages=3:
-# the tile loop's loads as async copies two tiles ahead, the same values bit for bit; 39.7 against 40.8 ms/frame
-# for the bf16 compiled default at 20x180x320 on an H200 (benchmarks/NOTES.md). Training keeps the function's
-# defaults.
+# the tile loop's loads as async copies two tiles ahead, the same values bit for bit; 39.3 against 42.0 ms/frame
+# (39.7 against 40.8 in another run) for the bf16 compiled default at 20x180x320 on an H200 (benchmarks/NOTES.md).
+# Training keeps the function's defaults.
 INFER_TRITON_CONFIG: Dict[str, int] = {'stages': 3}
 
 
