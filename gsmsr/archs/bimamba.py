@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from gsmsr.ops.selective_scan import reverses_natively, selective_scan
+from gsmsr.ops.selective_scan import reverses_natively, scan_pair, selective_scan
 
 D_STATE = 16
 D_CONV = 4
@@ -46,6 +46,12 @@ DT_TOKENS = True
 # delta's own bf16 rounding (9.2e-4); bf16 dt would add 1.0e-3. Without autocast dt stays float32. False: float32
 # always; ``bench_gsm.py --variants 'pwout=1,dthalf=0'`` times it.
 DT_HALF = True
+# On the flip-free path (without POINTWISE_OUTSIDE), both branches' scans as one launch each of the summary, carry
+# and output passes (``gsmsr::scan_pair``), their operands stacked by the ops that make them: twice the programs a
+# launch, so SMs whose programs finish early take more (Nsight Compute found ~12 of 16 warps active on average in
+# either pass of one call), and three launches instead of six. Off until timed in the network; ``bench_gsm.py
+# --variants pair=1`` times it.
+PAIR_LAUNCH = False
 
 
 @cache
@@ -187,6 +193,33 @@ class BiMamba(nn.Module):
             reverse=reverse,
         )
 
+    def _both_branches(self, x: Tensor, gate: Tensor) -> Tensor:
+        """The flip-free forward and backward branches through one pair scan (PAIR_LAUNCH): each op makes both
+        branches' operand at once, stacked on a leading axis of 2 (the convs in one fused kernel under
+        ``torch.compile``, the projections as batched GEMMs). x, gate: (B, Di, L) -> (B, Di, L)."""
+        batch = x.shape[0]
+        u = torch.stack(
+            [
+                causal_conv_silu(x, self.conv1d.weight, self.conv1d.bias),
+                causal_conv_silu(x, self.conv1d_b.weight, self.conv1d_b.bias, reverse=True),
+            ]
+        )  # (2, B, Di, L)
+        x_w = torch.stack([self.x_proj.weight, self.x_proj_b.weight])[:, None]  # (2, 1, R + 2N, Di)
+        delta, b, c = torch.matmul(x_w, u).split([self.dt_rank, self.d_state, self.d_state], dim=2)
+        delta = torch.matmul(torch.stack([self.dt_proj.weight, self.dt_proj_b.weight])[:, None], delta)
+        y = scan_pair(
+            u.flatten(0, 1),
+            delta.flatten(0, 1),
+            -torch.exp(_at_least_fp32(torch.stack([self.A_log, self.A_b_log]))),
+            b.flatten(0, 1),
+            c.flatten(0, 1),
+            _at_least_fp32(torch.stack([self.D, self.D_b])),
+            gate,
+            _at_least_fp32(torch.stack([self.dt_proj.bias, self.dt_proj_b.bias])),
+            True,
+        )
+        return y[:batch] + y[batch:]
+
     def forward(self, z: Tensor, directions: int = 2) -> Tensor:
         """z: (B, L, C) -> (B, L, C)."""
         # Without autograd, where the scan walks backwards itself, the backward branch runs on the sequence as it is:
@@ -204,6 +237,8 @@ class BiMamba(nn.Module):
             xz = torch.matmul(self.in_proj.weight, z.transpose(1, 2))  # (B, 2Di, L), contiguous along L
         x, gate = xz.chunk(2, dim=1)
         outside = flip_free and POINTWISE_OUTSIDE
+        if flip_free and PAIR_LAUNCH and not outside:
+            return self.out_proj(self._both_branches(x, gate).transpose(1, 2))
         y = self._branch(x, None if outside else gate, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
         backward = (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)
         if outside:

@@ -156,6 +156,32 @@ def test_compiled_bimamba_traces_the_flip_free_branch(monkeypatch, outside, toke
     torch.testing.assert_close(y, flipped, rtol=1e-5, atol=1e-6)
 
 
+def test_pair_launch_runs_both_branches_in_one_scan(monkeypatch):
+    """With PAIR_LAUNCH the flip-free branches go through one gsmsr::scan_pair (interpreted Triton here), their
+    operands stacked: the two-call flip-free output to float32 rounding (the projections as batched GEMMs), eagerly
+    and traced (aot_eager: one scan_pair node on stacked operands, no scan_infer, no flips)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
+    monkeypatch.setattr(bimamba, 'POINTWISE_OUTSIDE', False)
+    m = _bimamba('triton')
+    z = torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        two_calls = m(z)
+        monkeypatch.setattr(bimamba, 'PAIR_LAUNCH', True)
+        y = m(z)
+        counter = CompileCounterWithBackend('aot_eager')
+        traced = torch.compile(m, backend=counter, fullgraph=True)(z)
+    torch.testing.assert_close(y, two_calls, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(traced, two_calls, rtol=1e-5, atol=1e-6)
+    nodes = [n for gm in counter.graphs for n in gm.graph.nodes]
+    assert not any('flip' in str(n.target) for n in nodes)
+    assert not any(n.target is torch.ops.gsmsr.scan_infer.default for n in nodes)
+    (pair,) = [n for n in nodes if n.target is torch.ops.gsmsr.scan_pair.default]
+    assert pair.args[0].meta['example_value'].shape == (2, 16, 37)  # both branches' u, stacked
+
+
 @pytest.mark.parametrize('tokens', [False, True])
 def test_pointwise_outside_stores_dt_in_float16_under_16_bit_autocast(monkeypatch, tokens):
     """Under bf16 autocast (the projections' GEMMs give bf16 delta) the pointwise-outside path hands the scans dt in
