@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from functools import cache
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +52,12 @@ DT_HALF = True
 # either pass of one call), and three launches instead of six. Off until timed in the network; ``bench_gsm.py
 # --variants pair=1`` times it.
 PAIR_LAUNCH = False
+# On the flip-free path (without POINTWISE_OUTSIDE), the output gate once on the two branches' sum, in float32 in the
+# op that adds them, instead of inside each scan: the output passes lose 2 of their 19 special-function ops and 8 of
+# their ~154 instructions a token and the gate's loads (read once instead of twice); one rounding fewer (each branch
+# was rounded to the activations' dtype after its gate). Off until timed in the network; ``bench_gsm.py --variants
+# gate=1`` times it.
+GATE_OUTSIDE = False
 
 
 @cache
@@ -153,22 +159,23 @@ class BiMamba(nn.Module):
     def _branch(
         self,
         x: Tensor,
-        gate: Tensor,
+        gate: Optional[Tensor],
         conv: nn.Conv1d,
         x_proj: nn.Linear,
         dt_proj: nn.Linear,
         a_log: Tensor,
         d: Tensor,
         reverse: bool = False,
+        dt_outside: bool = False,
     ) -> Tensor:
         """x, gate: (B, Di, L) -> (B, Di, L). reverse: conv and scan run time backwards (anti-causal conv, reverse
-        scan), i.e. the branch on the flipped x and gate, flipped back. gate None: the ungated output, with dt's
-        softplus computed here (POINTWISE_OUTSIDE), by token-major projections with DT_TOKENS."""
+        scan), i.e. the branch on the flipped x and gate, flipped back. gate None: the ungated output. dt_outside:
+        dt's softplus computed here (POINTWISE_OUTSIDE), by token-major projections with DT_TOKENS."""
         u = causal_conv_silu(x, conv.weight, conv.bias, reverse)
         A = -torch.exp(_at_least_fp32(a_log))
         bias = _at_least_fp32(dt_proj.bias)
         split = [self.dt_rank, self.d_state, self.d_state]
-        if gate is None and DT_TOKENS:  # token-major: (B, L, .) outputs; the scan gets (B, ., L) views of them
+        if dt_outside and DT_TOKENS:  # token-major: (B, L, .) outputs; the scan gets (B, ., L) views of them
             delta, b, c = F.linear(u.transpose(1, 2), x_proj.weight).split(split, dim=2)
             delta = _dt(F.linear(delta, dt_proj.weight), bias)
             delta, b, c, bias = delta.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), None
@@ -177,7 +184,7 @@ class BiMamba(nn.Module):
             # eagerly no copies, under torch.compile Inductor copies delta, B and C into this layout)
             delta, b, c = torch.matmul(x_proj.weight, u).split(split, dim=1)  # (B, R + 2N, L)
             delta = torch.matmul(dt_proj.weight, delta)  # (B, Di, L); dt bias goes into the scan
-            if gate is None:
+            if dt_outside:
                 delta, bias = _dt(delta, bias[:, None]), None
         return selective_scan(
             u,
@@ -193,10 +200,11 @@ class BiMamba(nn.Module):
             reverse=reverse,
         )
 
-    def _both_branches(self, x: Tensor, gate: Tensor) -> Tensor:
+    def _both_branches(self, x: Tensor, gate: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """The flip-free forward and backward branches through one pair scan (PAIR_LAUNCH): each op makes both
         branches' operand at once, stacked on a leading axis of 2 (the convs in one fused kernel under
-        ``torch.compile``, the projections as batched GEMMs). x, gate: (B, Di, L) -> (B, Di, L)."""
+        ``torch.compile``, the projections as batched GEMMs). x, gate: (B, Di, L) -> the two branches' outputs
+        (B, Di, L); gate None: ungated."""
         batch = x.shape[0]
         u = torch.stack(
             [
@@ -218,7 +226,7 @@ class BiMamba(nn.Module):
             _at_least_fp32(torch.stack([self.dt_proj.bias, self.dt_proj_b.bias])),
             True,
         )
-        return y[:batch] + y[batch:]
+        return y[:batch], y[batch:]
 
     def forward(self, z: Tensor, directions: int = 2) -> Tensor:
         """z: (B, L, C) -> (B, L, C)."""
@@ -237,15 +245,20 @@ class BiMamba(nn.Module):
             xz = torch.matmul(self.in_proj.weight, z.transpose(1, 2))  # (B, 2Di, L), contiguous along L
         x, gate = xz.chunk(2, dim=1)
         outside = flip_free and POINTWISE_OUTSIDE
-        if flip_free and PAIR_LAUNCH and not outside:
-            return self.out_proj(self._both_branches(x, gate).transpose(1, 2))
-        y = self._branch(x, None if outside else gate, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
+        gate_once = flip_free and (outside or GATE_OUTSIDE)  # the gate on the two branches' float32 sum
+        scan_gate = None if gate_once else gate
         backward = (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)
-        if outside:
-            y_b = self._branch(x, None, *backward, reverse=True)
+        if flip_free and PAIR_LAUNCH and not outside:
+            y, y_b = self._both_branches(x, scan_gate)
+        else:
+            forward = (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
+            y = self._branch(x, scan_gate, *forward, dt_outside=outside)
+            if flip_free:
+                y_b = self._branch(x, scan_gate, *backward, reverse=True, dt_outside=outside)
+            elif directions == 2:
+                y_b = self._branch(x.flip(-1), gate.flip(-1), *backward).flip(-1)
+        if gate_once:
             y = ((y.float() + y_b.float()) * F.silu(gate.float())).to(y.dtype)
-        elif flip_free:
-            y = y + self._branch(x, gate, *backward, reverse=True)
         elif directions == 2:
-            y = y + self._branch(x.flip(-1), gate.flip(-1), *backward).flip(-1)
+            y = y + y_b
         return self.out_proj(y.transpose(1, 2))

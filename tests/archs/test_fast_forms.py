@@ -156,10 +156,12 @@ def test_compiled_bimamba_traces_the_flip_free_branch(monkeypatch, outside, toke
     torch.testing.assert_close(y, flipped, rtol=1e-5, atol=1e-6)
 
 
-def test_pair_launch_runs_both_branches_in_one_scan(monkeypatch):
-    """With PAIR_LAUNCH the flip-free branches go through one gsmsr::scan_pair (interpreted Triton here), their
-    operands stacked: the two-call flip-free output to float32 rounding (the projections as batched GEMMs), eagerly
-    and traced (aot_eager: one scan_pair node on stacked operands, no scan_infer, no flips)."""
+@pytest.mark.parametrize('pair,gate_once', [(True, False), (False, True), (True, True)])
+def test_pair_launch_and_gate_once(monkeypatch, pair, gate_once):
+    """PAIR_LAUNCH: the flip-free branches through one gsmsr::scan_pair (interpreted Triton here), their operands
+    stacked; GATE_OUTSIDE: the gate once on the branches' sum, the scans ungated. Each is the two gated calls' output
+    to float32 rounding (batched GEMMs; the gate multiplies the sum), eagerly and traced (aot_eager: one scan_pair
+    node on stacked operands and no scan_infer, or two ungated scan_infer; no flips)."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
@@ -169,7 +171,8 @@ def test_pair_launch_runs_both_branches_in_one_scan(monkeypatch):
     z = torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         two_calls = m(z)
-        monkeypatch.setattr(bimamba, 'PAIR_LAUNCH', True)
+        monkeypatch.setattr(bimamba, 'PAIR_LAUNCH', pair)
+        monkeypatch.setattr(bimamba, 'GATE_OUTSIDE', gate_once)
         y = m(z)
         counter = CompileCounterWithBackend('aot_eager')
         traced = torch.compile(m, backend=counter, fullgraph=True)(z)
@@ -177,9 +180,12 @@ def test_pair_launch_runs_both_branches_in_one_scan(monkeypatch):
     torch.testing.assert_close(traced, two_calls, rtol=1e-5, atol=1e-6)
     nodes = [n for gm in counter.graphs for n in gm.graph.nodes]
     assert not any('flip' in str(n.target) for n in nodes)
-    assert not any(n.target is torch.ops.gsmsr.scan_infer.default for n in nodes)
-    (pair,) = [n for n in nodes if n.target is torch.ops.gsmsr.scan_pair.default]
-    assert pair.args[0].meta['example_value'].shape == (2, 16, 37)  # both branches' u, stacked
+    pairs = [n for n in nodes if n.target is torch.ops.gsmsr.scan_pair.default]
+    singles = [n for n in nodes if n.target is torch.ops.gsmsr.scan_infer.default]
+    assert (len(pairs), len(singles)) == ((1, 0) if pair else (0, 2))
+    if pair:
+        assert pairs[0].args[0].meta['example_value'].shape == (2, 16, 37)  # both branches' u, stacked
+    assert all((n.args[6] is None) == gate_once for n in pairs + singles)  # z
 
 
 @pytest.mark.parametrize('tokens', [False, True])

@@ -194,16 +194,17 @@ def test_pair_is_bit_identical_to_two_calls_at_gsm_shape(warps_per_sm):
 
 
 @pytest.mark.parametrize(
-    'outside,tokens,half,pair',
-    [(False, False, False, False), (True, False, False, False), (True, True, False, False), (True, True, True, False),
-     (False, False, False, True)],
+    'outside,tokens,half,pair,gate',
+    [(False, False, False, False, False), (True, False, False, False, False), (True, True, False, False, False),
+     (True, True, True, False, False), (False, False, False, True, False), (False, False, False, False, True),
+     (False, False, False, True, True)],
 )  # fmt: skip
-def test_bimamba_flip_free_inference_matches_flipped_form(monkeypatch, outside, tokens, half, pair):
+def test_bimamba_flip_free_inference_matches_flipped_form(monkeypatch, outside, tokens, half, pair, gate):
     """BiMamba at GSM's width under bf16 autocast, without autograd: the flip-free backward branch (in-projection as a
     bmm, anti-causal conv through causal-conv1d flipped around or conv1d, reverse Triton scan; with POINTWISE_OUTSIDE
     dt's softplus and the gate outside the scans, with DT_TOKENS by token-major projections, with DT_HALF dt stored
-    in float16; with PAIR_LAUNCH both scans as one pair launch) against the flipped form. (Compiled:
-    tests/gpu/test_fast_paths.py, the network against the eager one.)"""
+    in float16; with PAIR_LAUNCH both scans as one pair launch; with GATE_OUTSIDE the gate once on their sum) against
+    the flipped form. (Compiled: tests/gpu/test_fast_paths.py, the network against the eager one.)"""
     from gsmsr.archs import bimamba
 
     torch.manual_seed(0)
@@ -212,6 +213,7 @@ def test_bimamba_flip_free_inference_matches_flipped_form(monkeypatch, outside, 
     monkeypatch.setattr(bimamba, 'DT_TOKENS', tokens)
     monkeypatch.setattr(bimamba, 'DT_HALF', half)
     monkeypatch.setattr(bimamba, 'PAIR_LAUNCH', pair)
+    monkeypatch.setattr(bimamba, 'GATE_OUTSIDE', gate)
     m = bimamba.BiMamba(192).cuda().eval()
     z = torch.randn(1, 5 * 64 * 64, 192, device='cuda')
     assert bimamba.reverses_natively(z)  # the default CUDA scan: the flip-free form runs
