@@ -1,7 +1,7 @@
 """Selective scan at GSM's shapes: mamba-ssm's CUDA kernel, gsmsr's Triton kernel and (short L only) the PyTorch scan.
 
     python benchmarks/bench_scan.py [--lengths 288000,20480] [--dtypes fp32,bf16] [--repeats 10]
-        [--seq-sweep] [--bidir] [--modes fwd,fwd+bwd,bwd] [--bwd-sweep] [--batch 1] [--only SUBSTR,...]
+        [--seq-sweep] [--modes fwd,fwd+bwd,bwd] [--bwd-sweep] [--batch 1] [--only SUBSTR,...]
 
 ``seq-triton`` rows are gsmsr.ops.seq_scan_triton called directly (forward only, so no fwd+bwd rows), ``pointwise
 outside`` with dt's softplus and the gate as eager ops around the kernel (as BiMamba's flip-free path calls it, dt
@@ -12,9 +12,8 @@ gsmsr::tscan_fwd / tscan_bwd (gsmsr.ops.seq_scan_triton_bwd, training segments);
 configurations in SEQ_SWEEP, labelled ``d<block_d> w<num_warps> t<token_tile> seg<segments>|wpsm<warps per SM>``,
 then ``out(t<tile> w<warps>)`` for the output pass's own options and ``maxnreg(sum <cap> out <cap>)``, the register
 caps of the two launches (``off``: the compiler's choice), and ``stages<n>`` when the tile loop is software-pipelined
-(``stages``). ``--bidir`` adds ``bidir`` rows (BIDIR_SWEEP): both directions of a BiMamba, summed, as two calls
-(forward, reverse) or one ``pair`` call, their ``out_maxabs`` against the first of them. ``out_rel`` is the max abs
-difference from mamba-ssm relative to its max |output|.
+(``stages``). ``out_rel`` is the max abs difference from mamba-ssm
+relative to its max |output|.
 
 Shapes: batch 1, D = 384 channels (d_inner of the release config, C = 192), N = 16 states, L = 5*180*320 = 288000
 (a 5-frame window at REDS resolution) and L = 5*64*64 = 20480. Operands as BiMamba passes them: u, delta, z, B, C in
@@ -216,42 +215,6 @@ def pointwise_outside(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dt_to
     return (y.float() * F.silu(z.float())).to(u.dtype)
 
 
-# --bidir rows: both directions of a BiMamba as the flip-free network path runs them, (pair, config): two calls
-# (forward, then reverse) or one pair call. A pair launch at the same warps_per_sm halves each direction's segments
-# (the programs of one call); at twice it keeps them and runs two waves, so that SMs whose programs finish early take
-# more (Nsight Compute: ~12 of 16 warps active on average in either pass of one call).
-BIDIR_SWEEP = [
-    (False, SeqConfig(stages=3)),
-    (True, SeqConfig(stages=3)),
-    (True, SeqConfig(stages=3, warps_per_sm=32)),
-    (True, SeqConfig(stages=3, warps_per_sm=48)),
-    (True, SeqConfig(stages=3, warps_per_sm=64)),
-]
-
-_STACKED: Dict[Tuple[Any, ...], Dict[str, torch.Tensor]] = {}
-
-
-def bidirectional(u, delta, A, B, C, D, z, delta_bias, delta_softplus, pair=False, **config):
-    """Both directions of a bidirectional scan on one set of operands (the backward direction with A halved, so the
-    two differ), summed: two calls, or one ``pair=True`` call on the operands stacked along the batch (stacked once per
-    operand set, untimed after the warm-up: in the network the producers would write that layout)."""
-    A_b = A * 0.5
-    if not pair:
-        y = selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **config)
-        return y + selective_scan_fwd_triton(
-            u, delta, A_b, B, C, D, z, delta_bias, delta_softplus, reverse=True, **config
-        )
-    key = (u.data_ptr(), u.shape, u.dtype)
-    if key not in _STACKED:
-        _STACKED.clear()
-        _STACKED[key] = dict(
-            u=torch.cat([u, u]), delta=torch.cat([delta, delta]), B=torch.cat([B, B]), C=torch.cat([C, C]),
-            A=torch.stack([A, A_b]), D=torch.stack([D, D]), delta_bias=torch.stack([delta_bias, delta_bias]),
-        )  # fmt: skip
-    y = selective_scan_fwd_triton(**_STACKED[key], z=z, delta_softplus=delta_softplus, pair=True, **config)
-    return y[: u.shape[0]] + y[u.shape[0] :]
-
-
 def run_once(
     scan: Callable, inp: Dict[str, torch.Tensor], dout: Optional[torch.Tensor]
 ) -> Tuple[torch.Tensor, Optional[List[Optional[torch.Tensor]]]]:
@@ -333,9 +296,6 @@ def main() -> int:
     parser.add_argument('--modes', default='fwd,fwd+bwd', help='comma list of passes: fwd, fwd+bwd, bwd')
     parser.add_argument('--bwd-sweep', action='store_true', help='mode bwd: also the Triton configs in BWD_SWEEP')
     parser.add_argument(
-        '--bidir', action='store_true', help='also time both directions of a BiMamba (BIDIR_SWEEP), fwd mode only'
-    )
-    parser.add_argument(
         '--only', default='', help='comma list of substrings: run only impls whose name has one ("$" ends a name)'
     )
     args = parser.parse_args()
@@ -378,13 +338,6 @@ def main() -> int:
             scans[name] = functools.partial(pointwise_outside, dt_tokens=dt_tokens, dt_half=dt_half, **config.kwargs())
             forward_only.add(name)
 
-    bidir = []
-    for pair, config in BIDIR_SWEEP[: len(BIDIR_SWEEP) if args.bidir else 0]:
-        name = f'bidir {"pair" if pair else "two calls"} {config.label()[11:]}'
-        scans[name] = functools.partial(bidirectional, pair=pair, **config.kwargs())
-        forward_only.add(name)
-        bidir.append(name)
-
     rows: List[Dict[str, str]] = []
     for length in (int(v) for v in args.lengths.split(',')):
         for dname in args.dtypes.split(','):
@@ -402,7 +355,7 @@ def main() -> int:
                 if mode == 'bwd':
                     rows += bwd_rows(args, length, dname, inp, dout)
                     continue
-                baseline = bidir_base = None
+                baseline = None
                 for name, scan in cases.items():
                     if mode != 'fwd' and name in forward_only:
                         continue
@@ -418,10 +371,6 @@ def main() -> int:
                         row.update(ms=f'{ms:.3f}', peak_GiB=f'{peak / 2**30:.2f}')
                         if name == 'mamba-ssm':
                             baseline = (out, grads)
-                        elif name in bidir:  # against the first bidir row: two directions, not mamba-ssm's one
-                            bidir_base = out if name == bidir[0] else bidir_base
-                            diff = (out.float() - bidir_base.float()).abs().max().item()
-                            row['out_maxabs'] = f'{diff:.2e}'
                         elif baseline is not None:
                             diff = (out.float() - baseline[0].float()).abs().max().item()
                             row['out_maxabs'] = f'{diff:.2e}'

@@ -8,8 +8,7 @@ A VARIANT is ``out<TILE>`` (output pass) or ``sum<TILE>`` (summary pass), option
 (none: the compiler's choice), ``w<num_warps>`` and ``c<channels per thread>`` (32 * num_warps * c channels per
 program), e.g. ``out8r128 sum8r128`` (the default call's two passes), ``out8`` (uncapped), ``out4r128w2``,
 ``out8c2`` (64 channels in one warp); a leading ``rev`` compiles the reverse scan (time walked from the end), e.g.
-``revout8r128``, ``pair`` both directions in one program (``pair=True``, the main loop analysed is the longer of
-the two), e.g. ``pairout8r128s3``; a trailing ``p1`` the call of BiMamba's flip-free path with ``POINTWISE_OUTSIDE``
+``revout8r128``; a trailing ``p1`` the call of BiMamba's flip-free path with ``POINTWISE_OUTSIDE``
 (dt in fp32, no bias, softplus or gate), e.g. ``out8r128p1``, ``p2`` the same with dt in fp16 (``DT_HALF``); ``t1``
 delta token-major (a (1, D, L) view of (1, L, D), read a token at a time), e.g. ``out8r128p2t1``; ``s<n>`` the tile
 loop software-pipelined over n stages (``stages``), e.g. ``out8r128p2t1s3``; ``g1`` no gate (``GATE_OUTSIDE``).
@@ -70,7 +69,7 @@ TARGET = GPUTarget('cuda', 90, 32)
 SM_COUNT = 132
 BIN = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin'
 TORCH_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
-VARIANT = re.compile(r'(rev|pair)?(out|sum)(\d+)((?:[rwcptsg]\d+)*)$')
+VARIANT = re.compile(r'(rev)?(out|sum)(\d+)((?:[rwcptsg]\d+)*)$')
 Instr = Tuple[int, str, str, str]  # address, predicate guard, opcode, operands
 
 # (table row, pipe, SASS opcodes before the first dot). Pipes: mufu, fma (FP32), fmah (IMAD), alu, lsu, ctrl;
@@ -115,14 +114,12 @@ def parse_variant(text: str) -> Dict[str, int]:
     m = VARIANT.match(text)
     if not m:
         expected = (
-            '[rev|pair]out<TILE> or [rev|pair]sum<TILE>, then r<maxnreg> w<warps> c<channels per thread> p1|p2 t1 '
-            's<stages> g1'
+            '[rev]out<TILE> or [rev]sum<TILE>, then r<maxnreg> w<warps> c<channels per thread> p1|p2 t1 s<stages> g1'
         )
         raise SystemExit(f'bad variant {text!r}: expected {expected}')
     extra = {k: int(v) for k, v in re.findall(r'([rwcptsg])(\d+)', m.group(4))}
     return dict(
-        reverse=m.group(1) == 'rev',
-        pair=m.group(1) == 'pair',
+        reverse=bool(m.group(1)),
         summary=m.group(2) == 'sum',
         tile=int(m.group(3)),
         maxnreg=extra.get('r', 0),
@@ -154,11 +151,11 @@ def compile_variant(mod, v: Dict[str, int], args):
     # (bimamba.POINTWISE_OUTSIDE)
     inside = not v['pointwise_outside']
     dt = act() if inside else f32() if v['pointwise_outside'] == 1 else torch.empty(16, dtype=torch.float16)
-    call = (act(), dt, act(), act(), f32(), f32(), f32(), f32(), f32(), f32(), D, L, seg_len, -(-L // seg_len) - 1, 1)
+    call = (act(), dt, act(), act(), f32(), f32(), f32(), f32(), f32(), f32(), D, L, seg_len, -(-L // seg_len) - 1)
     # strides (batch, channel) of u, then delta's (batch, channel, token: a constexpr), z's, out's; A (D, N) contiguous
-    call += (D * L, L) + ((D * L, 1, D) if v['dt_tokens'] else (D * L, L, 1)) + (D * L, L) * 2 + (D * 16, 16, 1)
+    call += (D * L, L) + ((D * L, 1, D) if v['dt_tokens'] else (D * L, L, 1)) + (D * L, L) * 2 + (16, 1)
     kwargs = dict(N=16, NP=16, BLOCK_D=block_d, TILE=v['tile'], SUMMARY=v['summary'], HAS_D=True,
-                  HAS_Z=inside and v['gate'], HAS_BIAS=inside, SOFTPLUS=inside, REVERSE=v['reverse'], PAIR=v['pair'],
+                  HAS_Z=inside and v['gate'], HAS_BIAS=inside, SOFTPLUS=inside, REVERSE=v['reverse'],
                   CPT=v['channels'], STAGES=v['stages'], num_warps=v['warps'])  # fmt: skip
     if v['maxnreg']:
         kwargs['maxnreg'] = v['maxnreg']

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import math
 from functools import cache
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from gsmsr.ops.selective_scan import reverses_natively, scan_pair, selective_scan
+from gsmsr.ops.selective_scan import reverses_natively, selective_scan
 
 D_STATE = 16
 D_CONV = 4
@@ -46,18 +46,12 @@ DT_TOKENS = True
 # delta's own bf16 rounding (9.2e-4); bf16 dt would add 1.0e-3. Without autocast dt stays float32. False: float32
 # always; ``bench_gsm.py --variants 'pwout=1,dthalf=0'`` times it.
 DT_HALF = True
-# On the flip-free path (without POINTWISE_OUTSIDE), both branches' scans as one launch each of the summary, carry
-# and output passes (``gsmsr::scan_pair``), their operands stacked by the ops that make them: twice the programs a
-# launch, so SMs whose programs finish early take more (Nsight Compute found ~12 of 16 warps active on average in
-# either pass of one call), and three launches instead of six. Off until timed in the network; ``bench_gsm.py
-# --variants pair=1`` times it.
-PAIR_LAUNCH = False
 # On the flip-free path (without POINTWISE_OUTSIDE), the output gate once on the two branches' sum, in float32 in the
-# op that adds them, instead of inside each scan: the output passes lose 2 of their 19 special-function ops and 8 of
-# their ~154 instructions a token and the gate's loads (read once instead of twice); one rounding fewer (each branch
-# was rounded to the activations' dtype after its gate). 39.0 against 40.3 ms/frame for the bf16 compiled default at
-# 20x180x320 on an H200, output moved by 9.8e-4 (benchmarks/NOTES.md); ``bench_gsm.py --variants gate=0`` times the
-# gate inside.
+# op that adds them, instead of inside each scan: the output passes lose 2 of their 19 special-function ops and 16 of
+# their 154 instructions a token (offline SASS) and the gate's loads (read once instead of twice); one rounding fewer
+# (each branch was rounded to the activations' dtype after its gate). 39.0 against 40.3 ms/frame for the bf16
+# compiled default at 20x180x320 on an H200, the scan 10.4 against 11.4 ms/frame, output moved by 9.8e-4
+# (benchmarks/NOTES.md); ``bench_gsm.py --variants gate=0`` times the gate inside.
 GATE_OUTSIDE = True
 
 
@@ -201,34 +195,6 @@ class BiMamba(nn.Module):
             reverse=reverse,
         )
 
-    def _both_branches(self, x: Tensor, gate: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        """The flip-free forward and backward branches through one pair scan (PAIR_LAUNCH): each op makes both
-        branches' operand at once, stacked on a leading axis of 2 (the convs in one fused kernel under
-        ``torch.compile``, the projections as batched GEMMs). x, gate: (B, Di, L) -> the two branches' outputs
-        (B, Di, L); gate None: ungated."""
-        batch = x.shape[0]
-        u = torch.stack(
-            [
-                causal_conv_silu(x, self.conv1d.weight, self.conv1d.bias),
-                causal_conv_silu(x, self.conv1d_b.weight, self.conv1d_b.bias, reverse=True),
-            ]
-        )  # (2, B, Di, L)
-        x_w = torch.stack([self.x_proj.weight, self.x_proj_b.weight])[:, None]  # (2, 1, R + 2N, Di)
-        delta, b, c = torch.matmul(x_w, u).split([self.dt_rank, self.d_state, self.d_state], dim=2)
-        delta = torch.matmul(torch.stack([self.dt_proj.weight, self.dt_proj_b.weight])[:, None], delta)
-        y = scan_pair(
-            u.flatten(0, 1),
-            delta.flatten(0, 1),
-            -torch.exp(_at_least_fp32(torch.stack([self.A_log, self.A_b_log]))),
-            b.flatten(0, 1),
-            c.flatten(0, 1),
-            _at_least_fp32(torch.stack([self.D, self.D_b])),
-            gate,
-            _at_least_fp32(torch.stack([self.dt_proj.bias, self.dt_proj_b.bias])),
-            True,
-        )
-        return y[:batch], y[batch:]
-
     def forward(self, z: Tensor, directions: int = 2) -> Tensor:
         """z: (B, L, C) -> (B, L, C)."""
         # Without autograd, where the scan walks backwards itself, the backward branch runs on the sequence as it is:
@@ -248,16 +214,12 @@ class BiMamba(nn.Module):
         outside = flip_free and POINTWISE_OUTSIDE
         gate_once = flip_free and (outside or GATE_OUTSIDE)  # the gate on the two branches' float32 sum
         scan_gate = None if gate_once else gate
+        y = self._branch(x, scan_gate, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, dt_outside=outside)
         backward = (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)
-        if flip_free and PAIR_LAUNCH and not outside:
-            y, y_b = self._both_branches(x, scan_gate)
-        else:
-            forward = (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
-            y = self._branch(x, scan_gate, *forward, dt_outside=outside)
-            if flip_free:
-                y_b = self._branch(x, scan_gate, *backward, reverse=True, dt_outside=outside)
-            elif directions == 2:
-                y_b = self._branch(x.flip(-1), gate.flip(-1), *backward).flip(-1)
+        if flip_free:
+            y_b = self._branch(x, scan_gate, *backward, reverse=True, dt_outside=outside)
+        elif directions == 2:
+            y_b = self._branch(x.flip(-1), gate.flip(-1), *backward).flip(-1)
         if gate_once:
             y = ((y.float() + y_b.float()) * F.silu(gate.float())).to(y.dtype)
         elif directions == 2:

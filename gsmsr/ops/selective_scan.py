@@ -37,9 +37,6 @@ INFER_IMPL = os.environ.get('GSMSR_SCAN_INFER', 'triton')
 # (39.7 against 40.8 in another run) for the bf16 compiled default at 20x180x320 on an H200 (benchmarks/NOTES.md).
 # Training keeps the function's defaults.
 INFER_TRITON_CONFIG: Dict[str, int] = {'stages': 3}
-# Programs an SM of a pair launch (:func:`scan_pair`): 32 keeps each direction's segments as one call cuts them and
-# runs two waves; 16 halves them in one wave.
-PAIR_WARPS_PER_SM = 32
 
 
 def _cuda_module():
@@ -239,31 +236,6 @@ def scan_infer(
 
 @scan_infer.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl, reverse=False):
-    return torch.empty_like(u)
-
-
-@torch.library.custom_op('gsmsr::scan_pair', mutates_args=())
-def scan_pair(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor],
-    z: Optional[Tensor],
-    delta_bias: Optional[Tensor],
-    delta_softplus: bool,
-) -> Tensor:
-    """Both directions of a bidirectional scan without autograd, one Triton launch each for the two (``pair=True`` of
-    :func:`gsmsr.ops.seq_scan_triton.selective_scan_fwd_triton`): u, delta (2h, D, L), B, C (2h, N, L), the first h
-    walked forwards and the last h backwards; A (2, D, N), D, delta_bias (2, D); z (h, D, L) gates both. Returns
-    (2h, D, L). ``INFER_TRITON_CONFIG`` applies, with ``PAIR_WARPS_PER_SM`` for its warps_per_sm."""
-    config = dict(INFER_TRITON_CONFIG, warps_per_sm=PAIR_WARPS_PER_SM)
-    return selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, pair=True, **config)
-
-
-@scan_pair.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     return torch.empty_like(u)
 
 

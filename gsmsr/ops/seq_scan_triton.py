@@ -255,24 +255,32 @@ def _walk(
     return h, dsum
 
 
-def _segment(
-    h,
-    A2,
-    bias,
-    d_skip,
-    u_row,
-    dt_row,
-    z_row,
-    o_row,
-    bc_row,
-    hs_row,
-    dsum_row,
-    md,
-    s,
+def _scan_kernel(
+    u_ptr,
+    dt_ptr,
+    z_ptr,
+    o_ptr,
+    bc_ptr,
+    A_ptr,
+    D_ptr,
+    bias_ptr,
+    hs_ptr,
+    dsum_ptr,
+    Dm,
     L,
     seg_len,
     n_carry,
+    s_ub,
+    s_ud,
+    s_tb,
+    s_td,
     s_tl: tl.constexpr,
+    s_zb,
+    s_zd,
+    s_ob,
+    s_od,
+    s_ad,
+    s_an,
     N: tl.constexpr,
     NP: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -286,12 +294,43 @@ def _segment(
     CPT: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    """Walk segment s (in walking order) from h; SUMMARY: store its end state at hs_row (N per channel) and dt sum
-    at dsum_row ((BLOCK_D,) pointers), else the output."""
+    """Program (channel block, segment s, batch). SUMMARY: segment s (< S-1) from h = 0, stores hs[b, s] (D, N)
+    and dsum[b, s] (D,). Otherwise: starts from hs[b, s-1] (the carried state; zero for s = 0) and stores out
+    over the segment. bc: (B, L, 2 NP) fp32, B then C (zero-padded states); hs: (B, n_carry, D, N),
+    dsum: (B, n_carry, D), both contiguous fp32.
+
+    REVERSE: time walks from the end. s counts segments in walking order: it is the segment S-1-s of the sequence
+    (the same cut, the ragged one walked first), so hs, dsum and the carry kernel stay in walking order."""
+    pid_d = tl.program_id(0)
+    s = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    md = offs_d < Dm
+    d64 = offs_d.to(tl.int64)
+    A2 = ()
+    h = ()
+    for n in tl.static_range(N):
+        A2 = A2 + (tl.load(A_ptr + offs_d * s_ad + n * s_an, mask=md, other=0.0) * 1.4426950408889634,)
+        if SUMMARY:
+            h = h + (tl.full([BLOCK_D], 0.0, tl.float32),)
+        else:
+            carry = hs_ptr + ((b * n_carry + s - 1) * Dm + d64) * N + n
+            h = h + (tl.load(carry, mask=md & (s > 0), other=0.0),)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0)
+    d_skip = 0.0
+    if HAS_D:
+        d_skip = tl.load(D_ptr + offs_d, mask=md, other=0.0)
     seg = n_carry - s if REVERSE else s
     lo = seg * seg_len
     hi = tl.minimum(lo + seg_len, L)
     full = lo + (hi - lo) // TILE * TILE
+    u_row = u_ptr + b * s_ub + d64 * s_ud
+    dt_row = dt_ptr + b * s_tb + d64 * s_td
+    z_row = z_ptr + b * s_zb + d64 * s_zd
+    o_row = o_ptr + b * s_ob + d64 * s_od
+    bc_row = bc_ptr + b * L * (2 * NP)
     dsum = tl.full([BLOCK_D], 0.0, tl.float32)
     if REVERSE and TILE > 1:  # ragged end first (the last segment only: segment lengths are multiples of TILE)
         h, dsum = _walk(
@@ -308,111 +347,10 @@ def _segment(
             N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, CPT, 1,
         )  # fmt: skip
     if SUMMARY:
-        tl.store(dsum_row, dsum, mask=md)
+        base = (b * n_carry + s) * Dm + d64
+        tl.store(dsum_ptr + base, dsum, mask=md)
         for n in tl.static_range(N):
-            tl.store(hs_row + n, h[n], mask=md)
-
-
-def _scan_kernel(
-    u_ptr,
-    dt_ptr,
-    z_ptr,
-    o_ptr,
-    bc_ptr,
-    A_ptr,
-    D_ptr,
-    bias_ptr,
-    hs_ptr,
-    dsum_ptr,
-    Dm,
-    L,
-    seg_len,
-    n_carry,
-    half,
-    s_ub,
-    s_ud,
-    s_tb,
-    s_td,
-    s_tl: tl.constexpr,
-    s_zb,
-    s_zd,
-    s_ob,
-    s_od,
-    s_ab,
-    s_ad,
-    s_an,
-    N: tl.constexpr,
-    NP: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    TILE: tl.constexpr,
-    SUMMARY: tl.constexpr,
-    HAS_D: tl.constexpr,
-    HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr,
-    PAIR: tl.constexpr,
-    CPT: tl.constexpr,
-    STAGES: tl.constexpr,
-):
-    """Program (channel block, segment s, batch). SUMMARY: segment s (< S-1) from h = 0, stores hs[b, s] (D, N)
-    and dsum[b, s] (D,). Otherwise: starts from hs[b, s-1] (the carried state; zero for s = 0) and stores out
-    over the segment. bc: (B, L, 2 NP) fp32, B then C (zero-padded states); hs: (B, n_carry, D, N),
-    dsum: (B, n_carry, D), both contiguous fp32.
-
-    REVERSE: time walks from the end. s counts segments in walking order: it is the segment S-1-s of the sequence
-    (the same cut, the ragged one walked first), so hs, dsum and the carry kernel stay in walking order.
-
-    PAIR: batch elements [0, half) walk forwards and [half, 2 half) backwards (REVERSE unused), with A, D and the dt
-    bias of their direction (A_ptr + direction * s_ab, D and bias at + direction * Dm) and the gate of batch
-    element b % half. Without PAIR, half is the batch (every element's direction 0)."""
-    pid_d = tl.program_id(0)
-    s = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    direction = b // half
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    md = offs_d < Dm
-    d64 = offs_d.to(tl.int64)
-    A2 = ()
-    h = ()
-    for n in tl.static_range(N):
-        a = tl.load(A_ptr + direction * s_ab + offs_d * s_ad + n * s_an, mask=md, other=0.0)
-        A2 = A2 + (a * 1.4426950408889634,)
-        if SUMMARY:
-            h = h + (tl.full([BLOCK_D], 0.0, tl.float32),)
-        else:
-            carry = hs_ptr + ((b * n_carry + s - 1) * Dm + d64) * N + n
-            h = h + (tl.load(carry, mask=md & (s > 0), other=0.0),)
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + direction * Dm + offs_d, mask=md, other=0.0)
-    d_skip = 0.0
-    if HAS_D:
-        d_skip = tl.load(D_ptr + direction * Dm + offs_d, mask=md, other=0.0)
-    u_row = u_ptr + b * s_ub + d64 * s_ud
-    dt_row = dt_ptr + b * s_tb + d64 * s_td
-    z_row = z_ptr + (b - direction * half) * s_zb + d64 * s_zd
-    o_row = o_ptr + b * s_ob + d64 * s_od
-    bc_row = bc_ptr + b * L * (2 * NP)
-    base = (b * n_carry + s) * Dm + d64
-    hs_row = hs_ptr + base * N
-    dsum_row = dsum_ptr + base
-    if PAIR:  # a uniform branch per program: each direction's walk compiled as it is alone
-        if direction == 0:
-            _segment(
-                h, A2, bias, d_skip, u_row, dt_row, z_row, o_row, bc_row, hs_row, dsum_row, md, s, L, seg_len,
-                n_carry, s_tl, N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, CPT, STAGES,
-            )  # fmt: skip
-        else:
-            _segment(
-                h, A2, bias, d_skip, u_row, dt_row, z_row, o_row, bc_row, hs_row, dsum_row, md, s, L, seg_len,
-                n_carry, s_tl, N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, True, CPT, STAGES,
-            )  # fmt: skip
-    else:
-        _segment(
-            h, A2, bias, d_skip, u_row, dt_row, z_row, o_row, bc_row, hs_row, dsum_row, md, s, L, seg_len,
-            n_carry, s_tl, N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, CPT, STAGES,
-        )  # fmt: skip
+            tl.store(hs_ptr + base * N + n, h[n], mask=md)
 
 
 def _carry_kernel(
@@ -421,8 +359,6 @@ def _carry_kernel(
     A_ptr,
     Dm,
     n_carry,
-    half,
-    s_ab,
     s_ad,
     s_an,
     N: tl.constexpr,
@@ -431,15 +367,13 @@ def _carry_kernel(
 ):
     """Program (block of BLOCK (channel, state) lanes, batch): over segments s in order,
     ``H = exp(A dsum[b, s]) H + hs[b, s]`` from H = 0, stored over hs[b, s] (then the state entering s + 1).
-    Loads of SEG_BLOCK segments are issued before their dependent FMAs. A of batch element b at
-    ``A_ptr + (b // half) * s_ab`` (the scan kernel's PAIR)."""
+    Loads of SEG_BLOCK segments are issued before their dependent FMAs."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     lanes = pid * BLOCK + tl.arange(0, BLOCK)
     ml = lanes < Dm * N
     d = lanes // N
-    a_row = A_ptr + (b // half) * s_ab
-    A2 = tl.load(a_row + d * s_ad + (lanes % N) * s_an, mask=ml, other=0.0) * 1.4426950408889634
+    A2 = tl.load(A_ptr + d * s_ad + (lanes % N) * s_an, mask=ml, other=0.0) * 1.4426950408889634
     h = tl.full([BLOCK], 0.0, tl.float32)
     for s0 in range(0, n_carry, SEG_BLOCK):
         decays = ()
@@ -455,7 +389,7 @@ def _carry_kernel(
 
 
 _KERNELS = LazyKernels(
-    __name__, [_softplus, _columns, _tile, _row, _row_staged, _tokens, _walk, _segment, _scan_kernel, _carry_kernel]
+    __name__, [_softplus, _columns, _tile, _row, _row_staged, _tokens, _walk, _scan_kernel, _carry_kernel]
 )
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -564,7 +498,6 @@ def selective_scan_fwd_triton(
     sum_maxnreg: Optional[int] = 128,
     reverse: bool = False,
     stages: int = 1,
-    pair: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, int]]:
     """Selective scan forward, no autograd; semantics and shapes of
     :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
@@ -604,42 +537,17 @@ def selective_scan_fwd_triton(
     multiple of the segment length (one segment included), else to float rounding (the flipped sequence is cut at
     other tokens, so its carried states sum other groups). With return_states, ``states[:, s - 1]`` enters the
     s-th segment walked (S - 1 - s in the sequence).
-
-    pair: both directions of a bidirectional scan in one launch each (summary, carry, output), for the same total
-    programs as one direction's call (twice the programs per SM, or segments twice as long). u, delta: (2h, D, L),
-    B, C: (2h, N, L), batch elements [0, h) walked forwards and [h, 2h) backwards (as ``reverse=True``); A: (2, D, N),
-    D, delta_bias: (2, D), the forward direction's first; z: (h, D, L), gating both. The same values as the two
-    calls with the same segments (``segments``, or ``warps_per_sm`` doubled). Not with reverse or return_states.
     """
     out_tile = token_tile if out_tile is None else out_tile
     out_block_d, out_warps = (block_d, num_warps) if out_warps is None else (32 * out_warps, out_warps)
-    fn = 'selective_scan_fwd_triton'
-    if pair:
-        if reverse or return_states:
-            raise ValueError(f'{fn}: pair walks both directions itself and keeps no states')
-        half = u.shape[0] // 2
-        per_direction = [t for t in (A, D, delta_bias) if t is not None]
-        if u.dim() != 3 or u.shape[0] % 2 or any(t.shape[0] != 2 for t in per_direction) or A.dim() != 3:
-            raise ValueError(
-                f'{fn}: pair needs u (2h, D, L) and A (2, D, N), D and delta_bias (2, D); got u {tuple(u.shape)}, '
-                f'A {tuple(A.shape)}'
-            )
-        if z is not None and z.shape != (half, *u.shape[1:]):
-            raise ValueError(f'{fn}: pair needs z (h, D, L) = {(half, *u.shape[1:])}, got {tuple(z.shape)}')
-        check_operands(
-            fn, u, delta, A[0], B, C, None if D is None else D[0], None, None if delta_bias is None else delta_bias[0],
-            block_d=block_d, token_tile=token_tile, num_warps=num_warps, out_tile=out_tile, out_warps=out_warps,
-        )  # fmt: skip
-    else:
-        half = u.shape[0]
-        check_operands(
-            fn, u, delta, A, B, C, D, z, delta_bias,
-            block_d=block_d, token_tile=token_tile, num_warps=num_warps, out_tile=out_tile, out_warps=out_warps,
-        )  # fmt: skip
+    check_operands(
+        'selective_scan_fwd_triton', u, delta, A, B, C, D, z, delta_bias,
+        block_d=block_d, token_tile=token_tile, num_warps=num_warps, out_tile=out_tile, out_warps=out_warps,
+    )  # fmt: skip
     if stages < 1:
         raise ValueError(f'selective_scan_fwd_triton: stages must be at least 1, got {stages}')
     batch, dim, length = u.shape
-    n_state = A.shape[-1]
+    n_state = A.shape[1]
 
     # the custom op's fake result is empty_like(u): under torch.compile the real one must have its strides
     if out is None:
@@ -652,7 +560,7 @@ def selective_scan_fwd_triton(
     u, z = unit_stride(u), unit_stride(z)
     delta = delta if dt_tokens else unit_stride(delta)
     res = out if out.stride(2) == 1 else torch.empty_like(out, memory_format=torch.contiguous_format)
-    A = A.float() if pair else A.float().unsqueeze(0)  # (directions, D, N)
+    A = A.float()
     D = D.float().contiguous() if D is not None else None
     delta_bias = delta_bias.float().contiguous() if delta_bias is not None else None
     if length == 0 or batch == 0 or dim == 0:
@@ -682,7 +590,6 @@ def selective_scan_fwd_triton(
         length,
         seg_len,
         n_carry,
-        max(half, 1),
         *u.stride()[:2],
         *delta.stride(),
         *zz.stride()[:2],
@@ -698,7 +605,6 @@ def selective_scan_fwd_triton(
         HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus),
         REVERSE=bool(reverse),
-        PAIR=bool(pair),
         STAGES=stages,
     )
     summary_flags = dict(BLOCK_D=block_d, TILE=token_tile, num_warps=num_warps, CPT=max(1, block_d // (32 * num_warps)))
@@ -713,7 +619,7 @@ def selective_scan_fwd_triton(
             k.scan_kernel[(-(-dim // block_d), n_carry, batch)](*ptrs, *common, SUMMARY=True, **summary_flags, **flags)
             lanes = 128
             k.carry_kernel[(-(-dim * n_state // lanes), batch)](
-                hs, dsum, A, dim, n_carry, max(half, 1), *A.stride(), N=n_state, BLOCK=lanes, SEG_BLOCK=8, num_warps=4
+                hs, dsum, A, dim, n_carry, *A.stride(), N=n_state, BLOCK=lanes, SEG_BLOCK=8, num_warps=4
             )
         k.scan_kernel[(-(-dim // out_block_d), n_seg, batch)](*ptrs, *common, SUMMARY=False, **out_flags, **flags)
     if res is not out:

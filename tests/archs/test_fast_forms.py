@@ -151,41 +151,36 @@ def test_compiled_bimamba_traces_the_flip_free_branch(monkeypatch, outside, toke
         # delta, B, C: channel stride 1 token-major, else L stride 1
         strides = [[n.args[i].meta['example_value'].stride() for i in (1, 3, 4)] for n in scans]
         assert all(s[1 if tokens else 2] == 1 for branch in strides for s in branch), strides
+    elif bimamba.GATE_OUTSIDE:  # the gate once on the branches' sum
+        assert all(n.args[6] is None for n in scans)
     else:
         assert scans[0].args[6] is scans[1].args[6]  # one gate
     torch.testing.assert_close(y, flipped, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('pair,gate_once', [(True, False), (False, True), (True, True)])
-def test_pair_launch_and_gate_once(monkeypatch, pair, gate_once):
-    """PAIR_LAUNCH: the flip-free branches through one gsmsr::scan_pair (interpreted Triton here), their operands
-    stacked; GATE_OUTSIDE: the gate once on the branches' sum, the scans ungated. Each is the two gated calls' output
-    to float32 rounding (batched GEMMs; the gate multiplies the sum), eagerly and traced (aot_eager: one scan_pair
-    node on stacked operands and no scan_infer, or two ungated scan_infer; no flips)."""
+def test_gate_once_on_the_branches_sum(monkeypatch):
+    """GATE_OUTSIDE: on the flip-free path the two scans run ungated and the gate multiplies their float32 sum once:
+    the gated calls' output to float32 rounding, eagerly and traced (aot_eager: two scan_infer without z, no flips).
+    Without it both scans take the gate."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    torch._dynamo.reset()
     monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
     monkeypatch.setattr(bimamba, 'POINTWISE_OUTSIDE', False)
     m = _bimamba('triton')
     z = torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        two_calls = m(z)
-        monkeypatch.setattr(bimamba, 'PAIR_LAUNCH', pair)
+    results = {}
+    for gate_once in (False, True):
+        torch._dynamo.reset()
         monkeypatch.setattr(bimamba, 'GATE_OUTSIDE', gate_once)
-        y = m(z)
         counter = CompileCounterWithBackend('aot_eager')
-        traced = torch.compile(m, backend=counter, fullgraph=True)(z)
-    torch.testing.assert_close(y, two_calls, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(traced, two_calls, rtol=1e-5, atol=1e-6)
-    nodes = [n for gm in counter.graphs for n in gm.graph.nodes]
-    assert not any('flip' in str(n.target) for n in nodes)
-    pairs = [n for n in nodes if n.target is torch.ops.gsmsr.scan_pair.default]
-    singles = [n for n in nodes if n.target is torch.ops.gsmsr.scan_infer.default]
-    assert (len(pairs), len(singles)) == ((1, 0) if pair else (0, 2))
-    if pair:
-        assert pairs[0].args[0].meta['example_value'].shape == (2, 16, 37)  # both branches' u, stacked
-    assert all((n.args[6] is None) == gate_once for n in pairs + singles)  # z
+        with torch.no_grad():
+            results[gate_once] = m(z), torch.compile(m, backend=counter, fullgraph=True)(z)
+        nodes = [n for gm in counter.graphs for n in gm.graph.nodes]
+        assert not any('flip' in str(n.target) for n in nodes)
+        scans = [n for n in nodes if n.target is torch.ops.gsmsr.scan_infer.default]
+        assert [n.args[6] is None for n in scans] == [gate_once] * 2  # z
+    for y in (*results[True], results[False][1]):
+        torch.testing.assert_close(y, results[False][0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('tokens', [False, True])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gsmsr.ops import cuda_kernel, selective_scan, selective_scan_ref
-from gsmsr.ops.seq_scan_triton import choose_segments, selective_scan_fwd_triton
+from gsmsr.ops.seq_scan_triton import selective_scan_fwd_triton
 from gsmsr.ops.triton_jit import triton_available
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not triton_available(), reason='needs CUDA and Triton')]
@@ -169,42 +169,17 @@ def test_pipelined_loads_are_bit_identical_at_gsm_shape(stages, reverse, pointwi
     torch.testing.assert_close(s, states, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize('warps_per_sm', [16, 32])
-def test_pair_is_bit_identical_to_two_calls_at_gsm_shape(warps_per_sm):
-    """pair=True (both directions in one launch each, pipelined as the inference default) against the forward and the
-    reverse call at the same segments, compiled at a window step's length in bf16: bit for bit."""
-    fwd = _inputs(1, 384, 16, 288_000, torch.bfloat16)
-    bwd = {k: v.flip(-1) if v.dim() == 3 else v for k, v in _inputs(1, 384, 16, 288_000, torch.bfloat16).items()}
-    bwd.update(A=bwd['A'] * 0.5, z=fwd['z'])
-    opts = dict(delta_softplus=True, stages=3)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    segments = choose_segments(2, 384, 288_000, 32, 1, sms, warps_per_sm)  # what the pair call chooses
-    with torch.no_grad():
-        expected = torch.cat(
-            [
-                selective_scan_fwd_triton(**fwd, **opts, segments=segments),
-                selective_scan_fwd_triton(**bwd, **opts, segments=segments, reverse=True),
-            ]
-        )
-        both = {k: torch.cat([fwd[k], bwd[k]]) for k in ('u', 'delta', 'B', 'C')}
-        both.update({k: torch.stack([fwd[k], bwd[k]]) for k in ('A', 'D', 'delta_bias')})
-        y = selective_scan_fwd_triton(**both, z=fwd['z'], **opts, warps_per_sm=warps_per_sm, pair=True)
-    assert torch.isfinite(expected).all()
-    torch.testing.assert_close(y, expected, rtol=0, atol=0)
-
-
 @pytest.mark.parametrize(
-    'outside,tokens,half,pair,gate',
-    [(False, False, False, False, False), (True, False, False, False, False), (True, True, False, False, False),
-     (True, True, True, False, False), (False, False, False, True, False), (False, False, False, False, True),
-     (False, False, False, True, True)],
+    'outside,tokens,half,gate',
+    [(False, False, False, False), (False, False, False, True), (True, False, False, False), (True, True, False, False),
+     (True, True, True, False)],
 )  # fmt: skip
-def test_bimamba_flip_free_inference_matches_flipped_form(monkeypatch, outside, tokens, half, pair, gate):
+def test_bimamba_flip_free_inference_matches_flipped_form(monkeypatch, outside, tokens, half, gate):
     """BiMamba at GSM's width under bf16 autocast, without autograd: the flip-free backward branch (in-projection as a
     bmm, anti-causal conv through causal-conv1d flipped around or conv1d, reverse Triton scan; with POINTWISE_OUTSIDE
     dt's softplus and the gate outside the scans, with DT_TOKENS by token-major projections, with DT_HALF dt stored
-    in float16; with PAIR_LAUNCH both scans as one pair launch; with GATE_OUTSIDE the gate once on their sum) against
-    the flipped form. (Compiled: tests/gpu/test_fast_paths.py, the network against the eager one.)"""
+    in float16; with GATE_OUTSIDE the gate once on the two branches' sum) against the flipped form. (Compiled:
+    tests/gpu/test_fast_paths.py, the network against the eager one.)"""
     from gsmsr.archs import bimamba
 
     torch.manual_seed(0)
@@ -212,7 +187,6 @@ def test_bimamba_flip_free_inference_matches_flipped_form(monkeypatch, outside, 
     monkeypatch.setattr(bimamba, 'POINTWISE_OUTSIDE', outside)
     monkeypatch.setattr(bimamba, 'DT_TOKENS', tokens)
     monkeypatch.setattr(bimamba, 'DT_HALF', half)
-    monkeypatch.setattr(bimamba, 'PAIR_LAUNCH', pair)
     monkeypatch.setattr(bimamba, 'GATE_OUTSIDE', gate)
     m = bimamba.BiMamba(192).cuda().eval()
     z = torch.randn(1, 5 * 64 * 64, 192, device='cuda')

@@ -319,50 +319,6 @@ def test_pipelined_loads_give_the_same_output(case, dtype, softplus, reverse, to
     assert _check(inp, softplus, stages=3, **opts) < TOL[dtype]
 
 
-@pytest.mark.parametrize(
-    'case,dtype,stages,operands',
-    [
-        ('L100_seg3_N16', torch.float32, 1, 'all'),
-        ('L257_seg5_slow', torch.bfloat16, 3, 'all'),  # ragged last segment, walked first backwards; pipelined
-        ('L7_seg2_tile4', torch.float32, 1, 'none'),  # 3 channel blocks, the last partial; no D, z, delta_bias
-    ],
-)
-def test_pair_equals_the_two_directions(case, dtype, stages, operands):
-    """pair=True (one launch each for both directions, each with its own A, D and dt bias, one gate) gives the forward
-    call on the first half of the batch and the reverse call on the second, bit for bit at the same segments."""
-    batch, dim, state, length, decay, segments, tile, block_d, _ = CASES[case]
-    fwd = _inputs(batch, dim, state, length, decay, dtype, 'cpu', seed=11)
-    bwd = _inputs(batch, dim, state, length, decay, dtype, 'cpu', seed=12)
-    bwd['A'] = bwd['A'] * 0.5  # other decays, so a direction reading the other's A would show
-    if operands == 'none':
-        for t in (fwd, bwd):
-            t.update(D=None, z=None, delta_bias=None)
-    bwd['z'] = fwd['z']
-    opts = dict(delta_softplus=True, segments=segments, token_tile=tile, block_d=block_d, stages=stages)
-    expected = torch.cat(
-        [selective_scan_fwd_triton(**fwd, **opts), selective_scan_fwd_triton(**bwd, **opts, reverse=True)]
-    )
-    both = {k: torch.cat([fwd[k], bwd[k]]) for k in ('u', 'delta', 'B', 'C')}
-    for k in ('A', 'D', 'delta_bias'):
-        both[k] = None if fwd[k] is None else torch.stack([fwd[k], bwd[k]])
-    out = torch.full_like(both['u'], float('nan'))
-    y = selective_scan_fwd_triton(**both, z=fwd['z'], **opts, pair=True, out=out)
-    torch.testing.assert_close(y, expected, rtol=0, atol=0)
-
-
-def test_pair_rejects_bad_shapes():
-    inp = _inputs(2, 3, 4, 16, 'mamba', torch.float32, 'cpu')
-    A2 = torch.stack([inp['A'], inp['A']])
-    D2, b2 = torch.stack([inp['D'], inp['D']]), torch.stack([inp['delta_bias'], inp['delta_bias']])
-    ok = dict(inp, A=A2, D=D2, delta_bias=b2, z=inp['z'][:1])
-    with pytest.raises(ValueError, match='pair needs u'):
-        selective_scan_fwd_triton(**dict(ok, A=inp['A']), pair=True)
-    with pytest.raises(ValueError, match=r'pair needs z \(h, D, L\)'):
-        selective_scan_fwd_triton(**dict(ok, z=inp['z']), pair=True)
-    with pytest.raises(ValueError, match='keeps no states'):
-        selective_scan_fwd_triton(**ok, pair=True, return_states=True)
-
-
 def test_strided_b_and_c():
     """B and C as strided views, (batch, N, L) views of slices of one (batch, L, R + 2N) projection output, need no
     unit stride (packed anyway): the same output as contiguous ones."""
