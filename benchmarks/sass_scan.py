@@ -11,7 +11,8 @@ program), e.g. ``out8r128 sum8r128`` (the default call's two passes), ``out8`` (
 ``revout8r128``; a trailing ``p1`` the call of BiMamba's flip-free path with ``POINTWISE_OUTSIDE``
 (dt in fp32, no bias, softplus or gate), e.g. ``out8r128p1``, ``p2`` the same with dt in fp16 (``DT_HALF``); ``t1``
 delta token-major (a (1, D, L) view of (1, L, D), read a token at a time), e.g. ``out8r128p2t1``; ``s<n>`` the tile
-loop software-pipelined over n stages (``stages``), e.g. ``out8r128p2t1s3``; ``g1`` no gate (``GATE_OUTSIDE``).
+loop software-pipelined over n stages (``stages``), e.g. ``out8r128p2t1s3``; ``g1`` no gate (``GATE_OUTSIDE``);
+``e<n>`` the first n states' decays on the FMA pipe (``sum_exp_fma``), e.g. ``sum8r128s3e1``.
 The other parameters are the real call's: N = NP = 16; D, z, delta_bias and softplus on; u, delta, z and out in
 ``--dtype``; A, D, bias and the packed B|C in fp32. The kernel is specialised as Triton's launcher would specialise it
 (16-byte aligned pointers; integers divisible by 16, or equal to 1, marked so), with the segment length the host code
@@ -69,7 +70,7 @@ TARGET = GPUTarget('cuda', 90, 32)
 SM_COUNT = 132
 BIN = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin'
 TORCH_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
-VARIANT = re.compile(r'(rev)?(out|sum)(\d+)((?:[rwcptsg]\d+)*)$')
+VARIANT = re.compile(r'(rev)?(out|sum)(\d+)((?:[rwcptsge]\d+)*)$')
 Instr = Tuple[int, str, str, str]  # address, predicate guard, opcode, operands
 
 # (table row, pipe, SASS opcodes before the first dot). Pipes: mufu, fma (FP32), fmah (IMAD), alu, lsu, ctrl;
@@ -114,10 +115,11 @@ def parse_variant(text: str) -> Dict[str, int]:
     m = VARIANT.match(text)
     if not m:
         expected = (
-            '[rev]out<TILE> or [rev]sum<TILE>, then r<maxnreg> w<warps> c<channels per thread> p1|p2 t1 s<stages> g1'
+            '[rev]out<TILE> or [rev]sum<TILE>, then r<maxnreg> w<warps> c<channels per thread> p1|p2 t1 s<stages> g1 '
+            'e<states>'
         )
         raise SystemExit(f'bad variant {text!r}: expected {expected}')
-    extra = {k: int(v) for k, v in re.findall(r'([rwcptsg])(\d+)', m.group(4))}
+    extra = {k: int(v) for k, v in re.findall(r'([rwcptsge])(\d+)', m.group(4))}
     return dict(
         reverse=bool(m.group(1)),
         summary=m.group(2) == 'sum',
@@ -129,6 +131,7 @@ def parse_variant(text: str) -> Dict[str, int]:
         dt_tokens=bool(extra.get('t', 0)),
         stages=extra.get('s', 1),
         gate=not extra.get('g', 0),  # g1: no gate (BiMamba's GATE_OUTSIDE)
+        exp_fma=extra.get('e', 0),  # e<n>: the first n states' decays on the FMA pipe (sum_exp_fma)
     )
 
 
@@ -156,7 +159,7 @@ def compile_variant(mod, v: Dict[str, int], args):
     call += (D * L, L) + ((D * L, 1, D) if v['dt_tokens'] else (D * L, L, 1)) + (D * L, L) * 2 + (16, 1)
     kwargs = dict(N=16, NP=16, BLOCK_D=block_d, TILE=v['tile'], SUMMARY=v['summary'], HAS_D=True,
                   HAS_Z=inside and v['gate'], HAS_BIAS=inside, SOFTPLUS=inside, REVERSE=v['reverse'],
-                  CPT=v['channels'], STAGES=v['stages'], num_warps=v['warps'])  # fmt: skip
+                  CPT=v['channels'], STAGES=v['stages'], EXP_FMA=v['exp_fma'], num_warps=v['warps'])  # fmt: skip
     if v['maxnreg']:
         kwargs['maxnreg'] = v['maxnreg']
     bound, specialization, options = binder(*call, **kwargs)

@@ -78,6 +78,27 @@ def _softplus(x):
     return tl.where(x > 20.0, x, lp)
 
 
+def _exp2_fma(x):
+    """2^x in fp32 for x <= 0 with FMA-pipe and integer instructions only (no MUFU op, no float -> int conversion).
+    x = j + f with j = round(x): adding 1.5 * 2^23 puts j in the low mantissa bits of t (t's ulp is 1), and
+    t - 1.5 * 2^23 is j as a float, so f = x - j lies in [-0.5, 0.5] exactly. 2^f is a degree-5 polynomial
+    1 + f (c1 + f (c2 + ...)), minimax in relative error on [-0.5, 0.5] with the constant term fixed to 1: max relative
+    error 1.65e-7 with FMAs (about 1.4 ulp; ex2.approx is within 2). The bits of t shifted left by 23 are j << 23 (the
+    rest falls off the top), added to the polynomial's exponent field: 2^j exactly. x is clamped at -126 (the result
+    stays normal): x <= -126 gives 2^-126 ~ 1.2e-38 instead of a subnormal or 0, nothing as a decay; integer x give
+    2^x exactly."""
+    x = tl.maximum(x, -126.0)
+    t = x + 12582912.0
+    f = x - (t - 12582912.0)
+    p = 1.3268738985061646e-3 * f + 9.672952815890312e-3
+    p = p * f + 5.5507294833660126e-2
+    p = p * f + 2.4022208154201508e-1
+    p = p * f + 6.931469440460205e-1
+    p = p * f + 1.0
+    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
 def _columns(x, BLOCK_D: tl.constexpr, TILE: tl.constexpr):
     """(BLOCK_D, TILE) tile -> tuple of TILE (BLOCK_D,) columns, in order (TILE <= 32). Repeated even/odd splits:
     after a level with m parts, part r holds the columns j with j % m == r."""
@@ -187,13 +208,15 @@ def _walk(
     REVERSE: tl.constexpr,
     CPT: tl.constexpr,
     STAGES: tl.constexpr,
+    EXP_FMA: tl.constexpr,
 ):
     """Walk tokens [lo, hi) (both multiples of TILE) from the states h (tuple of N (BLOCK_D,) fp32), from hi - 1
     down to lo when REVERSE. Summary: also sums dt into dsum, writes nothing. Otherwise stores out. Returns
     (h, dsum). u_row, dt_row, z_row, o_row: (BLOCK_D,) pointers at token 0 of each channel; bc_row: scalar pointer
     at token 0 of this batch's packed B|C rows (2 NP fp32 per token, B in the first NP). s_tl: delta's L
     stride, 1 (channel-major, read in tiles) or not (token-major: read a token at a time, or in pipelined loops with
-    one channel a thread as a tile). CPT: channels a thread. STAGES: software pipelining of the tile loop (1: none)."""
+    one channel a thread as a tile). CPT: channels a thread. STAGES: software pipelining of the tile loop (1: none).
+    States n < EXP_FMA decay through :func:`_exp2_fma` (FMA pipe), the others through ``tl.exp2`` (MUFU)."""
     offs = tl.arange(0, TILE)[None, :]
     mask = md[:, None]
     # over the tile index: t0 = i * TILE is a multiple of TILE the compiler sees, so the tile loads are vectors
@@ -237,7 +260,11 @@ def _walk(
             new_h = ()
             y = tl.full([BLOCK_D], 0.0, tl.float32)
             for n in tl.static_range(N):
-                hn = tl.exp2(dt * A2[n]) * h[n] + dtu * bs[n]
+                if n < EXP_FMA:
+                    decay = _exp2_fma(dt * A2[n])
+                else:
+                    decay = tl.exp2(dt * A2[n])
+                hn = decay * h[n] + dtu * bs[n]
                 new_h = new_h + (hn,)
                 if not SUMMARY:
                     y = y + cs[n] * hn
@@ -293,6 +320,7 @@ def _scan_kernel(
     REVERSE: tl.constexpr,
     CPT: tl.constexpr,
     STAGES: tl.constexpr,
+    EXP_FMA: tl.constexpr,
 ):
     """Program (channel block, segment s, batch). SUMMARY: segment s (< S-1) from h = 0, stores hs[b, s] (D, N)
     and dsum[b, s] (D,). Otherwise: starts from hs[b, s-1] (the carried state; zero for s = 0) and stores out
@@ -335,16 +363,16 @@ def _scan_kernel(
     if REVERSE and TILE > 1:  # ragged end first (the last segment only: segment lengths are multiples of TILE)
         h, dsum = _walk(
             h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md, s_tl,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, CPT, 1,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, CPT, 1, EXP_FMA,
         )  # fmt: skip
     h, dsum = _walk(
         h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, lo, full, bias, d_skip, md, s_tl,
-        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, CPT, STAGES,
+        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, CPT, STAGES, EXP_FMA,
     )  # fmt: skip
     if not REVERSE and TILE > 1:  # ragged end (the last segment only, as segment lengths are multiples of TILE)
         h, dsum = _walk(
             h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md, s_tl,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, CPT, 1,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, CPT, 1, EXP_FMA,
         )  # fmt: skip
     if SUMMARY:
         base = (b * n_carry + s) * Dm + d64
@@ -388,9 +416,18 @@ def _carry_kernel(
             tl.store(hs_ptr + (b * n_carry + s0 + j) * Dm * N + lanes, h, mask=ml & (s0 + j < n_carry))
 
 
+def _exp2_fma_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    """y = :func:`_exp2_fma` (x) elementwise over n fp32 values (for tests)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(y_ptr + offs, _exp2_fma(tl.load(x_ptr + offs, mask=m, other=0.0)), mask=m)
+
+
 _KERNELS = LazyKernels(
-    __name__, [_softplus, _columns, _tile, _row, _row_staged, _tokens, _walk, _scan_kernel, _carry_kernel]
-)
+    __name__,
+    [_softplus, _exp2_fma, _exp2_fma_kernel, _columns, _tile, _row, _row_staged, _tokens, _walk, _scan_kernel,
+     _carry_kernel],
+)  # fmt: skip
 
 # ---------------------------------------------------------------------------------------------------------------
 # Host side
@@ -498,6 +535,7 @@ def selective_scan_fwd_triton(
     sum_maxnreg: Optional[int] = 128,
     reverse: bool = False,
     stages: int = 1,
+    sum_exp_fma: int = 0,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, int]]:
     """Selective scan forward, no autograd; semantics and shapes of
     :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
@@ -537,6 +575,11 @@ def selective_scan_fwd_triton(
     multiple of the segment length (one segment included), else to float rounding (the flipped sequence is cut at
     other tokens, so its carried states sum other groups). With return_states, ``states[:, s - 1]`` enters the
     s-th segment walked (S - 1 - s in the sequence).
+
+    sum_exp_fma: in the summary pass, how many of the N states (the first ones) compute their decays with
+    :func:`_exp2_fma` on the FMA pipe instead of ``exp2`` on the special-function unit, which bounds that pass (0:
+    none). Within ~1.4 float32 ulp of ``exp2`` (whose hardware approximation is within 2), so the carried states, not
+    the walk inside a segment, move by float32 rounding.
     """
     out_tile = token_tile if out_tile is None else out_tile
     out_block_d, out_warps = (block_d, num_warps) if out_warps is None else (32 * out_warps, out_warps)
@@ -548,6 +591,8 @@ def selective_scan_fwd_triton(
         raise ValueError(f'selective_scan_fwd_triton: stages must be at least 1, got {stages}')
     batch, dim, length = u.shape
     n_state = A.shape[1]
+    if not 0 <= sum_exp_fma <= n_state:
+        raise ValueError(f'selective_scan_fwd_triton: sum_exp_fma must lie in [0, N = {n_state}], got {sum_exp_fma}')
 
     # the custom op's fake result is empty_like(u): under torch.compile the real one must have its strides
     if out is None:
@@ -608,8 +653,9 @@ def selective_scan_fwd_triton(
         STAGES=stages,
     )
     summary_flags = dict(BLOCK_D=block_d, TILE=token_tile, num_warps=num_warps, CPT=max(1, block_d // (32 * num_warps)))
+    summary_flags['EXP_FMA'] = sum_exp_fma
     out_flags = dict(
-        BLOCK_D=out_block_d, TILE=out_tile, num_warps=out_warps, CPT=max(1, out_block_d // (32 * out_warps))
+        BLOCK_D=out_block_d, TILE=out_tile, num_warps=out_warps, CPT=max(1, out_block_d // (32 * out_warps)), EXP_FMA=0
     )
     for launch, cap in ((summary_flags, sum_maxnreg), (out_flags, out_maxnreg)):
         if cap and not interpret:
@@ -625,3 +671,15 @@ def selective_scan_fwd_triton(
     if res is not out:
         out.copy_(res)
     return (out, hs, seg_len) if return_states else out
+
+
+def exp2_fma(x: Tensor) -> Tensor:
+    """2^x elementwise through the summary pass's FMA-pipe exp2 (:func:`_exp2_fma`; meant for x <= 0) as float32, on
+    x's device (compiled on CUDA, interpreted on CPU): to check its accuracy."""
+    x = x.float().contiguous()
+    y = torch.empty_like(x)
+    if x.numel():
+        block = 1024 if x.is_cuda else 1 << 16  # the interpreter pays per program, not per element
+        with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
+            _KERNELS(interpret_for(x)).exp2_fma_kernel[(-(-x.numel() // block),)](x, y, x.numel(), BLOCK=block)
+    return y

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gsmsr.ops import cuda_kernel, selective_scan, selective_scan_ref
-from gsmsr.ops.seq_scan_triton import selective_scan_fwd_triton
+from gsmsr.ops.seq_scan_triton import exp2_fma, selective_scan_fwd_triton
 from gsmsr.ops.triton_jit import triton_available
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not triton_available(), reason='needs CUDA and Triton')]
@@ -167,6 +167,35 @@ def test_pipelined_loads_are_bit_identical_at_gsm_shape(stages, reverse, pointwi
     assert torch.isfinite(expected).all()
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
     torch.testing.assert_close(s, states, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('reverse', [False, True])
+def test_summary_decays_on_the_fma_pipe_at_gsm_shape(reverse):
+    """sum_exp_fma=1 (the summary pass's first state on the FMA-pipe polynomial, compiled: FMA contraction, integer
+    bit tricks), pipelined as the inference default, at a window step's length in fp32: within the reference's
+    tolerance, the first segment walked bit for bit the plain kernel's (it starts from no carry)."""
+    inp = _inputs(1, 384, 16, 288_000, torch.float32)
+    opts = dict(delta_softplus=True, stages=3, reverse=reverse)
+    with torch.no_grad():
+        plain, _, seg_len = selective_scan_fwd_triton(**inp, **opts, return_states=True)
+        y = selective_scan_fwd_triton(**inp, **opts, sum_exp_fma=1)
+        ref = selective_scan_ref(**{k: v.double() for k, v in inp.items()}, delta_softplus=True, reverse=reverse)
+    first = slice((288_000 - 1) // seg_len * seg_len, None) if reverse else slice(0, seg_len)
+    torch.testing.assert_close(y[..., first], plain[..., first], rtol=0, atol=0)
+    assert _err(y, ref) <= TOL[torch.float32]
+    assert _err(y, plain) <= 1e-5
+
+
+def test_exp2_fma_compiled_accuracy():
+    """The compiled polynomial exp2 against float64 2^x over [-130, 0], as the CPU test checks the interpreted one."""
+    x = torch.cat([torch.linspace(-130, 0, 4_000_001, device='cuda'), -torch.logspace(-30, 0, 10_001, device='cuda')])
+    y = exp2_fma(x).double()
+    ref = torch.exp2(x.double())
+    normal = x >= -126
+    assert ((y - ref) / ref).abs()[normal].max().item() <= 2.5e-7
+    assert ((y[~normal] >= 0) & (y[~normal] <= 2.0**-126)).all()
+    k = torch.arange(0, 127, dtype=torch.float32, device='cuda')
+    assert torch.equal(exp2_fma(-k).double(), torch.exp2(-k.double()))
 
 
 @pytest.mark.parametrize(
