@@ -6,8 +6,9 @@ outputs are summed, not averaged. Parameter names match the official checkpoint.
 
 Without autograd, where the scan walks time backwards itself (:func:`gsmsr.ops.selective_scan.reverses_natively`),
 the backward branch runs on the unflipped sequence instead: an anti-causal conv, the pointwise-in-time projections
-as they are, and a reverse scan. The same value, without the copies of the gate that the scans (opaque custom ops
-under ``torch.compile``) would need: both read it from the in-projection's output.
+as they are, and a reverse scan. The same value, without the copies of the flips that the scans (opaque custom ops
+under ``torch.compile``) would need. There the two scans also run ungated and the gate multiplies their sum once
+(``GATE_OUTSIDE``): since ``(y_f + y_b) * g = y_f * g + y_b * g``, the same value to rounding.
 """
 
 from __future__ import annotations

@@ -46,10 +46,11 @@ copy into shared memory issued tiles ahead, and the values are read from shared 
 token's B|C row is then one copy for the whole warp (:func:`_row_staged`), and a token-major delta a tile.
 
 All arithmetic is float32 whatever the input dtype; the output has u's dtype. Decays are ``exp2(dt * A log2 e)``
-(log2 e folded into A once). No autograd here; with ``return_states=True`` the forward also returns the state
-entering each segment (the carries above), from which the backward (:mod:`gsmsr.ops.seq_scan_triton_bwd`) restarts
-any segment. CUDA tensors run compiled kernels and CPU tensors Triton's interpreter (slow; for tests), see
-:mod:`gsmsr.ops.triton_jit`.
+(log2 e folded into A once; in the summary pass the first ``sum_exp_fma`` states' through a polynomial on the FMA
+pipe, :func:`_exp2_fma`, to unload the special-function unit that bounds that pass). No autograd here; with
+``return_states=True`` the forward also returns the state entering each segment (the carries above), from which the
+backward (:mod:`gsmsr.ops.seq_scan_triton_bwd`) restarts any segment. CUDA tensors run compiled kernels and CPU
+tensors Triton's interpreter (slow; for tests), see :mod:`gsmsr.ops.triton_jit`.
 """
 
 from __future__ import annotations
