@@ -107,6 +107,7 @@ def traced_switches() -> Tuple[object, ...]:
         ('bimamba_pointwise', bimamba.POINTWISE_OUTSIDE),
         ('bimamba_dt_tokens', bimamba.DT_TOKENS),
         ('bimamba_dt_half', bimamba.DT_HALF),
+        ('bimamba_gate_once', bimamba.GATE_OUTSIDE),
         ('implicit_attn', implicit_warp.FUSED_ATTENTION),
         ('slot_warp', gsm_block.FUSED_SCATTER),
         ('split_in_registers', matmul3x.SPLIT_IN_REGISTERS),
