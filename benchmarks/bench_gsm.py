@@ -12,13 +12,10 @@ network with cuBLAS's fp32 GEMMs (``fp32_matmul='ieee'``) and with its larger GE
 mamba-ssm's scan instead of gsmsr's Triton scan, and with --variants one compiled row per variant (bf16 unless
 ``fp32=1``, which runs it in fp32 with the default ``fp32_matmul``): ``slab=N`` sets ``GSMNet.stream_slab``,
 ``dwconv_<field>=N`` sets that ``DWConvConfig`` field of the MLP stencil (``dwconv3d.OP_CONFIG``), ``flipfree=1``
-runs BiMamba's backward branch without flips (``bimamba.FLIP_FREE``; 0 for the flipped form), ``pwout=1`` dt's
-softplus and the gate outside the scan kernel (``bimamba.POINTWISE_OUTSIDE``; with it ``dttok=0``: its projections
-channels-first instead of token-major, ``bimamba.DT_TOKENS``, and ``dthalf=0``: dt in float32 under autocast instead of
-float16, ``bimamba.DT_HALF``), ``gate=0`` the gate inside each scan instead of once on the two branches' sum
-(``bimamba.GATE_OUTSIDE``), ``iwarp=0`` the
-implicit warp's PyTorch ops instead of its fused kernels (``implicit_warp.FUSED_ATTENTION``), ``fscatter=0`` the GSM
-block's scatter warps through cuDNN's sampler instead of one kernel (``gsm_block.FUSED_SCATTER``), ``sdpa=0`` SWSA's
+runs BiMamba's backward branch without flips (``bimamba.FLIP_FREE``; 0 for the flipped form), ``gate=0`` the gate
+inside each scan instead of once on the two branches' sum (``bimamba.GATE_OUTSIDE``), ``iwarp=0`` the implicit
+warp's PyTorch ops instead of its fused kernels (``implicit_warp.FUSED_ATTENTION``), ``fscatter=0`` the GSM block's
+scatter warps through cuDNN's sampler instead of one kernel (``gsm_block.FUSED_SCATTER``), ``sdpa=0`` SWSA's
 explicit softmax instead of SDPA (``swsa.SDPA_ATTENTION``), ``split=1`` fp32 GEMMs split in registers
 (``matmul3x.SPLIT_IN_REGISTERS``), ``buffers=0`` the streaming sweep's stacked windows instead of window buffers
 (``GSMNet.stream_buffers``; these switches compile the window step again), ``swsac=0`` SWSA's attention residual
@@ -169,7 +166,6 @@ def main() -> int:
     gsm_faithful = variant_net(scan_backend='kernel') if SCAN.cuda_kernel() else gsm
 
     flip_free_default, gate_default = BIMAMBA.FLIP_FREE, BIMAMBA.GATE_OUTSIDE
-    pointwise_defaults = BIMAMBA.POINTWISE_OUTSIDE, BIMAMBA.DT_TOKENS, BIMAMBA.DT_HALF
     infer_config_default = dict(SCAN.INFER_TRITON_CONFIG)
     fused_warp_default, fused_scatter_default = IWARP.FUSED_ATTENTION, GSM_BLOCK.FUSED_SCATTER
     sdpa_default, swsa_compile_default = SWSA.SDPA_ATTENTION, SWSA.COMPILE_ATTENTION
@@ -177,7 +173,7 @@ def main() -> int:
 
     def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm, variant: Dict[str, int] = {}):  # noqa: B006
         dwconv = {k.removeprefix('dwconv_'): v for k, v in variant.items() if k.startswith('dwconv_')}
-        switches = 'slab flipfree pwout dttok dthalf gate buffers iwarp fscatter sdpa swsac split fp32'.split()
+        switches = 'slab flipfree gate buffers iwarp fscatter sdpa swsac split fp32'.split()
         scan = {k: v for k, v in variant.items() if k not in switches and not k.startswith('dwconv_')}
         stencil = dataclasses.replace(DWCONV.DEFAULT_CONFIG, **dwconv)
 
@@ -188,9 +184,6 @@ def main() -> int:
             SCAN.INFER_TRITON_CONFIG.update(infer_config_default, **scan)
             DWCONV.OP_CONFIG = stencil
             BIMAMBA.FLIP_FREE = bool(variant.get('flipfree', BIMAMBA.FLIP_FREE))
-            BIMAMBA.POINTWISE_OUTSIDE = bool(variant.get('pwout', BIMAMBA.POINTWISE_OUTSIDE))
-            BIMAMBA.DT_TOKENS = bool(variant.get('dttok', BIMAMBA.DT_TOKENS))
-            BIMAMBA.DT_HALF = bool(variant.get('dthalf', BIMAMBA.DT_HALF))
             BIMAMBA.GATE_OUTSIDE = bool(variant.get('gate', BIMAMBA.GATE_OUTSIDE))
             IWARP.FUSED_ATTENTION = bool(variant.get('iwarp', IWARP.FUSED_ATTENTION))
             GSM_BLOCK.FUSED_SCATTER = bool(variant.get('fscatter', GSM_BLOCK.FUSED_SCATTER))
@@ -205,7 +198,6 @@ def main() -> int:
                 SCAN.INFER_TRITON_CONFIG.update(infer_config_default)
                 DWCONV.OP_CONFIG = DWCONV.DEFAULT_CONFIG
                 BIMAMBA.FLIP_FREE = flip_free_default
-                BIMAMBA.POINTWISE_OUTSIDE, BIMAMBA.DT_TOKENS, BIMAMBA.DT_HALF = pointwise_defaults
                 BIMAMBA.GATE_OUTSIDE = gate_default
                 IWARP.FUSED_ATTENTION = fused_warp_default
                 GSM_BLOCK.FUSED_SCATTER = fused_scatter_default

@@ -3,10 +3,7 @@
     python benchmarks/bench_scan.py [--lengths 288000,20480] [--dtypes fp32,bf16] [--repeats 10]
         [--seq-sweep] [--modes fwd,fwd+bwd,bwd] [--bwd-sweep] [--batch 1] [--only SUBSTR,...]
 
-``seq-triton`` rows are gsmsr.ops.seq_scan_triton called directly (forward only, so no fwd+bwd rows), ``pointwise
-outside`` with dt's softplus and the gate as eager ops around the kernel (as BiMamba's flip-free path calls it, dt
-in float16 from 16-bit inputs; ``dt tokens``: dt token-major, as with its token-major projections; ``fp32 dt``: dt
-kept in float32; with --seq-sweep also in the configs of POINTWISE_SWEEP); ``gsmsr
+``seq-triton`` rows are gsmsr.ops.seq_scan_triton called directly (forward only, so no fwd+bwd rows); ``gsmsr
 triton op`` rows are ``selective_scan(backend='triton')``: forward through gsmsr::scan_infer, fwd+bwd through
 gsmsr::tscan_fwd / tscan_bwd (gsmsr.ops.seq_scan_triton_bwd, training segments); ``--seq-sweep`` adds its
 configurations in SEQ_SWEEP, labelled ``d<block_d> w<num_warps> t<token_tile> seg<segments>|wpsm<warps per SM>``,
@@ -32,7 +29,6 @@ gradient's max |value|). A configuration that fails or runs out of memory is lis
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import sys
 import traceback
@@ -40,7 +36,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import cuda_time, print_table, selected  # noqa: E402  (this folder is on sys.path)
@@ -166,62 +161,6 @@ def make_inputs(
     )
 
 
-# --seq-sweep rows of the pointwise-outside call (the first is the default config). Without the softplus and the gate
-# the offline SASS (Triton 3.8) needs fewer registers: at a 96-register cap the summary pass does not spill and the
-# output pass spills 12 bytes, so an SM could hold 21 one-warp programs instead of 16 (more loads in flight). Programs
-# of 4 warps put 4 channel blocks of a segment, which read the same B|C rows, on one SM. Two channels a thread
-# (block_d=64 in one warp) halve the B|C loads a channel: offline 184 instructions and 8.75 B|C loads a token for 64
-# channels in the output pass (168 registers with 8 bytes of spills, or 138 uncapped), 144 and 4.75 in the summary
-# (128 registers, no spills), against 191 and 16.75, 148 and 8.75 for two one-channel warps.
-POINTWISE_SWEEP = [
-    SeqConfig(),
-    # the tile loop software-pipelined: u, dt and the B|C rows as async copies into shared memory, 1 or 2 tiles ahead
-    # (offline SASS, Triton 3.6: 4 KB of shared memory a program at 3 stages, no global load left in the loop, no
-    # spills at 128 registers and 4 bytes at 96, which lets an SM hold 20 one-warp programs; the in-order model's
-    # cycles a token 317 -> 155 when the tiles come from DRAM)
-    SeqConfig(stages=2),
-    SeqConfig(stages=3),
-    SeqConfig(stages=3, warps_per_sm=20, sum_maxnreg=96, out_maxnreg=96),
-    SeqConfig(warps_per_sm=20, sum_maxnreg=96, out_maxnreg=96),
-    SeqConfig(warps_per_sm=20, sum_maxnreg=96),
-    SeqConfig(out_warps=4),
-    SeqConfig(block_d=128, num_warps=4, out_warps=4),
-    SeqConfig(block_d=64, warps_per_sm=12, out_maxnreg=168),
-    SeqConfig(block_d=64, warps_per_sm=14, out_maxnreg=0),
-]
-
-
-_TOKEN_MAJOR: Dict[Tuple[Any, ...], torch.Tensor] = {}
-
-
-def token_major(t: torch.Tensor) -> torch.Tensor:
-    """The values of a (batch, D, L) operand in a (batch, L, D) tensor, copied once per operand (untimed after the
-    warm-up: in the network the dt projection writes this layout)."""
-    key = (t.data_ptr(), t.shape, t.dtype, t.device)
-    if key not in _TOKEN_MAJOR:
-        _TOKEN_MAJOR.clear()
-        _TOKEN_MAJOR[key] = t.transpose(1, 2).contiguous()
-    return _TOKEN_MAJOR[key]
-
-
-def pointwise_outside(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dt_tokens=False, dt_half=True, **config):
-    """The Triton forward as BiMamba's flip-free path calls it (``bimamba.POINTWISE_OUTSIDE``): dt's softplus before
-    the kernel (computed in float32) and the gate after it, here as eager ops (in the network Inductor fuses both
-    into the ops beside the scan, so the row's time over the kernel's is a bound). dt_tokens: dt token-major, from
-    delta's (batch, L, D) copy (``bimamba.DT_TOKENS``); dt_half: dt stored in float16 when delta is 16-bit
-    (``bimamba.DT_HALF``). config: selective_scan_fwd_triton's keywords."""
-    if dt_tokens:  # (batch, L, D), the kernel gets its (batch, D, L) view
-        dt = token_major(delta).float() + delta_bias
-        dt = (F.softplus(dt) if delta_softplus else dt).transpose(1, 2)
-    else:
-        dt = delta.float() + delta_bias[:, None]
-        dt = F.softplus(dt) if delta_softplus else dt
-    if dt_half and delta.dtype.itemsize == 2:
-        dt = dt.half()
-    y = selective_scan_fwd_triton(u, dt, A, B, C, D, **config)
-    return (y.float() * F.silu(z.float())).to(u.dtype)
-
-
 def run_once(
     scan: Callable, inp: Dict[str, torch.Tensor], dout: Optional[torch.Tensor]
 ) -> Tuple[torch.Tensor, Optional[List[Optional[torch.Tensor]]]]:
@@ -335,15 +274,6 @@ def main() -> int:
     for name, kw in seq_configs:
         scans[name] = lambda *a, kw=kw, **k: selective_scan_fwd_triton(*a, **k, **kw)
         forward_only.add(name)
-    for config in POINTWISE_SWEEP[: len(POINTWISE_SWEEP) if args.seq_sweep else 1]:
-        forms = [(False, True), (True, True)]  # dt channel- / token-major, stored as the network stores it
-        if config == SeqConfig():
-            forms += [(False, False), (True, False)]  # and kept in float32
-        for dt_tokens, dt_half in forms:
-            name = 'seq-triton pointwise outside' + ' dt tokens' * dt_tokens + ' fp32 dt' * (not dt_half)
-            name += f' {config.label()[11:]}' if config != SeqConfig() else ''
-            scans[name] = functools.partial(pointwise_outside, dt_tokens=dt_tokens, dt_half=dt_half, **config.kwargs())
-            forward_only.add(name)
 
     rows: List[Dict[str, str]] = []
     for length in (int(v) for v in args.lengths.split(',')):

@@ -8,11 +8,9 @@ A VARIANT is ``out<TILE>`` (output pass) or ``sum<TILE>`` (summary pass), option
 (none: the compiler's choice), ``w<num_warps>`` and ``c<channels per thread>`` (32 * num_warps * c channels per
 program), e.g. ``out8r128 sum8r128`` (the default call's two passes), ``out8`` (uncapped), ``out4r128w2``,
 ``out8c2`` (64 channels in one warp); a leading ``rev`` compiles the reverse scan (time walked from the end), e.g.
-``revout8r128``; a trailing ``p1`` the call of BiMamba's flip-free path with ``POINTWISE_OUTSIDE``
-(dt in fp32, no bias, softplus or gate), e.g. ``out8r128p1``, ``p2`` the same with dt in fp16 (``DT_HALF``); ``t1``
-delta token-major (a (1, D, L) view of (1, L, D), read a token at a time), e.g. ``out8r128p2t1``; ``s<n>`` the tile
-loop software-pipelined over n stages (``stages``), e.g. ``out8r128p2t1s3``; ``g1`` no gate (``GATE_OUTSIDE``);
-``e<n>`` the first n states' decays on the FMA pipe (``sum_exp_fma``), e.g. ``sum8r128s3e1``.
+``revout8r128``; a trailing ``s<n>`` the tile loop software-pipelined over n stages (``stages``), e.g.
+``out8r128s3``; ``g1`` no gate (BiMamba's ``GATE_OUTSIDE``), e.g. ``out8r128s3g1`` (the default inference call's output
+pass); ``e<n>`` the first n states' decays on the FMA pipe (``sum_exp_fma``), e.g. ``sum8r128s3e1``.
 The other parameters are the real call's: N = NP = 16; D, z, delta_bias and softplus on; u, delta, z and out in
 ``--dtype``; A, D, bias and the packed B|C in fp32. The kernel is specialised as Triton's launcher would specialise it
 (16-byte aligned pointers; integers divisible by 16, or equal to 1, marked so), with the segment length the host code
@@ -70,7 +68,7 @@ TARGET = GPUTarget('cuda', 90, 32)
 SM_COUNT = 132
 BIN = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin'
 TORCH_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
-VARIANT = re.compile(r'(rev)?(out|sum)(\d+)((?:[rwcptsge]\d+)*)$')
+VARIANT = re.compile(r'(rev)?(out|sum)(\d+)((?:[rwcsge]\d+)*)$')
 Instr = Tuple[int, str, str, str]  # address, predicate guard, opcode, operands
 
 # (table row, pipe, SASS opcodes before the first dot). Pipes: mufu, fma (FP32), fmah (IMAD), alu, lsu, ctrl;
@@ -115,11 +113,10 @@ def parse_variant(text: str) -> Dict[str, int]:
     m = VARIANT.match(text)
     if not m:
         expected = (
-            '[rev]out<TILE> or [rev]sum<TILE>, then r<maxnreg> w<warps> c<channels per thread> p1|p2 t1 s<stages> g1 '
-            'e<states>'
+            '[rev]out<TILE> or [rev]sum<TILE>, then r<maxnreg> w<warps> c<channels per thread> s<stages> g1 e<states>'
         )
         raise SystemExit(f'bad variant {text!r}: expected {expected}')
-    extra = {k: int(v) for k, v in re.findall(r'([rwcptsge])(\d+)', m.group(4))}
+    extra = {k: int(v) for k, v in re.findall(r'([rwcsge])(\d+)', m.group(4))}
     return dict(
         reverse=bool(m.group(1)),
         summary=m.group(2) == 'sum',
@@ -127,8 +124,6 @@ def parse_variant(text: str) -> Dict[str, int]:
         maxnreg=extra.get('r', 0),
         warps=extra.get('w', 1),
         channels=extra.get('c', 1),
-        pointwise_outside=extra.get('p', 0),  # 1: dt in fp32, 2: in fp16
-        dt_tokens=bool(extra.get('t', 0)),
         stages=extra.get('s', 1),
         gate=not extra.get('g', 0),  # g1: no gate (BiMamba's GATE_OUTSIDE)
         exp_fma=extra.get('e', 0),  # e<n>: the first n states' decays on the FMA pipe (sum_exp_fma)
@@ -150,16 +145,12 @@ def compile_variant(mod, v: Dict[str, int], args):
     L, D = args.length, args.dim
     act = lambda: torch.empty(16, dtype=TORCH_DTYPES[args.dtype])  # noqa: E731  (placeholders: dtype, alignment)
     f32 = lambda: torch.empty(16, dtype=torch.float32)  # noqa: E731
-    # pointwise outside: dt arrives in float32 (p1) or float16 (p2), softplus, bias and gate are off
-    # (bimamba.POINTWISE_OUTSIDE)
-    inside = not v['pointwise_outside']
-    dt = act() if inside else f32() if v['pointwise_outside'] == 1 else torch.empty(16, dtype=torch.float16)
-    call = (act(), dt, act(), act(), f32(), f32(), f32(), f32(), f32(), f32(), D, L, seg_len, -(-L // seg_len) - 1)
-    # strides (batch, channel) of u, then delta's (batch, channel, token: a constexpr), z's, out's; A (D, N) contiguous
-    call += (D * L, L) + ((D * L, 1, D) if v['dt_tokens'] else (D * L, L, 1)) + (D * L, L) * 2 + (16, 1)
-    kwargs = dict(N=16, NP=16, BLOCK_D=block_d, TILE=v['tile'], SUMMARY=v['summary'], HAS_D=True,
-                  HAS_Z=inside and v['gate'], HAS_BIAS=inside, SOFTPLUS=inside, REVERSE=v['reverse'],
-                  CPT=v['channels'], STAGES=v['stages'], EXP_FMA=v['exp_fma'], num_warps=v['warps'])  # fmt: skip
+    call = (act(), act(), act(), act(), f32(), f32(), f32(), f32(), f32(), f32(), D, L, seg_len, -(-L // seg_len) - 1)
+    # strides (batch, channel) of u, delta, z and out; A (D, N) contiguous
+    call += (D * L, L) * 4 + (16, 1)
+    kwargs = dict(N=16, NP=16, BLOCK_D=block_d, TILE=v['tile'], SUMMARY=v['summary'], HAS_D=True, HAS_Z=v['gate'],
+                  HAS_BIAS=True, SOFTPLUS=True, REVERSE=v['reverse'], STAGES=v['stages'], EXP_FMA=v['exp_fma'],
+                  num_warps=v['warps'])  # fmt: skip
     if v['maxnreg']:
         kwargs['maxnreg'] = v['maxnreg']
     bound, specialization, options = binder(*call, **kwargs)
@@ -343,7 +334,7 @@ def analyse(name: str, mod, args) -> Dict[str, object]:
     rows_per = lambda key: lay[key][1][0] if lay[key] else 32  # noqa: E731  (rows a tile instruction touches)
     bc_loads = (1 if v['summary'] else 2) * 16 // 4  # 16-byte broadcast loads of the B (and C) row a token
     if rows['LDG']:
-        # 16-byte tile loads touch a line per row of the layout; narrower ones are token-major (a warp's channels in
+        # 16-byte tile loads touch a line per row of the layout; a narrower one counts one line (a warp's channels in
         # one line)
         narrow = rows['LDG'] - widths['LDG.128']
         l1 = max(widths['LDG.128'] - bc_loads, 0) * rows_per('load') + narrow + rows['STG'] * rows_per('store')

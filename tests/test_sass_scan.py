@@ -42,49 +42,31 @@ def test_output_pass_loads_vector_tiles_ahead_of_use():
     assert ahead(capped) > 2 * ahead(free)
 
 
-def test_pointwise_outside_leaves_the_decays_alone():
-    """With dt's softplus and the gate outside the kernel (bimamba.POINTWISE_OUTSIDE) the output pass's special-
-    function ops are the 16 decays alone, and a third of its instructions go (benchmarks/NOTES.md)."""
+def test_gate_outside_and_summary_fma_decays_take_special_function_ops_off():
+    """With the gate once outside the scans (bimamba.GATE_OUTSIDE) the output pass's special-function ops are the 16
+    decays and the softplus's exp (no sigmoid's exp and reciprocal), with 16 instructions fewer a token; with
+    sum_exp_fma=1 the summary pass has 16 instead of 17 (benchmarks/NOTES.md)."""
     sass = _load()
     mod = sass.load_module('gsmsr.ops.seq_scan_triton')
     args = argparse.Namespace(length=288000, dim=384, dtype='bf16', warps_per_sm=16, seg_len=0, keep='')
-    r = sass.analyse('out8r128p1', mod, args)
-    mufu = {k: v for k, v in r['rows'].items() if k.startswith('MUFU') and v}
-    assert mufu == {'MUFU.EX2': 16}, mufu
-    assert r['rows']['total'] < 110  # 148 with them inside
-
-
-def test_token_major_dt_is_one_line_a_token():
-    """With dt token-major (bimamba.DT_TOKENS) each token's dt is one 4-byte load a thread, a warp's 32 channels in
-    one line, instead of a share of two 16-byte tile loads touching a line a thread: in both passes one LDG.32 a token
-    and 7 fewer L1 wavefronts, for about one instruction more and no spills; with two channels a thread, two loads
-    (benchmarks/NOTES.md)."""
-    sass = _load()
-    mod = sass.load_module('gsmsr.ops.seq_scan_triton')
-    args = argparse.Namespace(length=288000, dim=384, dtype='bf16', warps_per_sm=16, seg_len=0, keep='')
-    for name in ('out8r128p1', 'sum8r128p1', 'revout8r128p1'):
-        channels, tokens = sass.analyse(name, mod, args), sass.analyse(name + 't1', mod, args)
-        assert tokens['widths']['LDG.32'] == 1 and channels['widths']['LDG.32'] == 0, name
-        assert tokens['l1'] == channels['l1'] - 7, name
-        assert tokens['rows']['total'] <= channels['rows']['total'] + 2, name
-        assert tokens['info']['spill_st'] == 0 and tokens['info']['regs'] <= 128, name
-    # two channels a thread: the token's two halves, no layout conversion (shuffles) and no spills
-    channels, tokens = sass.analyse('out8r168p1c2', mod, args), sass.analyse('out8r168p1t1c2', mod, args)
-    assert tokens['widths']['LDG.32'] == 2 and tokens['rows']['SHFL'] == 0
-    assert tokens['rows']['total'] <= channels['rows']['total'] + 2 and tokens['info']['spill_st'] == 0
-    assert tokens['l1'] == channels['l1'] - 14
+    gated, ungated = sass.analyse('out8r128s3', mod, args), sass.analyse('out8r128s3g1', mod, args)
+    mufu = lambda r: {k: v for k, v in r['rows'].items() if k.startswith('MUFU') and v}  # noqa: E731
+    assert mufu(gated) == {'MUFU.EX2': 18, 'MUFU.RCP': 1} and mufu(ungated) == {'MUFU.EX2': 17}
+    assert ungated['rows']['total'] <= gated['rows']['total'] - 12
+    plain, fma = sass.analyse('sum8r128s3', mod, args), sass.analyse('sum8r128s3e1', mod, args)
+    assert mufu(plain) == {'MUFU.EX2': 17} and mufu(fma) == {'MUFU.EX2': 16}
+    assert fma['info']['spill_st'] == 0 and fma['info']['regs'] <= 128
 
 
 def test_pipelined_loop_copies_each_b_c_row_once():
     """stages > 1: the tile loop's loads become async copies into shared memory, and the B|C row of a token is one
     copy for the warp (``_row_staged``), so a program needs ~4 KB of shared memory; copying the broadcast pieces a
     thread each took 34 KB and cut an SM's programs from 16 to 6 (benchmarks/NOTES.md). No global loads are left in
-    the loop (token-major dt comes as a tile, 2 bytes a token being too narrow for an async copy), and no spills at
-    the register cap."""
+    the loop, and no spills at the register cap."""
     sass = _load()
     mod = sass.load_module('gsmsr.ops.seq_scan_triton')
     args = argparse.Namespace(length=288000, dim=384, dtype='bf16', warps_per_sm=16, seg_len=0, keep='')
-    for name in ('out8r128p2t1s3', 'revsum8r128p2t1s3'):
+    for name in ('out8r128s3g1', 'revsum8r128s3'):
         r = sass.analyse(name, mod, args)
         assert r['shared'] <= 4096, (name, r['shared'])
         assert r['rows']['LDG'] == 0, name

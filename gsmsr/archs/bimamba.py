@@ -29,30 +29,12 @@ EXPAND = 2
 # The flip-free backward branch without autograd (see the module docstring): -1.3 ms/frame on an H200 at 20x180x320
 # (benchmarks/NOTES.md); False keeps the flipped form everywhere, and bench_gsm's ``--variants flipfree=0`` times it.
 FLIP_FREE = True
-# On the flip-free path, dt = softplus(delta + dt bias) and the output gate y * silu(z) computed by the graph around
-# the scans instead of inside the scan kernel: the gate once on the two branches' sum, dt computed in float32 (as the
-# kernel computed it). The Triton scan spends 3 of its 19 special-function ops a token on them (the softplus also in
-# its summary pass): without them one call at L = 288k bf16 ran 1.64 against 1.98 ms on an H200 (benchmarks/NOTES.md).
-# Off until timed in the network; ``bench_gsm.py --variants pwout=1`` times it.
-POINTWISE_OUTSIDE = False
-# With POINTWISE_OUTSIDE, the x and dt projections run token-major ((B, L, .) outputs, as the GEMMs write them): dt
-# reaches the scan without a transposing copy and is read a token at a time (a warp's 32 channels in one line: the
-# output pass's L1 wavefronts a token 24 -> 17 in the offline SASS), B and C are strided views of the x projection's
-# rows (the scan packs them anyway). False keeps the channels-first projections; ``bench_gsm.py --variants
-# 'pwout=1,dttok=0'`` times them.
-DT_TOKENS = True
-# With POINTWISE_OUTSIDE under 16-bit autocast (delta from a 16-bit GEMM), dt is stored in float16: the size of the
-# delta it replaces, so no larger transient than before, and half the scan's dt traffic of float32. float16's 11-bit
-# significand puts its error at 1.1e-4 of max |out| (float64 scans on the CPU, benchmarks/NOTES.md), under a ninth of
-# delta's own bf16 rounding (9.2e-4); bf16 dt would add 1.0e-3. Without autocast dt stays float32. False: float32
-# always; ``bench_gsm.py --variants 'pwout=1,dthalf=0'`` times it.
-DT_HALF = True
-# On the flip-free path (without POINTWISE_OUTSIDE), the output gate once on the two branches' sum, in float32 in the
-# op that adds them, instead of inside each scan: the output passes lose 2 of their 19 special-function ops and 16 of
-# their 154 instructions a token (offline SASS) and the gate's loads (read once instead of twice); one rounding fewer
-# (each branch was rounded to the activations' dtype after its gate). 39.0 against 40.3 ms/frame for the bf16
-# compiled default at 20x180x320 on an H200, the scan 10.4 against 11.4 ms/frame, output moved by 9.8e-4
-# (benchmarks/NOTES.md); ``bench_gsm.py --variants gate=0`` times the gate inside.
+# On the flip-free path, the output gate once on the two branches' sum, in float32 in the op that adds them, instead
+# of inside each scan: the output passes lose 2 of their 19 special-function ops and 16 of their 154 instructions a
+# token (offline SASS) and the gate's loads (read once instead of twice); one rounding fewer (each branch was rounded
+# to the activations' dtype after its gate). 39.0 against 40.3 ms/frame for the bf16 compiled default at 20x180x320
+# on an H200, the scan 10.4 against 11.4 ms/frame, output moved by 9.8e-4 (benchmarks/NOTES.md); ``bench_gsm.py
+# --variants gate=0`` times the gate inside.
 GATE_OUTSIDE = True
 
 
@@ -105,13 +87,6 @@ def _at_least_fp32(t: Tensor) -> Tensor:
     return t.float() if t.dtype.itemsize < 4 else t
 
 
-def _dt(delta: Tensor, bias: Tensor) -> Tensor:
-    """dt = softplus(delta + bias) in float32, stored in float16 when delta is a 16-bit GEMM output (DT_HALF), clamped
-    to float16's range (65504: its decay is 0 in float32 too) rather than infinite."""
-    dt = F.softplus(delta.float() + bias)
-    return dt.clamp(max=torch.finfo(torch.float16).max).half() if DT_HALF and delta.dtype.itemsize == 2 else dt
-
-
 class BiMamba(nn.Module):
     """(B, L, C) -> (B, L, C)."""
 
@@ -162,26 +137,17 @@ class BiMamba(nn.Module):
         a_log: Tensor,
         d: Tensor,
         reverse: bool = False,
-        dt_outside: bool = False,
     ) -> Tensor:
         """x, gate: (B, Di, L) -> (B, Di, L). reverse: conv and scan run time backwards (anti-causal conv, reverse
-        scan), i.e. the branch on the flipped x and gate, flipped back. gate None: the ungated output. dt_outside:
-        dt's softplus computed here (POINTWISE_OUTSIDE), by token-major projections with DT_TOKENS."""
+        scan), i.e. the branch on the flipped x and gate, flipped back. gate None: the ungated output."""
         u = causal_conv_silu(x, conv.weight, conv.bias, reverse)
         A = -torch.exp(_at_least_fp32(a_log))
         bias = _at_least_fp32(dt_proj.bias)
         split = [self.dt_rank, self.d_state, self.d_state]
-        if dt_outside and DT_TOKENS:  # token-major: (B, L, .) outputs; the scan gets (B, ., L) views of them
-            delta, b, c = F.linear(u.transpose(1, 2), x_proj.weight).split(split, dim=2)
-            delta = _dt(F.linear(delta, dt_proj.weight), bias)
-            delta, b, c, bias = delta.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), None
-        else:
-            # channels-first: every scan operand has unit stride along L (B and C are views of x_proj's output;
-            # eagerly no copies, under torch.compile Inductor copies delta, B and C into this layout)
-            delta, b, c = torch.matmul(x_proj.weight, u).split(split, dim=1)  # (B, R + 2N, L)
-            delta = torch.matmul(dt_proj.weight, delta)  # (B, Di, L); dt bias goes into the scan
-            if dt_outside:
-                delta, bias = _dt(delta, bias[:, None]), None
+        # channels-first: every scan operand has unit stride along L (B and C are views of x_proj's output; eagerly no
+        # copies, under torch.compile Inductor copies delta, B and C into this layout)
+        delta, b, c = torch.matmul(x_proj.weight, u).split(split, dim=1)  # (B, R + 2N, L)
+        delta = torch.matmul(dt_proj.weight, delta)  # (B, Di, L); dt bias goes into the scan
         return selective_scan(
             u,
             delta,
@@ -191,7 +157,7 @@ class BiMamba(nn.Module):
             _at_least_fp32(d),
             gate,
             bias,
-            delta_softplus=bias is not None,
+            delta_softplus=True,
             backend=self.scan_backend,
             reverse=reverse,
         )
@@ -205,20 +171,19 @@ class BiMamba(nn.Module):
             FLIP_FREE and directions == 2 and not torch.is_grad_enabled() and reverses_natively(z, self.scan_backend)
         )
         if flip_free:
-            # a bmm writes (B, 2Di, L) itself, so under torch.compile both scans take the gate straight from the GEMM's
-            # output; Inductor computes the matmul below as (B*L, 2Di) and copies the gate into this layout for
+            # a bmm writes (B, 2Di, L) itself, so under torch.compile the scans take x and the gate straight from the
+            # GEMM's output; Inductor computes the matmul below as (B*L, 2Di) and copies the gate into this layout for
             # each scan (a custom op gets its operands in the eager layout)
             xz = torch.bmm(self.in_proj.weight.expand(z.shape[0], -1, -1), z.transpose(1, 2))
         else:
             xz = torch.matmul(self.in_proj.weight, z.transpose(1, 2))  # (B, 2Di, L), contiguous along L
         x, gate = xz.chunk(2, dim=1)
-        outside = flip_free and POINTWISE_OUTSIDE
-        gate_once = flip_free and (outside or GATE_OUTSIDE)  # the gate on the two branches' float32 sum
+        gate_once = flip_free and GATE_OUTSIDE  # the gate on the two branches' float32 sum
         scan_gate = None if gate_once else gate
-        y = self._branch(x, scan_gate, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, dt_outside=outside)
+        y = self._branch(x, scan_gate, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
         backward = (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)
         if flip_free:
-            y_b = self._branch(x, scan_gate, *backward, reverse=True, dt_outside=outside)
+            y_b = self._branch(x, scan_gate, *backward, reverse=True)
         elif directions == 2:
             y_b = self._branch(x.flip(-1), gate.flip(-1), *backward).flip(-1)
         if gate_once:

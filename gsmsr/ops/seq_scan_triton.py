@@ -36,14 +36,9 @@ a loop counter, and then loads the tiles as 2-byte scalars transposed through sh
 holds more registers than the summary); segment lengths are multiples of both tiles, and the last segment's
 ragged end is walked with a tile of one token.
 
-A channel-major tile load touches one cache line per thread, 32 a warp instruction. delta may instead be token-major
-(a (batch, D, L) view of a (batch, L, D) tensor, as the dt projection writes it): each token is then one [BLOCK_D]
-load, a warp's 32 channels in one line, laid out as the states; a tile's loads are still all issued ahead of its
-arithmetic. With dt computed outside the kernel in float32 (BiMamba's ``POINTWISE_OUTSIDE``) it is the widest operand.
-
 With ``stages`` > 1 the tile loop is software-pipelined (``tl.range(..., num_stages)``): every load becomes an async
 copy into shared memory issued tiles ahead, and the values are read from shared memory where they are used. Each
-token's B|C row is then one copy for the whole warp (:func:`_row_staged`), and a token-major delta a tile.
+token's B|C row is then one copy for the whole warp (:func:`_row_staged`).
 
 All arithmetic is float32 whatever the input dtype; the output has u's dtype. Decays are ``exp2(dt * A log2 e)``
 (log2 e folded into A once; in the summary pass the first ``sum_exp_fma`` states' through a polynomial on the FMA
@@ -156,32 +151,6 @@ def _row_staged(ptr, BLOCK_D: tl.constexpr, NP: tl.constexpr):
     return _columns(tl.broadcast_to(row[None, :], (BLOCK_D, NP)), BLOCK_D, NP)
 
 
-def _tokens(ptr, stride, md, BLOCK_D: tl.constexpr, TILE: tl.constexpr, CPT: tl.constexpr):
-    """TILE token-major (BLOCK_D,) vectors at ptr, ptr + stride, ...: a warp's load is 32 adjacent channels in one
-    line, laid out as the states. The pointer advances in a chain, one 64-bit add a token (``ptr + j * stride``
-    would keep a pointer per token live across the tile).
-
-    CPT = 2 (two channels a thread, c and c + BLOCK_D / 2 as the states hold them): loaded as the two halves and
-    interleaved back by join / trans / reshape, register renames. Loaded whole, the compiler reads each thread's two
-    adjacent channels as one vector and converts to the states' layout with shuffles (sm_90a SASS: 291 instructions
-    a token in the output pass against 185)."""
-    vals = ()
-    if CPT == 2:
-        lo, hi = tl.split(tl.trans(tl.reshape(ptr, (2, BLOCK_D // 2))))
-        m_lo, m_hi = tl.split(tl.trans(tl.reshape(md, (2, BLOCK_D // 2))))
-        for _ in tl.static_range(TILE):
-            a = tl.load(lo, mask=m_lo, other=0.0)
-            b = tl.load(hi, mask=m_hi, other=0.0)
-            vals = vals + (tl.reshape(tl.trans(tl.join(a, b)), (BLOCK_D,)),)
-            lo += stride
-            hi += stride
-    else:
-        for _ in tl.static_range(TILE):
-            vals = vals + (tl.load(ptr, mask=md, other=0.0),)
-            ptr += stride
-    return vals
-
-
 def _walk(
     h,
     dsum,
@@ -196,7 +165,6 @@ def _walk(
     bias,
     d_skip,
     md,
-    s_tl: tl.constexpr,
     N: tl.constexpr,
     NP: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -207,16 +175,14 @@ def _walk(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
-    CPT: tl.constexpr,
     STAGES: tl.constexpr,
     EXP_FMA: tl.constexpr,
 ):
     """Walk tokens [lo, hi) (both multiples of TILE) from the states h (tuple of N (BLOCK_D,) fp32), from hi - 1
     down to lo when REVERSE. Summary: also sums dt into dsum, writes nothing. Otherwise stores out. Returns
     (h, dsum). u_row, dt_row, z_row, o_row: (BLOCK_D,) pointers at token 0 of each channel; bc_row: scalar pointer
-    at token 0 of this batch's packed B|C rows (2 NP fp32 per token, B in the first NP). s_tl: delta's L
-    stride, 1 (channel-major, read in tiles) or not (token-major: read a token at a time, or in pipelined loops with
-    one channel a thread as a tile). CPT: channels a thread. STAGES: software pipelining of the tile loop (1: none).
+    at token 0 of this batch's packed B|C rows (2 NP fp32 per token, B in the first NP). STAGES: software pipelining
+    of the tile loop (1: none).
     States n < EXP_FMA decay through :func:`_exp2_fma` (FMA pipe), the others through ``tl.exp2`` (MUFU)."""
     offs = tl.arange(0, TILE)[None, :]
     mask = md[:, None]
@@ -227,16 +193,7 @@ def _walk(
             i = (lo + hi) // TILE - 1 - k
         t0 = i * TILE
         us = _columns(tl.load(u_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
-        # token-major, pipelined: a tile, one async copy, transposed by the shared-memory reads (with two channels a
-        # thread the reads would need a layout conversion: 300 instructions a token against 207)
-        if s_tl != 1 and STAGES > 1 and CPT == 1:
-            ds = _columns(
-                tl.load(dt_row[:, None] + (tl.cast(t0, tl.int64) + offs) * s_tl, mask=mask, other=0.0), BLOCK_D, TILE
-            )
-        elif s_tl != 1:  # token-major, a token at a time; int64 offsets: L * D passes 2^31 on long sequences
-            ds = _tokens(dt_row + tl.cast(t0, tl.int64) * s_tl, s_tl, md, BLOCK_D, TILE, CPT)
-        else:
-            ds = _columns(tl.load(dt_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
+        ds = _columns(tl.load(dt_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
         if HAS_Z and not SUMMARY:
             zs = _columns(tl.load(z_row[:, None] + t0 + offs, mask=mask, other=0.0), BLOCK_D, TILE)
         ys = ()
@@ -302,7 +259,6 @@ def _scan_kernel(
     s_ud,
     s_tb,
     s_td,
-    s_tl: tl.constexpr,
     s_zb,
     s_zd,
     s_ob,
@@ -319,7 +275,6 @@ def _scan_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
-    CPT: tl.constexpr,
     STAGES: tl.constexpr,
     EXP_FMA: tl.constexpr,
 ):
@@ -363,17 +318,17 @@ def _scan_kernel(
     dsum = tl.full([BLOCK_D], 0.0, tl.float32)
     if REVERSE and TILE > 1:  # ragged end first (the last segment only: segment lengths are multiples of TILE)
         h, dsum = _walk(
-            h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md, s_tl,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, CPT, 1, EXP_FMA,
+            h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, 1, EXP_FMA,
         )  # fmt: skip
     h, dsum = _walk(
-        h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, lo, full, bias, d_skip, md, s_tl,
-        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, CPT, STAGES, EXP_FMA,
+        h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, lo, full, bias, d_skip, md,
+        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, STAGES, EXP_FMA,
     )  # fmt: skip
     if not REVERSE and TILE > 1:  # ragged end (the last segment only, as segment lengths are multiples of TILE)
         h, dsum = _walk(
-            h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md, s_tl,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, CPT, 1, EXP_FMA,
+            h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, 1, EXP_FMA,
         )  # fmt: skip
     if SUMMARY:
         base = (b * n_carry + s) * Dm + d64
@@ -426,8 +381,7 @@ def _exp2_fma_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
 
 _KERNELS = LazyKernels(
     __name__,
-    [_softplus, _exp2_fma, _exp2_fma_kernel, _columns, _tile, _row, _row_staged, _tokens, _walk, _scan_kernel,
-     _carry_kernel],
+    [_softplus, _exp2_fma, _exp2_fma_kernel, _columns, _tile, _row, _row_staged, _walk, _scan_kernel, _carry_kernel],
 )  # fmt: skip
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -541,11 +495,10 @@ def selective_scan_fwd_triton(
     """Selective scan forward, no autograd; semantics and shapes of
     :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
 
-    u, delta, z: (batch, D, L), any float dtype, unit stride along L (else copied), delta also token-major (unit
-    stride along D, e.g. ``x.transpose(1, 2)`` of a (batch, L, D) ``x``: read a token at a time, 32 channels a warp
-    in one line); B, C: (batch, N, L), any strides; A: (D, N), D, delta_bias: (D,), used as float32. Returns (batch,
-    D, L) in u's dtype with ``torch.empty_like(u)``'s strides (those of the custom op's fake result), or written into
-    ``out`` if given (u's shape and dtype, any strides; through a copy when out's L stride is not 1).
+    u, delta, z: (batch, D, L), any float dtype, unit stride along L (else copied); B, C: (batch, N, L), any strides; A:
+    (D, N), D, delta_bias: (D,), used as float32. Returns (batch, D, L) in u's dtype with ``torch.empty_like(u)``'s
+    strides (those of the custom op's fake result), or written into ``out`` if given (u's shape and dtype, any strides;
+    through a copy when out's L stride is not 1).
 
     segments: pieces each sequence is cut into (None: enough for about ``warps_per_sm`` warps per SM in the output
     launch, at least MIN_SEGMENT tokens each; 1 on CPU tensors). block_d: channels per program (a power of two;
@@ -600,11 +553,8 @@ def selective_scan_fwd_triton(
         out = torch.empty_like(u)
     elif out.shape != u.shape or out.dtype != u.dtype:
         raise ValueError("selective_scan_fwd_triton: out must have u's shape and dtype")
-    # the tile loads and store need unit L stride; delta may instead be token-major (unit stride along D), read a
-    # token at a time
-    dt_tokens = delta.stride(1) == 1 and delta.stride(2) != 1 and dim > 1 and length > 1
-    u, z = unit_stride(u), unit_stride(z)
-    delta = delta if dt_tokens else unit_stride(delta)
+    # the tile loads and store need unit L stride
+    u, delta, z = unit_stride(u), unit_stride(delta), unit_stride(z)
     res = out if out.stride(2) == 1 else torch.empty_like(out, memory_format=torch.contiguous_format)
     A = A.float()
     D = D.float().contiguous() if D is not None else None
@@ -637,7 +587,7 @@ def selective_scan_fwd_triton(
         seg_len,
         n_carry,
         *u.stride()[:2],
-        *delta.stride(),
+        *delta.stride()[:2],
         *zz.stride()[:2],
         *res.stride()[:2],
         *A.stride(),
@@ -653,11 +603,8 @@ def selective_scan_fwd_triton(
         REVERSE=bool(reverse),
         STAGES=stages,
     )
-    summary_flags = dict(BLOCK_D=block_d, TILE=token_tile, num_warps=num_warps, CPT=max(1, block_d // (32 * num_warps)))
-    summary_flags['EXP_FMA'] = sum_exp_fma
-    out_flags = dict(
-        BLOCK_D=out_block_d, TILE=out_tile, num_warps=out_warps, CPT=max(1, out_block_d // (32 * out_warps)), EXP_FMA=0
-    )
+    summary_flags = dict(BLOCK_D=block_d, TILE=token_tile, num_warps=num_warps, EXP_FMA=sum_exp_fma)
+    out_flags = dict(BLOCK_D=out_block_d, TILE=out_tile, num_warps=out_warps, EXP_FMA=0)
     for launch, cap in ((summary_flags, sum_maxnreg), (out_flags, out_maxnreg)):
         if cap and not interpret:
             launch['maxnreg'] = cap

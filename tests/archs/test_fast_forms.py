@@ -85,21 +85,17 @@ def _scan_calls(monkeypatch):
     return calls
 
 
-POINTWISE_FORMS = [(False, False), (True, False), (True, True)]  # (POINTWISE_OUTSIDE, DT_TOKENS)
-
-
-@pytest.mark.parametrize('outside,tokens', POINTWISE_FORMS)
-def test_bimamba_without_autograd_runs_the_backward_branch_flip_free(monkeypatch, outside, tokens):
+@pytest.mark.parametrize('gate_once', [False, True])
+def test_bimamba_without_autograd_runs_the_backward_branch_flip_free(monkeypatch, gate_once):
     """Without autograd and with a scan that reverses natively (the Triton forward; interpreted here), the backward
     branch is an anti-causal conv and a reverse scan on the unflipped sequence: the flipped form's output to float32
-    rounding (the projections see the tokens in the other order; with POINTWISE_OUTSIDE also dt's softplus and the
-    gate computed outside the scans, with DT_TOKENS by token-major projections). With autograd, or where the scan
+    rounding (the projections see the tokens in the other order; with GATE_OUTSIDE the gate multiplies the branches'
+    sum instead of each branch). With autograd, or where the scan
     would flip around its kernel (the PyTorch scan here), the flipped form runs as before."""
     z = torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2))
     calls = _scan_calls(monkeypatch)
     monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
-    monkeypatch.setattr(bimamba, 'POINTWISE_OUTSIDE', outside)
-    monkeypatch.setattr(bimamba, 'DT_TOKENS', tokens)
+    monkeypatch.setattr(bimamba, 'GATE_OUTSIDE', gate_once)
     m = _bimamba('triton')
     with torch.no_grad():
         y = m(z)
@@ -119,19 +115,15 @@ def test_bimamba_without_autograd_runs_the_backward_branch_flip_free(monkeypatch
     assert calls == [False, False] * 2
 
 
-@pytest.mark.parametrize('outside,tokens', POINTWISE_FORMS)
-def test_compiled_bimamba_traces_the_flip_free_branch(monkeypatch, outside, tokens):
+def test_compiled_bimamba_traces_the_flip_free_branch(monkeypatch):
     """Traced as the compiled window step traces it (aot_eager backend: the graph without Inductor's code
     generation): no flips, both scans as gsmsr::scan_infer (the second reverse) on the in-projection's bmm output,
-    the shifted-sum convs; with POINTWISE_OUTSIDE dt's softplus and the gate in the graph, not in the scans, and with
-    DT_TOKENS dt, B and C token-major views (unit stride along their channels). The output is the eager flipped
-    form's."""
+    ungated (the gate on their sum, GATE_OUTSIDE), the shifted-sum convs. The output is the eager flipped form's."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
-    monkeypatch.setattr(bimamba, 'POINTWISE_OUTSIDE', outside)
-    monkeypatch.setattr(bimamba, 'DT_TOKENS', tokens)
+    monkeypatch.setattr(bimamba, 'GATE_OUTSIDE', True)
     m = _bimamba('triton')
     z = torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2))
     counter = CompileCounterWithBackend('aot_eager')
@@ -144,17 +136,8 @@ def test_compiled_bimamba_traces_the_flip_free_branch(monkeypatch, outside, toke
     assert any(n.target is torch.bmm for n in nodes)
     scans = [n for n in nodes if n.target is torch.ops.gsmsr.scan_infer.default]
     assert [n.args[-1] for n in scans] == [False, True]  # reverse
-    if outside:
-        assert all(n.args[6] is None and n.args[7] is None and n.args[8] is False for n in scans)  # z, bias, softplus
-        assert sum('softplus' in str(n.target) for n in nodes) == 2  # one a branch
-        assert sum('silu' in str(n.target) for n in nodes) == 3  # the two convs' and the gate's
-        # delta, B, C: channel stride 1 token-major, else L stride 1
-        strides = [[n.args[i].meta['example_value'].stride() for i in (1, 3, 4)] for n in scans]
-        assert all(s[1 if tokens else 2] == 1 for branch in strides for s in branch), strides
-    elif bimamba.GATE_OUTSIDE:  # the gate once on the branches' sum
-        assert all(n.args[6] is None for n in scans)
-    else:
-        assert scans[0].args[6] is scans[1].args[6]  # one gate
+    assert all(n.args[6] is None and n.args[8] is True for n in scans)  # z (the gate outside), softplus inside
+    assert sum('silu' in str(n.target) for n in nodes) == 3  # the two convs' and the gate's
     torch.testing.assert_close(y, flipped, rtol=1e-5, atol=1e-6)
 
 
@@ -165,7 +148,6 @@ def test_gate_once_on_the_branches_sum(monkeypatch):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
-    monkeypatch.setattr(bimamba, 'POINTWISE_OUTSIDE', False)
     m = _bimamba('triton')
     z = torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2))
     results = {}
@@ -181,34 +163,3 @@ def test_gate_once_on_the_branches_sum(monkeypatch):
         assert [n.args[6] is None for n in scans] == [gate_once] * 2  # z
     for y in (*results[True], results[False][1]):
         torch.testing.assert_close(y, results[False][0], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize('tokens', [False, True])
-def test_pointwise_outside_stores_dt_in_float16_under_16_bit_autocast(monkeypatch, tokens):
-    """Under bf16 autocast (the projections' GEMMs give bf16 delta) the pointwise-outside path hands the scans dt in
-    float16 (DT_HALF), computed in float32: the output is the float32-dt one's up to float16's rounding of dt, far
-    inside the bf16 path's own error. Without autocast dt stays float32."""
-    dtypes = []
-    scan = bimamba.selective_scan
-
-    def spy(u, delta, *args, **kwargs):
-        dtypes.append(delta.dtype)
-        return scan(u, delta, *args, **kwargs)
-
-    monkeypatch.setattr(bimamba, 'selective_scan', spy)
-    monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
-    monkeypatch.setattr(bimamba, 'POINTWISE_OUTSIDE', True)
-    monkeypatch.setattr(bimamba, 'DT_TOKENS', tokens)
-    monkeypatch.setattr(bimamba, 'DT_HALF', True)
-    m = _bimamba('triton')
-    z = torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        m(z)
-        assert dtypes == [torch.float32] * 2
-        with torch.autocast('cpu', torch.bfloat16):
-            half = m(z)
-            monkeypatch.setattr(bimamba, 'DT_HALF', False)
-            single = m(z)
-    assert dtypes[2:] == [torch.float16] * 2 + [torch.float32] * 2
-    err = ((half.float() - single.float()).abs().max() / single.float().abs().max()).item()
-    assert 0 < err <= 2e-3, err  # within half a bf16 step of the output (2^-8 relative)

@@ -129,38 +129,16 @@ def test_reverse_equals_flipped_scan_at_gsm_shape(dtype, segments):
         assert _err(mamba, flipped) <= 2 * TOL[dtype]
 
 
-@pytest.mark.parametrize('reverse', [False, True])
-@pytest.mark.parametrize('launch', [{}, dict(block_d=64, warps_per_sm=12, out_maxnreg=168)])
-@pytest.mark.parametrize('dt_dtype', [torch.float32, torch.float16])
-def test_token_major_dt_is_bit_identical_at_gsm_shape(reverse, launch, dt_dtype):
-    """dt as BiMamba's ``POINTWISE_OUTSIDE`` path gives it (softplus applied, no bias; float32, or float16 under
-    autocast), token-major (a view of a (1, L, D) tensor, read a token at a time) against the same values
-    channel-major, compiled at a window step's length (bf16 u, no gate), with the default launch and with two
-    channels a thread: the same float operations, bit for bit."""
-    inp = _inputs(1, 384, 16, 288_000, torch.bfloat16)
-    dt = torch.nn.functional.softplus(inp.pop('delta').float() + inp.pop('delta_bias')[:, None]).to(dt_dtype)
-    inp.pop('z')
-    tokens = dt.transpose(1, 2).contiguous().transpose(1, 2)
-    with torch.no_grad():
-        y = selective_scan_fwd_triton(**inp, delta=tokens, reverse=reverse, **launch)
-        expected = selective_scan_fwd_triton(**inp, delta=dt, reverse=reverse, **launch)
-    assert torch.isfinite(expected).all()
-    torch.testing.assert_close(y, expected, rtol=0, atol=0)
-
-
 @pytest.mark.parametrize('stages', [2, 3])
-@pytest.mark.parametrize('reverse,pointwise_outside', [(False, False), (True, False), (False, True), (True, True)])
-def test_pipelined_loads_are_bit_identical_at_gsm_shape(stages, reverse, pointwise_outside):
+@pytest.mark.parametrize('reverse,gate', [(False, True), (True, True), (False, False), (True, False)])
+def test_pipelined_loads_are_bit_identical_at_gsm_shape(stages, reverse, gate):
     """stages > 1 (the tile loop software-pipelined: async copies through shared memory, B|C one row a token) against
-    stages = 1, compiled at a window step's length in bf16: as the scan is called today (softplus and gate inside), and
-    as BiMamba's pointwise-outside path calls it (float16 dt token-major, no gate): bit for bit, carries included."""
+    stages = 1, compiled at a window step's length in bf16, with the gate inside and without it (BiMamba's
+    GATE_OUTSIDE): bit for bit, carries included."""
     inp = _inputs(1, 384, 16, 288_000, torch.bfloat16)
-    if pointwise_outside:
-        dt = torch.nn.functional.softplus(inp.pop('delta').float() + inp.pop('delta_bias')[:, None]).half()
-        inp.update(delta=dt.transpose(1, 2).contiguous().transpose(1, 2), delta_softplus=False)
+    inp['delta_softplus'] = True
+    if not gate:
         inp.pop('z')
-    else:
-        inp['delta_softplus'] = True
     with torch.no_grad():
         expected, states, _ = selective_scan_fwd_triton(**inp, reverse=reverse, return_states=True)
         y, s, _ = selective_scan_fwd_triton(**inp, reverse=reverse, return_states=True, stages=stages)
@@ -198,24 +176,16 @@ def test_exp2_fma_compiled_accuracy():
     assert torch.equal(exp2_fma(-k).double(), torch.exp2(-k.double()))
 
 
-@pytest.mark.parametrize(
-    'outside,tokens,half,gate',
-    [(False, False, False, False), (False, False, False, True), (True, False, False, False), (True, True, False, False),
-     (True, True, True, False)],
-)  # fmt: skip
-def test_bimamba_flip_free_inference_matches_flipped_form(monkeypatch, outside, tokens, half, gate):
+@pytest.mark.parametrize('gate', [False, True])
+def test_bimamba_flip_free_inference_matches_flipped_form(monkeypatch, gate):
     """BiMamba at GSM's width under bf16 autocast, without autograd: the flip-free backward branch (in-projection as a
-    bmm, anti-causal conv through causal-conv1d flipped around or conv1d, reverse Triton scan; with POINTWISE_OUTSIDE
-    dt's softplus and the gate outside the scans, with DT_TOKENS by token-major projections, with DT_HALF dt stored
-    in float16; with GATE_OUTSIDE the gate once on the two branches' sum) against the flipped form. (Compiled:
-    tests/gpu/test_fast_paths.py, the network against the eager one.)"""
+    bmm, anti-causal conv through causal-conv1d flipped around or conv1d, reverse Triton scan; with GATE_OUTSIDE the
+    gate once on the two branches' sum) against the flipped form. (Compiled: tests/gpu/test_fast_paths.py, the network
+    against the eager one.)"""
     from gsmsr.archs import bimamba
 
     torch.manual_seed(0)
     monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
-    monkeypatch.setattr(bimamba, 'POINTWISE_OUTSIDE', outside)
-    monkeypatch.setattr(bimamba, 'DT_TOKENS', tokens)
-    monkeypatch.setattr(bimamba, 'DT_HALF', half)
     monkeypatch.setattr(bimamba, 'GATE_OUTSIDE', gate)
     m = bimamba.BiMamba(192).cuda().eval()
     z = torch.randn(1, 5 * 64 * 64, 192, device='cuda')

@@ -374,30 +374,6 @@ def test_split_in_registers_takes_the_long_reductions_the_route_leaves(monkeypat
     assert (outs[0] - want).abs().max() <= 1e-6 * want.abs().max()  # fp32 summation order
 
 
-@pytest.mark.parametrize('tokens', [False, True])
-def test_token_major_projections_take_the_split_in_registers(monkeypatch, tokens):
-    """BiMamba's flip-free branches with POINTWISE_OUTSIDE in fp32: with DT_TOKENS the x projection is an F.linear
-    (K = d_inner), so it takes the in-register split like out_proj; as a channels-first matmul (not DT_TOKENS) it
-    stays on cuBLAS's fp32 (worth_splitting leaves its 2N + R outputs alone). dt_proj (K = R) stays fp32 either way."""
-    from gsmsr.archs import bimamba
-
-    monkeypatch.setattr(matmul3x, 'SPLIT_IN_REGISTERS', True)
-    monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
-    monkeypatch.setattr(bimamba, 'POINTWISE_OUTSIDE', True)
-    monkeypatch.setattr(bimamba, 'DT_TOKENS', tokens)
-    torch.manual_seed(0)
-    m = bimamba.BiMamba(64, scan_backend='triton').eval()  # d_inner 128 >= MIN_K
-    z = _randn(1, 24, 64)
-    counter = OpCounter()
-    with torch.no_grad():
-        with TF32x3Mode(devices=('cpu',), compiled_only=False), counter:
-            y = m(z)
-        want = m(z)
-    # out_proj, and with DT_TOKENS the x projection of each branch
-    assert counter.counts['gsmsr.linear_tf32x3'] == (3 if tokens else 1), counter.counts
-    assert (y - want).abs().max() <= 1e-5 * want.abs().max()
-
-
 def test_compiled_blocks_split_in_registers_without_graph_breaks(monkeypatch):
     """The compiled blocks (Dynamo only, CPU, C = 64) with SPLIT_IN_REGISTERS (the default): no graph break, every
     linear with K >= 64 is a linear_tf32x3 node (the narrowing fc2 / out_proj) or a concatenated split (where

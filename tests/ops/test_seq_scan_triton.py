@@ -249,63 +249,23 @@ def test_output_layouts():
 @pytest.mark.parametrize(
     'case,dtype,softplus,reverse,channels',
     [
-        ('L7_seg2_tile4', torch.float32, True, False, 1),  # 3 channel blocks, the last partial
-        ('L257_seg5_slow', torch.bfloat16, False, False, 1),  # ragged tile tail, walked a token at a time
-        ('L257_seg5_slow', torch.float32, False, True, 1),
-        ('L100_seg4_fast', torch.float32, True, True, 1),
-        ('L7_seg2_tile4', torch.float32, False, False, 2),  # 40 channels in one 64-channel warp: two a thread
-        ('L257_seg5_slow', torch.bfloat16, False, True, 2),
+        ('L257_seg5_slow', torch.float32, True, False, 1),  # ragged tile tail, z and softplus in the kernel
+        ('L257_seg5_slow', torch.bfloat16, False, True, 1),  # dt given, reverse
+        ('L7_seg2_tile4', torch.float32, True, True, 1),  # 3 channel blocks, the last partial
+        ('L100_bare', torch.float32, True, False, 1),  # no D, z, delta_bias
+        ('L7_seg2_tile4', torch.float32, False, False, 2),  # two channels a thread
     ],
 )
-def test_token_major_delta_is_read_as_is(case, dtype, softplus, reverse, channels, monkeypatch):
-    """delta as a (batch, D, L) view of a (batch, L, D) tensor (dt as BiMamba's token-major projections give it, in
-    float32 whatever u's dtype; without softplus, dt itself, as ``POINTWISE_OUTSIDE`` passes it) is read a token at a
-    time, not copied: the same float operations, so the output equals that of the channel-major delta bit for bit.
-    channels: a thread's channels (2: block_d 64 in one warp, the token's two halves loaded apart)."""
-    import gsmsr.ops.seq_scan_triton as sst
-
-    batch, dim, state, length, decay, segments, tile, block_d, _ = CASES[case]
-    inp = _inputs(batch, dim, state, length, decay, dtype, 'cpu', seed=5)
-    inp['delta'] = inp['delta'].float()
-    if not softplus:
-        inp['delta'] = torch.nn.functional.softplus(inp['delta'] + inp.pop('delta_bias')[:, None])
-    opts = dict(delta_softplus=softplus, segments=segments, token_tile=tile, block_d=block_d, reverse=reverse)
-    if channels == 2:
-        opts.update(block_d=64, num_warps=1)
-    expected = selective_scan_fwd_triton(**inp, **opts)
-    copied = []
-    unit_stride = sst.unit_stride
-    monkeypatch.setattr(sst, 'unit_stride', lambda t: copied.append(t) or unit_stride(t))
-    tokens = _unit_d_stride(inp['delta'])
-    y = selective_scan_fwd_triton(**{**inp, 'delta': tokens}, **opts)
-    assert not any(t is tokens for t in copied), 'token-major delta was copied'
-    assert torch.isfinite(expected).all()
-    torch.testing.assert_close(y, expected, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize(
-    'case,dtype,softplus,reverse,tokens,channels',
-    [
-        ('L257_seg5_slow', torch.float32, True, False, False, 1),  # ragged tile tail, z and softplus in the kernel
-        ('L257_seg5_slow', torch.bfloat16, False, True, True, 1),  # BiMamba's pointwise-outside reverse call
-        ('L7_seg2_tile4', torch.float32, True, True, False, 1),  # 3 channel blocks, the last partial
-        ('L100_bare', torch.float32, True, False, True, 1),  # no D, z, delta_bias
-        ('L7_seg2_tile4', torch.float32, False, False, True, 2),  # two channels a thread: dt a token at a time
-    ],
-)
-def test_pipelined_loads_give_the_same_output(case, dtype, softplus, reverse, tokens, channels):
+def test_pipelined_loads_give_the_same_output(case, dtype, softplus, reverse, channels):
     """stages > 1 (the tile loop software-pipelined: the loads become async copies through shared memory, B and C
     one 2N-wide row a token) moves only where the operands wait: the output equals that of stages = 1 bit for bit,
-    with the carried states, and stays within the reference's tolerance. Token-major dt is then read as a tile (one
-    channel a thread) or a token at a time (two)."""
+    with the carried states, and stays within the reference's tolerance."""
     batch, dim, state, length, decay, segments, tile, block_d, operands = CASES[case]
     inp = _inputs(batch, dim, state, length, decay, dtype, 'cpu', seed=7)
     if operands == 'none':
         inp.update(D=None, z=None, delta_bias=None)
-    if not softplus:  # dt itself, as BiMamba's pointwise-outside path passes it
+    if not softplus:  # dt itself
         inp['delta'] = torch.nn.functional.softplus(inp['delta'].float() + inp.pop('delta_bias')[:, None])
-    if tokens:
-        inp['delta'] = _unit_d_stride(inp['delta'].float())
     opts = dict(segments=segments, token_tile=tile, block_d=block_d, reverse=reverse, return_states=True)
     if channels == 2:
         opts.update(block_d=64, num_warps=1)
