@@ -6,9 +6,9 @@ outputs are summed, not averaged. Parameter names match the official checkpoint.
 
 Without autograd, where the scan walks time backwards itself (:func:`gsmsr.ops.selective_scan.reverses_natively`),
 the backward branch runs on the unflipped sequence instead: an anti-causal conv, the pointwise-in-time projections
-as they are, and a reverse scan. The same value, without the copies of the flips that the scans (opaque custom ops
-under ``torch.compile``) would need. There the two scans also run ungated and the gate multiplies their sum once
-(``GATE_OUTSIDE``): since ``(y_f + y_b) * g = y_f * g + y_b * g``, the same value to rounding.
+as they are, and a reverse scan. The same value, without the flipped copies of x and the gate that the scans (opaque
+custom ops under ``torch.compile``) would need. There the two scans also run ungated and the gate multiplies their
+sum once (``GATE_OUTSIDE``): since ``(y_f + y_b) * g = y_f * g + y_b * g``, the same value to rounding.
 """
 
 from __future__ import annotations
@@ -171,9 +171,9 @@ class BiMamba(nn.Module):
             FLIP_FREE and directions == 2 and not torch.is_grad_enabled() and reverses_natively(z, self.scan_backend)
         )
         if flip_free:
-            # a bmm writes (B, 2Di, L) itself, so under torch.compile the scans take x and the gate straight from the
-            # GEMM's output; Inductor computes the matmul below as (B*L, 2Di) and copies the gate into this layout for
-            # each scan (a custom op gets its operands in the eager layout)
+            # a bmm writes (B, 2Di, L) itself, so under torch.compile x and the gate are read straight from the GEMM's
+            # output; Inductor computes the matmul below as (B*L, 2Di) and copies the scans' operands into this layout
+            # (a custom op gets its operands in the eager layout)
             xz = torch.bmm(self.in_proj.weight.expand(z.shape[0], -1, -1), z.transpose(1, 2))
         else:
             xz = torch.matmul(self.in_proj.weight, z.transpose(1, 2))  # (B, 2Di, L), contiguous along L
