@@ -60,6 +60,7 @@ from bench_utils import (  # noqa: E402  (this folder is on sys.path)
     cuda_time,
     live_at_peak,
     parse_settings,
+    parse_variant,
     print_table,
     selected,
     train_step,
@@ -216,7 +217,7 @@ def main() -> int:
         'GSMNet bf16 compiled': gsm_run(True, torch.bfloat16, net=gsm_compiled),
     }
     for spec in (v.strip() for v in args.variants.split(';') if v.strip()):
-        variant = {k.strip(): int(v) for k, v in (kv.split('=') for kv in spec.split(','))}
+        variant = parse_variant(spec)
         net = variant_net(compile_blocks=True) if 'swsac' in variant else gsm_compiled  # read when it compiles
         dtype, label = (None, 'fp32') if variant.get('fp32') else (torch.bfloat16, 'bf16')
         models[f'GSMNet {label} compiled [{spec}]'] = gsm_run(True, dtype, net=net, variant=variant)

@@ -199,6 +199,11 @@ def selected(only: str, name: str) -> bool:
     return not keys or any(name.endswith(k[:-1]) if k.endswith('$') else k in name for k in keys)
 
 
+def parse_variant(spec: str) -> Dict[str, int]:
+    """``'key=int,key=int'`` (one --variants / --scan-configs entry) -> {key: int}; empty: {}."""
+    return {k.strip(): int(v) for k, v in (kv.split('=') for kv in spec.split(',') if kv.strip())}
+
+
 def print_table(rows: List[Dict[str, str]], cols: Sequence[str]) -> None:
     """One column per key in ``cols``, padded; a missing value prints empty."""
     widths = {c: max(len(c), *(len(r.get(c, '')) for r in rows)) for c in cols}

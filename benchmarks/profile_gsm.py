@@ -28,7 +28,7 @@ from typing import Dict, List, Tuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import BenchCompileCache, add_compile_cache_option, train_step  # noqa: E402  (this folder is on sys.path)
+from bench_utils import BenchCompileCache, add_compile_cache_option, parse_variant, train_step  # noqa: E402  (this folder is on sys.path)
 
 from gsmsr import GSMNet  # noqa: E402
 
@@ -57,7 +57,7 @@ def compare_scan_configs(call, specs: List[str], rounds: int, frames: int) -> Li
     try:
         for r in range(rounds):
             for spec in [''] + specs:
-                extra = {k.strip(): int(v) for k, v in (kv.split('=') for kv in spec.split(',') if kv.strip())}
+                extra = parse_variant(spec)
                 SCAN.INFER_TRITON_CONFIG.clear()
                 SCAN.INFER_TRITON_CONFIG.update(default, **extra)
                 call()  # compiles the config's scan kernels on its first round

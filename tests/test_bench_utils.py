@@ -17,6 +17,7 @@ from bench_utils import (  # noqa: E402
     apply_settings,
     live_at_peak,
     parse_settings,
+    parse_variant,
     selected,
 )
 
@@ -209,3 +210,8 @@ def test_only_selects_rows_by_substring_or_name_end():
     assert [n for n in names if selected('bf16 compiled$', n)] == ['bf16 compiled']
     assert [n for n in names if selected('[,dt tokens', n)] == names[1:]
     assert selected(',', 'bf16 compiled')  # empty keys are dropped: no key, every row
+
+
+def test_parse_variant_reads_key_int_pairs():
+    assert parse_variant('warps_per_sm=48, sum_exp_fma=1') == {'warps_per_sm': 48, 'sum_exp_fma': 1}
+    assert parse_variant('') == {}

@@ -90,8 +90,8 @@ def test_bimamba_without_autograd_runs_the_backward_branch_flip_free(monkeypatch
     """Without autograd and with a scan that reverses natively (the Triton forward; interpreted here), the backward
     branch is an anti-causal conv and a reverse scan on the unflipped sequence: the flipped form's output to float32
     rounding (the projections see the tokens in the other order; with GATE_OUTSIDE the gate multiplies the branches'
-    sum instead of each branch). With autograd, or where the scan
-    would flip around its kernel (the PyTorch scan here), the flipped form runs as before."""
+    sum instead of each branch). With autograd, or where the scan would flip around its kernel (the PyTorch scan
+    here), the flipped form runs as before."""
     z = torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2))
     calls = _scan_calls(monkeypatch)
     monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
