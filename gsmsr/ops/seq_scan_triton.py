@@ -64,10 +64,26 @@ from gsmsr.ops.triton_jit import LazyKernels, interpret_for, tl
 
 
 def _softplus(x):
-    # torch's softplus (threshold 20). log1p(e) = log(w) + (e - (w - 1)) / w with w = fl(1 + e): the second term
-    # restores what rounding 1 + e lost (Kahan). It is below half an ulp of w, so 1/w may be replaced by
-    # max(1 - e, 0) (exact to O(e^2) for small e, and negligible against log(w) for e > 1): no division, which
-    # saves a MUFU op per token.
+    """torch's softplus (threshold 20) as ``max(x, 0) + log1p(t)``, ``t = exp(-|x|)`` in (0, 1]: one MUFU op and
+    ~12 FMA-pipe instructions, where ``log1p(exp(x))`` through libdevice's log costs ~37 a token. log1p(t) is
+    t (1 + t Q(t)), Q a degree-7 polynomial fitted for relative error on [0, 1] (3.3e-8 in float64, at most 1.7 ulp
+    with float32 FMAs). For x > 20, t < 2.1e-9 is below half an ulp of x, so the sum is x exactly, as torch returns.
+    Infinities and NaN propagate as in torch."""
+    t = tl.exp(-tl.abs(x))
+    q = 5.365764256566763e-3 * t - 3.0069127678871155e-2
+    q = q * t + 7.920923829078674e-2
+    q = q * t - 1.3754135370254517e-1
+    q = q * t + 1.915377974510193e-1
+    q = q * t - 2.4857187271118164e-1
+    q = q * t + 3.332132399082184e-1
+    q = q * t - 4.9999648332595825e-1
+    return tl.maximum(x, 0.0) + t * (q * t + 1.0)
+
+
+def _softplus_log(x):
+    """The former softplus, ``log1p(exp(x))`` through libdevice's log (Kahan's correction), for comparison.
+    log1p(e) = log(w) + (e - (w - 1)) / w with w = fl(1 + e); the second term is below half an ulp of w, so 1/w
+    is replaced by max(1 - e, 0)."""
     e = tl.exp(tl.minimum(x, 20.0))
     w = 1.0 + e
     lp = tl.log(w) + (e - (w - 1.0)) * tl.maximum(1.0 - e, 0.0)
@@ -210,8 +226,10 @@ def _walk(
             dt = ds[j].to(tl.float32)
             if HAS_BIAS:
                 dt = dt + bias
-            if SOFTPLUS:
+            if SOFTPLUS == 1:
                 dt = _softplus(dt)
+            if SOFTPLUS == 2:
+                dt = _softplus_log(dt)
             dtu = dt * u
             if SUMMARY:
                 dsum = dsum + dt
@@ -381,7 +399,10 @@ def _exp2_fma_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
 
 _KERNELS = LazyKernels(
     __name__,
-    [_softplus, _exp2_fma, _exp2_fma_kernel, _columns, _tile, _row, _row_staged, _walk, _scan_kernel, _carry_kernel],
+    [
+        _softplus, _softplus_log, _exp2_fma, _exp2_fma_kernel, _columns, _tile, _row, _row_staged, _walk,
+        _scan_kernel, _carry_kernel,
+    ],
 )  # fmt: skip
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -491,6 +512,8 @@ def selective_scan_fwd_triton(
     reverse: bool = False,
     stages: int = 1,
     sum_exp_fma: int = 0,
+    out_exp_fma: int = 0,
+    softplus_log: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, int]]:
     """Selective scan forward, no autograd; semantics and shapes of
     :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
@@ -533,7 +556,11 @@ def selective_scan_fwd_triton(
     sum_exp_fma: in the summary pass, how many of the N states (the first ones) compute their decays with
     :func:`_exp2_fma` on the FMA pipe instead of ``exp2`` on the special-function unit, which bounds that pass (0:
     none). Within ~1.4 float32 ulp of ``exp2`` (whose hardware approximation is within 2), so the carried states, not
-    the walk inside a segment, move by float32 rounding.
+    the walk inside a segment, move by float32 rounding. out_exp_fma: the same in the output pass (every output moves
+    by float32 rounding).
+
+    softplus_log: the softplus through libdevice's log (:func:`_softplus_log`, the former form) instead of the
+    polynomial :func:`_softplus`; for timing them against each other.
     """
     out_tile = token_tile if out_tile is None else out_tile
     out_block_d, out_warps = (block_d, num_warps) if out_warps is None else (32 * out_warps, out_warps)
@@ -545,8 +572,9 @@ def selective_scan_fwd_triton(
         raise ValueError(f'selective_scan_fwd_triton: stages must be at least 1, got {stages}')
     batch, dim, length = u.shape
     n_state = A.shape[1]
-    if not 0 <= sum_exp_fma <= n_state:
-        raise ValueError(f'selective_scan_fwd_triton: sum_exp_fma must lie in [0, N = {n_state}], got {sum_exp_fma}')
+    for name, count in (('sum_exp_fma', sum_exp_fma), ('out_exp_fma', out_exp_fma)):
+        if not 0 <= count <= n_state:
+            raise ValueError(f'selective_scan_fwd_triton: {name} must lie in [0, N = {n_state}], got {count}')
 
     # the custom op's fake result is empty_like(u): under torch.compile the real one must have its strides
     if out is None:
@@ -599,12 +627,12 @@ def selective_scan_fwd_triton(
         HAS_D=D is not None,
         HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus),
+        SOFTPLUS=(2 if softplus_log else 1) if delta_softplus else 0,
         REVERSE=bool(reverse),
         STAGES=stages,
     )
     summary_flags = dict(BLOCK_D=block_d, TILE=token_tile, num_warps=num_warps, EXP_FMA=sum_exp_fma)
-    out_flags = dict(BLOCK_D=out_block_d, TILE=out_tile, num_warps=out_warps, EXP_FMA=0)
+    out_flags = dict(BLOCK_D=out_block_d, TILE=out_tile, num_warps=out_warps, EXP_FMA=out_exp_fma)
     for launch, cap in ((summary_flags, sum_maxnreg), (out_flags, out_maxnreg)):
         if cap and not interpret:
             launch['maxnreg'] = cap

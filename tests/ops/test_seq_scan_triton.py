@@ -297,12 +297,15 @@ def test_summary_decays_on_the_fma_pipe(case, sum_exp_fma, stages, reverse):
     if operands == 'no_z':
         inp['z'] = None
     opts = dict(segments=segments, token_tile=tile, block_d=block_d, stages=stages, reverse=reverse)
-    plain = selective_scan_fwd_triton(**inp, delta_softplus=True, **opts)
-    y = selective_scan_fwd_triton(**inp, delta_softplus=True, sum_exp_fma=sum_exp_fma, **opts)
+    plain, plain_states, _ = selective_scan_fwd_triton(**inp, delta_softplus=True, return_states=True, **opts)
+    y, states, _ = selective_scan_fwd_triton(
+        **inp, delta_softplus=True, sum_exp_fma=sum_exp_fma, return_states=True, **opts
+    )
     seg_len, _ = _split(length, segments, tile)
     first = slice((length - 1) // seg_len * seg_len, None) if reverse else slice(0, seg_len)
     torch.testing.assert_close(y[..., first], plain[..., first], rtol=0, atol=0)
-    assert not torch.equal(y, plain)  # the carries did move
+    # the carries did move (the outputs may round alike: in one case one carry of 96 moves)
+    assert not torch.equal(states, plain_states)
     assert _check(inp, True, sum_exp_fma=sum_exp_fma, **opts) <= TOL[torch.float32]
 
 
