@@ -9,7 +9,8 @@ gsmsr::tscan_fwd / tscan_bwd (gsmsr.ops.seq_scan_triton_bwd, training segments);
 configurations in SEQ_SWEEP, labelled ``d<block_d> w<num_warps> t<token_tile> seg<segments>|wpsm<warps per SM>``,
 then ``out(t<tile> w<warps>)`` for the output pass's own options and ``maxnreg(sum <cap> out <cap>)``, the register
 caps of the two launches (``off``: the compiler's choice), and ``stages<n>`` when the tile loop is software-pipelined
-(``stages``), ``sumfma<n>`` with the summary pass's first n states decaying on the FMA pipe (``sum_exp_fma``).
+(``stages``), ``sumfma<n>`` / ``outfma<n>`` with the summary / output pass's first n states decaying on the FMA pipe
+(``sum_exp_fma`` / ``out_exp_fma``), ``spoly`` with the polynomial softplus (``softplus_poly``).
 ``out_rel`` is the max abs difference from mamba-ssm relative to its max |output|.
 
 Shapes: batch 1, D = 384 channels (d_inner of the release config, C = 192), N = 16 states, L = 5*180*320 = 288000
@@ -62,6 +63,8 @@ class SeqConfig(NamedTuple):
     sum_maxnreg: int = 128  # 0: no cap
     stages: int = 1  # software pipelining of the tile loop (1: none)
     sum_exp_fma: int = 0  # the summary pass's first states decaying on the FMA pipe
+    out_exp_fma: int = 0  # the output pass's
+    softplus_poly: int = 0  # the polynomial softplus
 
     def label(self) -> str:
         name = f'seq-triton d{self.block_d} w{self.num_warps} t{self.token_tile} '
@@ -70,11 +73,14 @@ class SeqConfig(NamedTuple):
         name += f' out({" ".join(out)})' if out else ''
         name += f' maxnreg(sum {self.sum_maxnreg or "off"} out {self.out_maxnreg or "off"})'
         name += f' stages{self.stages}' if self.stages > 1 else ''
-        return name + (f' sumfma{self.sum_exp_fma}' if self.sum_exp_fma else '')
+        name += f' sumfma{self.sum_exp_fma}' if self.sum_exp_fma else ''
+        name += f' outfma{self.out_exp_fma}' if self.out_exp_fma else ''
+        return name + (' spoly' if self.softplus_poly else '')
 
     def kwargs(self) -> Dict[str, Any]:
         # 0 -> None: chosen automatically, as the summary pass, or no register cap
-        return {k: v if k == 'sum_exp_fma' else v or None for k, v in self._asdict().items()}
+        exact = ('sum_exp_fma', 'out_exp_fma', 'softplus_poly')
+        return {k: v if k in exact else v or None for k, v in self._asdict().items()}
 
 
 # Timed on an H200 at L = 288k bf16 (ms a call; mamba-ssm 3.62): the default 1.91. Configurations of earlier sweeps
@@ -114,6 +120,12 @@ SEQ_SWEEP = [
     SeqConfig(stages=3, sum_exp_fma=2),
     SeqConfig(stages=3, warps_per_sm=48, sum_exp_fma=1),
     SeqConfig(stages=3, warps_per_sm=48, sum_maxnreg=80, out_maxnreg=80),
+    # the softplus's log1p as a polynomial (offline SASS: 139 -> 118 instructions a warp-token in the output pass, 116
+    # -> 97 in the summary, MUFU 136 in both): then MUFU-bound, so decays onto the FMA pipe balance it (output 127 /
+    # 128 with one, summary 115 / 120 with two)
+    SeqConfig(stages=3, softplus_poly=1),
+    SeqConfig(stages=3, softplus_poly=1, sum_exp_fma=2),
+    SeqConfig(stages=3, softplus_poly=1, sum_exp_fma=2, out_exp_fma=1),
 ]
 
 # (token_tile, maxnreg (0: the compiler's choice), lane_sum, stages, segments (0: the training choice)) of --bwd-sweep

@@ -33,10 +33,10 @@ def test_output_pass_loads_vector_tiles_ahead_of_use():
     for r in (capped, free, reverse):
         assert r['load'].startswith('[1, 8]') and r['store'].startswith('[1, 8]')  # a tile: one vector a thread
         assert r['widths']['LDG.U16'] == 0 and r['shared'] == 0  # no 2-byte loads, no transpose
-    for r in (capped, reverse):  # at most one 4-byte spill, reloaded at most once a tile (8 tokens)
-        assert r['info']['regs'] <= 128 and r['info']['spill_st'] <= 4 and r['rows']['LDL/STL (spills)'] <= 1 / 8
+    for r in (capped, reverse):
+        assert r['info']['regs'] <= 128 and r['info']['spill_st'] == 0
     # the reverse scan (tiles last first) is the same loop: tile starts still multiples of the tile, same work
-    assert abs(reverse['rows']['total'] - capped['rows']['total']) <= 2
+    assert abs(reverse['rows']['total'] - capped['rows']['total']) <= 1
     assert free['info']['regs'] < 128  # the cap is room the compiler fills with loads in flight, not a squeeze
     ahead = lambda r: int(r['dist_wide'].split()[0])  # noqa: E731  (median load-to-use distance, instructions)
     assert ahead(capped) > 2 * ahead(free)
@@ -71,3 +71,16 @@ def test_pipelined_loop_copies_each_b_c_row_once():
         assert r['shared'] <= 4096, (name, r['shared'])
         assert r['rows']['LDG'] == 0, name
         assert r['info']['spill_st'] == 0 and r['info']['regs'] <= 128, name
+
+
+def test_polynomial_softplus_takes_instructions_off_both_passes():
+    """softplus_poly (log1p as a polynomial instead of libdevice's log): the same special-function ops, ~20
+    instructions a token fewer in each pass of the default inference call, no spills (benchmarks/NOTES.md)."""
+    sass = _load()
+    mod = sass.load_module('gsmsr.ops.seq_scan_triton')
+    args = argparse.Namespace(length=288000, dim=384, dtype='bf16', warps_per_sm=16, seg_len=0, keep='')
+    for base in ('out8r128s3g1', 'sum8r128s3'):
+        plain, poly = sass.analyse(base, mod, args), sass.analyse(base + 'p1', mod, args)
+        assert poly['rows']['MUFU.EX2'] == plain['rows']['MUFU.EX2'] == 17
+        assert poly['rows']['total'] <= plain['rows']['total'] - 18, base
+        assert poly['info']['spill_st'] == 0 and poly['info']['regs'] <= 128

@@ -41,8 +41,9 @@ copy into shared memory issued tiles ahead, and the values are read from shared 
 token's B|C row is then one copy for the whole warp (:func:`_row_staged`).
 
 All arithmetic is float32 whatever the input dtype; the output has u's dtype. Decays are ``exp2(dt * A log2 e)``
-(log2 e folded into A once; in the summary pass the first ``sum_exp_fma`` states' through a polynomial on the FMA
-pipe, :func:`_exp2_fma`, to unload the special-function unit that bounds that pass). No autograd here; with
+(log2 e folded into A once; the first ``sum_exp_fma`` / ``out_exp_fma`` states' through a polynomial on the FMA
+pipe, :func:`_exp2_fma`, to unload the special-function unit that bounds the passes); the softplus through
+libdevice's log, or with ``softplus_poly`` through a polynomial log1p (:func:`_softplus_poly`). No autograd here; with
 ``return_states=True`` the forward also returns the state entering each segment (the carries above), from which the
 backward (:mod:`gsmsr.ops.seq_scan_triton_bwd`) restarts any segment. CUDA tensors run compiled kernels and CPU
 tensors Triton's interpreter (slow; for tests), see :mod:`gsmsr.ops.triton_jit`.
@@ -64,11 +65,22 @@ from gsmsr.ops.triton_jit import LazyKernels, interpret_for, tl
 
 
 def _softplus(x):
-    """torch's softplus (threshold 20) as ``max(x, 0) + log1p(t)``, ``t = exp(-|x|)`` in (0, 1]: one MUFU op and
-    ~12 FMA-pipe instructions, where ``log1p(exp(x))`` through libdevice's log costs ~37 a token. log1p(t) is
-    t (1 + t Q(t)), Q a degree-7 polynomial fitted for relative error on [0, 1] (3.3e-8 in float64, at most 1.7 ulp
-    with float32 FMAs). For x > 20, t < 2.1e-9 is below half an ulp of x, so the sum is x exactly, as torch returns.
-    Infinities and NaN propagate as in torch."""
+    # torch's softplus (threshold 20). log1p(e) = log(w) + (e - (w - 1)) / w with w = fl(1 + e): the second term
+    # restores what rounding 1 + e lost (Kahan). It is below half an ulp of w, so 1/w may be replaced by
+    # max(1 - e, 0) (exact to O(e^2) for small e, and negligible against log(w) for e > 1): no division, which
+    # saves a MUFU op per token.
+    e = tl.exp(tl.minimum(x, 20.0))
+    w = 1.0 + e
+    lp = tl.log(w) + (e - (w - 1.0)) * tl.maximum(1.0 - e, 0.0)
+    return tl.where(x > 20.0, x, lp)
+
+
+def _softplus_poly(x):
+    """:func:`_softplus` as ``max(x, 0) + log1p(t)``, ``t = exp(-|x|)`` in (0, 1]: one MUFU op and ~12 FMA-pipe
+    instructions, where libdevice's log makes the softplus ~37 instructions a token (offline SASS: 139 -> 118 a
+    warp-token in the output pass, 116 -> 97 in the summary). log1p(t) = t (1 + t Q(t)), Q of degree 7 fitted for
+    relative error on [0, 1] (3.3e-8 in float64, at most 1.7 ulp with float32 FMAs). For x > 20, t < 2.1e-9 is
+    below half an ulp of x, so the sum is x exactly, as torch returns. Infinities and NaN propagate as in torch."""
     t = tl.exp(-tl.abs(x))
     q = 5.365764256566763e-3 * t - 3.0069127678871155e-2
     q = q * t + 7.920923829078674e-2
@@ -78,16 +90,6 @@ def _softplus(x):
     q = q * t + 3.332132399082184e-1
     q = q * t - 4.9999648332595825e-1
     return tl.maximum(x, 0.0) + t * (q * t + 1.0)
-
-
-def _softplus_log(x):
-    """The former softplus, ``log1p(exp(x))`` through libdevice's log (Kahan's correction), for comparison.
-    log1p(e) = log(w) + (e - (w - 1)) / w with w = fl(1 + e); the second term is below half an ulp of w, so 1/w
-    is replaced by max(1 - e, 0)."""
-    e = tl.exp(tl.minimum(x, 20.0))
-    w = 1.0 + e
-    lp = tl.log(w) + (e - (w - 1.0)) * tl.maximum(1.0 - e, 0.0)
-    return tl.where(x > 20.0, x, lp)
 
 
 def _exp2_fma(x):
@@ -229,7 +231,7 @@ def _walk(
             if SOFTPLUS == 1:
                 dt = _softplus(dt)
             if SOFTPLUS == 2:
-                dt = _softplus_log(dt)
+                dt = _softplus_poly(dt)
             dtu = dt * u
             if SUMMARY:
                 dsum = dsum + dt
@@ -390,17 +392,25 @@ def _carry_kernel(
             tl.store(hs_ptr + (b * n_carry + s0 + j) * Dm * N + lanes, h, mask=ml & (s0 + j < n_carry))
 
 
-def _exp2_fma_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
-    """y = :func:`_exp2_fma` (x) elementwise over n fp32 values (for tests)."""
+def _pointwise_kernel(x_ptr, y_ptr, n, OP: tl.constexpr, BLOCK: tl.constexpr):
+    """y = f(x) elementwise over n fp32 values, f the kernels' :func:`_exp2_fma` (OP 0), :func:`_softplus` (1) or
+    :func:`_softplus_poly` (2): for tests."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    tl.store(y_ptr + offs, _exp2_fma(tl.load(x_ptr + offs, mask=m, other=0.0)), mask=m)
+    x = tl.load(x_ptr + offs, mask=m, other=0.0)
+    if OP == 0:
+        y = _exp2_fma(x)
+    elif OP == 1:
+        y = _softplus(x)
+    else:
+        y = _softplus_poly(x)
+    tl.store(y_ptr + offs, y, mask=m)
 
 
 _KERNELS = LazyKernels(
     __name__,
     [
-        _softplus, _softplus_log, _exp2_fma, _exp2_fma_kernel, _columns, _tile, _row, _row_staged, _walk,
+        _softplus, _softplus_poly, _exp2_fma, _pointwise_kernel, _columns, _tile, _row, _row_staged, _walk,
         _scan_kernel, _carry_kernel,
     ],
 )  # fmt: skip
@@ -513,7 +523,7 @@ def selective_scan_fwd_triton(
     stages: int = 1,
     sum_exp_fma: int = 0,
     out_exp_fma: int = 0,
-    softplus_log: bool = False,
+    softplus_poly: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, int]]:
     """Selective scan forward, no autograd; semantics and shapes of
     :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
@@ -559,8 +569,9 @@ def selective_scan_fwd_triton(
     the walk inside a segment, move by float32 rounding. out_exp_fma: the same in the output pass (every output moves
     by float32 rounding).
 
-    softplus_log: the softplus through libdevice's log (:func:`_softplus_log`, the former form) instead of the
-    polynomial :func:`_softplus`; for timing them against each other.
+    softplus_poly: the softplus through a polynomial log1p (:func:`_softplus_poly`: ~20 instructions fewer a token
+    in each pass, float32 rounding apart) instead of libdevice's log (:func:`_softplus`). Off until timed in the
+    network (benchmarks/NOTES.md).
     """
     out_tile = token_tile if out_tile is None else out_tile
     out_block_d, out_warps = (block_d, num_warps) if out_warps is None else (32 * out_warps, out_warps)
@@ -627,7 +638,7 @@ def selective_scan_fwd_triton(
         HAS_D=D is not None,
         HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=(2 if softplus_log else 1) if delta_softplus else 0,
+        SOFTPLUS=(2 if softplus_poly else 1) if delta_softplus else 0,
         REVERSE=bool(reverse),
         STAGES=stages,
     )
@@ -649,13 +660,23 @@ def selective_scan_fwd_triton(
     return (out, hs, seg_len) if return_states else out
 
 
-def exp2_fma(x: Tensor) -> Tensor:
-    """2^x elementwise through the summary pass's FMA-pipe exp2 (:func:`_exp2_fma`; meant for x <= 0) as float32, on
-    x's device (compiled on CUDA, interpreted on CPU): to check its accuracy."""
+def _pointwise(x: Tensor, op: int) -> Tensor:
     x = x.float().contiguous()
     y = torch.empty_like(x)
     if x.numel():
         block = 1024 if x.is_cuda else 1 << 16  # the interpreter pays per program, not per element
         with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
-            _KERNELS(interpret_for(x)).exp2_fma_kernel[(-(-x.numel() // block),)](x, y, x.numel(), BLOCK=block)
+            _KERNELS(interpret_for(x)).pointwise_kernel[(-(-x.numel() // block),)](x, y, x.numel(), OP=op, BLOCK=block)
     return y
+
+
+def exp2_fma(x: Tensor) -> Tensor:
+    """2^x elementwise through the summary pass's FMA-pipe exp2 (:func:`_exp2_fma`; meant for x <= 0) as float32, on
+    x's device (compiled on CUDA, interpreted on CPU): to check its accuracy."""
+    return _pointwise(x, 0)
+
+
+def kernel_softplus(x: Tensor, poly: bool = False) -> Tensor:
+    """softplus elementwise as the scan kernels compute it (:func:`_softplus`, or :func:`_softplus_poly` with
+    ``poly``) as float32, on x's device: to check its accuracy."""
+    return _pointwise(x, 2 if poly else 1)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from gsmsr.ops import selective_scan_ref
-from gsmsr.ops.seq_scan_triton import _split, choose_segments, exp2_fma, selective_scan_fwd_triton
+from gsmsr.ops.seq_scan_triton import _split, choose_segments, exp2_fma, kernel_softplus, selective_scan_fwd_triton
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
@@ -330,6 +330,47 @@ def test_exp2_fma_accuracy():
     k = torch.arange(0, 127, dtype=torch.float32)
     assert torch.equal(exp2_fma(-k).double(), torch.exp2(-k.double()))
     assert exp2_fma(torch.tensor([0.0, -1.0])).tolist() == [1.0, 0.5]
+
+
+def test_polynomial_softplus_accuracy():
+    """softplus_poly's softplus (max(x, 0) + t (1 + t Q(t)), t = exp(-|x|)) against float64 over a dense grid where
+    the result is a normal float32: relative error <= 3e-7 (~2.5 ulp; the libdevice-log form reaches 3.3e-7 here),
+    x itself above torch's threshold of 20, and torch's values at the infinities and NaN."""
+    x = torch.cat([torch.linspace(-87, 100, 2_000_001), torch.linspace(-1, 1, 200_001), torch.tensor([0.0, -0.0])])
+    ref = torch.nn.functional.softplus(x.double())
+    y = kernel_softplus(x, poly=True).double()
+    rel = ((y - ref).abs() / ref).max().item()
+    assert rel <= 3e-7, f'max relative error {rel:.2e}'
+    above = torch.tensor([20.0, 20.000002, 25.0, 88.0, 1e30])
+    assert torch.equal(kernel_softplus(above, poly=True), above)
+    special = kernel_softplus(torch.tensor([float('inf'), -float('inf'), float('nan')]), poly=True)
+    assert special[0] == float('inf') and special[1] == 0 and special[2].isnan()
+
+
+@pytest.mark.parametrize(
+    'case,dtype,stages,reverse,out_exp_fma',
+    [
+        ('L100_wide_delta', torch.float32, 1, False, 0),  # delta over -25..25: both of softplus's branches
+        ('L257_seg5_slow', torch.float32, 3, True, 0),
+        ('L100_seg3_N16', torch.bfloat16, 3, False, 0),
+        ('L100_seg3_N16', torch.float32, 3, False, 2),  # with two output-pass decays on the FMA pipe
+    ],
+)
+def test_polynomial_softplus_and_output_fma_decays_match_reference(case, dtype, stages, reverse, out_exp_fma):
+    """softplus_poly (and out_exp_fma) move the output by float32 rounding only: within the reference's tolerance,
+    and within 1e-5 relative of the default kernel's output."""
+    batch, dim, state, length, decay, segments, tile, block_d, operands = CASES[case]
+    inp = _inputs(batch, dim, state, length, decay, dtype, 'cpu', seed=11)
+    if operands == 'no_z':
+        inp['z'] = None
+    opts = dict(segments=segments, token_tile=tile, block_d=block_d, stages=stages, reverse=reverse)
+    plain = selective_scan_fwd_triton(**inp, delta_softplus=True, **opts)
+    fast = dict(softplus_poly=True, out_exp_fma=out_exp_fma)
+    y = selective_scan_fwd_triton(**inp, delta_softplus=True, **fast, **opts)
+    if dtype == torch.float32:  # (a bf16 output may round alike)
+        assert not torch.equal(y, plain)
+        assert ((y - plain).abs().max() / plain.abs().max()).item() <= 1e-5
+    assert _check(inp, True, **fast, **opts) <= TOL[dtype]
 
 
 def test_strided_b_and_c():
