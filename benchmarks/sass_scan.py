@@ -128,7 +128,7 @@ def parse_variant(text: str) -> Dict[str, int]:
         channels=extra.get('c', 1),
         stages=extra.get('s', 1),
         gate=not extra.get('g', 0),  # g1: no gate (BiMamba's GATE_OUTSIDE)
-        exp_fma=extra.get('e', 0),  # e<n>: the first n states' decays on the FMA pipe (sum_exp_fma)
+        exp_fma=extra.get('e', 0),  # e<n>: the first n states' decays on the FMA pipe (sum_ / out_exp_fma)
         softplus=2 if extra.get('p', 0) else 1,  # p1: the polynomial softplus (softplus_poly)
     )
 

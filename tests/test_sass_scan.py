@@ -25,11 +25,17 @@ def _load():
     return module
 
 
-def test_output_pass_loads_vector_tiles_ahead_of_use():
+def _analyser():
+    """sass_scan's ``analyse`` for a variant name, at the default call's shape: L = 288k, D = 384, bf16."""
     sass = _load()
     mod = sass.load_module('gsmsr.ops.seq_scan_triton')
     args = argparse.Namespace(length=288000, dim=384, dtype='bf16', warps_per_sm=16, seg_len=0, keep='')
-    capped, free, reverse = (sass.analyse(name, mod, args) for name in ('out8r128', 'out8', 'revout8r128'))
+    return lambda name: sass.analyse(name, mod, args)
+
+
+def test_output_pass_loads_vector_tiles_ahead_of_use():
+    analyse = _analyser()
+    capped, free, reverse = (analyse(name) for name in ('out8r128', 'out8', 'revout8r128'))
     for r in (capped, free, reverse):
         assert r['load'].startswith('[1, 8]') and r['store'].startswith('[1, 8]')  # a tile: one vector a thread
         assert r['widths']['LDG.U16'] == 0 and r['shared'] == 0  # no 2-byte loads, no transpose
@@ -46,14 +52,12 @@ def test_gate_outside_and_summary_fma_decays_take_special_function_ops_off():
     """With the gate once outside the scans (bimamba.GATE_OUTSIDE) the output pass's special-function ops are the 16
     decays and the softplus's exp (no sigmoid's exp and reciprocal), with 16 instructions fewer a token; with
     sum_exp_fma=1 the summary pass has 16 instead of 17 (benchmarks/NOTES.md)."""
-    sass = _load()
-    mod = sass.load_module('gsmsr.ops.seq_scan_triton')
-    args = argparse.Namespace(length=288000, dim=384, dtype='bf16', warps_per_sm=16, seg_len=0, keep='')
-    gated, ungated = sass.analyse('out8r128s3', mod, args), sass.analyse('out8r128s3g1', mod, args)
+    analyse = _analyser()
+    gated, ungated = analyse('out8r128s3'), analyse('out8r128s3g1')
     mufu = lambda r: {k: v for k, v in r['rows'].items() if k.startswith('MUFU') and v}  # noqa: E731
     assert mufu(gated) == {'MUFU.EX2': 18, 'MUFU.RCP': 1} and mufu(ungated) == {'MUFU.EX2': 17}
     assert ungated['rows']['total'] <= gated['rows']['total'] - 12
-    plain, fma = sass.analyse('sum8r128s3', mod, args), sass.analyse('sum8r128s3e1', mod, args)
+    plain, fma = analyse('sum8r128s3'), analyse('sum8r128s3e1')
     assert mufu(plain) == {'MUFU.EX2': 17} and mufu(fma) == {'MUFU.EX2': 16}
     assert fma['info']['spill_st'] == 0 and fma['info']['regs'] <= 128
 
@@ -63,11 +67,9 @@ def test_pipelined_loop_copies_each_b_c_row_once():
     copy for the warp (``_row_staged``), so a program needs ~4 KB of shared memory; copying the broadcast pieces a
     thread each took 34 KB and cut an SM's programs from 16 to 6 (benchmarks/NOTES.md). No global loads are left in
     the loop, and no spills at the register cap."""
-    sass = _load()
-    mod = sass.load_module('gsmsr.ops.seq_scan_triton')
-    args = argparse.Namespace(length=288000, dim=384, dtype='bf16', warps_per_sm=16, seg_len=0, keep='')
+    analyse = _analyser()
     for name in ('out8r128s3g1', 'revsum8r128s3'):
-        r = sass.analyse(name, mod, args)
+        r = analyse(name)
         assert r['shared'] <= 4096, (name, r['shared'])
         assert r['rows']['LDG'] == 0, name
         assert r['info']['spill_st'] == 0 and r['info']['regs'] <= 128, name
@@ -76,11 +78,9 @@ def test_pipelined_loop_copies_each_b_c_row_once():
 def test_polynomial_softplus_takes_instructions_off_both_passes():
     """softplus_poly (log1p as a polynomial instead of libdevice's log): the same special-function ops, ~20
     instructions a token fewer in each pass of the default inference call, no spills (benchmarks/NOTES.md)."""
-    sass = _load()
-    mod = sass.load_module('gsmsr.ops.seq_scan_triton')
-    args = argparse.Namespace(length=288000, dim=384, dtype='bf16', warps_per_sm=16, seg_len=0, keep='')
+    analyse = _analyser()
     for base in ('out8r128s3g1', 'sum8r128s3'):
-        plain, poly = sass.analyse(base, mod, args), sass.analyse(base + 'p1', mod, args)
+        plain, poly = analyse(base), analyse(base + 'p1')
         assert poly['rows']['MUFU.EX2'] == plain['rows']['MUFU.EX2'] == 17
         assert poly['rows']['total'] <= plain['rows']['total'] - 18, base
         assert poly['info']['spill_st'] == 0 and poly['info']['regs'] <= 128

@@ -230,7 +230,7 @@ def _walk(
                 dt = dt + bias
             if SOFTPLUS == 1:
                 dt = _softplus(dt)
-            if SOFTPLUS == 2:
+            elif SOFTPLUS == 2:
                 dt = _softplus_poly(dt)
             dtu = dt * u
             if SUMMARY:
@@ -661,6 +661,7 @@ def selective_scan_fwd_triton(
 
 
 def _pointwise(x: Tensor, op: int) -> Tensor:
+    """:func:`_pointwise_kernel`'s function ``op`` elementwise on x as float32, compiled on CUDA, interpreted on CPU."""
     x = x.float().contiguous()
     y = torch.empty_like(x)
     if x.numel():
@@ -671,8 +672,8 @@ def _pointwise(x: Tensor, op: int) -> Tensor:
 
 
 def exp2_fma(x: Tensor) -> Tensor:
-    """2^x elementwise through the summary pass's FMA-pipe exp2 (:func:`_exp2_fma`; meant for x <= 0) as float32, on
-    x's device (compiled on CUDA, interpreted on CPU): to check its accuracy."""
+    """2^x elementwise through the passes' FMA-pipe exp2 (:func:`_exp2_fma`; meant for x <= 0) as float32, on x's
+    device (compiled on CUDA, interpreted on CPU): to check its accuracy."""
     return _pointwise(x, 0)
 
 

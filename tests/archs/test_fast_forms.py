@@ -115,15 +115,17 @@ def test_bimamba_without_autograd_runs_the_backward_branch_flip_free(monkeypatch
     assert calls == [False, False] * 2
 
 
-def test_compiled_bimamba_traces_the_flip_free_branch(monkeypatch):
+@pytest.mark.parametrize('gate_once', [False, True])
+def test_compiled_bimamba_traces_the_flip_free_branch(monkeypatch, gate_once):
     """Traced as the compiled window step traces it (aot_eager backend: the graph without Inductor's code
     generation): no flips, both scans as gsmsr::scan_infer (the second reverse) on the in-projection's bmm output,
-    ungated (the gate on their sum, GATE_OUTSIDE), the shifted-sum convs. The output is the eager flipped form's."""
+    the shifted-sum convs; with GATE_OUTSIDE both scans ungated and the gate on their float32 sum, without it both
+    taking the one gate. The output is the eager flipped form's either way."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
-    monkeypatch.setattr(bimamba, 'GATE_OUTSIDE', True)
+    monkeypatch.setattr(bimamba, 'GATE_OUTSIDE', gate_once)
     m = _bimamba('triton')
     z = torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2))
     counter = CompileCounterWithBackend('aot_eager')
@@ -136,30 +138,10 @@ def test_compiled_bimamba_traces_the_flip_free_branch(monkeypatch):
     assert any(n.target is torch.bmm for n in nodes)
     scans = [n for n in nodes if n.target is torch.ops.gsmsr.scan_infer.default]
     assert [n.args[-1] for n in scans] == [False, True]  # reverse
-    assert all(n.args[6] is None and n.args[8] is True for n in scans)  # z (the gate outside), softplus inside
-    assert sum('silu' in str(n.target) for n in nodes) == 3  # the two convs' and the gate's
+    assert all(n.args[8] is True for n in scans)  # softplus inside
+    assert [n.args[6] is None for n in scans] == [gate_once] * 2  # z
+    if gate_once:
+        assert sum('silu' in str(n.target) for n in nodes) == 3  # the two convs' and the gate's
+    else:
+        assert scans[0].args[6] is scans[1].args[6]  # one gate
     torch.testing.assert_close(y, flipped, rtol=1e-5, atol=1e-6)
-
-
-def test_gate_once_on_the_branches_sum(monkeypatch):
-    """GATE_OUTSIDE: on the flip-free path the two scans run ungated and the gate multiplies their float32 sum once:
-    the gated calls' output to float32 rounding, eagerly and traced (aot_eager: two scan_infer without z, no flips).
-    Without it both scans take the gate."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    monkeypatch.setattr(bimamba, 'FLIP_FREE', True)
-    m = _bimamba('triton')
-    z = torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2))
-    results = {}
-    for gate_once in (False, True):
-        torch._dynamo.reset()
-        monkeypatch.setattr(bimamba, 'GATE_OUTSIDE', gate_once)
-        counter = CompileCounterWithBackend('aot_eager')
-        with torch.no_grad():
-            results[gate_once] = m(z), torch.compile(m, backend=counter, fullgraph=True)(z)
-        nodes = [n for gm in counter.graphs for n in gm.graph.nodes]
-        assert not any('flip' in str(n.target) for n in nodes)
-        scans = [n for n in nodes if n.target is torch.ops.gsmsr.scan_infer.default]
-        assert [n.args[6] is None for n in scans] == [gate_once] * 2  # z
-    for y in (*results[True], results[False][1]):
-        torch.testing.assert_close(y, results[False][0], rtol=1e-5, atol=1e-6)
