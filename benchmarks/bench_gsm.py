@@ -4,25 +4,26 @@
                                    [--only SUBSTR,...] [--mamba-scan] [--variants 'slab=12;out_tile=4']
                                    [--no-basicvsrpp] [--compile-cache FILE] [--set MODULE.NAME=VALUE]
 
-GSMNet rows: the whole-clip schedule in fp32 with mamba-ssm's scan (every layer on the whole clip, as the official
-code runs it), the streaming schedule (``streaming_eval``, the default without autograd) in fp32 and under bf16
-autocast, the compiled network (``compile_blocks``, the default GPU path in bf16) in fp32 and bf16, the compiled fp32
-network with cuBLAS's fp32 GEMMs (``fp32_matmul='ieee'``) and with its larger GEMMs as three TF32 products each
-(the default ``fp32_matmul='3xtf32'``, gsmsr.ops.matmul3x), and with --mamba-scan the compiled bf16 network with
-mamba-ssm's scan instead of gsmsr's Triton scan, and with --variants one compiled row per variant (bf16 unless
-``fp32=1``, which runs it in fp32 with the default ``fp32_matmul``): ``slab=N`` sets ``GSMNet.stream_slab``,
-``dwconv_<field>=N`` sets that ``DWConvConfig`` field of the MLP stencil (``dwconv3d.OP_CONFIG``), ``flipfree=1``
-runs BiMamba's backward branch without flips (``bimamba.FLIP_FREE``; 0 for the flipped form), ``gate=0`` the gate
-inside each scan instead of once on the two branches' sum (``bimamba.GATE_OUTSIDE``), ``iwarp=0`` the implicit
-warp's PyTorch ops instead of its fused kernels (``implicit_warp.FUSED_ATTENTION``), ``fscatter=0`` the GSM block's
-scatter warps through cuDNN's sampler instead of one kernel (``gsm_block.FUSED_SCATTER``), ``sdpa=0`` SWSA's
-explicit softmax instead of SDPA (``swsa.SDPA_ATTENTION``), ``split=1`` fp32 GEMMs split in registers
+GSMNet rows: the whole-clip schedule in fp32 with mamba-ssm's scan (every layer on the whole clip, as the official code
+runs it), the streaming schedule (``streaming_eval``, the default without autograd) in fp32 and under bf16 autocast, the
+compiled network (``compile_blocks``, the default GPU path in bf16) in fp32 and bf16, the compiled fp32 network with
+cuBLAS's fp32 GEMMs (``fp32_matmul='ieee'``) and with its larger GEMMs as three TF32 products each (the default
+``fp32_matmul='3xtf32'``, gsmsr.ops.matmul3x), and with --mamba-scan the compiled bf16 network with mamba-ssm's scan
+instead of gsmsr's Triton scan, and with --variants one compiled row per variant (bf16 unless ``fp32=1``, which runs it
+in fp32 with the default ``fp32_matmul``): ``slab=N`` sets ``GSMNet.stream_slab``, ``dwconv_<field>=N`` sets that
+``DWConvConfig`` field of the MLP stencil (``dwconv3d.OP_CONFIG``), ``flipfree=1`` runs BiMamba's backward branch
+without flips (``bimamba.FLIP_FREE``; 0 for the flipped form), ``gate=0`` the gate inside each scan instead of once on
+the two branches' sum (``bimamba.GATE_OUTSIDE``), ``iwarp=0`` the implicit warp's PyTorch ops instead of its fused
+kernels (``implicit_warp.FUSED_ATTENTION``), ``fscatter=0`` the GSM block's scatter warps through cuDNN's sampler
+instead of one kernel (``gsm_block.FUSED_SCATTER``), ``sdpa=0`` SWSA's explicit softmax instead of SDPA
+(``swsa.SDPA_ATTENTION``), ``ffnres=0`` SWSA's per-token residual added eagerly after its compiled branch instead of
+inside the graph (``swsa.FFN_RESIDUAL_INSIDE``), ``split=1`` fp32 GEMMs split in registers
 (``matmul3x.SPLIT_IN_REGISTERS``), ``buffers=0`` the streaming sweep's stacked windows instead of window buffers
-(``GSMNet.stream_buffers``; these switches compile the window step again), ``swsac=0`` SWSA's attention residual
-eager (``swsa.COMPILE_ATTENTION``; a network of its own, compiled at that row's first call), other keys go to the
-Triton scan (``selective_scan.INFER_TRITON_CONFIG``: out_tile, out_warps, out_maxnreg, token_tile, warps_per_sm,
-stages, ...; over its defaults, so ``stages=1`` is the unpipelined scan; 0 for a register cap turns it off), e.g.
-``--variants 'slab=12;dwconv_block_c=64,dwconv_num_warps=4;flipfree=0;out_tile=4'``.
+(``GSMNet.stream_buffers``; these switches compile the window step again), ``swsac=0`` SWSA's attention residual eager
+(``swsa.COMPILE_ATTENTION``; a network of its own, compiled at that row's first call), other keys go to the Triton scan
+(``selective_scan.INFER_TRITON_CONFIG``: out_tile, out_warps, out_maxnreg, token_tile, warps_per_sm, stages, ...; over
+its defaults, so ``stages=1`` is the unpipelined scan; 0 for a register cap turns it off), e.g. ``--variants
+'slab=12;dwconv_block_c=64,dwconv_num_warps=4;flipfree=0;out_tile=4'``.
 Prints one table: median ms per clip and per frame (CUDA events), the first call's seconds (compilation included),
 peak memory, and the max abs / PSNR difference of each GSMNet row against the first one that ran. --train adds
 training steps (16x64x64, batch 1, checkpointing on), eager and compiled, fp32 and bf16, and the fast step
@@ -169,12 +170,14 @@ def main() -> int:
     flip_free_default, gate_default = BIMAMBA.FLIP_FREE, BIMAMBA.GATE_OUTSIDE
     infer_config_default = dict(SCAN.INFER_TRITON_CONFIG)
     fused_warp_default, fused_scatter_default = IWARP.FUSED_ATTENTION, GSM_BLOCK.FUSED_SCATTER
-    sdpa_default, swsa_compile_default = SWSA.SDPA_ATTENTION, SWSA.COMPILE_ATTENTION
+    sdpa_default, swsa_compile_default, ffn_residual_default = (
+        SWSA.SDPA_ATTENTION, SWSA.COMPILE_ATTENTION, SWSA.FFN_RESIDUAL_INSIDE
+    )  # fmt: skip
     split_default = MATMUL3X.SPLIT_IN_REGISTERS
 
     def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm, variant: Dict[str, int] = {}):  # noqa: B006
         dwconv = {k.removeprefix('dwconv_'): v for k, v in variant.items() if k.startswith('dwconv_')}
-        switches = 'slab flipfree gate buffers iwarp fscatter sdpa swsac split fp32'.split()
+        switches = 'slab flipfree gate buffers iwarp fscatter sdpa swsac ffnres split fp32'.split()
         scan = {k: v for k, v in variant.items() if k not in switches and not k.startswith('dwconv_')}
         stencil = dataclasses.replace(DWCONV.DEFAULT_CONFIG, **dwconv)
 
@@ -190,6 +193,7 @@ def main() -> int:
             GSM_BLOCK.FUSED_SCATTER = bool(variant.get('fscatter', GSM_BLOCK.FUSED_SCATTER))
             SWSA.SDPA_ATTENTION = bool(variant.get('sdpa', SWSA.SDPA_ATTENTION))
             SWSA.COMPILE_ATTENTION = bool(variant.get('swsac', SWSA.COMPILE_ATTENTION))
+            SWSA.FFN_RESIDUAL_INSIDE = bool(variant.get('ffnres', SWSA.FFN_RESIDUAL_INSIDE))
             MATMUL3X.SPLIT_IN_REGISTERS = bool(variant.get('split', MATMUL3X.SPLIT_IN_REGISTERS))
             try:
                 with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -204,6 +208,7 @@ def main() -> int:
                 GSM_BLOCK.FUSED_SCATTER = fused_scatter_default
                 SWSA.SDPA_ATTENTION = sdpa_default
                 SWSA.COMPILE_ATTENTION = swsa_compile_default
+                SWSA.FFN_RESIDUAL_INSIDE = ffn_residual_default
                 MATMUL3X.SPLIT_IN_REGISTERS = split_default
 
         return run

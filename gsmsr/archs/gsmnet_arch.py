@@ -23,7 +23,7 @@ from gsmsr.archs import swsa
 from gsmsr.archs.flow import adjacent_flows, gather_scatter_flows, load_spynet_weights, warp, window_link_flows
 from gsmsr.archs.gsm_block import GSMBlock
 from gsmsr.archs.implicit_warp import ImplicitWarp
-from gsmsr.archs.swsa import SWSABlock, SWSAGroup, compile_swsa_blocks, ffn_branch
+from gsmsr.archs.swsa import SWSABlock, SWSAGroup, compile_swsa_blocks, ffn_branch, ffn_residual
 from gsmsr.compile_cache import INDUCTOR_OPTIONS
 from gsmsr.ops.matmul3x import TF32x3Mode
 
@@ -548,13 +548,14 @@ class GSMNet(nn.Module):
         return [blk for layer in self.prop_layers for blk in layer.stage.attn_blocks.blocks]
 
     def _precompile(self, folder: str) -> None:
-        """Route every window step, SWSA attention residual and SWSA per-token branch through one
+        """Route every window step, SWSA attention residual and SWSA per-token residual (or branch) through one
         :class:`PrecompiledFunction` per kind (the modules are arguments, so the layers share the compiled functions);
         keys stay the same."""
         from gsmsr.compile_cache import PrecompiledFunction
 
         step = PrecompiledFunction(GSMBlock.forward, folder, traced_switches)
-        ffn = PrecompiledFunction(ffn_branch, folder, traced_switches)
+        ffn = PrecompiledFunction(ffn_residual, folder, traced_switches)
+        ffn_out = PrecompiledFunction(ffn_branch, folder, traced_switches)
         attn: Dict[Tuple[type, str], PrecompiledFunction] = {}  # one per attention piece, shared by the blocks
         for layer in self.prop_layers:
             layer.stage.mamba_block.forward = functools.partial(step, layer.stage.mamba_block)
@@ -564,8 +565,8 @@ class GSMNet(nn.Module):
                 if key not in attn:
                     attn[key] = PrecompiledFunction(getattr(type(owner), name), folder, traced_switches)
                 setattr(owner, name, functools.partial(attn[key], owner))
-            blk.ffn = ffn
-        self.precompiled = (step, *attn.values(), ffn)
+            blk.ffn, blk.ffn_out = ffn, ffn_out
+        self.precompiled = (step, *attn.values(), ffn, ffn_out)
         self._compiled = True
 
     def _gemm_mode(self) -> ContextManager:

@@ -147,10 +147,10 @@ def test_precompiled_blocks_match_compiled_and_load_in_a_fresh_process(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stdout)
     # the functions this clip used (the window step, SWSA's attention in whichever pieces it ran, the per-token
-    # branch): every one loaded, none compiled again; the others list no event
+    # residual): every one loaded, none compiled again; the others list no event
     used = [ln.split(' ', 1) for ln in proc.stdout.splitlines() if ln.startswith('gsmsr.archs') and ' ' in ln.strip()]
     names = {name for name, _ in used}
-    assert {'gsmsr.archs.gsm_block.GSMBlock.forward', 'gsmsr.archs.swsa.ffn_branch'} <= names, proc.stdout
+    assert {'gsmsr.archs.gsm_block.GSMBlock.forward', 'gsmsr.archs.swsa.ffn_residual'} <= names, proc.stdout
     assert any('swsa.SWSABlock' in n or 'WindowAttention' in n for n in names), proc.stdout
     assert all(e.startswith('loaded') for _, events in used for e in events.split('|')), proc.stdout
     # the same compiled code, up to one bf16 rounding step: the eager convolutions around the blocks may pick other
