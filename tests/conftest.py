@@ -295,7 +295,7 @@ def windows_and_merged() -> Callable[[], ContextManager[List[torch.Tensor]]]:
         windows, merge = SWSABlock.attention_windows, SWSABlock.attention_merge
         with pytest.MonkeyPatch.context() as m:
             m.setattr(SWSABlock, 'attention_windows', lambda self, x: held.append(windows(self, x)) or held[-1])
-            m.setattr(SWSABlock, 'attention_merge', lambda self, x, o: held.append(o) or merge(self, x, o))
+            m.setattr(SWSABlock, 'attention_merge', lambda self, x, o, *to: held.append(o) or merge(self, x, o, *to))
             yield held
 
     return record

@@ -350,9 +350,15 @@ class SWSABlock(nn.Module):
             u = torch.roll(u, shifts=ss, dims=(1, 2, 3))
         return u[:, :d, :h, :w]
 
-    def attention_merge(self, x: Tensor, o: Tensor) -> None:
-        """Adds the attention branch, from its attended windows ``o`` (B*nW, n, C), to x in place."""
-        x += self._merged(o, x.shape[:4])
+    def attention_merge(self, x: Tensor, o: Tensor, into: Optional[Tensor] = None) -> None:
+        """Adds the attention branch, from its attended windows ``o`` (B*nW, n, C), to x: in place, or into ``into``
+        (x's shape, another layout). Compiled, the sum is one pass that writes ``into`` and reads x in its own layout,
+        where an eager copy of x into that layout reads one of the two across its layout."""
+        merged = self._merged(o, x.shape[:4])
+        if into is None:
+            x += merged
+        else:
+            torch.add(x, merged, out=into)
 
     def _attn_branch(self, x: Tensor, labels: Optional[Tensor]) -> Tensor:
         _, _, _, grid, axes = self._geometry(x.shape[:4])
@@ -427,13 +433,15 @@ class SWSABlock(nn.Module):
 
     def _merge_into(self, x: Tensor, o: Tensor, own: bool) -> Tensor:
         """x + the attention branch (:meth:`attention_merge`), written over x where the caller gives it up (``own``)
-        and it is contiguous; else over a contiguous copy of x. In place, the merge holds x and the windows, not a
+        and it is contiguous; else into a new contiguous volume. In place, the merge holds x and the windows, not a
         third volume for its result: with the parts and steps written over the windows too, a block over a large
         volume holds two volumes (x and its windows) where it held four."""
-        if not (own and x.is_contiguous()):
-            x = x.clone(memory_format=torch.contiguous_format)
-        self.attention_merge(x, o)
-        return x
+        if own and x.is_contiguous():
+            self.attention_merge(x, o)
+            return x
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        self.attention_merge(x, o, out)
+        return out
 
     def _ffn_branch(self, x: Tensor) -> Tensor:
         return ffn_branch(self.norm2, self.mlp, x)

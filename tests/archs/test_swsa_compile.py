@@ -134,8 +134,8 @@ def test_explicit_steps_run_from_eager_code_each_compiled_on_its_own(
 @pytest.mark.parametrize('sdpa', [False, True])
 def test_block_writes_over_an_input_it_is_given(monkeypatch, sdpa):
     """Over a volume of several SDPA parts or explicit steps, a block given its input (``own``) returns that tensor,
-    written over (the merge holds no third volume for its result); not given it, the block leaves it as it was.
-    Same values either way."""
+    written over (the merge holds no third volume for its result); not given it, or given one that is not contiguous,
+    the block leaves it as it was and merges into a new contiguous volume. Same values either way."""
     from gsmsr.archs.swsa import SHIFT, WINDOW, SWSABlock, effective_window, shift_labels
 
     torch.manual_seed(0)
@@ -152,5 +152,10 @@ def test_block_writes_over_an_input_it_is_given(monkeypatch, sdpa):
         want = blk(kept, labels)
         given = x.clone()
         got = blk(given, labels, own=True)
+        # a whole clip as SWSA gets it: the stored (B, C, D, H, W) frames seen as (B, D, H, W, C), channels strided;
+        # the merge writes a new contiguous volume
+        stored = x.permute(0, 4, 1, 2, 3).contiguous().permute(0, 2, 3, 4, 1)
+        strided = blk(stored, labels, own=True)
     assert torch.equal(kept, x) and want is not kept
     assert got is given and torch.equal(got, want)
+    assert torch.equal(stored, x) and strided.is_contiguous() and torch.equal(strided, want)
