@@ -25,6 +25,7 @@ from gsmsr.archs.gsm_block import GSMBlock
 from gsmsr.archs.implicit_warp import ImplicitWarp
 from gsmsr.archs.swsa import SWSABlock, SWSAGroup, compile_swsa_blocks, ffn_branch, ffn_residual
 from gsmsr.compile_cache import INDUCTOR_OPTIONS
+from gsmsr.ops.layout_copy import contiguous_frames, copy_frames
 from gsmsr.ops.matmul3x import TF32x3Mode
 
 MIN_SIZE = 33  # SpyNet's coarsest level vanishes below this (§1)
@@ -65,6 +66,22 @@ class Transpose12(nn.Module):
         return x.transpose(1, 2)
 
 
+class FramePixelShuffle(nn.PixelShuffle):
+    """``nn.PixelShuffle`` over frames (B, T, C, H, W) that keeps a channels-last input channels-last: the
+    reconstruction's convs then take and give ``torch.channels_last_3d`` volumes, where cuDNN transposed every
+    channel-first input to NHWC and its output back (14 transposes a frame in the profile of the default). Same
+    values: a pure rearrangement, ``out[..., c, h r + i, w r + j] = x[..., c r^2 + i r + j, h, w]``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = self.upscale_factor
+        rows = x.permute(0, 1, 3, 4, 2)  # (B, T, H, W, C)
+        if x.dim() != 5 or not rows.is_contiguous():
+            return super().forward(x)
+        b, t, h, w, c = rows.shape
+        y = rows.view(b, t, h, w, c // (r * r), r, r).permute(0, 1, 2, 5, 3, 6, 4)  # (B, T, H, i, W, j, c)
+        return y.reshape(b, t, h * r, w * r, c // (r * r)).permute(0, 1, 4, 2, 3)
+
+
 def make_upsampler(scale: int, feat: int = RECON_FEAT) -> nn.Sequential:
     """Conv3d + pixel shuffle stages; entry indices (0, 5, 10 for x4) match the official keys."""
 
@@ -72,7 +89,7 @@ def make_upsampler(scale: int, feat: int = RECON_FEAT) -> nn.Sequential:
         return [
             nn.Conv3d(feat, factor * factor * feat, (1, 3, 3), padding=(0, 1, 1)),
             Transpose12(),
-            nn.PixelShuffle(factor),
+            FramePixelShuffle(factor),
             Transpose12(),
             nn.LeakyReLU(0.1, inplace=True),
         ]
@@ -333,6 +350,9 @@ class GSMNet(nn.Module):
     # LR pixels per call of the streaming schedule's per-frame convs (shallow features, reconstruction: at least a
     # frame); the reconstruction's steps are forward_frames' pieces
     stream_frame_pixels = 65536
+    # the reconstruction's convs on channels-last volumes (:meth:`reconstruct`); False: channel-first, as cuDNN
+    # transposed them (an A/B switch, bench_gsm's ``--variants reconcl=0``)
+    recon_channels_last = True
 
     def stream_layer(self, stage: Stage, x: Tensor, flows: WindowFlows, order: Sequence[int]) -> None:
         """``x <- x + sweep(SWSA(x))`` in place, holding a few frames beyond ``x`` itself (no autograd).
@@ -383,7 +403,7 @@ class GSMNet(nn.Module):
                 for s in range(p, q):
                     # a whole clip keeps every frame: views (its window copies them); else a copy, so the halo is
                     # freed now
-                    state[s] = out[:, :, s - lo] if lo == p and hi == q else out[:, :, s - lo].contiguous()
+                    state[s] = out[:, :, s - lo] if lo == p and hi == q else contiguous_frames(out[:, :, s - lo])
                 ready = q
 
         buffer: Optional[Tensor] = None  # (B, C, K+1, H, W) whose slots 0..K-1 the last window step wrote
@@ -432,9 +452,9 @@ class GSMNet(nn.Module):
         cl = torch.channels_last_3d
         slab = torch.empty((b, c, len(stored), h, w), dtype=x.dtype, device=x.device, memory_format=cl)
         if natural:
-            return slab.copy_(run)
+            return copy_frames(slab, run)
         for j, i in enumerate(stored):
-            slab[:, :, j] = x[:, :, i]
+            copy_frames(slab[:, :, j], x[:, :, i])
         return slab
 
     @staticmethod
@@ -452,7 +472,7 @@ class GSMNet(nn.Module):
         for j, f in enumerate(frames):
             slot = buffer[:, :, j + 1]
             if not (f.data_ptr() == slot.data_ptr() and f.dtype == dtype and f.stride() == slot.stride()):
-                slot.copy_(f)
+                copy_frames(slot, f)
         return buffer
 
     def _aligner(self) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
@@ -478,15 +498,21 @@ class GSMNet(nn.Module):
         return x0
 
     def reconstruct(self, x: Tensor, x0: Tensor, lq: Tensor) -> Tensor:
-        """Features (B, C, T, H, W), shallow features x0, input lq (B, T, c, H, W) -> (B, T, out, sH, sW)."""
+        """Features (B, C, T, H, W), shallow features x0, input lq (B, T, c, H, W) -> (B, T, out, sH, sW).
+
+        The convs run channels-last (``torch.channels_last_3d``, :class:`FramePixelShuffle`): the token-major output
+        of ``conv_after_body`` already is, and the sums put the channels-last operand first, whose layout an eager
+        sum keeps; the last one puts ``skip`` first, so the output is contiguous. (Sums commute exactly.)"""
         b, t, c, h, w = lq.shape
         x = self.norm(x.permute(0, 2, 3, 4, 1))
-        x = x0 + self.conv_after_body(x).permute(0, 4, 1, 2, 3)
+        x = self.conv_after_body(x).permute(0, 4, 1, 2, 3) + x0
+        if not self.recon_channels_last:
+            x = x.contiguous()
         x = self.conv_last(self.upsample(self.conv_before_upsample(x)))  # (B, out, T, sH, sW)
         skip = F.interpolate(
             lq.reshape(b * t, c, h, w), size=(h * self.upscale, w * self.upscale), mode='bilinear', align_corners=False
         )
-        return x.transpose(1, 2) + skip.view(b, t, c, h * self.upscale, w * self.upscale)
+        return skip.view(b, t, c, h * self.upscale, w * self.upscale) + x.transpose(1, 2)
 
     def _compile(self) -> None:
         """Compile the window step and the SWSA blocks in place (``nn.Module.compile``): keys stay the same."""
@@ -640,4 +666,7 @@ class GSMNet(nn.Module):
         # since the x4 upsampler's 64-channel maps are ~20x larger than the features
         for s in range(0, t, step):
             sl = slice(s, min(s + step, t))
-            yield sl, self.reconstruct(x[:, :, sl], self.conv_first(lq[:, sl].transpose(1, 2)), lq[:, sl])
+            frames = lq[:, sl].transpose(1, 2)
+            if self.recon_channels_last:
+                frames = frames.contiguous(memory_format=torch.channels_last_3d)
+            yield sl, self.reconstruct(x[:, :, sl], self.conv_first(frames), lq[:, sl])

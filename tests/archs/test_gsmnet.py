@@ -7,6 +7,7 @@ import torch
 
 from gsmsr import GSMNet, load_checkpoint
 from gsmsr.archs.flow import compose, gather_scatter_flows, warp
+from gsmsr.archs.gsmnet_arch import FramePixelShuffle
 
 TINY = dict(upscale=4, prop_depth=2, attn_depth=2, pa_frame=1, embed_dims=8, num_heads=2)
 
@@ -151,6 +152,61 @@ def test_odd_prop_depth_returns_natural_time_order():
         ref = x + skip
     assert torch.equal(out, ref)
     assert not torch.allclose(out, ref.flip(1))  # the time-reversed (official) order would differ
+
+
+@pytest.mark.parametrize('r', [2, 3])
+@pytest.mark.parametrize('channels_last', [True, False])
+def test_frame_pixel_shuffle_is_pixel_shuffle(r, channels_last):
+    """Same values as ``F.pixel_shuffle``; a channels-last volume's frames come out channels-last."""
+    x = torch.rand(2, 4 * r * r, 3, 5, 6)  # (B, C, T, H, W)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    out = FramePixelShuffle(r)(x.transpose(1, 2))
+    assert torch.equal(out, torch.nn.functional.pixel_shuffle(x.transpose(1, 2).contiguous(), r))
+    assert out.transpose(1, 2).is_contiguous(memory_format=torch.channels_last_3d) == channels_last
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_reconstruction_runs_channels_last(dtype):
+    """The streaming reconstruction gives its convs channels-last inputs, and its frames equal the channel-first form
+    (contiguous volumes, ``nn.PixelShuffle``) within a conv's rounding of another sum order."""
+    torch.manual_seed(0)
+    net = _perturbed(GSMNet(**TINY)).eval()
+    convs = [net.conv_first, net.conv_before_upsample[0], net.conv_last]
+    convs += [m for m in net.upsample if isinstance(m, torch.nn.Conv3d)]
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append((m, a[0]))) for m in convs]
+    lq = _clip(t=3).float()
+    x = torch.randn(1, TINY['embed_dims'], 3, 33, 35)
+    autocast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    with torch.no_grad(), autocast:
+        net(lq)
+        for h in hooks:
+            h.remove()
+        x0 = net.conv_first(lq.transpose(1, 2).contiguous(memory_format=torch.channels_last_3d))
+        out = net.reconstruct(x, x0, lq)
+        y = net.conv_first(lq.transpose(1, 2)) + net.conv_after_body(net.norm(x.permute(0, 2, 3, 4, 1))).permute(
+            0, 4, 1, 2, 3
+        )
+        y = net.conv_before_upsample(y.contiguous())
+        for m in net.upsample:
+            y = torch.nn.functional.pixel_shuffle(y, m.upscale_factor) if isinstance(m, FramePixelShuffle) else m(y)
+            y = y.contiguous()
+        b, t, c, h, w = lq.shape
+        skip = torch.nn.functional.interpolate(lq.reshape(b * t, c, h, w), scale_factor=4, mode='bilinear')
+        ref = net.conv_last(y).transpose(1, 2) + skip.view(b, t, c, 4 * h, 4 * w)
+    # conv_first runs first for the propagation's features (channel-first: updated in place, frame by frame)
+    late = [(m, a) for m, a in seen if m is not net.conv_first] + [(m, a) for m, a in seen if m is net.conv_first][1:]
+    assert {id(m) for m, _ in late} == {id(m) for m in convs}
+    # CPU's fp32 conv3d returns channel-first whatever its input (cuDNN and CPU's bf16 convs keep the layout)
+    ours = late if dtype == torch.bfloat16 else [(m, a) for m, a in late if m in (net.conv_first, convs[1])]
+    assert all(a.is_contiguous(memory_format=torch.channels_last_3d) for _, a in ours)
+    assert out.is_contiguous()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    with torch.no_grad(), autocast:  # the A/B switch: channel-first convs, the same frames
+        net.recon_channels_last = False
+        torch.testing.assert_close(net.reconstruct(x, x0, lq), ref, rtol=tol, atol=tol)
 
 
 def test_loader_strict_errors_and_prefixes(tmp_path, tiny_net):
