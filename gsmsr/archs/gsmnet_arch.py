@@ -500,10 +500,13 @@ class GSMNet(nn.Module):
     def reconstruct(self, x: Tensor, x0: Tensor, lq: Tensor) -> Tensor:
         """Features (B, C, T, H, W), shallow features x0, input lq (B, T, c, H, W) -> (B, T, out, sH, sW).
 
-        The convs run channels-last (``torch.channels_last_3d``, :class:`FramePixelShuffle`): the token-major output
-        of ``conv_after_body`` already is, and the sums put the channels-last operand first, whose layout an eager
-        sum keeps; the last one puts ``skip`` first, so the output is contiguous. (Sums commute exactly.)"""
+        The convs run channels-last (``torch.channels_last_3d``, :class:`FramePixelShuffle`): x is copied so (one
+        tiled copy, where LayerNorm copied its permuted input itself), the token-major output of ``conv_after_body``
+        then is, and the sums put the channels-last operand first, whose layout an eager sum keeps; the last one puts
+        ``skip`` first, so the output is contiguous. (Sums commute exactly.)"""
         b, t, c, h, w = lq.shape
+        if self.recon_channels_last:  # LayerNorm would copy its permuted input contiguous, untiled
+            x = copy_frames(torch.empty_like(x, memory_format=torch.channels_last_3d), x)
         x = self.norm(x.permute(0, 2, 3, 4, 1))
         x = self.conv_after_body(x).permute(0, 4, 1, 2, 3) + x0
         if not self.recon_channels_last:

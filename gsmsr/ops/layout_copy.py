@@ -96,8 +96,10 @@ def transposes(dst: Tensor, src: Tensor) -> bool:
 
 def copy_frames(dst: Tensor, src: Tensor) -> Tensor:
     """``dst.copy_(src)`` for feature frames or volumes (B, C, [D,] H, W); where one side is channels-last and the other
-    channel-first (:func:`transposes`) and the tensors are on the GPU, one tiled kernel. Returns dst."""
-    if not (TILED and transposes(dst, src) and runs_fused(src)):
+    channel-first (:func:`transposes`), the tensors are on the GPU and autograd does not record the copy, one tiled
+    kernel. Returns dst."""
+    recorded = torch.is_grad_enabled() and src.requires_grad
+    if recorded or not (TILED and transposes(dst, src) and runs_fused(src)):
         return dst.copy_(src)
     b, c, d, n, *src_strides = _layout(src)
     dst_strides = _layout(dst)[4:]
