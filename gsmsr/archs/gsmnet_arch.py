@@ -74,7 +74,7 @@ class FramePixelShuffle(nn.PixelShuffle):
 
     def forward(self, x: Tensor) -> Tensor:
         r = self.upscale_factor
-        rows = x.permute(0, 1, 3, 4, 2)  # (B, T, H, W, C)
+        rows = x.permute(0, 1, 3, 4, 2) if x.dim() == 5 else x  # (B, T, H, W, C)
         if x.dim() != 5 or not rows.is_contiguous():
             return super().forward(x)
         b, t, h, w, c = rows.shape

@@ -1,10 +1,10 @@
 """A copy between two layouts of feature frames, channels-last and channel-first, in one Triton kernel (no autograd).
 
-The streaming schedule moves frames between SWSA's volumes, which are channels-last (the token order its blocks
-work in), and the propagation's channel-first features and window buffers (:meth:`GSMNet.stream_layer
-<gsmsr.archs.gsmnet_arch.GSMNet.stream_layer>`): per frame and layer one such copy on a whole clip (a new frame into
-the window buffer, bf16 -> fp32 under autocast), about three on clips cut into slabs (the slab, the kept frames).
-PyTorch's eager copy walks the destination in its order and reads the source across its layout, with no tiling: for
+On clips cut into slabs (longer than ``stream_whole``), the streaming schedule moves frames between SWSA's slabs,
+which are channels-last (the token order its blocks work in), and the propagation's channel-first features
+(:meth:`GSMNet.stream_layer <gsmsr.archs.gsmnet_arch.GSMNet.stream_layer>`): about three frame copies a frame and
+layer (the slab with its halos, the kept frames); the reconstruction copies its input channels-last once. (A whole
+clip's SWSA reads the stored frames and its output keeps their layout.) PyTorch's eager copy walks the destination in its order and reads the source across its layout, with no tiling: for
 frames of 192 channels each 32-byte sector it loads gives one element to the warp that asked. Here a program copies a
 (channel block, position block) tile, loaded along the source's contiguous axis and stored along the destination's;
 Triton converts between the two register layouts through shared memory.

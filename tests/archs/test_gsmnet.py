@@ -164,6 +164,7 @@ def test_frame_pixel_shuffle_is_pixel_shuffle(r, channels_last):
     out = FramePixelShuffle(r)(x.transpose(1, 2))
     assert torch.equal(out, torch.nn.functional.pixel_shuffle(x.transpose(1, 2).contiguous(), r))
     assert out.transpose(1, 2).is_contiguous(memory_format=torch.channels_last_3d) == channels_last
+    assert torch.equal(FramePixelShuffle(r)(x[:, :, 0]), torch.nn.functional.pixel_shuffle(x[:, :, 0], r))  # 4-D
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
