@@ -4,10 +4,11 @@ On clips cut into slabs (longer than ``stream_whole``), the streaming schedule m
 which are channels-last (the token order its blocks work in), and the propagation's channel-first features
 (:meth:`GSMNet.stream_layer <gsmsr.archs.gsmnet_arch.GSMNet.stream_layer>`): about three frame copies a frame and
 layer (the slab with its halos, the kept frames); the reconstruction copies its input channels-last once. (A whole
-clip's SWSA reads the stored frames and its output keeps their layout.) PyTorch's eager copy walks the destination in its order and reads the source across its layout, with no tiling: for
-frames of 192 channels each 32-byte sector it loads gives one element to the warp that asked. Here a program copies a
-(channel block, position block) tile, loaded along the source's contiguous axis and stored along the destination's;
-Triton converts between the two register layouts through shared memory.
+clip's SWSA reads the stored frames and its output keeps their layout.) PyTorch's eager copy walks the destination
+in its order and reads the source across its layout, with no tiling: for frames of 192 channels each 32-byte sector
+it loads gives one element to the warp that asked. Here a program copies a (channel block, position block) tile,
+loaded along the source's contiguous axis and stored along the destination's; Triton converts between the two
+register layouts through shared memory.
 
 Values: a copy, with the destination's dtype conversion (``Tensor.copy_``'s rounding: both are one IEEE cast).
 """
