@@ -16,10 +16,7 @@ without flips (``bimamba.FLIP_FREE``; 0 for the flipped form), ``gate=0`` the ga
 the two branches' sum (``bimamba.GATE_OUTSIDE``), ``iwarp=0`` the implicit warp's PyTorch ops instead of its fused
 kernels (``implicit_warp.FUSED_ATTENTION``), ``fscatter=0`` the GSM block's scatter warps through cuDNN's sampler
 instead of one kernel (``gsm_block.FUSED_SCATTER``), ``sdpa=0`` SWSA's explicit softmax instead of SDPA
-(``swsa.SDPA_ATTENTION``), ``ffnres=0`` SWSA's per-token residual added eagerly after its compiled branch instead of
-inside the graph (``swsa.FFN_RESIDUAL_INSIDE``), ``reconcl=0`` the reconstruction's convs on channel-first volumes
-(``GSMNet.recon_channels_last``), ``tcopy=0`` the stream's copies across layouts as ``Tensor.copy_`` instead of one
-tiled kernel (``layout_copy.TILED``), ``split=1`` fp32 GEMMs split in registers
+(``swsa.SDPA_ATTENTION``), ``split=1`` fp32 GEMMs split in registers
 (``matmul3x.SPLIT_IN_REGISTERS``), ``buffers=0`` the streaming sweep's stacked windows instead of window buffers
 (``GSMNet.stream_buffers``; these switches compile the window step again), ``swsac=0`` SWSA's attention residual eager
 (``swsa.COMPILE_ATTENTION``; a network of its own, compiled at that row's first call), other keys go to the Triton scan
@@ -79,7 +76,6 @@ BIMAMBA = importlib.import_module('gsmsr.archs.bimamba')
 IWARP = importlib.import_module('gsmsr.archs.implicit_warp')
 GSM_BLOCK = importlib.import_module('gsmsr.archs.gsm_block')
 MATMUL3X = importlib.import_module('gsmsr.ops.matmul3x')
-LAYOUT_COPY = importlib.import_module('gsmsr.ops.layout_copy')
 
 
 def phase_targets() -> List[tuple]:
@@ -173,23 +169,18 @@ def main() -> int:
     flip_free_default, gate_default = BIMAMBA.FLIP_FREE, BIMAMBA.GATE_OUTSIDE
     infer_config_default = dict(SCAN.INFER_TRITON_CONFIG)
     fused_warp_default, fused_scatter_default = IWARP.FUSED_ATTENTION, GSM_BLOCK.FUSED_SCATTER
-    sdpa_default, swsa_compile_default, ffn_residual_default = (
-        SWSA.SDPA_ATTENTION, SWSA.COMPILE_ATTENTION, SWSA.FFN_RESIDUAL_INSIDE
-    )  # fmt: skip
+    sdpa_default, swsa_compile_default = SWSA.SDPA_ATTENTION, SWSA.COMPILE_ATTENTION
     split_default = MATMUL3X.SPLIT_IN_REGISTERS
-    tiled_default = LAYOUT_COPY.TILED
 
     def gsm_run(streaming: bool, dtype=None, net: GSMNet = gsm, variant: Dict[str, int] = {}):  # noqa: B006
         dwconv = {k.removeprefix('dwconv_'): v for k, v in variant.items() if k.startswith('dwconv_')}
-        switches = 'slab flipfree gate buffers iwarp fscatter sdpa swsac ffnres reconcl tcopy split fp32'.split()
+        switches = 'slab flipfree gate buffers iwarp fscatter sdpa swsac split fp32'.split()
         scan = {k: v for k, v in variant.items() if k not in switches and not k.startswith('dwconv_')}
         stencil = dataclasses.replace(DWCONV.DEFAULT_CONFIG, **dwconv)
 
         def run(x):
             net.streaming_eval, net.stream_slab = streaming, variant.get('slab', GSMNet.stream_slab)
             net.stream_buffers = bool(variant.get('buffers', GSMNet.stream_buffers))
-            net.recon_channels_last = bool(variant.get('reconcl', GSMNet.recon_channels_last))
-            LAYOUT_COPY.TILED = bool(variant.get('tcopy', tiled_default))
             SCAN.INFER_TRITON_CONFIG.clear()
             SCAN.INFER_TRITON_CONFIG.update(infer_config_default, **scan)
             DWCONV.OP_CONFIG = stencil
@@ -199,7 +190,6 @@ def main() -> int:
             GSM_BLOCK.FUSED_SCATTER = bool(variant.get('fscatter', GSM_BLOCK.FUSED_SCATTER))
             SWSA.SDPA_ATTENTION = bool(variant.get('sdpa', SWSA.SDPA_ATTENTION))
             SWSA.COMPILE_ATTENTION = bool(variant.get('swsac', SWSA.COMPILE_ATTENTION))
-            SWSA.FFN_RESIDUAL_INSIDE = bool(variant.get('ffnres', SWSA.FFN_RESIDUAL_INSIDE))
             MATMUL3X.SPLIT_IN_REGISTERS = bool(variant.get('split', MATMUL3X.SPLIT_IN_REGISTERS))
             try:
                 with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -214,8 +204,6 @@ def main() -> int:
                 GSM_BLOCK.FUSED_SCATTER = fused_scatter_default
                 SWSA.SDPA_ATTENTION = sdpa_default
                 SWSA.COMPILE_ATTENTION = swsa_compile_default
-                SWSA.FFN_RESIDUAL_INSIDE = ffn_residual_default
-                LAYOUT_COPY.TILED = tiled_default
                 MATMUL3X.SPLIT_IN_REGISTERS = split_default
 
         return run

@@ -316,8 +316,8 @@ def test_gsmnet_blocks_compile_with_gsmsr_inductor_options(monkeypatch, tmp_path
     real = torch.compile
     monkeypatch.setattr(torch, 'compile', lambda *a, **kw: calls.append(kw) or real(*a, **{**kw, 'backend': 'eager'}))
     GSMNet(**NET)._compile()
-    # a window step per layer, the per-token residual and branch, a block's attention residual and its four pieces
-    assert len(calls) == 2 + 2 + 2 * 2 * 5
+    # a window step per layer, the per-token residual, a block's attention residual and its four pieces
+    assert len(calls) == 2 + 1 + 2 * 2 * 5
     assert all(kw.get('options') == compile_cache.INDUCTOR_OPTIONS for kw in calls)
     assert compile_cache.INDUCTOR_OPTIONS == {'triton.autotune_pointwise': False}
     fn = PrecompiledFunction(Tiny.forward, tmp_path, backend='inductor')
@@ -369,15 +369,15 @@ def test_gsmnet_precompiled_blocks_equal_eager_and_load_in_a_fresh_process(tmp_p
     from gsmsr.archs import GSMNet
 
     net, lq, ref = _precompiled_net(tmp_path / 'aot')
-    step, attn, *pieces, ffn, ffn_out = net.precompiled
+    step, attn, *pieces, ffn = net.precompiled
     # all layers share them; SWSA attention: unshifted, shifted (no SDPA on CPU: no pieces); the per-token residual:
-    # one for every block (the branch without its add: unused, swsa.FFN_RESIDUAL_INSIDE)
+    # one for every block
     assert [fn.name.rsplit('.', 2)[-2:] for fn in (attn, *pieces)] == [
         ['SWSABlock', 'attend'], ['SWSABlock', 'attention_windows'], ['SWSABlock', 'attention_merge'],
         ['WindowAttention', 'attend_part'], ['WindowAttention', 'attend_chunk'],
     ]  # fmt: skip
     assert len(step.entries) == 1 and len(attn.entries) == 2 and len(ffn.entries) == 1
-    assert not any(fn.entries for fn in (*pieces, ffn_out))
+    assert not any(fn.entries for fn in pieces)
     assert sorted(net.state_dict()) == sorted(GSMNet(**NET).state_dict())  # keys unchanged
     torch.save(net.state_dict(), tmp_path / 'w.pth')
     torch.save(lq, tmp_path / 'lq.pt')
@@ -398,5 +398,5 @@ def test_gsmnet_precompiled_without_swsa_attention(tmp_path, aot, monkeypatch):
 
     monkeypatch.setattr(swsa, 'COMPILE_ATTENTION', False)
     net, _, _ = _precompiled_net(tmp_path / 'aot')
-    assert [fn.name.rsplit('.', 1)[-1] for fn in net.precompiled] == ['forward', 'ffn_residual', 'ffn_branch']
+    assert [fn.name.rsplit('.', 1)[-1] for fn in net.precompiled] == ['forward', 'ffn_residual']
     assert all(blk.attend.__func__ is swsa.SWSABlock.attend for blk in net.swsa_blocks())

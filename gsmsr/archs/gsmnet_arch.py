@@ -23,7 +23,7 @@ from gsmsr.archs import swsa
 from gsmsr.archs.flow import adjacent_flows, gather_scatter_flows, load_spynet_weights, warp, window_link_flows
 from gsmsr.archs.gsm_block import GSMBlock
 from gsmsr.archs.implicit_warp import ImplicitWarp
-from gsmsr.archs.swsa import SWSABlock, SWSAGroup, compile_swsa_blocks, ffn_branch, ffn_residual
+from gsmsr.archs.swsa import SWSABlock, SWSAGroup, compile_swsa_blocks, ffn_residual
 from gsmsr.compile_cache import INDUCTOR_OPTIONS
 from gsmsr.ops.layout_copy import contiguous_frames, copy_frames
 from gsmsr.ops.matmul3x import TF32x3Mode
@@ -350,9 +350,6 @@ class GSMNet(nn.Module):
     # LR pixels per call of the streaming schedule's per-frame convs (shallow features, reconstruction: at least a
     # frame); the reconstruction's steps are forward_frames' pieces
     stream_frame_pixels = 65536
-    # the reconstruction's convs on channels-last volumes (:meth:`reconstruct`); False: channel-first, as cuDNN
-    # transposed them (an A/B switch, bench_gsm's ``--variants reconcl=0``)
-    recon_channels_last = True
 
     def stream_layer(self, stage: Stage, x: Tensor, flows: WindowFlows, order: Sequence[int]) -> None:
         """``x <- x + sweep(SWSA(x))`` in place, holding a few frames beyond ``x`` itself (no autograd).
@@ -505,12 +502,9 @@ class GSMNet(nn.Module):
         then is, and the sums put the channels-last operand first, whose layout an eager sum keeps; the last one puts
         ``skip`` first, so the output is contiguous. (Sums commute exactly.)"""
         b, t, c, h, w = lq.shape
-        if self.recon_channels_last:  # LayerNorm would copy its permuted input contiguous, untiled
-            x = copy_frames(torch.empty_like(x, memory_format=torch.channels_last_3d), x)
+        x = copy_frames(torch.empty_like(x, memory_format=torch.channels_last_3d), x)  # LayerNorm's copy, tiled
         x = self.norm(x.permute(0, 2, 3, 4, 1))
         x = self.conv_after_body(x).permute(0, 4, 1, 2, 3) + x0
-        if not self.recon_channels_last:
-            x = x.contiguous()
         x = self.conv_last(self.upsample(self.conv_before_upsample(x)))  # (B, out, T, sH, sW)
         skip = F.interpolate(
             lq.reshape(b * t, c, h, w), size=(h * self.upscale, w * self.upscale), mode='bilinear', align_corners=False
@@ -577,14 +571,13 @@ class GSMNet(nn.Module):
         return [blk for layer in self.prop_layers for blk in layer.stage.attn_blocks.blocks]
 
     def _precompile(self, folder: str) -> None:
-        """Route every window step, SWSA attention residual and SWSA per-token residual (or branch) through one
+        """Route every window step, SWSA attention residual and SWSA per-token residual through one
         :class:`PrecompiledFunction` per kind (the modules are arguments, so the layers share the compiled functions);
         keys stay the same."""
         from gsmsr.compile_cache import PrecompiledFunction
 
         step = PrecompiledFunction(GSMBlock.forward, folder, traced_switches)
         ffn = PrecompiledFunction(ffn_residual, folder, traced_switches)
-        ffn_out = PrecompiledFunction(ffn_branch, folder, traced_switches)
         attn: Dict[Tuple[type, str], PrecompiledFunction] = {}  # one per attention piece, shared by the blocks
         for layer in self.prop_layers:
             layer.stage.mamba_block.forward = functools.partial(step, layer.stage.mamba_block)
@@ -594,8 +587,8 @@ class GSMNet(nn.Module):
                 if key not in attn:
                     attn[key] = PrecompiledFunction(getattr(type(owner), name), folder, traced_switches)
                 setattr(owner, name, functools.partial(attn[key], owner))
-            blk.ffn, blk.ffn_out = ffn, ffn_out
-        self.precompiled = (step, *attn.values(), ffn, ffn_out)
+            blk.ffn = ffn
+        self.precompiled = (step, *attn.values(), ffn)
         self._compiled = True
 
     def _gemm_mode(self) -> ContextManager:
@@ -669,7 +662,5 @@ class GSMNet(nn.Module):
         # since the x4 upsampler's 64-channel maps are ~20x larger than the features
         for s in range(0, t, step):
             sl = slice(s, min(s + step, t))
-            frames = lq[:, sl].transpose(1, 2)
-            if self.recon_channels_last:
-                frames = frames.contiguous(memory_format=torch.channels_last_3d)
+            frames = lq[:, sl].transpose(1, 2).contiguous(memory_format=torch.channels_last_3d)
             yield sl, self.reconstruct(x[:, :, sl], self.conv_first(frames), lq[:, sl])

@@ -272,16 +272,11 @@ def ffn_branch(norm: nn.LayerNorm, mlp: GEGLU, x: Tensor) -> Tensor:
 
 
 def ffn_residual(norm: nn.LayerNorm, mlp: GEGLU, x: Tensor) -> None:
-    """``x += ffn_branch(norm, mlp, x)``, in place: the no-grad per-token residual, compiled with its add."""
+    """``x += ffn_branch(norm, mlp, x)``, in place: the no-grad per-token residual, compiled with its add. x is a slice
+    of SWSA's volume in that volume's layout (a whole clip: the stored frames, channels strided by T*H*W) and the
+    branch's output is channels-last, so an eager ``+=`` (PyTorch's elementwise kernel, which does not tile) would read
+    one of the two across its layout; in the graph Inductor tiles the transposing add (benchmarks/NOTES.md)."""
     x += ffn_branch(norm, mlp, x)
-
-
-# compile_blocks compiles the no-grad per-token residual with its add (ffn_residual). x is a slice of SWSA's volume in
-# that volume's layout (a whole clip: the stored frames, channels strided by T*H*W) and the branch's output is
-# channels-last, so an eager ``+=`` (PyTorch's elementwise kernel, which does not tile) reads one of the two across
-# its layout: uncoalesced on a GPU. Inside the graph Inductor tiles that transposing add. False: the branch compiled
-# without the add, the add eager (bench_gsm's ``--variants ffnres=0``).
-FFN_RESIDUAL_INSIDE = True
 
 
 FFN_TOKENS = 65536  # tokens of the no-grad per-token branch at a time: bounds its two (tokens, 2C) hidden tensors
@@ -452,9 +447,8 @@ class SWSABlock(nn.Module):
         :meth:`attend_in_chunks`)."""
         return x + self._attn_branch(x, labels)
 
-    # the no-grad per-token residual and branch; compile_swsa_blocks puts one compiled copy of each here
+    # the no-grad per-token residual; compile_swsa_blocks puts one compiled copy here
     ffn = staticmethod(ffn_residual)
-    ffn_out = staticmethod(ffn_branch)
 
     def forward(self, x: Tensor, labels: Optional[Tensor], own: bool = False) -> Tensor:
         """x: (B, D, H, W, C); labels: (nW, n) shift-region ids of the padded volume (used by shifted blocks). own:
@@ -478,11 +472,7 @@ class SWSABlock(nn.Module):
         # per-token branch, in place, a few frames at a time: its 2C-wide hidden never spans the clip
         step = ffn_frames(x.shape[1], x.shape[2] * x.shape[3])
         for s in range(0, x.shape[1], step):
-            xs = x[:, s : s + step]
-            if FFN_RESIDUAL_INSIDE:
-                self.ffn(self.norm2, self.mlp, xs)
-            else:
-                xs += self.ffn_out(self.norm2, self.mlp, xs)
+            self.ffn(self.norm2, self.mlp, x[:, s : s + step])
         return x
 
 
@@ -506,18 +496,18 @@ def compile_swsa_blocks(blocks: Sequence[SWSABlock], **kwargs: Any) -> None:
     """``torch.compile(**kwargs)`` what the blocks' no-grad forward runs, in place: each block's attention residual
     (:meth:`SWSABlock.attend`, or over large volumes its pieces, :func:`attention_pieces`; static shapes: the
     window-chunk loops specialise a dynamic graph on the window count anyway, so automatic dynamic shapes only added
-    a compilation at the second size) and one per-token residual shared by all of them (:func:`ffn_residual`, or
-    :func:`ffn_branch` without ``FFN_RESIDUAL_INSIDE``; automatic dynamic shapes: at most two graphs). The branch
+    a compilation at the second size) and one per-token residual shared by all of them (:func:`ffn_residual`;
+    automatic dynamic shapes: at most two graphs). The branch
     runs a few frames at a time; compiling the whole forward unrolled that loop into the graph, one copy per slice,
     so compile time grew with the clip length. Compilation happens at a function's first call, so pieces a run does
     not use cost nothing. Parameters stay where they are: state-dict keys do not change. With autograd the blocks
     run eagerly (``compile_blocks`` is for evaluation)."""
-    ffn, ffn_out = torch.compile(ffn_residual, **kwargs), torch.compile(ffn_branch, **kwargs)
+    ffn = torch.compile(ffn_residual, **kwargs)
     for blk in blocks:
         if COMPILE_ATTENTION:
             for owner, name in attention_pieces(blk):
                 setattr(owner, name, torch.compile(getattr(owner, name), **{'dynamic': False, **kwargs}))
-        blk.ffn, blk.ffn_out = ffn, ffn_out
+        blk.ffn = ffn
 
 
 class SWSAGroup(nn.Module):

@@ -30,8 +30,6 @@ except ImportError:  # pragma: no cover - exercised by a subprocess test of trit
 BLOCK_C = 64
 BLOCK_N = 64
 NUM_WARPS = 4
-# False: every copy is ``Tensor.copy_`` (an A/B switch, bench_gsm's ``--variants tcopy=0``)
-TILED = True
 
 Layout = Tuple[int, int, int, int, int, int, int, int]  # (B, C, D, N) and their strides
 
@@ -100,7 +98,7 @@ def copy_frames(dst: Tensor, src: Tensor) -> Tensor:
     channel-first (:func:`transposes`), the tensors are on the GPU and autograd does not record the copy, one tiled
     kernel. Returns dst."""
     recorded = torch.is_grad_enabled() and src.requires_grad
-    if recorded or not (TILED and transposes(dst, src) and runs_fused(src)):
+    if recorded or not (transposes(dst, src) and runs_fused(src)):
         return dst.copy_(src)
     b, c, d, n, *src_strides = _layout(src)
     dst_strides = _layout(dst)[4:]

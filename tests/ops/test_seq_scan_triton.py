@@ -419,16 +419,16 @@ def test_dispatch_backend_triton():
     """selective_scan(backend='triton') without autograd runs this kernel through the gsmsr::scan_infer op (with
     autograd: tests/ops/test_seq_scan_triton_bwd.py), reverse=True included."""
     from gsmsr.ops import selective_scan
-    from gsmsr.ops.selective_scan import scan_infer
+    from gsmsr.ops.selective_scan import INFER_TRITON_CONFIG, scan_infer
 
     inp = _inputs(1, 3, 4, 16, 'mamba', torch.float32, 'cpu')
     with torch.no_grad():
         y = selective_scan(**inp, delta_softplus=True, backend='triton')
-    direct = selective_scan_fwd_triton(**inp, delta_softplus=True)
+    direct = selective_scan_fwd_triton(**inp, delta_softplus=True, **INFER_TRITON_CONFIG)
     torch.testing.assert_close(y, direct, rtol=0, atol=0)
     with torch.no_grad():
         y = selective_scan(**inp, delta_softplus=True, backend='triton', reverse=True)
-    direct = selective_scan_fwd_triton(**inp, delta_softplus=True, reverse=True)
+    direct = selective_scan_fwd_triton(**inp, delta_softplus=True, reverse=True, **INFER_TRITON_CONFIG)
     torch.testing.assert_close(y, direct, rtol=0, atol=0)
     args = [inp[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')] + [True, 'triton', True]
     torch.library.opcheck(scan_infer, args, test_utils=('test_schema', 'test_faketensor'))
