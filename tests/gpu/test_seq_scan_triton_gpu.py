@@ -178,12 +178,13 @@ def test_exp2_fma_compiled_accuracy():
 
 def test_polynomial_softplus_compiled_accuracy():
     """softplus_poly's softplus compiled (the hardware's ex2 for t, FMA contraction) against float64 where the result
-    is a normal float32, with the libdevice-log form beside it: relative error <= 5e-7 (~4 ulp) + |x| 2^-24, x above
-    20 exact. The second term is exp's argument x log2(e) rounded to float32, which exp carries as a relative error of
-    up to |x| 2^-24: both forms share it (3.8e-6 at x = -87 on an H100, 2026-12-05)."""
+    is a normal float32, with the libdevice-log form beside it: relative error <= 5e-7 (~4 ulp) + |x| 2^-23, x above
+    20 exact. The second term is exp's argument x log2(e), with log2(e) and the product each rounded to float32, which
+    exp carries as a relative error of up to |x| 2^-23: both forms share it (3.8e-6 at x = -87, 0.55 of the bound, on
+    an H100, 2026-12-05)."""
     x = torch.cat([torch.linspace(-87, 100, 4_000_001, device='cuda'), torch.linspace(-1, 1, 400_001, device='cuda')])
     ref = torch.nn.functional.softplus(x.double())
-    bound = 5e-7 + x.double().abs() * 2**-24
+    bound = 5e-7 + x.double().abs() * 2**-23
     ratios = {p: ((kernel_softplus(x, p).double() - ref).abs() / ref / bound).max().item() for p in (False, True)}
     print('max relative error over its bound, libdevice log / polynomial:', ratios)
     assert ratios[True] <= 1
