@@ -497,11 +497,11 @@ def compile_swsa_blocks(blocks: Sequence[SWSABlock], **kwargs: Any) -> None:
     (:meth:`SWSABlock.attend`, or over large volumes its pieces, :func:`attention_pieces`; static shapes: the
     window-chunk loops specialise a dynamic graph on the window count anyway, so automatic dynamic shapes only added
     a compilation at the second size) and one per-token residual shared by all of them (:func:`ffn_residual`;
-    automatic dynamic shapes: at most two graphs). The branch
-    runs a few frames at a time; compiling the whole forward unrolled that loop into the graph, one copy per slice,
-    so compile time grew with the clip length. Compilation happens at a function's first call, so pieces a run does
-    not use cost nothing. Parameters stay where they are: state-dict keys do not change. With autograd the blocks
-    run eagerly (``compile_blocks`` is for evaluation)."""
+    automatic dynamic shapes: at most two graphs). The residual runs a few frames at a time; compiling the whole
+    forward unrolled that loop into the graph, one copy per slice, so compile time grew with the clip length.
+    Compilation happens at a function's first call, so pieces a run does not use cost nothing. Parameters stay where
+    they are: state-dict keys do not change. With autograd the blocks run eagerly (``compile_blocks`` is for
+    evaluation)."""
     ffn = torch.compile(ffn_residual, **kwargs)
     for blk in blocks:
         if COMPILE_ATTENTION:

@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from gsmsr.ops.triton_jit import LazyKernels, interpret_for, runs_fused  # noqa: F401  (re-exported)
+from gsmsr.ops.triton_jit import LazyKernels, interpret_for, runs_fused
 
 try:
     import triton.language as tl
