@@ -23,12 +23,13 @@ instead of one kernel (``gsm_block.FUSED_SCATTER``), ``sdpa=0`` SWSA's explicit 
 (``selective_scan.INFER_TRITON_CONFIG``: out_tile, out_warps, out_maxnreg, token_tile, warps_per_sm, stages, ...; over
 its defaults, so ``stages=1`` is the unpipelined scan; 0 for a register cap turns it off), e.g. ``--variants
 'slab=12;dwconv_block_c=64,dwconv_num_warps=4;flipfree=0;out_tile=4'``.
-Prints one table: median ms per clip and per frame (CUDA events), the first call's seconds (compilation included),
-peak memory, and the max abs / PSNR difference of each GSMNet row against the first one that ran. --train adds
-training steps (16x64x64, batch 1, checkpointing on), eager and compiled, fp32 and bf16, and the fast step
-(compiled, CUDA graphs, MLP checkpointing). A case that runs out of memory or fails says so. --memory-peak runs
-each inference row once more after its timing, with CUDA's allocation history recorded, and prints what was alive at
-that call's peak, grouped by the line that allocated it (a compiled graph's lines are in its generated code).
+Prints one table: median ms per clip and per frame (CUDA events), the first call's seconds (compilation included), peak
+memory (of that row alone: the reference output waits on the host), and the max abs / PSNR difference of each GSMNet row
+against the first one that ran. --train adds training steps (16x64x64, batch 1, checkpointing on), eager and compiled,
+fp32 and bf16, and the fast step (compiled, CUDA graphs, MLP checkpointing). A case that runs out of memory or fails
+says so. --memory-peak runs each inference row once more after its timing, with CUDA's allocation history recorded, and
+prints what was alive at that call's peak, grouped by the line that allocated it (a compiled graph's lines are in its
+generated code).
 --phase-peaks runs each GSMNet row once more and prints the peak memory of each phase of the call (the forward, flows,
 conv_first, propagation layers, SWSA slabs, groups, blocks and their attention and merge, window steps, the
 reconstruction; every call synchronised), with what was allocated when the call with that peak began.
@@ -256,10 +257,14 @@ def main() -> int:
                     print_memory_peak(name, lambda: fn(lq))
                 if args.phase_peaks and name.startswith('GSMNet'):
                     print_phase_peaks(name, lambda: fn(lq))
+                # the reference waits on the host, so that no row's peak holds another row's output
                 if name.startswith('GSMNet') and ref is None:
-                    ref = out
+                    ref = out.cpu()
                 elif name.startswith('GSMNet'):
-                    row.update(max_abs=f'{(out - ref).abs().max().item():.2e}', dPSNR=f'{psnr(out, ref):.1f}')
+                    base = ref.to(dev)
+                    row.update(max_abs=f'{(out - base).abs().max().item():.2e}', dPSNR=f'{psnr(out, base):.1f}')
+                    del base
+                del out
             except torch.cuda.OutOfMemoryError:
                 row.update(ms='OOM')
             except Exception as err:  # e.g. Triton missing: report, keep going
