@@ -502,7 +502,7 @@ class GSMNet(nn.Module):
         then is, and the sums put the channels-last operand first, whose layout an eager sum keeps; the last one puts
         ``skip`` first, so the output is contiguous. (Sums commute exactly.)"""
         b, t, c, h, w = lq.shape
-        x = copy_frames(torch.empty_like(x, memory_format=torch.channels_last_3d), x)  # LayerNorm's copy, tiled
+        x = contiguous_frames(x, torch.channels_last_3d)  # LayerNorm's copy of its permuted input, tiled
         x = self.norm(x.permute(0, 2, 3, 4, 1))
         x = self.conv_after_body(x).permute(0, 4, 1, 2, 3) + x0
         x = self.conv_last(self.upsample(self.conv_before_upsample(x)))  # (B, out, T, sH, sW)

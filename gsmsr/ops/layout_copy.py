@@ -109,6 +109,8 @@ def copy_frames(dst: Tensor, src: Tensor) -> Tensor:
     return dst
 
 
-def contiguous_frames(t: Tensor) -> Tensor:
-    """``t.contiguous()`` through :func:`copy_frames`."""
-    return t if t.is_contiguous() else copy_frames(torch.empty_like(t, memory_format=torch.contiguous_format), t)
+def contiguous_frames(t: Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+    """``t.contiguous(memory_format=memory_format)`` through :func:`copy_frames`."""
+    if t.is_contiguous(memory_format=memory_format):
+        return t
+    return copy_frames(torch.empty_like(t, memory_format=memory_format), t)

@@ -56,6 +56,9 @@ def test_into_a_window_slot_and_from_a_slab_frame(forced):
     assert frame.is_contiguous() and torch.equal(frame, volume[:, :, 2])
     assert len(forced) == 2
     assert contiguous_frames(frame) is frame  # already contiguous: no copy
+    volume = contiguous_frames(frame.unsqueeze(2), torch.channels_last_3d)  # a (B, C, 1, H, W) volume, channels-last
+    assert volume.is_contiguous(memory_format=torch.channels_last_3d) and torch.equal(volume[:, :, 0], frame)
+    assert contiguous_frames(volume, torch.channels_last_3d) is volume
 
 
 def test_other_copies_are_plain_copies(forced):
