@@ -9,8 +9,7 @@ gsmsr::tscan_fwd / tscan_bwd (gsmsr.ops.seq_scan_triton_bwd, training segments);
 configurations in SEQ_SWEEP, labelled ``d<block_d> w<num_warps> t<token_tile> seg<segments>|wpsm<warps per SM>``,
 then ``out(t<tile> w<warps>)`` for the output pass's own options and ``maxnreg(sum <cap> out <cap>)``, the register
 caps of the two launches (``off``: the compiler's choice), and ``stages<n>`` when the tile loop is software-pipelined
-(``stages``), ``sumfma<n>`` / ``outfma<n>`` with the summary / output pass's first n states decaying on the FMA pipe
-(``sum_exp_fma`` / ``out_exp_fma``), ``spoly`` with the polynomial softplus (``softplus_poly``).
+(``stages``).
 ``out_rel`` is the max abs difference from mamba-ssm relative to its max |output|.
 
 Shapes: batch 1, D = 384 channels (d_inner of the release config, C = 192), N = 16 states, L = 5*180*320 = 288000
@@ -63,9 +62,6 @@ class SeqConfig(NamedTuple):
     out_maxnreg: int = 128  # 0: no cap (the compiler's choice)
     sum_maxnreg: int = 128  # 0: no cap
     stages: int = 1  # software pipelining of the tile loop (1: none)
-    sum_exp_fma: int = 0  # the summary pass's first states decaying on the FMA pipe
-    out_exp_fma: int = 0  # the output pass's
-    softplus_poly: int = 0  # the polynomial softplus
 
     def label(self) -> str:
         name = f'seq-triton d{self.block_d} w{self.num_warps} t{self.token_tile} '
@@ -73,15 +69,11 @@ class SeqConfig(NamedTuple):
         out = [f'{k}{v}' for k, v in (('t', self.out_tile), ('w', self.out_warps)) if v]
         name += f' out({" ".join(out)})' if out else ''
         name += f' maxnreg(sum {self.sum_maxnreg or "off"} out {self.out_maxnreg or "off"})'
-        name += f' stages{self.stages}' if self.stages > 1 else ''
-        name += f' sumfma{self.sum_exp_fma}' if self.sum_exp_fma else ''
-        name += f' outfma{self.out_exp_fma}' if self.out_exp_fma else ''
-        return name + (' spoly' if self.softplus_poly else '')
+        return name + (f' stages{self.stages}' if self.stages > 1 else '')
 
     def kwargs(self) -> Dict[str, Any]:
         # 0 -> None: chosen automatically, as the summary pass, or no register cap
-        exact = ('sum_exp_fma', 'out_exp_fma', 'softplus_poly')
-        return {k: v if k in exact else v or None for k, v in self._asdict().items()}
+        return {k: v or None for k, v in self._asdict().items()}
 
 
 # Timed on an H200 at L = 288k bf16 (ms a call; mamba-ssm 3.62): the default 1.91. Configurations of earlier sweeps
@@ -115,36 +107,21 @@ SEQ_SWEEP = [
     # in the summary / output pass, unpipelined 12.4 / 15.3: a tail of programs finishing late is one reading)
     SeqConfig(stages=3, warps_per_sm=32),
     SeqConfig(stages=3, warps_per_sm=48),  # 3 waves (64 would cut segments below MIN_SEGMENT: 3.2 waves)
-    # the summary pass is bound by its special-function unit (offline SASS, Triton 3.6: 136 MUFU cycles a warp-token
-    # against 116 issued); one state's decay on the FMA pipe balances them at 128 / 125, two give 120 / 134
-    SeqConfig(stages=3, sum_exp_fma=1),
-    SeqConfig(stages=3, sum_exp_fma=2),
-    SeqConfig(stages=3, warps_per_sm=48, sum_exp_fma=1),
     SeqConfig(stages=3, warps_per_sm=48, sum_maxnreg=80, out_maxnreg=80),
-    # the softplus's log1p as a polynomial (offline SASS: 139 -> 118 instructions a warp-token in the output pass, 116
-    # -> 97 in the summary, MUFU 136 in both): then MUFU-bound, so decays onto the FMA pipe balance it (output 127 /
-    # 128 with one, summary 115 / 120 with two)
-    SeqConfig(stages=3, softplus_poly=1),
-    SeqConfig(stages=3, softplus_poly=1, sum_exp_fma=2),
-    SeqConfig(stages=3, softplus_poly=1, sum_exp_fma=2, out_exp_fma=1),
 ]
 
-# (token_tile, maxnreg (0: the compiler's choice), lane_sum, stages, segments (0: the training choice), softplus_poly)
-# of --bwd-sweep
+# (token_tile, maxnreg (0: the compiler's choice), lane_sum, stages, segments (0: the training choice)) of --bwd-sweep
 BWD_SWEEP = [
-    (2, 168, True, 1, 0, False),  # the default: 12 one-warp programs per SM
-    # the polynomial softplus, its exp shared with the sigmoid (offline SASS: ~705 -> ~675 instructions and one MUFU
-    # op fewer a token, 8 more bytes spilled)
-    (2, 168, True, 1, 0, True),
-    (2, 168, False, 1, 0, False),
-    (2, 168, True, 2, 0, False),  # the next tile's loads in flight (cp.async)
-    (4, 0, True, 1, 0, False),  # 255 registers, 8 programs per SM
-    (4, 0, True, 2, 0, False),
-    (2, 0, True, 1, 0, False),
-    (4, 168, True, 1, 0, False),
-    (1, 128, True, 1, 0, False),
-    (2, 168, True, 1, 64, False),
-    (2, 168, True, 1, 256, False),
+    (2, 168, True, 1, 0),  # the default: 12 one-warp programs per SM
+    (2, 168, False, 1, 0),
+    (2, 168, True, 2, 0),  # the next tile's loads in flight (cp.async)
+    (4, 0, True, 1, 0),  # 255 registers, 8 programs per SM
+    (4, 0, True, 2, 0),
+    (2, 0, True, 1, 0),
+    (4, 168, True, 1, 0),
+    (1, 128, True, 1, 0),
+    (2, 168, True, 1, 64),
+    (2, 168, True, 1, 256),
 ]
 
 
@@ -205,16 +182,15 @@ def bwd_rows(
         _, pre, x = scan_fwd(*args_in, True)  # pre: the output before the z gate, x: the chunk states
         configs.append(('mamba-ssm bwd (gsmsr op)', lambda: scan_bwd(*args_in, dout, x, pre, True)))
     grid = BWD_SWEEP if args.bwd_sweep else BWD_SWEEP[:1]
-    for tile, maxnreg, lane_sum, stages, segments, poly in grid:
+    for tile, maxnreg, lane_sum, stages, segments in grid:
         seg = segments or triton_train_segments(inp['u'])
         with torch.no_grad():
             _, states, seg_len = selective_scan_fwd_triton(
-                **inp, delta_softplus=True, segments=seg, token_tile=8, return_states=True, softplus_poly=poly
+                **inp, delta_softplus=True, segments=seg, token_tile=8, return_states=True
             )
         kind = 'lanesum' if lane_sum else 'reduce'
-        spoly = ' spoly' if poly else ''
-        name = f'seq-triton bwd t{tile} r{maxnreg} {kind} s{stages} seg{-(-length // seg_len)}{spoly}'
-        options = dict(token_tile=tile, maxnreg=maxnreg or None, lane_sum=lane_sum, stages=stages, softplus_poly=poly)
+        name = f'seq-triton bwd t{tile} r{maxnreg} {kind} s{stages} seg{-(-length // seg_len)}'
+        options = dict(token_tile=tile, maxnreg=maxnreg or None, lane_sum=lane_sum, stages=stages)
         configs.append((name, partial(selective_scan_bwd_triton, *args_in, dout, states, seg_len, True, **options)))
     for name, fn in configs:
         row = {'impl': name, 'L': str(length), 'dtype': dname, 'pass': 'bwd'}

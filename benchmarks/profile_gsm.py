@@ -1,7 +1,7 @@
 """Where GSMNet spends GPU time: a kernel table (torch.profiler) for one warm release-config call.
 
 python benchmarks/profile_gsm.py [--frames 20] [--size 180x320] [--bf16] [--compile] [--train] [--rows 30]
-    [--compile-cache FILE] [--scan-configs 'sum_exp_fma=1;warps_per_sm=48' [--rounds 3]]
+    [--compile-cache FILE] [--scan-configs 'stages=2;warps_per_sm=48' [--rounds 3]]
 
 Inference profiles one forward of the streaming schedule (the default without autograd); --train one training step
 (16x64x64 LR, batch 1, checkpointing on, Adam). --compile sets ``compile_blocks`` (the default GPU path with --bf16).

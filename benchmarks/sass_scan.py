@@ -10,8 +10,7 @@ program), e.g. ``out8r128 sum8r128`` (the default call's two passes), ``out8`` (
 ``out8c2`` (64 channels in one warp); a leading ``rev`` compiles the reverse scan (time walked from the end), e.g.
 ``revout8r128``; a trailing ``s<n>`` the tile loop software-pipelined over n stages (``stages``), e.g.
 ``out8r128s3``; ``g1`` no gate (BiMamba's ``GATE_OUTSIDE``), e.g. ``out8r128s3g1`` (the default inference call's output
-pass); ``e<n>`` the first n states' decays on the FMA pipe (``sum_exp_fma`` / ``out_exp_fma``), e.g. ``sum8r128s3e1``;
-``p1`` the polynomial softplus (``softplus_poly``), e.g. ``out8r128s3g1p1``.
+pass).
 The other parameters are the real call's: N = NP = 16; D, z, delta_bias and softplus on; u, delta, z and out in
 ``--dtype``; A, D, bias and the packed B|C in fp32. The kernel is specialised as Triton's launcher would specialise it
 (16-byte aligned pointers; integers divisible by 16, or equal to 1, marked so), with the segment length the host code
@@ -69,7 +68,7 @@ TARGET = GPUTarget('cuda', 90, 32)
 SM_COUNT = 132
 BIN = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin'
 TORCH_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
-VARIANT = re.compile(r'(rev)?(out|sum)(\d+)((?:[rwcsgep]\d+)*)$')
+VARIANT = re.compile(r'(rev)?(out|sum)(\d+)((?:[rwcsg]\d+)*)$')
 Instr = Tuple[int, str, str, str]  # address, predicate guard, opcode, operands
 
 # (table row, pipe, SASS opcodes before the first dot). Pipes: mufu, fma (FP32), fmah (IMAD), alu, lsu, ctrl;
@@ -113,12 +112,9 @@ def load_module(name: str):
 def parse_variant(text: str) -> Dict[str, int]:
     m = VARIANT.match(text)
     if not m:
-        expected = (
-            '[rev]out<TILE> or [rev]sum<TILE>, then r<maxnreg> w<warps> c<channels per thread> s<stages> g1 '
-            'e<states> p1'
-        )
+        expected = '[rev]out<TILE> or [rev]sum<TILE>, then r<maxnreg> w<warps> c<channels per thread> s<stages> g1'
         raise SystemExit(f'bad variant {text!r}: expected {expected}')
-    extra = {k: int(v) for k, v in re.findall(r'([rwcsgep])(\d+)', m.group(4))}
+    extra = {k: int(v) for k, v in re.findall(r'([rwcsg])(\d+)', m.group(4))}
     return dict(
         reverse=bool(m.group(1)),
         summary=m.group(2) == 'sum',
@@ -128,8 +124,6 @@ def parse_variant(text: str) -> Dict[str, int]:
         channels=extra.get('c', 1),
         stages=extra.get('s', 1),
         gate=not extra.get('g', 0),  # g1: no gate (BiMamba's GATE_OUTSIDE)
-        exp_fma=extra.get('e', 0),  # e<n>: the first n states' decays on the FMA pipe (sum_ / out_exp_fma)
-        softplus=2 if extra.get('p', 0) else 1,  # p1: the polynomial softplus (softplus_poly)
     )
 
 
@@ -152,7 +146,7 @@ def compile_variant(mod, v: Dict[str, int], args):
     # strides (batch, channel) of u, delta, z and out; A (D, N) contiguous
     call += (D * L, L) * 4 + (16, 1)
     kwargs = dict(N=16, NP=16, BLOCK_D=block_d, TILE=v['tile'], SUMMARY=v['summary'], HAS_D=True, HAS_Z=v['gate'],
-                  HAS_BIAS=True, SOFTPLUS=v['softplus'], REVERSE=v['reverse'], STAGES=v['stages'], EXP_FMA=v['exp_fma'],
+                  HAS_BIAS=True, SOFTPLUS=True, REVERSE=v['reverse'], STAGES=v['stages'],
                   num_warps=v['warps'])  # fmt: skip
     if v['maxnreg']:
         kwargs['maxnreg'] = v['maxnreg']

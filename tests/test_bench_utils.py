@@ -213,5 +213,5 @@ def test_only_selects_rows_by_substring_or_name_end():
 
 
 def test_parse_variant_reads_key_int_pairs():
-    assert parse_variant('warps_per_sm=48, sum_exp_fma=1') == {'warps_per_sm': 48, 'sum_exp_fma': 1}
+    assert parse_variant('warps_per_sm=48, stages=2') == {'warps_per_sm': 48, 'stages': 2}
     assert parse_variant('') == {}

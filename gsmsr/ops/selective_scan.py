@@ -35,9 +35,8 @@ INFER_IMPL = os.environ.get('GSMSR_SCAN_INFER', 'triton')
 # torch.compile), so benchmarks can try configurations in a compiled network without recompiling it. stages=3:
 # the tile loop's loads as async copies two tiles ahead, the same values bit for bit; 39.3 against 42.0 ms/frame
 # (39.7 against 40.8 in another run) for the bf16 compiled default at 20x180x320 on an H200 (benchmarks/NOTES.md).
-# softplus_poly: the softplus's log as a polynomial, 11.02 against 11.38 ms/frame of scan in the same profile (H100).
 # Training keeps the function's defaults.
-INFER_TRITON_CONFIG: Dict[str, int] = {'stages': 3, 'softplus_poly': True}
+INFER_TRITON_CONFIG: Dict[str, int] = {'stages': 3}
 
 
 def _cuda_module():

@@ -41,9 +41,8 @@ copy into shared memory issued tiles ahead, and the values are read from shared 
 token's B|C row is then one copy for the whole warp (:func:`_row_staged`).
 
 All arithmetic is float32 whatever the input dtype; the output has u's dtype. Decays are ``exp2(dt * A log2 e)``
-(log2 e folded into A once; the first ``sum_exp_fma`` / ``out_exp_fma`` states' through a polynomial on the FMA
-pipe, :func:`_exp2_fma`, to unload the special-function unit that bounds the passes); the softplus through
-libdevice's log, or with ``softplus_poly`` through a polynomial log1p (:func:`_softplus_poly`). No autograd here; with
+(log2 e folded into A once); the softplus is ``max(x, 0) + log1p(exp(-|x|))`` with log1p as a polynomial
+(:func:`_softplus`): one special-function (MUFU) op, the exp, and FMA-pipe instructions. No autograd here; with
 ``return_states=True`` the forward also returns the state entering each segment (the carries above), from which the
 backward (:mod:`gsmsr.ops.seq_scan_triton_bwd`) restarts any segment. CUDA tensors run compiled kernels and CPU
 tensors Triton's interpreter (slow; for tests), see :mod:`gsmsr.ops.triton_jit`.
@@ -64,17 +63,6 @@ from gsmsr.ops.triton_jit import LazyKernels, interpret_for, tl
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _softplus(x):
-    # torch's softplus (threshold 20). log1p(e) = log(w) + (e - (w - 1)) / w with w = fl(1 + e): the second term
-    # restores what rounding 1 + e lost (Kahan). It is below half an ulp of w, so 1/w may be replaced by
-    # max(1 - e, 0) (exact to O(e^2) for small e, and negligible against log(w) for e > 1): no division, which
-    # saves a MUFU op per token.
-    e = tl.exp(tl.minimum(x, 20.0))
-    w = 1.0 + e
-    lp = tl.log(w) + (e - (w - 1.0)) * tl.maximum(1.0 - e, 0.0)
-    return tl.where(x > 20.0, x, lp)
-
-
 def _log1p_poly(t):
     """log1p(t) for t in [0, 1] as t (1 + t Q(t)), Q of degree 7 fitted for relative error on [0, 1] (3.3e-8 in
     float64, at most 1.7 ulp with float32 FMAs): FMA-pipe instructions only."""
@@ -88,33 +76,14 @@ def _log1p_poly(t):
     return t * (q * t + 1.0)
 
 
-def _softplus_poly(x):
-    """:func:`_softplus` as ``max(x, 0) + log1p(t)``, ``t = exp(-|x|)`` in (0, 1]: one MUFU op and ~12 FMA-pipe
-    instructions (:func:`_log1p_poly`), where libdevice's log makes the softplus ~37 instructions a token (offline
-    SASS: 139 -> 118 a warp-token in the output pass, 116 -> 97 in the summary). For x > 20, t < 2.1e-9 is below
-    half an ulp of x, so the sum is x exactly, as torch returns. Infinities and NaN propagate as in torch."""
+def _softplus(x):
+    """torch's softplus as ``max(x, 0) + log1p(t)``, ``t = exp(-|x|)`` in (0, 1]: one MUFU op (the exp) and ~12
+    FMA-pipe instructions (:func:`_log1p_poly`), where libdevice's log made the softplus ~37 instructions a token
+    (offline SASS: 139 -> 118 a warp-token in the output pass, 116 -> 97 in the summary; 11.02 against 11.38
+    ms/frame of scan in the network's profile on an H100, benchmarks/NOTES.md). For x > 20, t < 2.1e-9 is below half
+    an ulp of x, so the sum is x exactly, as torch returns (its threshold). Infinities and NaN propagate as in
+    torch."""
     return tl.maximum(x, 0.0) + _log1p_poly(tl.exp(-tl.abs(x)))
-
-
-def _exp2_fma(x):
-    """2^x in fp32 for x <= 0 with FMA-pipe and integer instructions only (no MUFU op, no float -> int conversion).
-    x = j + f with j = round(x): adding 1.5 * 2^23 puts j in the low mantissa bits of t (t's ulp is 1), and
-    t - 1.5 * 2^23 is j as a float, so f = x - j lies in [-0.5, 0.5] exactly. 2^f is a degree-5 polynomial
-    1 + f (c1 + f (c2 + ...)), minimax in relative error on [-0.5, 0.5] with the constant term fixed to 1: max relative
-    error 1.65e-7 with FMAs (about 1.4 ulp; ex2.approx is within 2). The bits of t shifted left by 23 are j << 23 (the
-    rest falls off the top), added to the polynomial's exponent field: 2^j exactly. x is clamped at -126 (the result
-    stays normal): x <= -126 gives 2^-126 ~ 1.2e-38 instead of a subnormal or 0, nothing as a decay; integer x give
-    2^x exactly."""
-    x = tl.maximum(x, -126.0)
-    t = x + 12582912.0
-    f = x - (t - 12582912.0)
-    p = 1.3268738985061646e-3 * f + 9.672952815890312e-3
-    p = p * f + 5.5507294833660126e-2
-    p = p * f + 2.4022208154201508e-1
-    p = p * f + 6.931469440460205e-1
-    p = p * f + 1.0
-    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
 
 
 def _columns(x, BLOCK_D: tl.constexpr, TILE: tl.constexpr):
@@ -198,14 +167,12 @@ def _walk(
     SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
     STAGES: tl.constexpr,
-    EXP_FMA: tl.constexpr,
 ):
     """Walk tokens [lo, hi) (both multiples of TILE) from the states h (tuple of N (BLOCK_D,) fp32), from hi - 1
     down to lo when REVERSE. Summary: also sums dt into dsum, writes nothing. Otherwise stores out. Returns
     (h, dsum). u_row, dt_row, z_row, o_row: (BLOCK_D,) pointers at token 0 of each channel; bc_row: scalar pointer
     at token 0 of this batch's packed B|C rows (2 NP fp32 per token, B in the first NP). STAGES: software pipelining
-    of the tile loop (1: none).
-    States n < EXP_FMA decay through :func:`_exp2_fma` (FMA pipe), the others through ``tl.exp2`` (MUFU)."""
+    of the tile loop (1: none). SOFTPLUS: dt = :func:`_softplus` of delta (+ bias), else delta (+ bias) itself."""
     offs = tl.arange(0, TILE)[None, :]
     mask = md[:, None]
     # over the tile index: t0 = i * TILE is a multiple of TILE the compiler sees, so the tile loads are vectors
@@ -232,21 +199,15 @@ def _walk(
             dt = ds[j].to(tl.float32)
             if HAS_BIAS:
                 dt = dt + bias
-            if SOFTPLUS == 1:
+            if SOFTPLUS:
                 dt = _softplus(dt)
-            elif SOFTPLUS == 2:
-                dt = _softplus_poly(dt)
             dtu = dt * u
             if SUMMARY:
                 dsum = dsum + dt
             new_h = ()
             y = tl.full([BLOCK_D], 0.0, tl.float32)
             for n in tl.static_range(N):
-                if n < EXP_FMA:
-                    decay = _exp2_fma(dt * A2[n])
-                else:
-                    decay = tl.exp2(dt * A2[n])
-                hn = decay * h[n] + dtu * bs[n]
+                hn = tl.exp2(dt * A2[n]) * h[n] + dtu * bs[n]
                 new_h = new_h + (hn,)
                 if not SUMMARY:
                     y = y + cs[n] * hn
@@ -300,7 +261,6 @@ def _scan_kernel(
     SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
     STAGES: tl.constexpr,
-    EXP_FMA: tl.constexpr,
 ):
     """Program (channel block, segment s, batch). SUMMARY: segment s (< S-1) from h = 0, stores hs[b, s] (D, N)
     and dsum[b, s] (D,). Otherwise: starts from hs[b, s-1] (the carried state; zero for s = 0) and stores out
@@ -343,16 +303,16 @@ def _scan_kernel(
     if REVERSE and TILE > 1:  # ragged end first (the last segment only: segment lengths are multiples of TILE)
         h, dsum = _walk(
             h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, 1, EXP_FMA,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, 1,
         )  # fmt: skip
     h, dsum = _walk(
         h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, lo, full, bias, d_skip, md,
-        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, STAGES, EXP_FMA,
+        N, NP, BLOCK_D, TILE, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, STAGES,
     )  # fmt: skip
     if not REVERSE and TILE > 1:  # ragged end (the last segment only, as segment lengths are multiples of TILE)
         h, dsum = _walk(
             h, dsum, A2, u_row, dt_row, z_row, o_row, bc_row, full, hi, bias, d_skip, md,
-            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, 1, EXP_FMA,
+            N, NP, BLOCK_D, 1, SUMMARY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, 1,
         )  # fmt: skip
     if SUMMARY:
         base = (b * n_carry + s) * Dm + d64
@@ -396,26 +356,19 @@ def _carry_kernel(
             tl.store(hs_ptr + (b * n_carry + s0 + j) * Dm * N + lanes, h, mask=ml & (s0 + j < n_carry))
 
 
-def _pointwise_kernel(x_ptr, y_ptr, n, OP: tl.constexpr, BLOCK: tl.constexpr):
-    """y = f(x) elementwise over n fp32 values, f the kernels' :func:`_exp2_fma` (OP 0), :func:`_softplus` (1) or
-    :func:`_softplus_poly` (2): for tests."""
+def _pointwise_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    """y = :func:`_softplus` (x) elementwise over n fp32 values, as the kernels compute it: for tests."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     x = tl.load(x_ptr + offs, mask=m, other=0.0)
-    if OP == 0:
-        y = _exp2_fma(x)
-    elif OP == 1:
-        y = _softplus(x)
-    else:
-        y = _softplus_poly(x)
-    tl.store(y_ptr + offs, y, mask=m)
+    tl.store(y_ptr + offs, _softplus(x), mask=m)
 
 
 _KERNELS = LazyKernels(
     __name__,
     [
-        _softplus, _log1p_poly, _softplus_poly, _exp2_fma, _pointwise_kernel, _columns, _tile, _row, _row_staged, _walk,
-        _scan_kernel, _carry_kernel,
+        _log1p_poly, _softplus, _pointwise_kernel, _columns, _tile, _row, _row_staged, _walk, _scan_kernel,
+        _carry_kernel,
     ],
 )  # fmt: skip
 
@@ -525,9 +478,6 @@ def selective_scan_fwd_triton(
     sum_maxnreg: Optional[int] = 128,
     reverse: bool = False,
     stages: int = 1,
-    sum_exp_fma: int = 0,
-    out_exp_fma: int = 0,
-    softplus_poly: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, int]]:
     """Selective scan forward, no autograd; semantics and shapes of
     :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`.
@@ -566,16 +516,6 @@ def selective_scan_fwd_triton(
     multiple of the segment length (one segment included), else to float rounding (the flipped sequence is cut at
     other tokens, so its carried states sum other groups). With return_states, ``states[:, s - 1]`` enters the
     s-th segment walked (S - 1 - s in the sequence).
-
-    sum_exp_fma: in the summary pass, how many of the N states (the first ones) compute their decays with
-    :func:`_exp2_fma` on the FMA pipe instead of ``exp2`` on the special-function unit, which bounds that pass (0:
-    none). Within ~1.4 float32 ulp of ``exp2`` (whose hardware approximation is within 2), so the carried states, not
-    the walk inside a segment, move by float32 rounding. out_exp_fma: the same in the output pass (every output moves
-    by float32 rounding).
-
-    softplus_poly: the softplus through a polynomial log1p (:func:`_softplus_poly`: ~20 instructions fewer a token
-    in each pass, float32 rounding apart) instead of libdevice's log (:func:`_softplus`). Off until timed in the
-    network (benchmarks/NOTES.md).
     """
     out_tile = token_tile if out_tile is None else out_tile
     out_block_d, out_warps = (block_d, num_warps) if out_warps is None else (32 * out_warps, out_warps)
@@ -587,9 +527,6 @@ def selective_scan_fwd_triton(
         raise ValueError(f'selective_scan_fwd_triton: stages must be at least 1, got {stages}')
     batch, dim, length = u.shape
     n_state = A.shape[1]
-    for name, count in (('sum_exp_fma', sum_exp_fma), ('out_exp_fma', out_exp_fma)):
-        if not 0 <= count <= n_state:
-            raise ValueError(f'selective_scan_fwd_triton: {name} must lie in [0, N = {n_state}], got {count}')
 
     # the custom op's fake result is empty_like(u): under torch.compile the real one must have its strides
     if out is None:
@@ -642,12 +579,12 @@ def selective_scan_fwd_triton(
         HAS_D=D is not None,
         HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=(2 if softplus_poly else 1) if delta_softplus else 0,
+        SOFTPLUS=bool(delta_softplus),
         REVERSE=bool(reverse),
         STAGES=stages,
     )
-    summary_flags = dict(BLOCK_D=block_d, TILE=token_tile, num_warps=num_warps, EXP_FMA=sum_exp_fma)
-    out_flags = dict(BLOCK_D=out_block_d, TILE=out_tile, num_warps=out_warps, EXP_FMA=out_exp_fma)
+    summary_flags = dict(BLOCK_D=block_d, TILE=token_tile, num_warps=num_warps)
+    out_flags = dict(BLOCK_D=out_block_d, TILE=out_tile, num_warps=out_warps)
     for launch, cap in ((summary_flags, sum_maxnreg), (out_flags, out_maxnreg)):
         if cap and not interpret:
             launch['maxnreg'] = cap
@@ -664,24 +601,13 @@ def selective_scan_fwd_triton(
     return (out, hs, seg_len) if return_states else out
 
 
-def _pointwise(x: Tensor, op: int) -> Tensor:
-    """:func:`_pointwise_kernel`'s function ``op`` elementwise on x as float32, compiled on CUDA, interpreted on CPU."""
+def kernel_softplus(x: Tensor) -> Tensor:
+    """softplus elementwise as the scan kernels compute it (:func:`_softplus`) as float32, on x's device (compiled on
+    CUDA, interpreted on CPU): to check its accuracy."""
     x = x.float().contiguous()
     y = torch.empty_like(x)
     if x.numel():
         block = 1024 if x.is_cuda else 1 << 16  # the interpreter pays per program, not per element
         with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
-            _KERNELS(interpret_for(x)).pointwise_kernel[(-(-x.numel() // block),)](x, y, x.numel(), OP=op, BLOCK=block)
+            _KERNELS(interpret_for(x)).pointwise_kernel[(-(-x.numel() // block),)](x, y, x.numel(), BLOCK=block)
     return y
-
-
-def exp2_fma(x: Tensor) -> Tensor:
-    """2^x elementwise through the passes' FMA-pipe exp2 (:func:`_exp2_fma`; meant for x <= 0) as float32, on x's
-    device (compiled on CUDA, interpreted on CPU): to check its accuracy."""
-    return _pointwise(x, 0)
-
-
-def kernel_softplus(x: Tensor, poly: bool = False) -> Tensor:
-    """softplus elementwise as the scan kernels compute it (:func:`_softplus`, or :func:`_softplus_poly` with
-    ``poly``) as float32, on x's device: to check its accuracy."""
-    return _pointwise(x, 2 if poly else 1)

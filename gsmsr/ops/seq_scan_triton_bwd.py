@@ -68,7 +68,6 @@ from gsmsr.ops.seq_scan_triton import (
     _columns,
     _log1p_poly,
     _row,
-    _softplus,
     _tile,
     check_operands,
     pack_bc,
@@ -82,18 +81,15 @@ from gsmsr.ops.triton_jit import LazyKernels, interpret_for, tl
 
 
 def _dt_and_slope(x, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """x: raw delta column (fp32). Returns (dt, d dt / d delta); SOFTPLUS as in the forward (0: none, 1: libdevice's
-    log, 2: the polynomial log1p). The polynomial form shares ``t = exp(-|x|)`` with the sigmoid, sigmoid(x) =
-    1 / (1 + t) for x >= 0 and t / (1 + t) below: one MUFU op a token fewer. One return statement (no early returns
-    in Triton functions)."""
+    """x: raw delta column (fp32). Returns (dt, d dt / d delta); SOFTPLUS as in the forward (dt = the forward's
+    softplus, :func:`gsmsr.ops.seq_scan_triton._softplus`, the same float operations). Its ``t = exp(-|x|)`` is
+    shared with the sigmoid, sigmoid(x) = 1 / (1 + t) for x >= 0 and t / (1 + t) below: one MUFU op a token for
+    both. One return statement (no early returns in Triton functions)."""
     if HAS_BIAS:
         x = x + bias
     dt = x
     slope = tl.full(x.shape, 1.0, tl.float32)
-    if SOFTPLUS == 1:
-        dt = _softplus(x)
-        slope = 1.0 / (1.0 + tl.exp(-x))
-    elif SOFTPLUS == 2:
+    if SOFTPLUS:
         t = tl.exp(-tl.abs(x))
         dt = tl.maximum(x, 0.0) + _log1p_poly(t)
         r = 1.0 / (1.0 + t)
@@ -554,7 +550,6 @@ def _main_kernel(
 _KERNELS = LazyKernels(
     __name__,
     [
-        _softplus,
         _log1p_poly,
         _columns,
         _tile,
@@ -595,7 +590,6 @@ def selective_scan_bwd_triton(
     lane_sum: bool = True,
     maxnreg: Optional[int] = 168,
     stages: int = 1,
-    softplus_poly: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients of :func:`gsmsr.ops.seq_scan_triton.selective_scan_fwd_triton` (semantics of
     :func:`gsmsr.ops.selective_scan_ref.selective_scan_ref`) given ``dout`` = dL/dout (batch, D, L).
@@ -608,8 +602,6 @@ def selective_scan_bwd_triton(
     at token_tile 4): 168 with token_tile 2 lets an SM hold 12 one-warp programs (72 bytes spilled, sm_90a).
     stages: software pipelining of the reverse walk's tile loop (``tl.range(num_stages=...)``; 2 puts the next
     tile's loads in flight through shared memory, cp.async; untimed, ~100 bytes spilled at the 168 cap).
-    softplus_poly: the forward's polynomial softplus (its ``softplus_poly``), sharing its exp with the sigmoid of
-    ddelta; pass what the forward was given, so the recomputed states are the forward's.
 
     Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), mamba-ssm's order: du, ddelta, dz (batch, D, L) in the
     dtypes of u, delta, z; dA (D, N) fp32; dB, dC (batch, N, L) in the dtypes of B, C; dD, ddelta_bias (D,) fp32;
@@ -676,7 +668,7 @@ def selective_scan_bwd_triton(
         BLOCK_D=block_d,
         HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=(2 if softplus_poly else 1) if delta_softplus else 0,
+        SOFTPLUS=bool(delta_softplus),
         num_warps=num_warps,
     )
     with torch.cuda.device(dev) if u.is_cuda else nullcontext():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gsmsr.ops import cuda_kernel, selective_scan, selective_scan_ref
-from gsmsr.ops.seq_scan_triton import exp2_fma, kernel_softplus, selective_scan_fwd_triton
+from gsmsr.ops.seq_scan_triton import kernel_softplus, selective_scan_fwd_triton
 from gsmsr.ops.triton_jit import triton_available
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not triton_available(), reason='needs CUDA and Triton')]
@@ -147,64 +147,31 @@ def test_pipelined_loads_are_bit_identical_at_gsm_shape(stages, reverse, gate):
     torch.testing.assert_close(s, states, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize('reverse', [False, True])
-def test_summary_decays_on_the_fma_pipe_at_gsm_shape(reverse):
-    """sum_exp_fma=1 (the summary pass's first state on the FMA-pipe polynomial, compiled: FMA contraction, integer
-    bit tricks), pipelined as the inference default, at a window step's length in fp32: within the reference's
-    tolerance, the first segment walked bit for bit the plain kernel's (it starts from no carry)."""
-    inp = _inputs(1, 384, 16, 288_000, torch.float32)
-    opts = dict(delta_softplus=True, stages=3, reverse=reverse)
-    with torch.no_grad():
-        plain, _, seg_len = selective_scan_fwd_triton(**inp, **opts, return_states=True)
-        y = selective_scan_fwd_triton(**inp, **opts, sum_exp_fma=1)
-        ref = selective_scan_ref(**{k: v.double() for k, v in inp.items()}, delta_softplus=True, reverse=reverse)
-    first = slice((288_000 - 1) // seg_len * seg_len, None) if reverse else slice(0, seg_len)
-    torch.testing.assert_close(y[..., first], plain[..., first], rtol=0, atol=0)
-    assert _err(y, ref) <= TOL[torch.float32]
-    assert _err(y, plain) <= 1e-5
-
-
-def test_exp2_fma_compiled_accuracy():
-    """The compiled polynomial exp2 against float64 2^x over [-130, 0], as the CPU test checks the interpreted one."""
-    x = torch.cat([torch.linspace(-130, 0, 4_000_001, device='cuda'), -torch.logspace(-30, 0, 10_001, device='cuda')])
-    y = exp2_fma(x).double()
-    ref = torch.exp2(x.double())
-    normal = x >= -126
-    assert ((y - ref) / ref).abs()[normal].max().item() <= 2.5e-7
-    assert ((y[~normal] >= 0) & (y[~normal] <= 2.0**-126)).all()
-    k = torch.arange(0, 127, dtype=torch.float32, device='cuda')
-    assert torch.equal(exp2_fma(-k).double(), torch.exp2(-k.double()))
-
-
-def test_polynomial_softplus_compiled_accuracy():
-    """softplus_poly's softplus compiled (the hardware's ex2 for t, FMA contraction) against float64 where the result
-    is a normal float32, with the libdevice-log form beside it: relative error <= 5e-7 (~4 ulp) + |x| 2^-23, x above
-    20 exact. The second term is exp's argument x log2(e), with log2(e) and the product each rounded to float32, which
-    exp carries as a relative error of up to |x| 2^-23: both forms share it (3.8e-6 at x = -87, 0.55 of the bound, on
-    an H100, 2026-12-05)."""
+def test_softplus_compiled_accuracy():
+    """The kernels' softplus compiled (the hardware's ex2 for t, FMA contraction) against float64 where the result is
+    a normal float32: relative error <= 5e-7 (~4 ulp) + |x| 2^-23, x above 20 exact. The second term is exp's argument
+    x log2(e), with log2(e) and the product each rounded to float32, which exp carries as a relative error of up to
+    |x| 2^-23 (3.8e-6 at x = -87, 0.55 of the bound, on an H100, 2026-12-05; libdevice's log, which the polynomial
+    replaced, had the same)."""
     x = torch.cat([torch.linspace(-87, 100, 4_000_001, device='cuda'), torch.linspace(-1, 1, 400_001, device='cuda')])
     ref = torch.nn.functional.softplus(x.double())
     bound = 5e-7 + x.double().abs() * 2**-23
-    ratios = {p: ((kernel_softplus(x, p).double() - ref).abs() / ref / bound).max().item() for p in (False, True)}
-    print('max relative error over its bound, libdevice log / polynomial:', ratios)
-    assert ratios[True] <= 1
+    ratio = ((kernel_softplus(x).double() - ref).abs() / ref / bound).max().item()
+    print('max relative error over its bound:', ratio)
+    assert ratio <= 1
     above = torch.tensor([20.0, 20.000002, 25.0, 88.0, 1e30], device='cuda')
-    assert torch.equal(kernel_softplus(above, poly=True), above)
+    assert torch.equal(kernel_softplus(above), above)
 
 
 @pytest.mark.parametrize('reverse', [False, True])
-def test_polynomial_softplus_and_output_fma_decays_at_gsm_shape(reverse):
-    """softplus_poly, and with it out_exp_fma=1 and sum_exp_fma=2, pipelined as the inference default, at a window
-    step's length in fp32: within the reference's tolerance and within 1e-5 of the default kernel."""
+def test_pipelined_matches_reference_at_gsm_shape(reverse):
+    """Pipelined as the inference default (stages=3), at a window step's length in fp32, forwards and in reverse:
+    within the reference's tolerance."""
     inp = _inputs(1, 384, 16, 288_000, torch.float32)
-    opts = dict(delta_softplus=True, stages=3, reverse=reverse)
     with torch.no_grad():
-        plain = selective_scan_fwd_triton(**inp, **opts)
+        y = selective_scan_fwd_triton(**inp, delta_softplus=True, stages=3, reverse=reverse)
         ref = selective_scan_ref(**{k: v.double() for k, v in inp.items()}, delta_softplus=True, reverse=reverse)
-        for fast in (dict(softplus_poly=True), dict(softplus_poly=True, out_exp_fma=1, sum_exp_fma=2)):
-            y = selective_scan_fwd_triton(**inp, **opts, **fast)
-            assert _err(y, ref) <= TOL[torch.float32], fast
-            assert _err(y, plain) <= 1e-5, fast
+    assert _err(y, ref) <= TOL[torch.float32]
 
 
 @pytest.mark.parametrize('gate', [False, True])

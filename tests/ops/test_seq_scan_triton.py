@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from gsmsr.ops import selective_scan_ref
-from gsmsr.ops.seq_scan_triton import _split, choose_segments, exp2_fma, kernel_softplus, selective_scan_fwd_triton
+from gsmsr.ops.seq_scan_triton import _split, choose_segments, kernel_softplus, selective_scan_fwd_triton
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
@@ -279,98 +279,38 @@ def test_pipelined_loads_give_the_same_output(case, dtype, softplus, reverse, ch
     assert _check(inp, softplus, stages=3, **opts) < TOL[dtype]
 
 
-@pytest.mark.parametrize(
-    'case,sum_exp_fma,stages,reverse',
-    [
-        ('L100_seg3_N16', 1, 1, False),
-        ('L100_seg3_N16', 16, 3, True),
-        ('L100_wide_delta', 4, 1, False),  # dt up to ~25: decays down to the polynomial's clamp at 2^-126
-        ('L257_seg5_slow', 2, 3, False),  # states carried across segments; ragged last segment
-    ],
-)
-def test_summary_decays_on_the_fma_pipe(case, sum_exp_fma, stages, reverse):
-    """sum_exp_fma: the summary pass's first states decay through the FMA-pipe polynomial. Only the carried states
-    move: the first segment walked (no carry) is bit for bit the plain kernel's, the rest within the fp32 tolerance
-    of the reference."""
-    batch, dim, state, length, decay, segments, tile, block_d, operands = CASES[case]
-    inp = _inputs(batch, dim, state, length, decay, torch.float32, 'cpu', seed=5)
-    if operands == 'no_z':
-        inp['z'] = None
-    opts = dict(segments=segments, token_tile=tile, block_d=block_d, stages=stages, reverse=reverse)
-    plain, plain_states, _ = selective_scan_fwd_triton(**inp, delta_softplus=True, return_states=True, **opts)
-    y, states, _ = selective_scan_fwd_triton(
-        **inp, delta_softplus=True, sum_exp_fma=sum_exp_fma, return_states=True, **opts
-    )
-    seg_len, _ = _split(length, segments, tile)
-    first = slice((length - 1) // seg_len * seg_len, None) if reverse else slice(0, seg_len)
-    torch.testing.assert_close(y[..., first], plain[..., first], rtol=0, atol=0)
-    # the carries did move (the outputs may round alike: in one case one carry of 96 moves)
-    assert not torch.equal(states, plain_states)
-    assert _check(inp, True, sum_exp_fma=sum_exp_fma, **opts) <= TOL[torch.float32]
-
-
-def test_exp2_fma_accuracy():
-    """The polynomial exp2 against float64 2^x over a dense grid of [-130, 0] and the points where rounding to the
-    nearest integer ties: relative error <= 2.5e-7 (about 2 fp32 ulp, as the hardware's ex2.approx) down to -126;
-    below, the clamp's 2^-126 (~0 as a decay); integers exact, 0 -> 1.0."""
-    x = torch.cat(
-        [
-            torch.linspace(-130, 0, 2_000_001),
-            -torch.logspace(-30, 0, 10_001),  # small |x|: f = x, j = 0
-            -torch.arange(0, 131) - 0.5,  # ties of round-to-nearest
-            torch.tensor([0.0, -0.0, -1.0, -0.5, -126.0, -1e30, -float('inf')]),
-        ]
-    )
-    y = exp2_fma(x).double()
-    ref = torch.exp2(x.double())
-    normal = x >= -126
-    rel = ((y - ref) / ref).abs()[normal].max().item()
-    assert rel <= 2.5e-7, f'max relative error {rel:.2e}'
-    assert ((y[~normal] >= 0) & (y[~normal] <= 2.0**-126)).all()
-    k = torch.arange(0, 127, dtype=torch.float32)
-    assert torch.equal(exp2_fma(-k).double(), torch.exp2(-k.double()))
-    assert exp2_fma(torch.tensor([0.0, -1.0])).tolist() == [1.0, 0.5]
-
-
-def test_polynomial_softplus_accuracy():
-    """softplus_poly's softplus (max(x, 0) + t (1 + t Q(t)), t = exp(-|x|)) against float64 over a dense grid where
-    the result is a normal float32: relative error <= 3e-7 (~2.5 ulp; the libdevice-log form reaches 3.3e-7 here),
-    x itself above torch's threshold of 20, and torch's values at the infinities and NaN."""
+def test_softplus_accuracy():
+    """The kernels' softplus (max(x, 0) + t (1 + t Q(t)), t = exp(-|x|)) against float64 over a dense grid where the
+    result is a normal float32: relative error <= 3e-7 (~2.5 ulp; libdevice's log, which it replaced, reached 3.3e-7
+    here), x itself above torch's threshold of 20, and torch's values at the infinities and NaN."""
     x = torch.cat([torch.linspace(-87, 100, 2_000_001), torch.linspace(-1, 1, 200_001), torch.tensor([0.0, -0.0])])
     ref = torch.nn.functional.softplus(x.double())
-    y = kernel_softplus(x, poly=True).double()
+    y = kernel_softplus(x).double()
     rel = ((y - ref).abs() / ref).max().item()
     assert rel <= 3e-7, f'max relative error {rel:.2e}'
     above = torch.tensor([20.0, 20.000002, 25.0, 88.0, 1e30])
-    assert torch.equal(kernel_softplus(above, poly=True), above)
-    special = kernel_softplus(torch.tensor([float('inf'), -float('inf'), float('nan')]), poly=True)
+    assert torch.equal(kernel_softplus(above), above)
+    special = kernel_softplus(torch.tensor([float('inf'), -float('inf'), float('nan')]))
     assert special[0] == float('inf') and special[1] == 0 and special[2].isnan()
 
 
 @pytest.mark.parametrize(
-    'case,dtype,stages,reverse,out_exp_fma',
+    'case,dtype,stages,reverse',
     [
-        ('L100_wide_delta', torch.float32, 1, False, 0),  # delta over -25..25: both of softplus's branches
-        ('L257_seg5_slow', torch.float32, 3, True, 0),
-        ('L100_seg3_N16', torch.bfloat16, 3, False, 0),
-        ('L100_seg3_N16', torch.float32, 3, False, 2),  # with two output-pass decays on the FMA pipe
+        ('L100_wide_delta', torch.float32, 1, False),  # delta over -25..25: both of softplus's branches
+        ('L257_seg5_slow', torch.float32, 3, True),
+        ('L100_seg3_N16', torch.bfloat16, 3, False),
     ],
 )
-def test_polynomial_softplus_and_output_fma_decays_match_reference(case, dtype, stages, reverse, out_exp_fma):
-    """softplus_poly (and out_exp_fma) move the output by float32 rounding only: within the reference's tolerance,
-    and within 1e-5 relative of the default kernel's output."""
+def test_softplus_in_the_scan_matches_reference(case, dtype, stages, reverse):
+    """The kernels' softplus (its float32 rounding) in the whole scan, pipelined and reversed too: within the
+    reference's tolerance."""
     batch, dim, state, length, decay, segments, tile, block_d, operands = CASES[case]
     inp = _inputs(batch, dim, state, length, decay, dtype, 'cpu', seed=11)
     if operands == 'no_z':
         inp['z'] = None
     opts = dict(segments=segments, token_tile=tile, block_d=block_d, stages=stages, reverse=reverse)
-    plain = selective_scan_fwd_triton(**inp, delta_softplus=True, **opts)
-    fast = dict(softplus_poly=True, out_exp_fma=out_exp_fma)
-    y = selective_scan_fwd_triton(**inp, delta_softplus=True, **fast, **opts)
-    if dtype == torch.float32:  # (a bf16 output may round alike)
-        assert not torch.equal(y, plain)
-        assert ((y - plain).abs().max() / plain.abs().max()).item() <= 1e-5
-    assert _check(inp, True, **fast, **opts) <= TOL[dtype]
+    assert _check(inp, True, **opts) <= TOL[dtype]
 
 
 def test_strided_b_and_c():
@@ -401,8 +341,6 @@ def test_segment_split_rules():
 
 def test_rejects_bad_arguments():
     inp = _inputs(1, 3, 4, 8, 'mamba', torch.float32, 'cpu')
-    with pytest.raises(ValueError, match=r'sum_exp_fma must lie in \[0, N = '):
-        selective_scan_fwd_triton(**inp, sum_exp_fma=-1)
     with pytest.raises(ValueError, match='power of two'):
         selective_scan_fwd_triton(**inp, token_tile=3)
     with pytest.raises(ValueError, match='out_tile must be a power of two'):
