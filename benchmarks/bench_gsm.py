@@ -1,6 +1,6 @@
 """GSMNet speed and memory on one GPU, against BasicSR's BasicVSR++ on the same inputs.
 
-    python benchmarks/bench_gsm.py [--sizes 20x180x320,100x180x320,7x64x112] [--repeats 5] [--train]
+    python benchmarks/bench_gsm.py [--sizes 20x180x320,100x180x320,7x64x112 | --clips DIR] [--repeats 5] [--train]
                                    [--only SUBSTR,...] [--mamba-scan] [--variants 'slab=12;out_tile=4']
                                    [--no-basicvsrpp] [--compile-cache FILE] [--set MODULE.NAME=VALUE]
 
@@ -23,6 +23,8 @@ instead of one kernel (``gsm_block.FUSED_SCATTER``), ``sdpa=0`` SWSA's explicit 
 (``selective_scan.INFER_TRITON_CONFIG``: out_tile, out_warps, out_maxnreg, token_tile, warps_per_sm, stages, ...; over
 its defaults, so ``stages=1`` is the unpipelined scan; 0 for a register cap turns it off), e.g. ``--variants
 'slab=12;dwconv_block_c=64,dwconv_num_warps=4;flipfree=0;out_tile=4'``.
+Inputs: random frames of each --sizes, or with --clips the real LR clips under DIR (one folder of PNG frames a clip,
+BasicSR's layout, e.g. the ``LR_bicubic_X4`` folder of ``gsmsr.data.samples``), each clip one input.
 Prints one table: median ms per clip and per frame (CUDA events), the first call's seconds (compilation included), peak
 memory (of that row alone: the reference output waits on the host), and the max abs / PSNR difference of each GSMNet row
 against the first one that ran. --train adds training steps (16x64x64, batch 1, checkpointing on), eager and compiled,
@@ -47,7 +49,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 
@@ -125,9 +127,31 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(1 / mse) if mse > 0 else float('inf')
 
 
+def bench_inputs(args: argparse.Namespace, dev: torch.device) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(label, lq (1, T, 3, H, W) in [0, 1]) for each input: random frames of each size, or each clip under
+    ``args.clips`` (RGB, as BasicSR's datasets load BGR PNGs), labelled ``<clip> TxHxW``."""
+    if not args.clips:
+        for size in args.sizes.split(','):
+            t, h, w = (int(v) for v in size.split('x'))
+            yield size, torch.rand(1, t, 3, h, w, device=dev)
+        return
+    from gsmsr.data.samples import read_frames
+
+    folders = sorted(p for p in Path(args.clips).iterdir() if p.is_dir())
+    if not folders:
+        raise SystemExit(f'bench_gsm: no clip folders under {args.clips}')
+    for folder in folders:
+        frames = torch.from_numpy(read_frames(folder)[..., ::-1].copy())  # (T, H, W, 3) RGB uint8
+        t, h, w, _ = frames.shape
+        yield f'{folder.name} {t}x{h}x{w}', frames.permute(0, 3, 1, 2)[None].to(dev).float() / 255
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--sizes', default='20x180x320,100x180x320,7x64x112', help='comma list of TxHxW (LR)')
+    parser.add_argument(
+        '--clips', metavar='DIR', help='real LR clips instead of --sizes: one folder of PNG frames a clip under DIR'
+    )
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--train', action='store_true', help='also time a training step (16x64x64, batch 1)')
     parser.add_argument('--no-basicvsrpp', action='store_true')
@@ -231,9 +255,8 @@ def main() -> int:
         bvpp = BasicVSRPlusPlus(mid_channels=64, num_blocks=7).to(dev).eval()
         models['BasicVSR++ fp32'] = lambda x: bvpp(x)
 
-    for size in args.sizes.split(','):
-        t, h, w = (int(v) for v in size.split('x'))
-        lq = torch.rand(1, t, 3, h, w, device=dev)
+    for size, lq in bench_inputs(args, dev):
+        t = lq.shape[1]
         ref = None
         for name, fn in models.items():
             if not selected(args.only, name):

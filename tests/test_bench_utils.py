@@ -215,3 +215,39 @@ def test_only_selects_rows_by_substring_or_name_end():
 def test_parse_variant_reads_key_int_pairs():
     assert parse_variant('warps_per_sm=48, stages=2') == {'warps_per_sm': 48, 'stages': 2}
     assert parse_variant('') == {}
+
+
+def test_bench_gsm_clips_are_read_as_basicsr_reads_them(tmp_path):
+    """bench_gsm --clips: each folder of PNG frames is one input (1, T, 3, H, W), RGB in [0, 1] as BasicSR's
+    ``imfrombytes`` + ``img2tensor(bgr2rgb=True)`` load them, labelled by folder and size; random sizes otherwise."""
+    import argparse
+
+    import bench_gsm
+    import cv2
+    import numpy as np
+    from basicsr.utils import img2tensor
+
+    rng = np.random.default_rng(0)
+    clips = {
+        'b_clip': rng.integers(0, 256, (3, 6, 10, 3), dtype=np.uint8),
+        'a_clip': rng.integers(0, 256, (2, 4, 8, 3)),
+    }
+    for name, frames in clips.items():
+        (tmp_path / name).mkdir()
+        for i, f in enumerate(frames.astype(np.uint8)):
+            cv2.imwrite(str(tmp_path / name / f'{i:08d}.png'), f)
+    (tmp_path / 'meta_info.txt').write_text('not a clip')
+    args = argparse.Namespace(clips=str(tmp_path), sizes='')
+    got = list(bench_gsm.bench_inputs(args, torch.device('cpu')))
+    assert [label for label, _ in got] == ['a_clip 2x4x8', 'b_clip 3x6x10']
+    for (_, lq), name in zip(got, ['a_clip', 'b_clip']):
+        want = torch.stack(img2tensor([f.astype(np.float32) / 255 for f in clips[name]], bgr2rgb=True, float32=True))
+        assert lq.shape == (1, *want.shape)
+        torch.testing.assert_close(lq[0], want, rtol=0, atol=1e-7)
+    random = list(bench_gsm.bench_inputs(argparse.Namespace(clips=None, sizes='2x4x6,3x5x7'), torch.device('cpu')))
+    assert [(label, tuple(lq.shape)) for label, lq in random] == [
+        ('2x4x6', (1, 2, 3, 4, 6)),
+        ('3x5x7', (1, 3, 3, 5, 7)),
+    ]
+    with pytest.raises(SystemExit, match='no clip folders'):
+        list(bench_gsm.bench_inputs(argparse.Namespace(clips=str(tmp_path / 'a_clip'), sizes=''), torch.device('cpu')))
