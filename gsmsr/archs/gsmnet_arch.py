@@ -73,9 +73,11 @@ class FramePixelShuffle(nn.PixelShuffle):
     values: a pure rearrangement, ``out[..., c, h r + i, w r + j] = x[..., c r^2 + i r + j, h, w]``."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 5:
+            return super().forward(x)
         r = self.upscale_factor
-        rows = x.permute(0, 1, 3, 4, 2) if x.dim() == 5 else x  # (B, T, H, W, C)
-        if x.dim() != 5 or not rows.is_contiguous():
+        rows = x.permute(0, 1, 3, 4, 2)  # (B, T, H, W, C)
+        if not rows.is_contiguous():
             return super().forward(x)
         b, t, h, w, c = rows.shape
         y = rows.view(b, t, h, w, c // (r * r), r, r).permute(0, 1, 2, 5, 3, 6, 4)  # (B, T, H, i, W, j, c)

@@ -294,25 +294,6 @@ def test_softplus_accuracy():
     assert special[0] == float('inf') and special[1] == 0 and special[2].isnan()
 
 
-@pytest.mark.parametrize(
-    'case,dtype,stages,reverse',
-    [
-        ('L100_wide_delta', torch.float32, 1, False),  # delta over -25..25: both of softplus's branches
-        ('L257_seg5_slow', torch.float32, 3, True),
-        ('L100_seg3_N16', torch.bfloat16, 3, False),
-    ],
-)
-def test_softplus_in_the_scan_matches_reference(case, dtype, stages, reverse):
-    """The kernels' softplus (its float32 rounding) in the whole scan, pipelined and reversed too: within the
-    reference's tolerance."""
-    batch, dim, state, length, decay, segments, tile, block_d, operands = CASES[case]
-    inp = _inputs(batch, dim, state, length, decay, dtype, 'cpu', seed=11)
-    if operands == 'no_z':
-        inp['z'] = None
-    opts = dict(segments=segments, token_tile=tile, block_d=block_d, stages=stages, reverse=reverse)
-    assert _check(inp, True, **opts) <= TOL[dtype]
-
-
 def test_strided_b_and_c():
     """B and C as strided views, (batch, N, L) views of slices of one (batch, L, R + 2N) projection output, need no
     unit stride (packed anyway): the same output as contiguous ones."""
