@@ -28,7 +28,8 @@ BasicSR's layout, e.g. the ``LR_bicubic_X4`` folder of ``gsmsr.data.samples``), 
 Prints one table: median ms per clip and per frame (CUDA events), the first call's seconds (compilation included), peak
 memory (of that row alone: the reference output waits on the host), and the max abs / PSNR difference of each GSMNet row
 against the first one that ran. --train adds training steps (16x64x64, batch 1, checkpointing on), eager and compiled,
-fp32 and bf16, and the fast step (compiled, CUDA graphs, MLP checkpointing). A case that runs out of memory or fails
+fp32 and bf16, and the fast step (compiled, CUDA graphs, MLP checkpointing); --train-scans kernel,triton,ref runs
+each of them with each scan backend (GSMNet's ``scan_backend``). A case that runs out of memory or fails
 says so. --memory-peak runs each inference row once more after its timing, with CUDA's allocation history recorded, and
 prints what was alive at that call's peak, grouped by the line that allocated it (a compiled graph's lines are in its
 generated code).
@@ -44,6 +45,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import itertools
 import math
 import sys
 import time
@@ -154,6 +156,12 @@ def main() -> int:
     )
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--train', action='store_true', help='also time a training step (16x64x64, batch 1)')
+    parser.add_argument(
+        '--train-scans',
+        default='auto',
+        help='comma list of GSMNet scan_backend values for the training rows (auto, kernel, triton, ref); a row '
+        "other than auto's is named with its backend",
+    )
     parser.add_argument('--no-basicvsrpp', action='store_true')
     parser.add_argument('--mamba-scan', action='store_true', help="also the compiled bf16 row on mamba-ssm's scan")
     parser.add_argument('--variants', default='', help="';' list of 'key=int,...': compiled rows (see above)")
@@ -303,19 +311,25 @@ def main() -> int:
         lq = torch.rand(1, 16, 3, 64, 64, device=dev)
         gt = torch.rand(1, 16, 3, 256, 256, device=dev)
         # (name, autocast dtype, compile_blocks, CUDA graphs + MLP checkpointing)
-        for name, dtype, compiled, fast in (
+        steps = (
             ('train step fp32', None, False, False),
             ('train step bf16', torch.bfloat16, False, False),
             ('train step bf16 compiled', torch.bfloat16, True, False),
             ('train step fp32 compiled', None, True, False),
             ('train step bf16 compiled+graphs', torch.bfloat16, True, True),
             ('train step fp32 compiled+graphs', None, True, True),
-        ):
+        )
+        for (name, dtype, compiled, fast), scan in itertools.product(steps, args.train_scans.split(',')):
+            name = name if scan == 'auto' else f'{name} [{scan} scan]'
             if not selected(args.only, name):
                 continue
             torch.manual_seed(0)
             net = GSMNet(
-                use_checkpoint_attn=True, use_checkpoint_ffn=True, use_checkpoint_mlp=fast, compile_blocks=compiled
+                use_checkpoint_attn=True,
+                use_checkpoint_ffn=True,
+                use_checkpoint_mlp=fast,
+                compile_blocks=compiled,
+                scan_backend=scan,
             )
             net = net.to(dev).train()
             opt = torch.optim.Adam(net.parameters(), lr=1e-4)
