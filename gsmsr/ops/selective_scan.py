@@ -1,6 +1,7 @@
 """Selective-scan dispatch: on CUDA tensors mamba-ssm's kernel for training and gsmsr's sequential Triton kernel
 (:mod:`gsmsr.ops.seq_scan_triton`) without autograd; the PyTorch scan elsewhere. The Triton kernels also train
-(with :mod:`gsmsr.ops.seq_scan_triton_bwd`) when asked for by ``backend='triton'``; the defaults do not pick them.
+(with :mod:`gsmsr.ops.seq_scan_triton_bwd`): asked for by ``backend='triton'``, and by default where mamba-ssm is
+missing (the PyTorch scan's autograd does not fit the recipe's training step in an H200's 140 GB).
 
 The kernels are wrapped as ``torch.library`` custom ops (``gsmsr::scan_fwd`` / ``scan_bwd`` around mamba-ssm and
 ``gsmsr::tscan_fwd`` / ``tscan_bwd`` around Triton, both with autograd, and ``gsmsr::scan_infer`` without), so
@@ -28,7 +29,7 @@ KERNEL_CHUNK = 2048  # tokens per chunk of mamba-ssm's kernel: one saved state e
 # What the no-grad CUDA scan (``gsmsr::scan_infer``) runs: 'triton' (gsmsr.ops.seq_scan_triton: sequential scan
 # with a sequence split; 1.9 against mamba-ssm's 3.6 ms at L = 288k, bf16, H200, benchmarks/NOTES.md) or 'mamba'
 # (mamba-ssm's kernel). The one place this default is decided (GSMSR_SCAN_INFER overrides it). Training (autograd)
-# runs mamba-ssm's kernel unless backend='triton' is asked for.
+# runs mamba-ssm's kernel where it imports, else the Triton kernels (backend='triton' asks for them anyway).
 INFER_IMPL = os.environ.get('GSMSR_SCAN_INFER', 'triton')
 # Keyword arguments of the Triton forward under ``gsmsr::scan_infer`` (block_d, token_tile, warps_per_sm, out_tile,
 # out_warps, out_maxnreg, stages, ...; the rest at its defaults). Read at every call (the op is opaque to
@@ -75,8 +76,12 @@ def _infer_runs_triton() -> bool:
 def kernel_status() -> str:
     """One line saying which scan runs with autograd (training) and without (inference) on this machine's GPU (the
     PyTorch scan everywhere without one), and why not mamba-ssm's kernel where it is unavailable."""
-    train = 'mamba-ssm kernel' if cuda_kernel() else f'PyTorch scan (mamba-ssm: {kernel_import_error})'
-    if triton is not None and torch.cuda.is_available() and _infer_runs_triton():
+    gpu_triton = triton is not None and torch.cuda.is_available()
+    if cuda_kernel():
+        train = 'mamba-ssm kernel'
+    else:
+        train = f'{"gsmsr Triton scan" if gpu_triton else "PyTorch scan"} (mamba-ssm: {kernel_import_error})'
+    if gpu_triton and _infer_runs_triton():
         infer = 'gsmsr Triton scan'
     else:
         infer = 'mamba-ssm kernel' if cuda_kernel() else 'PyTorch scan'
@@ -248,6 +253,7 @@ TRITON_FWD_TILE = 8  # token tile of the forward when it trains: segment lengths
 # segments of 160 tokens, 1,536 programs).
 TRITON_TRAIN_WARPS_PER_SM = 12
 TRITON_TRAIN_MIN_SEGMENT = 128
+TRITON_TRAIN_MAX_STATES = 16  # the backward's dB|dC lane sums: 2N columns over one warp's 32 lanes
 
 
 def triton_train_segments(u: Tensor) -> int:
@@ -395,10 +401,10 @@ def selective_scan(
     itself; every other path (autograd, mamba-ssm, the PyTorch scan) flips around its kernel.
 
     backend: 'auto' (on CUDA tensors of at most 32-bit floats: mamba-ssm's kernel with autograd, the ``INFER_IMPL``
-    kernel without; without mamba-ssm the Triton kernel without autograd; else the PyTorch scan), 'kernel'
-    (mamba-ssm, required, also without autograd), 'triton' (:mod:`gsmsr.ops.seq_scan_triton`; with autograd through
-    ``gsmsr::tscan_fwd`` / ``tscan_bwd`` (:mod:`gsmsr.ops.seq_scan_triton_bwd`) when a gradient is needed, else
-    ``gsmsr::scan_infer``; interpreted, slowly, on CPU tensors) or 'ref'.
+    kernel without; without mamba-ssm the Triton kernels, with autograd up to 16 states; else the PyTorch scan),
+    'kernel' (mamba-ssm, required, also without autograd), 'triton' (:mod:`gsmsr.ops.seq_scan_triton`; with autograd
+    through ``gsmsr::tscan_fwd`` / ``tscan_bwd`` (:mod:`gsmsr.ops.seq_scan_triton_bwd`) when a gradient is needed,
+    else ``gsmsr::scan_infer``; interpreted, slowly, on CPU tensors) or 'ref'.
     """
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias)
@@ -406,7 +412,11 @@ def selective_scan(
     if needs_grad and reverse:  # the autograd kernels walk forwards only
         return flipped_scan(selective_scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend)
     if backend == 'triton' or (
-        backend == 'auto' and not needs_grad and u.is_cuda and not cuda_kernel() and _triton_ready(u)
+        backend == 'auto'
+        and u.is_cuda
+        and not cuda_kernel()
+        and _triton_ready(u)
+        and (not needs_grad or A.shape[1] <= TRITON_TRAIN_MAX_STATES)
     ):
         if needs_grad:
             return tscan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, triton_train_segments(u))[0]

@@ -11,6 +11,7 @@ without CUDA + Triton.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict
 
@@ -114,3 +115,18 @@ def test_backward_configs_agree(token_tile, maxnreg, lane_sum, stages):
         err = _err(a, b)
         print(f'tile={token_tile} maxnreg={maxnreg} lane_sum={lane_sum} stages={stages} d{k}: {err:.1e}')
         assert err <= TOL[torch.bfloat16], (k, err)
+
+
+@pytest.mark.parametrize('state', [16, 17])
+def test_auto_trains_on_triton_without_mamba(monkeypatch, state):
+    """Without mamba-ssm, backend 'auto' with autograd takes the Triton kernels (bit for bit backend 'triton', both
+    directions) up to 16 states, and the PyTorch scan beyond (the backward's limit)."""
+    monkeypatch.setattr('gsmsr.ops.selective_scan.cuda_kernel', lambda: False)
+    inp = _inputs(1, 64, state, 3_000, torch.float32)
+    dout = torch.randn_like(inp['u'])
+    expected = 'triton' if state <= 16 else 'ref'
+    for reverse in (False, True):
+        auto = _grads(functools.partial(selective_scan, reverse=reverse), inp, dout)
+        want = _grads(functools.partial(selective_scan, backend=expected, reverse=reverse), inp, dout)
+        for name in NAMES:
+            assert torch.equal(auto[name], want[name]), (state, reverse, name)

@@ -63,13 +63,13 @@ def test_chunking_is_invisible():
     [
         (True, True, 'triton', 'training: mamba-ssm kernel; inference: gsmsr Triton scan'),
         (True, True, 'mamba', 'training: mamba-ssm kernel; inference: mamba-ssm kernel'),
-        (False, True, 'triton', 'training: PyTorch scan (mamba-ssm: why); inference: gsmsr Triton scan'),
+        (False, True, 'triton', 'training: gsmsr Triton scan (mamba-ssm: why); inference: gsmsr Triton scan'),
         (False, False, 'triton', 'training: PyTorch scan (mamba-ssm: why); inference: PyTorch scan'),
     ],
 )
 def test_kernel_status_names_what_each_path_runs(monkeypatch, mamba, has_triton, impl, expected):
     """kernel_status() says what selective_scan dispatches CUDA tensors to with and without autograd: without mamba-ssm
-    inference still runs the Triton scan where Triton imports, only training falls back to PyTorch."""
+    both run the Triton scan where Triton imports, else the PyTorch scan."""
     module = importlib.import_module('gsmsr.ops.selective_scan')
     monkeypatch.setattr(module, 'cuda_kernel', lambda: mamba)
     monkeypatch.setattr(module, 'kernel_import_error', None if mamba else 'why')
