@@ -91,7 +91,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gsmsr.compile_cache import AOT_ENV, DoneMarker, MegaCache, enable_persistent_caches
-from gsmsr.faults import FaultError, InputError, check_free_space, one_line, run_reporting_errors
+from gsmsr.faults import FaultError, InputError, check_free_space, input_overlap, one_line, run_reporting_errors
 from gsmsr.io_threads import FrameWriter, ReadAhead
 from gsmsr.launch import launch_timeline
 from gsmsr.memory_plan import (
@@ -1144,6 +1144,16 @@ def _check_output_space(output: str, info, chunk: Optional[int], scale: int) -> 
     check_free_space(os.path.dirname(os.path.abspath(output)), needed, output)
 
 
+def _check_stats_path(path: str, input_path: str, output: str) -> None:
+    """``--stats-json`` is replaced after the run: never the input, a file in the input folder or the output itself
+    (links resolved, :func:`gsmsr.faults.input_overlap`)."""
+    overlap = input_overlap(path, input_path)
+    if overlap is not None:
+        raise InputError(f'--stats-json {path}: {overlap} {input_path}')
+    if input_overlap(path, output) == 'is the input':
+        raise InputError(f'--stats-json {path}: is the output {output}')
+
+
 def _hash_triton_in_background() -> Optional[threading.Thread]:
     """Start computing, in a daemon thread, the digest of Triton's own files: part of the key of every Triton cache
     entry, computed once a process at the first kernel looked up (~0.5 s of the H200 machine's host, inside the first
@@ -1183,6 +1193,8 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError(f'--tile-batch {args.tile_batch}: must be >= 1')
     # Cheap checks first, so that bad paths, an unwritable folder or a full disk fail before the network loads.
     check_output(args.output, args.input, args.force)
+    if args.stats_json:
+        _check_stats_path(args.stats_json, args.input, args.output)
     source = open_source(args.input)
     source.close()
     _check_output_space(args.output, source.info, args.chunk, _planned_scale(args.opt))

@@ -507,3 +507,22 @@ def test_gsm_model_names_an_unreadable_checkpoint(tmp_path):
     truncate(path)
     with pytest.raises(faults.InputError, match=f'{path}: cannot read checkpoint'):
         model.load_network(model.net_g, str(path))
+
+
+# ----------------------------------------------------------------------------------------------- 6. side outputs
+def test_stats_json_never_replaces_the_input_or_the_output(tmp_path, capsys, tiny_net, monkeypatch):
+    video = write_video(tmp_path / 'vid.mp4', make_frames(2, 36, 36))
+    frames = write_folder(tmp_path / 'frames', make_frames(2, 36, 36))
+    (tmp_path / 'link').symlink_to('frames')
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(inference, 'load_network', lambda *a: pytest.fail('network loaded before the check'))
+    cases = [
+        (video, tmp_path / 'out', video),  # a slip of the keyboard: the whole run, then the input is gone
+        (frames, tmp_path / 'out', next(frames.glob('*.png'))),
+        (frames, tmp_path / 'out', tmp_path / 'link' / 'stats.json'),  # into the input folder, through a link
+        (frames, tmp_path / 'out.mp4', tmp_path / 'out.mp4'),  # the output just written
+    ]
+    for src, out, stats in cases:
+        code, err = infer(capsys, tiny_net, src, out, '--stats-json', str(stats))
+        assert code == 2 and f'--stats-json {stats}' in one_line(err), (stats, err)
+        assert snapshot(tmp_path) == before, stats
