@@ -15,7 +15,8 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) ->
     """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``.
 
     A crash leaves either the old file or none, never a partial one. The result gets the usual permissions
-    (0666 minus the umask), not mkstemp's 0600.
+    (0666 minus the umask), not mkstemp's 0600. An OSError that names no file (a write to a full disk) is raised
+    again naming ``path``.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -28,9 +29,12 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) ->
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+            # a failed write (full disk) names no file: name the target, not the hidden temporary
+            raise OSError(e.errno, e.strerror, path) from e
         raise
 
 

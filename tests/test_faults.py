@@ -526,3 +526,21 @@ def test_stats_json_never_replaces_the_input_or_the_output(tmp_path, capsys, tin
         code, err = infer(capsys, tiny_net, src, out, '--stats-json', str(stats))
         assert code == 2 and f'--stats-json {stats}' in one_line(err), (stats, err)
         assert snapshot(tmp_path) == before, stats
+
+
+def test_full_disk_in_an_atomic_write_names_the_file_and_leaves_nothing(tmp_path, capsys, tiny_net, monkeypatch):
+    from gsmsr import utils
+
+    src = write_folder(tmp_path / 'in', make_frames(2, 36, 36))
+    real_open = open
+
+    def to_dev_full(file, mode='r', *args, **kwargs):  # a real ENOSPC from the kernel, as a full disk gives it
+        if 'w' in mode:
+            return real_open('/dev/full', mode, *args, **kwargs)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(utils, 'open', to_dev_full, raising=False)
+    stats = tmp_path / 'stats.json'
+    code, err = infer(capsys, tiny_net, src, tmp_path / 'out', '--stats-json', str(stats))
+    assert code == 1 and err.strip().splitlines()[-1] == f'gsmsr infer: error: {stats}: no space left on device'
+    assert sorted(os.listdir(tmp_path)) == ['in', 'out']  # the frames are written, no temporary file is left
