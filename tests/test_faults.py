@@ -544,3 +544,25 @@ def test_full_disk_in_an_atomic_write_names_the_file_and_leaves_nothing(tmp_path
     code, err = infer(capsys, tiny_net, src, tmp_path / 'out', '--stats-json', str(stats))
     assert code == 1 and err.strip().splitlines()[-1] == f'gsmsr infer: error: {stats}: no space left on device'
     assert sorted(os.listdir(tmp_path)) == ['in', 'out']  # the frames are written, no temporary file is left
+
+
+def test_checkpoint_write_error_names_the_file_and_leaves_nothing(tmp_path, capsys):
+    """A file size limit makes the kernel refuse the write (EFBIG), as a full disk does (ENOSPC), in torch's own
+    writer too; SIGXFSZ is ignored so that the write fails instead of the process."""
+    import resource
+
+    from gsmsr.models.gsm_model import GSMModel
+
+    path = tmp_path / 'models' / 'net_g_4.pth'
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, limits[1]))
+    try:
+        save = lambda: GSMModel._save_with_retry({'params': {'w': torch.zeros(2**18)}}, str(path), attempts=1)  # noqa: E731
+        code = faults.run_reporting_errors('basicsr train', save)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    err = capsys.readouterr().err
+    assert code == 1 and one_line(err) == f'basicsr train: error: {path}: file too large', err
+    assert os.listdir(path.parent) == []

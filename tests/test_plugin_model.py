@@ -170,9 +170,8 @@ def test_checkpoints_atomic_and_loadable(tmp_path, monkeypatch):
     assert all(torch.equal(ckpt['params'][k], v) for k, v in net.state_dict().items())
 
     # a failing write leaves neither the checkpoint nor a temporary file
-    def broken_save(obj, f, *args, **kwargs):
-        with open(f, 'wb') as handle:
-            handle.write(b'partial')
+    def broken_save(obj, f, *args, **kwargs):  # f: the temporary file, opened for writing
+        f.write(b'partial')
         raise OSError('disk full')
 
     monkeypatch.setattr(gsm_model.torch, 'save', broken_save)

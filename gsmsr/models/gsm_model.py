@@ -30,7 +30,7 @@ import os
 import time
 from collections import OrderedDict
 from os import path as osp
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, BinaryIO, Dict, List, Mapping, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -63,8 +63,36 @@ def is_flow_param(name: str) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # atomic writes
 # ----------------------------------------------------------------------------------------------------------
+class _WriteErrors:
+    """A binary file for ``torch.save`` that keeps the first OSError of its writes: torch's writer turns it into a
+    RuntimeError naming neither the file nor the cause ('unexpected pos 704 vs 598')."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def atomic_torch_save(obj: Any, path: str) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp: str) -> None:
+        with open(tmp, 'wb') as f:
+            writer = _WriteErrors(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is None:
+                    raise
+                raise writer.error from None  # a full disk: an OSError with its errno, as the retry and report expect
+
+    atomic_write(path, write)
 
 
 def atomic_imwrite(img: np.ndarray, path: str) -> None:
