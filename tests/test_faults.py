@@ -9,6 +9,7 @@ output is written to ``/dev/full`` (a real ENOSPC from FFmpeg).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -546,23 +548,40 @@ def test_full_disk_in_an_atomic_write_names_the_file_and_leaves_nothing(tmp_path
     assert sorted(os.listdir(tmp_path)) == ['in', 'out']  # the frames are written, no temporary file is left
 
 
-def test_checkpoint_write_error_names_the_file_and_leaves_nothing(tmp_path, capsys):
-    """A file size limit makes the kernel refuse the write (EFBIG), as a full disk does (ENOSPC), in torch's own
-    writer too; SIGXFSZ is ignored so that the write fails instead of the process."""
+@contextlib.contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """Writes past ``limit`` bytes of any file fail in the kernel (EFBIG), as writes to a full disk do (ENOSPC),
+    in every writer (torch's C++ one too); SIGXFSZ is ignored so that the write fails instead of the process."""
     import resource
 
-    from gsmsr.models.gsm_model import GSMModel
-
-    path = tmp_path / 'models' / 'net_g_4.pth'
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, limits[1]))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limits[1]))
     try:
-        save = lambda: GSMModel._save_with_retry({'params': {'w': torch.zeros(2**18)}}, str(path), attempts=1)  # noqa: E731
-        code = faults.run_reporting_errors('basicsr train', save)
+        yield
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_checkpoint_write_error_names_the_file_and_leaves_nothing(tmp_path, capsys):
+    from gsmsr.models.gsm_model import GSMModel
+
+    path = tmp_path / 'models' / 'net_g_4.pth'
+    save = lambda: GSMModel._save_with_retry({'params': {'w': torch.zeros(2**18)}}, str(path), attempts=1)  # noqa: E731
+    with file_size_limit(2**16):
+        code = faults.run_reporting_errors('basicsr train', save)
     err = capsys.readouterr().err
     assert code == 1 and one_line(err) == f'basicsr train: error: {path}: file too large', err
     assert os.listdir(path.parent) == []
+
+
+def test_make_lmdb_meta_file_write_error_names_it_and_leaves_nothing(tmp_path, capsys):
+    entries = ''.join(f'{clip:05d}/{seq:04d}\n' for clip in range(1, 41) for seq in range(1, 101))
+    (tmp_path / 'sep_trainlist.txt').write_text(entries)  # 4,000 meta-info lines, 100 kB
+    out = tmp_path / 'meta.txt'
+    with file_size_limit(2**16):
+        code = cli.main(['make-lmdb', 'vimeo-meta', '--list', str(tmp_path / 'sep_trainlist.txt'), '--out', str(out)])
+    line = one_line(capsys.readouterr().err)
+    assert code == 1 and line == f'gsmsr make-lmdb: error: {out}: file too large', line
+    assert os.listdir(tmp_path) == ['sep_trainlist.txt']

@@ -39,6 +39,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import cv2
 
 from gsmsr.faults import FaultError, InputError, add_debug_argument, run_reporting_errors
+from gsmsr.utils import atomic_write_text
 
 META_INFO_DIR = osp.join(osp.dirname(osp.abspath(__file__)), 'meta_info')
 REDS4_CLIPS = ('000', '011', '015', '020')
@@ -91,11 +92,7 @@ def write_lines(path: str, lines: Iterable[str], overwrite: bool = False) -> Non
     """Write text lines atomically; refuse to replace an existing file unless ``overwrite``."""
     if osp.exists(path) and not overwrite:
         raise FileExistsError(f'{path} already exists')
-    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
-    tmp = f'{path}.partial'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        f.writelines(f'{line}\n' for line in lines)
-    os.replace(tmp, path)
+    atomic_write_text(path, ''.join(f'{line}\n' for line in lines))  # a failed write leaves no temporary file
 
 
 def write_reds_meta(out_dir: str, overwrite: bool = False) -> List[str]:
