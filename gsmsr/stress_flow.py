@@ -543,7 +543,9 @@ def _check_protocol(chunk: int, chunk_overlap: int, tile: int, tile_overlap: int
 
 def run(args: argparse.Namespace) -> int:
     """Exit codes: 0 done, 2 bad input or arguments, 1 unexpected failure."""
-    return run_reporting_errors('gsmsr stress-flow', lambda: _run(args), 'interrupted, no report written')
+    return run_reporting_errors(
+        'gsmsr stress-flow', lambda: _run(args), 'interrupted, no report written', debug=getattr(args, 'debug', False)
+    )
 
 
 def _run(args: argparse.Namespace) -> int:

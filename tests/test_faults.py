@@ -585,3 +585,16 @@ def test_make_lmdb_meta_file_write_error_names_it_and_leaves_nothing(tmp_path, c
     line = one_line(capsys.readouterr().err)
     assert code == 1 and line == f'gsmsr make-lmdb: error: {out}: file too large', line
     assert os.listdir(tmp_path) == ['sep_trainlist.txt']
+
+
+@pytest.mark.parametrize('command', ['infer', 'demo', 'make-lmdb', 'stress-flow'])
+def test_every_subcommand_honours_debug(tmp_path, capsys, command):
+    bad = {  # an argument each command refuses before any work
+        'infer': [str(tmp_path / 'missing'), '-o', str(tmp_path / 'out')],
+        'demo': ['--iters', '0'],
+        'make-lmdb': ['reds', '--root', str(tmp_path / 'missing')],
+        'stress-flow': ['--gt', 'gt', '--lq', 'lq', '--out', 'out', '--noise', '', '--dropout', ''],
+    }[command]
+    assert cli.main([command, *bad]) == 2 and 'Traceback' not in capsys.readouterr().err
+    code, err = cli.main([command, *bad, '--debug']), capsys.readouterr().err
+    assert code == 2 and 'Traceback' in err and err.strip().splitlines()[-1].startswith(f'gsmsr {command}: error:'), err
