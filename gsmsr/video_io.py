@@ -534,6 +534,7 @@ class FolderSink:
                 old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(self.path)), suffix='.old')
                 os.replace(self.path, os.path.join(old, 'frames'))
                 os.replace(self.tmp, self.path)
+                self.tmp = old  # what abort() removes should the deletion be interrupted (a signal)
                 shutil.rmtree(old)
             else:
                 if os.path.lexists(self.path):

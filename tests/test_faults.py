@@ -598,3 +598,20 @@ def test_every_subcommand_honours_debug(tmp_path, capsys, command):
     assert cli.main([command, *bad]) == 2 and 'Traceback' not in capsys.readouterr().err
     code, err = cli.main([command, *bad, '--debug']), capsys.readouterr().err
     assert code == 2 and 'Traceback' in err and err.strip().splitlines()[-1].startswith(f'gsmsr {command}: error:'), err
+
+
+def test_signal_while_force_removes_the_old_frames_leaves_no_folder_behind(tmp_path, capsys, tiny_net, monkeypatch):
+    src = write_folder(tmp_path / 'in', make_frames(2, 36, 36))
+    write_folder(tmp_path / 'out', make_frames(3, 16, 16))  # the frames of an earlier run, replaced with --force
+    real_rmtree, signalled = video_io.shutil.rmtree, []
+
+    def rmtree(path, *args, **kwargs):  # SIGTERM comes as the commit deletes the old frames
+        if not signalled and not kwargs.get('ignore_errors'):
+            signalled.append(path)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(video_io.shutil, 'rmtree', rmtree)
+    code, err = infer(capsys, tiny_net, src, tmp_path / 'out', '--force')
+    assert code == 128 + signal.SIGTERM and signalled, err
+    assert sorted(os.listdir(tmp_path)) == ['in', 'out'] and len(read_folder(tmp_path / 'out')) == 2
