@@ -531,9 +531,20 @@ class FolderSink:
     def commit(self) -> None:
         try:
             if os.path.isdir(self.path):  # --force was checked: swap, then delete the old frames
-                old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(self.path)), suffix='.old')
+                # named as a partial of this output, unlocked: a run killed while deleting it leaves a stale partial,
+                # which the next run for this output removes
+                old = tempfile.mkdtemp(
+                    dir=os.path.dirname(os.path.abspath(self.path)),
+                    prefix=_partial_prefix(self.path) + f'{os.getpid()}.',
+                    suffix='.partial',
+                )
                 os.replace(self.path, os.path.join(old, 'frames'))
-                os.replace(self.tmp, self.path)
+                try:
+                    os.replace(self.tmp, self.path)
+                except BaseException:  # the old frames go back where they were
+                    os.replace(os.path.join(old, 'frames'), self.path)
+                    os.rmdir(old)
+                    raise
                 self.tmp = old  # what abort() removes should the deletion be interrupted (a signal)
                 shutil.rmtree(old)
             else:

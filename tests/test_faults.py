@@ -615,3 +615,45 @@ def test_signal_while_force_removes_the_old_frames_leaves_no_folder_behind(tmp_p
     code, err = infer(capsys, tiny_net, src, tmp_path / 'out', '--force')
     assert code == 128 + signal.SIGTERM and signalled, err
     assert sorted(os.listdir(tmp_path)) == ['in', 'out'] and len(read_folder(tmp_path / 'out')) == 2
+
+
+def test_failed_force_swap_puts_the_old_frames_back(tmp_path, capsys, tiny_net, monkeypatch):
+    """--force over a PNG folder: if the new frames cannot be moved into place after the old ones were moved aside,
+    the old ones go back, and nothing else is left."""
+    src = write_folder(tmp_path / 'in', make_frames(2, 36, 36))
+    write_folder(tmp_path / 'out', make_frames(3, 16, 16))
+    before = snapshot(tmp_path / 'out')
+    real_replace = video_io.os.replace
+
+    def replace(a, b):  # the second move of the swap (the new frames into place) fails
+        if os.path.basename(a).endswith('.partial') and os.path.basename(b) == 'out':
+            raise OSError(errno.EXDEV, 'Invalid cross-device link')
+        return real_replace(a, b)
+
+    monkeypatch.setattr(video_io.os, 'replace', replace)
+    code, err = infer(capsys, tiny_net, src, tmp_path / 'out', '--force')
+    assert code == 1 and str(tmp_path / 'out') in one_line(err), err
+    assert sorted(os.listdir(tmp_path)) == ['in', 'out'] and snapshot(tmp_path / 'out') == before
+
+
+def test_old_frames_left_by_a_killed_force_swap_are_removed_by_the_next_run(tmp_path, capsys, tiny_net, monkeypatch):
+    """A run killed (SIGKILL) while deleting the replaced frames leaves them in a stale partial of the output, which
+    the next run for the same output removes."""
+    src = write_folder(tmp_path / 'in', make_frames(2, 36, 36))
+    write_folder(tmp_path / 'out', make_frames(3, 16, 16))
+
+    def killed(path, *args, **kwargs):  # the process dies before deleting anything
+        if not kwargs.get('ignore_errors'):
+            raise SystemExit('killed')
+
+    monkeypatch.setattr(video_io.shutil, 'rmtree', killed)
+    sink = video_io.FolderSink(str(tmp_path / 'out'))
+    with pytest.raises(SystemExit):
+        sink.commit()
+    sink._release()  # what the process's death does to its lock
+    monkeypatch.undo()
+    (left,) = [n for n in os.listdir(tmp_path) if n not in ('in', 'out')]
+    assert left.startswith('.out.') and left.endswith('.partial')
+    code, err = infer(capsys, tiny_net, src, tmp_path / 'out', '--force')
+    assert code == 0 and f'removed {tmp_path / left}' in err, err
+    assert sorted(os.listdir(tmp_path)) == ['in', 'out'] and len(read_folder(tmp_path / 'out')) == 2
