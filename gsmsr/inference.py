@@ -91,7 +91,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gsmsr.compile_cache import AOT_ENV, DoneMarker, MegaCache, enable_persistent_caches
-from gsmsr.faults import FaultError, InputError, check_free_space, input_overlap, one_line, run_reporting_errors
+from gsmsr.faults import (
+    FaultError,
+    InputError,
+    check_free_space,
+    check_writable,
+    input_overlap,
+    one_line,
+    run_reporting_errors,
+)
 from gsmsr.io_threads import FrameWriter, ReadAhead
 from gsmsr.launch import launch_timeline
 from gsmsr.memory_plan import (
@@ -1146,12 +1154,19 @@ def _check_output_space(output: str, info, chunk: Optional[int], scale: int) -> 
 
 def _check_stats_path(path: str, input_path: str, output: str) -> None:
     """``--stats-json`` is replaced after the run: never the input, a file in the input folder or the output itself
-    (links resolved, :func:`gsmsr.faults.input_overlap`)."""
+    (links resolved, :func:`gsmsr.faults.input_overlap`); a folder, or one that cannot be written (the nearest
+    existing one: the write creates the rest), is refused now rather than after the run."""
     overlap = input_overlap(path, input_path)
     if overlap is not None:
         raise InputError(f'--stats-json {path}: {overlap} {input_path}')
     if input_overlap(path, output) == 'is the input':
         raise InputError(f'--stats-json {path}: is the output {output}')
+    if os.path.isdir(path):
+        raise InputError(f'--stats-json {path}: is a folder')
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    check_writable(folder, f'--stats-json {path}')
 
 
 def _hash_triton_in_background() -> Optional[threading.Thread]:

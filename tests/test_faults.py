@@ -530,6 +530,31 @@ def test_stats_json_never_replaces_the_input_or_the_output(tmp_path, capsys, tin
         assert snapshot(tmp_path) == before, stats
 
 
+def test_stats_json_that_cannot_be_written_is_refused_before_the_network_loads(tmp_path, capsys, tiny_net, monkeypatch):
+    src = write_folder(tmp_path / 'in', make_frames(2, 36, 36))
+    locked = tmp_path / 'locked'
+    locked.mkdir()
+    monkeypatch.setattr(inference, 'load_network', lambda *a: pytest.fail('network loaded before the check'))
+    real_mkstemp = faults.tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):  # a read-only folder, as root sees one on a read-only file system
+        if dir is not None and Path(dir) == locked:
+            raise PermissionError(errno.EACCES, 'Permission denied', dir)
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(faults.tempfile, 'mkstemp', mkstemp)
+    for stats, why in [
+        (tmp_path / 'in', 'is the input'),  # checked first: the input folder itself
+        (locked, 'is a folder'),
+        (locked / 'stats.json', f'cannot write to folder {locked}'),
+        (locked / 'new' / 'deeper' / 'stats.json', f'cannot write to folder {locked}'),  # created by the write
+    ]:
+        code, err = infer(capsys, tiny_net, src, tmp_path / 'out', '--stats-json', str(stats))
+        assert code == 2 and one_line(err).startswith(f'gsmsr infer: error: --stats-json {stats}: '), err
+        assert why in one_line(err), err
+    assert sorted(os.listdir(tmp_path)) == ['in', 'locked'] and os.listdir(locked) == []
+
+
 def test_full_disk_in_an_atomic_write_names_the_file_and_leaves_nothing(tmp_path, capsys, tiny_net, monkeypatch):
     from gsmsr import utils
 
