@@ -174,7 +174,8 @@ def input_overlap(output: str, input_path: str) -> Optional[str]:
 
 
 def check_writable(folder: str, what: str) -> None:
-    """Create and delete a file in ``folder``; an :class:`InputError` naming ``what`` and the cause otherwise.
+    """Create and delete a file in ``folder``; a :class:`FaultError` (the environment: exit code 1, as any write
+    error) naming ``what`` and the cause otherwise.
 
     A real write, not ``os.access``: permission bits say nothing for root, nor for read-only file systems.
     """
@@ -183,7 +184,7 @@ def check_writable(folder: str, what: str) -> None:
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise InputError(f'{what}: cannot write to folder {folder} ({os_error_cause(e)})') from None
+        raise FaultError(f'{what}: cannot write to folder {folder} ({os_error_cause(e)})') from None
 
 
 def check_free_space(folder: str, needed: int, what: str) -> None:

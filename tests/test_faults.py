@@ -343,7 +343,7 @@ def test_unwritable_folder_is_found_before_the_network_loads(tmp_path, capsys, t
     monkeypatch.setattr(inference, 'load_network', lambda *a: pytest.fail('network loaded before the check'))
     for out in ('frames', 'out.mp4'):
         code, err = infer(capsys, tiny_net, src, os.path.join(folder, out))
-        assert code == 2 and f'cannot write to folder {folder}' in one_line(err), err
+        assert code == 1 and f'cannot write to folder {folder}' in one_line(err), err  # the environment
     # A parent that is a file (ENOTDIR), also refused up front.
     (tmp_path / 'file').write_text('a file, not a folder')
     code, err = infer(capsys, tiny_net, src, tmp_path / 'file' / 'out')
@@ -543,14 +543,14 @@ def test_stats_json_that_cannot_be_written_is_refused_before_the_network_loads(t
         return real_mkstemp(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(faults.tempfile, 'mkstemp', mkstemp)
-    for stats, why in [
-        (tmp_path / 'in', 'is the input'),  # checked first: the input folder itself
-        (locked, 'is a folder'),
-        (locked / 'stats.json', f'cannot write to folder {locked}'),
-        (locked / 'new' / 'deeper' / 'stats.json', f'cannot write to folder {locked}'),  # created by the write
+    for stats, why, expected in [
+        (tmp_path / 'in', 'is the input', 2),  # checked first: the input folder itself
+        (locked, 'is a folder', 2),
+        (locked / 'stats.json', f'cannot write to folder {locked}', 1),  # the environment
+        (locked / 'new' / 'deeper' / 'stats.json', f'cannot write to folder {locked}', 1),  # created by the write
     ]:
         code, err = infer(capsys, tiny_net, src, tmp_path / 'out', '--stats-json', str(stats))
-        assert code == 2 and one_line(err).startswith(f'gsmsr infer: error: --stats-json {stats}: '), err
+        assert code == expected and one_line(err).startswith(f'gsmsr infer: error: --stats-json {stats}: '), err
         assert why in one_line(err), err
     assert sorted(os.listdir(tmp_path)) == ['in', 'locked'] and os.listdir(locked) == []
 
