@@ -9,8 +9,9 @@ Partial outputs. The temporary name is ``.<output name>.<pid>.<random>.partial[.
 holds an exclusive ``flock`` on it until commit or abort. The kernel drops the lock when the process dies, even
 by SIGKILL or a power cut, so the next run for the same output (:func:`check_output`) knows a stale partial
 (no lock: removed, with a note) from one another live run is writing (locked: refused). Where the file system
-has no flock the partial is reported, never removed. A write error names the output and the cause, e.g.
-``out/frames: cannot write (no space left on device)``.
+has no flock the partial is reported, never removed. ``--force`` over a PNG folder moves the old frames into an
+unlocked partial before deleting them, so a run killed meanwhile leaves them to the next run's cleanup. A write
+error names the output and the cause, e.g. ``out/frames: cannot write (no space left on device)``.
 """
 
 from __future__ import annotations
