@@ -19,7 +19,7 @@ from torch import Tensor
 
 from gsmsr.ops.selective_scan_ref import flipped_scan, selective_scan_ref
 from gsmsr.ops.seq_scan_triton import _split, choose_segments, selective_scan_fwd_triton, unit_stride
-from gsmsr.ops.seq_scan_triton_bwd import selective_scan_bwd_triton
+from gsmsr.ops.seq_scan_triton_bwd import MAX_STATES, selective_scan_bwd_triton
 from gsmsr.ops.triton_jit import triton
 
 _module = None
@@ -253,7 +253,6 @@ TRITON_FWD_TILE = 8  # token tile of the forward when it trains: segment lengths
 # segments of 160 tokens, 1,536 programs).
 TRITON_TRAIN_WARPS_PER_SM = 12
 TRITON_TRAIN_MIN_SEGMENT = 128
-TRITON_TRAIN_MAX_STATES = 16  # the backward's dB|dC lane sums: 2N columns over one warp's 32 lanes
 
 
 def triton_train_segments(u: Tensor) -> int:
@@ -416,7 +415,7 @@ def selective_scan(
         and u.is_cuda
         and not cuda_kernel()
         and _triton_ready(u)
-        and (not needs_grad or A.shape[1] <= TRITON_TRAIN_MAX_STATES)
+        and (not needs_grad or A.shape[1] <= MAX_STATES)
     ):
         if needs_grad:
             return tscan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, triton_train_segments(u))[0]

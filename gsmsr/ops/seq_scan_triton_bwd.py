@@ -547,6 +547,8 @@ def _main_kernel(
         tl.store(dbias_ptr + seg * Dm + d64, dbias, mask=md)
 
 
+MAX_STATES = 16  # the dB|dC channel sums: 2N columns over one warp's 32 lanes
+
 _KERNELS = LazyKernels(
     __name__,
     [
@@ -613,8 +615,8 @@ def selective_scan_bwd_triton(
     )  # fmt: skip
     batch, dim, length = u.shape
     n_state = A.shape[1]
-    if n_state > 16:
-        raise ValueError(f'selective_scan_bwd_triton: at most 16 states, got {n_state}')
+    if n_state > MAX_STATES:
+        raise ValueError(f'selective_scan_bwd_triton: at most {MAX_STATES} states, got {n_state}')
     seg_len = max(int(seg_len), 1)
     n_seg = -(-length // seg_len) if length else 1
     if n_seg > 1:
