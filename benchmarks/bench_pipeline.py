@@ -1,7 +1,7 @@
 """BasicSR's training pipeline against the bare training step, and multi-GPU throughput, on synthetic REDS data.
 
     python benchmarks/bench_pipeline.py [--gpus 2] [--iters 30] [--warmup 5] [--workers 4] [--bf16 | --fast]
-                                        [--data DIR] [--out DIR] [--frame-size 180x320] [--lr-size 64]
+                                        [--torchrun] [--data DIR] [--out DIR] [--frame-size 180x320] [--lr-size 64]
                                         [--frames-per-sample 16] [--embed-dims 192 --num-heads 8 ...]
 
 Writes a synthetic REDS-layout dataset (``train_sharp/<clip>/<frame>.png`` GT, ``train_sharp_bicubic/X4/...`` LR, a
@@ -10,7 +10,9 @@ REDS; about 260 MB, reused from --data when it matches) and a BasicSR meta-info 
 per clip (BasicSR's REDS dataset reads --frames-per-sample frames from each and assumes 100-frame clips, so each
 folder holds the frames that can be read). Then it runs the whole training pipeline: ``python -m gsmsr.train -opt
 X.yml --launcher none`` on one device and, with --gpus N > 1, ``torchrun --standalone --nproc_per_node=N -m
-gsmsr.train -opt X.yml --launcher pytorch``. The options are options/train_gsm_reds.yml (or --opt) with the data on
+gsmsr.train -opt X.yml --launcher pytorch``; --torchrun adds a torchrun run of one process, which times the
+distributed path (``--launcher pytorch``: process group, distributed sampler, CUDA-graph capture in a distributed
+run) without a second GPU. The options are options/train_gsm_reds.yml (or --opt) with the data on
 the disk backend, --iters iterations, a log line every iteration, no validation and no checkpoint before the end,
 and SpyNet from random weights; data loading, EMA, fix_flow, loss reduction and logging stay as configured.
 
@@ -230,13 +232,20 @@ def parse_log(text: str, warmup: int) -> Dict[str, float]:
 
 
 def run_pipeline(
-    opt: Dict[str, Any], work: Path, world: int, cuda: bool, warmup: int, out: Optional[Path]
+    opt: Dict[str, Any],
+    work: Path,
+    world: int,
+    cuda: bool,
+    warmup: int,
+    out: Optional[Path],
+    torchrun: bool = False,
 ) -> Tuple[Dict[str, float], str]:
-    """Runs BasicSR's train pipeline with ``opt`` (cwd ``work``); returns the parsed times and the log's text."""
+    """Runs BasicSR's train pipeline with ``opt`` (cwd ``work``) in ``world`` processes, through torchrun when
+    ``world`` > 1 or ``torchrun``; returns the parsed times and the log's text."""
     name = opt['name']
     yml = work / f'{name}.yml'
     yml.write_text(yaml.safe_dump(opt, sort_keys=False))
-    if world > 1:
+    if world > 1 or torchrun:
         launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={world}']
         cmd = [*launch, '-m', 'gsmsr.train', '-opt', str(yml), '--launcher', 'pytorch']
     else:
@@ -276,6 +285,9 @@ def main() -> int:
     parser.add_argument('--bf16', action='store_true', help='train.use_bf16 (and bf16 autocast in the bare step)')
     parser.add_argument(
         '--fast', action='store_true', help='the fast step: bf16, network_g.compile_blocks, train.cuda_graph'
+    )
+    parser.add_argument(
+        '--torchrun', action='store_true', help='also run one process through torchrun: the distributed path alone'
     )
     parser.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto')
     parser.add_argument('--opt', default=str(ROOT / 'options' / 'train_gsm_reds.yml'), help='base option file')
@@ -318,16 +330,22 @@ def main() -> int:
         flush=True,
     )
 
+    unit, units = ('GPU', 'GPUs') if cuda else ('CPU process', 'CPU processes')
+    runs: List[Tuple[str, int, bool]] = [('pipeline 1 device', 1, False)]  # (row, processes, through torchrun)
+    if args.torchrun:
+        runs.append((f'pipeline 1 {unit}, torchrun', 1, True))
+    if args.gpus > 1:
+        runs.append((f'pipeline {args.gpus} {units}', args.gpus, True))
     opts = {}
-    for world in [1] + ([args.gpus] if args.gpus > 1 else []):
-        name = f'bench_pipeline_{world}{"gpu" if cuda else "proc"}'
-        opts[world] = build_options(base, args, data, meta, name, world, cuda)
-    net_opt = opts[1]['network_g']
+    for label, world, dist in runs:
+        name = f'bench_pipeline_{world}{"gpu" if cuda else "proc"}{"_torchrun" if dist and world == 1 else ""}'
+        opts[label] = build_options(base, args, data, meta, name, world, cuda)
+    net_opt = opts['pipeline 1 device']['network_g']
     device_name = torch.cuda.get_device_name() if cuda else 'CPU'
     print(
         f'# {device_name}, torch {torch.__version__}, scan: {gsmsr.ops.kernel_status()}; network_g '
         f'{ {k: net_opt.get(k) for k in NET_FLAGS} }, bf16 {args.bf16 or args.fast}, '
-        f'cuda_graph {opts[1]["train"].get("cuda_graph")}, batch 1 x '
+        f'cuda_graph {opts["pipeline 1 device"]["train"].get("cuda_graph")}, batch 1 x '
         f'{args.frames_per_sample}x{args.lr_size}x{args.lr_size} LR, {args.workers} workers per process, '
         f'{args.iters} iterations ({args.warmup} warm-up)',
         flush=True,
@@ -335,7 +353,7 @@ def main() -> int:
 
     rows: List[Dict[str, str]] = []
     results: Dict[str, Any] = dict(args=vars(args), device=device_name)
-    bare = bare_step_ms(net_opt, args, dev, scale, bool(opts[1]['train'].get('cuda_graph')))
+    bare = bare_step_ms(net_opt, args, dev, scale, bool(opts['pipeline 1 device']['train'].get('cuda_graph')))
     if cuda:
         torch.cuda.empty_cache()  # the step's tensors are gone with its frame; the pipelines get the memory
     results['bare step'] = dict(median_ms=bare)
@@ -343,13 +361,12 @@ def main() -> int:
     print(rows[-1], flush=True)
 
     one_device = None
-    for world, opt in opts.items():
-        label = 'pipeline 1 device' if world == 1 else f'pipeline {world} {"GPUs" if cuda else "CPU processes"}'
+    for label, world, dist in runs:
         row = {'row': label}
         try:
-            stats, _ = run_pipeline(opt, work, world, cuda, args.warmup, out)
+            stats, _ = run_pipeline(opts[label], work, world, cuda, args.warmup, out, torchrun=dist)
             throughput = world * 1e3 / stats['median_ms']
-            one_device = throughput if world == 1 else one_device
+            one_device = throughput if label == 'pipeline 1 device' else one_device
             results[label] = stats
             row.update(
                 {

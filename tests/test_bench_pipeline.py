@@ -65,6 +65,7 @@ def test_cpu_smoke_run(tmp_path):
         str(SCRIPT),
         '--device', 'cpu',
         '--gpus', '2',  # two CPU processes through torchrun (gloo): the multi-GPU path
+        '--torchrun',  # and one process through torchrun
         '--iters', '3',  # a warm-up and two timed iterations a row: what a median and a mean need
         '--warmup', '1',
         '--workers', '0',
@@ -89,17 +90,19 @@ def test_cpu_smoke_run(tmp_path):
     header = [c.strip() for c in table[0].split('|')]
     assert header[:2] == ['row', 'ms/iter'] and 'scaling vs 1 device (x)' in header
     rows = {cells[0]: dict(zip(header, cells)) for cells in ([c.strip() for c in ln.split('|')] for ln in table[1:])}
-    assert list(rows) == ['bare step', 'pipeline 1 device', 'pipeline 2 CPU processes']
+    pipelines = ['pipeline 1 device', 'pipeline 1 CPU process, torchrun', 'pipeline 2 CPU processes']
+    assert list(rows) == ['bare step', *pipelines]
     for row in rows.values():
         assert float(row['ms/iter']) > 0 and float(row['samples/s']) > 0
-    for name in ('pipeline 1 device', 'pipeline 2 CPU processes'):
+    for name in pipelines:
         assert re.fullmatch(r'[+-]\d+\.\d', rows[name]['overhead vs bare (%)'])
         assert float(rows[name]['data ms/iter']) >= 0
     assert rows['pipeline 1 device']['scaling vs 1 device (x)'] == '1.00'
     assert float(rows['pipeline 2 CPU processes']['scaling vs 1 device (x)']) > 0
+    assert float(rows['pipeline 1 CPU process, torchrun']['scaling vs 1 device (x)']) > 0
 
-    logs = sorted(p.name for p in out.glob('train_bench_pipeline_*.log'))
-    assert len(logs) == 2 and logs[0].startswith('train_bench_pipeline_1proc_')
+    logs = sorted(re.sub(r'_\d{8}_\d{6}\.log$', '', p.name) for p in out.glob('train_bench_pipeline_*.log'))
+    assert logs == ['train_bench_pipeline_1proc', 'train_bench_pipeline_1proc_torchrun', 'train_bench_pipeline_2proc']
     results = json.loads((out / 'results.json').read_text())
     assert results['pipeline 1 device']['iters'] == 3
     # BasicSR's REDS layout; a clip folder holds the frames that 8 starts of 2 frames read

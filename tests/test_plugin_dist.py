@@ -1,14 +1,18 @@
-"""Two CPU processes under torchrun with ``--launcher pytorch`` (gloo), as in multi-GPU training."""
+"""Two CPU processes (gloo) as in multi-GPU training: under torchrun with ``--launcher pytorch``, and GSMModel's
+weights across ranks."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
+import torch.multiprocessing as mp
+from torch import distributed as dist
 
-from conftest import REPO_ROOT, read_log, train_options, write_options
+from conftest import REPO_ROOT, make_opt, read_log, train_options, write_options
 
 
 def test_torchrun_two_processes_gloo(tiny_data, in_tmp_cwd):
@@ -37,3 +41,33 @@ def test_torchrun_two_processes_gloo(tiny_data, in_tmp_cwd):
     assert set(ckpt) == {'params', 'params_ema'}
     assert not any(k.startswith('module.') for k in ckpt['params'])
     assert torch.load(exp / 'training_states' / '2.state', map_location='cpu', weights_only=True)['iter'] == 2
+
+
+def _two_rank_step(rank: int, tmp: str, results) -> None:
+    from basicsr.models import build_model
+
+    dist.init_process_group('gloo', init_method=f'file://{tmp}/store', rank=rank, world_size=2)
+    try:
+        torch.manual_seed(rank)  # BasicSR seeds each rank differently: the networks differ until the broadcast
+        opt = make_opt(Path(tmp) / f'rank{rank}', train=dict(fix_flow=None))
+        opt.update(dist=True, rank=rank, world_size=2)
+        model = build_model(opt)
+        results[f'start{rank}'] = {k: v.detach().clone() for k, v in model.net_g.named_parameters()}
+        g = torch.Generator().manual_seed(rank)  # each rank its own batch
+        lq = torch.rand(1, 2, 3, 36, 36, generator=g)
+        model.feed_data({'lq': lq, 'gt': torch.rand(1, 2, 3, 144, 144, generator=g)})
+        model.optimize_parameters(1)
+        results[f'step{rank}'] = {k: v.detach().clone() for k, v in model.net_g.named_parameters()}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_start_and_step_alike(tmp_path):
+    """Under --launcher pytorch, GSMModel's ranks start from rank 0's weights and stay equal after a step on different
+    batches: the broadcast and the gradient averaging both have to work."""
+    results = mp.Manager().dict()
+    mp.spawn(_two_rank_step, args=(str(tmp_path), results), nprocs=2, join=True)
+    start, step = results['start0'], results['step0']
+    assert all(torch.equal(results['start1'][k], v) for k, v in start.items())
+    assert all(torch.equal(results['step1'][k], v) for k, v in step.items())
+    assert any(not torch.equal(step[k], v) for k, v in start.items())  # the step moved the weights

@@ -4,7 +4,7 @@ Training (ARCHITECTURE.md §8), on top of ``VideoRecurrentModel`` (Charbonnier l
 SpyNet, EMA, cosine schedule all come from BasicSR and the options):
 
 * ``train.fix_flow: N``: SpyNet gradients are zeroed after every backward while ``iter < N``. SpyNet keeps
-  ``requires_grad`` (the DDP graph never changes) and, with zero gradients, Adam leaves it exactly unchanged.
+  ``requires_grad`` (every rank's gradients keep one layout) and, with zero gradients, Adam leaves it exactly unchanged.
   Unlike BasicSR's ``requires_grad`` switch at iteration 1, this also holds after resuming inside the window.
 * ``train.use_bf16``: forward under bf16 autocast (GSMNet keeps its geometry in fp32); the loss is fp32. On CPU
   the step runs with oneDNN off (its bf16 Conv3d backward crashes there, see ``_train_step_context``).
@@ -13,6 +13,8 @@ SpyNet, EMA, cosine schedule all come from BasicSR and the options):
   each one. Autocast then runs without its weight cache.
 * ``train.grad_clip_norm``: optional global gradient-norm clipping.
 * A step whose loss (on any rank) or clipped gradient norm is not finite is skipped, with a warning in the log.
+* Several processes (``--launcher pytorch``): rank 0's weights are broadcast when the network is placed, and the
+  gradients averaged over ranks after each backward, without a DDP wrapper (:mod:`gsmsr.models.grad_sync`).
 
 Validation and test (§9) run on CPU or GPU with the EMA network when there is one, optionally through
 :func:`gsmsr.tiling.forward_chunked` (``val: {chunk, chunk_overlap, tile, tile_overlap}``), and score every
@@ -43,12 +45,13 @@ from basicsr.utils.dist_util import get_dist_info, master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 from torch import Tensor, nn
 from torch import distributed as dist
-from torch.nn.parallel import DataParallel, DistributedDataParallel
+from torch.nn.parallel import DataParallel
 
 from gsmsr.archs import load_checkpoint
 from gsmsr.compat import take_resume_notes
 from gsmsr.compile_cache import MegaCache, enable_persistent_caches
 from gsmsr.faults import InputError, one_line
+from gsmsr.models.grad_sync import average_gradients, broadcast_module
 from gsmsr.models.train_graphs import install_train_graphs
 from gsmsr.utils import atomic_write
 
@@ -172,13 +175,11 @@ class GSMModel(VideoRecurrentModel):
 
     # -- devices -------------------------------------------------------------------------------------------
     def model_to_device(self, net: nn.Module) -> nn.Module:
-        """Like BasicSR's, but DDP also works for CPU processes (gloo): device_ids only for CUDA."""
+        """Like BasicSR's, but distributed training is not wrapped in DDP: rank 0's weights are broadcast here and
+        ``optimize_parameters`` averages the gradients after backward (:mod:`gsmsr.models.grad_sync` says why)."""
         net = net.to(self.device)
         if self.opt['dist']:
-            device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
-            net = DistributedDataParallel(
-                net, device_ids=device_ids, find_unused_parameters=self.opt.get('find_unused_parameters', False)
-            )
+            broadcast_module(net)
         elif self.opt['num_gpu'] > 1:
             net = DataParallel(net)
         return net
@@ -225,6 +226,8 @@ class GSMModel(VideoRecurrentModel):
                 skip_reason = f'non-finite loss (l_pix = {l_pix.item()} on this rank)'
             else:
                 l_pix.backward()
+                if self.opt['dist']:
+                    average_gradients(self.net_g.parameters())
         if skip_reason is None:
             if fix_flow and current_iter < fix_flow:
                 for p in self.flow_parameters():

@@ -9,9 +9,10 @@ so the numbers, are the ones the eager/compiled step runs.
 :func:`install_train_graphs` replaces the network's ``forward`` on the instance by a dispatcher. A call in training
 mode with autograd on, on CUDA, replays the graph captured for its input signature (shape, dtype, device, autocast
 dtype), capturing it on first sight; anything else (eval, no grad, CPU, a signature beyond ``max_graphs``, or a
-capture that failed) runs the original forward. Wrappers that call ``net(...)`` (DDP, BasicSR's model) need no
-change; gradients reach ``.grad`` through autograd as usual, so DDP's hooks, ``fix_flow`` zeroing, clipping and
-the optimiser see the same gradients.
+capture that failed) runs the original forward. Wrappers that call ``net(...)`` (BasicSR's model) need no change;
+gradients reach ``.grad`` through autograd as usual, so the averaging over ranks, ``fix_flow`` zeroing, clipping
+and the optimiser see the same gradients. Not under DDP: its gradient-accumulator nodes make the capture fail
+(:mod:`gsmsr.models.grad_sync`).
 
 Constraints of a captured step: inputs of the captured shape (training crops are); autocast, when on, without its
 weight cache (``GSMModel`` opens it so); no host synchronisation inside the network; gradients set to None before

@@ -12,6 +12,7 @@ without CUDA + Triton.
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from typing import Dict
 
@@ -121,7 +122,8 @@ def test_backward_configs_agree(token_tile, maxnreg, lane_sum, stages):
 def test_auto_trains_on_triton_without_mamba(monkeypatch, state):
     """Without mamba-ssm, backend 'auto' with autograd takes the Triton kernels (bit for bit backend 'triton', both
     directions) up to 16 states, and the PyTorch scan beyond (the backward's limit)."""
-    monkeypatch.setattr('gsmsr.ops.selective_scan.cuda_kernel', lambda: False)
+    # the module, not the function that gsmsr.ops exports under the same name
+    monkeypatch.setattr(importlib.import_module('gsmsr.ops.selective_scan'), 'cuda_kernel', lambda: False)
     inp = _inputs(1, 64, state, 3_000, torch.float32)
     dout = torch.randn_like(inp['u'])
     expected = 'triton' if state <= 16 else 'ref'
