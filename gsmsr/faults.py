@@ -33,6 +33,7 @@ __all__ = [
     'os_error_cause',
     'describe_os_error',
     'abort_on_signals',
+    'output_complete',
     'run_reporting_errors',
     'add_debug_argument',
     'debug_requested',
@@ -117,6 +118,17 @@ def abort_on_signals(signals: Sequence[int] = HANDLED_SIGNALS) -> Iterator[None]
             signal.signal(s, old)
 
 
+@contextlib.contextmanager
+def output_complete(path: str) -> Iterator[None]:
+    """Inside: the output ``path`` is complete, so an interruption here is reported as coming after it (by
+    :func:`run_reporting_errors`), not as 'no output written'."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        e.output_complete = path
+        raise
+
+
 def run_reporting_errors(
     prog: str, body: Callable[[], int], interrupted: str = 'interrupted', debug: bool = False
 ) -> int:
@@ -124,7 +136,8 @@ def run_reporting_errors(
 
     Exit codes: 2 :class:`InputError`; 1 :class:`OSError` / :class:`FaultError` (environment) and unexpected
     errors; 128 + signal number when interrupted (130 for Ctrl-C), with the line ``interrupted`` (e.g.
-    'interrupted, no output written') and the signal's name. With ``debug`` or ``GSMSR_DEBUG=1`` the
+    'interrupted, no output written'), or 'interrupted after PATH was complete' inside :func:`output_complete`,
+    and the signal's name. With ``debug`` or ``GSMSR_DEBUG=1`` the
     traceback is printed first.
     """
     show_traceback = debug_requested(debug)
@@ -135,7 +148,9 @@ def run_reporting_errors(
         caught, message, code = e, f'error: {one_line(e, sys.maxsize)}', 2  # our own message: never cut
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        caught, message, code = e, f'{interrupted} ({signal.Signals(signum).name})', 128 + signum
+        complete = getattr(e, 'output_complete', None)
+        what = f'interrupted after {complete} was complete' if complete else interrupted
+        caught, message, code = e, f'{what} ({signal.Signals(signum).name})', 128 + signum
     except FaultError as e:
         caught, message, code = e, f'error: {one_line(e, sys.maxsize)}', 1
     except OSError as e:

@@ -98,6 +98,7 @@ from gsmsr.faults import (
     check_writable,
     input_overlap,
     one_line,
+    output_complete,
     run_reporting_errors,
 )
 from gsmsr.io_threads import FrameWriter, ReadAhead
@@ -1233,8 +1234,9 @@ def _run(args: argparse.Namespace) -> int:
         progress=args.progress,
         timeline=timeline,
     )
-    stats.process_start_source = process_start_source
-    print(f'{PROG}: {stats.summary()}', file=sys.stderr)
-    if args.stats_json:
-        atomic_write_text(args.stats_json, stats.to_json())
+    with output_complete(args.output):
+        stats.process_start_source = process_start_source
+        print(f'{PROG}: {stats.summary()}', file=sys.stderr)
+        if args.stats_json:
+            atomic_write_text(args.stats_json, stats.to_json())
     return 0

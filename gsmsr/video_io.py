@@ -33,7 +33,7 @@ from typing import Iterator, List, Optional, Tuple
 import cv2
 import numpy as np
 
-from gsmsr.faults import FaultError, InputError, check_writable, input_overlap, os_error_cause
+from gsmsr.faults import FaultError, InputError, check_writable, input_overlap, os_error_cause, output_complete
 
 # PyAV, imported by _require_av when the first video file is opened: it is needed for video files only, and
 # importing it takes ~0.2 s of every launch that folders of frames do not need to wait for.
@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
+EXIF_ORIENTATION = 0x0112  # the EXIF tag by which OpenCV turns a JPEG as it decodes
 # image files of a folder decoded at once (OpenCV releases the GIL). A 1080p PNG takes ~35 ms on one core, and
 # gsmsr infer's first chunk waits for its frames and one stride more (40 frames at 1080p x 40, the GPU idle).
 DECODE_THREADS = 4
@@ -136,6 +137,8 @@ class VideoSource:
                 yield frame.to_ndarray(format='rgb24'), FrameTag(count, time, f'{count:08d}')
                 count += 1
         except av.error.FFmpegError as e:
+            if isinstance(e, OSError) and e.errno is not None:  # the file could not be read (EIO...): environment
+                raise FaultError(f'{info.path}: reading failed at frame {count} ({os_error_cause(e)})') from None
             raise InputError(f'{info.path}: decoding failed at frame {count} ({e})') from None
         if info.frames and count < info.frames:
             raise InputError(f'{info.path}: decoded only {count} of {info.frames} frames (truncated or corrupt)')
@@ -171,6 +174,13 @@ class FolderSource:
             try:
                 with Image.open(file) as im:
                     w, h = im.size
+                    # OpenCV turns a camera JPEG by its EXIF orientation (in its header, unlike a PNG's)
+                    if im.format in ('JPEG', 'MPO') and im.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):
+                        w, h = h, w
+            except OSError as e:
+                if e.errno is not None:  # the file could not be read (EIO, EACCES...): environment, named
+                    raise
+                raise InputError(f'{file}: cannot read image ({e})') from None  # PIL's own: not an image
             except Exception as e:  # PIL raises many types for bad files
                 raise InputError(f'{file}: cannot read image ({e})') from None
             if size is None:
@@ -204,7 +214,9 @@ class FolderSource:
 
     def _decode(self, i: int) -> Tuple[np.ndarray, FrameTag]:
         file = self.files[i]
-        bgr = cv2.imread(file, cv2.IMREAD_COLOR)
+        with open(file, 'rb') as f:  # read here, not by cv2.imread: a read error is an OSError naming the file
+            data = np.frombuffer(f.read(), np.uint8)
+        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
         if bgr is None:
             raise InputError(f'{file}: cannot decode image')
         if bgr.shape[:2] != (self.info.height, self.info.width):
@@ -547,7 +559,8 @@ class FolderSink:
                     os.rmdir(old)
                     raise
                 self.tmp = old  # what abort() removes should the deletion be interrupted (a signal)
-                shutil.rmtree(old)
+                with output_complete(self.path):
+                    shutil.rmtree(old)
             else:
                 if os.path.lexists(self.path):
                     os.remove(self.path)

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -368,6 +369,53 @@ def test_tracebacks_only_with_debug(tmp_path, capsys, tiny_net, monkeypatch):
     assert code == 1 and 'Traceback' in capsys.readouterr().err
 
 
+def test_unreadable_frame_mid_run_is_the_environment_and_leaves_nothing(tmp_path, capsys, tiny_net, monkeypatch):
+    """A frame file that cannot be read (EIO) after the headers were checked: exit 1 naming the file, not 'cannot
+    decode image' (bad input, exit 2); no output left."""
+    src = write_folder(tmp_path / 'in', make_frames(4, 36, 36))
+    real_open = open
+
+    def failing_disk(file, mode='r', *args, **kwargs):
+        if 'r' in mode and str(file).endswith('00002.png'):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(video_io, 'open', failing_disk, raising=False)
+    code, err = infer(capsys, tiny_net, src, tmp_path / 'out', '--chunk', '2', '--overlap', '0')
+    assert code == 1, err
+    assert one_line(err) == f'gsmsr infer: error: {src / "00002.png"}: input/output error'
+    assert os.listdir(tmp_path) == ['in']
+
+
+def test_video_read_error_mid_run_is_the_environment(tmp_path):
+    """FFmpeg's errno errors while decoding (EIO) are the environment (FaultError, exit 1); its data errors bad
+    input (InputError, exit 2); both name the file and the frame."""
+    import av
+
+    path = write_video(tmp_path / 'in.mp4', make_frames(3, 36, 36))
+
+    class Failing:  # the real container's first frame, then the error
+        def __init__(self, container, code: int) -> None:
+            self.container, self.code = container, code
+
+        def decode(self, stream):
+            yield next(self.container.decode(stream))
+            av.error.err_check(-self.code)
+
+        def close(self) -> None:
+            self.container.close()
+
+    for code, kind, message in [
+        (errno.EIO, faults.FaultError, 'reading failed at frame 1 (input/output error)'),
+        (errno.EINVAL, faults.InputError, 'decoding failed at frame 1'),
+    ]:
+        source = video_io.open_source(str(path))
+        source.container = Failing(source.container, code)
+        with pytest.raises(kind, match=f'in.mp4: {re.escape(message)}'):
+            list(source)
+        source.close()
+
+
 def test_small_faults_are_one_line(tmp_path, capsys, tiny_net):
     src = write_folder(tmp_path / 'in', make_frames(2, 36, 36))
     sd = GSMNet(**TINY).state_dict()
@@ -640,6 +688,8 @@ def test_signal_while_force_removes_the_old_frames_leaves_no_folder_behind(tmp_p
     code, err = infer(capsys, tiny_net, src, tmp_path / 'out', '--force')
     assert code == 128 + signal.SIGTERM and signalled, err
     assert sorted(os.listdir(tmp_path)) == ['in', 'out'] and len(read_folder(tmp_path / 'out')) == 2
+    # the new frames were in place: the message does not say that nothing was written
+    assert one_line(err) == f'gsmsr infer: interrupted after {tmp_path / "out"} was complete (SIGTERM)'
 
 
 def test_failed_force_swap_puts_the_old_frames_back(tmp_path, capsys, tiny_net, monkeypatch):

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import List
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -89,18 +90,18 @@ def test_folder_frames_are_decoded_side_by_side_and_yielded_in_order(tmp_path, m
     src = write_folder(tmp_path / 'in', frames)
     state = dict(now=0, most=0)
     lock = threading.Lock()
-    imread = cv2.imread
+    imdecode = cv2.imdecode
 
-    def slow_imread(*args):
+    def slow_imdecode(*args):
         with lock:
             state['now'] += 1
             state['most'] = max(state['most'], state['now'])
         time.sleep(0.1)  # long enough that the decodes in flight overlap on a busy machine
         with lock:
             state['now'] -= 1
-        return imread(*args)
+        return imdecode(*args)
 
-    monkeypatch.setattr(video_io.cv2, 'imread', slow_imread)
+    monkeypatch.setattr(video_io.cv2, 'imdecode', slow_imdecode)
     got = list(open_source(str(src)))
     assert [tag.index for _, tag in got] == list(range(9)) and [tag.name for _, tag in got] == [
         f'{i:05d}' for i in range(9)
@@ -352,3 +353,22 @@ def test_stats_json_and_auto_tile_on_cpu(tmp_path, capsys, test_net_files):  # n
 
 def read_video_or_folder(path: Path):
     return list(path.iterdir()) if path.is_dir() else read_video(path)[0]
+
+
+def test_folder_of_turned_camera_jpegs_reads_at_the_size_it_decodes(tmp_path):
+    """A JPEG whose EXIF orientation turns it a quarter (a phone's portrait shot) decodes turned, as OpenCV's
+    imread shows it; the header check expects that size instead of refusing the folder."""
+    from PIL import Image
+
+    frames = make_frames(2, 36, 40)
+    (tmp_path / 'in').mkdir()
+    for i, f in enumerate(frames):
+        im = Image.fromarray(f)
+        exif = im.getexif()
+        exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+        im.save(tmp_path / 'in' / f'{i}.jpg', exif=exif, quality=95)
+    source = open_source(str(tmp_path / 'in'))
+    assert (source.info.height, source.info.width) == (40, 36)
+    got = [rgb for rgb, _ in source]
+    want = cv2.cvtColor(cv2.imread(str(tmp_path / 'in' / '1.jpg'), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    assert [g.shape for g in got] == [(40, 36, 3)] * 2 and np.array_equal(got[1], want)
