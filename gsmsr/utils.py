@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from typing import Callable, Union
@@ -11,12 +12,26 @@ import torch
 from gsmsr.faults import InputError
 
 
+def fsync_path(path: str) -> None:
+    """Flush a file's data, or a folder's entries, to the disk. A file is synced before the rename that publishes
+    it, its folder after: otherwise a power cut can leave the new name on an empty file. A filesystem that cannot
+    sync a folder (EINVAL) is passed over."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not (e.errno == errno.EINVAL and os.path.isdir(path)):
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> None:
     """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``.
 
-    A crash leaves either the old file or none, never a partial one. The result gets the usual permissions
-    (0666 minus the umask), not mkstemp's 0600. An OSError that names no file (a write to a full disk) is raised
-    again naming ``path``.
+    A crash, a signal or a power cut leaves either the old file or the new one, never a partial one (the data is
+    synced before the rename, the folder after it). The result gets the usual permissions (0666 minus the umask),
+    not mkstemp's 0600. An OSError that names no file (a write to a full disk) is raised again naming ``path``.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -28,7 +43,9 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) ->
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(folder)
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 
 from gsmsr.faults import FaultError, InputError, check_writable, input_overlap, os_error_cause, output_complete
+from gsmsr.utils import fsync_path
 
 # PyAV, imported by _require_av when the first video file is opened: it is needed for video files only, and
 # importing it takes ~0.2 s of every launch that folders of frames do not need to wait for.
@@ -491,7 +492,9 @@ class VideoSink:
             self.container.close()
             if self.audio_in is not None:
                 self.audio_in.close()
+            fsync_path(self.tmp)
             os.replace(self.tmp, self.path)
+            fsync_path(os.path.dirname(os.path.abspath(self.path)))
         except OSError as e:
             raise _write_error(self.path, e) from e
         self._release()

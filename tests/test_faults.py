@@ -732,3 +732,36 @@ def test_old_frames_left_by_a_killed_force_swap_are_removed_by_the_next_run(tmp_
     code, err = infer(capsys, tiny_net, src, tmp_path / 'out', '--force')
     assert code == 0 and f'removed {tmp_path / left}' in err, err
     assert sorted(os.listdir(tmp_path)) == ['in', 'out'] and len(read_folder(tmp_path / 'out')) == 2
+
+
+def test_atomic_writes_sync_the_data_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """atomic_write and a video output: without the syncs a power cut after the rename can leave the new name on an
+    empty file (ext4, XFS)."""
+    from gsmsr import utils
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(('fsync', os.readlink(f'/proc/self/fd/{fd}')))
+        return real_fsync(fd)
+
+    def replace(a, b):
+        events.append(('replace', str(b)))
+        return real_replace(a, b)
+
+    monkeypatch.setattr(utils.os, 'fsync', fsync)
+    monkeypatch.setattr(utils.os, 'replace', replace)
+    utils.atomic_write_text(tmp_path / 'stats.json', '{}')
+    (synced_file, renamed, synced_folder) = events
+    assert synced_file[0] == 'fsync' and os.path.basename(synced_file[1]).startswith('.stats.json.')
+    assert renamed == ('replace', str(tmp_path / 'stats.json'))
+    assert synced_folder == ('fsync', str(tmp_path))
+    assert (tmp_path / 'stats.json').read_text() == '{}'
+
+    events.clear()
+    sink = video_io.open_sink(str(tmp_path / 'out.mkv'), 16, 16)
+    sink.write(np.zeros((16, 16, 3), np.uint8), video_io.FrameTag(0, None, '0'))
+    sink.commit()
+    assert [e[0] for e in events] == ['fsync', 'replace', 'fsync'] and events[2][1] == str(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ['out.mkv', 'stats.json']
