@@ -60,6 +60,21 @@ def snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
 
 
+def fail_opening(monkeypatch, mode: str, suffix: str, code: int, after: int = 0) -> None:
+    """video_io's ``open`` of files ending in ``suffix`` with ``mode`` ('r' or 'w') raises OSError ``code`` after
+    ``after`` such opens succeeded (a full disk, a failing one)."""
+    real_open, opened = open, []
+
+    def failing(file, file_mode='r', *args, **kwargs):
+        if mode in file_mode and str(file).endswith(suffix):
+            if len(opened) >= after:
+                raise OSError(code, os.strerror(code), str(file))
+            opened.append(file)
+        return real_open(file, file_mode, *args, **kwargs)
+
+    monkeypatch.setattr(video_io, 'open', failing, raising=False)
+
+
 def one_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -176,16 +191,7 @@ def test_partial_of_a_live_run_is_refused_and_kept(tmp_path, capsys, tiny_net):
 # ----------------------------------------------------------------------------------------------- 3. environment
 def test_full_disk_png_is_one_line_and_leaves_nothing(tmp_path, capsys, tiny_net, monkeypatch):
     src = write_folder(tmp_path / 'in', make_frames(4, 36, 36))
-    real_open, written = open, []
-
-    def full_disk(file, mode='r', *args, **kwargs):
-        if 'w' in mode and str(file).endswith('.png'):
-            if written:  # the second frame finds the disk full
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
-            written.append(file)
-        return real_open(file, mode, *args, **kwargs)
-
-    monkeypatch.setattr(video_io, 'open', full_disk, raising=False)
+    fail_opening(monkeypatch, 'w', '.png', errno.ENOSPC, after=1)  # the second frame finds the disk full
     code, err = infer(capsys, tiny_net, src, tmp_path / 'out', '--chunk', '2', '--overlap', '0')
     assert code == 1, err
     assert one_line(err) == f'gsmsr infer: error: {tmp_path / "out"}: cannot write (no space left on device)'
@@ -373,14 +379,7 @@ def test_unreadable_frame_mid_run_is_the_environment_and_leaves_nothing(tmp_path
     """A frame file that cannot be read (EIO) after the headers were checked: exit 1 naming the file, not 'cannot
     decode image' (bad input, exit 2); no output left."""
     src = write_folder(tmp_path / 'in', make_frames(4, 36, 36))
-    real_open = open
-
-    def failing_disk(file, mode='r', *args, **kwargs):
-        if 'r' in mode and str(file).endswith('00002.png'):
-            raise OSError(errno.EIO, os.strerror(errno.EIO), str(file))
-        return real_open(file, mode, *args, **kwargs)
-
-    monkeypatch.setattr(video_io, 'open', failing_disk, raising=False)
+    fail_opening(monkeypatch, 'r', '00002.png', errno.EIO)
     code, err = infer(capsys, tiny_net, src, tmp_path / 'out', '--chunk', '2', '--overlap', '0')
     assert code == 1, err
     assert one_line(err) == f'gsmsr infer: error: {src / "00002.png"}: input/output error'
