@@ -733,9 +733,9 @@ def test_old_frames_left_by_a_killed_force_swap_are_removed_by_the_next_run(tmp_
     assert sorted(os.listdir(tmp_path)) == ['in', 'out'] and len(read_folder(tmp_path / 'out')) == 2
 
 
-def test_atomic_writes_sync_the_data_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
-    """atomic_write and a video output: without the syncs a power cut after the rename can leave the new name on an
-    empty file (ext4, XFS)."""
+def test_outputs_sync_the_data_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """atomic_write, a video output and a PNG folder: without the syncs a power cut after the rename can leave the new
+    name on an empty file (ext4, XFS)."""
     from gsmsr import utils
 
     events = []
@@ -764,3 +764,17 @@ def test_atomic_writes_sync_the_data_before_the_rename_and_the_folder_after(tmp_
     sink.commit()
     assert [e[0] for e in events] == ['fsync', 'replace', 'fsync'] and events[2][1] == str(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ['out.mkv', 'stats.json']
+
+    events.clear()  # a PNG folder: each frame's data, the folder's names, the rename, then its parent
+    sink = video_io.open_sink(str(tmp_path / 'frames'), 16, 16)
+    for i in range(2):
+        sink.write(np.zeros((16, 16, 3), np.uint8), video_io.FrameTag(i, None, str(i)))
+    tmp = sink.tmp
+    sink.commit()
+    assert events == [
+        ('fsync', os.path.join(tmp, '0.png')),
+        ('fsync', os.path.join(tmp, '1.png')),
+        ('fsync', tmp),
+        ('replace', str(tmp_path / 'frames')),
+        ('fsync', str(tmp_path)),
+    ]
