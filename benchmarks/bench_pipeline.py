@@ -337,8 +337,8 @@ def main() -> int:
     if args.gpus > 1:
         runs.append((f'pipeline {args.gpus} {units}', args.gpus, True))
     opts = {}
-    for label, world, dist in runs:
-        name = f'bench_pipeline_{world}{"gpu" if cuda else "proc"}{"_torchrun" if dist and world == 1 else ""}'
+    for label, world, via_torchrun in runs:
+        name = f'bench_pipeline_{world}{"gpu" if cuda else "proc"}{"_torchrun" if via_torchrun and world == 1 else ""}'
         opts[label] = build_options(base, args, data, meta, name, world, cuda)
     net_opt = opts['pipeline 1 device']['network_g']
     device_name = torch.cuda.get_device_name() if cuda else 'CPU'
@@ -361,10 +361,10 @@ def main() -> int:
     print(rows[-1], flush=True)
 
     one_device = None
-    for label, world, dist in runs:
+    for label, world, via_torchrun in runs:
         row = {'row': label}
         try:
-            stats, _ = run_pipeline(opts[label], work, world, cuda, args.warmup, out, torchrun=dist)
+            stats, _ = run_pipeline(opts[label], work, world, cuda, args.warmup, out, torchrun=via_torchrun)
             throughput = world * 1e3 / stats['median_ms']
             one_device = throughput if label == 'pipeline 1 device' else one_device
             results[label] = stats

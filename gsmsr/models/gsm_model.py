@@ -4,8 +4,8 @@ Training (ARCHITECTURE.md §8), on top of ``VideoRecurrentModel`` (Charbonnier l
 SpyNet, EMA, cosine schedule all come from BasicSR and the options):
 
 * ``train.fix_flow: N``: SpyNet gradients are zeroed after every backward while ``iter < N``. SpyNet keeps
-  ``requires_grad`` (every rank's gradients keep one layout) and, with zero gradients, Adam leaves it exactly unchanged.
-  Unlike BasicSR's ``requires_grad`` switch at iteration 1, this also holds after resuming inside the window.
+  ``requires_grad`` and, with zero gradients, Adam leaves it exactly unchanged. Unlike BasicSR's
+  ``requires_grad`` switch at iteration 1, this also holds after resuming inside the window.
 * ``train.use_bf16``: forward under bf16 autocast (GSMNet keeps its geometry in fp32); the loss is fp32. On CPU
   the step runs with oneDNN off (its bf16 Conv3d backward crashes there, see ``_train_step_context``).
 * ``train.cuda_graph``: on CUDA, the network's training forward and backward are captured once per input shape
