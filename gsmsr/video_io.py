@@ -103,6 +103,8 @@ class VideoSource:
         try:
             self.container = av.open(path)
         except (av.error.FFmpegError, UnicodeDecodeError) as e:
+            if isinstance(e, OSError) and e.errno is not None:  # the file could not be read (EIO...): environment
+                raise FaultError(f'{path}: reading failed ({os_error_cause(e)})') from None
             raise InputError(f'{path}: cannot open as a video ({e})') from None
         if not self.container.streams.video:
             self.container.close()

@@ -386,9 +386,9 @@ def test_unreadable_frame_mid_run_is_the_environment_and_leaves_nothing(tmp_path
     assert os.listdir(tmp_path) == ['in']
 
 
-def test_video_read_error_mid_run_is_the_environment(tmp_path):
-    """FFmpeg's errno errors while decoding (EIO) are the environment (FaultError, exit 1); its data errors bad
-    input (InputError, exit 2); both name the file and the frame."""
+def test_video_read_error_is_the_environment(tmp_path, monkeypatch):
+    """FFmpeg's errno errors while decoding or opening (EIO) are the environment (FaultError, exit 1); its data errors
+    bad input (InputError, exit 2); both name the file (and the frame)."""
     import av
 
     path = write_video(tmp_path / 'in.mp4', make_frames(3, 36, 36))
@@ -413,6 +413,13 @@ def test_video_read_error_mid_run_is_the_environment(tmp_path):
         with pytest.raises(kind, match=f'in.mp4: {re.escape(message)}'):
             list(source)
         source.close()
+
+    def failing_open(file, *args, **kwargs):  # the same when the container is opened
+        av.error.err_check(-errno.EIO)
+
+    monkeypatch.setattr(av, 'open', failing_open)
+    with pytest.raises(faults.FaultError, match=re.escape('in.mp4: reading failed (input/output error)')):
+        video_io.open_source(str(path))
 
 
 def test_small_faults_are_one_line(tmp_path, capsys, tiny_net):
