@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
-EXIF_ORIENTATION = 0x0112  # the EXIF tag by which OpenCV turns a JPEG as it decodes
+EXIF_ORIENTATION = 0x0112  # the EXIF tag by which OpenCV turns an image as it decodes it
 # image files of a folder decoded at once (OpenCV releases the GIL). A 1080p PNG takes ~35 ms on one core, and
 # gsmsr infer's first chunk waits for its frames and one stride more (40 frames at 1080p x 40, the GPU idle).
 DECODE_THREADS = 4
@@ -88,6 +88,20 @@ class SourceInfo:
     frames: Optional[int]  # declared frame count; None when the container does not say
     rate: Optional[Fraction]  # average frame rate (video only)
     has_audio: bool
+
+
+def _turned_a_quarter(im) -> bool:
+    """Whether OpenCV decodes the opened PIL image ``im`` turned by 90 degrees: its EXIF orientation (a camera's JPEG,
+    also WebP and PNG) is 5-8. Read from the EXIF block PIL found in the header (``getexif()`` would decode a
+    whole PNG looking for one)."""
+    from PIL import Image
+
+    raw = im.info.get('exif')
+    if not raw:
+        return False
+    exif = Image.Exif()
+    exif.load(raw)
+    return exif.get(EXIF_ORIENTATION) in (5, 6, 7, 8)
 
 
 def _natural_key(name: str):
@@ -177,8 +191,7 @@ class FolderSource:
             try:
                 with Image.open(file) as im:
                     w, h = im.size
-                    # OpenCV turns a camera JPEG by its EXIF orientation (in its header, unlike a PNG's)
-                    if im.format in ('JPEG', 'MPO') and im.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):
+                    if _turned_a_quarter(im):
                         w, h = h, w
             except OSError as e:
                 if e.errno is not None:  # the file could not be read (EIO, EACCES...): environment, named

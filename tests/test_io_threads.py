@@ -355,8 +355,9 @@ def read_video_or_folder(path: Path):
     return list(path.iterdir()) if path.is_dir() else read_video(path)[0]
 
 
-def test_folder_of_turned_camera_jpegs_reads_at_the_size_it_decodes(tmp_path):
-    """A JPEG whose EXIF orientation turns it a quarter (a phone's portrait shot) decodes turned, as OpenCV's
+@pytest.mark.parametrize('ext', ['.jpg', '.webp', '.png'])
+def test_folder_of_turned_images_reads_at_the_size_it_decodes(tmp_path, ext):
+    """An image whose EXIF orientation turns it a quarter (a phone's portrait shot) decodes turned, as OpenCV's
     imread shows it; the header check expects that size instead of refusing the folder."""
     from PIL import Image
 
@@ -366,9 +367,9 @@ def test_folder_of_turned_camera_jpegs_reads_at_the_size_it_decodes(tmp_path):
         im = Image.fromarray(f)
         exif = im.getexif()
         exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-        im.save(tmp_path / 'in' / f'{i}.jpg', exif=exif, quality=95)
+        im.save(tmp_path / 'in' / f'{i}{ext}', exif=exif, quality=95)
     source = open_source(str(tmp_path / 'in'))
     assert (source.info.height, source.info.width) == (40, 36)
     got = [rgb for rgb, _ in source]
-    want = cv2.cvtColor(cv2.imread(str(tmp_path / 'in' / '1.jpg'), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    want = cv2.cvtColor(cv2.imread(str(tmp_path / 'in' / f'1{ext}'), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     assert [g.shape for g in got] == [(40, 36, 3)] * 2 and np.array_equal(got[1], want)
