@@ -100,7 +100,10 @@ def _turned_a_quarter(im) -> bool:
     if not raw:
         return False
     exif = Image.Exif()
-    exif.load(raw)
+    try:
+        exif.load(raw)
+    except Exception:  # a damaged EXIF block: the image itself may still be fine, and OpenCV then leaves it unturned
+        return False
     return exif.get(EXIF_ORIENTATION) in (5, 6, 7, 8)
 
 

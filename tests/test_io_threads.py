@@ -373,3 +373,14 @@ def test_folder_of_turned_images_reads_at_the_size_it_decodes(tmp_path, ext):
     got = [rgb for rgb, _ in source]
     want = cv2.cvtColor(cv2.imread(str(tmp_path / 'in' / f'1{ext}'), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     assert [g.shape for g in got] == [(40, 36, 3)] * 2 and np.array_equal(got[1], want)
+
+
+def test_damaged_exif_block_does_not_refuse_the_folder(tmp_path):
+    from PIL import Image
+
+    (tmp_path / 'in').mkdir()
+    for i, f in enumerate(make_frames(2, 36, 40)):
+        Image.fromarray(f).save(tmp_path / 'in' / f'{i}.jpg', exif=b'Exif\x00\x00not a TIFF block', quality=95)
+    source = open_source(str(tmp_path / 'in'))
+    assert (source.info.height, source.info.width) == (36, 40)
+    assert [rgb.shape for rgb, _ in source] == [(36, 40, 3)] * 2
