@@ -333,6 +333,16 @@ def _partial_prefix(path: str) -> str:
     return '.' + os.path.basename(os.path.normpath(path)) + '.'
 
 
+def _partial_place(path: str, ext: str = '') -> dict:
+    """``tempfile.mkstemp`` / ``mkdtemp`` arguments for a partial of output ``path``: beside it, named as
+    :func:`_partial_name` recognises (prefix, this process's pid, the random part, '.partial', ``ext``)."""
+    return dict(
+        dir=os.path.dirname(os.path.abspath(path)),
+        prefix=_partial_prefix(path) + f'{os.getpid()}.',
+        suffix='.partial' + ext,
+    )
+
+
 def _partial_name(path: str) -> re.Pattern:
     """Names of this output's partials: prefix, writer pid, mkstemp's random part, '.partial', extension."""
     return re.compile(re.escape(_partial_prefix(path)) + r'(\d+)\.[A-Za-z0-9_]+\.partial(\.[A-Za-z0-9]+)?')
@@ -427,11 +437,7 @@ class VideoSink:
                 f'(write a PNG folder instead)'
             )
         self.path = path
-        fd, self.tmp = tempfile.mkstemp(
-            dir=os.path.dirname(os.path.abspath(path)),
-            prefix=_partial_prefix(path) + f'{os.getpid()}.',
-            suffix='.partial' + ext,
-        )
+        fd, self.tmp = tempfile.mkstemp(**_partial_place(path, ext))
         os.close(fd)
         self.audio_in = self.audio_packets = self.audio_out = None
         self._lock = None
@@ -539,11 +545,7 @@ class FolderSink:
 
     def __init__(self, path: str):
         self.path = path
-        self.tmp = tempfile.mkdtemp(
-            dir=os.path.dirname(os.path.abspath(path)),
-            prefix=_partial_prefix(path) + f'{os.getpid()}.',
-            suffix='.partial',
-        )
+        self.tmp = tempfile.mkdtemp(**_partial_place(path))
         self._lock = None
         try:
             self._lock = _lock_partial(self.tmp)
@@ -571,9 +573,7 @@ class FolderSink:
             if os.path.isdir(self.path):  # --force was checked: swap, then delete the old frames
                 # named as a partial of this output, unlocked: a run killed while deleting it leaves a stale partial,
                 # which the next run for this output removes
-                old = tempfile.mkdtemp(
-                    dir=parent, prefix=_partial_prefix(self.path) + f'{os.getpid()}.', suffix='.partial'
-                )
+                old = tempfile.mkdtemp(**_partial_place(self.path))
                 os.replace(self.path, os.path.join(old, 'frames'))
                 try:
                     os.replace(self.tmp, self.path)
